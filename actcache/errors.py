@@ -1,0 +1,47 @@
+"""Exceptions raised by actcache.
+
+Every message says what to do next. The library never prints and never exits;
+only the CLI turns these into exit codes and one-line messages.
+"""
+
+
+class ActcacheError(Exception):
+    """Base class for every error actcache raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(ActcacheError, ValueError):
+    """An option or config value is invalid (bad layer, unknown component, ...)."""
+
+    exit_code = 2
+
+
+class DatasetError(ActcacheError, ValueError):
+    """A dataset is missing, empty, or lacks a field."""
+
+    exit_code = 3
+
+
+class ModelError(ActcacheError):
+    """A model or tokenizer could not be loaded, or cannot do what was asked."""
+
+    exit_code = 4
+
+
+class StoreError(ActcacheError):
+    """A build is missing from the store, or the store cannot be used."""
+
+    exit_code = 5
+
+
+class CorruptStoreError(StoreError):
+    """A store file is unreadable, foreign, or from another format version."""
+
+
+class MismatchError(StoreError):
+    """Two artifacts that must belong together do not (index vs build, matrix vs build)."""
+
+
+class LabelWordError(ModelError, ValueError):
+    """A label word cannot be represented by the tokenizer as required."""

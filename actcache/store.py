@@ -1,0 +1,276 @@
+"""The store: one HDF5 file per build, plus its FAISS indexes. `Store` is the one
+type the rest of actcache passes around.
+
+Layout of `<home>/builds/<key>/`:
+
+    acts.h5                  the finished build (only ever replaced atomically)
+    indexes/<array>.faiss    one FAISS index per pooled array, over the pool rows
+    partial/<pass>/*.npz     flushed batches of a build in progress (resume data)
+    lock                     flock-ed while a process builds this key
+
+Inside acts.h5:
+
+    attrs: format="actcache", format_version, key, provenance (JSON), config (JSON)
+    /examples/{id,split,label,text,demo,n_tokens,n_target,truncated,record}
+    /acts/<mask>/<component>/L<layer>/<pooling>   (N, d) float16 (float32 on request
+                                                  or where float16 would overflow)
+    /stats/<mask>/<component>/L<layer>            (N, 6) float64, columns = STATS
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .capture import STATS
+from .errors import ConfigError, CorruptStoreError, MismatchError, StoreError
+
+FORMAT = "actcache"
+FORMAT_VERSION = 1
+
+
+def default_home(explicit: str | os.PathLike | None = None) -> Path:
+    """The store root: `--store`, else $ACTCACHE_HOME, else ~/.cache/actcache."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("ACTCACHE_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "actcache"
+
+
+def array_name(mask: str, component: str, layer: int, pooling: str) -> str:
+    return f"acts/{mask}/{component}/L{layer:02d}/{pooling}"
+
+
+def stats_name(mask: str, component: str, layer: int) -> str:
+    return f"stats/{mask}/{component}/L{layer:02d}"
+
+
+def index_filename(mask: str, component: str, layer: int, pooling: str) -> str:
+    return f"{mask}__{component}__L{layer:02d}__{pooling}.faiss"
+
+
+@dataclass(frozen=True)
+class ArrayId:
+    """One pooled array: (component, layer, pooling, mask)."""
+
+    component: str
+    layer: int
+    pooling: str
+    mask: str
+
+    def __str__(self) -> str:
+        return f"{self.component}/L{self.layer}/{self.pooling}/{self.mask}"
+
+
+@contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Exclusive flock on <build>/lock. A second builder of the same key waits,
+    then finds the first one's result and reuses it."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _open_h5(path: Path):
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, ValueError) as e:
+        raise CorruptStoreError(f"{path} is not a readable HDF5 file ({e}); delete "
+                                f"{path.parent} and run the build again") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise CorruptStoreError(f"{path} is not an actcache build (no format attribute); "
+                                f"point --store at an actcache store")
+    if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
+        v = f.attrs.get("format_version")
+        f.close()
+        raise CorruptStoreError(f"{path} has format version {v}, this actcache reads "
+                                f"{FORMAT_VERSION}; rebuild it with this version")
+    return f
+
+
+class Store:
+    """A finished build: its HDF5 file and FAISS indexes.
+
+    Open with `Store.open(key)`; `actcache.build(config)` returns one too.
+    Arrays are read on demand; nothing large stays in memory.
+    """
+
+    def __init__(self, build_dir: str | os.PathLike):
+        self.dir = Path(build_dir)
+        self.h5_path = self.dir / "acts.h5"
+        if not self.h5_path.exists():
+            partial = self.dir / "partial"
+            if partial.exists() and any(partial.iterdir()):
+                raise StoreError(f"build {self.dir.name} is incomplete (it was interrupted); "
+                                 f"rerun the same `actcache build` command to resume it")
+            raise StoreError(f"no finished build at {self.dir}; run `actcache build` first "
+                             f"(`actcache ls` lists builds)")
+        with _open_h5(self.h5_path) as f:
+            self.key: str = str(f.attrs["key"])
+            self.provenance: dict = json.loads(f.attrs["provenance"])
+            self.config: dict = json.loads(f.attrs["config"])
+            ex = f["examples"]
+            self.ids = ex["id"].asstr()[:]
+            self.splits = ex["split"].asstr()[:]
+            self.labels = ex["label"][:]
+            self.texts = ex["text"].asstr()[:]
+            self.demos = ex["demo"].asstr()[:]
+            self.n_tokens = ex["n_tokens"][:]
+            self.records = [json.loads(r) for r in ex["record"].asstr()[:]]
+            arrays = []
+            f["acts"].visititems(lambda name, obj: arrays.append(name) if hasattr(obj, "shape") else None)
+        self.arrays: list[ArrayId] = sorted(
+            (ArrayId(c, int(L[1:]), p, m) for m, c, L, p in (a.split("/") for a in arrays)),
+            key=lambda a: (a.mask, a.component, a.layer, a.pooling))
+        self.pool_rows = np.flatnonzero(self.splits == "pool")
+        self.eval_rows = np.flatnonzero(self.splits == "eval")
+
+    # ------------------------------------------------------------------ lookup
+    @classmethod
+    def open(cls, key: str, home: str | os.PathLike | None = None) -> "Store":
+        """Open a finished build by key or unique key prefix (at least 6 characters)."""
+        root = default_home(home) / "builds"
+        if (root / key).is_dir():
+            return cls(root / key)
+        matches = [p for p in root.glob(f"{key}*") if p.is_dir()] if len(key) >= 6 else []
+        if len(matches) == 1:
+            return cls(matches[0])
+        if len(matches) > 1:
+            raise StoreError(f"key prefix {key!r} matches {len(matches)} builds; give more characters")
+        raise StoreError(f"no build {key!r} in {root}; `actcache ls` lists the builds there")
+
+    def _rows(self, split: str | None) -> np.ndarray | slice:
+        if split is None:
+            return slice(None)
+        if split not in ("pool", "eval"):
+            raise ConfigError(f"split must be 'pool' or 'eval', not {split!r}")
+        return self.pool_rows if split == "pool" else self.eval_rows
+
+    def _check(self, a: ArrayId) -> None:
+        if a in self.arrays:
+            return
+        have = lambda attr: sorted({getattr(x, attr) for x in self.arrays})  # noqa: E731
+        for attr in ("component", "layer", "pooling", "mask"):
+            if getattr(a, attr) not in have(attr):
+                raise StoreError(f"build {self.key[:12]} has no {attr} {getattr(a, attr)!r} "
+                                 f"(it has {have(attr)}); rebuild with it added, e.g. "
+                                 f"`actcache build ... --{attr}s ...` computes only what is missing")
+        raise StoreError(f"build {self.key[:12]} has no array {a}; rebuild with it added")
+
+    def acts(self, component: str, layer: int, pooling: str = "mean", mask: str = "isolated",
+             split: str | None = None) -> np.ndarray:
+        """Pooled activations, (n, d) float32 for the rows of `split` (None = all)."""
+        a = ArrayId(component, int(layer), pooling, mask)
+        self._check(a)
+        with _open_h5(self.h5_path) as f:
+            arr = f[array_name(mask, component, int(layer), pooling)][:]
+        return np.asarray(arr[self._rows(split)], dtype=np.float32)
+
+    def stats(self, component: str, layer: int, mask: str = "isolated",
+              split: str | None = None) -> np.ndarray:
+        """Per-example statistics, (n, 6) float64 with columns `STATS`."""
+        name = stats_name(mask, component, int(layer))
+        with _open_h5(self.h5_path) as f:
+            if name not in f:
+                self._check(ArrayId(component, int(layer), "mean", mask))
+                raise StoreError(f"build {self.key[:12]} holds no statistics for {name}")
+            arr = f[name][:]
+        return arr[self._rows(split)]
+
+    def stat(self, name: str, component: str, layer: int, mask: str = "isolated",
+             split: str | None = None) -> np.ndarray:
+        """One statistic column, (n,) float64; `name` is one of STATS."""
+        if name not in STATS:
+            raise ConfigError(f"unknown statistic {name!r}; choose from {STATS}")
+        return self.stats(component, layer, mask, split)[:, STATS.index(name)]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({a.layer for a in self.arrays})
+
+    def index_path(self, a: ArrayId) -> Path:
+        return self.dir / "indexes" / index_filename(a.mask, a.component, a.layer, a.pooling)
+
+    def index(self, component: str, layer: int, pooling: str = "mean", mask: str = "isolated",
+              mmap: bool = True):
+        """The FAISS index over the pool rows of one array, checked against this build."""
+        from indexes import IndexFileError, IndexMismatchError, VectorIndex
+
+        a = ArrayId(component, int(layer), pooling, mask)
+        self._check(a)
+        path = self.index_path(a)
+        d = self.dim(a)
+        try:
+            return VectorIndex.load(str(path), mmap=mmap,
+                                    expect={"d": d, "ntotal": len(self.pool_rows), "key": self.key})
+        except IndexMismatchError as e:
+            raise MismatchError(f"{path.name} does not match build {self.key[:12]}: {e}; rerun "
+                                f"`actcache build` to rebuild the index") from None
+        except IndexFileError as e:
+            raise StoreError(f"index {path.name} is missing or unreadable ({e}); rerun "
+                             f"`actcache build` with the same options to rebuild it") from None
+
+    def dim(self, a: ArrayId) -> int:
+        with _open_h5(self.h5_path) as f:
+            return int(f[array_name(a.mask, a.component, a.layer, a.pooling)].shape[1])
+
+    def info(self) -> dict:
+        """A JSON-able summary: key, task, model, sizes, arrays and provenance."""
+        return {
+            "key": self.key,
+            "path": str(self.dir),
+            "task": self.config.get("data", {}).get("task"),
+            "model": self.provenance.get("model", {}).get("model"),
+            "n_pool": int(len(self.pool_rows)),
+            "n_eval": int(len(self.eval_rows)),
+            "components": sorted({a.component for a in self.arrays}),
+            "layers": self.layers,
+            "poolings": sorted({a.pooling for a in self.arrays}),
+            "masks": sorted({a.mask for a in self.arrays}),
+            "n_arrays": len(self.arrays),
+            "size_mb": round(sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file()) / 2**20, 2),
+            "provenance": self.provenance,
+            "config": self.config,
+        }
+
+
+def list_builds(home: str | os.PathLike | None = None) -> list[dict]:
+    """Every build under the store root: finished ones with a summary, others marked."""
+    root = default_home(home) / "builds"
+    out = []
+    for d in sorted(root.glob("*")) if root.exists() else []:
+        if not d.is_dir():
+            continue
+        try:
+            info = Store(d).info()
+            info["status"] = "done"
+        except CorruptStoreError as e:
+            info = {"key": d.name, "status": "corrupt", "error": str(e)}
+        except StoreError:
+            info = {"key": d.name, "status": "incomplete"}
+        out.append(info)
+    return out
+
+
+def check_matches(store: Store, meta: dict, what: str) -> None:
+    """Raise MismatchError unless `meta` (an artifact's provenance) names this build."""
+    if meta.get("key") != store.key:
+        raise MismatchError(f"{what} was made from build {str(meta.get('key'))[:12]}, not "
+                            f"{store.key[:12]}; recompute it for this build")

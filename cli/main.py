@@ -1,0 +1,171 @@
+"""The `actcache` command line. Thin: parse options, build a config, call one
+library function, report. Heavy imports happen inside the commands so that
+`actcache --help` stays fast. Library errors become one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Cache language-model activations once; query and evaluate them many times.")
+
+
+def _split(s: Optional[str]) -> tuple:
+    return tuple(x.strip() for x in s.split(",") if x.strip()) if s else ()
+
+
+def _words(s: Optional[str]) -> tuple:
+    # Label words follow "Sentiment:" and so start with a space: "negative,positive"
+    # -> (" negative", " positive").
+    return tuple(" " + w.strip() for w in s.split(",") if w.strip()) if s else ()
+
+
+def handle_errors(fn):
+    """Turn actcache errors into one stderr line and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from actcache.errors import ActcacheError
+
+        try:
+            return fn(*args, **kwargs)
+        except ActcacheError as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:
+            typer.secho("interrupted; rerun the same command to resume", fg="yellow", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+@contextmanager
+def progress_bar():
+    """A rich progress bar fed by the library's (desc, done, total) callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    tasks = {}
+    with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                  disable=not sys.stderr.isatty() and os.environ.get("ACTCACHE_PROGRESS") != "1",
+                  console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True)) as bar:
+        def cb(desc: str, done: int, total: int) -> None:
+            if desc not in tasks:
+                tasks[desc] = bar.add_task(desc, total=total)
+            bar.update(tasks[desc], completed=done, total=total)
+
+        yield cb
+
+
+def data_options(task, data, data_dir, text_field, label_field, label_values, label_words, template,
+                 split_field, id_field, limit, eval_limit, seed):
+    from actcache.data import DataSpec
+
+    return DataSpec(task=task, path=data, data_dir=data_dir, text_fields=_split(text_field),
+                    label_field=label_field, label_values=_split(label_values),
+                    label_words=_words(label_words), template=template.replace("\\n", "\n") if template else None,
+                    split_field=split_field, id_field=id_field, pool_limit=limit,
+                    eval_limit=eval_limit if eval_limit is not None else limit, seed=seed)
+
+
+@app.command()
+@handle_errors
+def build(
+    model: str = typer.Option("gemma-3-270m", help="Hugging Face id, local directory, .gguf file, or the packaged default."),
+    revision: Optional[str] = typer.Option(None, help="Model revision (hub branch, tag or commit)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
+    task: str = typer.Option("rotten_tomatoes", help="Named task: rotten_tomatoes, sst2, agnews, rte, boolq, arc_challenge, openbookqa, gsm8k."),
+    data: Optional[str] = typer.Option(None, help="A local .jsonl/.csv instead of --task."),
+    data_dir: Optional[str] = typer.Option(None, envvar="ACTCACHE_DATA_DIR", help="Folder holding the benchmark folders (sst2/, boolq/, ...)."),
+    text_field: Optional[str] = typer.Option(None, help="Text field(s) of --data, comma-separated."),
+    label_field: str = typer.Option("label", help="Label field of --data."),
+    label_values: Optional[str] = typer.Option(None, help="Label values of --data in class order, comma-separated."),
+    label_words: Optional[str] = typer.Option(None, help="Label words in class order, comma-separated; a leading space is added."),
+    template: Optional[str] = typer.Option(None, help="Prompt template with {field} slots, e.g. 'Review: {text}\\nSentiment:'."),
+    split_field: Optional[str] = typer.Option(None, help="Field of --data naming the split (eval/test/dev vs pool)."),
+    id_field: Optional[str] = typer.Option(None, help="Field of --data holding example ids."),
+    limit: Optional[int] = typer.Option(None, help="At most this many pool (and eval) examples, seeded."),
+    eval_limit: Optional[int] = typer.Option(None, help="At most this many eval examples (default: --limit)."),
+    seed: int = typer.Option(0, help="Seed for subsampling."),
+    layers: str = typer.Option("all", help="'all', '0,6,-1' or a slice '2:10'."),
+    components: str = typer.Option("resid,mlp,attn", help="Any of resid, mlp, attn."),
+    pooling: str = typer.Option("mean,last", help="Any of mean, last."),
+    masks: str = typer.Option("isolated,in-context,label-masked,sink-masked", help="Masking strategies (see README)."),
+    span: str = typer.Option("full", help="Pool over 'full' (input plus label) or 'input' only."),
+    max_length: int = typer.Option(256, help="Maximum tokens per sequence; longer inputs lose their start, recorded per example."),
+    batch_size: int = typer.Option(16, help="Examples per forward batch."),
+    store_dtype: str = typer.Option("float16", help="float16 or float32 for stored activations."),
+    context_k: int = typer.Option(4, help="Demonstrations in the in-context mask's prefix."),
+    index: str = typer.Option("flat", help="flat (exact cosine), ivf, hnsw, or a FAISS factory string."),
+    store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root (default ~/.cache/actcache)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Run the model over the dataset once; cache pooled activations, statistics and FAISS indexes."""
+    import actcache
+    from actcache.builder import BuildConfig
+    from actcache.models import ModelSpec
+
+    cfg = BuildConfig(
+        model=ModelSpec(model, revision, dtype, device),
+        data=data_options(task, data, data_dir, text_field, label_field, label_values, label_words,
+                          template, split_field, id_field, limit, eval_limit, seed),
+        layers=layers, components=_split(components), poolings=_split(pooling), masks=_split(masks),
+        span=span, max_length=max_length, batch_size=batch_size, store_dtype=store_dtype,
+        context_k=context_k, index=index, home=store)
+    with progress_bar() as cb:
+        st = actcache.build(cfg, progress=cb)
+    r = st.report
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    if r["cache_hit"]:
+        typer.echo(f"cache hit: 0 forward passes; {len(r['reused'])} arrays reused")
+    else:
+        typer.echo(f"computed {len(r['computed'])} arrays in {r['forward_batches']} forward batches, "
+                   f"reused {len(r['reused'])}, built {r['indexes_built']} indexes ({r['seconds']} s)")
+    typer.echo(f"key  {r['key']}\npath {r['path']}")
+
+
+@app.command("ls")
+@handle_errors
+def ls_cmd(store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root."),
+           as_json: bool = typer.Option(False, "--json")):
+    """List builds in the store."""
+    from actcache.store import list_builds
+
+    rows = list_builds(store)
+    if as_json:
+        typer.echo(json.dumps([{k: v for k, v in r.items() if k not in ("provenance", "config")} for r in rows]))
+        return
+    if not rows:
+        typer.echo("no builds yet; run `actcache build`")
+    for r in rows:
+        if r["status"] != "done":
+            typer.echo(f"{r['key'][:16]}  {r['status']}")
+            continue
+        typer.echo(f"{r['key'][:16]}  {r['task']:<16} {r['model']:<24} pool={r['n_pool']:<6} "
+                   f"eval={r['n_eval']:<6} layers={len(r['layers'])} arrays={r['n_arrays']} {r['size_mb']} MB")
+
+
+@app.command()
+@handle_errors
+def info(key: str = typer.Argument(..., help="Build key or unique prefix."),
+         store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root.")):
+    """Show one build: sizes, arrays and full provenance (JSON)."""
+    from actcache.store import Store
+
+    typer.echo(json.dumps(Store.open(key, store).info(), indent=2, default=str))
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny random causal LMs and a tiny byte-level BPE tokenizer.
+
+Nothing here touches a model hub: the tokenizer is trained on a few sentences
+and the models are built from configs with seeded random weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ARCHS = ("llama", "qwen2", "gemma3", "gpt2")
+
+_CORPUS = [
+    "Review: a great movie with a fine cast\nSentiment: positive",
+    "Review: dull, slow and far too long\nSentiment: negative",
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: is the sky blue?\nAnswer: yes",
+    "Premise: a man sleeps. Hypothesis: a man is awake. True or False? False",
+    "World Sports Business Technology news of the day",
+    "0 1 2 3 4 5 6 7 8 9 #### answer",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def make_tokenizer(padding_side: str = "right"):
+    """A byte-level BPE tokenizer (vocab ~300) that adds <bos> like Llama/Gemma."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    fast.padding_side = padding_side
+    return fast
+
+
+def make_model(arch: str, vocab_size: int, num_layers: int = 4, seed: int = 0):
+    """A tiny random causal LM of the given architecture, in eval mode, fp32."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        LlamaConfig,
+        Qwen2Config,
+    )
+
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                          num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=512, **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                          num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=512, **common)
+    elif arch == "gemma3":
+        cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                               max_position_embeddings=512, sliding_window=16,
+                               **common)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=num_layers, n_head=4, n_positions=512, **common)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Save each tiny architecture (with the tokenizer) to disk; returns {arch: path}."""
+    out = {}
+    tok = make_tokenizer()
+    for a in ARCHS:
+        d = tmp_path_factory.mktemp(f"tiny-{a}")
+        m = make_model(a, len(tok))
+        m.save_pretrained(d)
+        tok.save_pretrained(d)
+        out[a] = d
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def shared_data_dir() -> Path | None:
+    d = Path(os.environ.get("ACTCACHE_DATA_DIR", SHARED_DATA))
+    return d if d.exists() else None

@@ -1,0 +1,353 @@
+"""Build, capture, statistics and store tests on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from conftest import ARCHS, REPO_ROOT, make_model, make_tokenizer
+
+from actcache.builder import BuildConfig, build
+from actcache.capture import STATS, Capture, make_batch, sink_masks, span_stats
+from actcache.data import DataSpec
+from actcache.errors import ConfigError, CorruptStoreError, DatasetError, ModelError, StoreError
+from actcache.models import ModelSpec
+from actcache.store import Store, list_builds
+
+TEXTS = [
+    ("a great movie with a fine cast", 1), ("dull, slow and far too long", 0),
+    ("the quick brown fox", 1), ("is the sky blue", 0), ("a man sleeps on the sofa all day", 0),
+    ("fine", 1), ("news of the day in sports and business", 1), ("far too slow", 0),
+    ("great fun", 1), ("the lazy dog jumps over nothing at all, which is a shame", 0),
+    ("blue sky", 1), ("slow", 0),
+]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def jsonl(tmp_path):
+    rows = [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
+            for i, (t, lab) in enumerate(TEXTS)]
+    return write_jsonl(tmp_path / "reviews.jsonl", rows)
+
+
+def cfg_for(model_dir, jsonl, home, **kw):
+    data = DataSpec(path=str(jsonl), text_fields=("review",), label_field="label", split_field="split",
+                    id_field="id", template="Review: {review}\nSentiment:",
+                    label_words=(" negative", " positive"))
+    base = dict(model=ModelSpec(str(model_dir)), data=data, home=str(home), batch_size=3, context_k=2)
+    base.update(kw)
+    return BuildConfig(**base)
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_equals_plain_forward(arch):
+    """Hooked resid capture == model(..., output_hidden_states=True) where they overlap."""
+    tok = make_tokenizer()
+    model = make_model(arch, len(tok))
+    seqs = [tok("Review: a great movie")["input_ids"], tok("dull")["input_ids"],
+            tok("the quick brown fox jumps over the lazy dog")["input_ids"]]
+    spans = [(1, len(s)) for s in seqs]
+    n = model.config.num_hidden_layers
+    cap = Capture(model, list(range(n)), ["resid", "mlp", "attn"], ["mean", "last"])
+    cap.run(make_batch(seqs, spans, tok.pad_token_id))
+    for i, s in enumerate(seqs):
+        with torch.no_grad():
+            hs = model(torch.tensor([s]), output_hidden_states=True).hidden_states
+        # hidden_states[n] has the final norm applied in these models, so compare 0..n-2.
+        for L in range(n - 1):
+            ref = hs[L + 1][0, 1:len(s)]
+            np.testing.assert_allclose(cap.pooled[("resid", L, "mean")][i], ref.mean(0).numpy(), atol=1e-4)
+            np.testing.assert_allclose(cap.pooled[("resid", L, "last")][i], ref[-1].numpy(), atol=1e-4)
+            if arch in ("llama", "qwen2", "gpt2"):
+                # Pre-norm blocks without post-norms: block delta == attn out + mlp out.
+                delta = (hs[L + 1] - hs[L])[0, 1:len(s)].mean(0).numpy()
+                got = cap.pooled[("attn", L, "mean")][i] + cap.pooled[("mlp", L, "mean")][i]
+                np.testing.assert_allclose(got, delta, atol=1e-4)
+        # Statistics over the same span, against scipy on the plain forward's values.
+        vals = hs[2][0, 1:len(s)].reshape(-1).double().numpy()
+        st = cap.stats[("resid", 1)][i]
+        np.testing.assert_allclose(st[STATS.index("mean")], vals.mean(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(st[STATS.index("kurt")], scipy.stats.kurtosis(vals), rtol=1e-4, atol=1e-5)
+
+
+def test_capture_stops_early_and_skips_lm_head():
+    tok = make_tokenizer()
+    model = make_model("llama", len(tok))
+    called = []
+    model.model.layers[2].register_forward_hook(lambda *a: called.append("layer2"))
+    model.lm_head.register_forward_hook(lambda *a: called.append("lm_head"))
+    cap = Capture(model, [0, 1], ["resid"], ["mean"])
+    cap.run(make_batch([tok("hello there")["input_ids"]], [(1, 3)], 0))
+    assert called == []
+    assert cap.pooled[("resid", 1, "mean")].shape == (1, 64)
+
+
+def test_span_stats_against_scipy():
+    rng = np.random.default_rng(0)
+    h = torch.tensor(rng.standard_t(4, size=(3, 7, 16)) * 3 + 0.5)
+    start, end = torch.tensor([0, 2, 4]), torch.tensor([7, 5, 5])
+    got = span_stats(h, start, end)
+    for i in range(3):
+        v = h[i, int(start[i]):int(end[i])].reshape(-1).numpy()
+        a = np.abs(v)
+        ref = [v.mean(), v.var(), scipy.stats.skew(v), scipy.stats.kurtosis(v), a.max(), a.max() / np.median(a)]
+        np.testing.assert_allclose(got[i], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_sink_mask_removes_attention_to_first_token():
+    tok = make_tokenizer()
+    model = make_model("llama", len(tok))
+    model.config._attn_implementation = "eager"
+    ids = torch.tensor([tok("a great movie with a fine cast")["input_ids"]])
+    am = torch.ones_like(ids)
+    with torch.no_grad():
+        out = model(ids, attention_mask=sink_masks(model, am, torch.float32), output_attentions=True)
+        plain = model(ids, attention_mask=am, output_attentions=True)
+    att = out.attentions[0][0]  # (heads, T, T)
+    assert torch.all(att[:, 1:, 0] == 0)
+    assert torch.all(plain.attentions[0][0][:, 1:, 0] > 0)
+    np.testing.assert_allclose(att.sum(-1).numpy(), 1.0, atol=1e-5)
+
+
+def test_sink_mask_gemma_sliding_window_dict():
+    tok = make_tokenizer()
+    model = make_model("gemma3", len(tok))
+    m = sink_masks(model, torch.ones((1, 40), dtype=torch.long), torch.float32)
+    assert set(m) == {"full_attention", "sliding_attention"}
+    sw = m["sliding_attention"][0, 0]
+    assert sw[30, 10] < -1e30 and sw[30, 20] == 0 and sw[30, 0] < -1e30
+
+
+# ----------------------------------------------------------------------------- build + store
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_build_each_architecture(arch, tiny_model_dir, jsonl, tmp_path):
+    st = build(cfg_for(tiny_model_dir[arch], jsonl, tmp_path / "store", layers="0,-1"))
+    n_pool, n_eval = len(st.pool_rows), len(st.eval_rows)
+    assert (n_pool, n_eval) == (9, 3)
+    assert st.layers == [0, 3]
+    x = st.acts("mlp", 3, "mean", "isolated", split="pool")
+    assert x.shape == (9, 64) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert st.stats("resid", 0, "sink-masked").shape == (12, len(STATS))
+    # in-context and isolated differ (a prefix changes the activations); label-masked
+    # pools fewer tokens than isolated for pool rows with span=full.
+    assert not np.allclose(st.acts("resid", 0, "mean", "in-context"), st.acts("resid", 0, "mean", "isolated"))
+    assert not np.allclose(st.acts("resid", 3, "last", "label-masked", "pool"),
+                           st.acts("resid", 3, "last", "isolated", "pool"))
+    # eval rows carry no label, so their label-masked and isolated vectors agree.
+    np.testing.assert_allclose(st.acts("resid", 3, "mean", "label-masked", "eval"),
+                               st.acts("resid", 3, "mean", "isolated", "eval"), atol=2e-3)
+    prov = st.provenance
+    for k in ("weights_sha256", "tokenizer_sha256", "dtype", "revision"):
+        assert k in prov["model"]
+    assert prov["data"]["fingerprint"] and prov["versions"]["torch"] and prov["format_version"] == 1
+
+
+def test_pooled_rows_match_independent_forward(tiny_model_dir, jsonl, tmp_path):
+    """A stored row equals a plain forward of the demonstration's token ids."""
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", store_dtype="float32",
+                       masks=("isolated",)))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir["llama"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir["llama"])
+    row = int(st.pool_rows[0])
+    q = tok(st.texts[row], add_special_tokens=False)["input_ids"]
+    t = tok(" " + ("negative", "positive")[st.labels[row]], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[tok.bos_token_id] + q + t])
+    with torch.no_grad():
+        h = model(ids, output_hidden_states=True).hidden_states[2][0, 1:]
+    np.testing.assert_allclose(st.acts("resid", 1, "mean", "isolated")[row], h.mean(0).numpy(), atol=1e-5)
+
+
+def test_cache_hit_and_partial_reuse(tiny_model_dir, jsonl, tmp_path):
+    home = tmp_path / "store"
+    a = build(cfg_for(tiny_model_dir["qwen2"], jsonl, home, layers="0", masks=("isolated",),
+                      components=("resid",)))
+    assert a.report["forward_batches"] > 0 and not a.report["cache_hit"]
+    b = build(cfg_for(tiny_model_dir["qwen2"], jsonl, home, layers="0", masks=("isolated",),
+                      components=("resid",)))
+    assert b.report["cache_hit"] and b.report["forward_batches"] == 0 and b.key == a.key
+    c = build(cfg_for(tiny_model_dir["qwen2"], jsonl, home, layers="0,1", masks=("isolated",),
+                      components=("resid", "mlp")))
+    assert c.key == a.key
+    assert sorted(c.report["reused"]) == ["resid/L0/last/isolated", "resid/L0/mean/isolated"]
+    assert len(c.report["computed"]) == 6
+    np.testing.assert_array_equal(c.acts("resid", 0), a.acts("resid", 0))
+    # A config change that alters bytes gives another key.
+    d = build(cfg_for(tiny_model_dir["qwen2"], jsonl, home, layers="0", masks=("isolated",),
+                      components=("resid",), max_length=64))
+    assert d.key != a.key
+    assert {r["key"] for r in list_builds(home)} == {a.key, d.key}
+
+
+def test_index_built_and_matches_numpy(tiny_model_dir, jsonl, tmp_path):
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="2", masks=("isolated",),
+                       components=("mlp",), poolings=("mean",)))
+    idx = st.index("mlp", 2, "mean", "isolated")
+    pool = st.acts("mlp", 2, "mean", "isolated", "pool").astype(np.float64)
+    q = st.acts("mlp", 2, "mean", "isolated", "eval").astype(np.float64)
+    pn = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    ref = np.argsort(-(qn @ pn.T), axis=1)[:, :3]
+    _, ids = idx.search(q.astype(np.float32), 3)
+    np.testing.assert_array_equal(ids, ref)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from test_build import cfg_for
+    from actcache.builder import build
+    n = 0
+    def progress(desc, done, total):
+        global n
+        if desc.startswith("build") and done > 0:
+            n += 1
+            if n == {after}:
+                os.kill(os.getpid(), signal.SIGKILL)
+    build(cfg_for({model!r}, {data!r}, {home!r}, layers="all", store_dtype="float32"), progress=progress)
+""")
+
+
+def test_killed_build_resumes_to_identical_result(tiny_model_dir, jsonl, tmp_path):
+    home = tmp_path / "killed"
+    script = KILL_SCRIPT.format(tests=str(REPO_ROOT / "tests"), after=5, model=str(tiny_model_dir["gemma3"]),
+                                data=str(jsonl), home=str(home))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (bdir,) = list((home / "builds").iterdir())
+    assert not (bdir / "acts.h5").exists()
+    with pytest.raises(StoreError, match="incomplete"):
+        Store(bdir)
+    assert [r["status"] for r in list_builds(home)] == ["incomplete"]
+    flushed = len(list((bdir / "partial").rglob("*.npz")))
+    assert flushed >= 4
+    resumed = build(cfg_for(tiny_model_dir["gemma3"], jsonl, home, layers="all", store_dtype="float32"))
+    total = sum(1 for _ in range(4)) * 4  # 4 masks x 4 batches of 3 rows
+    assert resumed.report["forward_batches"] == total - flushed
+    clean = build(cfg_for(tiny_model_dir["gemma3"], jsonl, tmp_path / "clean", layers="all",
+                          store_dtype="float32"))
+    assert clean.key == resumed.key
+    for a in clean.arrays:
+        np.testing.assert_array_equal(resumed.acts(a.component, a.layer, a.pooling, a.mask),
+                                      clean.acts(a.component, a.layer, a.pooling, a.mask))
+        np.testing.assert_array_equal(resumed.stats(a.component, a.layer, a.mask),
+                                      clean.stats(a.component, a.layer, a.mask))
+
+
+CONCURRENT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_build import cfg_for
+    from actcache.builder import build
+    st = build(cfg_for({model!r}, {data!r}, {home!r}, layers="0,1"))
+    print(st.key, st.report["forward_batches"])
+""")
+
+
+def test_two_processes_building_same_key(tiny_model_dir, jsonl, tmp_path):
+    home = tmp_path / "shared-store"
+    script = CONCURRENT.format(tests=str(REPO_ROOT / "tests"), model=str(tiny_model_dir["llama"]),
+                               data=str(jsonl), home=str(home))
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    keys = {o[0].split()[0] for o in outs}
+    batches = sorted(int(o[0].split()[1]) for o in outs)
+    assert len(keys) == 1
+    assert batches[0] == 0 and batches[1] > 0  # one computed, the other reused
+    st = Store.open(keys.pop(), home)
+    assert np.isfinite(st.acts("resid", 1)).all()
+
+
+def test_corrupt_and_foreign_files(tiny_model_dir, jsonl, tmp_path):
+    import h5py
+
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="0", masks=("isolated",)))
+    st.h5_path.write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(CorruptStoreError, match="delete"):
+        Store(st.dir)
+    with h5py.File(st.h5_path, "w") as f:
+        f.attrs["something"] = 1
+    with pytest.raises(CorruptStoreError, match="not an actcache build"):
+        Store(st.dir)
+    with pytest.raises(StoreError, match="no build"):
+        Store.open("0123456789abcdef", tmp_path / "s")
+
+
+def test_missing_array_errors(tiny_model_dir, jsonl, tmp_path):
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="0", masks=("isolated",),
+                       components=("resid",)))
+    with pytest.raises(StoreError, match="no layer 3"):
+        st.acts("resid", 3)
+    with pytest.raises(StoreError, match="no component 'mlp'"):
+        st.acts("mlp", 0)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs(tiny_model_dir, jsonl, tmp_path):
+    home = tmp_path / "s"
+    with pytest.raises(ConfigError, match="out of range"):
+        build(cfg_for(tiny_model_dir["llama"], jsonl, home, layers="7"))
+    with pytest.raises(ModelError, match="does not exist"):
+        build(cfg_for(tmp_path / "no-such-model", jsonl, home))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DatasetError, match="no rows"):
+        build(cfg_for(tiny_model_dir["llama"], empty, home))
+    with pytest.raises(DatasetError, match="field 'review' not found"):
+        bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": 0, "split": "eval", "id": "1"}])
+        build(cfg_for(tiny_model_dir["llama"], bad, home))
+    with pytest.raises(ConfigError, match="unknown component"):
+        build(cfg_for(tiny_model_dir["llama"], jsonl, home, components=("mlpx",)))
+    with pytest.raises(DatasetError, match="--data-dir"):
+        from actcache.data import load
+
+        load(DataSpec(task="sst2", data_dir=str(tmp_path / "nowhere")))
+    with pytest.raises(DatasetError, match="unknown task"):
+        from actcache.data import load
+
+        load(DataSpec(task="nope"))
+
+
+def test_cli_build_cache_hit_and_one_line_errors(tiny_model_dir, jsonl, tmp_path):
+    args = [sys.executable, "-m", "actcache", "build", "--model", str(tiny_model_dir["gpt2"]), "--data", str(jsonl),
+            "--text-field", "review", "--split-field", "split", "--id-field", "id",
+            "--template", "Review: {review}\\nSentiment:", "--label-words", "negative,positive",
+            "--layers", "0", "--masks", "isolated", "--store", str(tmp_path / "s")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "computed" in first.stdout and "key" in first.stdout
+    second = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    assert "cache hit: 0 forward passes" in second.stdout
+    bad = subprocess.run(args[:-2] + ["--layers", "99", "--store", str(tmp_path / "s")], capture_output=True,
+                         text=True, cwd=REPO_ROOT, env=env)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0
+    assert "out of range" in bad.stderr
+    ls = subprocess.run([sys.executable, "-m", "actcache", "ls", "--store", str(tmp_path / "s")],
+                        capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    assert ls.returncode == 0 and "reviews" in ls.stdout

@@ -1,0 +1,477 @@
+"""Tests for the `indexes` package, checked against the numpy reference `exact_search`."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+import indexes as ix
+from indexes import IndexFileError, IndexMismatchError, IndexSpec, VectorIndex, exact_search
+
+INDEXES_DIR = Path(ix.__file__).resolve().parent
+
+
+def clustered(n: int, d: int, seed: int, n_clusters: int = 200, noise: float = 1.0, centers=None):
+    """Gaussian blobs: centres ~ N(0, I), points = centre + noise * N(0, I)."""
+    rng = np.random.default_rng(seed)
+    if centers is None:
+        centers = rng.standard_normal((n_clusters, d)).astype(np.float32)
+    a = rng.integers(0, len(centers), n)
+    x = centers[a] + noise * rng.standard_normal((n, d)).astype(np.float32)
+    return x.astype(np.float32), centers
+
+
+def recall_at(ids: np.ndarray, ref: np.ndarray) -> float:
+    k = ref.shape[1]
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ids, ref)]))
+
+
+def untied_mask(ref_scores: np.ndarray, tol: float) -> np.ndarray:
+    """True where a reference rank is separated from both neighbours by > tol."""
+    gaps = np.abs(np.diff(ref_scores, axis=1)) > tol
+    left = np.concatenate([np.ones((len(gaps), 1), bool), gaps], axis=1)
+    right = np.concatenate([gaps, np.ones((len(gaps), 1), bool)], axis=1)
+    return left & right
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    ix.set_threads(2)
+
+
+# --------------------------------------------------------------------------- exact
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_flat_equals_numpy_reference(metric):
+    x, c = clustered(3000, 48, seed=1)
+    q, _ = clustered(64, 48, seed=2, centers=c)
+    v = VectorIndex.build(x, IndexSpec(kind="flat", metric=metric))
+    S, I = v.search(q, 10)
+    R_s, R_i = exact_search(x, q, 10, metric)
+    assert S.dtype == np.float32 and I.dtype == np.int64 and S.shape == I.shape == (64, 10)
+    scale = float(np.abs(R_s).max())
+    np.testing.assert_allclose(S, R_s, rtol=1e-5, atol=1e-5 * scale)
+    mask = untied_mask(R_s, 1e-5 * scale)
+    assert mask.mean() > 0.9  # the comparison below must actually cover most ranks
+    np.testing.assert_array_equal(I[mask], R_i[mask])
+    assert np.all(np.diff(S, axis=1) <= 1e-6 * scale), "scores must be best-first"
+
+
+def test_exact_search_conventions():
+    v = np.array([[1, 0], [0, 1], [1, 0], [-1, 0]], np.float32)
+    q = np.array([[2, 0]], np.float32)
+    s, i = exact_search(v, q, 3, "cosine")
+    assert i.tolist() == [[0, 2, 1]]  # tie (ids 0, 2) broken by lower id first
+    np.testing.assert_allclose(s, [[1, 1, 0]])
+    s, i = exact_search(v, q, 4, "l2")
+    np.testing.assert_allclose(s, [[-1, -1, -5, -9]])  # negative squared distance
+    s, i = exact_search(v, q, 2, "ip")
+    np.testing.assert_allclose(s, [[2, 2]])
+
+
+def test_float16_input_and_input_not_mutated():
+    x, c = clustered(500, 16, seed=3)
+    x16 = x.astype(np.float16)
+    before = x16.copy()
+    v = VectorIndex.build(x16, IndexSpec())
+    np.testing.assert_array_equal(x16, before)
+    q = x[:5].copy()
+    v.search(q, 3)
+    np.testing.assert_array_equal(q, x[:5])
+    assert v.search(q, 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_zero_vector_and_nonfinite():
+    x, _ = clustered(100, 8, seed=4)
+    x[7] = 0
+    v = VectorIndex.build(x, IndexSpec())
+    S, _ = v.search(np.zeros((1, 8), np.float32), 5)
+    assert np.isfinite(S).all()
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        VectorIndex.build(bad, IndexSpec())
+
+
+# --------------------------------------------------------------------------- approximate
+
+
+@pytest.fixture(scope="module")
+def recall_data():
+    x, c = clustered(20_000, 64, seed=10, n_clusters=500)
+    q, _ = clustered(300, 64, seed=11, centers=c)
+    _, R = exact_search(x, q, 10, "cosine")
+    return x, q, R
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_default_recall(recall_data, kind):
+    x, q, R = recall_data
+    v = VectorIndex.build(x, IndexSpec(kind=kind))
+    _, I = v.search(q, 10)
+    r = recall_at(I, R)
+    assert r >= 0.95, f"{kind} recall@10 {r:.3f} at defaults {v.spec}"
+    # The metric must be able to detect a bad setting, or the assertion above is vacuous.
+    if kind == "ivf":
+        v.nprobe = 1
+    else:
+        v.ef_search = 1
+    _, I1 = v.search(q, 10)
+    assert recall_at(I1, R) < r
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16"])
+def test_factory_spec(recall_data, factory):
+    x, q, R = recall_data
+    v = VectorIndex.build(x, IndexSpec(kind="factory", factory=factory))
+    S, I = v.search(q, 10)
+    assert I.shape == (len(q), 10) and (I >= 0).all()
+    assert recall_at(I, R) >= 0.9
+    if factory.startswith("IVF"):
+        assert v.nprobe == 16  # default applied to factory IVF, not FAISS's nprobe=1
+
+
+def test_bad_factory_and_spec():
+    x, _ = clustered(100, 8, seed=5)
+    with pytest.raises(ValueError, match="factory"):
+        VectorIndex.build(x, IndexSpec(kind="factory", factory="NotAnIndex!!"))
+    with pytest.raises(ValueError):
+        IndexSpec(kind="annoy")
+    with pytest.raises(ValueError):
+        IndexSpec(metric="manhattan")
+    with pytest.raises(ValueError):
+        IndexSpec(kind="factory")
+
+
+def test_ivf_deterministic_for_seed():
+    x, c = clustered(5000, 32, seed=6)
+    q, _ = clustered(100, 32, seed=7, centers=c)
+
+    def build(seed):
+        v = VectorIndex.build(x, IndexSpec(kind="ivf", seed=seed, nprobe=2))
+        ivf = faiss.extract_index_ivf(v.index)
+        return v.search(q, 10), ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+    (s1, i1), c1 = build(0)
+    (s2, i2), c2 = build(0)
+    np.testing.assert_array_equal(c1, c2)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+    _, c3 = build(1)
+    assert not np.array_equal(c1, c3), "seed must reach k-means"
+
+
+def test_hnsw_returns_k_even_when_k_exceeds_ef_search():
+    x, _ = clustered(2000, 16, seed=8)
+    v = VectorIndex.build(x, IndexSpec(kind="hnsw", ef_search=4))
+    _, I = v.search(x[:10], 50)
+    assert (I >= 0).all()
+
+
+def test_nprobe_ef_search_applicability():
+    x, _ = clustered(1000, 8, seed=9)
+    flat = VectorIndex.build(x, IndexSpec())
+    assert flat.nprobe is None and flat.ef_search is None
+    with pytest.raises(ValueError, match="IVF"):
+        flat.nprobe = 4
+    with pytest.raises(ValueError, match="HNSW"):
+        flat.ef_search = 4
+    ivf = VectorIndex.build(x, IndexSpec(kind="ivf"))
+    assert ivf.spec.nlist == 1000 // 39 and ivf.nprobe == min(16, ivf.spec.nlist)
+    ivf.nprobe = 3
+    assert ivf.spec.nprobe == 3
+
+
+# --------------------------------------------------------------------------- search errors / exclude
+
+
+def test_search_errors():
+    x, _ = clustered(50, 8, seed=12)
+    v = VectorIndex.build(x, IndexSpec())
+    with pytest.raises(ValueError, match=r"k=51.*ntotal=50"):
+        v.search(x[:2], 51)
+    with pytest.raises(IndexMismatchError, match="9.*8"):
+        v.search(np.zeros((2, 9), np.float32), 3)
+    with pytest.raises(ValueError):
+        v.search(x[0], 3)  # 1-D
+    with pytest.raises(ValueError, match="0 vectors"):
+        VectorIndex.build(np.zeros((0, 8), np.float32), IndexSpec())
+    S, I = v.search(np.zeros((0, 8), np.float32), 3)
+    assert S.shape == I.shape == (0, 3)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_exclude(kind):
+    x, c = clustered(2000, 32, seed=13)
+    v = VectorIndex.build(x, IndexSpec(kind=kind))
+    q = x[:40]
+    rng = np.random.default_rng(0)
+    _, top = exact_search(x, q, 30, "cosine")
+    # Per row: the query itself, a few of its true neighbours, padding, and a random id.
+    ex = np.concatenate([np.arange(40)[:, None], top[:, 1:6], -np.ones((40, 2), np.int64),
+                         rng.integers(0, 2000, (40, 1))], axis=1)
+    S, I = v.search(q, 10, exclude=ex)
+    assert I.shape == (40, 10) and (I >= 0).all() and np.isfinite(S).all()
+    for r in range(40):
+        assert not set(I[r].tolist()) & set(ex[r][ex[r] >= 0].tolist())
+    if kind == "flat":
+        expected = np.array([[i for i in row if i not in set(e.tolist())][:10] for row, e in zip(top, ex)])
+        np.testing.assert_array_equal(I, expected)
+
+
+def test_exclude_pads_when_pool_too_small():
+    x, _ = clustered(12, 4, seed=14)
+    v = VectorIndex.build(x, IndexSpec())
+    ex = np.tile(np.arange(5), (3, 1))
+    S, I = v.search(x[5:8], 10, exclude=ex)
+    assert (I[:, :7] >= 5).all() and (I[:, 7:] == -1).all()
+    assert np.isneginf(S[:, 7:]).all() and np.isfinite(S[:, :7]).all()
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def _files(d: Path) -> set[str]:
+    return {p.name for p in d.iterdir()}
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_roundtrip(tmp_path, kind, mmap):
+    x, c = clustered(3000, 32, seed=15)
+    q, _ = clustered(50, 32, seed=16, centers=c)
+    v = VectorIndex.build(x, IndexSpec(kind=kind), meta={"key": "abc", "layer": 3})
+    S, I = v.search(q, 10)
+    p = tmp_path / "idx.faiss"
+    v.save(p)
+    assert _files(tmp_path) == {"idx.faiss", "idx.faiss.json"}
+    side = json.loads((tmp_path / "idx.faiss.json").read_text())
+    assert side["d"] == 32 and side["ntotal"] == 3000 and side["meta"]["key"] == "abc"
+    assert side["spec"]["kind"] == kind
+
+    w = VectorIndex.load(p, mmap=mmap, expect={"d": 32, "ntotal": 3000, "key": "abc", "metric": "cosine"})
+    assert w.spec == v.spec and w.meta == v.meta and w.d == 32 and w.ntotal == 3000
+    if sys.platform.startswith("linux"):
+        assert w.mmapped is mmap
+        assert w.load_mode == ("mmap" if mmap else "read")
+    S2, I2 = w.search(q, 10)
+    np.testing.assert_array_equal(I2, I)
+    np.testing.assert_array_equal(S2, S)
+
+    # A memory-mapped index can itself be saved again.
+    w.save(tmp_path / "copy.faiss")
+    S3, I3 = VectorIndex.load(tmp_path / "copy.faiss").search(q, 10)
+    np.testing.assert_array_equal(I3, I)
+
+
+def test_search_settings_persist(tmp_path):
+    x, _ = clustered(3000, 16, seed=17)
+    v = VectorIndex.build(x, IndexSpec(kind="ivf"))
+    v.nprobe = 5
+    v.save(tmp_path / "a.faiss")
+    assert VectorIndex.load(tmp_path / "a.faiss").nprobe == 5
+
+
+@pytest.fixture
+def saved(tmp_path):
+    x, _ = clustered(500, 16, seed=18)
+    v = VectorIndex.build(x, IndexSpec(), meta={"key": "abc"})
+    p = tmp_path / "a.faiss"
+    v.save(p)
+    return p, v, x
+
+
+@pytest.mark.parametrize("field,value,found", [("d", 17, 16), ("ntotal", 499, 500), ("key", "xyz", "abc")])
+def test_expect_mismatch(saved, field, value, found):
+    p, _, _ = saved
+    with pytest.raises(IndexMismatchError) as e:
+        VectorIndex.load(p, expect={field: value})
+    msg = str(e.value)
+    assert repr(field) in msg and repr(value) in msg and repr(found) in msg
+
+
+def test_expect_missing_field(saved):
+    p, _, _ = saved
+    with pytest.raises(IndexMismatchError, match="model"):
+        VectorIndex.load(p, expect={"model": "gpt2"})
+
+
+def test_missing_files(saved, tmp_path):
+    p, _, _ = saved
+    with pytest.raises(IndexFileError, match="does not exist"):
+        VectorIndex.load(tmp_path / "nope.faiss")
+    os.unlink(str(p) + ".json")
+    with pytest.raises(IndexFileError, match="sidecar"):
+        VectorIndex.load(p)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_truncated_file(saved, mmap):
+    p, _, _ = saved
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexFileError, match="rebuild"):
+        VectorIndex.load(p, mmap=mmap)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_garbage_file_reaching_faiss(saved, mmap):
+    """Garbage with a self-consistent sidecar: FAISS itself must reject it cleanly."""
+    p, _, _ = saved
+    p.write_bytes(np.random.default_rng(0).bytes(4096))
+    side = Path(str(p) + ".json")
+    doc = json.loads(side.read_text())
+    doc["file_bytes"] = 4096
+    doc["file_fingerprint"] = ix._fingerprint(str(p))
+    side.write_text(json.dumps(doc))
+    with pytest.raises(IndexFileError, match="FAISS could not read"):
+        VectorIndex.load(p, mmap=mmap)
+
+
+def test_corrupt_or_foreign_sidecar(saved):
+    p, _, _ = saved
+    side = Path(str(p) + ".json")
+    side.write_text("{not json")
+    with pytest.raises(IndexFileError, match="corrupt"):
+        VectorIndex.load(p)
+    side.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(IndexFileError, match="corrupt or foreign"):
+        VectorIndex.load(p)
+
+
+def test_torn_pair_detected(saved, tmp_path):
+    """Old sidecar next to a new index of the same shape (concurrent saves) is refused."""
+    p, _, x = saved
+    old_side = Path(str(p) + ".json").read_text()
+    VectorIndex.build(x[::-1].copy(), IndexSpec(), meta={"key": "new"}).save(p)
+    Path(str(p) + ".json").write_text(old_side)
+    with pytest.raises(IndexFileError, match="fingerprint"):
+        VectorIndex.load(p, expect={"key": "abc"})
+
+
+def test_save_failure_keeps_old_index(saved, monkeypatch):
+    p, v, x = saved
+    old_bytes = p.read_bytes()
+    old_side = Path(str(p) + ".json").read_bytes()
+
+    def broken_write(index, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(faiss, "write_index", broken_write)
+    new = VectorIndex.build(x[:100], IndexSpec(), meta={"key": "new"})
+    with pytest.raises(RuntimeError, match="disk full"):
+        new.save(p)
+    assert p.read_bytes() == old_bytes
+    assert Path(str(p) + ".json").read_bytes() == old_side
+    assert _files(p.parent) == {"a.faiss", "a.faiss.json"}, "temp file left behind"
+    monkeypatch.undo()
+    w = VectorIndex.load(p, expect={"key": "abc", "ntotal": 500})
+    np.testing.assert_array_equal(w.search(x[:5], 3)[1], v.search(x[:5], 3)[1])
+
+
+def test_crash_before_sidecar_is_refused(saved, monkeypatch):
+    """A crash after the new index is in place but before its sidecar leaves no stale sidecar."""
+    p, _, x = saved
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ix, "_atomic_write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        VectorIndex.build(x[:100], IndexSpec(), meta={"key": "new"}).save(p)
+    monkeypatch.undo()
+    assert _files(p.parent) == {"a.faiss"}
+    with pytest.raises(IndexFileError, match="sidecar"):
+        VectorIndex.load(p, expect={"key": "abc"})
+
+
+def test_meta_must_be_json():
+    x, _ = clustered(50, 4, seed=19)
+    with pytest.raises(ValueError, match="JSON"):
+        VectorIndex.build(x, IndexSpec(), meta={"arr": np.zeros(2)})
+
+
+# --------------------------------------------------------------------------- threads / torch coexistence
+
+
+def test_set_threads():
+    assert ix.set_threads(1) == 1
+    assert faiss.omp_get_max_threads() == 1
+    assert ix.set_threads() == (os.cpu_count() or 1)
+    with pytest.raises(ValueError):
+        ix.set_threads(0)
+
+
+def test_torch_and_faiss_in_one_process():
+    torch = pytest.importorskip("torch")
+    nthreads = min(2, os.cpu_count() or 1)
+    torch.set_num_threads(nthreads)
+    ix.set_threads(nthreads)
+
+    x, c = clustered(8000, 64, seed=20)
+    q, _ = clustered(256, 64, seed=21, centers=c)
+    v = VectorIndex.build(x, IndexSpec(kind="flat", metric="ip"))
+    R_s, R_i = exact_search(x, q, 10, "ip")
+    scale = float(np.abs(R_s).max())
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96).eval()
+    W = lin.weight.detach().numpy().astype(np.float64)
+    b = lin.bias.detach().numpy().astype(np.float64)
+    B = np.random.default_rng(22).standard_normal((96, 32)).astype(np.float32)
+
+    def run_torch():
+        with torch.no_grad():
+            out = lin(torch.from_numpy(q)) @ torch.from_numpy(B)
+        ref = (q.astype(np.float64) @ W.T + b) @ B.astype(np.float64)
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-3)
+
+    def run_faiss():
+        S, I = v.search(q, 10)
+        np.testing.assert_allclose(S, R_s, rtol=1e-5, atol=1e-5 * scale)
+        mask = untied_mask(R_s, 1e-5 * scale)
+        np.testing.assert_array_equal(I[mask], R_i[mask])
+
+    run_faiss()
+    run_torch()
+    run_faiss()
+    run_torch()
+    assert torch.get_num_threads() == nthreads
+    assert faiss.omp_get_max_threads() == nthreads
+
+
+# --------------------------------------------------------------------------- dependency rule
+
+
+def test_indexes_imports_only_numpy_faiss_stdlib():
+    allowed = {"numpy", "faiss", "__future__"} | set(sys.stdlib_module_names)
+    forbidden = {"actcache", "cli", "torch"}
+    files = sorted(INDEXES_DIR.rglob("*.py"))
+    assert files
+    for f in files:
+        tree = ast.parse(f.read_text(), filename=str(f))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative import within indexes/
+                    continue
+                roots = [(node.module or "").split(".")[0]]
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in (
+                    "__import__", "import_module"):
+                roots = [a.value.split(".")[0] for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            else:
+                continue
+            for r in roots:
+                assert r not in forbidden, f"{f.name}:{node.lineno} imports {r}"
+                assert r in allowed, f"{f.name}:{node.lineno} imports non-stdlib module {r}"
