@@ -397,7 +397,9 @@ def partial_spearman(
 # --------------------------------------------------------------------------
 # 4. bootstrap
 # --------------------------------------------------------------------------
-def _boot_indices(n: int, n_boot: int, rng: np.random.Generator, strata: np.ndarray | None) -> np.ndarray:
+def _boot_indices(
+    n: int, n_boot: int, rng: np.random.Generator, strata: np.ndarray | None
+) -> np.ndarray:
     """(n_boot, n) int index matrix of bootstrap resamples.
 
     Stratified: position i of every resample is filled with a row drawn from
@@ -462,7 +464,8 @@ def bootstrap_ci(
     for i, a in enumerate(arrs):
         if a.ndim == 0 or a.shape[0] != n:
             raise ConfigError(
-                f"array {i} has shape {a.shape}; every array must have the same number of rows ({n})."
+                f"array {i} has shape {a.shape}; every array must have the same number "
+                f"of rows ({n})."
             )
     st = None if strata is None else _as_1d("strata", strata, n)
     if n == 0:
@@ -493,14 +496,42 @@ def bootstrap_ci(
 # bootstrap_ci(vectorized=True).  They assume finite inputs (callers drop
 # incomplete rows first).  The grouped ones require the group array to be the
 # same in every resample, which label-stratified resampling guarantees.
+def _dense_codes(a: np.ndarray) -> np.ndarray:
+    """Dense integer codes 0..K-1 preserving order and ties (np.unique inverse).
+
+    Ranks are invariant under this map, so rank statistics of the codes equal
+    those of the values, and rows of codes can be ranked by counting.
+    """
+    return np.unique(a, return_inverse=True)[1].astype(np.intp).reshape(-1)
+
+
+def _rank_rows(A: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based, ties averaged) along the last axis of a 2-D array.
+
+    Small non-negative integer codes (see _dense_codes) are ranked by counting
+    -- O(B * (n + K)) with no sort, ~10x faster than rankdata on bootstrap
+    matrices; anything else goes to scipy.stats.rankdata.  Both give identical
+    ranks: a value k occurring c_k times after cum_k values <= k gets
+    cum_k - (c_k - 1) / 2.
+    """
+    A = np.asarray(A)
+    if A.ndim == 2 and A.size and A.dtype.kind in "iu":
+        B, n = A.shape
+        K = int(A.max()) + 1
+        if int(A.min()) >= 0 and K <= 4 * n + 16:
+            off = (np.arange(B, dtype=np.intp)[:, None] * K + A).reshape(-1)
+            cnt = np.bincount(off, minlength=B * K).reshape(B, K).astype(np.float64)
+            avg = np.cumsum(cnt, axis=1) - (cnt - 1.0) / 2.0
+            return np.take_along_axis(avg, A.astype(np.intp, copy=False), axis=1)
+    return _st.rankdata(np.asarray(A, dtype=np.float64), axis=-1)
+
+
 def _spearman_rows(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     """Spearman per row of X, Y (B, n) -> (B,); nan for constant rows or n < 3."""
-    X = np.asarray(X, dtype=np.float64)
-    Y = np.asarray(Y, dtype=np.float64)
     if X.shape[-1] < 3:
         return np.full(X.shape[:-1], np.nan)
-    rx = _st.rankdata(X, axis=-1)
-    ry = _st.rankdata(Y, axis=-1)
+    rx = _rank_rows(X)
+    ry = _rank_rows(Y)
     const = (np.ptp(rx, axis=-1) == 0) | (np.ptp(ry, axis=-1) == 0)
     rx = rx - rx.mean(-1, keepdims=True)
     ry = ry - ry.mean(-1, keepdims=True)
@@ -551,14 +582,12 @@ def _partial_label_rows(X: np.ndarray, Y: np.ndarray, G: np.ndarray) -> np.ndarr
     """
     g = _fixed_groups(G)
     _, inv = np.unique(g, return_inverse=True)
-    X = np.asarray(X, dtype=np.float64)
-    Y = np.asarray(Y, dtype=np.float64)
     n_lev = int(inv.max()) + 1
     n = X.shape[1]
     if n - 2 - (n_lev - 1) < 1:
         return np.full(X.shape[0], np.nan)
-    rx = _st.rankdata(X, axis=-1)
-    ry = _st.rankdata(Y, axis=-1)
+    rx = _rank_rows(X)
+    ry = _rank_rows(Y)
     tx = ((rx - rx.mean(-1, keepdims=True)) ** 2).sum(-1)
     ty = ((ry - ry.mean(-1, keepdims=True)) ** 2).sum(-1)
     ex = rx.copy()
@@ -733,14 +762,17 @@ def candidate_correlations(
         row["rho_partial"], row["p_partial"] = partial_spearman(xs, ys, gs, categorical=True)
         nan2 = (float("nan"), float("nan"))
         if n_boot and xs.shape[0] >= 3:
-            # Batched statistics: one rankdata call over all resamples instead
-            # of n_boot scipy calls; identical values to the scalar versions.
-            ci_raw = bootstrap_ci(_spearman_rows, xs, ys, n_boot=n_boot, seed=seed,
+            # Batched statistics over all resamples at once instead of n_boot
+            # scipy calls (identical values to the scalar versions).  They get
+            # dense integer codes, which have the same ranks as the values and
+            # can be ranked by counting (see _rank_rows).
+            cx, cy, cg = _dense_codes(xs), _dense_codes(ys), _dense_codes(gs)
+            ci_raw = bootstrap_ci(_spearman_rows, cx, cy, n_boot=n_boot, seed=seed,
                                   vectorized=True)
-            ci_strat = bootstrap_ci(_stratified_rows, xs, ys, gs, n_boot=n_boot, seed=seed,
-                                    strata=gs, vectorized=True)
-            ci_part = bootstrap_ci(_partial_label_rows, xs, ys, gs, n_boot=n_boot, seed=seed,
-                                   strata=gs, vectorized=True)
+            ci_strat = bootstrap_ci(_stratified_rows, cx, cy, cg, n_boot=n_boot, seed=seed,
+                                    strata=cg, vectorized=True)
+            ci_part = bootstrap_ci(_partial_label_rows, cx, cy, cg, n_boot=n_boot, seed=seed,
+                                   strata=cg, vectorized=True)
         else:
             ci_raw = ci_strat = ci_part = nan2
         row["ci_raw_lo"], row["ci_raw_hi"] = ci_raw

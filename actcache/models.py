@@ -181,11 +181,21 @@ def resolve_model(name: str, home: Path) -> tuple[str, dict]:
     return name, {"source": "hub"}
 
 
+def quiet_transformers() -> None:
+    """The library never prints: silence transformers' progress bars and advice."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
     """Load the model (eval mode, requested dtype/device) and tokenizer with provenance."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
 
     target, extra = resolve_model(spec.model, home)
     device = resolve_device(spec.device)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria
 
 from actcache.errors import ConfigError, LabelWordError
 
@@ -572,6 +573,26 @@ def margins(scores: np.ndarray, gold: Sequence[int] | np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 
 
+class _StopInGenerated(StoppingCriteria):
+    """Stopping criterion: a row is done once its *generated* text contains a stop string.
+
+    transformers' built-in ``stop_strings`` (StopStringCriteria) matches the end
+    of the whole sequence, prompt included: a prompt ending in "\n" stops at the
+    first generated "\n" when the stop is "\n\n". Looking only past the prompt
+    avoids that premature stop.
+    """
+
+    def __init__(self, tokenizer, stops: list[str], prompt_len: int):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        done = [any(s in t for s in self.stops) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -586,14 +607,18 @@ def generate(
 
     Prompts are tokenized with the contract above and left-padded explicitly
     (generation appends on the right, so real tokens must end every row);
-    ``generate`` derives position ids from the attention mask. Returns one str
-    per prompt, in input order, never containing any of ``stop``.
+    ``generate`` derives position ids from the attention mask. A row stops once
+    its generated text (prompt excluded) contains a stop string, at EOS, or
+    after ``max_new_tokens``. Returns one str per prompt, in input order, cut
+    before the first stop string (so never containing one).
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     prompts = list(prompts)
     if not prompts:
         return []
+    if isinstance(stop, str):
+        stop = (stop,)
     stop = [s for s in stop if s]
     device = model.get_output_embeddings().weight.device
     enc = [encode_segments(tokenizer, p) for p in prompts]
@@ -612,7 +637,6 @@ def generate(
         pad_token_id=pad_id,
         eos_token_id=eos,
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
-        stop_strings=list(stop) or None,
     )
     out: list[str | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda k: -len(enc[k]))
@@ -624,11 +648,12 @@ def generate(
         for r, k in enumerate(idx):
             ids[r, L - len(enc[k]) :] = torch.tensor(enc[k], dtype=torch.long)
             mask[r, L - len(enc[k]) :] = 1
+        criteria = StoppingCriteriaList([_StopInGenerated(tokenizer, stop, L)] if stop else [])
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             generation_config=gcfg,
-            tokenizer=tokenizer,
+            stopping_criteria=criteria,
         )
         for r, k in enumerate(idx):
             text = tokenizer.decode(gen[r, L:], skip_special_tokens=True)

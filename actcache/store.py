@@ -231,12 +231,17 @@ class Store:
         with _open_h5(self.h5_path) as f:
             return int(f[array_name(a.mask, a.component, a.layer, a.pooling)].shape[1])
 
+    @property
+    def task_name(self) -> str:
+        d = self.config.get("data", {})
+        return Path(d["path"]).stem if d.get("path") else str(d.get("task"))
+
     def info(self) -> dict:
         """A JSON-able summary: key, task, model, sizes, arrays and provenance."""
         return {
             "key": self.key,
             "path": str(self.dir),
-            "task": self.config.get("data", {}).get("task"),
+            "task": self.task_name,
             "model": self.provenance.get("model", {}).get("model"),
             "n_pool": int(len(self.pool_rows)),
             "n_eval": int(len(self.eval_rows)),

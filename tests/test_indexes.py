@@ -106,8 +106,10 @@ def test_zero_vector_and_nonfinite():
 
 @pytest.fixture(scope="module")
 def recall_data():
-    x, c = clustered(20_000, 64, seed=10, n_clusters=500)
-    q, _ = clustered(300, 64, seed=11, centers=c)
+    # noise 1.2 at d=64 is hard enough that weak settings (nprobe=1, ef_search=1)
+    # fall well below 0.95, so the threshold below means something.
+    x, c = clustered(20_000, 64, seed=10, n_clusters=200, noise=1.2)
+    q, _ = clustered(300, 64, seed=11, centers=c, noise=1.2)
     _, R = exact_search(x, q, 10, "cosine")
     return x, q, R
 
@@ -125,7 +127,7 @@ def test_default_recall(recall_data, kind):
     else:
         v.ef_search = 1
     _, I1 = v.search(q, 10)
-    assert recall_at(I1, R) < r
+    assert recall_at(I1, R) < 0.95, "recall check is not discriminative on this data"
 
 
 @pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16"])
