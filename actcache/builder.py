@@ -65,7 +65,7 @@ class BuildConfig:
     poolings: tuple[str, ...] = POOLINGS
     masks: tuple[str, ...] = MASKS
     span: str = "full"
-    max_length: int = 256
+    max_length: int = 384
     batch_size: int = 16
     store_dtype: str = "float16"
     context_k: int = 4
@@ -151,8 +151,8 @@ def _plan(ds: Dataset, tok, cfg: BuildConfig) -> _Plan:
     ctx = _context_demos(ds, cfg.context_k, cfg.context_seed) if "in-context" in cfg.masks else []
     bos = encode_segments(tok, [])
     ctx_ids = encode_segments(tok, prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else bos
-    if len(ctx_ids) > cfg.max_length // 2:
-        raise ConfigError(f"the in-context prefix is {len(ctx_ids)} tokens, over half of "
+    if len(ctx_ids) > cfg.max_length - 32:
+        raise ConfigError(f"the in-context prefix is {len(ctx_ids)} tokens, leaving under 32 of "
                           f"--max-length {cfg.max_length}; lower --context-k or raise --max-length")
     seqs: dict = {m: [] for m in MASKS}
     spans: dict = {m: [] for m in MASKS}
@@ -386,7 +386,7 @@ def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Pla
             "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
             "store_dtype": cfg.store_dtype, "masks": masks,
             "in_context": {"k": cfg.context_k, "seed": cfg.context_seed, "demo_ids": plan.context_ids,
-                           "prefix": plan.context_text},
+                           "prefix": plan.context_text} if plan.context_ids or "in_context" not in old_prov else old_prov["in_context"],
             "poolings": sorted(set(old_prov.get("poolings", [])) | {a.pooling for a in arrays}),
             "versions": _versions(), "format_version": FORMAT_VERSION,
             "created": old_prov.get("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),

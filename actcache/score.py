@@ -440,7 +440,7 @@ def score_options(
 
     body = _body(model)
     head = _Head(model)
-    device = head.weight.device
+    device = model.get_input_embeddings().weight.device  # inputs go where the embedding lives
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fast = shared and all(len(c) == 1 for c in per_prompt_opts[0])
 
@@ -492,9 +492,10 @@ def score_options(
             hidden[k] = h
 
     scores = np.full((len(prompts), n_opt), -np.inf, dtype=np.float64)
+    hdev = head.weight.device
     if fast:
-        label_ids = torch.tensor([c[0] for c in per_prompt_opts[0]], dtype=torch.long, device=device)
-        H = torch.cat([h for h in hidden], dim=0)  # (n_prompts, hidden), request k == prompt k
+        label_ids = torch.tensor([c[0] for c in per_prompt_opts[0]], dtype=torch.long, device=hdev)
+        H = torch.cat([h.to(hdev) for h in hidden], dim=0)  # (n_prompts, hidden); request k == prompt k
         lp = head.logits_rows(H, label_ids)
         if normalize == "labels":
             lp = torch.log_softmax(lp, dim=-1)
@@ -502,8 +503,8 @@ def score_options(
             lp = lp - head.logsumexp(H)[:, None]
         return lp.double().cpu().numpy()
 
-    H = torch.cat([h for h in hidden], dim=0)  # (total option tokens, hidden)
-    tgt = torch.tensor([t for r in reqs for t in r[4]], dtype=torch.long, device=device)
+    H = torch.cat([h.to(hdev) for h in hidden], dim=0)  # (total option tokens, hidden)
+    tgt = torch.tensor([t for r in reqs for t in r[4]], dtype=torch.long, device=hdev)
     tok_lp = (head.logits_pointwise(H, tgt) - head.logsumexp(H)).double().cpu().numpy()
     off = 0
     for i, j, _, _, c in reqs:
@@ -620,7 +621,7 @@ def generate(
     if isinstance(stop, str):
         stop = (stop,)
     stop = [s for s in stop if s]
-    device = model.get_output_embeddings().weight.device
+    device = model.get_input_embeddings().weight.device
     enc = [encode_segments(tokenizer, p) for p in prompts]
     pad_id = tokenizer.pad_token_id
     if pad_id is None:

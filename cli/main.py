@@ -102,7 +102,7 @@ def build(
     pooling: str = typer.Option("mean,last", help="Any of mean, last."),
     masks: str = typer.Option("isolated,in-context,label-masked,sink-masked", help="Masking strategies (see README)."),
     span: str = typer.Option("full", help="Pool over 'full' (input plus label) or 'input' only."),
-    max_length: int = typer.Option(256, help="Maximum tokens per sequence; longer inputs lose their start, recorded per example."),
+    max_length: int = typer.Option(384, help="Maximum tokens per sequence; longer inputs lose their start, recorded per example."),
     batch_size: int = typer.Option(16, help="Examples per forward batch."),
     store_dtype: str = typer.Option("float16", help="float16 or float32 for stored activations."),
     context_k: int = typer.Option(4, help="Demonstrations in the in-context mask's prefix."),
@@ -169,3 +169,114 @@ def info(key: str = typer.Argument(..., help="Build key or unique prefix."),
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+@app.command("query")
+@handle_errors
+def query_cmd(
+    key: str = typer.Argument(..., help="Build key or unique prefix."),
+    component: str = typer.Option("mlp", help="resid, mlp or attn."),
+    layer: int = typer.Option(-1, help="Model layer; negatives count from the end of the build's layers."),
+    pooling: str = typer.Option("mean", help="mean or last."),
+    mask: str = typer.Option("label-masked", help="isolated, in-context, label-masked or sink-masked."),
+    k: Optional[int] = typer.Option(None, "--k", help="Neighbours per input (default 4; per class with --balanced). "
+                                                      "With --strategy vote-k: graph degree (default 10)."),
+    balanced: bool = typer.Option(False, "--balanced", help="k neighbours from every class."),
+    exclude_self: bool = typer.Option(True, "--exclude-self/--no-exclude-self",
+                                      help="Drop pool items with the input's id or exact text."),
+    input_: Optional[str] = typer.Option(None, "--input", help="New inputs: a text file (one per line), a JSONL "
+                                                               "file, or - for stdin. Default: the build's eval rows."),
+    text_field: str = typer.Option("text", help="JSONL field holding the text (one-field templates)."),
+    out: Optional[str] = typer.Option(None, help="Output JSONL; - for stdout. Default neighbors.jsonl "
+                                                 "(selection.jsonl with --strategy)."),
+    strategy: Optional[str] = typer.Option(None, help="Run a selection strategy instead: random, knn, vote-k, "
+                                                      "k-center, kmeans, stat, embed-knn."),
+    budget: Optional[int] = typer.Option(None, help="Examples a subset strategy picks."),
+    seed: int = typer.Option(0, help="Seed of the strategy."),
+    stat: str = typer.Option("kurt", help="--strategy stat: mean, var, skew, kurt, max_abs, max_over_median."),
+    order: str = typer.Option("high", help="--strategy stat: rank 'high' or 'low' values first."),
+    store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root."),
+):
+    """Nearest pool examples of each eval row or new text (JSONL), or a demonstration-selection strategy."""
+    import inspect
+
+    from actcache.query import QueryConfig, query, write_jsonl
+
+    to_stdout = out == "-"
+    say = functools.partial(typer.echo, err=to_stdout)
+    if strategy is None:
+        cfg = QueryConfig(key=key, home=store, component=component, layer=layer, pooling=pooling, mask=mask,
+                          k=4 if k is None else k, balanced=balanced, exclude_self=exclude_self,
+                          source=input_ or "eval", text_field=text_field)
+        with progress_bar() as cb:
+            recs = query(cfg, progress=cb)
+        write_jsonl(recs, sys.stdout if to_stdout else (out or "neighbors.jsonl"))
+        r = recs.report
+        say(f"wrote {len(recs)} records to {'stdout' if to_stdout else out or 'neighbors.jsonl'} "
+            f"({r['array']}, k={cfg.k}{' per class' if balanced else ''}; {r['forward_batches']} forward "
+            f"batches{', cached activations' if r['cache_hit'] else ''})")
+        return
+    from actcache.select import STRATEGIES, select
+    from actcache.store import Store
+
+    st = Store.open(key, store)
+    wanted = {"component": component, "layer": layer, "pooling": pooling, "mask": mask, "balanced": balanced,
+              "exclude_self": exclude_self, "source": input_ or "eval", "text_field": text_field,
+              "stat": stat, "order": order}
+    fn = STRATEGIES.get(strategy)
+    opts = {n: v for n, v in wanted.items() if fn is not None and n in inspect.signature(fn).parameters}
+    with progress_bar() as cb:
+        sel = select(st, strategy, budget=budget, k=k, seed=seed, progress=cb, **opts)
+    recs = sel.to_records()
+    dest = out or "selection.jsonl"
+    write_jsonl(recs, sys.stdout if to_stdout else dest)
+    what = f"{len(sel.per_query)} test inputs" if sel.per_query is not None else f"{len(sel.ids)} pool ids"
+    fb = sel.params.get("forward_batches", 0)
+    say(f"wrote {len(recs)} records ({what}, strategy {strategy}) to {'stdout' if to_stdout else dest}; "
+        f"{fb} forward batches")
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    key: str = typer.Argument("last", help="Build key, unique prefix, or 'last'."),
+    n_candidates: int = typer.Option(120, help="Pool candidates in the 1-shot quality matrix."),
+    n_probes: int = typer.Option(40, help="Eval probes in the quality matrix."),
+    n_eval: int = typer.Option(100, help="Eval inputs in the selection experiment."),
+    k: int = typer.Option(4, help="Demonstrations per prompt in the selection experiment."),
+    seeds: str = typer.Option("0,1,2", help="Seeds for the selection experiment."),
+    strategies: str = typer.Option("random,knn,vote-k,k-center,kmeans,stat,embed-knn", help="Selection strategies."),
+    knn_layers: str = typer.Option("auto", help="Layers for knn ('auto' = first, middle, last)."),
+    quality: str = typer.Option("margin", help="Pair score: margin (gold log-prob margin) or correct."),
+    quality_def: str = typer.Option("mean", help="Candidate quality: mean, gain (over zero-shot) or balanced."),
+    dtype: Optional[str] = typer.Option(None, help="Scoring dtype (default: the build's); bfloat16 is fast on AMX CPUs."),
+    n_boot: int = typer.Option(200, help="Bootstrap resamples for CIs."),
+    batch_size: int = typer.Option(16, help="Prompts per forward batch."),
+    out: str = typer.Option("actcache-report", help="Output directory for report.md, CSVs and plots."),
+    store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root."),
+):
+    """Score ICL on a build: quality matrix, correlation study (raw and label-controlled), selection experiment."""
+    from actcache.report import headline, summary_lines
+    from actcache.study import EvalConfig, evaluate as run_eval, resolve_key
+
+    cfg = EvalConfig(key=resolve_key(key, store), home=store, n_candidates=n_candidates, n_probes=n_probes,
+                     n_eval=n_eval, k=k, seeds=tuple(int(s) for s in _split(seeds)),
+                     strategies=_split(strategies), knn_layers=knn_layers, quality=quality,
+                     quality_def=quality_def, dtype=dtype, n_boot=n_boot, batch_size=batch_size, out=out)
+    with progress_bar() as cb:
+        res = run_eval(cfg, progress=cb)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{res['task']}: zero-shot vs {k}-shot accuracy on {res['sizes']['n_eval']} eval inputs "
+                    f"({res['sizes']['n_candidates']} candidates x {res['sizes']['n_probes']} probes in the study)")
+    head, *rows = headline(res)
+    for h in head:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*r)
+    con = Console()
+    con.print(t)
+    for line in summary_lines(res):
+        con.print(line)
+    con.print(f"report: {res['out']}/report.md  plots: {res['out']}/*.png  ({res['seconds']} s)")

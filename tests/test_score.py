@@ -40,6 +40,16 @@ SINGLE = [" the", " a", " False", "x"]  # one token each with the conftest token
 MULTI = [" positive", " negative", " False"]  # 5, 4 and 1 tokens
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box
+    thread hand-offs make each forward ~30x slower; restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer()
@@ -125,6 +135,16 @@ def test_general_path_matches_reference(arch, tok, models):
     assert not np.allclose(got_ln, ref, atol=1e-3)  # normalization actually did something
 
 
+@pytest.mark.parametrize("options", [SINGLE, MULTI], ids=["fast", "general"])
+def test_final_logit_softcapping(options, tok, models, monkeypatch):
+    """Gemma-2/3 style soft-capping must be applied to the selected rows as the model does."""
+    model = models["gemma3"]
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 0.5)  # strong cap: large effect
+    prompts = [[q] for q in QUERIES[:2]] + matrix_prompts()[1:2]
+    ref = reference(model, tok, prompts, options)
+    np.testing.assert_allclose(score_options(model, tok, prompts, options), ref, atol=TOL, rtol=0)
+
+
 def test_per_prompt_ragged_options(tok, models):
     model = models["llama"]
     prompts = [[QUERIES[0]], [DEMOS[0], QUERIES[1]], [QUERIES[2]]]
@@ -208,6 +228,30 @@ def test_reuse_prefix_window_boundary_gemma3(tok, models):
     a = score_options(model, tok, prompts, MULTI, reuse_prefix=True, batch_size=5)
     b = score_options(model, tok, prompts, MULTI, reuse_prefix=False, batch_size=1)
     np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_reuse_prefix_hybrid_gemma3(attn, tok):
+    """Real Gemma-3 mixes sliding and full layers (conftest's tiny one is all sliding)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation=attn,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert model.config._attn_implementation == attn
+    prompts = matrix_prompts()[:6]
+    ref = reference(model, tok, prompts, MULTI)
+    for options, want in ((MULTI, ref), (SINGLE, None)):
+        a = score_options(model, tok, prompts, options, reuse_prefix=True, batch_size=4)
+        b = score_options(model, tok, prompts, options, reuse_prefix=False, batch_size=1)
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
+        if want is not None:
+            np.testing.assert_allclose(a, want, atol=TOL, rtol=0)
 
 
 # --------------------------------------------------------------------------- #

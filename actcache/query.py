@@ -1,0 +1,559 @@
+"""`actcache query`: k nearest pool examples of test inputs, from a finished build.
+
+Test inputs are either the build's own eval rows (`source="eval"`: their stored
+vectors are used, no model is loaded) or new texts from a file or stdin, which
+are encoded with the build's exact model, tokenizer, template, mask, pooling,
+dtype and device, and cached under `<build>/queries/` so that asking again runs
+no forward pass.
+
+Why `mask="label-masked"` by default: a pool row's vector under the isolated mask
+pools over its label tokens too (`span="full"`), while a test input has no label.
+Under `label-masked` both are pooled over the input tokens only, so a test
+vector and a pool vector are computed the same way and comparable.
+
+Output format (one JSON object per line, one line per test input, UTF-8)::
+
+    {
+      "test_id":    "x0",                 # eval id; the "id" field of a JSONL input;
+                                          # else "input-<line number from 0>"
+      "test_text":  "Review: ...\\nSentiment:",   # the templated prompt the model saw
+      "test_label": 1,                    # int class of an eval row; null for new texts
+      "neighbors": [                      # best first; at most k (k per class if balanced)
+        {"id": "x7", "score": 0.93, "text": "Review: ...\\nSentiment:", "label": 0, "rank": 0},
+        ...
+      ],
+      "metric":     "cosine",             # scores: higher is more similar
+      "array":      "mlp/L17/mean/label-masked",   # component/L<layer>/pooling/mask
+      "build_key":  "3f2a...",            # full key of the build queried
+      "config":     {...},                # the QueryConfig (minus `home`), as JSON
+      "k":          4
+    }
+
+Neighbours are pool examples only. With `exclude_self` (default) a pool example
+whose id, or whose exact templated text, equals the test input's is never
+returned (eval and pool can share texts under different ids; a new-text file
+may repeat pool texts). Fewer than k neighbours are listed only when
+exclusion leaves fewer than k candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import ConfigError, DatasetError, MismatchError, StoreError
+from .store import ArrayId, Store, array_name
+
+Progress = Callable[[str, int, int], None]
+
+__all__ = ["QueryConfig", "QueryRecords", "Inputs", "query", "write_jsonl", "resolve_layer",
+           "load_inputs", "encode_texts", "exclusion_matrix", "knn_search"]
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """What `query` does. Frozen; `to_json()` is what every output record carries.
+
+    key: build key or unique prefix (>= 6 characters).
+    home: store root (None: $ACTCACHE_HOME or ~/.cache/actcache).
+    component/layer/pooling/mask: the pooled array to compare in. `layer` is a
+        model layer number; negatives count from the end of the build's layers
+        (-1 = the deepest layer the build holds).
+    k: neighbours per test input (per class when `balanced`).
+    balanced: k neighbours from every pool class, merged best first.
+    exclude_self: drop pool items whose id or exact templated text equals the input's.
+    source: "eval" (the build's eval rows), a path to a text file (one input per
+        line) or JSONL file (objects), or "-" for stdin (JSONL if its first
+        non-blank line starts with "{", else one text per line).
+    text_field: JSONL field holding the text, for a single-field template.
+        Multi-field templates need every template field in each JSONL object.
+    out: where `query` writes the JSONL records (None: only return them).
+    """
+
+    key: str
+    home: str | None = None
+    component: str = "mlp"
+    layer: int = -1
+    pooling: str = "mean"
+    mask: str = "label-masked"
+    k: int = 4
+    balanced: bool = False
+    exclude_self: bool = True
+    source: str = "eval"
+    text_field: str = "text"
+    out: str | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("home", None)  # machine-specific; the build key identifies the data
+        return d
+
+
+class QueryRecords(list):
+    """The list of output records, plus `.report`: dict(build_key, array, n_queries,
+    forward_batches, cache_hit, out, seconds)."""
+
+    report: dict
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Test inputs. `texts` are templated prompts (what the model sees), (q,) object array."""
+
+    ids: np.ndarray  # (q,) object, str
+    texts: np.ndarray  # (q,) object, str
+    labels: list  # int or None per input
+    ids_given: bool  # whether ids came from the user/build (then they take part in exclusion)
+    new: bool  # True: texts not in the build, they must be encoded
+
+
+# --------------------------------------------------------------------------- layers, inputs
+
+
+def _model_n_layers(store: Store) -> int | None:
+    """Decoder layer count from the resolved model directory's config.json, if on disk."""
+    resolved = store.provenance.get("model", {}).get("resolved")
+    if not resolved:
+        return None
+    cfg_path = Path(resolved) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for c in (cfg, cfg.get("text_config") or {}):
+        for name in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(c.get(name), int):
+                return int(c[name])
+    return None
+
+
+def resolve_layer(store: Store, layer: int) -> int:
+    """A non-negative model layer number for `layer`.
+
+    Non-negative: used as is. Negative: counts from the end of the build's
+    layers (`store.layers[layer]`), so -1 is the deepest layer the build holds;
+    for a build of all layers this is the same as counting from the model's end.
+    Raises StoreError (what to build) when the layer is not in the build.
+    """
+    layer = int(layer)
+    have = store.layers
+    if layer < 0:
+        if -layer > len(have):
+            raise StoreError(f"layer {layer} does not exist: build {store.key[:12]} holds "
+                             f"{len(have)} layers {have}; pass one of them or rebuild with more --layers")
+        return have[layer]
+    if layer not in have:
+        n = _model_n_layers(store)
+        extra = f" (the model has {n} layers)" if n else ""
+        raise StoreError(f"build {store.key[:12]} has no layer {layer}{extra}; it holds {have}. Rebuild "
+                         f"with it added, e.g. `actcache build ... --layers {layer}` computes only what is missing")
+    return layer
+
+
+def _task(store: Store):
+    from .data import Task
+
+    t = store.provenance["data"]["task"]
+    return Task(store.task_name, t["kind"], t["template"], tuple(t["label_words"]), t["instruction"])
+
+
+def template_fields(template: str) -> list[str]:
+    """Field names of a str.format template, in order, without repeats."""
+    out: list[str] = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None and name not in out:
+            out.append(name)
+    return out
+
+
+def _read_source(source: str) -> tuple[list[str], bool, str]:
+    """Lines of the input, whether they are JSONL, and a name for messages."""
+    if source == "-":
+        text = sys.stdin.read()
+        lines = text.splitlines()
+        first = next((ln for ln in lines if ln.strip()), "")
+        return lines, first.lstrip().startswith("{"), "stdin"
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"input file {path} does not exist; pass --input FILE (.txt or .jsonl), "
+                           f"'-' for stdin, or leave it out to query the build's eval rows")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = next((ln for ln in lines if ln.strip()), "")
+    is_jsonl = path.suffix in (".jsonl", ".json", ".ndjson") or first.lstrip().startswith("{")
+    return lines, is_jsonl, str(path)
+
+
+def load_inputs(store: Store, source: str = "eval", text_field: str = "text") -> Inputs:
+    """The test inputs of a query: the build's eval rows or new texts, templated.
+
+    New texts fill the build's template: a one-field template takes each plain
+    text line, or a JSONL object's `text_field` (or that template field); a
+    multi-field template needs a JSONL object with all its fields. A JSONL
+    "id" becomes the test id (and excludes the pool item of that id).
+
+    Raises DatasetError for a missing or empty input, or missing fields.
+    """
+    if source == "eval":
+        rows = store.eval_rows
+        return Inputs(np.asarray(store.ids[rows], dtype=object), np.asarray(store.texts[rows], dtype=object),
+                      [int(x) for x in store.labels[rows]], True, False)
+    from .data import Example
+
+    task = _task(store)
+    fields = template_fields(task.template)
+    lines, is_jsonl, name = _read_source(source)
+    ids, texts, given = [], [], False
+    n = 0
+    for lineno, line in enumerate(lines):
+        if not line.strip():
+            continue
+        if is_jsonl:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{name} line {lineno + 1} is not valid JSON ({e.msg}); "
+                                   f"give one JSON object per line") from None
+            if isinstance(obj, str):
+                obj = {text_field: obj}
+            if not isinstance(obj, dict):
+                raise DatasetError(f"{name} line {lineno + 1} is not a JSON object; give one object per line")
+            if len(fields) == 1:
+                f0 = fields[0]
+                if text_field in obj:
+                    vals = {f0: str(obj[text_field])}
+                elif f0 in obj:
+                    vals = {f0: str(obj[f0])}
+                else:
+                    raise DatasetError(f"{name} line {lineno + 1} has no field {text_field!r} (nor the "
+                                       f"template's {f0!r}); available: {sorted(obj)}. Pass --text-field")
+            else:
+                missing = [f for f in fields if f not in obj]
+                if missing:
+                    raise DatasetError(f"{name} line {lineno + 1} lacks template field(s) {missing}; the "
+                                       f"build's template {task.template!r} needs {fields} in every object")
+                vals = {f: str(obj[f]) for f in fields}
+            if "id" in obj:
+                given = True
+            ids.append(str(obj["id"]) if "id" in obj else f"input-{n}")
+        else:
+            if len(fields) != 1:
+                raise DatasetError(f"the build's template {task.template!r} has fields {fields}; plain text "
+                                   f"lines can fill only one. Pass a JSONL file with those fields per object")
+            vals = {fields[0]: line}
+            ids.append(f"input-{n}")
+        texts.append(task.query_text(Example(ids[-1], tuple(vals.items()), -1)))
+        n += 1
+    if not texts:
+        raise DatasetError(f"{name} holds no inputs; give at least one non-empty line")
+    if len(set(ids)) != len(ids) and given:
+        raise DatasetError(f"{name}: the 'id' values are not unique; give each input its own id")
+    return Inputs(np.asarray(ids, dtype=object), np.asarray(texts, dtype=object), [None] * len(texts),
+                  given, True)
+
+
+# --------------------------------------------------------------------------- encoding new texts
+
+
+def _cache_path(store: Store, texts, a: ArrayId) -> Path:
+    h = hashlib.sha256(json.dumps({"key": store.key, "array": str(a), "texts": list(texts)},
+                                  ensure_ascii=False).encode()).hexdigest()
+    return store.dir / "queries" / f"{h}.npz"
+
+
+def _context_segments(store: Store, task) -> list[str]:
+    """The in-context prefix as the builder tokenized it: one segment per demo.
+
+    The builder tokenizes segments separately, so re-tokenizing the stored
+    prefix string would not give the same ids; the segments are rebuilt from the
+    stored demo ids and checked against the stored prefix text.
+    """
+    ic = store.provenance.get("in_context") or {}
+    demo_ids = list(ic.get("demo_ids") or [])
+    if not demo_ids:
+        if int(ic.get("k", 0) or 0) > 0:
+            raise MismatchError(f"build {store.key[:12]} records no in-context demonstrations although "
+                                f"context_k={ic.get('k')}; rerun `actcache build` with --masks in-context")
+        return []
+    row_of = {i: r for r, i in enumerate(store.ids)}
+    missing = [d for d in demo_ids if d not in row_of]
+    if missing:
+        raise MismatchError(f"in-context demonstrations {missing} are not in build {store.key[:12]}; rebuild it")
+    segs = [task.instruction + "\n\n"] if task.instruction else []
+    segs += [str(store.demos[row_of[d]]) + "\n\n" for d in demo_ids]
+    if "".join(segs) != ic.get("prefix", ""):
+        raise MismatchError(f"build {store.key[:12]}: the stored in-context prefix does not match its "
+                            f"demonstrations; rebuild it")
+    return segs
+
+
+def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, mask: str,
+                 progress: Progress | None = None) -> tuple[np.ndarray, dict]:
+    """Pooled activations of new texts, computed exactly as the build computed eval rows.
+
+    Args:
+        store: the build whose model, tokenizer, max_length, batch size, context
+            prefix, dtype and device are used.
+        texts: (q,) templated prompts (see `load_inputs`).
+        component, layer, pooling, mask: the array (layer non-negative).
+
+    Returns:
+        ((q, d) float32, report) where the values are rounded through the stored
+        array's dtype (float16 by default) so that they compare like stored rows,
+        and report = dict(forward_batches, cache_hit, cache).
+
+    Raises MismatchError if the loaded model or tokenizer differs from the build's.
+    """
+    a = ArrayId(component, int(layer), pooling, mask)
+    store._check(a)
+    texts = [str(t) for t in texts]
+    path = _cache_path(store, texts, a)
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                arr = z["acts"]
+            if arr.shape[0] == len(texts):
+                return arr.astype(np.float32, copy=False), {"forward_batches": 0, "cache_hit": True,
+                                                            "cache": str(path)}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: recompute and overwrite it
+    from .builder import _batches, _continuation, _save_npz, encode_segments
+    from .capture import Capture, make_batch, sink_masks
+    from .models import ModelSpec, load_model
+    from .store import _open_h5
+
+    home = store.dir.parent.parent  # <home>/builds/<key>: models resolve under the same store root
+    lm = load_model(ModelSpec(**store.config["model"]), home)
+    built = store.provenance.get("model", {})
+    for field in ("weights_sha256", "tokenizer_sha256"):
+        if built.get(field) and lm.provenance.get(field) != built.get(field):
+            raise MismatchError(f"model {built.get('model')!r} now has {field} "
+                                f"{str(lm.provenance.get(field))[:12]}, but build {store.key[:12]} was made "
+                                f"with {str(built.get(field))[:12]}; restore the original model files or "
+                                f"build again with this model")
+    tok, model = lm.tokenizer, lm.model
+    task = _task(store)
+    max_length = int(store.config.get("max_length", store.provenance.get("max_length", 256)))
+    batch_size = int(store.config.get("batch_size", 16))
+    bos = encode_segments(tok, [])
+    pre = bos
+    if mask == "in-context":
+        segs = _context_segments(store, task)
+        pre = encode_segments(tok, segs) if segs else bos
+    seqs, spans = [], []
+    for t in texts:
+        # Mirrors builder._plan for an eval row: no target; keep the end of the input.
+        q = _continuation(tok, t)
+        room = max_length - len(pre)
+        qq = q[-room:]
+        seqs.append(pre + qq)
+        spans.append((len(pre), len(pre) + len(qq)))
+    cap = Capture(model, [int(layer)], [component], [pooling], stats=False)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    device = next(model.parameters()).device
+    batches = _batches([len(s) for s in seqs], batch_size)
+    out = None
+    for bi, rows in enumerate(batches):
+        if progress:
+            progress("query encode", bi, len(batches))
+        batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad, device)
+        attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
+        cap.run(batch, attention_mask=attn)
+        v = cap.pooled[(component, int(layer), pooling)]
+        if out is None:
+            out = np.empty((len(texts), v.shape[1]), dtype=np.float32)
+        out[rows] = v
+    if progress:
+        progress("query encode", len(batches), len(batches))
+    with _open_h5(store.h5_path) as f:
+        stored_dt = f[array_name(mask, component, int(layer), pooling)].dtype
+    if stored_dt == np.float16 and np.abs(out).max() <= np.finfo(np.float16).max:
+        out = out.astype(np.float16).astype(np.float32)  # compare like the stored rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_npz(path, {"acts": out})
+    return out, {"forward_batches": len(batches), "cache_hit": False, "cache": str(path)}
+
+
+# --------------------------------------------------------------------------- exclusion and search
+
+
+def _match_matrix(pool_keys: np.ndarray, query_keys: np.ndarray) -> np.ndarray:
+    """(q, m) int64: for each query, every pool position whose key equals it, padded -1.
+
+    Vectorised: both key sets share integer codes from one np.unique, pool
+    positions are grouped by code with a stable argsort, and each query's
+    group is found with searchsorted; no Python loop over queries.
+    """
+    n, q = len(pool_keys), len(query_keys)
+    if n == 0 or q == 0:
+        return np.full((q, 0), -1, dtype=np.int64)
+    allk = np.concatenate([np.asarray(pool_keys, dtype=object), np.asarray(query_keys, dtype=object)])
+    _, inv = np.unique(allk, return_inverse=True)
+    inv = inv.reshape(-1)
+    pcode, qcode = inv[:n], inv[n:]
+    order = np.argsort(pcode, kind="stable")
+    sc = pcode[order]
+    lo = np.searchsorted(sc, qcode, side="left")
+    cnt = np.searchsorted(sc, qcode, side="right") - lo
+    m = int(cnt.max())
+    if m == 0:
+        return np.full((q, 0), -1, dtype=np.int64)
+    cols = np.arange(m)
+    take = np.minimum(lo[:, None] + cols, n - 1)
+    return np.where(cols < cnt[:, None], order[take], -1).astype(np.int64)
+
+
+def exclusion_matrix(store: Store, inputs: Inputs) -> np.ndarray:
+    """(q, m) int64 pool positions (indices into `store.pool_rows`) to exclude per
+    input: same id (when ids are given) or identical templated text; -1 padded."""
+    rows = store.pool_rows
+    parts = [_match_matrix(store.texts[rows], inputs.texts)]
+    if inputs.ids_given:
+        parts.append(_match_matrix(store.ids[rows], inputs.ids))
+    return np.concatenate(parts, axis=1) if parts else np.full((len(inputs.texts), 0), -1, np.int64)
+
+
+def knn_search(index, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
+               labels: np.ndarray | None = None, pool_vectors: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Batched top-k over the pool, optionally k per class.
+
+    Args:
+        index: a `indexes.VectorIndex` over the pool (ids = pool positions).
+        queries: (q, d) float32.
+        k: results per query (per class when `labels` is given).
+        exclude: (q, m) int64 pool positions to drop per query, -1 padded.
+        labels: (n_pool,) int; when given, search each class's pool subset
+            exactly (a flat sub-index per class, one batched search each) and
+            merge best first.
+        pool_vectors: (n_pool, d) vectors for the per-class sub-indexes.
+
+    Returns:
+        (scores (q, K) float32, positions (q, K) int64), best first; -1 / -inf
+        where exclusion left fewer candidates. K = k, or k * n_classes.
+    """
+    if labels is None:
+        return index.search(queries, k, exclude=exclude)
+    from indexes import IndexSpec, VectorIndex
+
+    classes = np.unique(labels)
+    n = len(labels)
+    all_s, all_i = [], []
+    for c in classes:
+        sub = np.flatnonzero(labels == c)
+        sub_idx = VectorIndex.build(pool_vectors[sub], IndexSpec(kind="flat", metric=index.spec.metric))
+        ex = None
+        if exclude is not None and exclude.size:
+            g2l = np.full(n + 1, -1, dtype=np.int64)  # slot n absorbs the -1 padding
+            g2l[sub] = np.arange(len(sub))
+            ex = g2l[np.where(exclude >= 0, exclude, n)]
+        s, i = sub_idx.search(queries, k, exclude=ex)
+        all_s.append(s)
+        all_i.append(np.where(i >= 0, sub[np.maximum(i, 0)], -1))
+    S = np.concatenate(all_s, axis=1)
+    I = np.concatenate(all_i, axis=1)
+    # Best first across classes; ties keep class order (stable).
+    order = np.argsort(-S, axis=1, kind="stable")
+    return np.take_along_axis(S, order, axis=1), np.take_along_axis(I, order, axis=1)
+
+
+# --------------------------------------------------------------------------- query
+
+
+def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
+    """Nearest pool examples of every test input (see the module docstring for the records).
+
+    All inputs go through one batched index search (one per class when
+    `balanced`). New texts are encoded once and cached; `.report` on the
+    result says how many forward batches ran (0 on a repeat).
+
+    Raises StoreError (missing build, layer or component, or index), MismatchError
+    (index or model not of this build), ConfigError (k too large, bad option),
+    DatasetError (missing/empty input).
+    """
+    t0 = time.time()
+    if int(cfg.k) < 1:
+        raise ConfigError(f"--k must be at least 1, got {cfg.k}")
+    store = Store.open(cfg.key, cfg.home)
+    layer = resolve_layer(store, cfg.layer)
+    a = ArrayId(cfg.component, layer, cfg.pooling, cfg.mask)
+    store._check(a)
+    n_pool = len(store.pool_rows)
+    pool_labels = store.labels[store.pool_rows]
+    if cfg.balanced:
+        classes, counts = np.unique(pool_labels, return_counts=True)
+        if cfg.k > counts.min():
+            c = int(classes[np.argmin(counts)])
+            raise ConfigError(f"--k {cfg.k} per class is larger than class {c}'s {int(counts.min())} pool "
+                              f"examples; use --k {int(counts.min())} or less, or drop --balanced")
+    elif cfg.k > n_pool:
+        raise ConfigError(f"--k {cfg.k} is larger than the pool of {n_pool} examples; use --k {n_pool} or less")
+    index = store.index(a.component, a.layer, a.pooling, a.mask)
+    inputs = load_inputs(store, cfg.source, cfg.text_field)
+    enc = {"forward_batches": 0, "cache_hit": None}
+    if inputs.new:
+        Q, enc = encode_texts(store, inputs.texts, a.component, a.layer, a.pooling, a.mask, progress)
+    else:
+        Q = store.acts(a.component, a.layer, a.pooling, a.mask, split="eval")
+    ex = exclusion_matrix(store, inputs) if cfg.exclude_self else None
+    if progress:
+        progress("query search", 0, 1)
+    if cfg.balanced:
+        P = store.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
+        S, I = knn_search(index, Q, cfg.k, ex, labels=pool_labels, pool_vectors=P)
+    else:
+        S, I = knn_search(index, Q, cfg.k, ex)
+    if progress:
+        progress("query search", 1, 1)
+    recs = QueryRecords(_records(store, inputs, S, I, a, cfg, index.spec.metric))
+    recs.report = {"build_key": store.key, "array": str(a), "n_queries": len(recs),
+                   "forward_batches": enc["forward_batches"], "cache_hit": enc["cache_hit"],
+                   "out": None, "seconds": None}
+    if cfg.out:
+        write_jsonl(recs, cfg.out)
+        recs.report["out"] = str(cfg.out)
+    recs.report["seconds"] = round(time.time() - t0, 3)
+    return recs
+
+
+def _records(store: Store, inputs: Inputs, S, I, a: ArrayId, cfg: QueryConfig, metric: str) -> list[dict]:
+    rows = store.pool_rows
+    conf = cfg.to_json()
+    out = []
+    for qi in range(len(inputs.texts)):
+        nb = []
+        for pos, sc in zip(I[qi], S[qi]):
+            if pos < 0:
+                continue
+            r = int(rows[pos])
+            nb.append({"id": str(store.ids[r]), "score": float(sc), "text": str(store.texts[r]),
+                       "label": int(store.labels[r]), "rank": len(nb)})
+        out.append({"test_id": str(inputs.ids[qi]), "test_text": str(inputs.texts[qi]),
+                    "test_label": inputs.labels[qi], "neighbors": nb, "metric": metric,
+                    "array": str(a), "build_key": store.key, "config": conf, "k": int(cfg.k)})
+    return out
+
+
+def write_jsonl(records, path) -> None:
+    """Write records as JSON lines; a path is written atomically (temp file +
+    rename), a file object (e.g. sys.stdout) directly."""
+    if isinstance(path, io.IOBase) or hasattr(path, "write"):
+        for r in records:
+            path.write(json.dumps(r, ensure_ascii=False) + "\n")
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,177 @@
+"""The evaluation report: report.md, CSV/JSON of every number, and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .capture import STATS
+
+
+def _fmt(x, nd=3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def headline(results: dict) -> list[list[str]]:
+    """Rows of the printed table: strategy, mean accuracy ± std, seeds."""
+    rows = [["strategy", f"{results['sizes']['k']}-shot accuracy", "± std", "seeds"]]
+    for s in results["selection"]["summary"]:
+        rows.append([s["strategy"], _fmt(s["mean"]), _fmt(s["std"]), str(s["n_seeds"])])
+    return rows
+
+
+def summary_lines(results: dict) -> list[str]:
+    """The summary: raw and controlled maximum |rho| beside the study's 0.33."""
+    sm = results["study"]["summary"]
+    ref = 0.33
+    lines = [
+        f"max |rho| raw        = {_fmt(sm.get('raw_max_abs_rho'))}  at {sm.get('raw_max_name')}",
+        f"max |rho| controlled = {_fmt(sm.get('controlled_max_abs_rho'))}  at {sm.get('controlled_max_name')} "
+        f"({sm.get('controlled_max_measure')})",
+        f"   within-label      = {_fmt(sm.get('strat_max_abs_rho'))}  at {sm.get('strat_max_name')}",
+        f"   partial on label  = {_fmt(sm.get('partial_max_abs_rho'))}  at {sm.get('partial_max_name')}",
+        f"study reference      = {ref}   rho(demo label, quality) = {_fmt(results['study']['label_rho'])}",
+    ]
+    fl = results["selection"].get("flips")
+    if fl:
+        lines.append(f"{fl['dtype']} vs float32 zero-shot: {fl['flipped']}/{fl['n']} predictions flip")
+    return lines
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        path.write_text("")
+        return
+    keys = list(rows[0])
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _heatmaps(rows: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    groups = sorted({(r["component"], r["mask"]) for r in rows})
+    for comp, mask in groups:
+        sub = [r for r in rows if r["component"] == comp and r["mask"] == mask]
+        layers = sorted({r["layer"] for r in sub})
+        fig, axes = plt.subplots(1, 2, figsize=(10, max(2.5, 0.22 * len(layers) + 1.5)), sharey=True)
+        for ax, key, title in ((axes[0], "rho_raw", "raw ρ"), (axes[1], "rho_partial", "controlled ρ (partial on label)")):
+            M = np.full((len(layers), len(STATS)), np.nan)
+            for r in sub:
+                M[layers.index(r["layer"]), STATS.index(r["stat"])] = r[key]
+            im = ax.imshow(M, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
+            ax.set_xticks(range(len(STATS)), STATS, rotation=45, ha="right")
+            ax.set_yticks(range(len(layers)), layers)
+            ax.set_title(title)
+        axes[0].set_ylabel("layer")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="Spearman ρ")
+        fig.suptitle(f"{comp} / {mask}: statistic vs candidate quality")
+        name = f"heatmap_{comp}_{mask}.png"
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def _rho_vs_layer(rows: list[dict], out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, title in ((axes[0], "rho_raw", "raw"), (axes[1], "rho_partial", "controlled (partial on label)")):
+        for comp, mask in sorted({(r["component"], r["mask"]) for r in rows}):
+            sub = [r for r in rows if r["component"] == comp and r["mask"] == mask]
+            layers = sorted({r["layer"] for r in sub})
+            best = [np.nanmax([abs(r[key]) for r in sub if r["layer"] == L] + [np.nan]) for L in layers]
+            ax.plot(layers, best, marker=".", label=f"{comp}/{mask}")
+        ax.axhline(0.33, color="k", ls="--", lw=1, label="study max 0.33")
+        ax.set_xlabel("layer")
+        ax.set_title(f"max |ρ| over statistics: {title}")
+    axes[0].set_ylabel("|Spearman ρ|")
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.savefig(out / "rho_vs_layer.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "rho_vs_layer.png"
+
+
+def _accuracy_plot(results: dict, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sm = results["selection"]["summary"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(sm) + 2), 4))
+    x = np.arange(len(sm))
+    ax.bar(x, [s["mean"] for s in sm], yerr=[s["std"] for s in sm], capsize=4,
+           color=["#888" if s["strategy"] == "zero-shot" else "#3a7" for s in sm])
+    ax.set_xticks(x, [s["strategy"] for s in sm], rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel(f"{results['sizes']['k']}-shot accuracy (mean ± std over seeds)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{results['task']}: accuracy by selection strategy")
+    fig.savefig(out / "accuracy_by_strategy.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "accuracy_by_strategy.png"
+
+
+def write(results: dict, out: Path) -> dict:
+    """Write report.md, results.json, CSVs and PNGs into `out`; returns file names."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = results["study"]["rows"]
+    files = {"plots": _heatmaps(rows, out) + [_rho_vs_layer(rows, out), _accuracy_plot(results, out)]}
+    _write_csv(out / "correlations.csv", rows)
+    _write_csv(out / "pairs.csv", results["study"]["pairs"])
+    _write_csv(out / "selection.csv", results["selection"]["runs"])
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    top = sorted(rows, key=lambda r: -abs(r["rho_raw"]) if math.isfinite(r["rho_raw"]) else 0)[:10]
+    md = [f"# actcache evaluation: {results['task']}", "",
+          f"- build key: `{results['build_key']}`", f"- quality matrix key: `{results['quality_key']}`",
+          f"- model: `{results['model'].get('model')}` ({results['model'].get('dtype')}, weights sha256 "
+          f"`{str(results['model'].get('weights_sha256'))[:16]}…`)",
+          f"- sizes: {results['sizes']}", f"- versions: {results.get('versions')}",
+          f"- config: `{json.dumps(results['config'], default=str)}`", "",
+          "## Selection experiment", "", *_md_table(headline(results)), "",
+          "## Correlation summary", "", "```", *summary_lines(results), "```", "",
+          "Controlled ρ: *within-label* is the Fisher-z pooled Spearman within each demonstration label "
+          "(weights n−3); *partial* is the Spearman partial correlation on the label (rank residualisation). "
+          "Benjamini–Hochberg q-values cover every raw and controlled test together.", "",
+          "## Top 10 statistics by raw |ρ|", "",
+          *_md_table([["statistic", "raw ρ", "95% CI", "q", "within-label ρ", "partial ρ", "q partial"]] + [
+              [r["name"].replace("|", "/"), _fmt(r["rho_raw"]), f"[{_fmt(r['ci_raw_lo'])}, {_fmt(r['ci_raw_hi'])}]",
+               _fmt(r["q_raw"]), _fmt(r["rho_strat"]), _fmt(r["rho_partial"]), _fmt(r["q_partial"])] for r in top]),
+          "", "## Pair level (candidate–probe cosine similarity vs 1-shot score)", "",
+          *_md_table([["array", "mean ρ per probe", "partial (label, match)", "pooled partial ρ"]] + [
+              [f"{p['component']}/L{p['layer']}/{p['mask']}", _fmt(p.get("probe_raw_mean")),
+               _fmt(p.get("probe_partial_mean")), _fmt(p.get("pooled_partial_rho"))] for p in results["study"]["pairs"]]),
+          "", "## Plots", "", *[f"![{p}]({p})" for p in files["plots"]], ""]
+    (out / "report.md").write_text("\n".join(md))
+    return files
+
+
+def _md_table(rows: list[list[str]]) -> list[str]:
+    head, *body = rows
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)

@@ -1,0 +1,417 @@
+"""`actcache evaluate`: ICL scoring, the 1-shot quality matrix, the
+activation-versus-quality correlation study (raw and label-controlled), and the
+selection experiment, all on top of a cached build.
+
+Quality matrix: for N pool candidates and P eval probes, the 1-shot prompt
+`demo(candidate) + "\\n\\n" + query(probe)` is scored for every pair (the
+candidate's demonstration is a shared prefix, so its KV cache is computed once
+for all P probes). Per pair we keep correctness and the gold-label margin (gold
+log-prob minus the best other option's). The zero-shot score of each probe is
+kept too. The matrix is stored next to the build with its provenance and key,
+and reused by later runs.
+
+For generative tasks (gsm8k) the matrix holds the per-token log-likelihood of
+the gold answer (teacher-forced); the selection experiment uses greedy decoding
+and exact match on the final number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .capture import STATS
+from .data import Example, Task, prompt_segments
+from .errors import ConfigError, DatasetError, MismatchError
+from .store import Store, default_home
+
+Progress = Callable[[str, int, int], None]
+STUDY_REF = 0.33  # the 2026 study's largest |Spearman rho|
+QUALITY_DEFS = ("mean", "gain", "balanced")
+DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "embed-knn")
+
+# Presets that reproduce the study's set-up where the weights are available.
+# On this machine run them with --model gemma-3-270m (and smaller sizes).
+PRESETS: dict[str, dict] = {
+    f"paper-{task}-{m}": dict(model=model, task=task, k=1, n_candidates=1000, n_probes=100,
+                             components=("mlp",), layers="all",
+                             masks=("isolated", "in-context", "label-masked", "sink-masked"))
+    for task in ("boolq", "arc_challenge", "openbookqa", "gsm8k")
+    for m, model in (("llama", "meta-llama/Llama-3.2-3B"), ("qwen", "Qwen/Qwen2.5-3B"))
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `actcache evaluate` computes. Sizes are capped by the build's splits.
+
+    quality: "margin" (gold log-prob margin) or "correct" (0/1) per pair.
+    quality_def: "mean" (mean 1-shot score), "gain" (mean gain over zero-shot),
+        or "balanced" (probe classes weighted equally, relative to same-label
+        candidates; see correlate.label_balanced_quality).
+    """
+
+    key: str = "last"
+    home: str | None = None
+    n_candidates: int = 120
+    n_probes: int = 40
+    n_eval: int = 100
+    k: int = 4
+    seeds: tuple[int, ...] = (0, 1, 2)
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    knn_layers: str = "auto"
+    quality: str = "margin"
+    quality_def: str = "mean"
+    dtype: str | None = None
+    compare_fp32: bool = True
+    batch_size: int = 16
+    n_boot: int = 200
+    pair_mask: str = "label-masked"
+    out: str = "actcache-report"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.quality not in ("margin", "correct"):
+            raise ConfigError(f"--quality must be margin or correct, not {self.quality!r}")
+        if self.quality_def not in QUALITY_DEFS:
+            raise ConfigError(f"--quality-def must be one of {QUALITY_DEFS}, not {self.quality_def!r}")
+        if self.n_candidates < 4 or self.n_probes < 2:
+            raise ConfigError("need at least 4 candidates and 2 probes for a correlation")
+        if self.k < 0:
+            raise ConfigError("--k must be >= 0")
+
+
+def _examples(store: Store, rows) -> list[Example]:
+    out = []
+    for r in rows:
+        rec = store.records[int(r)]
+        out.append(Example(rec["id"], tuple(rec["fields"].items()), int(rec["label"]),
+                           tuple(rec["choices"]), rec["answer"]))
+    return out
+
+
+def store_task(store: Store) -> Task:
+    """The build's Task, rebuilt from its stored config (template, label words)."""
+    from .data import DataSpec
+    from .builder import BuildConfig, load_task_of
+
+    d = dict(store.config["data"])
+    for k in ("text_fields", "label_values", "label_words"):
+        d[k] = tuple(d.get(k) or ())
+    return load_task_of(BuildConfig(data=DataSpec(**d)))
+
+
+def _load_lm(store: Store, dtype: str | None):
+    from .models import ModelSpec, load_model
+
+    m = dict(store.config["model"])
+    if dtype:
+        m["dtype"] = dtype
+    lm = load_model(ModelSpec(**m), default_home(store.dir.parent.parent))
+    if lm.provenance["weights_sha256"] != store.provenance["model"]["weights_sha256"]:
+        raise MismatchError(f"the model {m['model']!r} loaded now has other weights than build "
+                            f"{store.key[:12]} was made with; rebuild, or restore those weights")
+    return lm
+
+
+def _score(lm, task: Task, prompts, queries: list[Example], batch_size: int, options=None) -> np.ndarray:
+    """(n, c) option log-probs (classification / multiple choice)."""
+    from .score import score_options
+
+    opts = options if options is not None else (
+        list(task.label_words) if task.kind == "classification" else [list(task.options(q)) for q in queries])
+    return score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size,
+                         length_normalize=task.kind == "multiple_choice")
+
+
+def _pair_scores(lm, task: Task, prompts, queries, batch_size) -> tuple[np.ndarray, np.ndarray]:
+    """(correct (n,), margin (n,)) for classification/MC; for generation the
+    per-token log-likelihood of the gold answer and its sign-free value."""
+    from .score import classify, margins, score_options
+
+    if task.kind == "generation":
+        ll = score_options(lm.model, lm.tokenizer, prompts, [[task.target(q)] for q in queries],
+                           batch_size=batch_size, length_normalize=True)[:, 0]
+        return np.full(len(ll), np.nan), ll
+    s = _score(lm, task, prompts, queries, batch_size)
+    gold = np.array([q.label for q in queries])
+    return (classify(s, gold)["pred"] == gold).astype(np.float64), margins(s, gold)
+
+
+def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | None = None) -> dict:
+    """The 1-shot score of every (candidate, probe) pair, cached next to the build.
+
+    Returns a dict with cand_rows (N,), probe_rows (P,) int64 store rows,
+    correct (N, P), margin (N, P), zs_correct (P,), zs_margin (P,) float64,
+    key (this matrix's key), and meta (its provenance).
+    """
+    from .builder import canonical_key
+
+    task = store_task(store)
+    rng = random.Random(cfg.seed)
+    cand_rows = np.array(sorted(rng.sample(list(store.pool_rows), min(cfg.n_candidates, len(store.pool_rows)))))
+    probe_rows = np.array(sorted(rng.sample(list(store.eval_rows), min(cfg.n_probes, len(store.eval_rows)))))
+    if len(cand_rows) == 0:
+        raise DatasetError("the build's pool is empty; rebuild with a larger --limit")
+    dtype = cfg.dtype or store.config["model"]["dtype"]
+    payload = {"build": store.key, "cands": cand_rows.tolist(), "probes": probe_rows.tolist(),
+               "dtype": dtype, "kind": "quality-matrix-1shot"}
+    qkey = canonical_key(payload)
+    path = store.dir / "quality" / f"{qkey[:24]}.npz"
+    if path.exists():
+        return load_quality(store, path)
+    lm = lm or _load_lm(store, cfg.dtype)
+    cands, probes = _examples(store, cand_rows), _examples(store, probe_rows)
+    t0 = time.time()
+    zs_c, zs_m = _pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes], probes, cfg.batch_size)
+    correct = np.empty((len(cands), len(probes)))
+    margin = np.empty_like(correct)
+    # One candidate's P prompts share its demonstration as a prefix: a few
+    # candidates per call keep batches full while the prefix KV is reused.
+    step = max(1, 64 // max(1, len(probes)))
+    for i in range(0, len(cands), step):
+        if progress:
+            progress("quality matrix", i, len(cands))
+        chunk = cands[i:i + step]
+        prompts = [prompt_segments(task, [c], p) for c in chunk for p in probes]
+        c_, m_ = _pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size)
+        correct[i:i + len(chunk)] = c_.reshape(len(chunk), len(probes))
+        margin[i:i + len(chunk)] = m_.reshape(len(chunk), len(probes))
+    if progress:
+        progress("quality matrix", len(cands), len(cands))
+    meta = {"key": qkey, "build_key": store.key, "payload": payload, "task": task.name,
+            "seconds": round(time.time() - t0, 2), "n_prompts": len(cands) * len(probes) + len(probes),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, cand_rows=cand_rows, probe_rows=probe_rows, correct=correct, margin=margin,
+                 zs_correct=zs_c, zs_margin=zs_m, meta=json.dumps(meta))
+    os.replace(tmp, path)
+    return load_quality(store, path)
+
+
+def load_quality(store: Store, path: Path) -> dict:
+    """Load a stored quality matrix; MismatchError if it belongs to another build."""
+    with np.load(path) as z:
+        q = {k: z[k] for k in z.files}
+    meta = json.loads(str(q.pop("meta")))
+    if meta.get("build_key") != store.key:
+        raise MismatchError(f"quality matrix {path.name} was computed for build "
+                            f"{str(meta.get('build_key'))[:12]}, not {store.key[:12]}; recompute it")
+    n = len(store.ids)
+    if q["cand_rows"].max(initial=0) >= n or q["probe_rows"].max(initial=0) >= n or \
+            q["margin"].shape != (len(q["cand_rows"]), len(q["probe_rows"])):
+        raise MismatchError(f"quality matrix {path.name} does not fit build {store.key[:12]}; recompute it")
+    q["meta"], q["key"], q["path"] = meta, meta["key"], str(path)
+    return q
+
+
+def candidate_quality(q: dict, store: Store, cfg: EvalConfig) -> np.ndarray:
+    """(N,) float64 quality per candidate under cfg.quality and cfg.quality_def."""
+    from .correlate import gain_quality, label_balanced_quality, mean_quality
+
+    s = q["correct"] if cfg.quality == "correct" else q["margin"]
+    zs = q["zs_correct"] if cfg.quality == "correct" else q["zs_margin"]
+    if cfg.quality_def == "gain":
+        return gain_quality(s, zs)
+    if cfg.quality_def == "balanced":
+        return label_balanced_quality(s, store.labels[q["probe_rows"]], store.labels[q["cand_rows"]])
+    return mean_quality(s)
+
+
+def correlation_study(store: Store, q: dict, cfg: EvalConfig, progress: Progress | None = None) -> dict:
+    """Spearman (raw, within-label, partial on label) of every stored statistic
+    with candidate quality, plus pair-level similarity analyses."""
+    from .correlate import candidate_correlations, pair_correlations, summarize
+
+    cand, probes = q["cand_rows"], q["probe_rows"]
+    quality = candidate_quality(q, store, cfg)
+    labels = store.labels[cand]
+    stats: dict[str, np.ndarray] = {}
+    units = sorted({(a.mask, a.component, a.layer) for a in store.arrays})
+    for mask, comp, layer in units:
+        st = store.stats(comp, layer, mask)[cand]
+        for j, name in enumerate(STATS):
+            stats[f"{mask}|{comp}|{layer}|{name}"] = st[:, j]
+    rows = candidate_correlations(stats, quality, labels, n_boot=cfg.n_boot, seed=cfg.seed)
+    for r in rows:
+        r["mask"], r["component"], layer, r["stat"] = r["name"].split("|")
+        r["layer"] = int(layer)
+    label_rho = float(__import__("scipy.stats", fromlist=["spearmanr"]).spearmanr(labels, quality)[0]) \
+        if len(set(labels.tolist())) > 1 else float("nan")
+    # Pair level: does the candidate-probe similarity at a layer predict the 1-shot score?
+    pairs = []
+    score = q["correct"] if cfg.quality == "correct" else q["margin"]
+    pmask = cfg.pair_mask if any(a.mask == cfg.pair_mask for a in store.arrays) else store.arrays[0].mask
+    comb = sorted({(a.component, a.layer) for a in store.arrays if a.mask == pmask and a.pooling == "mean"})
+    for i, (comp, layer) in enumerate(comb):
+        if progress:
+            progress("pair level", i, len(comb))
+        X = store.acts(comp, layer, "mean", pmask)
+        a, b = X[cand], X[probes]
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        res = pair_correlations(a @ b.T, score, labels, store.labels[probes],
+                                n_boot=max(50, cfg.n_boot // 4), seed=cfg.seed)
+        pairs.append({"component": comp, "layer": layer, "mask": pmask, **res})
+    if progress and comb:
+        progress("pair level", len(comb), len(comb))
+    return {"rows": rows, "summary": summarize(rows, ref=STUDY_REF), "pairs": pairs,
+            "label_rho": label_rho, "quality": quality.tolist()}
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _knn_layers(store: Store, spec: str) -> list[int]:
+    layers = store.layers
+    if spec == "auto":
+        return sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    from .capture import resolve_layers
+
+    return [layers[i] if i < len(layers) else i for i in resolve_layers(spec, len(layers))]
+
+
+def _best_stat(study: dict | None) -> dict:
+    """The statistic with the largest controlled |rho|, and the sign to rank by."""
+    if not study:
+        return {"stat": "kurt", "component": "mlp", "layer": None, "mask": "isolated", "order": "high"}
+    rows = [r for r in study["rows"] if np.isfinite(r.get("rho_partial", np.nan))]
+    if not rows:
+        rows = study["rows"]
+    best = max(rows, key=lambda r: abs(r.get("rho_partial") or 0))
+    return {"stat": best["stat"], "component": best["component"], "layer": best["layer"],
+            "mask": best["mask"], "order": "high" if (best.get("rho_partial") or 0) >= 0 else "low"}
+
+
+def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None = None,
+                         progress: Progress | None = None) -> dict:
+    """k-shot accuracy on eval inputs for zero-shot and each strategy, over seeds."""
+    from . import select as sel
+    from .score import classify, exact_match, extract_number, generate
+
+    task = store_task(store)
+    rng = random.Random(cfg.seed + 7)
+    eval_rows = np.array(sorted(rng.sample(list(store.eval_rows), min(cfg.n_eval, len(store.eval_rows)))))
+    evals = _examples(store, eval_rows)
+    eval_ids = [e.id for e in evals]
+    pool_by_id = {store.ids[r]: ex for r, ex in zip(store.pool_rows, _examples(store, store.pool_rows))}
+    gold = np.array([e.label for e in evals])
+
+    def run(demos_per_query: list[list[Example]]) -> dict:
+        prompts = [prompt_segments(task, d, q) for d, q in zip(demos_per_query, evals)]
+        if task.kind == "generation":
+            outs = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
+                            batch_size=max(1, cfg.batch_size // 4))
+            em = exact_match([extract_number(o) for o in outs], [extract_number(e.answer) for e in evals])
+            return {"accuracy": em, "macro_f1": float("nan"), "pred": []}
+        s = _score(lm, task, prompts, evals, cfg.batch_size)
+        return classify(s, gold)
+
+    jobs: list[tuple[str, int, dict]] = [("zero-shot", 0, {})]
+    best = _best_stat(study)
+    for name in cfg.strategies:
+        if name == "knn":
+            for L in _knn_layers(store, cfg.knn_layers):
+                jobs += [(f"knn@L{L}", s, {"strategy": "knn", "layer": L}) for s in cfg.seeds]
+        elif name == "stat":
+            jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}",
+                      s, {"strategy": "stat", **best}) for s in cfg.seeds]
+        else:
+            jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]
+    results = []
+    zs_pred = None
+    for j, (label, seed, opts) in enumerate(jobs):
+        if progress:
+            progress("selection", j, len(jobs))
+        if label == "zero-shot":
+            demos = [[] for _ in evals]
+        else:
+            opts = dict(opts)
+            name = opts.pop("strategy")
+            try:
+                chosen = sel.choose(store, name, k=cfg.k, seed=seed, test_ids=eval_ids, **opts)
+            except ImportError as e:  # an optional baseline whose package is absent
+                results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
+                                "macro_f1": float("nan"), "skipped": str(e)})
+                continue
+            r = random.Random(seed)
+            demos = []
+            for tid in eval_ids:
+                ids = list(chosen[tid])
+                r.shuffle(ids)  # seeded demonstration order
+                demos.append([pool_by_id[i] for i in ids])
+        m = run(demos)
+        if label == "zero-shot":
+            zs_pred = np.asarray(m["pred"])
+        results.append({"strategy": label, "seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+    if progress:
+        progress("selection", len(jobs), len(jobs))
+    flips = None
+    if cfg.compare_fp32 and lm.provenance["dtype"] != "float32" and task.kind != "generation":
+        lm32 = _load_lm(store, "float32")
+        m32 = classify(_score(lm32, task, [prompt_segments(task, [], q) for q in evals], evals, cfg.batch_size), gold)
+        flips = {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()),
+                 "acc_fp32": m32["accuracy"], "dtype": lm.provenance["dtype"]}
+    table = {}
+    for r in results:
+        table.setdefault(r["strategy"], []).append(r["accuracy"])
+    summary = [{"strategy": k, "mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
+                "std": float(np.nanstd(v)) if len(v) > 1 else 0.0, "n_seeds": len(v)} for k, v in table.items()]
+    return {"runs": results, "summary": summary, "eval_ids": eval_ids, "flips": flips, "k": cfg.k}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
+    """Run the quality matrix, correlation study and selection experiment; write
+    the report directory. Returns the results dict (also saved as results.json)."""
+    from . import report
+
+    cfg.validate()
+    t0 = time.time()
+    store = Store.open(cfg.key, cfg.home)
+    lm = _load_lm(store, cfg.dtype)
+    q = quality_matrix(store, cfg, lm, progress)
+    study = correlation_study(store, q, cfg, progress)
+    selection = selection_experiment(store, cfg, lm, study, progress)
+    results = {
+        "config": asdict(cfg), "build_key": store.key, "quality_key": q["key"],
+        "task": store.task_name, "model": store.provenance["model"],
+        "versions": store.provenance.get("versions"), "sizes": {
+            "n_candidates": int(len(q["cand_rows"])), "n_probes": int(len(q["probe_rows"])),
+            "n_eval": len(selection["eval_ids"]), "k": cfg.k, "seeds": list(cfg.seeds)},
+        "zero_shot_probe_acc": float(np.nanmean(q["zs_correct"])),
+        "study": study, "selection": selection, "seconds": None,
+    }
+    results["seconds"] = round(time.time() - t0, 1)
+    out = Path(cfg.out)
+    report.write(results, out)
+    results["out"] = str(out)
+    return results
+
+
+def resolve_key(key: str, home: str | None) -> str:
+    """'last' means the most recently finished build in the store."""
+    if key != "last":
+        return key
+    from .errors import StoreError
+    from .store import list_builds
+
+    done = [b for b in list_builds(home) if b["status"] == "done"]
+    if not done:
+        raise StoreError("no finished build in the store; run `actcache build` first")
+    return max(done, key=lambda b: os.path.getmtime(Path(b["path"]) / "acts.h5"))["key"]
+
+
+__all__ = ["EvalConfig", "PRESETS", "evaluate", "quality_matrix", "correlation_study",
+           "selection_experiment", "resolve_key", "replace", "field"]

