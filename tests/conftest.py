@@ -6,6 +6,7 @@ and the models are built from configs with seeded random weights.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -121,3 +122,42 @@ def _offline(monkeypatch):
 def shared_data_dir() -> Path | None:
     d = Path(os.environ.get("ACTCACHE_DATA_DIR", SHARED_DATA))
     return d if d.exists() else None
+
+
+# ----------------------------------------------------------------------------- tiny data
+
+TEXTS = [
+    ("a great movie with a fine cast", 1), ("dull, slow and far too long", 0),
+    ("the quick brown fox", 1), ("is the sky blue", 0), ("a man sleeps on the sofa all day", 0),
+    ("fine", 1), ("news of the day in sports and business", 1), ("far too slow", 0),
+    ("great fun", 1), ("the lazy dog jumps over nothing at all, which is a shame", 0),
+    ("blue sky", 1), ("slow", 0),
+]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def jsonl(tmp_path):
+    rows = [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
+            for i, (t, lab) in enumerate(TEXTS)]
+    return write_jsonl(tmp_path / "reviews.jsonl", rows)
+
+
+def cfg_for(model_dir, jsonl, home, **kw):
+    """A BuildConfig for a tiny model dir + the reviews JSONL, stored under `home`."""
+    from actcache.builder import BuildConfig
+    from actcache.data import DataSpec
+    from actcache.models import ModelSpec
+
+    data = DataSpec(path=str(jsonl), text_fields=("review",), label_field="label", split_field="split",
+                    id_field="id", template="Review: {review}\nSentiment:",
+                    label_words=(" negative", " positive"))
+    base = dict(model=ModelSpec(str(model_dir)), data=data, home=str(home), batch_size=3, context_k=2)
+    base.update(kw)
+    return BuildConfig(**base)
+
+

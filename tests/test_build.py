@@ -15,7 +15,7 @@ import pytest
 import scipy.stats
 import torch
 
-from conftest import ARCHS, REPO_ROOT, make_model, make_tokenizer
+from conftest import ARCHS, REPO_ROOT, TEXTS, cfg_for, make_model, make_tokenizer, write_jsonl  # noqa: F401
 
 from actcache.builder import BuildConfig, build
 from actcache.capture import STATS, Capture, make_batch, sink_masks, span_stats
@@ -23,36 +23,6 @@ from actcache.data import DataSpec
 from actcache.errors import ConfigError, CorruptStoreError, DatasetError, ModelError, StoreError
 from actcache.models import ModelSpec
 from actcache.store import Store, list_builds
-
-TEXTS = [
-    ("a great movie with a fine cast", 1), ("dull, slow and far too long", 0),
-    ("the quick brown fox", 1), ("is the sky blue", 0), ("a man sleeps on the sofa all day", 0),
-    ("fine", 1), ("news of the day in sports and business", 1), ("far too slow", 0),
-    ("great fun", 1), ("the lazy dog jumps over nothing at all, which is a shame", 0),
-    ("blue sky", 1), ("slow", 0),
-]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture()
-def jsonl(tmp_path):
-    rows = [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
-            for i, (t, lab) in enumerate(TEXTS)]
-    return write_jsonl(tmp_path / "reviews.jsonl", rows)
-
-
-def cfg_for(model_dir, jsonl, home, **kw):
-    data = DataSpec(path=str(jsonl), text_fields=("review",), label_field="label", split_field="split",
-                    id_field="id", template="Review: {review}\nSentiment:",
-                    label_words=(" negative", " positive"))
-    base = dict(model=ModelSpec(str(model_dir)), data=data, home=str(home), batch_size=3, context_k=2)
-    base.update(kw)
-    return BuildConfig(**base)
-
 
 # ----------------------------------------------------------------------------- capture
 
@@ -216,7 +186,7 @@ def test_index_built_and_matches_numpy(tiny_model_dir, jsonl, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
-    from test_build import cfg_for
+    from conftest import cfg_for
     from actcache.builder import build
     n = 0
     def progress(desc, done, total):
@@ -258,7 +228,7 @@ def test_killed_build_resumes_to_identical_result(tiny_model_dir, jsonl, tmp_pat
 CONCURRENT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from test_build import cfg_for
+    from conftest import cfg_for
     from actcache.builder import build
     st = build(cfg_for({model!r}, {data!r}, {home!r}, layers="0,1"))
     print(st.key, st.report["forward_batches"])

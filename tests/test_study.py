@@ -1,0 +1,89 @@
+"""Evaluate: quality matrix against a hand-computed reference, caching, mismatch
+errors, and the end-to-end report on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cfg_for, write_jsonl
+
+from actcache.builder import build
+from actcache.errors import DatasetError, MismatchError
+from actcache.store import Store
+from actcache.study import EvalConfig, evaluate, load_quality, quality_matrix, store_task
+
+
+@pytest.fixture()
+def tiny_store(tiny_model_dir, jsonl, tmp_path):
+    return build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "store", layers="0,-1",
+                         store_dtype="float32"))
+
+
+def test_quality_matrix_matches_plain_forward(tiny_store, tiny_model_dir):
+    cfg = EvalConfig(key=tiny_store.key, home=str(tiny_store.dir.parent.parent), n_candidates=4, n_probes=3)
+    q = quality_matrix(tiny_store, cfg)
+    assert q["margin"].shape == (4, 3) and q["correct"].shape == (4, 3)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir["llama"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir["llama"])
+    task = store_task(tiny_store)
+    words = [tok(w, add_special_tokens=False)["input_ids"] for w in task.label_words]
+    for i, c in enumerate(q["cand_rows"][:2]):
+        for j, p in enumerate(q["probe_rows"]):
+            ids = [tok.bos_token_id] + tok(tiny_store.demos[c] + "\n\n", add_special_tokens=False)["input_ids"] \
+                + tok(tiny_store.texts[p], add_special_tokens=False)["input_ids"]
+            lp = []
+            for w in words:
+                full = torch.tensor([ids + w])
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(full).logits[0].double(), -1)
+                lp.append(sum(float(logp[len(ids) - 1 + t, w[t]]) for t in range(len(w))))
+            gold = tiny_store.labels[p]
+            ref = lp[gold] - max(v for k, v in enumerate(lp) if k != gold)
+            assert q["margin"][i, j] == pytest.approx(ref, abs=1e-4)
+            assert q["correct"][i, j] == float(np.argmax(lp) == gold)
+
+
+def test_quality_matrix_cached_and_checked(tiny_store, tmp_path, tiny_model_dir, jsonl):
+    home = str(tiny_store.dir.parent.parent)
+    cfg = EvalConfig(key=tiny_store.key, home=home, n_candidates=4, n_probes=3)
+    a = quality_matrix(tiny_store, cfg)
+    b = quality_matrix(tiny_store, cfg, lm=object())  # a cache hit never touches the model
+    np.testing.assert_array_equal(a["margin"], b["margin"])
+    other = build(cfg_for(tiny_model_dir["qwen2"], jsonl, tmp_path / "other", layers="0"))
+    with pytest.raises(MismatchError, match="recompute"):
+        load_quality(other, a["path"] if hasattr(a["path"], "exists") else __import__("pathlib").Path(a["path"]))
+
+
+def test_evaluate_end_to_end(tiny_store, tmp_path):
+    out = tmp_path / "report"
+    res = evaluate(EvalConfig(key=tiny_store.key, home=str(tiny_store.dir.parent.parent), n_candidates=6,
+                              n_probes=3, n_eval=3, k=2, seeds=(0, 1),
+                              strategies=("random", "knn", "vote-k", "k-center", "kmeans", "stat"),
+                              n_boot=20, out=str(out)))
+    for f in ("report.md", "results.json", "correlations.csv", "pairs.csv", "selection.csv",
+              "rho_vs_layer.png", "accuracy_by_strategy.png"):
+        assert (out / f).exists(), f
+    assert list(out.glob("heatmap_*.png"))
+    data = json.loads((out / "results.json").read_text())
+    assert data["build_key"] == tiny_store.key
+    strategies = {s["strategy"] for s in data["selection"]["summary"]}
+    assert "zero-shot" in strategies and "random" in strategies and any(s.startswith("knn@") for s in strategies)
+    rows = data["study"]["rows"]
+    # 4 masks x 3 components x 2 layers x 6 statistics, each with raw and controlled rho.
+    assert len(rows) == 4 * 3 * 2 * 6
+    assert all("rho_partial" in r and "q_raw" in r for r in rows)
+    md = (out / "report.md").read_text()
+    assert tiny_store.key in md and "max |rho| raw" in md and "controlled" in md
+
+
+def test_empty_pool_is_a_clear_error(tiny_model_dir, tmp_path):
+    rows = [{"id": f"e{i}", "review": "fine", "label": i % 2, "split": "eval"} for i in range(4)]
+    path = write_jsonl(tmp_path / "evalonly.jsonl", rows)
+    with pytest.raises(DatasetError, match="empty pool"):
+        build(cfg_for(tiny_model_dir["llama"], path, tmp_path / "s"))
