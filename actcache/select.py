@@ -59,10 +59,10 @@ class Selection:
 
     name: str
     build_key: str
-    params: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict, hash=False)
     ids: tuple[str, ...] = ()
     positions: tuple[int, ...] = ()
-    per_query: dict | None = None
+    per_query: dict | None = field(default=None, hash=False)
 
     def to_records(self) -> list[dict]:
         """JSON-able lines: one per chosen id, or one per test input for retrieval."""

@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--noise", type=float, default=1.5, help="within-cluster spread / centre spread")
+    ap.add_argument("--noise", type=float, default=3.0, help="within-cluster spread / centre spread")
     ap.add_argument("--skip-approx", action="store_true", help="skip the IVF/HNSW builds")
     args = ap.parse_args()
 
