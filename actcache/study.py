@@ -29,7 +29,7 @@ import numpy as np
 
 from .capture import STATS
 from .data import Example, Task, prompt_segments
-from .errors import ConfigError, DatasetError, MismatchError
+from .errors import ConfigError, DatasetError, MismatchError, ModelError
 from .store import Store, default_home
 
 Progress = Callable[[str, int, int], None]
@@ -292,10 +292,27 @@ def _best_stat(study: dict | None) -> dict:
             "mask": best["mask"], "order": "high" if (best.get("rho_partial") or 0) >= 0 else "low"}
 
 
+def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **opts) -> dict:
+    """Demonstration ids per test input: retrieval strategies give each input its
+    own k; subset strategies pick a budget of k used for every input."""
+    from .select import select
+
+    if name in ("knn", "embed-knn"):
+        per = select(store, name, k=k, seed=seed, **opts).per_query
+        missing = [t for t in test_ids if t not in per]
+        if missing:
+            raise MismatchError(f"{name} returned no neighbours for {len(missing)} eval inputs")
+        return {t: per[t] for t in test_ids}
+    if opts.get("layer") is None:
+        opts.pop("layer", None)
+    graph_k = {"k": min(10, len(store.pool_rows) - 1)} if name == "vote-k" else {}
+    ids = list(select(store, name, budget=k, seed=seed, **graph_k, **opts).ids)
+    return {t: ids for t in test_ids}
+
+
 def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None = None,
                          progress: Progress | None = None) -> dict:
     """k-shot accuracy on eval inputs for zero-shot and each strategy, over seeds."""
-    from . import select as sel
     from .score import classify, exact_match, extract_number, generate
 
     task = store_task(store)
@@ -338,8 +355,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
             opts = dict(opts)
             name = opts.pop("strategy")
             try:
-                chosen = sel.choose(store, name, k=cfg.k, seed=seed, test_ids=eval_ids, **opts)
-            except ImportError as e:  # an optional baseline whose package is absent
+                chosen = choose(store, name, k=cfg.k, seed=seed, test_ids=eval_ids, **opts)
+            except ModelError as e:  # an optional baseline whose package is absent
                 results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
                                 "macro_f1": float("nan"), "skipped": str(e)})
                 continue
