@@ -72,14 +72,15 @@ def test_capture_stops_early_and_skips_lm_head():
 
 def test_span_stats_against_scipy():
     rng = np.random.default_rng(0)
-    h = torch.tensor(rng.standard_t(4, size=(3, 7, 16)) * 3 + 0.5)
+    h = torch.tensor(rng.standard_t(4, size=(3, 7, 16)) * 3 + 0.5, dtype=torch.float32)
     start, end = torch.tensor([0, 2, 4]), torch.tensor([7, 5, 5])
     got = span_stats(h, start, end)
     for i in range(3):
-        v = h[i, int(start[i]):int(end[i])].reshape(-1).numpy()
+        v = h[i, int(start[i]):int(end[i])].reshape(-1).double().numpy()
         a = np.abs(v)
         ref = [v.mean(), v.var(), scipy.stats.skew(v), scipy.stats.kurtosis(v), a.max(), a.max() / np.median(a)]
-        np.testing.assert_allclose(got[i], ref, rtol=1e-9, atol=1e-12)
+        # float32 element-wise work, float64 accumulation: ~1e-6 relative.
+        np.testing.assert_allclose(got[i], ref, rtol=2e-5, atol=1e-7)
 
 
 def test_sink_mask_removes_attention_to_first_token():
