@@ -145,8 +145,14 @@ class Store:
     # ------------------------------------------------------------------ lookup
     @classmethod
     def open(cls, key: str, home: str | os.PathLike | None = None) -> "Store":
-        """Open a finished build by key or unique key prefix (at least 6 characters)."""
+        """Open a finished build by key, unique key prefix (at least 6 characters),
+        or "last" (the most recently finished build)."""
         root = default_home(home) / "builds"
+        if key == "last":
+            done = [p for p in root.glob("*/acts.h5")] if root.exists() else []
+            if not done:
+                raise StoreError(f"no finished build in {root}; run `actcache build` first")
+            return cls(max(done, key=lambda p: p.stat().st_mtime).parent)
         if (root / key).is_dir():
             return cls(root / key)
         matches = [p for p in root.glob(f"{key}*") if p.is_dir()] if len(key) >= 6 else []

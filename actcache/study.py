@@ -21,7 +21,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -418,17 +418,9 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
 
 
 def resolve_key(key: str, home: str | None) -> str:
-    """'last' means the most recently finished build in the store."""
-    if key != "last":
-        return key
-    from .errors import StoreError
-    from .store import list_builds
-
-    done = [b for b in list_builds(home) if b["status"] == "done"]
-    if not done:
-        raise StoreError("no finished build in the store; run `actcache build` first")
-    return max(done, key=lambda b: os.path.getmtime(Path(b["path"]) / "acts.h5"))["key"]
+    """A full build key for a key, prefix, or "last"."""
+    return Store.open(key, home).key
 
 
 __all__ = ["EvalConfig", "PRESETS", "evaluate", "quality_matrix", "correlation_study",
-           "selection_experiment", "resolve_key", "replace", "field"]
+           "selection_experiment", "resolve_key"]
