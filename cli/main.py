@@ -10,7 +10,8 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from typing import List, Optional
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -256,7 +257,6 @@ def evaluate(
     store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root."),
 ):
     """Score ICL on a build: quality matrix, correlation study (raw and label-controlled), selection experiment."""
-    from actcache.report import headline, summary_lines
     from actcache.study import EvalConfig, evaluate as run_eval, resolve_key
 
     cfg = EvalConfig(key=resolve_key(key, store), home=store, n_candidates=n_candidates, n_probes=n_probes,
@@ -265,11 +265,18 @@ def evaluate(
                      quality_def=quality_def, dtype=dtype, n_boot=n_boot, batch_size=batch_size, out=out)
     with progress_bar() as cb:
         res = run_eval(cfg, progress=cb)
+    _print_results(res)
+
+
+def _print_results(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{res['task']}: zero-shot vs {k}-shot accuracy on {res['sizes']['n_eval']} eval inputs "
-                    f"({res['sizes']['n_candidates']} candidates x {res['sizes']['n_probes']} probes in the study)")
+    from actcache.report import headline, summary_lines
+
+    t = Table(title=f"{res['task']}: zero-shot vs {res['sizes']['k']}-shot accuracy on {res['sizes']['n_eval']} "
+                    f"eval inputs ({res['sizes']['n_candidates']} candidates x {res['sizes']['n_probes']} probes "
+                    f"in the study)")
     head, *rows = headline(res)
     for h in head:
         t.add_column(h)
@@ -280,3 +287,62 @@ def evaluate(
     for line in summary_lines(res):
         con.print(line)
     con.print(f"report: {res['out']}/report.md  plots: {res['out']}/*.png  ({res['seconds']} s)")
+
+
+@app.command()
+@handle_errors
+def run(
+    preset: str = typer.Option(..., help="A study preset, e.g. paper-boolq-llama (see `actcache presets`)."),
+    model: Optional[str] = typer.Option(None, help="Override the preset's model (e.g. gemma-3-270m here)."),
+    dtype: str = typer.Option("bfloat16", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
+    data_dir: Optional[str] = typer.Option(None, envvar="ACTCACHE_DATA_DIR", help="Folder holding the benchmarks."),
+    limit: Optional[int] = typer.Option(None, help="Pool size cap (default: the preset's candidates)."),
+    eval_limit: Optional[int] = typer.Option(None, help="Eval size cap."),
+    n_candidates: Optional[int] = typer.Option(None, help="Override the preset's candidate count."),
+    n_probes: Optional[int] = typer.Option(None, help="Override the preset's probe count."),
+    n_eval: int = typer.Option(100, help="Eval inputs in the selection experiment."),
+    strategies: str = typer.Option("random,knn,vote-k,k-center,kmeans,stat", help="Selection strategies."),
+    seeds: str = typer.Option("0,1,2", help="Seeds for the selection experiment."),
+    out: str = typer.Option("actcache-report", help="Output directory."),
+    store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root."),
+):
+    """Build, query and evaluate one study preset end to end."""
+    import actcache
+    from actcache.builder import BuildConfig
+    from actcache.data import DataSpec
+    from actcache.errors import ConfigError
+    from actcache.models import ModelSpec
+    from actcache.query import QueryConfig, query, write_jsonl
+    from actcache.study import PRESETS, EvalConfig, evaluate as run_eval
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    n_cand = n_candidates or p["n_candidates"]
+    cfg = BuildConfig(model=ModelSpec(model or p["model"], None, dtype, device),
+                      data=DataSpec(task=p["task"], data_dir=data_dir, pool_limit=limit or n_cand,
+                                    eval_limit=eval_limit or max(n_eval, n_probes or p["n_probes"])),
+                      layers=p["layers"], components=p["components"], masks=p["masks"], home=store)
+    with progress_bar() as cb:
+        st = actcache.build(cfg, progress=cb)
+        typer.echo(f"build {st.key[:16]}: {st.report['forward_batches']} forward batches "
+                   f"({'cache hit' if st.report['cache_hit'] else 'computed'})")
+        recs = query(QueryConfig(key=st.key, home=store, component=p["components"][0], k=max(1, p["k"])),
+                     progress=cb)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_jsonl(recs, str(Path(out) / "neighbors.jsonl"))
+        res = run_eval(EvalConfig(key=st.key, home=store, n_candidates=n_cand, n_probes=n_probes or p["n_probes"],
+                                  n_eval=n_eval, k=p["k"], seeds=tuple(int(s) for s in _split(seeds)),
+                                  strategies=_split(strategies), out=out), progress=cb)
+    _print_results(res)
+
+
+@app.command()
+def presets():
+    """List the study presets."""
+    from actcache.study import PRESETS
+
+    for name, p in PRESETS.items():
+        typer.echo(f"{name:<28} {p['model']:<26} {p['task']:<14} k={p['k']} candidates={p['n_candidates']} "
+                   f"components={','.join(p['components'])} layers={p['layers']} masks={','.join(p['masks'])}")
