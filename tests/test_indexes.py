@@ -132,7 +132,9 @@ def test_default_recall(recall_data, kind):
 
 @pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16"])
 def test_factory_spec(recall_data, factory):
-    x, q, R = recall_data
+    x, q, _ = recall_data
+    x = x[:5000]  # only needs to show the factory path works; keep it quick
+    _, R = exact_search(x, q, 10, "cosine")
     v = VectorIndex.build(x, IndexSpec(kind="factory", factory=factory))
     S, I = v.search(q, 10)
     assert I.shape == (len(q), 10) and (I >= 0).all()
