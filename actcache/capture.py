@@ -90,8 +90,9 @@ class Batch:
     end: "object"  # (B,) int64 tensor, exclusive
 
 
-def make_batch(seqs: list[list[int]], spans: list[tuple[int, int]], pad_id: int, device="cpu") -> Batch:
-    """Right-pad token id lists; padding side is fixed here, whatever the tokenizer says."""
+def right_pad(seqs: list[list[int]], pad_id: int):
+    """Right-pad token id lists -> (input_ids (B, T) int64, attention_mask (B, T) int64).
+    The padding side is fixed here, whatever the tokenizer's default (Gemma pads left)."""
     import torch
 
     T = max(len(s) for s in seqs)
@@ -100,6 +101,14 @@ def make_batch(seqs: list[list[int]], spans: list[tuple[int, int]], pad_id: int,
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         am[i, : len(s)] = 1
+    return ids, am
+
+
+def make_batch(seqs: list[list[int]], spans: list[tuple[int, int]], pad_id: int, device="cpu") -> Batch:
+    """A right-padded Batch whose pooled span for row i is tokens [spans[i][0], spans[i][1])."""
+    import torch
+
+    ids, am = right_pad(seqs, pad_id)
     st = torch.tensor([a for a, _ in spans], dtype=torch.long)
     en = torch.tensor([b for _, b in spans], dtype=torch.long)
     return Batch(ids.to(device), am.to(device), st.to(device), en.to(device))

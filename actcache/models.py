@@ -141,7 +141,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def default_model_gguf() -> Path:
+def default_model_gguf(home: Path) -> Path:
     """Assemble and verify the packaged default GGUF (sha256-checked by the package)."""
     try:
         import importlib
@@ -150,9 +150,7 @@ def default_model_gguf() -> Path:
     except ImportError:
         raise ModelError(f"the default model needs the package {_GGUF_DIST}; "
                          f"run `pip install {_GGUF_DIST}` or pass --model") from None
-    from .store import default_home
-
-    return Path(pkg.assemble(default_home() / "models" / pkg.MODEL_NAME))
+    return Path(pkg.assemble(home / "models" / pkg.MODEL_NAME))
 
 
 def resolve_model(name: str, home: Path) -> tuple[str, dict]:
@@ -161,7 +159,7 @@ def resolve_model(name: str, home: Path) -> tuple[str, dict]:
     Returns (path_or_id, provenance extras).
     """
     if name == DEFAULT_MODEL or name.endswith(".gguf"):
-        gguf = default_model_gguf() if name == DEFAULT_MODEL else Path(name)
+        gguf = default_model_gguf(home) if name == DEFAULT_MODEL else Path(name)
         if not gguf.exists():
             raise ModelError(f"GGUF file {gguf} does not exist; pass an existing path to --model")
         out = home / "models" / (gguf.stem + "-safetensors")

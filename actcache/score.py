@@ -226,13 +226,9 @@ def _supports_prefix_reuse(model, body) -> bool:
 
 def _right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad ``seqs`` -> (input_ids (B, L) long, mask (B, L) long)."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+    from actcache.capture import right_pad
+
+    return right_pad(seqs, pad_id)
 
 
 def _collect_hidden(
