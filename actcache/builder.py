@@ -36,7 +36,7 @@ from .capture import (
 )
 from .data import DataSpec, Dataset, Example, load as load_data, prompt_segments
 from .errors import ConfigError
-from .models import ModelSpec, load_model
+from .models import ModelSpec, load_model, set_threads
 from .store import (
     FORMAT, FORMAT_VERSION, ArrayId, Store, array_name, build_lock, default_home, index_filename,
     stats_name,
@@ -242,6 +242,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     cfg.validate()
     t0 = time.time()
     home = default_home(cfg.home)
+    set_threads()
     ds, lm, key, payload = identify(cfg)
     n_layers = len(decoder_layers(lm.model)[1])
     layers = resolve_layers(cfg.layers, n_layers)

@@ -480,7 +480,10 @@ def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
     (index or model not of this build), ConfigError (k too large, bad option),
     DatasetError (missing/empty input).
     """
+    from .models import set_threads
+
     t0 = time.time()
+    set_threads()
     if int(cfg.k) < 1:
         raise ConfigError(f"--k must be at least 1, got {cfg.k}")
     store = Store.open(cfg.key, cfg.home)

@@ -394,8 +394,11 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     the report directory. Returns the results dict (also saved as results.json)."""
     from . import report
 
+    from .models import set_threads
+
     cfg.validate()
     t0 = time.time()
+    set_threads()
     store = Store.open(cfg.key, cfg.home)
     lm = _load_lm(store, cfg.dtype)
     q = quality_matrix(store, cfg, lm, progress)

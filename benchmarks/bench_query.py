@@ -11,7 +11,6 @@ plus held-out queries drawn the same way, so neighbours are meaningful.
 
 Measurements:
   exact-batched      VectorIndex(flat, cosine).search(all queries, k) in one call
-  exact-batched-db-tile-16384  the same with FAISS's pool tile widened to 16384 rows
   per-query-loop     one faiss search call per query (how OpenICL's TopkRetriever
                      queries its index), on --loop-queries queries
   numpy-bruteforce   float32 Q @ P.T in blocks + argpartition (no FAISS)
@@ -135,23 +134,6 @@ def main() -> None:
     emit(bench="numpy-bruteforce", queries=args.queries, seconds=round(t_np, 4), qps=round(qps_np, 1),
          baseline="exact-batched", ratio=round(qps_exact / qps_np, 2),
          agreement=round(recall(exact_ids, np_ids), 4), note="ratio = exact-batched qps / this qps", **common)
-
-    # FAISS tiles a batched flat search into (4096 queries x 1024 pool rows) GEMMs; wider pool
-    # tiles suit this machine's BLAS better. A global FAISS knob, so restored right after.
-    import faiss
-
-    old_bs = faiss.cvar.distance_compute_blas_database_bs
-    faiss.cvar.distance_compute_blas_database_bs = 16384
-    try:
-        t_tuned, (_, tuned_ids) = timed(lambda: flat.search(Q, k), args.repeats)
-    finally:
-        faiss.cvar.distance_compute_blas_database_bs = old_bs
-    emit(bench="exact-batched-db-tile-16384", queries=args.queries, seconds=round(t_tuned, 4),
-         qps=round(args.queries / t_tuned, 1), baseline="per-query-loop",
-         ratio=round((args.queries / t_tuned) / qps_loop, 2), vs_exact_batched=round(t_exact / t_tuned, 2),
-         agreement=round(recall(tuned_ids, exact_ids), 4),
-         note="faiss.cvar.distance_compute_blas_database_bs=16384 (default 1024); ratio = this qps / loop qps",
-         **common)
 
     for kind in () if args.skip_approx else ("ivf", "hnsw"):
         tb = time.perf_counter()
