@@ -9,7 +9,9 @@ later loads take seconds and work with HF_HUB_OFFLINE=1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -119,9 +121,12 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
+    # transformers' GGUF reader draws its own tqdm bar on stderr; the library
+    # never prints, so that bar is swallowed (errors still raise).
+    with contextlib.redirect_stderr(io.StringIO()):
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
     # The de-quantised weights are plain tensors; drop the GGUF quantizer so
     # save_pretrained writes ordinary safetensors.
     model.hf_quantizer = None
