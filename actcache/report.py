@@ -40,6 +40,9 @@ def summary_lines(results: dict) -> list[str]:
         f"   partial on label  = {_fmt(sm.get('partial_max_abs_rho'))}  at {sm.get('partial_max_name')}",
         f"study reference      = {ref}   rho(demo label, quality) = {_fmt(results['study']['label_rho'])}",
     ]
+    dr = results["selection"].get("dropped_demonstrations")
+    if dr:
+        lines.append(f"prompts over {results['selection']['max_length']} tokens dropped demonstrations: {dr}")
     fl = results["selection"].get("flips")
     if fl:
         lines.append(f"{fl['dtype']} vs float32 zero-shot: {fl['flipped']}/{fl['n']} predictions flip")

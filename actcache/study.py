@@ -74,6 +74,7 @@ class EvalConfig:
     batch_size: int = 16
     n_boot: int = 200
     pair_mask: str = "label-masked"
+    max_length: int = 2048
     out: str = "actcache-report"
     seed: int = 0
 
@@ -313,7 +314,7 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **op
 def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None = None,
                          progress: Progress | None = None) -> dict:
     """k-shot accuracy on eval inputs for zero-shot and each strategy, over seeds."""
-    from .score import classify, exact_match, extract_number, generate
+    from .score import classify, exact_match, extract_number, fit_demonstrations, generate
 
     task = store_task(store)
     rng = random.Random(cfg.seed + 7)
@@ -323,8 +324,17 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
     pool_by_id = {store.ids[r]: ex for r, ex in zip(store.pool_rows, _examples(store, store.pool_rows))}
     gold = np.array([e.label for e in evals])
 
-    def run(demos_per_query: list[list[Example]]) -> dict:
-        prompts = [prompt_segments(task, d, q) for d, q in zip(demos_per_query, evals)]
+    dropped: dict[str, int] = {}
+
+    def fit(label: str, segs: list[str]) -> list[str]:
+        # Never truncate silently: drop whole demonstrations from the front and count them.
+        kept, n = fit_demonstrations(lm.tokenizer, segs[:-1], segs[-1], cfg.max_length, reserve=64)
+        if n:
+            dropped[label] = dropped.get(label, 0) + n
+        return kept + [segs[-1]]
+
+    def run(demos_per_query: list[list[Example]], label: str = "") -> dict:
+        prompts = [fit(label, prompt_segments(task, d, q)) for d, q in zip(demos_per_query, evals)]
         if task.kind == "generation":
             outs = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
                             batch_size=max(1, cfg.batch_size // 4))
@@ -366,7 +376,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
                 ids = list(chosen[tid])
                 r.shuffle(ids)  # seeded demonstration order
                 demos.append([pool_by_id[i] for i in ids])
-        m = run(demos)
+        m = run(demos, label)
         if label == "zero-shot":
             zs_pred = np.asarray(m["pred"])
         results.append({"strategy": label, "seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
@@ -383,7 +393,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
         table.setdefault(r["strategy"], []).append(r["accuracy"])
     summary = [{"strategy": k, "mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
                 "std": float(np.nanstd(v)) if len(v) > 1 else 0.0, "n_seeds": len(v)} for k, v in table.items()]
-    return {"runs": results, "summary": summary, "eval_ids": eval_ids, "flips": flips, "k": cfg.k}
+    return {"runs": results, "summary": summary, "eval_ids": eval_ids, "flips": flips, "k": cfg.k,
+            "dropped_demonstrations": dropped, "max_length": cfg.max_length}
 
 
 # --------------------------------------------------------------------------- entry point

@@ -253,6 +253,7 @@ def evaluate(
     dtype: Optional[str] = typer.Option(None, help="Scoring dtype (default: the build's); bfloat16 is fast on AMX CPUs."),
     n_boot: int = typer.Option(200, help="Bootstrap resamples for CIs."),
     batch_size: int = typer.Option(16, help="Prompts per forward batch."),
+    max_length: int = typer.Option(2048, help="Longest prompt; longer ones drop demonstrations (reported)."),
     out: str = typer.Option("actcache-report", help="Output directory for report.md, CSVs and plots."),
     store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root."),
 ):
@@ -262,7 +263,8 @@ def evaluate(
     cfg = EvalConfig(key=resolve_key(key, store), home=store, n_candidates=n_candidates, n_probes=n_probes,
                      n_eval=n_eval, k=k, seeds=tuple(int(s) for s in _split(seeds)),
                      strategies=_split(strategies), knn_layers=knn_layers, quality=quality,
-                     quality_def=quality_def, dtype=dtype, n_boot=n_boot, batch_size=batch_size, out=out)
+                     quality_def=quality_def, dtype=dtype, n_boot=n_boot, batch_size=batch_size,
+                     max_length=max_length, out=out)
     with progress_bar() as cb:
         res = run_eval(cfg, progress=cb)
     _print_results(res)

@@ -87,3 +87,15 @@ def test_empty_pool_is_a_clear_error(tiny_model_dir, tmp_path):
     path = write_jsonl(tmp_path / "evalonly.jsonl", rows)
     with pytest.raises(DatasetError, match="empty pool"):
         build(cfg_for(tiny_model_dir["llama"], path, tmp_path / "s"))
+
+
+def test_overlong_prompts_drop_demonstrations_and_say_so(tiny_store):
+    from actcache.study import _load_lm, selection_experiment
+
+    cfg = EvalConfig(key=tiny_store.key, home=str(tiny_store.dir.parent.parent), n_eval=3, k=4, seeds=(0,),
+                     strategies=("random",), max_length=100, compare_fp32=False)
+    res = selection_experiment(tiny_store, cfg, _load_lm(tiny_store, None))
+    assert res["dropped_demonstrations"].get("random", 0) > 0
+    full = selection_experiment(tiny_store, EvalConfig(**{**cfg.__dict__, "max_length": 2048}),
+                                _load_lm(tiny_store, None))
+    assert full["dropped_demonstrations"] == {}
