@@ -75,6 +75,7 @@ class EvalConfig:
     n_boot: int = 200
     pair_mask: str = "label-masked"
     max_length: int = 2048
+    demos: str | None = None  # a query JSONL (from `actcache query`) to evaluate as a strategy
     out: str = "actcache-report"
     seed: int = 0
 
@@ -293,6 +294,28 @@ def _best_stat(study: dict | None) -> dict:
             "mask": best["mask"], "order": "high" if (best.get("rho_partial") or 0) >= 0 else "low"}
 
 
+def load_demos(path: str, store: Store) -> dict:
+    """Demonstration ids per test id from an `actcache query` JSONL (neighbours
+    best first) or a `--strategy knn` selection file."""
+    per = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise DatasetError(f"cannot read demonstrations file {path}: {e.strerror}") from None
+    for line in lines:
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("build_key") and rec["build_key"] != store.key:
+            raise MismatchError(f"{path} was made from build {rec['build_key'][:12]}, not {store.key[:12]}; "
+                                f"rerun `actcache query` on this build")
+        ids = [n["id"] for n in rec["neighbors"]] if "neighbors" in rec else list(rec.get("ids", []))
+        per[str(rec["test_id"])] = ids
+    if not per:
+        raise DatasetError(f"{path} holds no records; make it with `actcache query`")
+    return per
+
+
 def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **opts) -> dict:
     """Demonstration ids per test input: retrieval strategies give each input its
     own k; subset strategies pick a budget of k used for every input."""
@@ -354,6 +377,17 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
                       s, {"strategy": "stat", **best}) for s in cfg.seeds]
         else:
             jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]
+    if cfg.demos:
+        per = load_demos(cfg.demos, store)
+        missing = [t for t in eval_ids if t not in per]
+        if missing:
+            # Evaluate the file's own test inputs when it does not cover the sampled ones.
+            evals = [e for e in _examples(store, store.eval_rows) if e.id in per]
+            eval_ids, gold = [e.id for e in evals], np.array([e.label for e in evals])
+            if not evals:
+                raise DatasetError(f"{cfg.demos} names none of build {store.key[:12]}'s eval ids; "
+                                   f"make it with `actcache query {store.key[:12]}`")
+        jobs += [(f"file:{Path(cfg.demos).name}", s, {"strategy": "file"}) for s in cfg.seeds]
     results = []
     zs_pred = None
     for j, (label, seed, opts) in enumerate(jobs):
@@ -365,7 +399,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
             opts = dict(opts)
             name = opts.pop("strategy")
             try:
-                chosen = choose(store, name, k=cfg.k, seed=seed, test_ids=eval_ids, **opts)
+                chosen = per if name == "file" else choose(store, name, k=cfg.k, seed=seed,
+                                                           test_ids=eval_ids, **opts)
             except ModelError as e:  # an optional baseline whose package is absent
                 results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
                                 "macro_f1": float("nan"), "skipped": str(e)})

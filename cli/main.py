@@ -254,6 +254,7 @@ def evaluate(
     n_boot: int = typer.Option(200, help="Bootstrap resamples for CIs."),
     batch_size: int = typer.Option(16, help="Prompts per forward batch."),
     max_length: int = typer.Option(2048, help="Longest prompt; longer ones drop demonstrations (reported)."),
+    demos: Optional[str] = typer.Option(None, help="A query JSONL (from `actcache query`) evaluated as one more strategy."),
     out: str = typer.Option("actcache-report", help="Output directory for report.md, CSVs and plots."),
     store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root."),
 ):
@@ -264,7 +265,7 @@ def evaluate(
                      n_eval=n_eval, k=k, seeds=tuple(int(s) for s in _split(seeds)),
                      strategies=_split(strategies), knn_layers=knn_layers, quality=quality,
                      quality_def=quality_def, dtype=dtype, n_boot=n_boot, batch_size=batch_size,
-                     max_length=max_length, out=out)
+                     max_length=max_length, demos=demos, out=out)
     with progress_bar() as cb:
         res = run_eval(cfg, progress=cb)
     _print_results(res)

@@ -99,3 +99,18 @@ def test_overlong_prompts_drop_demonstrations_and_say_so(tiny_store):
     full = selection_experiment(tiny_store, EvalConfig(**{**cfg.__dict__, "max_length": 2048}),
                                 _load_lm(tiny_store, None))
     assert full["dropped_demonstrations"] == {}
+
+
+def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
+    from actcache.query import QueryConfig, query, write_jsonl
+    from actcache.study import _load_lm, selection_experiment
+
+    home = str(tiny_store.dir.parent.parent)
+    recs = query(QueryConfig(key=tiny_store.key, home=home, component="resid", k=2))
+    path = tmp_path / "neighbors.jsonl"
+    write_jsonl(recs, str(path))
+    cfg = EvalConfig(key=tiny_store.key, home=home, n_eval=3, k=2, seeds=(0, 1), strategies=(),
+                     demos=str(path), compare_fp32=False)
+    res = selection_experiment(tiny_store, cfg, _load_lm(tiny_store, None))
+    assert [s["strategy"] for s in res["summary"]] == ["zero-shot", "file:neighbors.jsonl"]
+    assert res["summary"][1]["n_seeds"] == 2
