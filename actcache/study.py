@@ -41,7 +41,7 @@ DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "
 # On this machine run them with --model gemma-3-270m (and smaller sizes).
 PRESETS: dict[str, dict] = {
     f"paper-{task}-{m}": dict(model=model, task=task, k=1, n_candidates=1000, n_probes=100,
-                             components=("mlp",), layers="all",
+                             components=("mlp",), layers="all", context_k=1, max_length=1024,
                              masks=("isolated", "in-context", "label-masked", "sink-masked"))
     for task in ("boolq", "arc_challenge", "openbookqa", "gsm8k")
     for m, model in (("llama", "meta-llama/Llama-3.2-3B"), ("qwen", "Qwen/Qwen2.5-3B"))

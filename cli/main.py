@@ -326,7 +326,8 @@ def run(
     cfg = BuildConfig(model=ModelSpec(model or p["model"], None, dtype, device),
                       data=DataSpec(task=p["task"], data_dir=data_dir, pool_limit=limit or n_cand,
                                     eval_limit=eval_limit or max(n_eval, n_probes or p["n_probes"])),
-                      layers=p["layers"], components=p["components"], masks=p["masks"], home=store)
+                      layers=p["layers"], components=p["components"], masks=p["masks"],
+                      context_k=p["context_k"], max_length=p["max_length"], home=store)
     with progress_bar() as cb:
         st = actcache.build(cfg, progress=cb)
         typer.echo(f"build {st.key[:16]}: {st.report['forward_batches']} forward batches "
