@@ -275,6 +275,8 @@ def list_builds(home: str | os.PathLike | None = None) -> list[dict]:
         except CorruptStoreError as e:
             info = {"key": d.name, "status": "corrupt", "error": str(e)}
         except StoreError:
+            if not any((d / "partial").rglob("*.npz")):
+                continue  # a build that failed before flushing anything left only its lock
             info = {"key": d.name, "status": "incomplete"}
         out.append(info)
     return out
