@@ -465,8 +465,10 @@ def score_options(
             groups.setdefault(tuple(prefixes[i]), []).append(k)
         else:
             plain.append(k)
-    for key in [key for key, ks in groups.items() if len({reqs[k][0] for k in ks}) < 2]:
-        plain.extend(groups.pop(key))  # a single prompt gains nothing from a cached prefix
+    # A prefix pays off once two requests share it: several prompts, or the options
+    # of one multiple-choice prompt (each option is its own request).
+    for key in [key for key, ks in groups.items() if len(ks) < 2]:
+        plain.extend(groups.pop(key))
 
     hidden: list[torch.Tensor | None] = [None] * len(reqs)
     if plain:
