@@ -232,7 +232,7 @@ def candidate_quality(q: dict, store: Store, cfg: EvalConfig) -> np.ndarray:
 def correlation_study(store: Store, q: dict, cfg: EvalConfig, progress: Progress | None = None) -> dict:
     """Spearman (raw, within-label, partial on label) of every stored statistic
     with candidate quality, plus pair-level similarity analyses."""
-    from .correlate import candidate_correlations, pair_correlations, summarize
+    from .correlate import candidate_correlations, pair_correlations, spearman, summarize
 
     cand, probes = q["cand_rows"], q["probe_rows"]
     quality = candidate_quality(q, store, cfg)
@@ -247,8 +247,7 @@ def correlation_study(store: Store, q: dict, cfg: EvalConfig, progress: Progress
     for r in rows:
         r["mask"], r["component"], layer, r["stat"] = r["name"].split("|")
         r["layer"] = int(layer)
-    label_rho = float(__import__("scipy.stats", fromlist=["spearmanr"]).spearmanr(labels, quality)[0]) \
-        if len(set(labels.tolist())) > 1 else float("nan")
+    label_rho = spearman(labels, quality)[0]  # how much the demonstration's label alone explains
     # Pair level: does the candidate-probe similarity at a layer predict the 1-shot score?
     pairs = []
     score = q["correct"] if cfg.quality == "correct" else q["margin"]

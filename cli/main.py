@@ -51,6 +51,7 @@ def handle_errors(fn):
 @contextmanager
 def progress_bar():
     """A rich progress bar fed by the library's (desc, done, total) callback."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -58,7 +59,7 @@ def progress_bar():
     with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
                   disable=not sys.stderr.isatty() and os.environ.get("ACTCACHE_PROGRESS") != "1",
-                  console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True)) as bar:
+                  console=Console(stderr=True)) as bar:
         def cb(desc: str, done: int, total: int) -> None:
             if desc not in tasks:
                 tasks[desc] = bar.add_task(desc, total=total)
