@@ -1,6 +1,16 @@
-"""`python -m actcache`: the entry-point shim, the one place actcache reaches the CLI."""
+"""`python -m actcache`: start the command line through the installed `actcache`
+console-script entry point, so the library itself never imports the CLI."""
 
-from cli.main import app
+import sys
+from importlib.metadata import entry_points
+
+
+def main() -> None:
+    eps = [ep for ep in entry_points(group="console_scripts") if ep.name == "actcache"]
+    if not eps:
+        sys.exit("actcache's command line is not installed; run `pip install -e .` in the repository")
+    eps[0].load()()
+
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -162,21 +162,41 @@ def _plan(ds: Dataset, tok, cfg: BuildConfig) -> _Plan:
         t = _continuation(tok, task.target(ex)) if split == "pool" else []
         for mask in MASKS:
             pre = ctx_ids if mask == "in-context" else bos
-            room = cfg.max_length - len(pre) - len(t)
-            if room < 1:
+            if cfg.max_length - len(pre) - len(t) < 1:
                 raise ConfigError(f"example {ex.id}: its target alone is {len(t)} tokens, over "
                                   f"--max-length {cfg.max_length}; raise --max-length")
-            qq = q[-room:]  # keep the end of the input, next to where the answer starts
-            s = len(pre)
-            full = cfg.span == "full" and mask != "label-masked"
-            seqs[mask].append(pre + qq + t)
-            spans[mask].append((s, s + len(qq) + (len(t) if full else 0)))
+            seq, span, dropped = row_layout(pre, q, t, cfg.max_length,
+                                            cfg.span == "full" and mask != "label-masked")
+            seqs[mask].append(seq)
+            spans[mask].append(span)
             if mask == "isolated":
-                trunc.append(len(q) - len(qq))
+                trunc.append(dropped)
         n_tok.append(len(q))
         n_tgt.append(len(t))
     return _Plan(rows, splits, seqs, spans, np.array(n_tok), np.array(n_tgt), np.array(trunc),
                  [e.id for e in ctx], "".join(prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else "")
+
+
+def row_layout(pre: list[int], q: list[int], t: list[int], max_length: int, full: bool):
+    """Token ids and pooled span of one row: prefix + input (its start dropped if
+    too long, keeping the end next to the answer) + target. The span covers the
+    input, plus the target when `full`. Returns (ids, (start, end), input tokens dropped)."""
+    qq = q[-(max_length - len(pre) - len(t)):]
+    s = len(pre)
+    return pre + qq + t, (s, s + len(qq) + (len(t) if full else 0)), len(q) - len(qq)
+
+
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def forward_rows(lm, cap: Capture, seqs, spans, rows, mask: str) -> None:
+    """Run `cap` on the given rows as one right-padded batch under `mask`."""
+    model = lm.model
+    batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(lm.tokenizer),
+                       next(model.parameters()).device)
+    attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
+    cap.run(batch, attention_mask=attn)
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
@@ -285,7 +305,6 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
 
 def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str, progress):
     """One forward pass over every row under `mask`, resuming from flushed batches."""
-    model, tok = lm.model, lm.tokenizer
     pid = _pass_id(key, mask, units, poolings)
     pdir = bdir / "partial" / pid
     pdir.mkdir(parents=True, exist_ok=True)
@@ -293,9 +312,7 @@ def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str,
     batches = _batches([len(s) for s in seqs], cfg.batch_size)
     layers = sorted({L for _, L in units})
     comps = sorted({c for c, _ in units}, key=COMPONENTS.index)
-    cap = Capture(model, layers, comps, poolings, stats=True)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    device = next(model.parameters()).device
+    cap = Capture(lm.model, layers, comps, poolings, stats=True)
     desc = f"build {mask}"
     ran = 0
     for bi, rows in enumerate(batches):
@@ -304,9 +321,7 @@ def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str,
             progress(desc, bi, len(batches))
         if shard.exists():
             continue
-        batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad, device)
-        attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
-        cap.run(batch, attention_mask=attn)
+        forward_rows(lm, cap, seqs, spans, rows, mask)
         ran += 1
         out = {"rows": rows}
         for (c, L, p), v in cap.pooled.items():

@@ -212,7 +212,6 @@ def quiet_transformers() -> None:
 
 def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
     """Load the model (eval mode, requested dtype/device) and tokenizer with provenance."""
-    import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -326,13 +326,12 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
                                                             "cache": str(path)}
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: recompute and overwrite it
-    from .builder import _batches, _continuation, _save_npz, encode_segments
-    from .capture import Capture, make_batch, sink_masks
+    from .builder import _batches, _continuation, _save_npz, encode_segments, forward_rows, row_layout
+    from .capture import Capture
     from .models import ModelSpec, load_model
     from .store import _open_h5
 
-    home = store.dir.parent.parent  # <home>/builds/<key>: models resolve under the same store root
-    lm = load_model(ModelSpec(**store.config["model"]), home)
+    lm = load_model(ModelSpec(**store.config["model"]), store.home)
     built = store.provenance.get("model", {})
     for field in ("weights_sha256", "tokenizer_sha256"):
         if built.get(field) and lm.provenance.get(field) != built.get(field):
@@ -349,25 +348,19 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     if mask == "in-context":
         segs = _context_segments(store, task)
         pre = encode_segments(tok, segs) if segs else bos
+    # Laid out exactly as builder._plan lays out an eval row (no target).
     seqs, spans = [], []
     for t in texts:
-        # Mirrors builder._plan for an eval row: no target; keep the end of the input.
-        q = _continuation(tok, t)
-        room = max_length - len(pre)
-        qq = q[-room:]
-        seqs.append(pre + qq)
-        spans.append((len(pre), len(pre) + len(qq)))
+        seq, span, _ = row_layout(pre, _continuation(tok, t), [], max_length, False)
+        seqs.append(seq)
+        spans.append(span)
     cap = Capture(model, [int(layer)], [component], [pooling], stats=False)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    device = next(model.parameters()).device
     batches = _batches([len(s) for s in seqs], batch_size)
     out = None
     for bi, rows in enumerate(batches):
         if progress:
             progress("query encode", bi, len(batches))
-        batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad, device)
-        attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
-        cap.run(batch, attention_mask=attn)
+        forward_rows(lm, cap, seqs, spans, rows, mask)
         v = cap.pooled[(component, int(layer), pooling)]
         if out is None:
             out = np.empty((len(texts), v.shape[1]), dtype=np.float32)

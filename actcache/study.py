@@ -30,7 +30,7 @@ import numpy as np
 from .capture import STATS
 from .data import Example, Task, prompt_segments
 from .errors import ConfigError, DatasetError, MismatchError, ModelError
-from .store import Store, default_home
+from .store import Store
 
 Progress = Callable[[str, int, int], None]
 STUDY_REF = 0.33  # the 2026 study's largest |Spearman rho|
@@ -116,7 +116,7 @@ def _load_lm(store: Store, dtype: str | None):
     m = dict(store.config["model"])
     if dtype:
         m["dtype"] = dtype
-    lm = load_model(ModelSpec(**m), default_home(store.dir.parent.parent))
+    lm = load_model(ModelSpec(**m), store.home)
     if lm.provenance["weights_sha256"] != store.provenance["model"]["weights_sha256"]:
         raise MismatchError(f"the model {m['model']!r} loaded now has other weights than build "
                             f"{store.key[:12]} was made with; rebuild, or restore those weights")
