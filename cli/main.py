@@ -84,7 +84,8 @@ def data_options(task, data, data_dir, text_field, label_field, label_values, la
 def build(
     model: str = typer.Option("gemma-3-270m", help="Hugging Face id, local directory, .gguf file, or the packaged default."),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub branch, tag or commit)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the CPU/GPU runs it natively, else float32), "
+                                           "float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
     task: str = typer.Option("rotten_tomatoes", help="Named task: rotten_tomatoes, sst2, agnews, rte, boolq, arc_challenge, openbookqa, gsm8k."),
     data: Optional[str] = typer.Option(None, help="A local .jsonl/.csv instead of --task."),
@@ -251,7 +252,8 @@ def evaluate(
     knn_layers: str = typer.Option("auto", help="Layers for knn ('auto' = first, middle, last)."),
     quality: str = typer.Option("margin", help="Pair score: margin (gold log-prob margin) or correct."),
     quality_def: str = typer.Option("mean", help="Candidate quality: mean, gain (over zero-shot) or balanced."),
-    dtype: Optional[str] = typer.Option(None, help="Scoring dtype (default: the build's); bfloat16 is fast on AMX CPUs."),
+    dtype: str = typer.Option("auto", help="Scoring dtype: auto (bfloat16 where the hardware runs it natively, "
+                                           "else float32), float32, bfloat16 or float16."),
     n_boot: int = typer.Option(200, help="Bootstrap resamples for CIs."),
     batch_size: int = typer.Option(16, help="Prompts per forward batch."),
     max_length: int = typer.Option(2048, help="Longest prompt; longer ones drop demonstrations (reported)."),
@@ -298,7 +300,7 @@ def _print_results(res: dict) -> None:
 def run(
     preset: str = typer.Option(..., help="A study preset, e.g. paper-boolq-llama (see `actcache presets`)."),
     model: Optional[str] = typer.Option(None, help="Override the preset's model (e.g. gemma-3-270m here)."),
-    dtype: str = typer.Option("bfloat16", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
     data_dir: Optional[str] = typer.Option(None, envvar="ACTCACHE_DATA_DIR", help="Folder holding the benchmarks."),
     limit: Optional[int] = typer.Option(None, help="Pool size cap (default: the preset's candidates)."),

@@ -156,7 +156,7 @@ def cfg_for(model_dir, jsonl, home, **kw):
     data = DataSpec(path=str(jsonl), text_fields=("review",), label_field="label", split_field="split",
                     id_field="id", template="Review: {review}\nSentiment:",
                     label_words=(" negative", " positive"))
-    base = dict(model=ModelSpec(str(model_dir)), data=data, home=str(home), batch_size=3, context_k=2)
+    base = dict(model=ModelSpec(str(model_dir), dtype="float32"), data=data, home=str(home), batch_size=3, context_k=2)
     base.update(kw)
     return BuildConfig(**base)
 

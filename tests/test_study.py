@@ -24,7 +24,7 @@ def tiny_store(tiny_model_dir, jsonl, tmp_path):
 
 
 def test_quality_matrix_matches_plain_forward(tiny_store, tiny_model_dir):
-    cfg = EvalConfig(key=tiny_store.key, home=str(tiny_store.dir.parent.parent), n_candidates=4, n_probes=3)
+    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_candidates=4, n_probes=3)
     q = quality_matrix(tiny_store, cfg)
     assert q["margin"].shape == (4, 3) and q["correct"].shape == (4, 3)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,7 +51,7 @@ def test_quality_matrix_matches_plain_forward(tiny_store, tiny_model_dir):
 
 def test_quality_matrix_cached_and_checked(tiny_store, tmp_path, tiny_model_dir, jsonl):
     home = str(tiny_store.dir.parent.parent)
-    cfg = EvalConfig(key=tiny_store.key, home=home, n_candidates=4, n_probes=3)
+    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_candidates=4, n_probes=3)
     a = quality_matrix(tiny_store, cfg)
     b = quality_matrix(tiny_store, cfg, lm=object())  # a cache hit never touches the model
     np.testing.assert_array_equal(a["margin"], b["margin"])
@@ -62,7 +62,7 @@ def test_quality_matrix_cached_and_checked(tiny_store, tmp_path, tiny_model_dir,
 
 def test_evaluate_end_to_end(tiny_store, tmp_path):
     out = tmp_path / "report"
-    res = evaluate(EvalConfig(key=tiny_store.key, home=str(tiny_store.dir.parent.parent), n_candidates=6,
+    res = evaluate(EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_candidates=6,
                               n_probes=3, n_eval=3, k=2, seeds=(0, 1),
                               strategies=("random", "knn", "vote-k", "k-center", "kmeans", "stat"),
                               n_boot=20, out=str(out)))
@@ -92,7 +92,7 @@ def test_empty_pool_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_overlong_prompts_drop_demonstrations_and_say_so(tiny_store):
     from actcache.study import _load_lm, selection_experiment
 
-    cfg = EvalConfig(key=tiny_store.key, home=str(tiny_store.dir.parent.parent), n_eval=3, k=4, seeds=(0,),
+    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_eval=3, k=4, seeds=(0,),
                      strategies=("random",), max_length=100, compare_fp32=False)
     res = selection_experiment(tiny_store, cfg, _load_lm(tiny_store, None))
     assert res["dropped_demonstrations"].get("random", 0) > 0
@@ -109,7 +109,7 @@ def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
     recs = query(QueryConfig(key=tiny_store.key, home=home, component="resid", k=2))
     path = tmp_path / "neighbors.jsonl"
     write_jsonl(recs, str(path))
-    cfg = EvalConfig(key=tiny_store.key, home=home, n_eval=3, k=2, seeds=(0, 1), strategies=(),
+    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_eval=3, k=2, seeds=(0, 1), strategies=(),
                      demos=str(path), compare_fp32=False)
     res = selection_experiment(tiny_store, cfg, _load_lm(tiny_store, None))
     assert [s["strategy"] for s in res["summary"]] == ["zero-shot", "file:neighbors.jsonl"]
