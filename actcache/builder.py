@@ -38,8 +38,7 @@ from .data import DataSpec, Dataset, Example, load as load_data, prompt_segments
 from .errors import ConfigError
 from .models import ModelSpec, load_model, set_threads
 from .store import (
-    FORMAT, FORMAT_VERSION, ArrayId, Store, array_name, build_lock, default_home, index_filename,
-    stats_name,
+    FORMAT, FORMAT_VERSION, ArrayId, Store, array_name, build_lock, default_home, index_spec, stats_name,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -54,8 +53,10 @@ class BuildConfig:
           "input" stops before it. Eval rows never carry a label.
     store_dtype: "float16" (default) or "float32" for the pooled arrays.
     context_k / context_seed: the fixed demonstrations of the in-context mask.
-    index: FAISS index kind for every array: flat (exact cosine), ivf, hnsw,
-           or a FAISS factory string.
+    index: None (default) builds no index: each is built on first use (query,
+           select, evaluate), flat (exact cosine) unless the build asked for
+           another kind. flat, ivf, hnsw or a FAISS factory string builds
+           every array's index of that kind now.
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -70,7 +71,7 @@ class BuildConfig:
     store_dtype: str = "float16"
     context_k: int = 4
     context_seed: int = 0
-    index: str = "flat"
+    index: str | None = None
     home: str | None = None
 
     def validate(self) -> None:
@@ -293,7 +294,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
             _write_h5(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats)
             shutil.rmtree(bdir / "partial", ignore_errors=True)
         store = Store(bdir)
-        made_idx = _ensure_indexes(store, cfg, progress)
+        made_idx = _ensure_indexes(store, cfg, progress) if cfg.index else 0
     store.report = {
         "key": key, "path": str(bdir), "cache_hit": not missing and not made_idx,
         "computed": [str(a) for a in missing], "reused": [str(a) for a in wanted if a not in missing],
@@ -437,35 +438,20 @@ def load_task_of(cfg: BuildConfig):
 def _cfg_json(cfg: BuildConfig) -> dict:
     d = asdict(cfg)
     d.pop("home", None)
+    if d["index"] is None:
+        d.pop("index")  # lazy: keep the kind an earlier build asked for
     return d
 
 
 def _ensure_indexes(store: Store, cfg: BuildConfig, progress) -> int:
-    """Build the FAISS index of every array that lacks one (atomic per file)."""
-    from indexes import IndexSpec, VectorIndex
-
-    spec = IndexSpec(kind=cfg.index) if cfg.index in ("flat", "ivf", "hnsw") else \
-        IndexSpec(kind="factory", factory=cfg.index)
-    (store.dir / "indexes").mkdir(exist_ok=True)
-    todo = []
-    for a in store.arrays:
-        path = store.index_path(a)
-        meta = Path(str(path) + ".json")
-        if path.exists() and meta.exists():
-            try:
-                m = json.loads(meta.read_text())
-                if m.get("meta", m).get("key") == store.key and m.get("ntotal") == len(store.pool_rows):
-                    continue
-            except (OSError, json.JSONDecodeError):
-                pass
-        todo.append(a)
+    """With --index: build every array's index now (atomic per file), replacing
+    any of another kind. Without it, indexes are built lazily on first use."""
+    spec = index_spec(cfg.index)
+    todo = [a for a in store.arrays if not store.has_index(a, spec)]
     for i, a in enumerate(todo):
         if progress:
             progress("index", i, len(todo))
-        vecs = store.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
-        idx = VectorIndex.build(vecs, spec, meta={"key": store.key, "array": str(a),
-                                                  "file": index_filename(a.mask, a.component, a.layer, a.pooling)})
-        idx.save(str(store.index_path(a)))
+        store.build_index(a, spec)
     if progress and todo:
         progress("index", len(todo), len(todo))
     return len(todo)

@@ -73,16 +73,31 @@ class ArrayId:
 
 
 @contextmanager
-def build_lock(build_dir: Path) -> Iterator[None]:
-    """Exclusive flock on <build>/lock. A second builder of the same key waits,
-    then finds the first one's result and reuses it."""
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with open(build_dir / "lock", "a+") as f:
+def _flock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Exclusive flock on <build>/lock. A second builder of the same key waits,
+    then finds the first one's result and reuses it."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _flock(build_dir / "lock"):
+        yield
+
+
+def index_spec(kind: str | None):
+    """An `indexes.IndexSpec` for --index: flat (exact cosine; also for None),
+    ivf, hnsw, or a FAISS factory string."""
+    from indexes import IndexSpec
+
+    kind = kind or "flat"
+    return IndexSpec(kind=kind) if kind in ("flat", "ivf", "hnsw") else IndexSpec(kind="factory", factory=kind)
 
 
 def _open_h5(path: Path):
@@ -221,22 +236,74 @@ class Store:
 
     def index(self, component: str, layer: int, pooling: str = "mean", mask: str = "isolated",
               mmap: bool = True):
-        """The FAISS index over the pool rows of one array, checked against this build."""
-        from indexes import IndexFileError, IndexMismatchError, VectorIndex
+        """The FAISS index over the pool rows of one array (an `indexes.VectorIndex`).
 
+        Indexes are derived artifacts: a build writes HDF5 only, and the index
+        is built here on first use (flat unless the build asked for another
+        kind), persisted atomically, and memory-mapped. One that is missing,
+        damaged, or made for another build is rebuilt from the array.
+        """
         a = ArrayId(component, int(layer), pooling, mask)
         self._check(a)
-        path = self.index_path(a)
-        d = self.dim(a)
         try:
-            return VectorIndex.load(str(path), mmap=mmap,
-                                    expect={"d": d, "ntotal": len(self.pool_rows), "key": self.key})
+            return self._load_index(a, mmap)
+        except StoreError:
+            return self.build_index(a, mmap=mmap)
+
+    def _load_index(self, a: ArrayId, mmap: bool = True, spec=None):
+        from indexes import IndexFileError, IndexMismatchError, VectorIndex
+
+        path = self.index_path(a)
+        expect = {"d": self.dim(a), "ntotal": len(self.pool_rows), "key": self.key}
+        if spec is not None:
+            expect.update({k: v for k, v in spec.to_dict().items() if k in ("kind", "factory", "metric")})
+        try:
+            return VectorIndex.load(str(path), mmap=mmap, expect=expect)
         except IndexMismatchError as e:
-            raise MismatchError(f"{path.name} does not match build {self.key[:12]}: {e}; rerun "
-                                f"`actcache build` to rebuild the index") from None
+            raise MismatchError(f"{path.name} does not match build {self.key[:12]}: {e}") from None
         except IndexFileError as e:
-            raise StoreError(f"index {path.name} is missing or unreadable ({e}); rerun "
-                             f"`actcache build` with the same options to rebuild it") from None
+            raise StoreError(f"index {path.name} is missing or unreadable ({e})") from None
+
+    def has_index(self, a: ArrayId, spec=None) -> bool:
+        """True when a valid index of `a` (of `spec`'s kind, if given) is on disk."""
+        try:
+            self._load_index(a, mmap=True, spec=spec)
+            return True
+        except StoreError:
+            return False
+
+    def build_index(self, a: ArrayId, spec=None, mmap: bool = True):
+        """Build, persist (atomically, under a lock) and return the index of `a`.
+
+        `spec` defaults to the kind the build asked for (`--index`, else flat).
+        A store that cannot be written (read-only) gets the index in memory.
+        """
+        from indexes import VectorIndex
+
+        spec = spec or index_spec(self.config.get("index"))
+        idir = self.dir / "indexes"
+        try:
+            idir.mkdir(exist_ok=True)
+            lock = _flock(idir / ".lock")
+            lock.__enter__()
+        except OSError:
+            lock = None
+        try:
+            if lock is not None and self.has_index(a, spec):
+                return self._load_index(a, mmap)  # another process built it while we waited
+            vecs = self.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
+            idx = VectorIndex.build(vecs, spec, meta={"key": self.key, "array": str(a),
+                                                      "file": self.index_path(a).name})
+            if lock is None:
+                return idx
+            try:
+                idx.save(str(self.index_path(a)))
+            except OSError:
+                return idx  # unwritable store: serve from memory
+            return self._load_index(a, mmap)
+        finally:
+            if lock is not None:
+                lock.__exit__(None, None, None)
 
     def dim(self, a: ArrayId) -> int:
         with _open_h5(self.h5_path) as f:
@@ -261,6 +328,7 @@ class Store:
             "poolings": sorted({a.pooling for a in self.arrays}),
             "masks": sorted({a.mask for a in self.arrays}),
             "n_arrays": len(self.arrays),
+            "n_indexes": len(list((self.dir / "indexes").glob("*.faiss"))),
             "size_mb": round(sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file()) / 2**20, 2),
             "provenance": self.provenance,
             "config": self.config,

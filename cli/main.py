@@ -109,11 +109,13 @@ def build(
     batch_size: int = typer.Option(16, help="Examples per forward batch."),
     store_dtype: str = typer.Option("float16", help="float16 or float32 for stored activations."),
     context_k: int = typer.Option(4, help="Demonstrations in the in-context mask's prefix."),
-    index: str = typer.Option("flat", help="flat (exact cosine), ivf, hnsw, or a FAISS factory string."),
+    index: Optional[str] = typer.Option(None, help="Build every array's FAISS index now: flat (exact cosine), ivf, "
+                                                   "hnsw, or a FAISS factory string. Default: none now; each index "
+                                                   "is built on first use (flat) and kept."),
     store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root (default ~/.cache/actcache)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    """Run the model over the dataset once; cache pooled activations, statistics and FAISS indexes."""
+    """Run the model over the dataset once; cache pooled activations and statistics (FAISS indexes on first use)."""
     import actcache
     from actcache.builder import BuildConfig
     from actcache.models import ModelSpec

@@ -231,7 +231,7 @@ def test_errors(built, tmp_path):
         query(QueryConfig(key=st.key, home=str(home), source=str(bad)))
 
 
-def test_index_and_model_mismatch(built, tmp_path):
+def test_foreign_or_damaged_index_is_rebuilt_and_model_mismatch(built, tmp_path):
     import h5py
 
     from indexes import VectorIndex
@@ -240,20 +240,24 @@ def test_index_and_model_mismatch(built, tmp_path):
     home = tmp_path / "copy"
     shutil.copytree(st.dir, home / "builds" / st.key)
     cp = Store.open(st.key, home)
+    want = query(QueryConfig(key=st.key, home=str(home)))
     a = cp.index_path(next(x for x in cp.arrays if (x.component, x.layer, x.mask) == ("mlp", 3, "label-masked")
                            and x.pooling == "mean"))
     side = a.with_name(a.name + ".json")
+    # A sidecar naming another build, another build's index (same shape) saved at
+    # this path, and a truncated file: each is rebuilt from the array, not trusted.
     doc = json.loads(side.read_text())
     doc["meta"]["key"] = "f" * 64
     side.write_text(json.dumps(doc))
-    with pytest.raises(MismatchError, match="does not match build"):
-        query(QueryConfig(key=st.key, home=str(home)))
-    # Another build's index (same shape) saved at this path.
+    assert query(QueryConfig(key=st.key, home=str(home))) == want
     other = VectorIndex.build(np.random.default_rng(0).standard_normal((len(cp.pool_rows), 64)).astype(np.float32),
                               meta={"key": "0" * 64})
     other.save(str(a))
-    with pytest.raises(MismatchError, match="does not match build"):
-        query(QueryConfig(key=st.key, home=str(home)))
+    assert query(QueryConfig(key=st.key, home=str(home))) == want
+    assert json.loads(side.read_text())["meta"]["key"] == st.key
+    with open(a, "r+b") as f:
+        f.truncate(a.stat().st_size // 2)
+    assert query(QueryConfig(key=st.key, home=str(home))) == want
     # The model on disk is not the one the build used.
     with h5py.File(cp.h5_path, "r+") as f:
         prov = json.loads(f.attrs["provenance"])
