@@ -295,8 +295,12 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
             shutil.rmtree(bdir / "partial", ignore_errors=True)
         store = Store(bdir)
         made_idx = _ensure_indexes(store, cfg, progress) if cfg.index else 0
+    built_on = store.provenance.get("model", {}).get("hardware") or {}
+    here = lm.provenance["hardware"]
     store.report = {
         "key": key, "path": str(bdir), "cache_hit": not missing and not made_idx,
+        "dtype": lm.provenance["dtype"], "dtype_requested": lm.provenance["dtype_requested"], "hardware": here,
+        "built_on": built_on.get("class"),
         "computed": [str(a) for a in missing], "reused": [str(a) for a in wanted if a not in missing],
         "indexes_built": made_idx, "forward_batches": forward_batches,
         "seconds": round(time.time() - t0, 2),

@@ -133,6 +133,23 @@ def _accuracy_plot(results: dict, out: Path) -> str:
     return "accuracy_by_strategy.png"
 
 
+def hardware_lines(hw: dict | None) -> list[str]:
+    """Markdown lines: what this evaluation ran on, and a note for every cached
+    artifact (the build's arrays, the quality matrix) computed on another
+    capability class (bf16 on AMX vs fp32 elsewhere gives slightly other numbers)."""
+    if not hw:
+        return []
+    here = hw["evaluate"]
+    out = [f"- ran on: {here.get('class')} ({here.get('device_name')}), {here.get('threads')} threads, "
+           f"dtype {hw['dtype']} ({'auto' if hw.get('dtype_requested') == 'auto' else 'as asked'})"]
+    for what in ("build", "quality_matrix"):
+        other = hw.get(what) or {}
+        if other.get("class") and other["class"] != here.get("class"):
+            out.append(f"- note: the cached {what.replace('_', ' ')} was computed on {other['class']} "
+                       f"({other.get('device_name')}), not on this machine's {here.get('class')}")
+    return out
+
+
 def write(results: dict, out: Path) -> dict:
     """Write report.md, results.json, CSVs and PNGs into `out`; returns file names."""
     out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +164,7 @@ def write(results: dict, out: Path) -> dict:
           f"- build key: `{results['build_key']}`", f"- quality matrix key: `{results['quality_key']}`",
           f"- model: `{results['model'].get('model')}` ({results['model'].get('dtype')}, weights sha256 "
           f"`{str(results['model'].get('weights_sha256'))[:16]}…`)",
+          *hardware_lines(results.get("hardware")),
           f"- sizes: {results['sizes']}", f"- versions: {results.get('versions')}",
           f"- config: `{json.dumps(results['config'], default=str)}`", "",
           "## Selection experiment", "", *_md_table(headline(results)), "",

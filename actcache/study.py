@@ -191,6 +191,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     if progress:
         progress("quality matrix", len(cands), len(cands))
     meta = {"key": qkey, "build_key": store.key, "payload": payload, "task": task.name,
+            "dtype": lm.provenance["dtype"], "hardware": lm.provenance["hardware"],
             "seconds": round(time.time() - t0, 2), "n_prompts": len(cands) * len(probes) + len(probes),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path.parent.mkdir(exist_ok=True)
@@ -458,6 +459,10 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
             "n_candidates": int(len(q["cand_rows"])), "n_probes": int(len(q["probe_rows"])),
             "n_eval": len(selection["eval_ids"]), "k": cfg.k, "seeds": list(cfg.seeds)},
         "zero_shot_probe_acc": float(np.nanmean(q["zs_correct"])),
+        "hardware": {"dtype": lm.provenance["dtype"], "dtype_requested": lm.provenance["dtype_requested"],
+                     "evaluate": lm.provenance["hardware"],
+                     "build": store.provenance["model"].get("hardware"),
+                     "quality_matrix": q["meta"].get("hardware")},
         "study": study, "selection": selection, "seconds": None,
     }
     results["seconds"] = round(time.time() - t0, 1)

@@ -48,9 +48,39 @@ def handle_errors(fn):
     return wrapper
 
 
+def _plain_progress(interval: float):
+    """A (desc, done, total) callback for logs: one plain stderr line per step at
+    its start and end, and at most one every `interval` seconds in between."""
+    import time
+
+    state: dict = {}
+
+    def cb(desc: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        st = state.setdefault(desc, {"t0": now, "last": None, "ended": False})
+        end = total > 0 and done >= total
+        due = st["last"] is None or now - st["last"] >= interval
+        if st["ended"] or not (end or due):
+            return
+        el = now - st["t0"]
+        rate = done / el if el > 0 else 0.0
+        eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 and not end else ""
+        pct = f" ({100 * done / total:.0f}%)" if total else ""
+        typer.echo(f"[{time.strftime('%H:%M:%S')}] {desc}: {done}/{total}{pct}, {el:.0f} s elapsed, "
+                   f"{rate:.2f}/s{eta}", err=True)
+        st["last"], st["ended"] = now, end
+
+    return cb
+
+
 @contextmanager
 def progress_bar():
-    """A rich progress bar fed by the library's (desc, done, total) callback."""
+    """A rich progress bar fed by the library's (desc, done, total) callback; when
+    stderr is no terminal (nohup, batch jobs, CI) plain lines every ~15 s instead
+    ($ACTCACHE_PROGRESS_INTERVAL seconds; ACTCACHE_PROGRESS=1 forces the bar)."""
+    if not sys.stderr.isatty() and os.environ.get("ACTCACHE_PROGRESS") != "1":
+        yield _plain_progress(float(os.environ.get("ACTCACHE_PROGRESS_INTERVAL", "15")))
+        return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
@@ -58,7 +88,6 @@ def progress_bar():
     tasks = {}
     with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
-                  disable=not sys.stderr.isatty() and os.environ.get("ACTCACHE_PROGRESS") != "1",
                   console=Console(stderr=True)) as bar:
         def cb(desc: str, done: int, total: int) -> None:
             if desc not in tasks:
@@ -138,7 +167,17 @@ def build(
     else:
         typer.echo(f"computed {len(r['computed'])} arrays in {r['forward_batches']} forward batches, "
                    f"reused {len(r['reused'])}, built {r['indexes_built']} indexes ({r['seconds']} s)")
-    typer.echo(f"key  {r['key']}\npath {r['path']}")
+    typer.echo(f"key  {r['key']}\npath {r['path']}\n{hardware_line(r['dtype'], r['dtype_requested'], r['hardware'])}")
+    if r["built_on"] and r["built_on"] != r["hardware"]["class"]:
+        typer.echo(f"note: this build's arrays were computed on {r['built_on']}, not on this machine's "
+                   f"{r['hardware']['class']}")
+
+
+def hardware_line(dtype: str, requested: str, hw: dict) -> str:
+    """'dtype bfloat16 (auto) on cpu-AVX512-amx, Intel Xeon ..., 2 threads'."""
+    how = "auto" if requested == "auto" else "as asked"
+    return (f"dtype {dtype} ({how}) on {hw.get('class')}, {hw.get('device_name')}, "
+            f"{hw.get('threads')} threads")
 
 
 @app.command("ls")
@@ -280,7 +319,7 @@ def _print_results(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from actcache.report import headline, summary_lines
+    from actcache.report import hardware_lines, headline, summary_lines
 
     t = Table(title=f"{res['task']}: zero-shot vs {res['sizes']['k']}-shot accuracy on {res['sizes']['n_eval']} "
                     f"eval inputs ({res['sizes']['n_candidates']} candidates x {res['sizes']['n_probes']} probes "
@@ -292,8 +331,8 @@ def _print_results(res: dict) -> None:
         t.add_row(*r)
     con = Console()
     con.print(t)
-    for line in summary_lines(res):
-        con.print(line)
+    for line in summary_lines(res) + [h[2:] for h in hardware_lines(res.get("hardware"))]:
+        con.print(line, markup=False, highlight=False)
     con.print(f"report: {res['out']}/report.md  plots: {res['out']}/*.png  ({res['seconds']} s)")
 
 

@@ -312,6 +312,8 @@ def test_cli_build_cache_hit_and_one_line_errors(tiny_model_dir, jsonl, tmp_path
     first = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     assert first.returncode == 0, first.stderr
     assert "computed" in first.stdout and "key" in first.stdout
+    assert "(auto) on cpu-" in first.stdout  # the resolved dtype and the hardware class
+    assert "build isolated: 0/" in first.stderr and "(100%)" in first.stderr  # plain progress, no TTY
     second = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     assert "cache hit: 0 forward passes" in second.stdout
     bad = subprocess.run(args[:-2] + ["--layers", "99", "--store", str(tmp_path / "s")], capture_output=True,
