@@ -189,19 +189,19 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"
-    # transformers' GGUF reader draws its own tqdm bar on stderr; the library
-    # never prints, so that bar is swallowed (errors still raise).
+    # transformers' GGUF reader and writer draw their own tqdm bars on stderr;
+    # the library never prints, so those bars are swallowed (errors still raise).
     with contextlib.redirect_stderr(io.StringIO()):
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
-    # The de-quantised weights are plain tensors; drop the GGUF quantizer so
-    # save_pretrained writes ordinary safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+        # The de-quantised weights are plain tensors; drop the GGUF quantizer so
+        # save_pretrained writes ordinary safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     (tmp / "actcache_source.json").write_text(json.dumps(
         {"gguf": gguf_path.name, "gguf_sha256": _file_sha256(gguf_path)}, indent=1))
     try:

@@ -321,6 +321,8 @@ class Store:
             "path": str(self.dir),
             "task": self.task_name,
             "model": self.provenance.get("model", {}).get("model"),
+            "dtype": self.provenance.get("model", {}).get("dtype"),
+            "hardware": (self.provenance.get("model", {}).get("hardware") or {}).get("class"),
             "n_pool": int(len(self.pool_rows)),
             "n_eval": int(len(self.eval_rows)),
             "components": sorted({a.component for a in self.arrays}),
