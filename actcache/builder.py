@@ -124,18 +124,22 @@ class _Plan:
     truncated: np.ndarray
     context_ids: list[str]
     context_text: str
+    sink: str  # "bos", or "first token" for tokenizers without BOS (left out of every span)
 
 
 def _context_demos(ds: Dataset, k: int, seed: int) -> list[Example]:
-    """k pool demonstrations for the in-context mask, label-balanced where possible."""
+    """k pool demonstrations for the in-context mask, label-balanced: labels take
+    turns in an order rotated by the seed, so that over seeds 0..L-1 each of L
+    labels leads equally often (with k=1, seed s picks label s mod L)."""
     if k <= 0:
         return []
     rng = random.Random(seed)
     by_label: dict[int, list[Example]] = {}
     for e in ds.pool:
         by_label.setdefault(e.label, []).append(e)
-    picks: list[Example] = []
     labels = sorted(by_label)
+    labels = labels[seed % len(labels):] + labels[:seed % len(labels)]
+    picks: list[Example] = []
     while len(picks) < min(k, len(ds.pool)):
         for lab in labels:
             rest = [e for e in by_label[lab] if e not in picks]
@@ -143,6 +147,20 @@ def _context_demos(ds: Dataset, k: int, seed: int) -> list[Example]:
                 picks.append(rng.choice(rest))
     rng.shuffle(picks)
     return picks
+
+
+def _context_for(ds: Dataset, ctx: list[Example], row: Example, seed: int) -> list[Example]:
+    """The context a row is encoded under: `ctx`, except that a row which is one
+    of the context demonstrations gets it replaced by a seeded stand-in of the
+    same label (never itself), so no in-context row sees its own copy."""
+    if row not in ctx:
+        return ctx
+    rng = random.Random(f"{seed}:{row.id}")
+    same = [e for e in ds.pool if e.label == row.label and e not in ctx] or \
+        [e for e in ds.pool if e not in ctx]
+    if not same:
+        return [e for e in ctx if e is not row]
+    return [rng.choice(same) if e is row else e for e in ctx]
 
 
 def _plan(ds: Dataset, tok, cfg: BuildConfig) -> _Plan:
@@ -161,8 +179,10 @@ def _plan(ds: Dataset, tok, cfg: BuildConfig) -> _Plan:
     for ex, split in zip(rows, splits):
         q = _continuation(tok, task.query_text(ex))
         t = _continuation(tok, task.target(ex)) if split == "pool" else []
+        own = _context_for(ds, ctx, ex, cfg.context_seed) if split == "pool" and ex in ctx else ctx
+        row_ctx = ctx_ids if own is ctx else encode_segments(tok, prompt_segments(task, own, ex)[:-1])
         for mask in MASKS:
-            pre = ctx_ids if mask == "in-context" else bos
+            pre = row_ctx if mask == "in-context" else bos
             if cfg.max_length - len(pre) - len(t) < 1:
                 raise ConfigError(f"example {ex.id}: its target alone is {len(t)} tokens, over "
                                   f"--max-length {cfg.max_length}; raise --max-length")
@@ -175,16 +195,25 @@ def _plan(ds: Dataset, tok, cfg: BuildConfig) -> _Plan:
         n_tok.append(len(q))
         n_tgt.append(len(t))
     return _Plan(rows, splits, seqs, spans, np.array(n_tok), np.array(n_tgt), np.array(trunc),
-                 [e.id for e in ctx], "".join(prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else "")
+                 [e.id for e in ctx], "".join(prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else "",
+                 "bos" if bos else "first token")
 
 
 def row_layout(pre: list[int], q: list[int], t: list[int], max_length: int, full: bool):
     """Token ids and pooled span of one row: prefix + input (its start dropped if
     too long, keeping the end next to the answer) + target. The span covers the
-    input, plus the target when `full`. Returns (ids, (start, end), input tokens dropped)."""
+    input, plus the target when `full`. Returns (ids, (start, end), input tokens dropped).
+
+    With no prefix (a tokenizer without BOS, e.g. Qwen2.5) the row's first token
+    is the attention sink that carries the massive activations, so it is left out
+    of the span (kept only when it is the span's sole token), as BOS is elsewhere.
+    """
     qq = q[-(max_length - len(pre) - len(t)):]
     s = len(pre)
-    return pre + qq + t, (s, s + len(qq) + (len(t) if full else 0)), len(q) - len(qq)
+    e = s + len(qq) + (len(t) if full else 0)
+    if s == 0 and e > 1:
+        s = 1
+    return pre + qq + t, (s, e), len(q) - len(qq)
 
 
 def pad_id(tok) -> int:
@@ -406,7 +435,9 @@ def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Pla
                      "n_eval": plan.splits.count("eval")},
             "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
             "store_dtype": cfg.store_dtype, "masks": masks,
+            "sink": plan.sink,
             "in_context": {"k": cfg.context_k, "seed": cfg.context_seed, "demo_ids": plan.context_ids,
+                           "self_rule": "a context demonstration is encoded with a same-label stand-in in its place",
                            "prefix": plan.context_text} if plan.context_ids or "in_context" not in old_prov else old_prov["in_context"],
             "poolings": sorted(set(old_prov.get("poolings", [])) | {a.pooling for a in arrays}),
             "versions": _versions(), "format_version": FORMAT_VERSION,

@@ -33,7 +33,7 @@ from .capture import STATS
 from .errors import ConfigError, CorruptStoreError, MismatchError, StoreError
 
 FORMAT = "actcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no-BOS sink left out of spans; context rows never see themselves
 
 
 def default_home(explicit: str | os.PathLike | None = None) -> Path:

@@ -28,8 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
-def make_tokenizer(padding_side: str = "right"):
-    """A byte-level BPE tokenizer (vocab ~300) that adds <bos> like Llama/Gemma."""
+def make_tokenizer(padding_side: str = "right", bos: bool = True):
+    """A byte-level BPE tokenizer (vocab ~300) that adds <bos> like Llama/Gemma,
+    or with `bos=False` none at all, like Qwen2.5."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,9 +44,13 @@ def make_tokenizer(padding_side: str = "right"):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    bos = tok.token_to_id("<bos>")
+    if not bos:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+        fast.padding_side = padding_side
+        return fast
+    bos_id = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"

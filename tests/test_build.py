@@ -22,7 +22,7 @@ from actcache.capture import STATS, Capture, make_batch, sink_masks, span_stats
 from actcache.data import DataSpec
 from actcache.errors import ConfigError, CorruptStoreError, DatasetError, ModelError, StoreError
 from actcache.models import ModelSpec
-from actcache.store import Store, list_builds
+from actcache.store import FORMAT_VERSION, Store, list_builds
 
 # ----------------------------------------------------------------------------- capture
 
@@ -130,7 +130,7 @@ def test_build_each_architecture(arch, tiny_model_dir, jsonl, tmp_path):
     prov = st.provenance
     for k in ("weights_sha256", "tokenizer_sha256", "dtype", "revision"):
         assert k in prov["model"]
-    assert prov["data"]["fingerprint"] and prov["versions"]["torch"] and prov["format_version"] == 1
+    assert prov["data"]["fingerprint"] and prov["versions"]["torch"] and prov["format_version"] == FORMAT_VERSION
 
 
 def test_pooled_rows_match_independent_forward(tiny_model_dir, jsonl, tmp_path):
