@@ -52,6 +52,8 @@ __all__ = [
     "candidate_correlations",
     "pair_correlations",
     "summarize",
+    "split_halves",
+    "replicate",
 ]
 
 # |rho| is clipped to 1 - _CLIP before arctanh so a perfect within-group rank
@@ -574,17 +576,19 @@ def _stratified_rows(X: np.ndarray, Y: np.ndarray, G: np.ndarray) -> np.ndarray:
     return out
 
 
-def _partial_label_rows(X: np.ndarray, Y: np.ndarray, G: np.ndarray) -> np.ndarray:
-    """Row-wise partial_spearman(x, y, groups, categorical=True) for fixed groups.
+def _partial_label_rows(X: np.ndarray, Y: np.ndarray, G: np.ndarray, C: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise partial_spearman(x, y, [groups, c], categorical=[True, False])
+    for fixed groups (without `C`: on the groups alone).
 
     Regressing on [1, one-hot(groups)] is the same projection as subtracting
-    group means, so residuals are the within-group-demeaned global ranks.
+    group means, so residuals are the within-group-demeaned global ranks; a
+    numeric covariate is then projected out of those (Frisch-Waugh-Lovell).
     """
     g = _fixed_groups(G)
     _, inv = np.unique(g, return_inverse=True)
     n_lev = int(inv.max()) + 1
     n = X.shape[1]
-    if n - 2 - (n_lev - 1) < 1:
+    if n - 2 - (n_lev - 1) - (C is not None) < 1:
         return np.full(X.shape[0], np.nan)
     rx = _rank_rows(X)
     ry = _rank_rows(Y)
@@ -592,10 +596,18 @@ def _partial_label_rows(X: np.ndarray, Y: np.ndarray, G: np.ndarray) -> np.ndarr
     ty = ((ry - ry.mean(-1, keepdims=True)) ** 2).sum(-1)
     ex = rx.copy()
     ey = ry.copy()
+    ec = _rank_rows(C) if C is not None else None
     for k in range(n_lev):
         pos = np.flatnonzero(inv == k)
-        ex[:, pos] -= ex[:, pos].mean(-1, keepdims=True)
-        ey[:, pos] -= ey[:, pos].mean(-1, keepdims=True)
+        for e in (ex, ey) if ec is None else (ex, ey, ec):
+            e[:, pos] -= e[:, pos].mean(-1, keepdims=True)
+    if ec is not None:
+        cc = (ec * ec).sum(-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bx = np.where(cc > 0, (ex * ec).sum(-1, keepdims=True) / cc, 0.0)
+            by = np.where(cc > 0, (ey * ec).sum(-1, keepdims=True) / cc, 0.0)
+        ex -= bx * ec
+        ey -= by * ec
     ex -= ex.mean(-1, keepdims=True)
     ey -= ey.mean(-1, keepdims=True)
     sxx = (ex * ex).sum(-1)
@@ -717,8 +729,10 @@ def candidate_correlations(
     labels: Any,
     n_boot: int = 1000,
     seed: int = 0,
+    lengths: Any = None,
 ) -> list[dict[str, Any]]:
-    """Raw and label-controlled correlations of each statistic with quality.
+    """Raw, label-controlled and label+length-controlled correlations of each
+    statistic with quality.
 
     Parameters
     ----------
@@ -732,6 +746,10 @@ def candidate_correlations(
     seed : int
         The same seed is used for every statistic (common random numbers, so
         CIs of different statistics come from the same resamples).
+    lengths : None or array-like (N,), float
+        Demonstration lengths (tokens). When given, also the partial Spearman
+        on the label and log length (a second confound: long demonstrations
+        have other moments and other effects), keys ``*_len``.
 
     Returns
     -------
@@ -741,7 +759,9 @@ def candidate_correlations(
         rho_strat, p_strat, ci_strat_lo, ci_strat_hi    -- stratified_spearman by label
         rho_partial, p_partial, ci_partial_lo, ci_partial_hi
                                                         -- partial_spearman on one-hot label
-        q_raw, q_strat, q_partial                        -- BH q-values
+        rho_len, p_len, ci_len_lo, ci_len_hi             -- partial_spearman on label + log length
+                                                            (only with ``lengths``)
+        q_raw, q_strat, q_partial (, q_len)              -- BH q-values
     CIs: percentile bootstrap (``1 - 0.05`` level).  The raw CI resamples
     candidates freely; the controlled CIs resample within label (every
     resample keeps each label's count).  BH is applied once to *all*
@@ -751,15 +771,22 @@ def candidate_correlations(
     q = _as_float_1d("quality", quality)
     n = q.shape[0]
     lab = _as_1d("labels", labels, n)
+    loglen = None if lengths is None else np.log(np.maximum(_as_float_1d("lengths", lengths, n), 1.0))
+    kinds = ("raw", "strat", "partial") + (("len",) if loglen is not None else ())
     rows: list[dict[str, Any]] = []
     for name, vals in stats.items():
         s = _as_float_1d(f"stats[{name!r}]", vals, n)
         ok = np.isfinite(s) & np.isfinite(q) & _isfinite_any(lab)
+        if loglen is not None:
+            ok &= np.isfinite(loglen)
         xs, ys, gs = s[ok], q[ok], lab[ok]
         row: dict[str, Any] = {"name": str(name), "n": int(ok.sum())}
         row["rho_raw"], row["p_raw"] = spearman(xs, ys)
         row["rho_strat"], row["p_strat"] = stratified_spearman(xs, ys, gs)
         row["rho_partial"], row["p_partial"] = partial_spearman(xs, ys, gs, categorical=True)
+        if loglen is not None:
+            ls = loglen[ok]
+            row["rho_len"], row["p_len"] = partial_spearman(xs, ys, [gs, ls], categorical=[True, False])
         nan2 = (float("nan"), float("nan"))
         if n_boot and xs.shape[0] >= 3:
             # Batched statistics over all resamples at once instead of n_boot
@@ -773,15 +800,17 @@ def candidate_correlations(
                                     strata=cg, vectorized=True)
             ci_part = bootstrap_ci(_partial_label_rows, cx, cy, cg, n_boot=n_boot, seed=seed,
                                    strata=cg, vectorized=True)
+            ci_len = bootstrap_ci(_partial_label_rows, cx, cy, cg, _dense_codes(ls), n_boot=n_boot, seed=seed,
+                                  strata=cg, vectorized=True) if loglen is not None else nan2
         else:
-            ci_raw = ci_strat = ci_part = nan2
+            ci_raw = ci_strat = ci_part = ci_len = nan2
         row["ci_raw_lo"], row["ci_raw_hi"] = ci_raw
         row["ci_strat_lo"], row["ci_strat_hi"] = ci_strat
         row["ci_partial_lo"], row["ci_partial_hi"] = ci_part
+        row["ci_len_lo"], row["ci_len_hi"] = ci_len
         rows.append(row)
 
-    kinds = ("raw", "strat", "partial")
-    pv = np.array([[r[f"p_{k}"] for k in kinds] for r in rows], dtype=np.float64).reshape(-1, 3)
+    pv = np.array([[r[f"p_{k}"] for k in kinds] for r in rows], dtype=np.float64).reshape(-1, len(kinds))
     qv = benjamini_hochberg(pv)
     for r, qrow in zip(rows, qv):
         for k, qq in zip(kinds, qrow):
@@ -938,6 +967,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], ref: float = 0.33) -> dict[str,
       ref;
       raw_max_abs_rho, raw_max_rho (signed), raw_max_name, raw_exceeds_ref;
       strat_max_abs_rho, strat_max_name; partial_max_abs_rho, partial_max_name;
+      len_max_abs_rho, len_max_name (label + log length; nan/None without it);
       controlled_max_abs_rho, controlled_max_rho, controlled_max_name,
       controlled_max_measure ('strat' or 'partial'), controlled_exceeds_ref.
     "exceeds" means |rho| > ref (strict).  nan rhos are ignored; with none
@@ -956,7 +986,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], ref: float = 0.33) -> dict[str,
     a, v, nm, _ = best(("raw",))
     out.update(raw_max_abs_rho=a, raw_max_rho=v, raw_max_name=nm,
                raw_exceeds_ref=bool(np.isfinite(a) and a > ref))
-    for k in ("strat", "partial"):
+    for k in ("strat", "partial", "len"):
         a, _, nm, _ = best((k,))
         out[f"{k}_max_abs_rho"], out[f"{k}_max_name"] = a, nm
     a, v, nm, meas = best(("strat", "partial"))
@@ -964,3 +994,74 @@ def summarize(rows: Sequence[Mapping[str, Any]], ref: float = 0.33) -> dict[str,
                controlled_max_measure=meas,
                controlled_exceeds_ref=bool(np.isfinite(a) and a > ref))
     return out
+
+
+# --------------------------------------------------------------------------
+# 10. discovery / confirmation
+# --------------------------------------------------------------------------
+def split_halves(labels: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded discovery / confirmation split of N candidates, stratified by label.
+
+    Returns two sorted int64 index arrays whose union is ``0..N-1``; within each
+    label the rows are shuffled and dealt alternately (the discovery half gets
+    the extra row of an odd label), so both halves keep the label mix.
+    """
+    lab = _as_1d("labels", labels)
+    rng = np.random.default_rng(seed)
+    disc, conf = [], []
+    for g in np.unique(lab):
+        pos = rng.permutation(np.flatnonzero(lab == g))
+        disc.append(pos[0::2])
+        conf.append(pos[1::2])
+    return np.sort(np.concatenate(disc)).astype(np.int64), np.sort(np.concatenate(conf)).astype(np.int64)
+
+
+def replicate(
+    stats: Mapping[str, Any],
+    quality: Any,
+    labels: Any,
+    lengths: Any,
+    top: int = 10,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    measure: str = "len",
+) -> dict[str, Any]:
+    """Choose on a discovery half, re-test on the confirmation half.
+
+    The ``top`` statistics by |rho| of ``measure`` ("raw", "strat", "partial" or
+    "len": label + log length) on the discovery half (no bootstrap: ranking only)
+    are re-tested on the held-out confirmation half with a bootstrap CI; a
+    statistic *replicates* when its confirmation rho has the discovery sign, its
+    CI excludes 0, and its Benjamini-Hochberg q within the ``top`` confirmation
+    tests is below ``alpha``. Everything chosen by looking at the data (maxima,
+    the ``stat`` strategy's statistic) should come from here, since the maximum
+    of thousands of tests is biased upward (winner's curse).
+
+    Returns dict(measure, n_discovery, n_confirmation, split_seed, top: list of
+    dict(name, rho_discovery, rho_confirmation, ci_lo, ci_hi, p, q, replicates)),
+    best first.
+    """
+    q = _as_float_1d("quality", quality)
+    lab = _as_1d("labels", labels, q.shape[0])
+    ln = _as_float_1d("lengths", lengths, q.shape[0])
+    d, c = split_halves(lab, seed)
+    pick = {name: np.asarray(v, dtype=np.float64) for name, v in stats.items()}
+    disc = candidate_correlations({k: v[d] for k, v in pick.items()}, q[d], lab[d], n_boot=0, seed=seed,
+                                  lengths=ln[d])
+    key = f"rho_{measure}"
+    ranked = sorted((r for r in disc if np.isfinite(r[key])), key=lambda r: -abs(r[key]))[:top]
+    conf = candidate_correlations({r["name"]: pick[r["name"]][c] for r in ranked}, q[c], lab[c],
+                                  n_boot=n_boot, seed=seed, lengths=ln[c])
+    pv = np.array([r[f"p_{measure}"] for r in conf], dtype=np.float64)
+    qv = benjamini_hochberg(pv) if len(pv) else pv
+    out = []
+    for r, cr, qq in zip(ranked, conf, qv):
+        rc, lo, hi = cr[key], cr[f"ci_{measure}_lo"], cr[f"ci_{measure}_hi"]
+        same = bool(np.isfinite(rc) and np.sign(rc) == np.sign(r[key]))
+        excl = bool(np.isfinite(lo) and (lo > 0 or hi < 0))
+        out.append({"name": r["name"], "rho_discovery": float(r[key]), "rho_confirmation": float(rc),
+                    "ci_lo": float(lo), "ci_hi": float(hi), "p": float(cr[f"p_{measure}"]), "q": float(qq),
+                    "replicates": bool(same and excl and qq < alpha)})
+    return {"measure": measure, "n_discovery": int(len(d)), "n_confirmation": int(len(c)), "split_seed": seed,
+            "top": out}

@@ -38,8 +38,17 @@ def summary_lines(results: dict) -> list[str]:
         f"({sm.get('controlled_max_measure')})",
         f"   within-label      = {_fmt(sm.get('strat_max_abs_rho'))}  at {sm.get('strat_max_name')}",
         f"   partial on label  = {_fmt(sm.get('partial_max_abs_rho'))}  at {sm.get('partial_max_name')}",
-        f"study reference      = {ref}   rho(demo label, quality) = {_fmt(results['study']['label_rho'])}",
+        f"   label + log length= {_fmt(sm.get('len_max_abs_rho'))}  at {sm.get('len_max_name')}",
+        f"study reference      = {ref}   rho(demo label, quality) = {_fmt(results['study']['label_rho'])}"
+        f"   rho(demo length, quality) = {_fmt(results['study'].get('length_rho'))}",
     ]
+    rep = results["study"].get("replication")
+    if rep and rep["top"]:
+        n_ok = sum(t["replicates"] for t in rep["top"])
+        b = rep["top"][0]
+        lines.append(f"replication: {n_ok}/{len(rep['top'])} of the discovery top {len(rep['top'])} replicate on "
+                     f"the confirmation half (n={rep['n_discovery']}/{rep['n_confirmation']}); best "
+                     f"{b['name']} rho {_fmt(b['rho_discovery'])} -> {_fmt(b['rho_confirmation'])}")
     dr = results["selection"].get("dropped_demonstrations")
     if dr:
         lines.append(f"prompts over {results['selection']['max_length']} tokens dropped demonstrations: {dr}")
@@ -133,6 +142,21 @@ def _accuracy_plot(results: dict, out: Path) -> str:
     return "accuracy_by_strategy.png"
 
 
+def _replication_md(rep: dict | None) -> list[str]:
+    if not rep or not rep["top"]:
+        return []
+    return ["## Discovery and confirmation", "",
+            f"Candidates split (seeded, stratified by label, seed {rep['split_seed']}) into a discovery half "
+            f"(n={rep['n_discovery']}) and a confirmation half (n={rep['n_confirmation']}). The top "
+            f"{len(rep['top'])} statistics by |partial ρ| on label + log length are chosen on discovery and "
+            "re-tested on confirmation: they *replicate* with the same sign, a 95 % bootstrap CI excluding 0, "
+            "and BH q < 0.05 within the confirmation family.", "",
+            *_md_table([["statistic", "ρ discovery", "ρ confirmation", "95% CI", "q", "replicates"]] + [
+                [t["name"].replace("|", "/"), _fmt(t["rho_discovery"]), _fmt(t["rho_confirmation"]),
+                 f"[{_fmt(t['ci_lo'])}, {_fmt(t['ci_hi'])}]", _fmt(t["q"]), "yes" if t["replicates"] else "no"]
+                for t in rep["top"]]), ""]
+
+
 def hardware_lines(hw: dict | None) -> list[str]:
     """Markdown lines: what this evaluation ran on, and a note for every cached
     artifact (the build's arrays, the quality matrix) computed on another
@@ -172,10 +196,13 @@ def write(results: dict, out: Path) -> dict:
           "Controlled ρ: *within-label* is the Fisher-z pooled Spearman within each demonstration label "
           "(weights n−3); *partial* is the Spearman partial correlation on the label (rank residualisation). "
           "Benjamini–Hochberg q-values cover every raw and controlled test together.", "",
-          "## Top 10 statistics by raw |ρ|", "",
-          *_md_table([["statistic", "raw ρ", "95% CI", "q", "within-label ρ", "partial ρ", "q partial"]] + [
+          "## Top 10 statistics by raw |ρ|: raw, label-controlled, label + length-controlled", "",
+          *_md_table([["statistic", "raw ρ", "95% CI", "q", "within-label ρ", "partial ρ (label)", "q",
+                       "partial ρ (label + log length)", "q"]] + [
               [r["name"].replace("|", "/"), _fmt(r["rho_raw"]), f"[{_fmt(r['ci_raw_lo'])}, {_fmt(r['ci_raw_hi'])}]",
-               _fmt(r["q_raw"]), _fmt(r["rho_strat"]), _fmt(r["rho_partial"]), _fmt(r["q_partial"])] for r in top]),
+               _fmt(r["q_raw"]), _fmt(r["rho_strat"]), _fmt(r["rho_partial"]), _fmt(r["q_partial"]),
+               _fmt(r.get("rho_len")), _fmt(r.get("q_len"))] for r in top]),
+          "", *_replication_md(results["study"].get("replication")),
           "", "## Pair level (candidate–probe cosine similarity vs 1-shot score)", "",
           *_md_table([["array", "mean ρ per probe", "partial (label, match)", "pooled partial ρ"]] + [
               [f"{p['component']}/L{p['layer']}/{p['mask']}", _fmt(p.get("probe_raw_mean")),

@@ -148,6 +148,7 @@ class Store:
             self.texts = ex["text"].asstr()[:]
             self.demos = ex["demo"].asstr()[:]
             self.n_tokens = ex["n_tokens"][:]
+            self.n_target = ex["n_target"][:]
             self.records = [json.loads(r) for r in ex["record"].asstr()[:]]
             arrays = []
             f["acts"].visititems(lambda name, obj: arrays.append(name) if hasattr(obj, "shape") else None)

@@ -235,18 +235,20 @@ def candidate_quality(q: dict, store: Store, cfg: EvalConfig) -> np.ndarray:
 def correlation_study(store: Store, q: dict, cfg: EvalConfig, progress: Progress | None = None) -> dict:
     """Spearman (raw, within-label, partial on label) of every stored statistic
     with candidate quality, plus pair-level similarity analyses."""
-    from .correlate import candidate_correlations, pair_correlations, spearman, summarize
+    from .correlate import candidate_correlations, pair_correlations, replicate, spearman, summarize
 
     cand, probes = q["cand_rows"], q["probe_rows"]
     quality = candidate_quality(q, store, cfg)
     labels = store.labels[cand]
+    lengths = (store.n_tokens[cand] + store.n_target[cand]).astype(np.float64)  # demonstration tokens
     stats: dict[str, np.ndarray] = {}
     units = sorted({(a.mask, a.component, a.layer) for a in store.arrays})
     for mask, comp, layer in units:
         st = store.stats(comp, layer, mask)[cand]
         for j, name in enumerate(STATS):
             stats[f"{mask}|{comp}|{layer}|{name}"] = st[:, j]
-    rows = candidate_correlations(stats, quality, labels, n_boot=cfg.n_boot, seed=cfg.seed)
+    rows = candidate_correlations(stats, quality, labels, n_boot=cfg.n_boot, seed=cfg.seed, lengths=lengths)
+    replication = replicate(stats, quality, labels, lengths, top=10, n_boot=cfg.n_boot, seed=cfg.seed)
     for r in rows:
         r["mask"], r["component"], layer, r["stat"] = r["name"].split("|")
         r["layer"] = int(layer)
@@ -269,7 +271,8 @@ def correlation_study(store: Store, q: dict, cfg: EvalConfig, progress: Progress
     if progress and comb:
         progress("pair level", len(comb), len(comb))
     return {"rows": rows, "summary": summarize(rows, ref=STUDY_REF), "pairs": pairs,
-            "label_rho": label_rho, "quality": quality.tolist()}
+            "label_rho": label_rho, "length_rho": spearman(lengths, quality)[0], "replication": replication,
+            "quality": quality.tolist()}
 
 
 # --------------------------------------------------------------------------- selection
@@ -285,15 +288,16 @@ def _knn_layers(store: Store, spec: str) -> list[int]:
 
 
 def _best_stat(study: dict | None) -> dict:
-    """The statistic with the largest controlled |rho|, and the sign to rank by."""
-    if not study:
+    """The statistic the `stat` strategy ranks by: the best of the discovery half
+    (controlled for label and length, see correlate.replicate), with its sign.
+    Chosen from the quality matrix's candidates only, never from eval inputs."""
+    top = ((study or {}).get("replication") or {}).get("top")
+    if not top:
         return {"stat": "kurt", "component": "mlp", "layer": None, "mask": "isolated", "order": "high"}
-    rows = [r for r in study["rows"] if np.isfinite(r.get("rho_partial", np.nan))]
-    if not rows:
-        rows = study["rows"]
-    best = max(rows, key=lambda r: abs(r.get("rho_partial") or 0))
-    return {"stat": best["stat"], "component": best["component"], "layer": best["layer"],
-            "mask": best["mask"], "order": "high" if (best.get("rho_partial") or 0) >= 0 else "low"}
+    best = top[0]
+    mask, comp, layer, stat = best["name"].split("|")
+    return {"stat": stat, "component": comp, "layer": int(layer), "mask": mask,
+            "order": "high" if best["rho_discovery"] >= 0 else "low"}
 
 
 def load_demos(path: str, store: Store) -> dict:
