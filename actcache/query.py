@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import string
 import sys
 import time
@@ -52,7 +51,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConfigError, DatasetError, MismatchError, StoreError
-from .store import ArrayId, Store, array_name
+from .store import ArrayId, Store, array_name, atomic_write, load_npz, save_npz
 
 Progress = Callable[[str, int, int], None]
 
@@ -317,16 +316,11 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     store._check(a)
     texts = [str(t) for t in texts]
     path = _cache_path(store, texts, a)
-    if path.exists():
-        try:
-            with np.load(path) as z:
-                arr = z["acts"]
-            if arr.shape[0] == len(texts):
-                return arr.astype(np.float32, copy=False), {"forward_batches": 0, "cache_hit": True,
-                                                            "cache": str(path)}
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: recompute and overwrite it
-    from .builder import _batches, _continuation, _save_npz, encode_segments, forward_rows, row_layout
+    cached = load_npz(path)  # None when missing or damaged: recompute and overwrite it
+    if cached is not None and "acts" in cached and cached["acts"].shape[0] == len(texts):
+        return cached["acts"].astype(np.float32, copy=False), {"forward_batches": 0, "cache_hit": True,
+                                                               "cache": str(path)}
+    from .builder import _batches, _continuation, encode_segments, forward_rows, row_layout
     from .capture import Capture
     from .models import ModelSpec, load_model
     from .store import _open_h5
@@ -371,8 +365,7 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
         stored_dt = f[array_name(mask, component, int(layer), pooling)].dtype
     if stored_dt == np.float16 and np.abs(out).max() <= np.finfo(np.float16).max:
         out = out.astype(np.float16).astype(np.float32)  # compare like the stored rows
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_npz(path, {"acts": out})
+    save_npz(path, {"acts": out})
     return out, {"forward_batches": len(batches), "cache_hit": False, "cache": str(path)}
 
 
@@ -546,10 +539,4 @@ def write_jsonl(records, path) -> None:
         for r in records:
             path.write(json.dumps(r, ensure_ascii=False) + "\n")
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.writelines((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in records))

@@ -26,7 +26,6 @@ the (n, d) vectors themselves; neither ever forms an n x n matrix.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConfigError, ModelError
-from .store import ArrayId, Store
+from .store import ArrayId, Store, atomic_write
 
 Progress = Callable[[str, int, int], None]
 
@@ -413,11 +412,7 @@ def store_embeddings(store: Store, progress: Progress | None = None) -> np.ndarr
         except (OSError, ValueError):
             pass  # unreadable: recompute
     E = embed_texts([_raw_text(r) for r in store.records], progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, E)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, E))
     return E
 
 

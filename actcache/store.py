@@ -22,10 +22,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
 
@@ -70,6 +71,49 @@ class ArrayId:
 
     def __str__(self) -> str:
         return f"{self.component}/L{self.layer}/{self.pooling}/{self.mask}"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file that readers (and a resuming process) can trust: `write(f)`
+    fills a temp file beside `path` (binary), which is fsynced, then renamed into
+    place, and the directory entry fsynced. A crash leaves the old file or none,
+    never a torn one. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # not every filesystem can fsync a directory
+    return path
+
+
+def save_npz(path: str | os.PathLike, arrays: dict) -> Path:
+    """np.savez through `atomic_write`."""
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_npz(path: str | os.PathLike) -> dict | None:
+    """Every array of an .npz file, or None when it is missing or damaged (a
+    derived file: the caller recomputes it)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 @contextmanager

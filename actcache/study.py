@@ -18,9 +18,10 @@ and exact match on the final number.
 from __future__ import annotations
 
 import json
-import os
 import random
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,10 +31,11 @@ import numpy as np
 from .capture import STATS
 from .data import Example, Task, prompt_segments
 from .errors import ConfigError, DatasetError, MismatchError, ModelError
-from .store import Store
+from .store import Store, load_npz, save_npz
 
 Progress = Callable[[str, int, int], None]
 STUDY_REF = 0.33  # the 2026 study's largest |Spearman rho|
+QUALITY_CHUNK_PROMPTS = 512  # prompts per flushed chunk of the quality matrix (resume granularity)
 QUALITY_DEFS = ("mean", "gain", "balanced")
 DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "embed-knn")
 
@@ -170,44 +172,66 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     qkey = canonical_key(payload)
     path = store.dir / "quality" / f"{qkey[:24]}.npz"
     if path.exists():
-        return load_quality(store, path)
+        q = load_quality(store, path)
+        if q is not None:
+            return q
+        warnings.warn(f"quality matrix {path.name} was damaged; recomputing it", stacklevel=2)
     lm = lm or _load_lm(store, cfg.dtype)
     cands, probes = _examples(store, cand_rows), _examples(store, probe_rows)
     t0 = time.time()
-    zs_c, zs_m = _pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes], probes, cfg.batch_size)
+    # Streamed: chunks of candidates are flushed (fsync + rename) to a partial
+    # directory, so a run killed at any point resumes where it stopped.
+    pdir = path.with_suffix(".partial")
+    zs = load_npz(pdir / "zero_shot.npz")
+    if zs is None or zs["margin"].shape != (len(probes),):
+        c_, m_ = _pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes], probes, cfg.batch_size)
+        zs = {"correct": c_, "margin": m_}
+        save_npz(pdir / "zero_shot.npz", zs)
     correct = np.empty((len(cands), len(probes)))
     margin = np.empty_like(correct)
+    per_chunk = max(1, QUALITY_CHUNK_PROMPTS // len(probes))
     # One candidate's P prompts share its demonstration as a prefix: a few
     # candidates per call keep batches full while the prefix KV is reused.
-    step = max(1, 64 // max(1, len(probes)))
-    for i in range(0, len(cands), step):
+    step = max(1, 64 // len(probes))
+    for ci, i in enumerate(range(0, len(cands), per_chunk)):
         if progress:
             progress("quality matrix", i, len(cands))
-        chunk = cands[i:i + step]
-        prompts = [prompt_segments(task, [c], p) for c in chunk for p in probes]
-        c_, m_ = _pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size)
-        correct[i:i + len(chunk)] = c_.reshape(len(chunk), len(probes))
-        margin[i:i + len(chunk)] = m_.reshape(len(chunk), len(probes))
+        sub = cands[i:i + per_chunk]
+        part = load_npz(pdir / f"c{ci:05d}.npz")
+        if part is None or part["margin"].shape != (len(sub), len(probes)):
+            part = {"correct": np.empty((len(sub), len(probes))), "margin": np.empty((len(sub), len(probes)))}
+            for j in range(0, len(sub), step):
+                chunk = sub[j:j + step]
+                prompts = [prompt_segments(task, [c], p) for c in chunk for p in probes]
+                c_, m_ = _pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size)
+                part["correct"][j:j + len(chunk)] = c_.reshape(len(chunk), len(probes))
+                part["margin"][j:j + len(chunk)] = m_.reshape(len(chunk), len(probes))
+            save_npz(pdir / f"c{ci:05d}.npz", part)
+        correct[i:i + len(sub)] = part["correct"]
+        margin[i:i + len(sub)] = part["margin"]
     if progress:
         progress("quality matrix", len(cands), len(cands))
     meta = {"key": qkey, "build_key": store.key, "payload": payload, "task": task.name,
             "dtype": lm.provenance["dtype"], "hardware": lm.provenance["hardware"],
             "seconds": round(time.time() - t0, 2), "n_prompts": len(cands) * len(probes) + len(probes),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, cand_rows=cand_rows, probe_rows=probe_rows, correct=correct, margin=margin,
-                 zs_correct=zs_c, zs_margin=zs_m, meta=json.dumps(meta))
-    os.replace(tmp, path)
+    save_npz(path, dict(cand_rows=cand_rows, probe_rows=probe_rows, correct=correct, margin=margin,
+                        zs_correct=zs["correct"], zs_margin=zs["margin"], meta=np.array(json.dumps(meta))))
+    shutil.rmtree(pdir, ignore_errors=True)
     return load_quality(store, path)
 
 
-def load_quality(store: Store, path: Path) -> dict:
-    """Load a stored quality matrix; MismatchError if it belongs to another build."""
-    with np.load(path) as z:
-        q = {k: z[k] for k in z.files}
-    meta = json.loads(str(q.pop("meta")))
+def load_quality(store: Store, path: Path) -> dict | None:
+    """Load a stored quality matrix; None if the file is damaged (recompute it),
+    MismatchError if it belongs to another build."""
+    q = load_npz(path)
+    need = {"cand_rows", "probe_rows", "correct", "margin", "zs_correct", "zs_margin", "meta"}
+    if q is None or not need <= set(q):
+        return None
+    try:
+        meta = json.loads(str(q.pop("meta")))
+    except ValueError:
+        return None
     if meta.get("build_key") != store.key:
         raise MismatchError(f"quality matrix {path.name} was computed for build "
                             f"{str(meta.get('build_key'))[:12]}, not {store.key[:12]}; recompute it")
