@@ -18,6 +18,7 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -400,6 +401,7 @@ def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Pla
             task = load_task_of(cfg)
             ex.create_dataset("text", data=[task.query_text(e) for e in plan.rows], dtype=str_dt)
             ex.create_dataset("demo", data=[task.demo_text(e) for e in plan.rows], dtype=str_dt)
+            ex.create_dataset("dup", data=[task.dup_key(e) for e in plan.rows], dtype=str_dt)
             ex.create_dataset("n_tokens", data=plan.n_tokens.astype(np.int64))
             ex.create_dataset("n_target", data=plan.n_target.astype(np.int64))
             ex.create_dataset("truncated", data=plan.truncated.astype(np.int64))
@@ -447,7 +449,7 @@ def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Pla
 
 
 def load_task_of(cfg: BuildConfig):
-    from .data import TASKS, Task
+    from .data import TASKS
 
     d = cfg.data
     if d.path:
@@ -456,8 +458,8 @@ def load_task_of(cfg: BuildConfig):
         return _local_task(d)[0]
     t = TASKS[d.task]
     if d.template or d.label_words:
-        t = Task(t.name, t.kind, d.template or t.template, tuple(d.label_words) or t.label_words,
-                 t.instruction, t.stop)
+        t = dataclasses.replace(t, template=d.template or t.template,
+                                label_words=tuple(d.label_words) or t.label_words)
     return t
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import bz2
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import zipfile
@@ -70,6 +72,7 @@ class Task:
     instruction: str = ""
     stop: str = "\n\n"
     description: str = ""
+    dup_field: str | None = None  # the field whose normalised text marks near-duplicates (None: the query text)
 
     def query_text(self, ex: Example) -> str:
         """The prompt for `ex` up to where the answer starts, e.g. 'Review: ...\\nSentiment:'."""
@@ -97,6 +100,18 @@ class Task:
 
     def demo_text(self, ex: Example) -> str:
         return self.query_text(ex) + self.target(ex)
+
+    def dup_key(self, ex: Example) -> str:
+        """Near-duplicate key: the normalised text of `dup_field` (BoolQ: the
+        passage, which many questions share) or of the query text. Rows with one
+        key go to one side of a hash split, are never retrieved for each other,
+        and never meet as candidate and probe in the quality matrix."""
+        return normalize_text(ex.get(self.dup_field) if self.dup_field else self.query_text(ex))
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, punctuation to spaces, whitespace collapsed: 'A  film!' -> 'a film'."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def prompt_segments(task: Task, demos: Sequence[Example], query: Example) -> list[str]:
@@ -187,10 +202,11 @@ def _load_agnews(d: Path, task: str):
     return _by_hash(exs)
 
 
-def _by_hash(exs: list[Example]):
-    pool = [e for e in exs if _hash_split(e.id) == "pool"]
-    ev = [e for e in exs if _hash_split(e.id) == "eval"]
-    return pool, ev
+def _by_hash(exs: list[Example], field: str = "text"):
+    """Split by a hash of each example's normalised `field`, so near-duplicates
+    (BoolQ questions on one passage, repeated snippets) share a side."""
+    side = [_hash_split(normalize_text(e.get(field))) for e in exs]
+    return [e for e, s in zip(exs, side) if s == "pool"], [e for e, s in zip(exs, side) if s == "eval"]
 
 
 def _load_rte(d: Path, task: str):
@@ -208,7 +224,7 @@ def _load_boolq(d: Path, task: str):
     exs = [Example(f"dev-{i}", (("question", r["question"]), ("passage", r["passage"]),
                                 ("title", r["title"])), int(bool(r["answer"])))
            for i, r in enumerate(rows)]
-    return _by_hash(exs)
+    return _by_hash(exs, "passage")
 
 
 def _mc_rows(rows: list[dict]) -> list[Example]:
@@ -300,7 +316,8 @@ TASKS: dict[str, Task] = {
     "rte": Task("rte", "classification", "{premise}\nQuestion: {hypothesis} True or False?\nAnswer:",
                 (" True", " False"), description="RTE entailment"),
     "boolq": Task("boolq", "classification", "{passage}\nQuestion: {question}?\nAnswer:",
-                  (" no", " yes"), description="BoolQ yes/no QA (dev split, hash-divided)"),
+                  (" no", " yes"), description="BoolQ yes/no QA (dev split, divided by a hash of the passage)",
+                  dup_field="passage"),
     "arc_challenge": Task("arc_challenge", "multiple_choice", **_MC,
                           description="ARC-Challenge, choices scored by their text"),
     "openbookqa": Task("openbookqa", "multiple_choice", **_MC,
@@ -369,7 +386,7 @@ def _local_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example]]:
         ex_id = str(r.get(spec.id_field, i)) if spec.id_field else str(i)
         ex = Example(ex_id, tuple((f, str(r[f])) for f in text_fields),
                      values.index(str(r[spec.label_field])))
-        split = str(r[spec.split_field]) if spec.split_field else _hash_split(ex_id)
+        split = str(r[spec.split_field]) if spec.split_field else _hash_split(task.dup_key(ex))
         (ev if split in ("eval", "test", "dev", "validation", "val") else pool).append(ex)
     return task, pool, ev
 
@@ -426,8 +443,8 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
                                f"or pass --data FILE.jsonl|csv")
         task = TASKS[spec.task]
         if spec.template or spec.label_words:
-            task = Task(task.name, task.kind, spec.template or task.template,
-                        tuple(spec.label_words) or task.label_words, task.instruction, task.stop)
+            task = dataclasses.replace(task, template=spec.template or task.template,
+                                       label_words=tuple(spec.label_words) or task.label_words)
         if spec.task == "rotten_tomatoes":
             from .store import default_home
             pool, ev = _load_rotten_tomatoes(cache_dir or default_home() / "data")

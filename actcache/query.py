@@ -400,9 +400,15 @@ def _match_matrix(pool_keys: np.ndarray, query_keys: np.ndarray) -> np.ndarray:
 
 def exclusion_matrix(store: Store, inputs: Inputs) -> np.ndarray:
     """(q, m) int64 pool positions (indices into `store.pool_rows`) to exclude per
-    input: same id (when ids are given) or identical templated text; -1 padded."""
+    input: same id (when ids are given), identical templated text, or the same
+    near-duplicate key (an eval row's stored key; a new text's normalised text); -1 padded."""
+    from .data import normalize_text
+
     rows = store.pool_rows
-    parts = [_match_matrix(store.texts[rows], inputs.texts)]
+    pos = {i: r for r, i in enumerate(store.ids)}
+    keys = [store.dups[pos[i]] if inputs.ids_given and i in pos else normalize_text(t)
+            for i, t in zip(inputs.ids, inputs.texts)]
+    parts = [_match_matrix(store.texts[rows], inputs.texts), _match_matrix(store.dups[rows], np.array(keys, dtype=object))]
     if inputs.ids_given:
         parts.append(_match_matrix(store.ids[rows], inputs.ids))
     return np.concatenate(parts, axis=1) if parts else np.full((len(inputs.texts), 0), -1, np.int64)

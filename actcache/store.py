@@ -11,7 +11,7 @@ Layout of `<home>/builds/<key>/`:
 Inside acts.h5:
 
     attrs: format="actcache", format_version, key, provenance (JSON), config (JSON)
-    /examples/{id,split,label,text,demo,n_tokens,n_target,truncated,record}
+    /examples/{id,split,label,text,demo,dup,n_tokens,n_target,truncated,record}
     /acts/<mask>/<component>/L<layer>/<pooling>   (N, d) float16 (float32 on request
                                                   or where float16 would overflow)
     /stats/<mask>/<component>/L<layer>            (N, 6) float64, columns = STATS
@@ -191,6 +191,7 @@ class Store:
             self.labels = ex["label"][:]
             self.texts = ex["text"].asstr()[:]
             self.demos = ex["demo"].asstr()[:]
+            self.dups = ex["dup"].asstr()[:]  # near-duplicate keys (data.Task.dup_key)
             self.n_tokens = ex["n_tokens"][:]
             self.n_target = ex["n_target"][:]
             self.records = [json.loads(r) for r in ex["record"].asstr()[:]]

@@ -149,6 +149,27 @@ def _pair_scores(lm, task: Task, prompts, queries, batch_size) -> tuple[np.ndarr
     return (classify(s, gold)["pred"] == gold).astype(np.float64), margins(s, gold)
 
 
+def study_rows(store: Store, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(candidate rows, probe rows, selection-eval rows), int64 store rows, seeded.
+
+    Disjoint by construction: the selection experiment's eval inputs never
+    include a probe (statistics are chosen on the probes' quality matrix, so
+    testing on them would reuse what chose them), and no candidate shares a
+    near-duplicate key with a probe (e.g. a BoolQ passage, or a test stem that
+    also sits in train). The eval set is capped at what the probes leave.
+    """
+    rng = random.Random(cfg.seed)
+    probes = sorted(rng.sample(list(store.eval_rows), min(cfg.n_probes, len(store.eval_rows))))
+    taken = set(store.dups[probes])
+    pool = [r for r in store.pool_rows if store.dups[r] not in taken]
+    if not pool:
+        raise DatasetError("the build's pool is empty (or every row duplicates a probe); rebuild with a larger --limit")
+    cands = sorted(rng.sample(pool, min(cfg.n_candidates, len(pool))))
+    rest = sorted(set(store.eval_rows.tolist()) - set(probes))
+    evals = sorted(random.Random(cfg.seed + 7).sample(rest, min(cfg.n_eval, len(rest))))
+    return (np.array(cands, dtype=np.int64), np.array(probes, dtype=np.int64), np.array(evals, dtype=np.int64))
+
+
 def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | None = None) -> dict:
     """The 1-shot score of every (candidate, probe) pair, cached next to the build.
 
@@ -159,11 +180,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     from .builder import canonical_key
 
     task = store_task(store)
-    rng = random.Random(cfg.seed)
-    cand_rows = np.array(sorted(rng.sample(list(store.pool_rows), min(cfg.n_candidates, len(store.pool_rows)))))
-    probe_rows = np.array(sorted(rng.sample(list(store.eval_rows), min(cfg.n_probes, len(store.eval_rows)))))
-    if len(cand_rows) == 0:
-        raise DatasetError("the build's pool is empty; rebuild with a larger --limit")
+    cand_rows, probe_rows, _ = study_rows(store, cfg)
     from .models import resolve_device, resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype or "auto", resolve_device(store.config["model"].get("device", "cpu")))

@@ -72,3 +72,48 @@ def test_in_context_prefix_is_label_balanced_across_seeds(tiny_model_dir, jsonl)
     for seed in range(4):
         labels = [e.label for e in _context_demos(ds, 4, seed)]
         assert sorted(labels) == [0, 0, 1, 1]
+
+
+def test_boolq_split_keeps_a_passage_on_one_side():
+    import pytest
+
+    from conftest import shared_data_dir
+    from actcache.data import DataSpec, normalize_text
+
+    d = shared_data_dir()
+    if d is None or not (d / "boolq").exists():
+        pytest.skip("../shared/data/boolq is not here")
+    ds = load_data(DataSpec(task="boolq", data_dir=str(d)))
+    pool = {normalize_text(e.get("passage")) for e in ds.pool}
+    shared = [e.id for e in ds.eval if normalize_text(e.get("passage")) in pool]
+    assert not shared, f"{len(shared)} eval rows share a passage with the pool"
+    assert len(ds.eval) > 400 and len(ds.pool) > 2000
+
+
+def _dup_rows():
+    rows = [{"id": f"p{i}", "review": t, "label": lab, "split": "train"} for i, (t, lab) in enumerate(TEXTS)]
+    # Eval rows that repeat pool rows up to case and punctuation.
+    rows += [{"id": "e0", "review": "A great movie, with a fine cast!", "label": 1, "split": "eval"},
+             {"id": "e1", "review": "Dull -- slow and far too long", "label": 0, "split": "eval"},
+             {"id": "e2", "review": "nothing like the others at all", "label": 1, "split": "eval"},
+             {"id": "e3", "review": "Great fun.", "label": 1, "split": "eval"}]
+    return rows
+
+
+def test_near_duplicates_are_never_retrieved_nor_paired(tiny_model_dir, tmp_path):
+    from actcache.query import QueryConfig, query
+    from actcache.study import EvalConfig, study_rows
+
+    data = write_jsonl(tmp_path / "dups.jsonl", _dup_rows())
+    st = build(cfg_for(tiny_model_dir["llama"], data, tmp_path / "s", layers="0", masks=("label-masked",),
+                       components=("mlp",)))
+    twin = {"e0": "p0", "e1": "p1", "e3": "p8"}
+    recs = query(QueryConfig(key=st.key, home=str(st.home), layer=0, k=len(st.pool_rows) - 1))
+    for r in recs:
+        got = {n["id"] for n in r["neighbors"]}
+        assert twin.get(r["test_id"]) not in got, (r["test_id"], got)
+    assert len({n["id"] for n in recs[2]["neighbors"]}) == len(st.pool_rows) - 1  # nothing else dropped
+    cands, probes, evals = study_rows(st, EvalConfig(key=st.key, n_candidates=12, n_probes=3, n_eval=4))
+    assert not set(st.dups[cands]) & set(st.dups[probes])
+    assert not set(probes) & set(evals) and len(evals) == 1  # capped at what the probes leave
+    assert len(cands) == len(st.pool_rows) - sum(twin.get(st.ids[p]) is not None for p in probes)
