@@ -104,6 +104,12 @@ def set_threads(n: int | None = None) -> int:
     both explicitly: this function for FAISS, ``torch.set_num_threads`` for
     torch (done by the caller; this package must not import torch).
 
+    Exact (flat) search does not use these threads: it runs numpy's BLAS,
+    whose own pool (OpenBLAS: pthreads) is sized when numpy is imported, from
+    ``OPENBLAS_NUM_THREADS`` or the core count.  Set that variable before
+    starting the process to bound it; numpy and the standard library offer no
+    portable way to resize it afterwards.
+
     Args:
         n: number of threads, ``>= 1``.  ``None`` means ``os.cpu_count()``.
 
