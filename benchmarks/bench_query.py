@@ -5,14 +5,24 @@
 
 Prints one JSON line per measurement. Every line names its baseline, measured
 in the same run on the same data, and the ratio against it; timings are the
-median of `--repeats` runs. Data: `--n` pool vectors of width `--d` (640, the
+median of `--repeats` runs. Every line also carries the dtype, thread counts
+(`threads`: faiss and, via threadpoolctl when installed, numpy's BLAS), the
+BLAS kernel, and the CPU's ISA class and AMX presence from
+`actcache.models.hardware("cpu")`. Data: `--n` pool vectors of width `--d` (640, the
 width of Gemma-3-270m, the default model) drawn around random cluster centres,
 plus held-out queries drawn the same way, so neighbours are meaningful.
 
 Measurements:
+  matmul-peak        a large square numpy float32 matmul (--peak-size^3): the
+                     BLAS peak the exact search is measured against
   exact-batched      VectorIndex(flat, cosine).search(all queries, k) in one call
+                     (numpy BLAS matmul + tiled top-k): GFLOP/s (2 n d q / s)
+                     and its share of matmul-peak
   per-query-loop     one faiss search call per query (how OpenICL's TopkRetriever
-                     queries its index), on --loop-queries queries
+                     queries its index), on --loop-queries queries; the goal is
+                     exact-batched >= 20x its qps
+  faiss-flat         faiss's own IndexFlat search of all queries in one call (the
+                     exact search before it moved to numpy's BLAS), ids compared
   numpy-bruteforce   float32 Q @ P.T in blocks + argpartition (no FAISS)
   ivf / hnsw         approximate indexes with actcache's defaults: queries/s
                      (ratio vs exact-batched) and recall@k against the exact ids
@@ -35,7 +45,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actcache.models import hardware  # noqa: E402
 from indexes import IndexSpec, VectorIndex, set_threads  # noqa: E402
+
+try:  # optional: reports (and sets) numpy's own BLAS thread pool
+    import threadpoolctl
+except ImportError:
+    threadpoolctl = None
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -92,23 +108,45 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--noise", type=float, default=2.0, help="within-cluster spread / centre spread")
+    ap.add_argument("--peak-size", type=int, default=4096, help="side of the square matmul-peak matmul")
     ap.add_argument("--skip-approx", action="store_true", help="skip the IVF/HNSW builds")
     args = ap.parse_args()
 
     threads = set_threads(args.threads)
+    blas = {}
+    if threadpoolctl is not None:
+        threadpoolctl.threadpool_limits(threads, user_api="blas")
+        info = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        if info:
+            blas = {"blas": info[0]["internal_api"], "blas_threads": info[0]["num_threads"],
+                    "blas_kernel": info[0].get("architecture")}
+    hw = hardware("cpu")
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     allx = clustered(args.n + args.queries, args.d, max(10, args.n // 100), args.noise, rng)
     P, Q = allx[: args.n], allx[args.n:]
-    common = {"n_pool": args.n, "d": args.d, "k": args.k, "threads": threads, "repeats": args.repeats,
+    common = {"n_pool": args.n, "d": args.d, "k": args.k, "dtype": "float32", "threads": threads, **blas,
+              "torch_threads": hw["threads"], "cpu": hw["device_name"], "isa": hw["isa"], "class": hw["class"],
+              "amx_bf16": hw["amx_bf16"], "avx512_bf16": hw["avx512_bf16"], "repeats": args.repeats,
               "noise": args.noise, "load_avg_1m": round(os.getloadavg()[0], 2)}
     k = args.k
 
+    m = args.peak_size
+    A, B = rng.standard_normal((m, m), dtype=np.float32), rng.standard_normal((m, m), dtype=np.float32)
+    C = np.empty((m, m), np.float32)
+    np.matmul(A, B, out=C)  # warm-up: thread pool start, page faults
+    t_peak, _ = timed(lambda: np.matmul(A, B, out=C), args.repeats)
+    peak = 2 * m ** 3 / t_peak / 1e9
+    del A, B, C
+    emit(bench="matmul-peak", shape=[m, m, m], seconds=round(t_peak, 4), gflops=round(peak, 1), **common)
+
     flat = VectorIndex.build(P, IndexSpec(kind="flat"))
+    flat.search(Q[:1], k)  # warm-up
     t_exact, (_, exact_ids) = timed(lambda: flat.search(Q, k), args.repeats)
     qps_exact = args.queries / t_exact
+    gflops = 2 * args.n * args.d * args.queries / t_exact / 1e9
     emit(bench="exact-batched", queries=args.queries, seconds=round(t_exact, 4), qps=round(qps_exact, 1),
-         baseline=None, ratio=1.0, **common)
+         gflops=round(gflops, 1), share_of_matmul_peak=round(gflops / peak, 3), baseline=None, ratio=1.0, **common)
 
     # OpenICL style: normalised embeddings, one index.search call per test input.
     Qn = Q / np.linalg.norm(Q, axis=1, keepdims=True)
@@ -126,7 +164,14 @@ def main() -> None:
     qps_loop = nl / t_loop
     assert (loop_ids == exact_ids[:nl]).mean() > 0.99  # same answers, different speed
     emit(bench="per-query-loop", queries=nl, seconds=round(t_loop, 4), qps=round(qps_loop, 1),
-         baseline="exact-batched", ratio=round(qps_exact / qps_loop, 2),
+         baseline="exact-batched", ratio=round(qps_exact / qps_loop, 2), goal_ratio=20,
+         meets_goal=bool(qps_exact / qps_loop >= 20), note="ratio = exact-batched qps / this qps", **common)
+
+    t_ff, (_, ff_ids) = timed(lambda: raw.search(Qn, k), args.repeats)
+    qps_ff = args.queries / t_ff
+    emit(bench="faiss-flat", queries=args.queries, seconds=round(t_ff, 4), qps=round(qps_ff, 1),
+         gflops=round(2 * args.n * args.d * args.queries / t_ff / 1e9, 1), baseline="exact-batched",
+         ratio=round(qps_exact / qps_ff, 2), same_ids=round(float((ff_ids == exact_ids).mean()), 5),
          note="ratio = exact-batched qps / this qps", **common)
 
     t_np, np_ids = timed(lambda: numpy_topk(P, Q, k), args.repeats)

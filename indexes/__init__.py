@@ -17,6 +17,11 @@ Conventions
 * Missing results (only when fewer than ``k`` candidates exist, e.g. after
   exclusion or when an IVF index probes too few lists) are id ``-1`` with
   score ``-inf``.
+* Exact (``flat``) search does not go through FAISS: it reads the vectors
+  stored in the faiss IndexFlat (zero-copy, memory-mapped when loaded so) and
+  runs numpy's BLAS matmul with a tiled top-k (:mod:`indexes.flat`); equal
+  scores rank the lower id first.  FAISS keeps the file format and runs the
+  IVF / HNSW / factory indexes.
 
 FAISS behaviour this module relies on (checked against faiss-cpu 1.15.1)
 ------------------------------------------------------------------------
@@ -50,6 +55,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from .flat import search_flat
 
 __all__ = [
     "IndexFileError",
@@ -96,6 +103,12 @@ def set_threads(n: int | None = None) -> int:
     has been a known source of hangs and crashes.  actcache therefore sets
     both explicitly: this function for FAISS, ``torch.set_num_threads`` for
     torch (done by the caller; this package must not import torch).
+
+    Exact (flat) search does not use these threads: it runs numpy's BLAS,
+    whose own pool (OpenBLAS: pthreads) is sized when numpy is imported, from
+    ``OPENBLAS_NUM_THREADS`` or the core count.  Set that variable before
+    starting the process to bound it; numpy and the standard library offer no
+    portable way to resize it afterwards.
 
     Args:
         n: number of threads, ``>= 1``.  ``None`` means ``os.cpu_count()``.
@@ -260,6 +273,15 @@ def _find_ivf(index: Any):
     return faiss.try_extract_index_ivf(index)
 
 
+def _find_flat(index: Any):
+    """The index itself if it is a plain float32 IndexFlat (IP or L2), else None."""
+    sub = faiss.downcast_index(index)
+    if type(sub) in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2) and \
+            sub.metric_type in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2):
+        return sub
+    return None
+
+
 def _check_json(meta: dict[str, Any]) -> None:
     try:
         json.dumps(meta)
@@ -398,6 +420,8 @@ class VectorIndex:
         self.path: str | None = None
         self._ivf = _find_ivf(index)
         self._hnsw = _find_hnsw(index)
+        self._flat = _find_flat(index)
+        self._sqnorms: tuple[int, int, np.ndarray] | None = None
         if self._ivf is not None and spec.nprobe is None:
             self._spec = dataclasses.replace(spec, nprobe=default_nprobe(int(self._ivf.nlist)))
 
@@ -540,16 +564,21 @@ class VectorIndex:
     # ---- search
 
     def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` neighbours of every query, in one batched FAISS call.
+        """Top-``k`` neighbours of every query, batched.
+
+        Flat indexes run :func:`indexes.flat.search_flat` (numpy BLAS over the
+        stored vectors; equal scores rank the lower id first); the others run
+        one FAISS search call.
 
         Args:
             queries: ``(q, d)`` float16/float32 (float64 accepted).
                 Normalised (on a copy) for cosine indexes.
             k: results per query, ``1 <= k <= ntotal``.
             exclude: optional ``(q, m)`` integer array of ids to drop per
-                query (e.g. the query's own id), padded with ``-1``.  The
-                index is searched for ``k + m`` and filtered, so each row
-                still gets ``k`` results while the pool allows it.
+                query (e.g. the query's own id), padded with ``-1``.  Each row
+                still gets ``k`` results while the pool allows it (flat:
+                excluded scores are masked; others: the index is searched for
+                ``k + m`` and filtered).
 
         Returns:
             ``(scores, ids)``: ``(q, k)`` float32 (higher is better; negative
@@ -589,6 +618,11 @@ class VectorIndex:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
 
         x = _as_matrix(q_arr, "queries", normalize=self._spec.metric == "cosine")
+        if self._flat is not None:
+            vectors = self._stored_vectors()
+            l2 = self._flat.metric_type == faiss.METRIC_L2
+            return search_flat(vectors, x, k, "l2" if l2 else "ip", exclude=ex,
+                               pool_sqnorms=self._pool_sqnorms(vectors) if l2 else None)
         pool = min(k + (ex.shape[1] if ex is not None else 0), self.ntotal)
         self._apply_search_params(pool)
         D, I = self._index.search(x, pool)
@@ -601,6 +635,24 @@ class VectorIndex:
         if ex is None:
             return np.ascontiguousarray(D[:, :k]), np.ascontiguousarray(I[:, :k])
         return _drop_excluded(D, I, ex, k, self.ntotal)
+
+    def _stored_vectors(self) -> np.ndarray:
+        """Read-only ``(ntotal, d)`` float32 view of the flat index's storage.
+
+        Made afresh per search, never kept: the view does not own the memory,
+        and the faiss vector behind it may move if the index is mutated.
+        """
+        codes = self._flat.codes
+        v = faiss.rev_swig_ptr(codes.c_ptr, codes.c_size).view(np.float32).reshape(self.ntotal, self.d)
+        v.flags.writeable = False
+        return v
+
+    def _pool_sqnorms(self, vectors: np.ndarray) -> np.ndarray:
+        """``(ntotal,)`` squared norms for l2, cached per storage address and size."""
+        key = (vectors.ctypes.data, vectors.shape[0])
+        if self._sqnorms is None or self._sqnorms[:2] != key:
+            self._sqnorms = (*key, np.einsum("ij,ij->i", vectors, vectors))
+        return self._sqnorms[2]
 
     def _apply_search_params(self, pool: int) -> None:
         if self._ivf is not None:
@@ -820,16 +872,13 @@ def _drop_excluded(D: np.ndarray, I: np.ndarray, ex: np.ndarray, k: int, ntotal:
 
 
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-``k`` in numpy: the reference the FAISS indexes are tested against.
+    """Brute-force top-``k`` in float64 numpy: the reference the approximate indexes are tested against.
 
-    Scores are computed in float64 (query blocks, to bound memory) and use the
-    same conventions as :meth:`VectorIndex.search` (cosine / ip / negative
-    squared l2; higher is better).
-
-    Ties: results are sorted by score descending, then by id ascending, so
-    equal scores come out lowest id first.  When several vectors tie exactly at
-    the k-th score, which of them make the cut is decided by
-    ``np.argpartition`` and is unspecified.
+    Same conventions as :meth:`VectorIndex.search` (cosine / ip / negative
+    squared l2; higher is better) and the same tiled top-k
+    (:func:`indexes.flat.search_flat`), run on float64 copies.  Results are
+    sorted by score descending, then id ascending, so equal scores (also at
+    the k-th place) come out lowest id first.
 
     Args:
         vectors: ``(n, d)`` float array.
@@ -842,8 +891,8 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, metric: str =
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    V = np.asarray(vectors, dtype=np.float64)
-    Q = np.asarray(queries, dtype=np.float64)
+    V = np.ascontiguousarray(vectors, dtype=np.float64)
+    Q = np.ascontiguousarray(queries, dtype=np.float64)
     if V.ndim != 2 or Q.ndim != 2:
         raise ValueError(f"vectors and queries must be 2-D, got {V.shape} and {Q.shape}")
     if V.shape[1] != Q.shape[1]:
@@ -855,20 +904,4 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, metric: str =
     if metric == "cosine":
         V = V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), np.finfo(np.float64).tiny)
         Q = Q / np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), np.finfo(np.float64).tiny)
-    vnorm2 = (V * V).sum(axis=1) if metric == "l2" else None
-
-    nq = Q.shape[0]
-    scores = np.empty((nq, k), np.float32)
-    ids = np.empty((nq, k), np.int64)
-    block = max(1, (1 << 25) // max(n, 1))  # ~256 MiB of float64 scores per block
-    for s in range(0, nq, block):
-        q = Q[s:s + block]
-        S = q @ V.T
-        if metric == "l2":
-            S = 2.0 * S - vnorm2[None, :] - (q * q).sum(axis=1)[:, None]
-        top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), S.shape).copy()
-        top_s = np.take_along_axis(S, top, axis=1)
-        order = np.lexsort((top, -top_s), axis=1)
-        ids[s:s + block] = np.take_along_axis(top, order, axis=1)
-        scores[s:s + block] = np.take_along_axis(top_s, order, axis=1)
-    return scores, ids
+    return search_flat(V, Q, k, "l2" if metric == "l2" else "ip")

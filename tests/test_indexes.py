@@ -14,6 +14,7 @@ import pytest
 
 import indexes as ix
 from indexes import IndexFileError, IndexMismatchError, IndexSpec, VectorIndex, exact_search
+from indexes.flat import search_flat
 
 INDEXES_DIR = Path(ix.__file__).resolve().parent
 
@@ -75,6 +76,136 @@ def test_exact_search_conventions():
     np.testing.assert_allclose(s, [[-1, -1, -5, -9]])  # negative squared distance
     s, i = exact_search(v, q, 2, "ip")
     np.testing.assert_allclose(s, [[2, 2]])
+
+
+def brute_force(x, q, k, metric, exclude=None):
+    """Independent float64 reference: every score, one full sort per row by
+    (score descending, id ascending); excluded ids dropped, -1 / -inf padding."""
+    X, Q = x.astype(np.float64), q.astype(np.float64)
+    if metric == "cosine":
+        X = X / np.linalg.norm(X, axis=1, keepdims=True)
+        Q = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    S = -((Q[:, None, :] - X[None, :, :]) ** 2).sum(axis=2) if metric == "l2" else Q @ X.T
+    for r, row in enumerate(exclude if exclude is not None else []):
+        S[r, row[(row >= 0) & (row < len(X))]] = -np.inf
+    order = np.lexsort((np.broadcast_to(np.arange(len(X)), S.shape), -S), axis=1)[:, :k]
+    scores = np.take_along_axis(S, order, axis=1)
+    return scores, np.where(np.isneginf(scores), -1, order)
+
+
+def integer_data(n, q, d, seed):
+    """Small-integer vectors: ip and l2 scores are exact in float32, with many exact ties."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(-3, 4, (n, d)).astype(np.float32), rng.integers(-3, 4, (q, d)).astype(np.float32)
+
+
+def some_exclusions(nq, n, seed):
+    """Per row: random ids (some repeated or out of range), the row's own id, -1 padding."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.integers(-1, n + 2, (nq, 6)), np.arange(nq)[:, None] % n,
+                           -np.ones((nq, 2), np.int64)], axis=1)
+
+
+# (n, q, k, query_block, pool_block): k = 1, k = ntotal, q = 1, blocks that divide
+# n and q exactly, ragged last blocks, a block size one above/below, tails outside
+# the column groups (pool_block not a multiple of the group size).
+FLAT_SHAPES = [
+    (1000, 37, 1, 16, 128),
+    (300, 9, 300, 4, 64),
+    (1000, 1, 10, 16, 128),
+    (512, 32, 5, 32, 256),
+    (513, 33, 5, 32, 256),
+    (511, 31, 7, 32, 130),
+    (20000, 3, 10, 512, 8192),
+]
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("shape", FLAT_SHAPES)
+@pytest.mark.parametrize("excluded", [False, True])
+def test_search_flat_exact_on_integer_data(metric, shape, excluded):
+    n, nq, k, qb, pb = shape
+    x, q = integer_data(n, nq, 8, seed=n + nq + k)
+    ex = some_exclusions(nq, n, seed=k) if excluded else None
+    S, I = search_flat(x, q, k, metric, exclude=ex, query_block=qb, pool_block=pb)
+    R_s, R_i = brute_force(x, q, k, metric, ex)
+    assert S.dtype == np.float32 and I.dtype == np.int64 and S.shape == I.shape == (nq, k)
+    # Exact scores, so ids must match everywhere, equal scores ordered by id.
+    np.testing.assert_array_equal(I, R_i)
+    np.testing.assert_array_equal(S, R_s)
+    if n > k + ex.shape[1] if excluded else True:
+        assert (I >= 0).all()
+
+
+def assert_same_ranks(S, I, x, q, k, metric, exclude=None, min_cover=0.9):
+    """Scores within 1e-5 (of the largest |score|) of the float64 brute force,
+    and identical ids at every rank whose reference score is separated from
+    both neighbours (rank k+1 included) by more than that; returns the mask."""
+    R_s, R_i = brute_force(x, q, min(k + 1, len(x)), metric, exclude)
+    scale = float(np.abs(R_s[np.isfinite(R_s)]).max())
+    np.testing.assert_allclose(S, R_s[:, :k], rtol=1e-5, atol=1e-5 * scale)
+    mask = untied_mask(np.where(np.isfinite(R_s), R_s, -1e30), 1e-5 * scale)[:, :k]
+    assert mask.mean() > min_cover  # the id comparison must cover most ranks
+    np.testing.assert_array_equal(I[mask], R_i[:, :k][mask])
+    return mask
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+@pytest.mark.parametrize("shape", FLAT_SHAPES)
+@pytest.mark.parametrize("excluded", [False, True])
+def test_search_flat_matches_float64_on_float_data(metric, shape, excluded):
+    n, nq, k, qb, pb = shape
+    x, c = clustered(n, 24, seed=n + k)
+    q, _ = clustered(nq, 24, seed=nq + 7, centers=c)
+    if metric == "cosine":
+        x, q = _normalized(x), _normalized(q)
+    ex = some_exclusions(nq, n, seed=k) if excluded else None
+    S, I = search_flat(x, q, k, "l2" if metric == "l2" else "ip", exclude=ex, query_block=qb, pool_block=pb)
+    assert_same_ranks(S, I, x, q, k, metric, ex, min_cover=0.5 if k == n else 0.9)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+@pytest.mark.parametrize("k", [1, 10, 3000])
+def test_flat_index_matches_float64_and_faiss(metric, k):
+    x, c = clustered(3000, 48, seed=31)
+    q, _ = clustered(50, 48, seed=32, centers=c)
+    v = VectorIndex.build(x, IndexSpec(kind="flat", metric=metric))
+    cover = 0.5 if k == 3000 else 0.9
+    for exclude in (None, some_exclusions(50, 3000, seed=33)):
+        S, I = v.search(q, k, exclude=exclude)
+        assert_same_ranks(S, I, x, q, k, metric, exclude, cover)
+
+    # faiss's own exhaustive search over the same stored vectors must agree
+    # with the float64 reference on the same untied ranks, hence with us.
+    D, F = faiss.downcast_index(v.index).search(_normalized(q) if metric == "cosine" else q, k)
+    D = -D if metric == "l2" else D
+    mask = assert_same_ranks(D, F, x, q, k, metric, None, cover)
+    S, I = v.search(q, k)
+    np.testing.assert_array_equal(I[mask], F[mask])
+
+
+def _normalized(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_flat_ties_go_to_the_lower_id():
+    x = np.array([[1, 0], [0, 1], [1, 0], [1, 0], [-1, 0]], np.float32)
+    v = VectorIndex.build(x, IndexSpec(kind="flat", metric="ip"))
+    S, I = v.search(np.array([[1, 0]], np.float32), 2)
+    assert I.tolist() == [[0, 2]]  # ids 0, 2, 3 tie at the top; the cut keeps the lowest
+    S, I = v.search(np.array([[1, 0]], np.float32), 2, exclude=np.array([[2]]))
+    assert I.tolist() == [[0, 3]]
+
+
+def test_flat_search_reads_stored_vectors_in_place(tmp_path):
+    x, _ = clustered(500, 16, seed=34)
+    v = VectorIndex.build(x, IndexSpec(kind="flat"))
+    v.save(tmp_path / "f.faiss")
+    w = VectorIndex.load(tmp_path / "f.faiss", mmap=True)
+    stored = w._stored_vectors()
+    assert not stored.flags.writeable and not stored.flags.owndata
+    np.testing.assert_array_equal(stored, _normalized(x).astype(np.float32))
+    np.testing.assert_array_equal(w.search(x[:20], 5)[1], v.search(x[:20], 5)[1])
 
 
 def test_float16_input_and_input_not_mutated():
