@@ -498,6 +498,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     selection = selection_experiment(store, cfg, lm, study, progress)
     results = {
         "config": asdict(cfg), "build_key": store.key, "quality_key": q["key"],
+        "quality_tokens": q["meta"].get("tokens"),  # None for a matrix stored before tokens were counted
         "task": store.task_name, "model": store.provenance["model"],
         "versions": store.provenance.get("versions"), "sizes": {
             "n_candidates": int(len(q["cand_rows"])), "n_probes": int(len(q["probe_rows"])),

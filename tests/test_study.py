@@ -83,6 +83,8 @@ def test_evaluate_end_to_end(tiny_store, tmp_path):
     t = data["selection"]["tokens"]
     assert 0 < t["computed"] < t["in_prompts"]
     assert f"selection tokens: {t['computed']:,} computed of {t['in_prompts']:,}" in md
+    qt = data["quality_tokens"]  # 1-shot prompts: each candidate's demonstration computed once
+    assert 0 < qt["computed"] < qt["in_prompts"] and "quality matrix tokens:" in md
 
 
 def test_empty_pool_is_a_clear_error(tiny_model_dir, tmp_path):
