@@ -28,6 +28,18 @@ def headline(results: dict) -> list[list[str]]:
     return rows
 
 
+def token_lines(results: dict) -> list[str]:
+    """Forward tokens computed vs tokens in the prompts, for the selection
+    experiment and (when the results carry it) the quality matrix."""
+    lines = []
+    for name, t in (("quality matrix", results.get("quality_tokens")),
+                    ("selection", results["selection"].get("tokens"))):
+        if t and t.get("in_prompts"):
+            lines.append(f"{name} tokens: {t['computed']:,} computed of {t['in_prompts']:,} in prompts "
+                         f"({t['computed'] / t['in_prompts']:.1%}; the rest reused as cached KV prefixes)")
+    return lines
+
+
 def summary_lines(results: dict) -> list[str]:
     """The summary: raw and controlled maximum |rho| beside the study's 0.33."""
     sm = results["study"]["summary"]
@@ -55,7 +67,7 @@ def summary_lines(results: dict) -> list[str]:
     fl = results["selection"].get("flips")
     if fl:
         lines.append(f"{fl['dtype']} vs float32 zero-shot: {fl['flipped']}/{fl['n']} predictions flip")
-    return lines
+    return lines + token_lines(results)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

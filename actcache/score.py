@@ -26,6 +26,7 @@ import copy
 import inspect
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = [
     "encode_continuation",
     "fit_demonstrations",
     "score_options",
+    "TokenCount",
     "classify",
     "margins",
     "generate",
@@ -295,6 +297,30 @@ def _collect_hidden(
 # --------------------------------------------------------------------------- #
 
 
+@dataclass
+class TokenCount:
+    """Token totals that ``score_options`` adds to when passed as ``counter``.
+
+    computed: real (non-padding) tokens sent through the transformer body; a
+        reused prefix counts once per ``score_options`` call.
+    in_prompts: tokens of every scored sequence as a harness-style scorer feeds
+        them (context, plus option[:-1] for multi-token options), i.e. what
+        ``computed`` would be without prefix reuse.
+    """
+
+    computed: int = 0
+    in_prompts: int = 0
+
+    def add(self, other: "TokenCount") -> None:
+        self.computed += other.computed
+        self.in_prompts += other.in_prompts
+
+    def as_dict(self) -> dict:
+        """``{"computed", "in_prompts", "saved"}`` (ints; saved = in_prompts - computed)."""
+        return {"computed": self.computed, "in_prompts": self.in_prompts,
+                "saved": self.in_prompts - self.computed}
+
+
 def _check_label(tokenizer, word: str, ids: list[int]) -> None:
     unk = getattr(tokenizer, "unk_token_id", None)
     if len(ids) == 0:
@@ -330,6 +356,7 @@ def score_options(
     reuse_prefix: bool = True,
     normalize: str = "vocab",
     max_length: int | None = None,
+    counter: TokenCount | None = None,
 ) -> np.ndarray:
     """Log-likelihood of each option given each prompt.
 
@@ -350,6 +377,8 @@ def score_options(
         max_length: longest sequence the model may see (default: the model's
             maximum positions, else 2048). Never truncated here: a prompt whose
             ``len(prompt) + len(option) - 1`` tokens exceed it raises ConfigError.
+        counter: if given, this call's tokens computed and tokens in the
+            prompts are added to it (see TokenCount).
 
     Returns:
         float64 array (n_prompts, n_options); ragged per-prompt options are padded
@@ -471,8 +500,10 @@ def score_options(
         plain.extend(groups.pop(key))
 
     hidden: list[torch.Tensor | None] = [None] * len(reqs)
+    count = TokenCount(in_prompts=sum(len(r[2]) for r in reqs))
     if plain:
         hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in plain], batch_size, pad_id, device)
+        count.computed += sum(len(reqs[k][2]) for k in plain)
         for k, h in zip(plain, hs):
             hidden[k] = h
     for key, ks in groups.items():
@@ -483,11 +514,15 @@ def score_options(
                 body, sub, batch_size, pad_id, device,
                 prefix=list(key), cache_kw=cache_kw, model_config=model.config,
             )
+            count.computed += P + sum(len(r[0]) for r in sub)
         except (TypeError, NotImplementedError, AttributeError):
             # Architecture without a usable DynamicCache path: same numbers, no reuse.
             hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in ks], batch_size, pad_id, device)
+            count.computed += sum(len(reqs[k][2]) for k in ks)
         for k, h in zip(ks, hs):
             hidden[k] = h
+    if counter is not None:
+        counter.add(count)
 
     scores = np.full((len(prompts), n_opt), -np.inf, dtype=np.float64)
     hdev = head.weight.device

@@ -125,26 +125,28 @@ def _load_lm(store: Store, dtype: str | None):
     return lm
 
 
-def _score(lm, task: Task, prompts, queries: list[Example], batch_size: int, options=None) -> np.ndarray:
-    """(n, c) option log-probs (classification / multiple choice)."""
+def _score(lm, task: Task, prompts, queries: list[Example], batch_size: int, options=None,
+           counter=None) -> np.ndarray:
+    """(n, c) option log-probs (classification / multiple choice); ``counter``
+    (a score.TokenCount) accumulates tokens computed and in the prompts."""
     from .score import score_options
 
     opts = options if options is not None else (
         list(task.label_words) if task.kind == "classification" else [list(task.options(q)) for q in queries])
     return score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size,
-                         length_normalize=task.kind == "multiple_choice")
+                         length_normalize=task.kind == "multiple_choice", counter=counter)
 
 
-def _pair_scores(lm, task: Task, prompts, queries, batch_size) -> tuple[np.ndarray, np.ndarray]:
+def _pair_scores(lm, task: Task, prompts, queries, batch_size, counter=None) -> tuple[np.ndarray, np.ndarray]:
     """(correct (n,), margin (n,)) for classification/MC; for generation the
     per-token log-likelihood of the gold answer and its sign-free value."""
     from .score import classify, margins, score_options
 
     if task.kind == "generation":
         ll = score_options(lm.model, lm.tokenizer, prompts, [[task.target(q)] for q in queries],
-                           batch_size=batch_size, length_normalize=True)[:, 0]
+                           batch_size=batch_size, length_normalize=True, counter=counter)[:, 0]
         return np.full(len(ll), np.nan), ll
-    s = _score(lm, task, prompts, queries, batch_size)
+    s = _score(lm, task, prompts, queries, batch_size, counter=counter)
     gold = np.array([q.label for q in queries])
     return (classify(s, gold)["pred"] == gold).astype(np.float64), margins(s, gold)
 
@@ -175,7 +177,8 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
 
     Returns a dict with cand_rows (N,), probe_rows (P,) int64 store rows,
     correct (N, P), margin (N, P), zs_correct (P,), zs_margin (P,) float64,
-    key (this matrix's key), and meta (its provenance).
+    key (this matrix's key), and meta (its provenance; meta["tokens"] holds the
+    tokens computed vs in the prompts when the matrix was made).
     """
     from .builder import canonical_key
 
@@ -195,13 +198,17 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
         warnings.warn(f"quality matrix {path.name} was damaged; recomputing it", stacklevel=2)
     lm = lm or _load_lm(store, cfg.dtype)
     cands, probes = _examples(store, cand_rows), _examples(store, probe_rows)
+    from .score import TokenCount
+
     t0 = time.time()
     # Streamed: chunks of candidates are flushed (fsync + rename) to a partial
     # directory, so a run killed at any point resumes where it stopped.
+    tokens = TokenCount()  # what this run computes (a resumed run skips flushed chunks)
     pdir = path.with_suffix(".partial")
     zs = load_npz(pdir / "zero_shot.npz")
     if zs is None or zs["margin"].shape != (len(probes),):
-        c_, m_ = _pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes], probes, cfg.batch_size)
+        c_, m_ = _pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes], probes, cfg.batch_size,
+                              counter=tokens)
         zs = {"correct": c_, "margin": m_}
         save_npz(pdir / "zero_shot.npz", zs)
     correct = np.empty((len(cands), len(probes)))
@@ -220,7 +227,8 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
             for j in range(0, len(sub), step):
                 chunk = sub[j:j + step]
                 prompts = [prompt_segments(task, [c], p) for c in chunk for p in probes]
-                c_, m_ = _pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size)
+                c_, m_ = _pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size,
+                                      counter=tokens)
                 part["correct"][j:j + len(chunk)] = c_.reshape(len(chunk), len(probes))
                 part["margin"][j:j + len(chunk)] = m_.reshape(len(chunk), len(probes))
             save_npz(pdir / f"c{ci:05d}.npz", part)
@@ -231,6 +239,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     meta = {"key": qkey, "build_key": store.key, "payload": payload, "task": task.name,
             "dtype": lm.provenance["dtype"], "hardware": lm.provenance["hardware"],
             "seconds": round(time.time() - t0, 2), "n_prompts": len(cands) * len(probes) + len(probes),
+            "tokens": tokens.as_dict(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     save_npz(path, dict(cand_rows=cand_rows, probe_rows=probe_rows, correct=correct, margin=margin,
                         zs_correct=zs["correct"], zs_margin=zs["margin"], meta=np.array(json.dumps(meta))))
@@ -363,6 +372,33 @@ def load_demos(path: str, store: Store) -> dict:
     return per
 
 
+# Strategies that give each eval input its own demonstrations; every other
+# strategy picks one subset of k shared by all inputs.
+PER_INPUT = ("knn", "embed-knn", "file")
+
+
+def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool) -> list[list[str]]:
+    """Seeded demonstration order: one list of pool ids per test id.
+
+    A shared subset is shuffled once, so every input's prompt starts with the
+    same ordered demonstrations: one prefix whose KV cache score_options
+    computes once for all inputs. Per-input demonstrations are shuffled per input.
+    """
+    r = random.Random(seed)
+    if shared and test_ids:
+        ids = list(chosen[test_ids[0]])
+        if any(list(chosen[t]) != ids for t in test_ids):
+            raise ConfigError("a shared-subset strategy gave the eval inputs different demonstrations")
+        r.shuffle(ids)
+        return [ids] * len(test_ids)
+    out = []
+    for tid in test_ids:
+        ids = list(chosen[tid])
+        r.shuffle(ids)
+        out.append(ids)
+    return out
+
+
 def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **opts) -> dict:
     """Demonstration ids per test input: retrieval strategies give each input its
     own k; subset strategies pick a budget of k used for every input."""
@@ -383,18 +419,30 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **op
 
 def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None = None,
                          progress: Progress | None = None) -> dict:
-    """k-shot accuracy on eval inputs for zero-shot and each strategy, over seeds."""
-    from .score import classify, exact_match, extract_number, fit_demonstrations, generate
+    """k-shot accuracy on eval inputs for zero-shot and each strategy, over seeds.
+
+    Subset strategies use one seeded demonstration order for all eval inputs, so
+    their prompts share a prefix that is computed once per run (see demo_order).
+    Returns runs (one dict per strategy x seed, with its tokens computed and in
+    the prompts), summary (mean/std accuracy per strategy), eval_ids, flips
+    (fp32 zero-shot comparison or None), dropped_demonstrations, and tokens
+    ({"computed", "in_prompts", "saved"} over every scored prompt, the fp32
+    comparison included; 0 for generative tasks, which are decoded, not scored).
+    """
+    from .score import TokenCount, classify, exact_match, extract_number, fit_demonstrations, generate
 
     task = store_task(store)
-    rng = random.Random(cfg.seed + 7)
-    eval_rows = np.array(sorted(rng.sample(list(store.eval_rows), min(cfg.n_eval, len(store.eval_rows)))))
+    eval_rows = study_rows(store, cfg)[2]  # never a quality-matrix probe
+    if len(eval_rows) == 0:
+        raise DatasetError(f"the build's {len(store.eval_rows)} eval rows are all quality-matrix probes; "
+                           f"rebuild with a larger --eval-limit or lower --n-probes")
     evals = _examples(store, eval_rows)
     eval_ids = [e.id for e in evals]
     pool_by_id = {store.ids[r]: ex for r, ex in zip(store.pool_rows, _examples(store, store.pool_rows))}
     gold = np.array([e.label for e in evals])
 
     dropped: dict[str, int] = {}
+    tokens = TokenCount()
 
     def fit(label: str, segs: list[str]) -> list[str]:
         # Never truncate silently: drop whole demonstrations from the front and count them.
@@ -405,13 +453,15 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
 
     def run(demos_per_query: list[list[Example]], label: str = "") -> dict:
         prompts = [fit(label, prompt_segments(task, d, q)) for d, q in zip(demos_per_query, evals)]
+        count = TokenCount()
         if task.kind == "generation":
             outs = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
                             batch_size=max(1, cfg.batch_size // 4))
             em = exact_match([extract_number(o) for o in outs], [extract_number(e.answer) for e in evals])
-            return {"accuracy": em, "macro_f1": float("nan"), "pred": []}
-        s = _score(lm, task, prompts, evals, cfg.batch_size)
-        return classify(s, gold)
+            return {"accuracy": em, "macro_f1": float("nan"), "pred": [], "tokens": count}
+        s = _score(lm, task, prompts, evals, cfg.batch_size, counter=count)
+        tokens.add(count)
+        return {**classify(s, gold), "tokens": count}
 
     jobs: list[tuple[str, int, dict]] = [("zero-shot", 0, {})]
     best = _best_stat(study)
@@ -452,22 +502,20 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
                 results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
                                 "macro_f1": float("nan"), "skipped": str(e)})
                 continue
-            r = random.Random(seed)
-            demos = []
-            for tid in eval_ids:
-                ids = list(chosen[tid])
-                r.shuffle(ids)  # seeded demonstration order
-                demos.append([pool_by_id[i] for i in ids])
+            order = demo_order(chosen, eval_ids, seed, shared=name not in PER_INPUT)
+            demos = [[pool_by_id[i] for i in ids] for ids in order]
         m = run(demos, label)
         if label == "zero-shot":
             zs_pred = np.asarray(m["pred"])
-        results.append({"strategy": label, "seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+        results.append({"strategy": label, "seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                        "tokens_computed": m["tokens"].computed, "tokens_in_prompts": m["tokens"].in_prompts})
     if progress:
         progress("selection", len(jobs), len(jobs))
     flips = None
     if cfg.compare_fp32 and lm.provenance["dtype"] != "float32" and task.kind != "generation":
         lm32 = _load_lm(store, "float32")
-        m32 = classify(_score(lm32, task, [prompt_segments(task, [], q) for q in evals], evals, cfg.batch_size), gold)
+        m32 = classify(_score(lm32, task, [prompt_segments(task, [], q) for q in evals], evals, cfg.batch_size,
+                              counter=tokens), gold)
         flips = {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()),
                  "acc_fp32": m32["accuracy"], "dtype": lm.provenance["dtype"]}
     table = {}
@@ -476,7 +524,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
     summary = [{"strategy": k, "mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
                 "std": float(np.nanstd(v)) if len(v) > 1 else 0.0, "n_seeds": len(v)} for k, v in table.items()]
     return {"runs": results, "summary": summary, "eval_ids": eval_ids, "flips": flips, "k": cfg.k,
-            "dropped_demonstrations": dropped, "max_length": cfg.max_length}
+            "dropped_demonstrations": dropped, "max_length": cfg.max_length, "tokens": tokens.as_dict()}
 
 
 # --------------------------------------------------------------------------- entry point
@@ -499,7 +547,9 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     selection = selection_experiment(store, cfg, lm, study, progress)
     results = {
         "config": asdict(cfg), "build_key": store.key, "quality_key": q["key"],
+        "quality_tokens": q["meta"].get("tokens"),  # None for a matrix stored before tokens were counted
         "task": store.task_name, "model": store.provenance["model"],
+        "quality_probe_rows": q["probe_rows"].tolist(), "quality_cand_rows": q["cand_rows"].tolist(),
         "versions": store.provenance.get("versions"), "sizes": {
             "n_candidates": int(len(q["cand_rows"])), "n_probes": int(len(q["probe_rows"])),
             "n_eval": len(selection["eval_ids"]), "k": cfg.k, "seeds": list(cfg.seeds)},

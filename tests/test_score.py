@@ -257,6 +257,34 @@ def test_reuse_prefix_hybrid_gemma3(attn, tok):
             np.testing.assert_allclose(a, want, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kshot_shared_prefix_matches_reference_and_counts_tokens(arch, tok, models):
+    """The selection experiment's shape: the same k ordered demonstrations before
+    every query. One prefix computed once; log-probs as a plain forward per prompt."""
+    model = models[arch]
+    demos = [DEMOS[2], DEMOS[0], DEMOS[1]]
+    prompts = [demos + [q] for q in QUERIES] + [[QUERIES[0]]]
+    P = len(encode_segments(tok, demos))
+    n_query = [len(encode_continuation(tok, q)) for q in QUERIES]
+    assert P > 3 * 16  # crosses gemma3's sliding window several times
+    for options in (SINGLE, MULTI):
+        ref = reference(model, tok, prompts, options)
+        n_opt = [0] if options is SINGLE else [len(encode_continuation(tok, o)) - 1 for o in options]
+        # Harness-style tokens: every (prompt, option) sequence in full; the fast path feeds each prompt once.
+        lens = [len(encode_segments(tok, p)) for p in prompts]
+        in_prompts = sum(n + m for n in lens for m in n_opt)
+        for reuse in (False, True):
+            c = S.TokenCount()
+            got = score_options(model, tok, prompts, options, batch_size=3, reuse_prefix=reuse, counter=c)
+            np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+            assert c.in_prompts == in_prompts
+            # Reused: the prefix once, then each query (+ option[:-1]); the zero-shot prompt in full.
+            want = P + sum(n + m for n in n_query for m in n_opt) + sum(lens[-1] + m for m in n_opt) \
+                if reuse else in_prompts
+            assert c.computed == want, (reuse, c)
+            assert c.as_dict()["saved"] == in_prompts - want
+
+
 # --------------------------------------------------------------------------- #
 # errors and limits
 # --------------------------------------------------------------------------- #

@@ -63,7 +63,7 @@ def test_quality_matrix_cached_and_checked(tiny_store, tmp_path, tiny_model_dir,
 def test_evaluate_end_to_end(tiny_store, tmp_path):
     out = tmp_path / "report"
     res = evaluate(EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_candidates=6,
-                              n_probes=3, n_eval=3, k=2, seeds=(0, 1),
+                              n_probes=2, n_eval=3, k=2, seeds=(0, 1),
                               strategies=("random", "knn", "vote-k", "k-center", "kmeans", "stat"),
                               n_boot=20, out=str(out)))
     for f in ("report.md", "results.json", "correlations.csv", "pairs.csv", "selection.csv",
@@ -80,6 +80,15 @@ def test_evaluate_end_to_end(tiny_store, tmp_path):
     assert all("rho_partial" in r and "q_raw" in r for r in rows)
     md = (out / "report.md").read_text()
     assert tiny_store.key in md and "max |rho| raw" in md and "controlled" in md
+    t = data["selection"]["tokens"]
+    assert 0 < t["computed"] < t["in_prompts"]
+    assert f"selection tokens: {t['computed']:,} computed of {t['in_prompts']:,}" in md
+    qt = data["quality_tokens"]  # 1-shot prompts: each candidate's demonstration computed once
+    assert 0 < qt["computed"] < qt["in_prompts"] and "quality matrix tokens:" in md
+    # The selection experiment never tests on a probe the stat strategy was chosen on.
+    probe_ids = {tiny_store.ids[r] for r in json.loads((out / "results.json").read_text())["quality_probe_rows"]}
+    assert probe_ids and probe_ids.isdisjoint(data["selection"]["eval_ids"])
+    assert "label + log length" in md and "replication" in data["study"]  # too few candidates for a top 10 here
 
 
 def test_empty_pool_is_a_clear_error(tiny_model_dir, tmp_path):
@@ -92,7 +101,7 @@ def test_empty_pool_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_overlong_prompts_drop_demonstrations_and_say_so(tiny_store):
     from actcache.study import _load_lm, selection_experiment
 
-    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_eval=3, k=4, seeds=(0,),
+    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_probes=0, n_eval=3, k=4, seeds=(0,),
                      strategies=("random",), max_length=100, compare_fp32=False)
     res = selection_experiment(tiny_store, cfg, _load_lm(tiny_store, None))
     assert res["dropped_demonstrations"].get("random", 0) > 0
@@ -109,8 +118,79 @@ def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
     recs = query(QueryConfig(key=tiny_store.key, home=home, component="resid", k=2))
     path = tmp_path / "neighbors.jsonl"
     write_jsonl(recs, str(path))
-    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_eval=3, k=2, seeds=(0, 1), strategies=(),
+    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_probes=0, n_eval=3, k=2, seeds=(0, 1), strategies=(),
                      demos=str(path), compare_fp32=False)
     res = selection_experiment(tiny_store, cfg, _load_lm(tiny_store, None))
     assert [s["strategy"] for s in res["summary"]] == ["zero-shot", "file:neighbors.jsonl"]
     assert res["summary"][1]["n_seeds"] == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
+def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, tiny_model_dir, jsonl, tmp_path,
+                                                                         monkeypatch):
+    """Subset strategies: one ordered demonstration prefix for every eval input,
+    its KV computed once per run; every log-prob equals a plain model forward
+    over the full prompt (harness reference); retrieval stays per input."""
+    from test_score import reference
+
+    from actcache import score as S
+    from actcache.study import _load_lm, selection_experiment
+
+    store = build(cfg_for(tiny_model_dir[arch], jsonl, tmp_path / "store", layers="0,-1", store_dtype="float32"))
+    calls = []
+    real = S.score_options
+
+    def spy(model, tok, prompts, options, **kw):
+        out = real(model, tok, prompts, options, **kw)
+        calls.append((model, prompts, options, out, kw["counter"]))
+        return out
+
+    monkeypatch.setattr(S, "score_options", spy)
+    cfg = EvalConfig(key=store.key, dtype="float32", home=str(store.dir.parent.parent), n_probes=0, n_eval=3, k=3,
+                     seeds=(0, 1), strategies=("random", "k-center", "knn"), knn_layers="0", compare_fp32=False)
+    lm = _load_lm(store, None)
+    res = selection_experiment(store, cfg, lm)
+    runs = res["runs"]
+    assert [r["strategy"] for r in runs] == ["zero-shot"] + ["random"] * 2 + ["k-center"] * 2 + ["knn@L0"] * 2
+    assert len(calls) == len(runs)
+    for r, (model, prompts, options, out, count) in zip(runs, calls):
+        np.testing.assert_allclose(out, reference(model, lm.tokenizer, prompts, options), atol=1e-4, rtol=0)
+        assert (r["tokens_computed"], r["tokens_in_prompts"]) == (count.computed, count.in_prompts)
+        if r["strategy"] in ("random", "k-center"):
+            assert all(len(p) == 4 for p in prompts)  # k demonstrations + query, none dropped
+            assert len({tuple(p[:-1]) for p in prompts}) == 1  # one ordered prefix for every input
+            # Multi-token label words: one request per (prompt, option), all behind the one prefix.
+            P = len(S.encode_segments(lm.tokenizer, prompts[0][:-1]))
+            assert count.computed == count.in_prompts - (len(prompts) * len(options) - 1) * P
+    assert res["tokens"]["computed"] == sum(r["tokens_computed"] for r in runs)
+    assert res["tokens"]["in_prompts"] == sum(r["tokens_in_prompts"] for r in runs)
+    assert res["tokens"]["computed"] < res["tokens"]["in_prompts"]
+
+
+def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
+    """A bf16 run still scores zero-shot again in float32, as the harness would."""
+    from test_score import reference
+
+    from actcache import score as S
+    from actcache.study import _load_lm, selection_experiment
+
+    calls = []
+    real = S.score_options
+
+    def spy(model, tok, prompts, options, **kw):
+        out = real(model, tok, prompts, options, **kw)
+        calls.append((model, tok, prompts, options, out))
+        return out
+
+    monkeypatch.setattr(S, "score_options", spy)
+    cfg = EvalConfig(key=tiny_store.key, dtype="bfloat16", home=str(tiny_store.dir.parent.parent), n_probes=0, n_eval=3,
+                     k=2, seeds=(0,), strategies=("random",), compare_fp32=True)
+    lm = _load_lm(tiny_store, "bfloat16")
+    res = selection_experiment(tiny_store, cfg, lm)
+    assert res["flips"] is not None and res["flips"]["dtype"] == "bfloat16" and res["flips"]["n"] == 3
+    model, tok, prompts, options, out = calls[-1]
+    assert next(model.parameters()).dtype == torch.float32 and all(len(p) == 1 for p in prompts)
+    np.testing.assert_allclose(out, reference(model, tok, prompts, options), atol=1e-5, rtol=0)
+    fp32_tokens = sum(len(S.encode_segments(tok, p)) + len(S.encode_continuation(tok, o)) - 1
+                      for p in prompts for o in options)
+    assert res["tokens"]["in_prompts"] == sum(r["tokens_in_prompts"] for r in res["runs"]) + fp32_tokens
