@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,31 @@ def hardware_lines(hw: dict | None) -> list[str]:
     return out
 
 
+def _jsonl(path: Path, records) -> None:
+    path.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+
+
+def _write_samples(results: dict, out: Path) -> list[str]:
+    """Per-item records, like lm-evaluation-harness's --log_samples:
+    samples/<strategy>_seed<s>.jsonl (eval id, demonstration ids in prompt order,
+    per-option log-probs, prediction, gold) and samples/quality_pairs.jsonl (the
+    quality matrix, one line per candidate x probe pair)."""
+    d = out / "samples"
+    d.mkdir(exist_ok=True)
+    names = []
+    for run in results["selection"].get("samples", []):
+        name = re.sub(r"[^A-Za-z0-9_.@-]+", "_", f"{run['strategy']}_seed{run['seed']}") + ".jsonl"
+        _jsonl(d / name, ({"strategy": run["strategy"], "seed": run["seed"], **it} for it in run["items"]))
+        names.append(name)
+    qp = results.get("quality_pairs")
+    if qp:
+        _jsonl(d / "quality_pairs.jsonl", (
+            {"candidate_id": c, "probe_id": p, "correct": qp["correct"][i][j], "margin": qp["margin"][i][j]}
+            for i, c in enumerate(qp["cand_ids"]) for j, p in enumerate(qp["probe_ids"])))
+        names.append("quality_pairs.jsonl")
+    return names
+
+
 def write(results: dict, out: Path) -> dict:
     """Write report.md, results.json, CSVs and PNGs into `out`; returns file names."""
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +220,10 @@ def write(results: dict, out: Path) -> dict:
     _write_csv(out / "correlations.csv", rows)
     _write_csv(out / "pairs.csv", results["study"]["pairs"])
     _write_csv(out / "selection.csv", results["selection"]["runs"])
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    files["samples"] = _write_samples(results, out)
+    slim = {**results, "selection": {k: v for k, v in results["selection"].items() if k != "samples"}}
+    slim.pop("quality_pairs", None)
+    (out / "results.json").write_text(json.dumps(slim, indent=1, default=_json_default))
     top = sorted(rows, key=lambda r: -abs(r["rho_raw"]) if math.isfinite(r["rho_raw"]) else 0)[:10]
     md = [f"# actcache evaluation: {results['task']}", "",
           f"- build key: `{results['build_key']}`", f"- quality matrix key: `{results['quality_key']}`",

@@ -462,6 +462,23 @@ def _vote_k(store: Store, *, budget, k, seed, progress, component="mlp", layer=-
                                           "array": str(a), "stage": "graph"})
 
 
+def retrieve_within(store: Store, pool_ids, test_ids, k: int, component: str = "mlp", layer: int = -1,
+                    pooling: str = "mean", mask: str = "label-masked") -> dict[str, list[str]]:
+    """The k most cosine-similar of `pool_ids` for each eval id in `test_ids`,
+    best first, never a near-duplicate of the input (same `dup` key). This is
+    the retrieval stage of vote-k (Su et al. 2022): inputs retrieve from the
+    selected annotation set. Returns {test id: [pool ids]}."""
+    a = _array(store, component, layer, pooling, mask)
+    X = store.acts(a.component, a.layer, a.pooling, a.mask)
+    row = {i: r for r, i in enumerate(store.ids)}
+    P = np.array([row[i] for i in pool_ids], dtype=np.int64)
+    T = np.array([row[i] for i in test_ids], dtype=np.int64)
+    S = _normalized(X[T]).astype(np.float64) @ _normalized(X[P]).astype(np.float64).T  # (q, m)
+    S[store.dups[T][:, None] == store.dups[P][None, :]] = -np.inf
+    order = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    return {t: [str(store.ids[P[j]]) for j in o if np.isfinite(S[i, j])] for i, (t, o) in enumerate(zip(test_ids, order))}
+
+
 @strategy("k-center")
 def _k_center(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
               mask="label-masked"):

@@ -37,6 +37,9 @@ Progress = Callable[[str, int, int], None]
 STUDY_REF = 0.33  # the 2026 study's largest |Spearman rho|
 QUALITY_CHUNK_PROMPTS = 512  # prompts per flushed chunk of the quality matrix (resume granularity)
 QUALITY_DEFS = ("mean", "gain", "balanced")
+# Order of retrieved demonstrations in the prompt. KATE (Liu et al. 2022) puts the
+# most similar one last, nearest the query; "shuffle" is a seeded permutation.
+KNN_ORDERS = ("similar-last", "similar-first", "shuffle")
 DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "embed-knn")
 
 # Presets that reproduce the study's set-up where the weights are available.
@@ -69,6 +72,8 @@ class EvalConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     knn_layers: str = "auto"
+    knn_order: str = "similar-last"
+    votek_budget: int = 100
     quality: str = "margin"
     quality_def: str = "mean"
     dtype: str = "auto"
@@ -90,6 +95,10 @@ class EvalConfig:
             raise ConfigError("need at least 4 candidates and 2 probes for a correlation")
         if self.k < 0:
             raise ConfigError("--k must be >= 0")
+        if self.knn_order not in KNN_ORDERS:
+            raise ConfigError(f"--knn-order must be one of {KNN_ORDERS}, not {self.knn_order!r}")
+        if self.votek_budget < self.k:
+            raise ConfigError(f"--votek-budget {self.votek_budget} is below --k {self.k}")
 
 
 def _examples(store: Store, rows) -> list[Example]:
@@ -374,15 +383,18 @@ def load_demos(path: str, store: Store) -> dict:
 
 # Strategies that give each eval input its own demonstrations; every other
 # strategy picks one subset of k shared by all inputs.
-PER_INPUT = ("knn", "embed-knn", "file")
+PER_INPUT = ("knn", "embed-knn", "vote-k", "file")  # strategies whose demonstrations differ per input
 
 
-def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool) -> list[list[str]]:
-    """Seeded demonstration order: one list of pool ids per test id.
+def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order: str = "shuffle"
+               ) -> list[list[str]]:
+    """Demonstration order in the prompt: one list of pool ids per test id.
 
-    A shared subset is shuffled once, so every input's prompt starts with the
-    same ordered demonstrations: one prefix whose KV cache score_options
-    computes once for all inputs. Per-input demonstrations are shuffled per input.
+    A shared subset is shuffled once (seeded), so every input's prompt starts
+    with the same ordered demonstrations: one prefix whose KV cache
+    score_options computes once for all inputs. Per-input demonstrations come
+    best first from retrieval and are laid out by `order`: "similar-last" (KATE:
+    the most similar nearest the query), "similar-first", or "shuffle" (seeded).
     """
     r = random.Random(seed)
     if shared and test_ids:
@@ -394,7 +406,10 @@ def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool) -> li
     out = []
     for tid in test_ids:
         ids = list(chosen[tid])
-        r.shuffle(ids)
+        if order == "similar-last":
+            ids.reverse()
+        elif order == "shuffle":
+            r.shuffle(ids)
         out.append(ids)
     return out
 
@@ -412,8 +427,15 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **op
         return {t: per[t] for t in test_ids}
     if opts.get("layer") is None:
         opts.pop("layer", None)
-    graph_k = {"k": min(10, len(store.pool_rows) - 1)} if name == "vote-k" else {}
-    ids = list(select(store, name, budget=k, seed=seed, **graph_k, **opts).ids)
+    if name == "vote-k":
+        # As published: select an annotation set with vote-k's graph stage, then
+        # each input retrieves its k most similar examples from that set.
+        from .select import retrieve_within
+
+        budget = min(opts.pop("votek_budget", 100), len(store.pool_rows))
+        ann = list(select(store, name, budget=budget, seed=seed, k=min(10, len(store.pool_rows) - 1), **opts).ids)
+        return retrieve_within(store, ann, test_ids, k, **opts)
+    ids = list(select(store, name, budget=k, seed=seed, **opts).ids)
     return {t: ids for t in test_ids}
 
 
@@ -461,7 +483,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
             return {"accuracy": em, "macro_f1": float("nan"), "pred": [], "tokens": count}
         s = _score(lm, task, prompts, evals, cfg.batch_size, counter=count)
         tokens.add(count)
-        return {**classify(s, gold), "tokens": count}
+        return {**classify(s, gold), "tokens": count, "scores": s}
 
     jobs: list[tuple[str, int, dict]] = [("zero-shot", 0, {})]
     best = _best_stat(study)
@@ -472,6 +494,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
         elif name == "stat":
             jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}",
                       s, {"strategy": "stat", **best}) for s in cfg.seeds]
+        elif name == "vote-k":
+            jobs += [(name, s, {"strategy": name, "votek_budget": cfg.votek_budget}) for s in cfg.seeds]
         else:
             jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]
     if cfg.demos:
@@ -486,6 +510,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
                                    f"make it with `actcache query {store.key[:12]}`")
         jobs += [(f"file:{Path(cfg.demos).name}", s, {"strategy": "file"}) for s in cfg.seeds]
     results = []
+    samples: list[dict] = []  # per-item records, like lm-evaluation-harness's --log_samples
+    done: dict = {}
     zs_pred = None
     for j, (label, seed, opts) in enumerate(jobs):
         if progress:
@@ -502,13 +528,22 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
                 results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
                                 "macro_f1": float("nan"), "skipped": str(e)})
                 continue
-            order = demo_order(chosen, eval_ids, seed, shared=name not in PER_INPUT)
+            order = demo_order(chosen, eval_ids, seed, shared=name not in PER_INPUT, order=cfg.knn_order)
             demos = [[pool_by_id[i] for i in ids] for ids in order]
-        m = run(demos, label)
+        key = (label, tuple(tuple(e.id for e in d) for d in demos))
+        reused = key in done  # a deterministic strategy gives every seed the same prompts: score them once
+        m = done[key] if reused else run(demos, label)
+        done[key] = m
         if label == "zero-shot":
             zs_pred = np.asarray(m["pred"])
         results.append({"strategy": label, "seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                        "tokens_computed": m["tokens"].computed, "tokens_in_prompts": m["tokens"].in_prompts})
+                        "tokens_computed": 0 if reused else m["tokens"].computed,
+                        "tokens_in_prompts": m["tokens"].in_prompts, "same_prompts_as_earlier_seed": reused})
+        samples.append({"strategy": label, "seed": seed, "items": [
+            {"id": e.id, "demo_ids": [x.id for x in d], **({"logprobs": m["scores"][i].tolist()}
+                                                           if m.get("scores") is not None else {}),
+             "pred": int(m["pred"][i]) if len(m["pred"]) else None, "gold": int(gold[i])}
+            for i, (e, d) in enumerate(zip(evals, demos))]})
     if progress:
         progress("selection", len(jobs), len(jobs))
     flips = None
@@ -524,6 +559,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
     summary = [{"strategy": k, "mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
                 "std": float(np.nanstd(v)) if len(v) > 1 else 0.0, "n_seeds": len(v)} for k, v in table.items()]
     return {"runs": results, "summary": summary, "eval_ids": eval_ids, "flips": flips, "k": cfg.k,
+            "samples": samples,
             "dropped_demonstrations": dropped, "max_length": cfg.max_length, "tokens": tokens.as_dict()}
 
 
@@ -550,6 +586,8 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
         "quality_tokens": q["meta"].get("tokens"),  # None for a matrix stored before tokens were counted
         "task": store.task_name, "model": store.provenance["model"],
         "quality_probe_rows": q["probe_rows"].tolist(), "quality_cand_rows": q["cand_rows"].tolist(),
+        "quality_pairs": {"cand_ids": store.ids[q["cand_rows"]].tolist(), "probe_ids": store.ids[q["probe_rows"]].tolist(),
+                          "correct": q["correct"].tolist(), "margin": q["margin"].tolist()},
         "versions": store.provenance.get("versions"), "sizes": {
             "n_candidates": int(len(q["cand_rows"])), "n_probes": int(len(q["probe_rows"])),
             "n_eval": len(selection["eval_ids"]), "k": cfg.k, "seeds": list(cfg.seeds)},

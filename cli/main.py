@@ -291,6 +291,9 @@ def evaluate(
     seeds: str = typer.Option("0,1,2", help="Seeds for the selection experiment."),
     strategies: str = typer.Option("random,knn,vote-k,k-center,kmeans,stat,embed-knn", help="Selection strategies."),
     knn_layers: str = typer.Option("auto", help="Layers for knn ('auto' = first, middle, last)."),
+    knn_order: str = typer.Option("similar-last", help="Order of retrieved demonstrations: similar-last (KATE: "
+                                                       "most similar nearest the query), similar-first, shuffle."),
+    votek_budget: int = typer.Option(100, help="vote-k annotation set size; each input retrieves --k from it."),
     quality: str = typer.Option("margin", help="Pair score: margin (gold log-prob margin) or correct."),
     quality_def: str = typer.Option("mean", help="Candidate quality: mean, gain (over zero-shot) or balanced."),
     dtype: str = typer.Option("auto", help="Scoring dtype: auto (bfloat16 where the hardware runs it natively, "
@@ -307,7 +310,8 @@ def evaluate(
 
     cfg = EvalConfig(key=resolve_key(key, store), home=store, n_candidates=n_candidates, n_probes=n_probes,
                      n_eval=n_eval, k=k, seeds=tuple(int(s) for s in _split(seeds)),
-                     strategies=_split(strategies), knn_layers=knn_layers, quality=quality,
+                     strategies=_split(strategies), knn_layers=knn_layers, knn_order=knn_order,
+                     votek_budget=votek_budget, quality=quality,
                      quality_def=quality_def, dtype=dtype, n_boot=n_boot, batch_size=batch_size,
                      max_length=max_length, demos=demos, out=out)
     with progress_bar() as cb:

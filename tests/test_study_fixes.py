@@ -117,3 +117,31 @@ def test_near_duplicates_are_never_retrieved_nor_paired(tiny_model_dir, tmp_path
     assert not set(st.dups[cands]) & set(st.dups[probes])
     assert not set(probes) & set(evals) and len(evals) == 1  # capped at what the probes leave
     assert len(cands) == len(st.pool_rows) - sum(twin.get(st.ids[p]) is not None for p in probes)
+
+
+def test_kate_order_puts_the_most_similar_demonstration_last():
+    from actcache.study import demo_order
+
+    chosen = {"t": ["best", "second", "third"]}  # retrieval order, best first
+    assert demo_order(chosen, ["t"], 0, shared=False, order="similar-last") == [["third", "second", "best"]]
+    assert demo_order(chosen, ["t"], 0, shared=False, order="similar-first") == [["best", "second", "third"]]
+    shuffled = {tuple(demo_order(chosen, ["t"], s, shared=False, order="shuffle")[0]) for s in range(8)}
+    assert len(shuffled) > 1
+
+
+def test_vote_k_selects_an_annotation_set_then_retrieves_per_input(tiny_model_dir, jsonl, tmp_path):
+    from actcache.select import select
+    from actcache.study import choose
+
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="0,-1", masks=("label-masked",),
+                       components=("mlp",)))
+    test_ids = [str(st.ids[r]) for r in st.eval_rows]
+    got = choose(st, "vote-k", k=2, seed=0, test_ids=test_ids, votek_budget=5)
+    ann = list(select(st, "vote-k", budget=5, k=min(10, len(st.pool_rows) - 1)).ids)
+    X = st.acts("mlp", st.layers[-1], "mean", "label-masked").astype(np.float64)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    row = {i: r for r, i in enumerate(st.ids)}
+    for t in test_ids:
+        sims = {a: X[row[t]] @ X[row[a]] for a in ann}
+        assert got[t] == sorted(ann, key=lambda a: -sims[a])[:2]  # the 2 most similar of the set, best first
+    assert len({tuple(v) for v in got.values()}) > 1  # per input, not one fixed set
