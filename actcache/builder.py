@@ -341,7 +341,7 @@ def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str,
     batches = _batches([len(s) for s in seqs], cfg.batch_size)
     layers = sorted({L for _, L in units})
     comps = sorted({c for c, _ in units}, key=COMPONENTS.index)
-    cap = Capture(lm.model, layers, comps, poolings, stats=True)
+    cap = Capture(lm.model, layers, comps, poolings, stats=True, units=units)
     desc = f"build {mask}"
     ran = 0
     n = len(seqs)

@@ -1,16 +1,24 @@
-"""Build throughput against a naive baseline, measured in the same run.
+"""Capture cost against a plain forward and a naive loop, measured in the same run.
 
-Baseline: a per-example loop over `model(..., output_hidden_states=True)` with
-the LM head, pooling each layer's hidden states in Python (what a researcher
-writes first). actcache: length-sorted batches, hooks that pool and summarise
-in the forward, a forward that stops after the last requested layer and never
-reaches the LM head.
+Per dtype, on the same length-sorted batches of the same model:
 
-Prints one JSON line per measurement: tokens/s (median of --repeats), the ratio
-against the baseline, peak RSS, and each dtype's tokens/s as a fraction of the
-matmul peak of a large torch.mm in that dtype (also measured here).
+  plain                  the base model's forward over every layer, no hooks, no
+                         LM head: the floor any capture pays
+  naive                  per-example `model(..., output_hidden_states=True)` with
+                         the LM head, resid mean pooled in Python (what a
+                         researcher writes first)
+  actcache_same_outputs  resid mean at every layer, as naive, batched and hooked
+  actcache_full          what `actcache build` stores per mask: resid+mlp+attn x
+                         every layer x mean+last, plus the 6 statistics per unit
 
-    python benchmarks/bench_build.py --n 64 --repeats 3
+The machine may be shared, so each repeat runs every implementation on a batch
+before moving to the next batch (order rotated per batch): a burst of outside
+load hits all of them alike. Prints one JSON line per measurement with tokens/s
+(median over --repeats), the ratios against plain and naive (of the medians, and
+the median of the per-repeat ratios), the hardware (`actcache.models.hardware`)
+and each dtype's tokens/s as a fraction of a large torch.mm's peak.
+
+    python benchmarks/bench_build.py --n 64 --repeats 5
 """
 
 from __future__ import annotations
@@ -62,22 +70,24 @@ def naive(model, seqs, spans, layers):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=64, help="examples (pool + eval)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--impls", default="plain,naive,actcache_same_outputs,actcache_full")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from actcache.builder import BuildConfig, _batches, _plan, identify
-    from actcache.capture import Capture, make_batch
+    from actcache.capture import Capture, decoder_layers, make_batch
     from actcache.data import DataSpec
-    from actcache.models import ModelSpec
+    from actcache.models import ModelSpec, hardware
 
+    hw = hardware("cpu")
     peaks = {}
     for dt in args.dtypes.split(","):
         peaks[dt] = matmul_tflops(getattr(torch, dt))
-        print(json.dumps({"bench": "matmul_peak", "dtype": dt, "tflops": round(peaks[dt], 3)}), flush=True)
+        print(json.dumps({"bench": "matmul_peak", "dtype": dt, "tflops": round(peaks[dt], 3), **hw}), flush=True)
 
     for dt in args.dtypes.split(","):
         cfg = BuildConfig(model=ModelSpec(dtype=dt), data=DataSpec(pool_limit=args.n * 3 // 4, eval_limit=args.n // 4),
@@ -85,48 +95,55 @@ def main() -> None:
         ds, lm, _, _ = identify(cfg)
         plan = _plan(ds, lm.tokenizer, cfg)
         seqs, spans = plan.seqs["isolated"], plan.spans["isolated"]
-        n_layers = lm.model.config.num_hidden_layers
-        layers = list(range(n_layers))
+        base = decoder_layers(lm.model)[0]
+        layers = list(range(lm.model.config.num_hidden_layers))
         tokens = sum(len(s) for s in seqs)
         fpt = forward_flops_per_token(lm.model)
+        batches = [(rows, make_batch([seqs[i] for i in rows], [spans[i] for i in rows], lm.tokenizer.pad_token_id))
+                   for rows in _batches([len(s) for s in seqs], args.batch_size)]
+        full = Capture(lm.model, layers, ["resid", "mlp", "attn"], ["mean", "last"], stats=True)
+        same = Capture(lm.model, layers, ["resid"], ["mean"], stats=False)
 
-        def capture(components, poolings, stats):
-            cap = Capture(lm.model, layers, components, poolings, stats=stats)
-            for rows in _batches([len(s) for s in seqs], args.batch_size):
-                cap.run(make_batch([seqs[i] for i in rows], [spans[i] for i in rows], lm.tokenizer.pad_token_id))
+        def plain(rows, b):
+            with torch.inference_mode():
+                base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
 
-        def run_actcache():
-            capture(["resid", "mlp", "attn"], ["mean", "last"], True)
+        impls = {"plain": plain,
+                 "naive": lambda rows, b: naive(lm.model, [seqs[i] for i in rows], [spans[i] for i in rows], layers),
+                 "actcache_same_outputs": lambda rows, b: same.run(b),
+                 "actcache_full": lambda rows, b: full.run(b)}
+        names = [n for n in args.impls.split(",")]
+        for name in names:  # warm-up
+            for rows, b in batches:
+                impls[name](rows, b)
+        per_repeat = {name: [] for name in names}
+        for r in range(args.repeats):
+            spent = dict.fromkeys(names, 0.0)
+            for bi, (rows, b) in enumerate(batches):
+                k = (bi + r) % len(names)
+                for name in names[k:] + names[:k]:
+                    t = time.perf_counter()
+                    impls[name](rows, b)
+                    spent[name] += time.perf_counter() - t
+            for name in names:
+                per_repeat[name].append(spent[name])
+        med = {name: statistics.median(v) for name, v in per_repeat.items()}
 
-        def run_same_outputs():
-            # The baseline's outputs exactly: resid mean pooling at every layer, no statistics.
-            capture(["resid"], ["mean"], False)
+        def ratios(name, base_name):
+            if base_name not in med:
+                return {}
+            paired = statistics.median(b / s for b, s in zip(per_repeat[base_name], per_repeat[name]))
+            return {f"ratio_vs_{base_name}": round(med[base_name] / med[name], 3),
+                    f"ratio_vs_{base_name}_paired": round(paired, 3)}
 
-        def run_naive():
-            naive(lm.model, seqs, spans, layers)
-
-        res = {}
-        impls = (("naive", run_naive), ("actcache_same_outputs", run_same_outputs), ("actcache_full", run_actcache))
-        for name, fn in impls:
-            fn()  # warm-up
-            times = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            res[name] = statistics.median(times)
-        notes = {"naive": "per-example model(..., output_hidden_states=True) with LM head; resid mean in Python",
-                 "actcache_same_outputs": "resid mean at every layer, as the baseline, batched and hooked",
-                 "actcache_full": "what `actcache build` stores per mask: resid+mlp+attn x every layer x "
-                                  "mean+last, plus 6 statistics per component and layer"}
-        for name, _ in impls:
-            tps = tokens / res[name]
+        for name in names:
+            tps = tokens / med[name]
             print(json.dumps({
                 "bench": "build", "impl": name, "dtype": dt, "examples": len(seqs), "tokens": tokens,
-                "tokens_per_s": round(tps, 1), "median_s": round(res[name], 3), "repeats": args.repeats,
-                "ratio_vs_naive": round(res["naive"] / res[name], 2),
+                "batches": len(batches), "tokens_per_s": round(tps, 1), "median_s": round(med[name], 3),
+                "repeats": args.repeats, **ratios(name, "plain"), **ratios(name, "naive"),
                 "fraction_of_matmul_peak": round(tps * fpt / (peaks[dt] * 1e12), 4),
-                "peak_rss_mb": round(peak_rss_mb(), 1), "threads": args.threads, "note": notes[name],
+                "peak_rss_mb": round(peak_rss_mb(), 1), **hw,
             }), flush=True)
 
 

@@ -70,17 +70,86 @@ def test_capture_stops_early_and_skips_lm_head():
     assert cap.pooled[("resid", 1, "mean")].shape == (1, 64)
 
 
-def test_span_stats_against_scipy():
-    rng = np.random.default_rng(0)
-    h = torch.tensor(rng.standard_t(4, size=(3, 7, 16)) * 3 + 0.5, dtype=torch.float32)
-    start, end = torch.tensor([0, 2, 4]), torch.tensor([7, 5, 5])
+def _reference_stats(v: np.ndarray) -> list[float]:
+    """numpy/scipy float64 statistics of one span's values."""
+    a = np.abs(v)
+    return [v.mean(), v.var(), scipy.stats.skew(v), scipy.stats.kurtosis(v), a.max(), a.max() / np.median(a)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [16, 7])
+def test_span_stats_against_scipy(dtype, d):
+    """Variable spans (odd and even value counts, split padding tokens), ties and
+    a large offset, in every model dtype, against scipy on the same values."""
+    rng = np.random.default_rng(d)
+    B, T = 6, 9
+    h = torch.tensor(rng.standard_t(4, size=(B, T, d)) * 3, dtype=torch.float32)
+    h[1] += 200.0  # mean >> std: a one-pass float32 moment would lose every digit
+    h[2] = torch.round(h[2])  # many ties, the median among them
+    h[3, 2:5] = 0.0  # zeros inside the span
+    h = h.to(dtype)
+    start = torch.tensor([0, 2, 4, 1, 3, 8])
+    end = torch.tensor([9, 5, 5, 8, 4, 9])
     got = span_stats(h, start, end)
-    for i in range(3):
+    for i in range(B):
         v = h[i, int(start[i]):int(end[i])].reshape(-1).double().numpy()
-        a = np.abs(v)
-        ref = [v.mean(), v.var(), scipy.stats.skew(v), scipy.stats.kurtosis(v), a.max(), a.max() / np.median(a)]
-        # float32 element-wise work, float64 accumulation: ~1e-6 relative.
-        np.testing.assert_allclose(got[i], ref, rtol=2e-5, atol=1e-7)
+        ref = _reference_stats(v)
+        # Moments: float32 element work with float64 accumulation, ~1e-6 relative.
+        np.testing.assert_allclose(got[i, :4], ref[:4], rtol=2e-5, atol=2e-6, err_msg=f"row {i}")
+        # max |a| and the median are exact order statistics: bit-identical ratios.
+        np.testing.assert_array_equal(got[i, 4:], ref[4:], err_msg=f"row {i}")
+
+
+def test_span_stats_detects_a_wrong_median():
+    """One changed value moves the median, and the ratio with it."""
+    h = torch.arange(1.0, 7.0).reshape(1, 6, 1)
+    span = torch.tensor([0]), torch.tensor([6])
+    assert span_stats(h, *span)[0, STATS.index("max_over_median")] == 6.0 / 3.5
+    h[0, 0, 0] = 5.0
+    assert span_stats(h, *span)[0, STATS.index("max_over_median")] == 6.0 / 4.5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_capture_stats_of_every_component(arch):
+    """Statistics of resid, mlp and attn at every layer equal scipy on the same
+    module outputs of an independent plain forward, one example at a time."""
+    tok = make_tokenizer()
+    model = make_model(arch, len(tok))
+    seqs = [tok("Review: a great movie")["input_ids"], tok("dull")["input_ids"],
+            tok("the quick brown fox jumps over the lazy dog")["input_ids"]]
+    spans = [(1, len(s)) for s in seqs]
+    n = model.config.num_hidden_layers
+    cap = Capture(model, list(range(n)), ["resid", "mlp", "attn"], ["mean", "last"])
+    cap.run(make_batch(seqs, spans, tok.pad_token_id))
+    layers = model.model.layers
+    for i, s in enumerate(seqs):
+        seen = {}
+
+        def keep(key):
+            return lambda _m, _i, o: seen.__setitem__(key, o[0] if isinstance(o, tuple) else o)
+
+        handles = [m.register_forward_hook(keep((c, L))) for L in range(n)
+                   for c, m in (("resid", layers[L]), ("mlp", layers[L].mlp), ("attn", layers[L].self_attn))]
+        with torch.no_grad():
+            model(torch.tensor([s]))
+        for h in handles:
+            h.remove()
+        assert len(seen) == 3 * n
+        for (c, L), out in seen.items():
+            v = out[0, 1:len(s)].reshape(-1).double().numpy()
+            np.testing.assert_allclose(cap.stats[(c, L)][i], _reference_stats(v), rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{c} L{L} row {i}")
+
+
+def test_capture_only_the_requested_units():
+    tok = make_tokenizer()
+    model = make_model("llama", len(tok))
+    cap = Capture(model, [0, 1], ["resid", "mlp"], ["mean"], units=[("resid", 0), ("mlp", 1)])
+    cap.run(make_batch([tok("hello there")["input_ids"]], [(1, 3)], 0))
+    assert set(cap.stats) == {("resid", 0), ("mlp", 1)}
+    assert set(cap.pooled) == {("resid", 0, "mean"), ("mlp", 1, "mean")}
+    with pytest.raises(ConfigError, match="outside"):
+        Capture(model, [0], ["resid"], ["mean"], units=[("mlp", 0)])
 
 
 def test_sink_mask_removes_attention_to_first_token():
