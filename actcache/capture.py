@@ -1,9 +1,10 @@
 """Hooked forward passes: per-layer pooled activations and per-example statistics.
 
-Components (per decoder layer):
+Components (per decoder layer), each taken where it joins the residual stream
+(see HOOKS, the one table of hook points per architecture):
   resid  the block output (the residual stream after the layer)
-  mlp    the MLP module's output, before it is added to the residual stream
-  attn   the attention module's output (after the output projection)
+  mlp    the MLP's contribution to the residual stream
+  attn   the attention's contribution (after the output projection)
 
 Hooks pool and summarise inside the forward pass, so only (batch, d_model)
 vectors and (batch, n_stats) statistics ever leave a hook; the (batch, tokens,
@@ -25,8 +26,24 @@ POOLINGS = ("mean", "last")
 MASKS = ("isolated", "in-context", "label-masked", "sink-masked")
 STATS = ("mean", "var", "skew", "kurt", "max_abs", "max_over_median")
 
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+# Hook points: decoder-layer class prefix -> component -> submodule names tried
+# in order (the output of the first that exists is captured). Gemma 2/3 wrap
+# each sublayer in a "sandwich" norm, so their contribution to the residual
+# stream is the output of post_feedforward_layernorm / post_attention_layernorm
+# (Gemma Scope's mlp_out is the former). In Llama and Qwen2,
+# post_attention_layernorm is the *pre*-MLP norm and must not be used.
+HOOKS: dict[str, dict[str, tuple[str, ...]]] = {
+    "Gemma2": {"mlp": ("post_feedforward_layernorm",), "attn": ("post_attention_layernorm",)},
+    "Gemma3": {"mlp": ("post_feedforward_layernorm",), "attn": ("post_attention_layernorm",)},
+    "": {"mlp": ("mlp", "feed_forward", "ffn"), "attn": ("self_attn", "attn", "attention", "self_attention")},
+}
+
+
+def hook_names(layer, component: str) -> tuple[str, ...]:
+    """The submodule names HOOKS gives for this decoder layer's class."""
+    cls = type(layer).__name__
+    prefix = max((p for p in HOOKS if cls.startswith(p)), key=len)
+    return HOOKS[prefix][component]
 
 
 class _Stop(Exception):
@@ -47,7 +64,7 @@ def decoder_layers(model):
 def _component_module(layer, component: str):
     if component == "resid":
         return layer
-    names = _ATTN_NAMES if component == "attn" else _MLP_NAMES
+    names = hook_names(layer, component)
     for n in names:
         mod = getattr(layer, n, None)
         if mod is not None:

@@ -46,11 +46,11 @@ def test_capture_equals_plain_forward(arch):
             ref = hs[L + 1][0, 1:len(s)]
             np.testing.assert_allclose(cap.pooled[("resid", L, "mean")][i], ref.mean(0).numpy(), atol=1e-4)
             np.testing.assert_allclose(cap.pooled[("resid", L, "last")][i], ref[-1].numpy(), atol=1e-4)
-            if arch in ("llama", "qwen2", "gpt2"):
-                # Pre-norm blocks without post-norms: block delta == attn out + mlp out.
-                delta = (hs[L + 1] - hs[L])[0, 1:len(s)].mean(0).numpy()
-                got = cap.pooled[("attn", L, "mean")][i] + cap.pooled[("mlp", L, "mean")][i]
-                np.testing.assert_allclose(got, delta, atol=1e-4)
+            # Every component is taken where it joins the residual stream, so the
+            # block's delta is attn + mlp (Gemma's sandwich norms included).
+            delta = (hs[L + 1] - hs[L])[0, 1:len(s)].mean(0).numpy()
+            got = cap.pooled[("attn", L, "mean")][i] + cap.pooled[("mlp", L, "mean")][i]
+            np.testing.assert_allclose(got, delta, atol=1e-4)
         # Statistics over the same span, against scipy on the plain forward's values.
         vals = hs[2][0, 1:len(s)].reshape(-1).double().numpy()
         st = cap.stats[("resid", 1)][i]
@@ -128,8 +128,11 @@ def test_capture_stats_of_every_component(arch):
         def keep(key):
             return lambda _m, _i, o: seen.__setitem__(key, o[0] if isinstance(o, tuple) else o)
 
+        # Where each contribution joins the residual stream, stated here independently of HOOKS.
+        mlp_at = (lambda b: b.post_feedforward_layernorm) if arch == "gemma3" else (lambda b: b.mlp)
+        attn_at = (lambda b: b.post_attention_layernorm) if arch == "gemma3" else (lambda b: b.self_attn)
         handles = [m.register_forward_hook(keep((c, L))) for L in range(n)
-                   for c, m in (("resid", layers[L]), ("mlp", layers[L].mlp), ("attn", layers[L].self_attn))]
+                   for c, m in (("resid", layers[L]), ("mlp", mlp_at(layers[L])), ("attn", attn_at(layers[L])))]
         with torch.no_grad():
             model(torch.tensor([s]))
         for h in handles:
