@@ -23,9 +23,13 @@ def _fmt(x, nd=3) -> str:
 
 def headline(results: dict) -> list[list[str]]:
     """Rows of the printed table: strategy, mean accuracy ± std, seeds."""
-    rows = [["strategy", f"{results['sizes']['k']}-shot accuracy", "± std", "seeds"]]
-    for s in results["selection"]["summary"]:
-        rows.append([s["strategy"], _fmt(s["mean"]), _fmt(s["std"]), str(s["n_seeds"])])
+    summ = results["selection"]["summary"]
+    mc = any("acc_norm" in s for s in summ)  # multiple choice: the harness's acc and acc_norm side by side
+    rows = [["strategy", f"{results['sizes']['k']}-shot {'acc' if mc else 'accuracy'}", "± std"]
+            + (["acc_norm"] if mc else []) + ["seeds"]]
+    for s in summ:
+        rows.append([s["strategy"], _fmt(s["mean"]), _fmt(s["std"])] + ([_fmt(s.get("acc_norm"))] if mc else [])
+                    + [str(s["n_seeds"])])
     return rows
 
 

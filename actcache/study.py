@@ -142,8 +142,20 @@ def _score(lm, task: Task, prompts, queries: list[Example], batch_size: int, opt
 
     opts = options if options is not None else (
         list(task.label_words) if task.kind == "classification" else [list(task.options(q)) for q in queries])
-    return score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size,
-                         length_normalize=task.kind == "multiple_choice", counter=counter)
+    return score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size, counter=counter)
+
+
+def byte_normalized(task: Task, queries: list[Example], s: np.ndarray) -> np.ndarray:
+    """lm-evaluation-harness's acc_norm scores: each option's summed log-prob
+    divided by its length in UTF-8 bytes (multiple choice); other tasks as is.
+    (n, c) float64; padded option slots stay -inf."""
+    if task.kind != "multiple_choice":
+        return s
+    out = np.array(s, dtype=np.float64, copy=True)
+    for i, q in enumerate(queries):
+        for j, o in enumerate(task.options(q)):
+            out[i, j] /= max(1, len(o.encode("utf-8")))
+    return out
 
 
 def _pair_scores(lm, task: Task, prompts, queries, batch_size, counter=None) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +167,7 @@ def _pair_scores(lm, task: Task, prompts, queries, batch_size, counter=None) -> 
         ll = score_options(lm.model, lm.tokenizer, prompts, [[task.target(q)] for q in queries],
                            batch_size=batch_size, length_normalize=True, counter=counter)[:, 0]
         return np.full(len(ll), np.nan), ll
-    s = _score(lm, task, prompts, queries, batch_size, counter=counter)
+    s = byte_normalized(task, queries, _score(lm, task, prompts, queries, batch_size, counter=counter))
     gold = np.array([q.label for q in queries])
     return (classify(s, gold)["pred"] == gold).astype(np.float64), margins(s, gold)
 
@@ -483,7 +495,10 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
             return {"accuracy": em, "macro_f1": float("nan"), "pred": [], "tokens": count}
         s = _score(lm, task, prompts, evals, cfg.batch_size, counter=count)
         tokens.add(count)
-        return {**classify(s, gold), "tokens": count, "scores": s}
+        # Multiple choice: acc (summed log-probs) and acc_norm (by byte length), as the harness reports.
+        norm = classify(byte_normalized(task, evals, s), gold)["accuracy"] if task.kind == "multiple_choice" \
+            else float("nan")
+        return {**classify(s, gold), "acc_norm": norm, "tokens": count, "scores": s}
 
     jobs: list[tuple[str, int, dict]] = [("zero-shot", 0, {})]
     best = _best_stat(study)
@@ -537,6 +552,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
         if label == "zero-shot":
             zs_pred = np.asarray(m["pred"])
         results.append({"strategy": label, "seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                        "acc_norm": m.get("acc_norm", float("nan")),
                         "tokens_computed": 0 if reused else m["tokens"].computed,
                         "tokens_in_prompts": m["tokens"].in_prompts, "same_prompts_as_earlier_seed": reused})
         samples.append({"strategy": label, "seed": seed, "items": [
@@ -553,11 +569,20 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
                               counter=tokens), gold)
         flips = {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()),
                  "acc_fp32": m32["accuracy"], "dtype": lm.provenance["dtype"]}
-    table = {}
+    def mean(v):
+        v = np.asarray(v, dtype=np.float64)
+        return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+    table: dict[str, list[dict]] = {}
     for r in results:
-        table.setdefault(r["strategy"], []).append(r["accuracy"])
-    summary = [{"strategy": k, "mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
-                "std": float(np.nanstd(v)) if len(v) > 1 else 0.0, "n_seeds": len(v)} for k, v in table.items()]
+        table.setdefault(r["strategy"], []).append(r)
+    summary = []
+    for k, rs in table.items():
+        acc = [r["accuracy"] for r in rs]
+        summary.append({"strategy": k, "mean": mean(acc), "std": float(np.nanstd(acc)) if len(acc) > 1 else 0.0,
+                        "n_seeds": len(acc)})
+        if task.kind == "multiple_choice":
+            summary[-1]["acc_norm"] = mean([r.get("acc_norm", float("nan")) for r in rs])
     return {"runs": results, "summary": summary, "eval_ids": eval_ids, "flips": flips, "k": cfg.k,
             "samples": samples,
             "dropped_demonstrations": dropped, "max_length": cfg.max_length, "tokens": tokens.as_dict()}

@@ -145,3 +145,33 @@ def test_vote_k_selects_an_annotation_set_then_retrieves_per_input(tiny_model_di
         sims = {a: X[row[t]] @ X[row[a]] for a in ann}
         assert got[t] == sorted(ann, key=lambda a: -sims[a])[:2]  # the 2 most similar of the set, best first
     assert len({tuple(v) for v in got.values()}) > 1  # per input, not one fixed set
+
+
+def test_multiple_choice_reports_acc_and_acc_norm_like_the_harness(tiny_model_dir, tmp_path):
+    import pytest
+
+    from conftest import shared_data_dir
+    from actcache.builder import BuildConfig
+    from actcache.data import DataSpec
+    from actcache.models import ModelSpec
+    from actcache.study import EvalConfig, _load_lm, selection_experiment
+
+    d = shared_data_dir()
+    if d is None or not (d / "arc").exists():
+        pytest.skip("../shared/data/arc is not here")
+    st = build(BuildConfig(model=ModelSpec(str(tiny_model_dir["llama"]), dtype="float32"),
+                           data=DataSpec(task="arc_challenge", data_dir=str(d), pool_limit=10, eval_limit=6),
+                           layers="0", masks=("isolated",), components=("mlp",), home=str(tmp_path / "s"),
+                           context_k=0))
+    cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_probes=0, n_eval=6, k=1, seeds=(0,),
+                     strategies=("random",), compare_fp32=False)
+    res = selection_experiment(st, cfg, _load_lm(st, None))
+    run = next(r for r in res["samples"] if r["strategy"] == "random")
+    recs = {x["id"]: x for x in run["items"]}
+    opts = {rec["id"]: rec["choices"] for rec in st.records}
+    acc = np.mean([np.argmax(x["logprobs"]) == x["gold"] for x in recs.values()])
+    norm = np.mean([np.argmax([lp / len((" " + c).encode()) for lp, c in zip(x["logprobs"], opts[i])]) == x["gold"]
+                    for i, x in recs.items()])
+    row = next(r for r in res["runs"] if r["strategy"] == "random")
+    assert row["accuracy"] == pytest.approx(acc) and row["acc_norm"] == pytest.approx(norm)
+    assert "acc_norm" in next(s for s in res["summary"] if s["strategy"] == "random")
