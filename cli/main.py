@@ -373,7 +373,7 @@ def run(
     n_cand = n_candidates or p["n_candidates"]
     cfg = BuildConfig(model=ModelSpec(model or p["model"], None, dtype, device),
                       data=DataSpec(task=p["task"], data_dir=data_dir, pool_limit=limit or n_cand,
-                                    eval_limit=eval_limit or max(n_eval, n_probes or p["n_probes"])),
+                                    eval_limit=eval_limit or n_eval + (n_probes or p["n_probes"])),  # probes and eval inputs are disjoint
                       layers=p["layers"], components=p["components"], masks=p["masks"],
                       context_k=p["context_k"], max_length=p["max_length"], home=store)
     with progress_bar() as cb:
