@@ -18,7 +18,6 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -315,7 +314,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
             for (c, L), st in stats.items():
                 new_stats[(mask, c, L)] = st
         if missing:
-            _write_h5(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats)
+            _write_h5(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task)
             shutil.rmtree(bdir / "partial", ignore_errors=True)
         store = Store(bdir)
         made_idx = _ensure_indexes(store, cfg, progress) if cfg.index else 0
@@ -377,7 +376,7 @@ def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str,
     return arrays, stats, ran
 
 
-def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Plan, arrays, stats):
+def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Plan, arrays, stats, task):
     """Assemble old + new arrays into a temporary HDF5 file, then rename it into place."""
     import h5py
 
@@ -398,7 +397,6 @@ def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Pla
             ex.create_dataset("id", data=[e.id for e in plan.rows], dtype=str_dt)
             ex.create_dataset("split", data=plan.splits, dtype=str_dt)
             ex.create_dataset("label", data=np.array([e.label for e in plan.rows], dtype=np.int64))
-            task = load_task_of(cfg)
             ex.create_dataset("text", data=[task.query_text(e) for e in plan.rows], dtype=str_dt)
             ex.create_dataset("demo", data=[task.demo_text(e) for e in plan.rows], dtype=str_dt)
             ex.create_dataset("dup", data=[task.dup_key(e) for e in plan.rows], dtype=str_dt)
@@ -423,7 +421,8 @@ def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Pla
         prov = {
             **old_prov,
             "model": model_prov,
-            "data": {"task": payload["task"], "fingerprint": payload["data"],
+            "data": {"task": {**payload["task"], "stop": task.stop, "dup_field": task.dup_field},
+                     "fingerprint": payload["data"],
                      "spec": asdict(cfg.data), "n_pool": plan.splits.count("pool"),
                      "n_eval": plan.splits.count("eval")},
             "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
@@ -446,21 +445,6 @@ def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Pla
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
-
-
-def load_task_of(cfg: BuildConfig):
-    from .data import TASKS
-
-    d = cfg.data
-    if d.path:
-        from .data import _local_task
-
-        return _local_task(d)[0]
-    t = TASKS[d.task]
-    if d.template or d.label_words:
-        t = dataclasses.replace(t, template=d.template or t.template,
-                                label_words=tuple(d.label_words) or t.label_words)
-    return t
 
 
 def _cfg_json(cfg: BuildConfig) -> dict:

@@ -159,13 +159,6 @@ def resolve_layer(store: Store, layer: int) -> int:
     return layer
 
 
-def _task(store: Store):
-    from .data import Task
-
-    t = store.provenance["data"]["task"]
-    return Task(store.task_name, t["kind"], t["template"], tuple(t["label_words"]), t["instruction"])
-
-
 def template_fields(template: str) -> list[str]:
     """Field names of a str.format template, in order, without repeats."""
     out: list[str] = []
@@ -208,7 +201,7 @@ def load_inputs(store: Store, source: str = "eval", text_field: str = "text") ->
                       [int(x) for x in store.labels[rows]], True, False)
     from .data import Example
 
-    task = _task(store)
+    task = store.task()
     fields = template_fields(task.template)
     lines, is_jsonl, name = _read_source(source)
     ids, texts, given = [], [], False
@@ -334,7 +327,7 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
                                 f"with {str(built.get(field))[:12]}; restore the original model files or "
                                 f"build again with this model")
     tok, model = lm.tokenizer, lm.model
-    task = _task(store)
+    task = store.task()
     max_length = int(store.config.get("max_length", store.provenance.get("max_length", 256)))
     batch_size = int(store.config.get("batch_size", 16))
     bos = encode_segments(tok, [])

@@ -357,6 +357,18 @@ class Store:
         with _open_h5(self.h5_path) as f:
             return int(f[array_name(a.mask, a.component, a.layer, a.pooling)].shape[1])
 
+    def task(self):
+        """The build's `data.Task`, rebuilt from what the build stored (never from
+        the original data file, which may have moved)."""
+        from .data import TASKS, Task
+
+        t = self.provenance["data"]["task"]
+        d = self.config.get("data", {})
+        base = None if d.get("path") else TASKS.get(str(d.get("task")))
+        return Task(self.task_name, t["kind"], t["template"], tuple(t["label_words"]), t.get("instruction", ""),
+                    t.get("stop", base.stop if base else "\n\n"),
+                    dup_field=t.get("dup_field", base.dup_field if base else None))
+
     @property
     def task_name(self) -> str:
         d = self.config.get("data", {})

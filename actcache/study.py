@@ -111,14 +111,8 @@ def _examples(store: Store, rows) -> list[Example]:
 
 
 def store_task(store: Store) -> Task:
-    """The build's Task, rebuilt from its stored config (template, label words)."""
-    from .data import DataSpec
-    from .builder import BuildConfig, load_task_of
-
-    d = dict(store.config["data"])
-    for k in ("text_fields", "label_values", "label_words"):
-        d[k] = tuple(d.get(k) or ())
-    return load_task_of(BuildConfig(data=DataSpec(**d)))
+    """The build's Task, as the build stored it (see Store.task)."""
+    return store.task()
 
 
 def _load_lm(store: Store, dtype: str | None):

@@ -175,3 +175,17 @@ def test_multiple_choice_reports_acc_and_acc_norm_like_the_harness(tiny_model_di
     row = next(r for r in res["runs"] if r["strategy"] == "random")
     assert row["accuracy"] == pytest.approx(acc) and row["acc_norm"] == pytest.approx(norm)
     assert "acc_norm" in next(s for s in res["summary"] if s["strategy"] == "random")
+
+
+def test_a_build_from_a_data_file_is_evaluated_after_the_file_moves(tiny_model_dir, jsonl, tmp_path):
+    """Store.task comes from what the build stored, never from the original file."""
+    from actcache.store import Store
+    from actcache.study import EvalConfig, quality_matrix
+
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="0", masks=("isolated",)))
+    before = st.task()
+    jsonl.rename(tmp_path / "moved.jsonl")
+    st = Store.open(st.key, st.home)
+    assert st.task() == before and before.template == "Review: {review}\nSentiment:"
+    q = quality_matrix(st, EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=4, n_probes=2))
+    assert q["margin"].shape == (4, 2)
