@@ -23,7 +23,7 @@ import fcntl
 import json
 import os
 import zipfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterator
@@ -330,28 +330,25 @@ class Store:
 
         spec = spec or index_spec(self.config.get("index"))
         idir = self.dir / "indexes"
-        try:
-            idir.mkdir(exist_ok=True)
-            lock = file_lock(idir / ".lock")
-            lock.__enter__()
-        except OSError:
-            lock = None
-        try:
-            if lock is not None and self.has_index(a, spec):
+        with ExitStack() as stack:
+            try:
+                idir.mkdir(exist_ok=True)
+                stack.enter_context(file_lock(idir / ".lock"))
+                writable = True
+            except OSError:
+                writable = False
+            if writable and self.has_index(a, spec):
                 return self._load_index(a, mmap)  # another process built it while we waited
             vecs = self.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
             idx = VectorIndex.build(vecs, spec, meta={"key": self.key, "array": str(a),
                                                       "file": self.index_path(a).name})
-            if lock is None:
+            if not writable:
                 return idx
             try:
                 idx.save(str(self.index_path(a)))
             except OSError:
                 return idx  # unwritable store: serve from memory
             return self._load_index(a, mmap)
-        finally:
-            if lock is not None:
-                lock.__exit__(None, None, None)
 
     def dim(self, a: ArrayId) -> int:
         with _open_h5(self.h5_path) as f:
