@@ -337,8 +337,11 @@ class Store:
                 writable = True
             except OSError:
                 writable = False
-            if writable and self.has_index(a, spec):
-                return self._load_index(a, mmap)  # another process built it while we waited
+            if writable:
+                try:
+                    return self._load_index(a, mmap, spec)  # another process built it while we waited
+                except StoreError:
+                    pass
             vecs = self.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
             idx = VectorIndex.build(vecs, spec, meta={"key": self.key, "array": str(a),
                                                       "file": self.index_path(a).name})

@@ -166,3 +166,14 @@ def cfg_for(model_dir, jsonl, home, **kw):
     return BuildConfig(**base)
 
 
+
+
+def assert_same_arrays(got, want) -> None:
+    """Every pooled array and statistic of build `want` equals `got`'s, bit for bit."""
+    import numpy as np
+
+    for a in want.arrays:
+        np.testing.assert_array_equal(got.acts(a.component, a.layer, a.pooling, a.mask),
+                                      want.acts(a.component, a.layer, a.pooling, a.mask))
+        np.testing.assert_array_equal(got.stats(a.component, a.layer, a.mask),
+                                      want.stats(a.component, a.layer, a.mask))

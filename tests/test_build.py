@@ -15,7 +15,7 @@ import pytest
 import scipy.stats
 import torch
 
-from conftest import ARCHS, REPO_ROOT, TEXTS, cfg_for, make_model, make_tokenizer, write_jsonl  # noqa: F401
+from conftest import ARCHS, REPO_ROOT, TEXTS, assert_same_arrays, cfg_for, make_model, make_tokenizer, write_jsonl  # noqa: F401
 
 from actcache.builder import BuildConfig, build
 from actcache.capture import STATS, Capture, make_batch, sink_masks, span_stats
@@ -27,17 +27,22 @@ from actcache.store import FORMAT_VERSION, Store, list_builds
 # ----------------------------------------------------------------------------- capture
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_capture_equals_plain_forward(arch):
-    """Hooked resid capture == model(..., output_hidden_states=True) where they overlap."""
+def _captured_three(arch):
+    """A tiny model of `arch` and a full capture (every layer and component) of three texts."""
     tok = make_tokenizer()
     model = make_model(arch, len(tok))
     seqs = [tok("Review: a great movie")["input_ids"], tok("dull")["input_ids"],
             tok("the quick brown fox jumps over the lazy dog")["input_ids"]]
-    spans = [(1, len(s)) for s in seqs]
     n = model.config.num_hidden_layers
     cap = Capture(model, list(range(n)), ["resid", "mlp", "attn"], ["mean", "last"])
-    cap.run(make_batch(seqs, spans, tok.pad_token_id))
+    cap.run(make_batch(seqs, [(1, len(s)) for s in seqs], tok.pad_token_id))
+    return tok, model, seqs, n, cap
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_equals_plain_forward(arch):
+    """Hooked resid capture == model(..., output_hidden_states=True) where they overlap."""
+    tok, model, seqs, n, cap = _captured_three(arch)
     for i, s in enumerate(seqs):
         with torch.no_grad():
             hs = model(torch.tensor([s]), output_hidden_states=True).hidden_states
@@ -113,14 +118,7 @@ def test_span_stats_detects_a_wrong_median():
 def test_capture_stats_of_every_component(arch):
     """Statistics of resid, mlp and attn at every layer equal scipy on the same
     module outputs of an independent plain forward, one example at a time."""
-    tok = make_tokenizer()
-    model = make_model(arch, len(tok))
-    seqs = [tok("Review: a great movie")["input_ids"], tok("dull")["input_ids"],
-            tok("the quick brown fox jumps over the lazy dog")["input_ids"]]
-    spans = [(1, len(s)) for s in seqs]
-    n = model.config.num_hidden_layers
-    cap = Capture(model, list(range(n)), ["resid", "mlp", "attn"], ["mean", "last"])
-    cap.run(make_batch(seqs, spans, tok.pad_token_id))
+    tok, model, seqs, n, cap = _captured_three(arch)
     layers = model.model.layers
     for i, s in enumerate(seqs):
         seen = {}
@@ -291,11 +289,7 @@ def test_killed_build_resumes_to_identical_result(tiny_model_dir, jsonl, tmp_pat
     clean = build(cfg_for(tiny_model_dir["gemma3"], jsonl, tmp_path / "clean", layers="all",
                           store_dtype="float32"))
     assert clean.key == resumed.key
-    for a in clean.arrays:
-        np.testing.assert_array_equal(resumed.acts(a.component, a.layer, a.pooling, a.mask),
-                                      clean.acts(a.component, a.layer, a.pooling, a.mask))
-        np.testing.assert_array_equal(resumed.stats(a.component, a.layer, a.mask),
-                                      clean.stats(a.component, a.layer, a.mask))
+    assert_same_arrays(resumed, clean)
 
 
 CONCURRENT = textwrap.dedent("""
