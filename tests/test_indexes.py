@@ -487,7 +487,7 @@ def test_garbage_file_reaching_faiss(saved, mmap):
     side = Path(str(p) + ".json")
     doc = json.loads(side.read_text())
     doc["file_bytes"] = 4096
-    doc["file_fingerprint"] = ix._fingerprint(str(p))
+    doc["file_fingerprint"] = ix.file_fingerprint(str(p))
     side.write_text(json.dumps(doc))
     with pytest.raises(IndexFileError, match="FAISS could not read"):
         VectorIndex.load(p, mmap=mmap)
@@ -543,7 +543,7 @@ def test_crash_before_sidecar_is_refused(saved, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ix, "_atomic_write", crash)
+    monkeypatch.setattr(ix.io, "atomic_write", crash)
     with pytest.raises(KeyboardInterrupt):
         VectorIndex.build(x[:100], IndexSpec(), meta={"key": "new"}).save(p)
     monkeypatch.undo()
@@ -632,3 +632,67 @@ def test_indexes_imports_only_numpy_faiss_stdlib():
             for r in roots:
                 assert r not in forbidden, f"{f.name}:{node.lineno} imports {r}"
                 assert r in allowed, f"{f.name}:{node.lineno} imports non-stdlib module {r}"
+
+
+# --------------------------------------------------------------------------- self-checks (issue 10)
+
+
+def test_same_size_garbling_detected(saved):
+    """Bytes changed in place at the same size (in the vector data, far from any
+    sampled block) must not be trusted."""
+    p, _, _ = saved
+    data = bytearray(p.read_bytes())
+    mid = len(data) // 2 + 3
+    data[mid: mid + 64] = bytes(64)
+    p.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="fingerprint"):
+        VectorIndex.load(p)
+
+
+def test_sidecar_of_other_vectors_detected(saved, tmp_path):
+    """A sidecar and index copied over from another array with the same key, d and
+    ntotal pass every shape check; the source fingerprint still tells them apart."""
+    p, _, x = saved
+    other = tmp_path / "b.faiss"
+    VectorIndex.build(x[::-1].copy(), IndexSpec(), meta={"key": "abc"}).save(other)
+    p.write_bytes(other.read_bytes())
+    Path(str(p) + ".json").write_bytes(Path(str(other) + ".json").read_bytes())
+    VectorIndex.load(p, expect={"key": "abc", "d": 16, "ntotal": 500})  # shapes alone cannot tell
+    with pytest.raises(IndexMismatchError, match="source_fingerprint"):
+        VectorIndex.load(p, expect={"key": "abc", "source_fingerprint": ix.vectors_fingerprint(x)})
+    VectorIndex.load(other, expect={"source_fingerprint": ix.vectors_fingerprint(x[::-1])})
+
+
+def test_vectors_fingerprint_reference():
+    import hashlib
+
+    x = np.arange(12, dtype=np.float16).reshape(3, 4)
+    ref = hashlib.sha256(json.dumps([3, 4]).encode() + x.astype(np.float32).tobytes()).hexdigest()
+    assert ix.vectors_fingerprint(x) == ref
+    y = x.copy()
+    y[2, 3] = 0
+    assert ix.vectors_fingerprint(y) != ref
+
+
+def test_atomic_write_no_space(tmp_path, monkeypatch):
+    import errno
+
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ix.NoSpaceError, match=r"f\.bin.*disk is full.*1\.0 MiB"):
+        ix.atomic_write(target, full, nbytes=2**20)
+    assert target.read_bytes() == b"old"
+    assert _files(tmp_path) == {"f.bin"}, "temp file left behind"
+    ix.atomic_write(target, lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"new" and _files(tmp_path) == {"f.bin"}
+
+
+def test_check_factory_before_any_work():
+    ix.check_factory(IndexSpec(kind="factory", factory="IVF4,Flat"))
+    with pytest.raises(ValueError, match="could not parse"):
+        ix.check_factory(IndexSpec(kind="factory", factory="Nonsense"))
