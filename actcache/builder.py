@@ -18,13 +18,12 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,14 +31,15 @@ from typing import Callable
 import numpy as np
 
 from .capture import (
-    COMPONENTS, MASKS, POOLINGS, STATS, Capture, decoder_layers, make_batch, resolve_layers, sink_masks,
+    COMPONENTS, MASKS, POOLINGS, Capture, decoder_layers, make_batch, resolve_layers, sink_masks,
 )
 from .data import DataSpec, Dataset, Example, load as load_data, prompt_segments
 from .errors import ConfigError
 from .models import ModelSpec, load_model, set_threads
+from .errors import CorruptStoreError
 from .store import (
-    FORMAT, FORMAT_VERSION, ArrayId, Store, array_name, build_lock, default_home, index_spec, load_npz, save_npz,
-    stats_name,
+    ArrayId, Store, build_lock, canonical_key, check_home, clean_leftovers, default_home, derive_key,
+    index_spec, load_npz, save_npz, write_build,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -91,13 +91,8 @@ class BuildConfig:
             raise ConfigError(f"--max-length {self.max_length} is too small; use at least 8")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
-
-
-def canonical_key(payload: dict) -> str:
-    """sha256 of canonical JSON (sorted keys, no whitespace) plus the format version."""
-    blob = json.dumps({"format_version": FORMAT_VERSION, **payload}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+        if self.index:
+            index_spec(self.index)  # a bad factory string fails now, not after the forward pass
 
 
 def encode_segments(tokenizer, segments) -> list[int]:
@@ -237,7 +232,7 @@ def _batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
 
 
 def _pass_id(key: str, mask: str, units: list[tuple[str, int]], poolings) -> str:
-    return canonical_key({"key": key, "mask": mask, "units": sorted(units), "poolings": sorted(poolings)})[:16]
+    return derive_key(key, "pass", mask=mask, units=sorted(units), poolings=sorted(poolings))[:16]
 
 
 def _versions() -> dict:
@@ -285,7 +280,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     """
     cfg.validate()
     t0 = time.time()
-    home = default_home(cfg.home)
+    home = check_home(default_home(cfg.home))
     set_threads()
     ds, lm, key, payload = identify(cfg)
     n_layers = len(decoder_layers(lm.model)[1])
@@ -295,9 +290,14 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     bdir = home / "builds" / key
     forward_batches = 0
     with build_lock(bdir):
+        clean_leftovers(bdir)
         have: list[ArrayId] = []
         if (bdir / "acts.h5").exists():
-            have = Store(bdir).arrays
+            try:
+                have = Store(bdir).arrays
+            except CorruptStoreError as e:
+                warnings.warn(f"{e}; building it again from scratch", stacklevel=2)
+                (bdir / "acts.h5").unlink()
         missing = [a for a in wanted if a not in have]
         plan = _plan(ds, lm.tokenizer, cfg) if missing else None
         new_arrays: dict[ArrayId, np.ndarray] = {}
@@ -314,7 +314,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
             for (c, L), st in stats.items():
                 new_stats[(mask, c, L)] = st
         if missing:
-            _write_h5(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task)
+            _write(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task, bool(have))
             shutil.rmtree(bdir / "partial", ignore_errors=True)
         store = Store(bdir)
         made_idx = _ensure_indexes(store, cfg, progress) if cfg.index else 0
@@ -357,17 +357,17 @@ def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str,
             out = {"rows": rows}
             for (c, L, p), v in cap.pooled.items():
                 if (c, L) in units:
-                    out[f"a|{c}|{L}|{p}"] = v
+                    out[ArrayId(c, L, p, mask).name()] = v
             for (c, L), v in cap.stats.items():
                 if (c, L) in units:
-                    out[f"s|{c}|{L}"] = v
+                    out[ArrayId(c, L, "mean", mask).stats_name()] = v
             save_npz(shard, out)
         for name, v in out.items():
             if name == "rows":
                 continue
-            kind, c, L, *rest = name.split("|")
-            target = arrays if kind == "a" else stats
-            k = (c, int(L), rest[0]) if kind == "a" else (c, int(L))
+            a = ArrayId.parse(name)
+            target = arrays if name.startswith("acts/") else stats
+            k = (a.component, a.layer, a.pooling) if target is arrays else (a.component, a.layer)
             if k not in target:
                 target[k] = np.empty((n, v.shape[1]), dtype=v.dtype)
             target[k][rows] = v
@@ -376,75 +376,36 @@ def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str,
     return arrays, stats, ran
 
 
-def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Plan, arrays, stats, task):
-    """Assemble old + new arrays into a temporary HDF5 file, then rename it into place."""
-    import h5py
-
-    final = bdir / "acts.h5"
-    tmp = bdir / f"acts.h5.{os.getpid()}.tmp"
-    str_dt = h5py.string_dtype("utf-8")
-    with h5py.File(tmp, "w") as f:
-        if final.exists():
-            with h5py.File(final, "r") as old:
-                for name in ("examples", "acts", "stats"):
-                    if name in old:
-                        old.copy(old[name], f, name=name)
-                old_prov = json.loads(old.attrs["provenance"])
-                old_cfg = json.loads(old.attrs["config"])
-        else:
-            old_prov, old_cfg = {}, {}
-            ex = f.create_group("examples")
-            ex.create_dataset("id", data=[e.id for e in plan.rows], dtype=str_dt)
-            ex.create_dataset("split", data=plan.splits, dtype=str_dt)
-            ex.create_dataset("label", data=np.array([e.label for e in plan.rows], dtype=np.int64))
-            ex.create_dataset("text", data=[task.query_text(e) for e in plan.rows], dtype=str_dt)
-            ex.create_dataset("demo", data=[task.demo_text(e) for e in plan.rows], dtype=str_dt)
-            ex.create_dataset("dup", data=[task.dup_key(e) for e in plan.rows], dtype=str_dt)
-            ex.create_dataset("n_tokens", data=plan.n_tokens.astype(np.int64))
-            ex.create_dataset("n_target", data=plan.n_target.astype(np.int64))
-            ex.create_dataset("truncated", data=plan.truncated.astype(np.int64))
-            ex.create_dataset("record", dtype=str_dt, data=[json.dumps(
-                {"id": e.id, "fields": dict(e.fields), "label": e.label, "choices": list(e.choices),
-                 "answer": e.answer}, ensure_ascii=False) for e in plan.rows])
-        for a, arr in arrays.items():
-            dt = np.float16 if cfg.store_dtype == "float16" else np.float32
-            if dt == np.float16 and np.abs(arr).max() > np.finfo(np.float16).max:
-                dt = np.float32  # massive activations would overflow float16 to inf
-            ds = f.create_dataset(array_name(a.mask, a.component, a.layer, a.pooling), data=arr.astype(dt),
-                                  chunks=(min(len(arr), 4096), arr.shape[1]))
-            ds.attrs["key"] = canonical_key({"build": key, "array": str(a)})
-        for (mask, c, L), st in stats.items():
-            name = stats_name(mask, c, L)
-            if name not in f:
-                f.create_dataset(name, data=st.astype(np.float64)).attrs["columns"] = json.dumps(STATS)
-        masks = sorted(set(old_prov.get("masks", [])) | {a.mask for a in arrays})
-        prov = {
-            **old_prov,
-            "model": model_prov,
-            "data": {"task": {**payload["task"], "stop": task.stop, "dup_field": task.dup_field},
-                     "fingerprint": payload["data"],
-                     "spec": asdict(cfg.data), "n_pool": plan.splits.count("pool"),
-                     "n_eval": plan.splits.count("eval")},
-            "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
-            "store_dtype": cfg.store_dtype, "masks": masks,
-            "sink": plan.sink,
-            "in_context": {"k": cfg.context_k, "seed": cfg.context_seed, "demo_ids": plan.context_ids,
-                           "self_rule": "a context demonstration is encoded with a same-label stand-in in its place",
-                           "prefix": plan.context_text} if plan.context_ids or "in_context" not in old_prov else old_prov["in_context"],
-            "poolings": sorted(set(old_prov.get("poolings", [])) | {a.pooling for a in arrays}),
-            "versions": _versions(), "format_version": FORMAT_VERSION,
-            "created": old_prov.get("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["key"] = key
-        f.attrs["provenance"] = json.dumps(prov, default=str)
-        f.attrs["config"] = json.dumps({**old_cfg, **_cfg_json(cfg)}, default=str)
-        f.attrs["key_payload"] = json.dumps(payload, sort_keys=True, default=str)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Plan, arrays, stats, task,
+           extend: bool) -> None:
+    """Hand the new arrays, the examples (new builds) and the provenance to `store.write_build`."""
+    examples = None if extend else {
+        "id": [e.id for e in plan.rows], "split": plan.splits, "label": [e.label for e in plan.rows],
+        "text": [task.query_text(e) for e in plan.rows], "demo": [task.demo_text(e) for e in plan.rows],
+        "dup": [task.dup_key(e) for e in plan.rows], "n_tokens": plan.n_tokens, "n_target": plan.n_target,
+        "truncated": plan.truncated,
+        "record": [json.dumps({"id": e.id, "fields": dict(e.fields), "label": e.label, "choices": list(e.choices),
+                               "answer": e.answer}, ensure_ascii=False) for e in plan.rows]}
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    prov = {
+        "model": model_prov,
+        "data": {"task": {**payload["task"], "stop": task.stop, "dup_field": task.dup_field},
+                 "fingerprint": payload["data"],
+                 "spec": asdict(cfg.data), "n_pool": plan.splits.count("pool"),
+                 "n_eval": plan.splits.count("eval")},
+        "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
+        "store_dtype": cfg.store_dtype, "masks": sorted({a.mask for a in arrays}),
+        "sink": plan.sink,
+        "in_context": {"k": cfg.context_k, "seed": cfg.context_seed, "demo_ids": plan.context_ids,
+                       "self_rule": "a context demonstration is encoded with a same-label stand-in in its place",
+                       "prefix": plan.context_text} if plan.context_ids or not extend else None,
+        "poolings": sorted({a.pooling for a in arrays}),
+        "versions": _versions(), "updated": now,
+    }
+    write_build(bdir, key, arrays=arrays,
+                stats={ArrayId(c, L, "mean", m): st for (m, c, L), st in stats.items()},
+                examples=examples, provenance=prov, config=_cfg_json(cfg), key_payload=payload,
+                store_dtype=cfg.store_dtype)
 
 
 def _cfg_json(cfg: BuildConfig) -> dict:

@@ -38,7 +38,6 @@ exclusion leaves fewer than k candidates.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import string
@@ -51,7 +50,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConfigError, DatasetError, MismatchError, StoreError
-from .store import ArrayId, Store, array_name, atomic_write, load_npz, save_npz
+from .store import ArrayId, Store, atomic_write, load_npz, try_save_npz
 
 Progress = Callable[[str, int, int], None]
 
@@ -257,9 +256,7 @@ def load_inputs(store: Store, source: str = "eval", text_field: str = "text") ->
 
 
 def _cache_path(store: Store, texts, a: ArrayId) -> Path:
-    h = hashlib.sha256(json.dumps({"key": store.key, "array": str(a), "texts": list(texts)},
-                                  ensure_ascii=False).encode()).hexdigest()
-    return store.dir / "queries" / f"{h}.npz"
+    return store.derived_path("queries", ".npz", array=str(a), texts=list(texts))
 
 
 def _context_segments(store: Store, task) -> list[str]:
@@ -306,7 +303,7 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     Raises MismatchError if the loaded model or tokenizer differs from the build's.
     """
     a = ArrayId(component, int(layer), pooling, mask)
-    store._check(a)
+    store.check(a)
     texts = [str(t) for t in texts]
     path = _cache_path(store, texts, a)
     cached = load_npz(path)  # None when missing or damaged: recompute and overwrite it
@@ -316,7 +313,6 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     from .builder import _batches, _continuation, encode_segments, forward_rows, row_layout
     from .capture import Capture
     from .models import ModelSpec, load_model
-    from .store import _open_h5
 
     lm = load_model(ModelSpec(**store.config["model"]), store.home)
     built = store.provenance.get("model", {})
@@ -354,11 +350,10 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
         out[rows] = v
     if progress:
         progress("query encode", len(batches), len(batches))
-    with _open_h5(store.h5_path) as f:
-        stored_dt = f[array_name(mask, component, int(layer), pooling)].dtype
+    stored_dt = store.array_dtype(a)
     if stored_dt == np.float16 and np.abs(out).max() <= np.finfo(np.float16).max:
         out = out.astype(np.float16).astype(np.float32)  # compare like the stored rows
-    save_npz(path, {"acts": out})
+    try_save_npz(path, {"acts": out})  # a read-only store keeps it in memory only
     return out, {"forward_batches": len(batches), "cache_hit": False, "cache": str(path)}
 
 
@@ -474,7 +469,7 @@ def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
     store = Store.open(cfg.key, cfg.home)
     layer = resolve_layer(store, cfg.layer)
     a = ArrayId(cfg.component, layer, cfg.pooling, cfg.mask)
-    store._check(a)
+    store.check(a)
     n_pool = len(store.pool_rows)
     pool_labels = store.labels[store.pool_rows]
     if cfg.balanced:

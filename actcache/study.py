@@ -31,7 +31,7 @@ import numpy as np
 from .capture import STATS
 from .data import Example, Task, prompt_segments
 from .errors import ConfigError, DatasetError, MismatchError, ModelError
-from .store import Store, load_npz, save_npz
+from .store import Store, derive_key, load_npz, save_npz
 
 Progress = Callable[[str, int, int], None]
 STUDY_REF = 0.33  # the 2026 study's largest |Spearman rho|
@@ -195,17 +195,14 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     key (this matrix's key), and meta (its provenance; meta["tokens"] holds the
     tokens computed vs in the prompts when the matrix was made).
     """
-    from .builder import canonical_key
-
     task = store_task(store)
     cand_rows, probe_rows, _ = study_rows(store, cfg)
     from .models import resolve_device, resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype or "auto", resolve_device(store.config["model"].get("device", "cpu")))
-    payload = {"build": store.key, "cands": cand_rows.tolist(), "probes": probe_rows.tolist(),
-               "dtype": dtype, "kind": "quality-matrix-1shot"}
-    qkey = canonical_key(payload)
-    path = store.dir / "quality" / f"{qkey[:24]}.npz"
+    params = {"cands": cand_rows.tolist(), "probes": probe_rows.tolist(), "dtype": dtype, "shots": 1}
+    qkey = derive_key(store.key, "quality", **params)
+    path = store.derived_path("quality", ".npz", **params)
     if path.exists():
         q = load_quality(store, path)
         if q is not None:
@@ -251,7 +248,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
         margin[i:i + len(sub)] = part["margin"]
     if progress:
         progress("quality matrix", len(cands), len(cands))
-    meta = {"key": qkey, "build_key": store.key, "payload": payload, "task": task.name,
+    meta = {"key": qkey, "build_key": store.key, "kind": "quality", "params": params, "task": task.name,
             "dtype": lm.provenance["dtype"], "hardware": lm.provenance["hardware"],
             "seconds": round(time.time() - t0, 2), "n_prompts": len(cands) * len(probes) + len(probes),
             "tokens": tokens.as_dict(),
