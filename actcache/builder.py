@@ -91,6 +91,8 @@ class BuildConfig:
             raise ConfigError(f"--max-length {self.max_length} is too small; use at least 8")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if isinstance(self.layers, str):
+            resolve_layers(self.layers, 1 << 20)  # the syntax now; the range once the model is known
         if self.index:
             index_spec(self.index)  # a bad factory string fails now, not after the forward pass
 

@@ -81,8 +81,12 @@ def resolve_layers(spec: str | Iterable[int] | None, n_layers: int) -> tuple[int
     parts = spec.split(",") if isinstance(spec, str) else list(spec)
     for part in parts:
         if isinstance(part, str) and ":" in part:
-            bits = [int(b) if b.strip() else None for b in part.split(":")]
-            out.extend(range(n_layers)[slice(*bits)])
+            try:
+                bits = [int(b) if b.strip() else None for b in part.split(":")]
+                out.extend(range(n_layers)[slice(*bits)])
+            except (ValueError, TypeError):
+                raise ConfigError(f"bad layer slice {part!r} in --layers; use start:stop[:step] with integers "
+                                  f"and a non-zero step, e.g. '2:10' or '0:18:3'") from None
             continue
         try:
             i = int(part)

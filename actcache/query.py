@@ -178,7 +178,9 @@ def _read_source(source: str) -> tuple[list[str], bool, str]:
     if not path.is_file():
         raise DatasetError(f"input file {path} does not exist; pass --input FILE (.txt or .jsonl), "
                            f"'-' for stdin, or leave it out to query the build's eval rows")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    from .data import read_text
+
+    lines = read_text(path).splitlines()
     first = next((ln for ln in lines if ln.strip()), "")
     is_jsonl = path.suffix in (".jsonl", ".json", ".ndjson") or first.lstrip().startswith("{")
     return lines, is_jsonl, str(path)
@@ -218,6 +220,9 @@ def load_inputs(store: Store, source: str = "eval", text_field: str = "text") ->
                 obj = {text_field: obj}
             if not isinstance(obj, dict):
                 raise DatasetError(f"{name} line {lineno + 1} is not a JSON object; give one object per line")
+            nulls = [f for f in (text_field, *fields) if f in obj and obj[f] is None]
+            if nulls:
+                raise DatasetError(f"{name} line {lineno + 1}: field {nulls[0]!r} is null; give it a text")
             if len(fields) == 1:
                 f0 = fields[0]
                 if text_field in obj:
