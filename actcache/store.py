@@ -135,9 +135,15 @@ class ArrayId:
 
 
 def save_npz(path: str | os.PathLike, arrays: dict) -> Path:
-    """np.savez through `atomic_write` (fsynced before its rename: a resume trusts it)."""
-    return atomic_write(path, lambda f: np.savez(f, **arrays),
-                        nbytes=sum(np.asarray(v).nbytes for v in arrays.values()))
+    """np.savez through `atomic_write` (fsynced before its rename: a resume trusts it).
+    Out of space: StoreError naming the path and the size."""
+    from indexes import NoSpaceError
+
+    try:
+        return atomic_write(path, lambda f: np.savez(f, **arrays),
+                            nbytes=sum(np.asarray(v).nbytes for v in arrays.values()))
+    except NoSpaceError as e:
+        raise StoreError(e.strerror or str(e)) from None
 
 
 def load_npz(path: str | os.PathLike) -> dict | None:

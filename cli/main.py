@@ -359,8 +359,9 @@ def evaluate(
     """Score ICL on a build: quality matrix, correlation study (raw and label-controlled), selection experiment."""
     from actcache.study import EvalConfig, evaluate as run_eval, resolve_key
 
+    seed_list = _ints(seeds, "--seeds")  # options are checked before anything is opened
     cfg = EvalConfig(key=resolve_key(key, store), home=store, n_candidates=n_candidates, n_probes=n_probes,
-                     n_eval=n_eval, k=k, seeds=_ints(seeds, "--seeds"),
+                     n_eval=n_eval, k=k, seeds=seed_list,
                      **({"strategies": _split(strategies)} if strategies else {}), knn_layers=knn_layers, knn_order=knn_order,
                      votek_budget=votek_budget, quality=quality,
                      quality_def=quality_def, dtype=dtype, n_boot=n_boot, batch_size=batch_size,
