@@ -432,6 +432,17 @@ class Capture:
             self.stats.update({k: host[i] for i, k in enumerate(keys)})
 
 
+def forward_rows(model, tokenizer, cap: "Capture", seqs, spans, rows, mask: str) -> None:
+    """Run `cap` on the given rows (indices into `seqs`/`spans`) as one
+    right-padded batch, under the attention of `mask`."""
+    from .prompts import pad_id
+
+    batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(tokenizer),
+                       next(model.parameters()).device)
+    attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
+    cap.run(batch, attention_mask=attn)
+
+
 def span_stats(h, start, end) -> np.ndarray:
     """Statistics over the token-by-dimension values of each example's span.
 

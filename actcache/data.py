@@ -29,7 +29,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from .errors import DatasetError
 
@@ -112,15 +112,6 @@ class Task:
 def normalize_text(text: str) -> str:
     """Lower case, punctuation to spaces, whitespace collapsed: 'A  film!' -> 'a film'."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def prompt_segments(task: Task, demos: Sequence[Example], query: Example) -> list[str]:
-    """Text segments of a k-shot prompt; token ids are the concatenation of each
-    segment tokenized on its own (see `score.encode_segments`)."""
-    segs = [task.instruction + "\n\n"] if task.instruction else []
-    segs += [task.demo_text(d) + "\n\n" for d in demos]
-    segs.append(task.query_text(query))
-    return segs
 
 
 # --------------------------------------------------------------------------- splits
@@ -500,5 +491,5 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
     return Dataset(task, pool, ev, source)
 
 
-__all__ = ["DataSpec", "Dataset", "Example", "Task", "TASKS", "load", "prompt_segments",
+__all__ = ["DataSpec", "Dataset", "Example", "Task", "TASKS", "load",
            "subsample", "data_dir"]

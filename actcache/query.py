@@ -264,32 +264,6 @@ def _cache_path(store: Store, texts, a: ArrayId) -> Path:
     return store.derived_path("queries", ".npz", array=str(a), texts=list(texts))
 
 
-def _context_segments(store: Store, task) -> list[str]:
-    """The in-context prefix as the builder tokenized it: one segment per demo.
-
-    The builder tokenizes segments separately, so re-tokenizing the stored
-    prefix string would not give the same ids; the segments are rebuilt from the
-    stored demo ids and checked against the stored prefix text.
-    """
-    ic = store.provenance.get("in_context") or {}
-    demo_ids = list(ic.get("demo_ids") or [])
-    if not demo_ids:
-        if int(ic.get("k", 0) or 0) > 0:
-            raise MismatchError(f"build {store.key[:12]} records no in-context demonstrations although "
-                                f"context_k={ic.get('k')}; rerun `actcache build` with --masks in-context")
-        return []
-    row_of = {i: r for r, i in enumerate(store.ids)}
-    missing = [d for d in demo_ids if d not in row_of]
-    if missing:
-        raise MismatchError(f"in-context demonstrations {missing} are not in build {store.key[:12]}; rebuild it")
-    segs = [task.instruction + "\n\n"] if task.instruction else []
-    segs += [str(store.demos[row_of[d]]) + "\n\n" for d in demo_ids]
-    if "".join(segs) != ic.get("prefix", ""):
-        raise MismatchError(f"build {store.key[:12]}: the stored in-context prefix does not match its "
-                            f"demonstrations; rebuild it")
-    return segs
-
-
 def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, mask: str,
                  progress: Progress | None = None) -> tuple[np.ndarray, dict]:
     """Pooled activations of new texts, computed exactly as the build computed eval rows.
@@ -315,7 +289,8 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     if cached is not None and "acts" in cached and cached["acts"].shape[0] == len(texts):
         return cached["acts"].astype(np.float32, copy=False), {"forward_batches": 0, "cache_hit": True,
                                                                "cache": str(path)}
-    from .builder import _batches, _continuation, encode_segments, forward_rows, row_layout
+    from .capture import forward_rows
+    from .prompts import encode_continuation, encode_segments, length_batches, row_layout, stored_context_segments
     from .capture import Capture
     from .models import ModelSpec, load_model
 
@@ -334,21 +309,21 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     bos = encode_segments(tok, [])
     pre = bos
     if mask == "in-context":
-        segs = _context_segments(store, task)
+        segs = stored_context_segments(store, task)
         pre = encode_segments(tok, segs) if segs else bos
-    # Laid out exactly as builder._plan lays out an eval row (no target).
+    # Laid out exactly as prompts.plan_rows lays out an eval row (no target).
     seqs, spans = [], []
     for t in texts:
-        seq, span, _ = row_layout(pre, _continuation(tok, t), [], max_length, False)
+        seq, span, _ = row_layout(pre, encode_continuation(tok, t), [], max_length, False)
         seqs.append(seq)
         spans.append(span)
     cap = Capture(model, [int(layer)], [component], [pooling], stats=False)
-    batches = _batches([len(s) for s in seqs], batch_size)
+    batches = length_batches([len(s) for s in seqs], batch_size)
     out = None
     for bi, rows in enumerate(batches):
         if progress:
             progress("query encode", bi, len(batches))
-        forward_rows(lm, cap, seqs, spans, rows, mask)
+        forward_rows(model, tok, cap, seqs, spans, rows, mask)
         v = cap.pooled[(component, int(layer), pooling)]
         if out is None:
             out = np.empty((len(texts), v.shape[1]), dtype=np.float32)

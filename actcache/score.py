@@ -35,10 +35,9 @@ from transformers import StoppingCriteria
 
 from actcache.errors import ConfigError, LabelWordError
 
+from .prompts import bos_ids, encode_continuation, encode_segments, encode_text, pad_id
+
 __all__ = [
-    "encode_segments",
-    "encode_continuation",
-    "fit_demonstrations",
     "score_options",
     "TokenCount",
     "classify",
@@ -58,67 +57,6 @@ _ROW_CHUNK = 256
 # --------------------------------------------------------------------------- #
 # Tokenization
 # --------------------------------------------------------------------------- #
-
-
-def _bos_ids(tokenizer) -> list[int]:
-    """``[bos_token_id]`` if the tokenizer prepends BOS on a plain call, else ``[]``."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    ids = tokenizer("a")["input_ids"]
-    return [bos] if len(ids) > 0 and ids[0] == bos else []
-
-
-def _encode_plain(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def encode_segments(tokenizer, segments: Sequence[str]) -> list[int]:
-    """Token ids of a prompt given as text segments (see module docstring).
-
-    Returns a list[int]: optional BOS followed by each segment tokenized on its
-    own (``add_special_tokens=False``) and concatenated.
-    """
-    if isinstance(segments, str):
-        raise ConfigError("encode_segments expects a sequence of text segments, not a str; wrap it: [text]")
-    ids = _bos_ids(tokenizer)
-    for seg in segments:
-        ids.extend(_encode_plain(tokenizer, seg))
-    return ids
-
-
-def encode_continuation(tokenizer, text: str) -> list[int]:
-    """Token ids of an option / continuation (no special tokens), list[int]."""
-    return _encode_plain(tokenizer, text)
-
-
-def fit_demonstrations(
-    tokenizer, demo_segments: list[str], query: str, max_length: int, reserve: int = 0
-) -> tuple[list[str], int]:
-    """Drop demonstrations from the front until the prompt fits.
-
-    The prompt ``demo_segments + [query]`` fits when its token count (contract
-    above, BOS included) plus ``reserve`` (tokens kept free for the option /
-    continuation) is at most ``max_length``. Returns ``(kept_segments,
-    n_dropped)`` where ``kept_segments`` are the surviving demonstrations (the
-    query is not included), so the caller can report ``n_dropped``.
-
-    Raises ConfigError if even the query alone does not fit.
-    """
-    # Segment lengths are additive under the contract, so each is tokenized once.
-    lens = [len(_encode_plain(tokenizer, s)) for s in demo_segments]
-    base = len(_bos_ids(tokenizer)) + len(_encode_plain(tokenizer, query)) + int(reserve)
-    if base > max_length:
-        raise ConfigError(
-            f"the query alone needs {base} tokens (including reserve={reserve}) > max_length={max_length}; "
-            "shorten the query or raise max_length"
-        )
-    total = base + sum(lens)
-    n_drop = 0
-    while total > max_length:
-        total -= lens[n_drop]
-        n_drop += 1
-    return list(demo_segments[n_drop:]), n_drop
 
 
 # --------------------------------------------------------------------------- #
@@ -437,10 +375,10 @@ def score_options(
 
     def enc_seg(s: str) -> list[int]:
         if s not in seg_cache:
-            seg_cache[s] = _encode_plain(tokenizer, s)
+            seg_cache[s] = encode_text(tokenizer, s)
         return seg_cache[s]
 
-    bos = _bos_ids(tokenizer)
+    bos = bos_ids(tokenizer)
     prefixes: list[list[int]] = []
     suffixes: list[list[int]] = []
     for p in prompts:
@@ -466,7 +404,7 @@ def score_options(
     body = _body(model)
     head = _Head(model)
     device = model.get_input_embeddings().weight.device  # inputs go where the embedding lives
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     fast = shared and all(len(c) == 1 for c in per_prompt_opts[0])
 
     # Requests: (prompt index, option index or -1 for "all labels" in the fast path,
@@ -502,7 +440,7 @@ def score_options(
     hidden: list[torch.Tensor | None] = [None] * len(reqs)
     count = TokenCount(in_prompts=sum(len(r[2]) for r in reqs))
     if plain:
-        hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in plain], batch_size, pad_id, device)
+        hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in plain], batch_size, pad, device)
         count.computed += sum(len(reqs[k][2]) for k in plain)
         for k, h in zip(plain, hs):
             hidden[k] = h
@@ -511,13 +449,13 @@ def score_options(
         sub = [(reqs[k][2][P:], [p - P for p in reqs[k][3]]) for k in ks]
         try:
             hs = _collect_hidden(
-                body, sub, batch_size, pad_id, device,
+                body, sub, batch_size, pad, device,
                 prefix=list(key), cache_kw=cache_kw, model_config=model.config,
             )
             count.computed += P + sum(len(r[0]) for r in sub)
         except (TypeError, NotImplementedError, AttributeError):
             # Architecture without a usable DynamicCache path: same numbers, no reuse.
-            hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in ks], batch_size, pad_id, device)
+            hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in ks], batch_size, pad, device)
             count.computed += sum(len(reqs[k][2]) for k in ks)
         for k, h in zip(ks, hs):
             hidden[k] = h
@@ -656,9 +594,7 @@ def generate(
     stop = [s for s in stop if s]
     device = model.get_input_embeddings().weight.device
     enc = [encode_segments(tokenizer, p) for p in prompts]
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = pad_id(tokenizer)
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -668,7 +604,7 @@ def generate(
         do_sample=False,
         num_beams=1,
         max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
+        pad_token_id=pad,
         eos_token_id=eos,
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
     )
@@ -677,7 +613,7 @@ def generate(
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size]
         L = max(len(enc[k]) for k in idx)
-        ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
+        ids = torch.full((len(idx), L), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), L), dtype=torch.long)
         for r, k in enumerate(idx):
             ids[r, L - len(enc[k]) :] = torch.tensor(enc[k], dtype=torch.long)

@@ -29,7 +29,8 @@ from typing import Callable
 import numpy as np
 
 from .capture import STATS
-from .data import Example, Task, prompt_segments
+from .data import Example, Task
+from .prompts import prompt_segments
 from .errors import ConfigError, DatasetError, MismatchError, ModelError
 from .store import Store, derive_key, load_npz, save_npz
 
@@ -454,7 +455,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
     ({"computed", "in_prompts", "saved"} over every scored prompt, the fp32
     comparison included; 0 for generative tasks, which are decoded, not scored).
     """
-    from .score import TokenCount, classify, exact_match, extract_number, fit_demonstrations, generate
+    from .prompts import fit_demonstrations
+    from .score import TokenCount, classify, exact_match, extract_number, generate
 
     task = store_task(store)
     eval_rows = study_rows(store, cfg)[2]  # never a quality-matrix probe

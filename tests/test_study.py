@@ -13,6 +13,7 @@ from conftest import cfg_for, write_jsonl
 
 from actcache.builder import build
 from actcache.errors import DatasetError, MismatchError
+from actcache import prompts as prompts_mod
 from actcache.store import Store
 from actcache.study import EvalConfig, evaluate, load_quality, quality_matrix, store_task
 
@@ -173,7 +174,7 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
             assert all(len(p) == 4 for p in prompts)  # k demonstrations + query, none dropped
             assert len({tuple(p[:-1]) for p in prompts}) == 1  # one ordered prefix for every input
             # Multi-token label words: one request per (prompt, option), all behind the one prefix.
-            P = len(S.encode_segments(lm.tokenizer, prompts[0][:-1]))
+            P = len(prompts_mod.encode_segments(lm.tokenizer, prompts[0][:-1]))
             assert count.computed == count.in_prompts - (len(prompts) * len(options) - 1) * P
     assert res["tokens"]["computed"] == sum(r["tokens_computed"] for r in runs)
     assert res["tokens"]["in_prompts"] == sum(r["tokens_in_prompts"] for r in scored)
@@ -204,6 +205,6 @@ def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
     model, tok, prompts, options, out = calls[-1]
     assert next(model.parameters()).dtype == torch.float32 and all(len(p) == 1 for p in prompts)
     np.testing.assert_allclose(out, reference(model, tok, prompts, options), atol=1e-5, rtol=0)
-    fp32_tokens = sum(len(S.encode_segments(tok, p)) + len(S.encode_continuation(tok, o)) - 1
+    fp32_tokens = sum(len(prompts_mod.encode_segments(tok, p)) + len(prompts_mod.encode_continuation(tok, o)) - 1
                       for p in prompts for o in options)
     assert res["tokens"]["in_prompts"] == sum(r["tokens_in_prompts"] for r in res["runs"]) + fp32_tokens
