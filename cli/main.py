@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -357,7 +356,7 @@ def evaluate(
     store: Optional[str] = STORE,
 ):
     """Score ICL on a build: quality matrix, correlation study (raw and label-controlled), selection experiment."""
-    from actcache.study import EvalConfig, evaluate as run_eval, resolve_key
+    from actcache.pipeline import EvalConfig, evaluate as run_eval, resolve_key
 
     seed_list = _ints(seeds, "--seeds")  # options are checked before anything is opened
     cfg = EvalConfig(key=resolve_key(key, store), home=store, n_candidates=n_candidates, n_probes=n_probes,
@@ -411,42 +410,23 @@ def run(
     store: Optional[str] = STORE,
 ):
     """Build, query and evaluate one study preset end to end."""
-    import actcache
-    from actcache.builder import BuildConfig
-    from actcache.data import DataSpec
-    from actcache.errors import ConfigError
-    from actcache.models import ModelSpec
-    from actcache.query import QueryConfig, query, write_jsonl
-    from actcache.study import PRESETS, EvalConfig, evaluate as run_eval
+    from actcache.pipeline import RunConfig, run as run_preset
 
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    n_cand = n_candidates or p["n_candidates"]
-    cfg = BuildConfig(model=ModelSpec(model or p["model"], None, dtype, device),
-                      data=DataSpec(task=p["task"], data_dir=data_dir, pool_limit=limit or n_cand,
-                                    eval_limit=eval_limit or n_eval + (n_probes or p["n_probes"])),  # probes and eval inputs are disjoint
-                      layers=p["layers"], components=p["components"], masks=p["masks"],
-                      context_k=p["context_k"], max_length=p["max_length"], home=store)
+    cfg = RunConfig(preset=preset, model=model, dtype=dtype, device=device, data_dir=data_dir, limit=limit,
+                    eval_limit=eval_limit, n_candidates=n_candidates, n_probes=n_probes, n_eval=n_eval,
+                    **({"strategies": _split(strategies)} if strategies else {}),
+                    seeds=_ints(seeds, "--seeds"), out=out, home=store)
     with progress_bar() as cb:
-        st = actcache.build(cfg, progress=cb)
-        typer.echo(f"build {st.key[:16]}: {st.report['forward_batches']} forward batches "
-                   f"({'cache hit' if st.report['cache_hit'] else 'computed'})")
-        recs = query(QueryConfig(key=st.key, home=store, component=p["components"][0], k=max(1, p["k"])),
-                     progress=cb)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_jsonl(recs, str(Path(out) / "neighbors.jsonl"))
-        res = run_eval(EvalConfig(key=st.key, home=store, n_candidates=n_cand, n_probes=n_probes or p["n_probes"],
-                                  n_eval=n_eval, k=p["k"], seeds=_ints(seeds, "--seeds"),
-                                  **({"strategies": _split(strategies)} if strategies else {}), out=out),
-                       progress=cb)
-    _print_results(res)
+        r = run_preset(cfg, progress=cb)
+    typer.echo(f"build {r.build['key'][:16]}: {r.build['forward_batches']} forward batches "
+               f"({'cache hit' if r.build['cache_hit'] else 'computed'})")
+    _print_results(r.results)
 
 
 @app.command()
 def presets():
     """List the study presets."""
-    from actcache.study import PRESETS
+    from actcache.pipeline import PRESETS
 
     for name, p in PRESETS.items():
         typer.echo(f"{name:<28} {p['model']:<26} {p['task']:<14} k={p['k']} candidates={p['n_candidates']} "

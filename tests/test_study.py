@@ -15,7 +15,8 @@ from actcache.builder import build
 from actcache.errors import DatasetError, MismatchError
 from actcache import prompts as prompts_mod
 from actcache.store import Store
-from actcache.study import EvalConfig, evaluate, load_quality, quality_matrix, store_task
+from actcache.pipeline import EvalConfig, evaluate
+from actcache.quality import load_quality, quality_matrix, store_task
 
 
 @pytest.fixture()
@@ -109,20 +110,22 @@ def test_empty_pool_is_a_clear_error(tiny_model_dir, tmp_path):
 
 
 def test_overlong_prompts_drop_demonstrations_and_say_so(tiny_store):
-    from actcache.study import _load_lm, selection_experiment
+    from actcache.experiment import selection_experiment
+    from actcache.quality import load_scoring_model
 
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_probes=0, n_eval=3, k=4, seeds=(0,),
                      strategies=("random",), max_length=100, compare_fp32=False)
-    res = selection_experiment(tiny_store, cfg, _load_lm(tiny_store, None))
+    res = selection_experiment(tiny_store, cfg, load_scoring_model(tiny_store, None))
     assert res["dropped_demonstrations"].get("random", 0) > 0
     full = selection_experiment(tiny_store, EvalConfig(**{**cfg.__dict__, "max_length": 2048}),
-                                _load_lm(tiny_store, None))
+                                load_scoring_model(tiny_store, None))
     assert full["dropped_demonstrations"] == {}
 
 
 def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
     from actcache.query import QueryConfig, query, write_jsonl
-    from actcache.study import _load_lm, selection_experiment
+    from actcache.experiment import selection_experiment
+    from actcache.quality import load_scoring_model
 
     home = str(tiny_store.dir.parent.parent)
     recs = query(QueryConfig(key=tiny_store.key, home=home, component="resid", k=2))
@@ -130,7 +133,7 @@ def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
     write_jsonl(recs, str(path))
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_probes=0, n_eval=3, k=2, seeds=(0, 1), strategies=(),
                      demos=str(path), compare_fp32=False)
-    res = selection_experiment(tiny_store, cfg, _load_lm(tiny_store, None))
+    res = selection_experiment(tiny_store, cfg, load_scoring_model(tiny_store, None))
     assert [s["strategy"] for s in res["summary"]] == ["zero-shot", "file:neighbors.jsonl"]
     assert res["summary"][1]["n_seeds"] == 2
 
@@ -144,7 +147,8 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
     from test_score import reference
 
     from actcache import score as S
-    from actcache.study import _load_lm, selection_experiment
+    from actcache.experiment import selection_experiment
+    from actcache.quality import load_scoring_model
 
     store = build(cfg_for(tiny_model_dir[arch], jsonl, tmp_path / "store", layers="0,-1", store_dtype="float32"))
     calls = []
@@ -158,7 +162,7 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
     monkeypatch.setattr(S, "score_options", spy)
     cfg = EvalConfig(key=store.key, dtype="float32", home=str(store.dir.parent.parent), n_probes=0, n_eval=3, k=3,
                      seeds=(0, 1), strategies=("random", "k-center", "knn"), knn_layers="0", compare_fp32=False)
-    lm = _load_lm(store, None)
+    lm = load_scoring_model(store, None)
     res = selection_experiment(store, cfg, lm)
     runs = res["runs"]
     assert [r["strategy"] for r in runs] == ["zero-shot"] + ["random"] * 2 + ["k-center"] * 2 + ["knn@L0"] * 2
@@ -186,7 +190,8 @@ def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
     from test_score import reference
 
     from actcache import score as S
-    from actcache.study import _load_lm, selection_experiment
+    from actcache.experiment import selection_experiment
+    from actcache.quality import load_scoring_model
 
     calls = []
     real = S.score_options
@@ -199,7 +204,7 @@ def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
     monkeypatch.setattr(S, "score_options", spy)
     cfg = EvalConfig(key=tiny_store.key, dtype="bfloat16", home=str(tiny_store.dir.parent.parent), n_probes=0, n_eval=3,
                      k=2, seeds=(0,), strategies=("random",), compare_fp32=True)
-    lm = _load_lm(tiny_store, "bfloat16")
+    lm = load_scoring_model(tiny_store, "bfloat16")
     res = selection_experiment(tiny_store, cfg, lm)
     assert res["flips"] is not None and res["flips"]["dtype"] == "bfloat16" and res["flips"]["n"] == 3
     model, tok, prompts, options, out = calls[-1]
