@@ -69,6 +69,8 @@ class Service:
         self._indexes: dict = {}
         self._models: OrderedDict = OrderedDict()
         self._vecs: dict = {}  # (key, array) -> {text: (d,) float32}
+        self._checked: dict = {}  # (key, query options) -> ArrayId, validated once
+        self._evals: dict = {}  # (key, array) -> {eval id: (d,) float32}
         self.forward_batches = 0
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._loop, name="actcache-serve-worker", daemon=True)
@@ -77,17 +79,22 @@ class Service:
     # ---------------------------------------------------------------- state
     def store(self, key: str):
         """The build for a key, unique prefix or "last" (opened once and kept)."""
-        from .store import Store
+        from .store import Store, find_build
 
         if not KEY_RE.match(key or ""):
             raise StoreError(f"no build {key!r}: a key is 6 to 64 hex characters or 'last'")
-        st = Store.open(key, self.home)
+        d = find_build(key, self.home)
+        mtime = (d / "acts.h5").stat().st_mtime_ns if (d / "acts.h5").exists() else None
         with self._lock:
-            mtime = st.h5_path.stat().st_mtime_ns
-            cached = self._stores.get(st.key)
-            if cached is None or cached[0] != mtime:
-                self._stores[st.key] = (mtime, st)
-            return self._stores[st.key][1]
+            cached = self._stores.get(d.name)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+        st = Store(d)  # opened (and its examples checked) once per file version
+        with self._lock:
+            self._stores[st.key] = (mtime, st)
+            self._checked.clear()
+            self._evals.clear()
+        return st
 
     def _index(self, st, a):
         k = (st.key, a)
@@ -116,12 +123,18 @@ class Service:
     # ---------------------------------------------------------------- worker
     def _loop(self) -> None:
         while True:
-            first = self.q.get()
-            jobs = [first]
+            jobs = [self.q.get()]
+            # Take whatever is queued already; wait the window only when a forward pass is
+            # coming (new texts), since that is the work coalescing saves.
             deadline = time.monotonic() + self.window_s
             while len(jobs) < 256:
+                try:
+                    jobs.append(self.q.get_nowait())
+                    continue
+                except queue.Empty:
+                    pass
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or not any(j.kind == "texts" for j in jobs):
                     break
                 try:
                     jobs.append(self.q.get(timeout=left))
@@ -158,7 +171,10 @@ class Service:
         for j in jobs:
             try:
                 cfg = j.payload["cfg"]
-                j.payload["a"] = check_query(st, cfg)
+                ck = (key, cfg.component, cfg.layer, cfg.pooling, cfg.mask, cfg.k, cfg.balanced)
+                if ck not in self._checked:
+                    self._checked[ck] = check_query(st, cfg)
+                j.payload["a"] = self._checked[ck]
                 if j.kind == "ids":
                     j.payload["inputs"] = eval_inputs(st, j.payload.get("ids"))
                 else:
@@ -195,14 +211,15 @@ class Service:
             for t, v in zip(missing, V):
                 mem[t] = v
         out = []
-        E = None
         for j in jobs:
             inp = j.payload["inputs"]
             if j.kind == "texts":
                 out.append(np.stack([mem[t] for t in inp.texts]).astype(np.float32))
             else:
-                if E is None:
-                    E = dict(zip(st.ids[st.eval_rows], st.acts(a.component, a.layer, a.pooling, a.mask, "eval")))
+                if (st.key, a) not in self._evals:
+                    self._evals[(st.key, a)] = dict(zip(st.ids[st.eval_rows],
+                                                        st.acts(a.component, a.layer, a.pooling, a.mask, "eval")))
+                E = self._evals[(st.key, a)]
                 out.append(np.stack([E[i] for i in inp.ids]).astype(np.float32))
         return out
 
@@ -222,7 +239,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
 
     from fastapi import Body, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -296,6 +313,10 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return err(422, f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed JSON')}")
 
+    def raw_json(obj) -> Response:
+        # The records are plain JSON already; skip FastAPI's per-field encoder.
+        return Response(json.dumps(obj, ensure_ascii=False).encode(), media_type="application/json")
+
     async def wait(fut: Future):
         return await asyncio.wrap_future(fut)
 
@@ -340,7 +361,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
             fut = await asyncio.to_thread(svc.submit, key, "texts", payload)
         else:
             fut = await asyncio.to_thread(svc.submit, key, "ids", {"cfg": cfg, "ids": req.ids})
-        return await wait(fut)
+        return raw_json(await wait(fut))
 
     @app.post("/builds/{key}/select")
     async def select_route(key: str, req: Select = Body(...)):
@@ -358,7 +379,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         fut = await asyncio.to_thread(svc.submit, key, "select",
                                       {"strategy": req.strategy, "budget": req.budget, "k": req.k,
                                        "seed": req.seed, "opts": opts})
-        return await wait(fut)
+        return raw_json(await wait(fut))
 
     return app
 
