@@ -109,10 +109,10 @@ def load(port: int, path: str, bodies: list[bytes], clients: int, max_s: float) 
             "non_200": sum(c != 200 for c in codes)}
 
 
-def cli_per_request(home: Path, key: str, args: list[str], n: int) -> float:
-    """Median seconds of `actcache query` run as a new process per request."""
+def cli_per_request(home: Path, key: str, arg_sets: list[list[str]]) -> float:
+    """Median seconds of `actcache query` run as a new process per request (one per argument set)."""
     times = []
-    for _ in range(n):
+    for args in arg_sets:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "actcache", "query", key, *args, "--out", os.devnull,
                         "--store", str(home)], check=True, capture_output=True, cwd=REPO)
@@ -181,9 +181,10 @@ def main() -> None:
     ap.add_argument("--max-s", type=float, default=60.0, help="seconds per level at most")
     ap.add_argument("--baseline-n", type=int, default=3)
     ap.add_argument("--faults", type=int, default=1000)
+    ap.add_argument("--home", default=None, help="store to build in and reuse (default: a new temp dir)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    home = tmp / "store"
+    home = Path(args.home) if args.home else tmp / "store"
     model = tiny_model(tmp / "tiny") if args.model == "tiny" else args.model
     st = make_build(home, model, args.limit)
     st.index("mlp", st.layers[-1], "mean", "label-masked")
@@ -201,16 +202,17 @@ def main() -> None:
         eval_ids = [str(i) for i in st.ids[st.eval_rows]]
         Conn(port).post(path, json.dumps({"texts": ["warm up the model"], "k": 4}).encode())
         base = {}
-        base["cli_ids_s"] = cli_per_request(home, st.key, ["--k", "4"], args.baseline_n)
+        base["cli_ids_s"] = cli_per_request(home, st.key, [["--k", "4"]] * args.baseline_n)
         src = []
         for i in range(args.baseline_n):
             f = tmp / f"in{i}.txt"
-            f.write_text(f"baseline review number {i} with words\n")
+            f.write_text(f"baseline review number {i} with words {random.random()}\n")
             src.append(str(f))
-        base["cli_text_s"] = cli_per_request(home, st.key, ["--k", "4", "--input", src[0]], args.baseline_n)
+        # a new text per call, as a harness asking about each new input would
+        base["cli_text_s"] = cli_per_request(home, st.key, [["--k", "4", "--input", x] for x in src])
         base["inproc_ids_s"] = inproc_per_request(home, st.key, ["eval"] * args.baseline_n)
         for i in range(args.baseline_n):
-            Path(src[i]).write_text(f"another baseline review {i}\n")
+            Path(src[i]).write_text(f"another baseline review {i} {random.random()}\n")
         base["inproc_text_s"] = inproc_per_request(home, st.key, src)
         emit(measure="baselines", **{k: round(v, 4) for k, v in base.items()}, n=args.baseline_n,
              model=args.model, key=st.key[:16])
