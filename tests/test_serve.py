@@ -70,7 +70,24 @@ def served(tiny_model_dir, tmp_path_factory):
     _stop(proc)
 
 
+def _announce_oversize(url, path, n):
+    """Headers announcing an n-byte body, and no body: the server must answer 413 without reading it
+    (sending the whole body races the server's early answer against the upload)."""
+    import http.client
+
+    host, port = url.rsplit("/", 1)[1].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.putrequest("POST", path)
+    c.putheader("Content-Type", "application/json")
+    c.putheader("Content-Length", str(n))
+    c.endheaders()
+    r = c.getresponse()
+    return r.status, json.loads(r.read())
+
+
 def _post(url, path, body, raw=None, headers=None):
+    if raw is not None and len(raw) > (1 << 20):
+        return _announce_oversize(url, path, len(raw))
     data = raw if raw is not None else json.dumps(body).encode()
     req = urllib.request.Request(url + path, data=data, method="POST",
                                  headers={"Content-Type": "application/json", **(headers or {})})
