@@ -543,7 +543,7 @@ def test_crash_before_sidecar_is_refused(saved, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ix, "_atomic_write", crash)
+    monkeypatch.setattr(ix.io, "_write_sidecar", crash)
     with pytest.raises(KeyboardInterrupt):
         VectorIndex.build(x[:100], IndexSpec(), meta={"key": "new"}).save(p)
     monkeypatch.undo()
