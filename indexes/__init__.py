@@ -23,12 +23,6 @@ Conventions
   scores rank the lower id first.  FAISS keeps the file format and runs the
   IVF / HNSW / factory indexes.
 
-Layout: :mod:`indexes.spec` (IndexSpec, defaults, factory strings),
-:mod:`indexes.index` (VectorIndex build/search, exact_search, set_threads),
-:mod:`indexes.io` (atomic writes, fingerprints, the index + sidecar pair and
-its verification), :mod:`indexes.flat` (exact BLAS search).  This module only
-re-exports the public API.
-
 FAISS behaviour this module relies on (checked against faiss-cpu 1.15.1)
 ------------------------------------------------------------------------
 * Memory mapping: ``IO_FLAG_MMAP`` (the historical flag) only maps the inverted
@@ -46,24 +40,30 @@ FAISS behaviour this module relies on (checked against faiss-cpu 1.15.1)
   IVF builds are reproducible (tested).  HNSW insertion is parallel with
   per-node locks; FAISS does not promise identical graphs across runs, though
   1- and 2-thread builds of a 20k x 32 set came out identical here.
+
+Files
+-----
+* ``spec.py``: :class:`IndexSpec`, factory strings, IVF defaults.
+* ``index.py``: :class:`VectorIndex` (build, search, save, verified load) and
+  the float64 reference :func:`exact_search`.
+* ``flat.py``: exact search on numpy's BLAS.
+* ``io.py``: the sidecar, content fingerprints, ``atomic_write`` (the one
+  temp-fsync-rename helper actcache uses everywhere), ``NoSpaceError``.
 """
 
+from __future__ import annotations
 
-from .index import VectorIndex, exact_search, set_threads
+import os
+
+import faiss
+
+from .flat import search_flat
+from .index import VectorIndex, exact_search
 from .io import (
-    SIDECAR_FORMAT,
-    SIDECAR_SUFFIX,
-    IndexFileError,
-    IndexMismatchError,
-    NoSpaceError,
-    atomic_write,
-    file_fingerprint,
-    fsync_dir,
-    load_index,
-    save_index,
-    vectors_fingerprint,
+    SIDECAR_FORMAT, SIDECAR_SUFFIX, IndexFileError, IndexMismatchError, NoSpaceError, atomic_write, file_fingerprint,
+    fsync_dir, tmp_owner, vectors_fingerprint,
 )
-from .spec import KINDS, METRICS, IndexSpec, default_nlist, default_nprobe, factory_string
+from .spec import KINDS, METRICS, IndexSpec, check_factory, default_nlist, default_nprobe
 
 __all__ = [
     "IndexFileError",
@@ -71,22 +71,54 @@ __all__ = [
     "NoSpaceError",
     "IndexSpec",
     "VectorIndex",
+    "atomic_write",
+    "check_factory",
+    "default_nlist",
+    "default_nprobe",
     "exact_search",
+    "file_fingerprint",
+    "fsync_dir",
+    "search_flat",
     "set_threads",
+    "tmp_owner",
+    "vectors_fingerprint",
     "KINDS",
     "METRICS",
     "SIDECAR_FORMAT",
     "SIDECAR_SUFFIX",
-    "atomic_write",
-    "default_nlist",
-    "default_nprobe",
-    "factory_string",
-    "file_fingerprint",
-    "fsync_dir",
-    "load_index",
-    "save_index",
-    "vectors_fingerprint",
 ]
 
-# The name the index-file fingerprint had when this package was one module.
-_fingerprint = file_fingerprint
+
+def set_threads(n: int | None = None) -> int:
+    """Set the number of OpenMP threads FAISS uses, deliberately.
+
+    Why this exists: torch and faiss-cpu each ship their *own* OpenMP runtime
+    (on Linux wheels, ``torch/lib/libgomp.so.1`` and
+    ``faiss_cpu.libs/libgomp-*.so``; FAISS's OpenBLAS is the OpenMP build
+    too), so one process that runs a model forward pass and an index search
+    holds two independent thread pools.  Left to their defaults each sizes
+    itself to every core, which oversubscribes the CPU (each pool spins
+    waiting for cores the other holds: large slowdowns), and mixing runtimes
+    has been a known source of hangs and crashes.  actcache therefore sets
+    both explicitly: this function for FAISS, ``torch.set_num_threads`` for
+    torch (done by the caller; this package must not import torch).
+
+    Exact (flat) search does not use these threads: it runs numpy's BLAS,
+    whose own pool (OpenBLAS: pthreads) is sized when numpy is imported, from
+    ``OPENBLAS_NUM_THREADS`` or the core count.  Set that variable before
+    starting the process to bound it; numpy and the standard library offer no
+    portable way to resize it afterwards.
+
+    Args:
+        n: number of threads, ``>= 1``.  ``None`` means ``os.cpu_count()``.
+
+    Returns:
+        The thread count that was set (int).
+    """
+    if n is None:
+        n = os.cpu_count() or 1
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    faiss.omp_set_num_threads(n)
+    return n

@@ -1,66 +1,26 @@
-"""VectorIndex: build and search a FAISS index (exact search through :mod:`indexes.flat`).
-
-Persistence lives in :mod:`indexes.io`; :meth:`VectorIndex.save` and
-:meth:`VectorIndex.load` delegate there.
-"""
+"""`VectorIndex`: a FAISS index plus its spec and metadata; batched search
+(exact flat search on numpy's BLAS, FAISS for the approximate kinds), save and
+verified load."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import shutil
 from typing import Any
 
 import faiss
 import numpy as np
 
+from . import io as iox
 from .flat import search_flat
-from .io import IndexMismatchError, error_line, load_index, save_index, vectors_fingerprint
-from .spec import METRICS, IndexSpec, default_nprobe, factory_string
-
-# --------------------------------------------------------------------------- threads
-
-
-def set_threads(n: int | None = None) -> int:
-    """Set the number of OpenMP threads FAISS uses, deliberately.
-
-    Why this exists: torch and faiss-cpu each ship their *own* OpenMP runtime
-    (on Linux wheels, ``torch/lib/libgomp.so.1`` and
-    ``faiss_cpu.libs/libgomp-*.so``; FAISS's OpenBLAS is the OpenMP build
-    too), so one process that runs a model forward pass and an index search
-    holds two independent thread pools.  Left to their defaults each sizes
-    itself to every core, which oversubscribes the CPU (each pool spins
-    waiting for cores the other holds: large slowdowns), and mixing runtimes
-    has been a known source of hangs and crashes.  actcache therefore sets
-    both explicitly: this function for FAISS, ``torch.set_num_threads`` for
-    torch (done by the caller; this package must not import torch).
-
-    Exact (flat) search does not use these threads: it runs numpy's BLAS,
-    whose own pool (OpenBLAS: pthreads) is sized when numpy is imported, from
-    ``OPENBLAS_NUM_THREADS`` or the core count.  Set that variable before
-    starting the process to bound it; numpy and the standard library offer no
-    portable way to resize it afterwards.
-
-    Args:
-        n: number of threads, ``>= 1``.  ``None`` means ``os.cpu_count()``.
-
-    Returns:
-        The thread count that was set (int).
-    """
-    if n is None:
-        n = os.cpu_count() or 1
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"thread count must be >= 1, got {n}")
-    faiss.omp_set_num_threads(n)
-    return n
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _faiss_metric(metric: str) -> int:
-    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+from .io import (
+    REBUILD_ADVICE, SIDECAR_FORMAT, SIDECAR_SUFFIX, IndexFileError, IndexMismatchError, check_expect, first_line,
+    read_index, vectors_fingerprint,
+)
+from .spec import METRICS, IndexSpec, default_nprobe, factory_string, faiss_metric
 
 
 def _as_matrix(x: Any, what: str, normalize: bool) -> np.ndarray:
@@ -132,7 +92,20 @@ def _check_json(meta: dict[str, Any]) -> None:
         raise ValueError(f"index meta must be JSON-serialisable (it is stored in the .json sidecar): {e}") from None
 
 
-# --------------------------------------------------------------------------- index
+def _short_of_space(dirname: str, need: int) -> bool:
+    """True when a failed write of ``need`` bytes is explained by a full disk or a file-size limit."""
+    try:
+        if shutil.disk_usage(dirname).free < need:
+            return True
+    except OSError:
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return soft != resource.RLIM_INFINITY and soft < need
+    except (ImportError, OSError, ValueError):
+        return False
 
 
 class VectorIndex:
@@ -149,15 +122,10 @@ class VectorIndex:
         load_mode: ``"built"``, ``"mmap"`` (``IO_FLAG_MMAP_IFC``, zero-copy)
             or ``"read"`` (plain read, used when mmap is off or failed).
         path: the file it was loaded from or last saved to, else None.
-        source_fingerprint: :func:`indexes.vectors_fingerprint` of the vectors
-            it was built from (kept through save and load), or None if the
-            index was wrapped from a bare faiss index.
     """
 
-    def __init__(self, index: Any, spec: IndexSpec, meta: dict[str, Any] | None = None,
-                 source_fingerprint: str | None = None) -> None:
+    def __init__(self, index: Any, spec: IndexSpec, meta: dict[str, Any] | None = None) -> None:
         self._index = index
-        self._source_fp = source_fingerprint
         self._spec = spec
         self._meta = dict(meta or {})
         _check_json(self._meta)
@@ -168,6 +136,7 @@ class VectorIndex:
         self._hnsw = _find_hnsw(index)
         self._flat = _find_flat(index)
         self._sqnorms: tuple[int, int, np.ndarray] | None = None
+        self._source_fp: str | None = None
         if self._ivf is not None and spec.nprobe is None:
             self._spec = dataclasses.replace(spec, nprobe=default_nprobe(int(self._ivf.nlist)))
 
@@ -185,9 +154,7 @@ class VectorIndex:
                 key, model name, layer) and checked by ``load(expect=...)``.
 
         Returns:
-            The index, with ``spec`` resolved (``nlist``/``nprobe`` filled in)
-            and ``source_fingerprint`` set to ``vectors_fingerprint(vectors)``
-            (of the vectors as given, before normalisation).
+            The index, with ``spec`` resolved (``nlist``/``nprobe`` filled in).
 
         Raises:
             ValueError: empty input, bad shape/dtype/values, invalid factory
@@ -200,17 +167,16 @@ class VectorIndex:
         if arr.ndim == 2 and arr.shape[0] == 0:
             raise ValueError("cannot build an index from 0 vectors; cache some activations first")
         x = _as_matrix(arr, "vectors", normalize=spec.metric == "cosine")
-        source_fp = vectors_fingerprint(arr)
         n, d = x.shape
         if d == 0:
             raise ValueError("vectors have dimension 0")
 
-        spec, factory = factory_string(spec, n)
+        factory, spec = factory_string(spec, n)
 
         try:
-            index = faiss.index_factory(d, factory, _faiss_metric(spec.metric))
+            index = faiss.index_factory(d, factory, faiss_metric(spec.metric))
         except RuntimeError as e:
-            raise ValueError(f"FAISS could not parse index factory string {factory!r}: {error_line(e)}") from None
+            raise ValueError(f"FAISS could not parse index factory string {factory!r}: {first_line(e)}") from None
 
         ivf = _find_ivf(index)
         if ivf is not None:
@@ -227,9 +193,11 @@ class VectorIndex:
             else:
                 index.add(x)
         except RuntimeError as e:
-            raise ValueError(f"FAISS could not train/fill {factory!r} with n={n} vectors of d={d}: {error_line(e)}") from None
+            raise ValueError(f"FAISS could not train/fill {factory!r} with n={n} vectors of d={d}: {first_line(e)}") from None
 
-        return cls(index, spec, meta, source_fingerprint=source_fp)
+        out = cls(index, spec, meta)
+        out._source_fp = vectors_fingerprint(arr)
+        return out
 
     # ---- properties
 
@@ -237,11 +205,6 @@ class VectorIndex:
     def index(self) -> Any:
         """The underlying faiss index (do not mutate a memory-mapped one)."""
         return self._index
-
-    @property
-    def source_fingerprint(self) -> str | None:
-        """sha256 hex of the build's input vectors (see :func:`indexes.vectors_fingerprint`), or None."""
-        return self._source_fp
 
     @property
     def d(self) -> int:
@@ -405,27 +368,79 @@ class VectorIndex:
 
     # ---- persistence
 
-    # ---- persistence
-
     def save(self, path: str | os.PathLike) -> None:
         """Write the index to ``path`` and its JSON sidecar to ``path + ".json"``.
 
-        Atomic and crash safe (see :func:`indexes.io.save_index` for the
-        order of writes): readers see the old pair, the new pair, or an index
-        without a sidecar (refused by :meth:`load`), never a mixed pair.  The
-        sidecar records the file's size and sha256, the spec, the meta and
-        :attr:`source_fingerprint`.
+        Crash safety.  Both files are written to a temp file in the same
+        directory, fsynced, and ``os.replace``d into place.  The order is:
 
-        Raises:
-            IndexFileError: the directory does not exist.
-            NoSpaceError: the disk is full; the old files are untouched.
+        1. write the new index to a temp file (an error here leaves the old
+           index and sidecar untouched and usable);
+        2. delete the old sidecar;
+        3. rename the new index into place;
+        4. write the new sidecar (temp + rename) *last*.
+
+        A sidecar therefore only ever exists next to the index it describes:
+        after a crash between 2 and 4 there is an index without a sidecar,
+        which :meth:`load` refuses (``IndexFileError``: rebuild), rather than
+        a new index paired with stale metadata (wrong build key accepted) or
+        vice versa.  The sidecar also records the index file's size and a
+        sampled content fingerprint, so a pair torn by concurrent writers or
+        a reader racing a save is detected too.
         """
-        self.path = save_index(self._index, self._spec, self._meta, path, self._source_fp)
+        path = os.fspath(path)
+        sidecar = path + SIDECAR_SUFFIX
+        dirname = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(dirname):
+            raise IndexFileError(f"cannot save index: directory {dirname!r} does not exist; create it first")
+
+        tmp = iox.tmp_name(path)
+        try:
+            try:
+                faiss.write_index(self._index, tmp)
+            except RuntimeError as e:
+                need = self.ntotal * self.d * 4
+                if _short_of_space(dirname, need):
+                    raise iox.no_space_error(OSError(errno.ENOSPC, str(e)), path, need) from None
+                raise
+            iox.fsync_file(tmp)
+            size = os.path.getsize(tmp)
+            fp = iox.file_fingerprint(tmp)
+            try:
+                os.unlink(sidecar)
+            except FileNotFoundError:
+                pass
+            else:
+                iox.fsync_dir(dirname)  # the unlink must reach disk before the rename does
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        iox.fsync_dir(dirname)
+
+        doc = {
+            "format": SIDECAR_FORMAT,
+            "spec": self._spec.to_dict(),
+            "d": self.d,
+            "ntotal": self.ntotal,
+            "index_type": type(faiss.downcast_index(self._index)).__name__,
+            "faiss_version": faiss.__version__,
+            "file_bytes": size,
+            "file_fingerprint": fp,
+            "source_fingerprint": self._source_fp,
+            "meta": self._meta,
+        }
+        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+        iox.atomic_write(sidecar, lambda f: f.write(text.encode("utf-8")))
+        self.path = path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True, expect: dict[str, Any] | None = None,
-             verify: bool = True) -> "VectorIndex":
-        """Open an index written by :meth:`save`, checked against its sidecar and ``expect``.
+    def load(cls, path: str | os.PathLike, mmap: bool = True, expect: dict[str, Any] | None = None) -> "VectorIndex":
+        """Open an index written by :meth:`save`.
 
         Args:
             path: the index file; its sidecar ``path + ".json"`` must exist.
@@ -434,27 +449,68 @@ class VectorIndex:
                 plain read if FAISS refuses; ``.mmapped`` / ``.load_mode``
                 say what happened.
             expect: fields that must match, e.g. ``{"d": 640, "ntotal": 1000,
-                "key": "abc", "array": "...", "source_fingerprint": "..."}``.
-                ``d``/``ntotal`` are checked against both the sidecar and the
-                index itself, ``source_fingerprint`` and the spec fields
-                (``kind``, ``metric``, ...) against the sidecar, other names
-                against the user meta.
-            verify: compare the file's full sha256 with the sidecar's (one
-                read of the file; the page cache then serves the mmap).
-                ``False`` skips only that hash, for a caller that verified
-                the same file earlier in this process.
+                "key": "abc"}``.  ``d``/``ntotal`` are checked against both the
+                sidecar and the index itself, ``source_fingerprint`` against
+                the `vectors_fingerprint` recorded at build time, other names
+                against the spec fields (``kind``, ``metric``, ...) and then
+                the user meta.
 
         Raises:
-            IndexFileError: missing, truncated, garbled or unreadable file, or
-                a sidecar that does not belong to the index file.
+            IndexFileError: missing, truncated, corrupt or foreign file, or a
+                sidecar that does not belong to the index file.
             IndexMismatchError: an ``expect`` field differs (message names the
                 field, expected and found values).
         """
-        got = load_index(path, mmap=mmap, expect=expect, verify=verify)
-        out = cls(got.index, got.spec, got.meta, source_fingerprint=got.source_fingerprint)
-        out.mmapped = got.mmapped
-        out.load_mode = got.load_mode
-        out.path = os.fspath(path)
+        path = os.fspath(path)
+        sidecar = path + SIDECAR_SUFFIX
+        if not os.path.exists(path):
+            raise IndexFileError(f"index file {path!r} does not exist; build it first (e.g. `actcache build ...`)")
+        if not os.path.exists(sidecar):
+            raise IndexFileError(
+                f"index sidecar {sidecar!r} is missing (an interrupted save, or not an actcache index); {REBUILD_ADVICE}")
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                doc = json.load(f)
+            if not isinstance(doc, dict) or doc.get("format") != SIDECAR_FORMAT:
+                raise ValueError(f"format is {doc.get('format') if isinstance(doc, dict) else None!r}, "
+                                 f"expected {SIDECAR_FORMAT!r}")
+            spec = IndexSpec.from_dict(doc["spec"])
+            side_d, side_n = int(doc["d"]), int(doc["ntotal"])
+            meta = doc.get("meta") or {}
+            if not isinstance(meta, dict):
+                raise ValueError("meta is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise IndexFileError(f"index sidecar {sidecar!r} is corrupt or foreign ({first_line(e)}); {REBUILD_ADVICE}") from None
+
+        # Check the pair before handing the file to FAISS: a truncated file
+        # must never reach the (mmap) reader.
+        size = os.path.getsize(path)
+        if size != doc.get("file_bytes"):
+            raise IndexFileError(
+                f"index file {path!r} has {size} bytes but its sidecar recorded {doc.get('file_bytes')} "
+                f"(truncated, or overwritten by another save); {REBUILD_ADVICE}")
+        if iox.file_fingerprint(path) != doc.get("file_fingerprint"):
+            raise IndexFileError(
+                f"index file {path!r} does not match its sidecar's fingerprint (corrupt, or written by a different "
+                f"save); {REBUILD_ADVICE}")
+
+        sources = {"d": side_d, "ntotal": side_n, "source_fingerprint": doc.get("source_fingerprint"),
+                   **spec.to_dict()}
+        check_expect(expect, sources, meta, where="sidecar", path=path)
+
+        index, mode, mapped = read_index(path, mmap)
+        if int(index.d) != side_d or int(index.ntotal) != side_n:
+            raise IndexFileError(
+                f"index file {path!r} holds d={index.d}, ntotal={index.ntotal} but its sidecar says d={side_d}, "
+                f"ntotal={side_n}; {REBUILD_ADVICE}")
+        check_expect({k: v for k, v in (expect or {}).items() if k in ("d", "ntotal")},
+                      {"d": int(index.d), "ntotal": int(index.ntotal)}, {}, where="index file", path=path)
+
+        out = cls(index, spec, meta)
+        out._source_fp = doc.get("source_fingerprint")
+        out.mmapped = mapped
+        out.load_mode = mode
+        out.path = path
         return out
 
 

@@ -1,4 +1,5 @@
-"""How an index is built: :class:`IndexSpec`, its defaults, and the FAISS factory string it maps to."""
+"""How an index is built: `IndexSpec`, the FAISS factory string it stands for,
+and the defaults for IVF list counts."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
+
 KINDS = ("flat", "ivf", "hnsw", "factory")
 METRICS = ("cosine", "ip", "l2")
 
 
 @dataclass(frozen=True)
 class IndexSpec:
-    """How to build (and search) a :class:`~indexes.VectorIndex`.
+    """How to build (and search) a :class:`VectorIndex`.
 
     Attributes:
         kind: ``"flat"`` (exact; the default), ``"ivf"`` (IVF-Flat),
@@ -96,27 +99,34 @@ def default_nprobe(nlist: int) -> int:
     return max(1, min(nlist, max(16, nlist // 16)))
 
 
-def factory_string(spec: IndexSpec, n: int) -> tuple[IndexSpec, str]:
-    """The FAISS index-factory string for ``spec`` over ``n`` vectors.
+def faiss_metric(metric: str) -> int:
+    """The FAISS metric constant of a spec metric (cosine and ip are inner products)."""
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
-    Args:
-        spec: the requested spec.
-        n: number of vectors the index will hold (sizes the IVF default).
 
-    Returns:
-        ``(spec, factory)``: the spec with ``nlist`` resolved for ``kind="ivf"``
-        (otherwise unchanged) and the factory string, e.g. ``"IVF1265,Flat"``.
-
-    Raises:
-        ValueError: an explicit ``nlist`` larger than ``n``.
-    """
+def factory_string(spec: IndexSpec, n: int) -> tuple[str, IndexSpec]:
+    """The FAISS factory string for ``spec`` over ``n`` vectors, and the spec
+    with ``nlist`` resolved (IVF)."""
     if spec.kind == "flat":
-        return spec, "Flat"
+        return "Flat", spec
     if spec.kind == "ivf":
         nlist = spec.nlist if spec.nlist is not None else default_nlist(n)
         if nlist > n:
             raise ValueError(f"nlist={nlist} exceeds the number of vectors n={n}; use a smaller nlist (or kind='flat')")
-        return dataclasses.replace(spec, nlist=int(nlist)), f"IVF{nlist},Flat"
+        return f"IVF{nlist},Flat", dataclasses.replace(spec, nlist=int(nlist))
     if spec.kind == "hnsw":
-        return spec, f"HNSW{spec.hnsw_m},Flat"
-    return spec, str(spec.factory)
+        return f"HNSW{spec.hnsw_m},Flat", spec
+    return str(spec.factory), spec
+
+
+def check_factory(spec: IndexSpec, d: int = 8) -> None:
+    """Raise ValueError now when FAISS cannot parse the spec's factory string,
+    so a bad ``--index`` fails before any work, not after a forward pass."""
+    if spec.kind != "factory":
+        return
+    try:
+        faiss.index_factory(int(d), str(spec.factory), faiss_metric(spec.metric))
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()
+        raise ValueError(f"FAISS could not parse index factory string {spec.factory!r}: "
+                         f"{msg[0] if msg else type(e).__name__}") from None
