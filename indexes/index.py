@@ -385,8 +385,8 @@ class VectorIndex:
         which :meth:`load` refuses (``IndexFileError``: rebuild), rather than
         a new index paired with stale metadata (wrong build key accepted) or
         vice versa.  The sidecar also records the index file's size and a
-        sampled content fingerprint, so a pair torn by concurrent writers or
-        a reader racing a save is detected too.
+        full-content fingerprint, so a pair torn by concurrent writers or a
+        reader racing a save is detected too.
         """
         path = os.fspath(path)
         sidecar = path + SIDECAR_SUFFIX
@@ -456,10 +456,13 @@ class VectorIndex:
                 the user meta.
 
         Raises:
-            IndexFileError: missing, truncated, corrupt or foreign file, or a
-                sidecar that does not belong to the index file.
+            IndexFileError: missing, truncated, garbled (content hash differs
+                from the sidecar's), unreadable or foreign file, or a sidecar
+                that does not belong to the index file.  Any FAISS/OS error
+                while reading becomes this, with advice to rebuild.
             IndexMismatchError: an ``expect`` field differs (message names the
-                field, expected and found values).
+                field, expected and found values); checked before the content
+                hash, so a sidecar of other vectors is reported as this.
         """
         path = os.fspath(path)
         sidecar = path + SIDECAR_SUFFIX
@@ -482,21 +485,31 @@ class VectorIndex:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise IndexFileError(f"index sidecar {sidecar!r} is corrupt or foreign ({first_line(e)}); {REBUILD_ADVICE}") from None
 
-        # Check the pair before handing the file to FAISS: a truncated file
-        # must never reach the (mmap) reader.
-        size = os.path.getsize(path)
+        # The size first: a truncated file must never reach the (mmap) reader.
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            raise IndexFileError(f"index file {path!r} is unreadable ({first_line(e)}); {REBUILD_ADVICE}") from None
         if size != doc.get("file_bytes"):
             raise IndexFileError(
                 f"index file {path!r} has {size} bytes but its sidecar recorded {doc.get('file_bytes')} "
                 f"(truncated, or overwritten by another save); {REBUILD_ADVICE}")
-        if iox.file_fingerprint(path) != doc.get("file_fingerprint"):
-            raise IndexFileError(
-                f"index file {path!r} does not match its sidecar's fingerprint (corrupt, or written by a different "
-                f"save); {REBUILD_ADVICE}")
 
+        # Expectations before the content hash: a sidecar that describes other
+        # vectors (copied from another array's index) is a mismatch with what
+        # the caller asked for, not merely a damaged file.
         sources = {"d": side_d, "ntotal": side_n, "source_fingerprint": doc.get("source_fingerprint"),
                    **spec.to_dict()}
         check_expect(expect, sources, meta, where="sidecar", path=path)
+
+        try:
+            digest = iox.file_fingerprint(path)
+        except OSError as e:
+            raise IndexFileError(f"index file {path!r} is unreadable ({first_line(e)}); {REBUILD_ADVICE}") from None
+        if digest != doc.get("file_fingerprint"):
+            raise IndexFileError(
+                f"index file {path!r} does not match its sidecar's fingerprint (corrupt, or written by a different "
+                f"save); {REBUILD_ADVICE}")
 
         index, mode, mapped = read_index(path, mmap)
         if int(index.d) != side_d or int(index.ntotal) != side_n:
