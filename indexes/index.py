@@ -202,6 +202,12 @@ class VectorIndex:
     # ---- properties
 
     @property
+    def source_fingerprint(self) -> str | None:
+        """`vectors_fingerprint` of the vectors this index was built from (kept
+        through save and load), or None for a wrapped bare faiss index."""
+        return self._source_fp
+
+    @property
     def index(self) -> Any:
         """The underlying faiss index (do not mutate a memory-mapped one)."""
         return self._index
@@ -400,7 +406,8 @@ class VectorIndex:
                 faiss.write_index(self._index, tmp)
             except RuntimeError as e:
                 need = self.ntotal * self.d * 4
-                if _short_of_space(dirname, need):
+                # FAISS reports a failed fwrite as RuntimeError; its text may carry strerror.
+                if _short_of_space(dirname, need) or any(os.strerror(n) in str(e) for n in iox.NO_SPACE):
                     raise iox.no_space_error(OSError(errno.ENOSPC, str(e)), path, need) from None
                 raise
             iox.fsync_file(tmp)
