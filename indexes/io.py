@@ -16,8 +16,9 @@ from typing import IO, Any, Callable
 import faiss
 import numpy as np
 
-# Bumped when the sidecar layout changes incompatibly (2: full-content hash, source fingerprint).
-SIDECAR_FORMAT = "actcache.indexes/2"
+# Bumped when the sidecar layout changes incompatibly (2: full-content hash,
+# source fingerprint; 3: that hash is sha256, not blake2b).
+SIDECAR_FORMAT = "actcache.indexes/3"
 SIDECAR_SUFFIX = ".json"
 
 REBUILD_ADVICE = "delete the index file and its .json sidecar and rebuild it (actcache rebuilds it on next use)"
@@ -137,7 +138,11 @@ _VERIFIED_LOCK = threading.Lock()
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """blake2b of the file's whole content (hex).
+    """sha256 of the file's whole content (hex), read in 4 MiB chunks.
+
+    sha256, not blake2b: with the SHA extensions that current x86 and ARM
+    CPUs have, hashlib's sha256 ran 1.7x faster here (a 244 MiB index: 0.17 s
+    against 0.28 s), and a load pays this once per file and process.
 
     Each (inode, size, mtime) is hashed once per process: a file is only ever
     replaced by rename (a new inode), so a later load trusts the earlier
@@ -148,10 +153,12 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     with _VERIFIED_LOCK:
         if key in _VERIFIED:
             return _VERIFIED[key]
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+    h = hashlib.sha256()
+    buf = bytearray(1 << 22)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     fp = h.hexdigest()
     with _VERIFIED_LOCK:
         _VERIFIED[key] = fp

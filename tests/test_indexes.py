@@ -717,7 +717,7 @@ def _fp_reference(a: np.ndarray) -> str:
 def test_sidecar_records_full_file_hash_and_source(saved):
     p, v, x = saved
     side = _side(p)
-    assert side["file_fingerprint"] == hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()
+    assert side["file_fingerprint"] == hashlib.sha256(p.read_bytes()).hexdigest()
     assert side["file_bytes"] == p.stat().st_size
     assert side["source_fingerprint"] == _fp_reference(x) == v.source_fingerprint
     # Of the vectors as given: the indexed (normalised) copy hashes differently.
@@ -789,7 +789,7 @@ def test_truncated_file_with_edited_size_record(saved, mmap):
     side.write_text(json.dumps(doc))
     with pytest.raises(IndexFileError, match="fingerprint"):
         VectorIndex.load(p, mmap=mmap)
-    doc["file_fingerprint"] = hashlib.blake2b(data, digest_size=16).hexdigest()
+    doc["file_fingerprint"] = hashlib.sha256(data).hexdigest()
     side.write_text(json.dumps(doc))
     with pytest.raises(IndexFileError, match="FAISS could not read.*rebuild"):
         VectorIndex.load(p, mmap=mmap)
