@@ -167,7 +167,7 @@ def template_fields(template: str) -> list[str]:
     return out
 
 
-def _read_source(source: str) -> tuple[list[str], bool, str]:
+def read_source(source: str) -> tuple[list[str], bool, str]:
     """Lines of the input, whether they are JSONL, and a name for messages."""
     if source == "-":
         text = sys.stdin.read()
@@ -198,7 +198,7 @@ def load_inputs(store: Store, source: str = "eval", text_field: str = "text") ->
     """
     if source == "eval":
         return eval_inputs(store)
-    lines, is_jsonl, name = _read_source(source)
+    lines, is_jsonl, name = read_source(source)
     return parse_inputs(store, lines, is_jsonl, name, text_field)
 
 

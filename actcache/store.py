@@ -455,22 +455,7 @@ class Store:
     def open(cls, key: str, home: str | os.PathLike | None = None) -> "Store":
         """Open a finished build by key, unique key prefix (at least 6 characters),
         or "last" (the most recently finished build)."""
-        root = check_home(default_home(home)) / "builds"
-        if key == "last":
-            done = [p for p in root.glob("*/acts.h5")] if root.exists() else []
-            if not done:
-                raise StoreError(f"no finished build in {root}; run `actcache build` first")
-            return cls(max(done, key=lambda p: p.stat().st_mtime).parent)
-        if not key or "/" in key or "\\" in key or key.startswith("."):
-            raise StoreError(f"{key!r} is not a build key; `actcache ls` lists the builds in {root}")
-        if (root / key).is_dir():
-            return cls(root / key)
-        matches = [p for p in root.glob(f"{key}*") if p.is_dir()] if len(key) >= 6 else []
-        if len(matches) == 1:
-            return cls(matches[0])
-        if len(matches) > 1:
-            raise StoreError(f"key prefix {key!r} matches {len(matches)} builds; give more characters")
-        raise StoreError(f"no build {key!r} in {root}; `actcache ls` lists the builds there")
+        return cls(find_build(key, home))
 
     def rows(self, split: str | None) -> np.ndarray | slice:
         """Row positions of `split` ("pool", "eval"; None = every row)."""
@@ -686,6 +671,27 @@ class Store:
             "provenance": self.provenance,
             "config": self.config,
         }
+
+
+def find_build(key: str, home: str | os.PathLike | None = None) -> Path:
+    """The directory of a build by key, unique key prefix (at least 6 characters) or
+    "last" (the most recently finished build), without opening it."""
+    root = check_home(default_home(home)) / "builds"
+    if key == "last":
+        done = [p for p in root.glob("*/acts.h5")] if root.exists() else []
+        if not done:
+            raise StoreError(f"no finished build in {root}; run `actcache build` first")
+        return max(done, key=lambda p: p.stat().st_mtime).parent
+    if not key or "/" in key or "\\" in key or key.startswith(".") or any(c in key for c in "*?[]"):
+        raise StoreError(f"{key!r} is not a build key; `actcache ls` lists the builds in {root}")
+    if (root / key).is_dir():
+        return root / key
+    matches = [p for p in root.glob(f"{key}*") if p.is_dir()] if len(key) >= 6 else []
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise StoreError(f"key prefix {key!r} matches {len(matches)} builds; give more characters")
+    raise StoreError(f"no build {key!r} in {root}; `actcache ls` lists the builds there")
 
 
 def list_builds(home: str | os.PathLike | None = None) -> list[dict]:

@@ -290,6 +290,9 @@ def query_cmd(
     seed: int = typer.Option(0, help="Seed of the strategy."),
     stat: str = typer.Option("kurt", help="--strategy stat: mean, var, skew, kurt, max_abs, max_over_median."),
     order: str = typer.Option("high", help="--strategy stat: rank 'high' or 'low' values first."),
+    server: Optional[str] = typer.Option(None, help="Ask a running `actcache serve` at this URL instead "
+                                                    "(same records; e.g. http://127.0.0.1:8765)."),
+    token: Optional[str] = typer.Option(None, envvar="ACTCACHE_TOKEN", help="Bearer token for --server."),
     store: Optional[str] = STORE,
 ):
     """Nearest pool examples of each eval row or new text (JSONL), or a demonstration-selection strategy."""
@@ -299,6 +302,32 @@ def query_cmd(
 
     to_stdout = out == "-"
     say = functools.partial(typer.echo, err=to_stdout)
+    if server:
+        from actcache.client import Client
+
+        opts = dict(component=component, layer=layer, pooling=pooling, mask=mask, k=k, balanced=balanced,
+                    exclude_self=exclude_self, text_field=text_field)
+        c = Client(server, token)
+        if strategy is not None:
+            recs = c.select(key, strategy, budget=budget, k=k, seed=seed, component=component, layer=layer,
+                            pooling=pooling, mask=mask, stat=stat, order=order)
+        elif input_ is None:
+            recs = c.neighbors(key, **opts)
+        else:
+            from actcache.query import read_source
+
+            lines, is_jsonl, _ = read_source(input_)
+            lines = [ln for ln in lines if ln.strip()]
+            if is_jsonl:
+                objs = [json.loads(ln) for ln in lines]
+                recs = c.neighbors(key, inputs=[o if isinstance(o, dict) else {text_field: o} for o in objs],
+                                   source=input_, **opts)
+            else:
+                recs = c.neighbors(key, texts=lines, source=input_, **opts)
+        dest = out or ("selection.jsonl" if strategy else "neighbors.jsonl")
+        write_jsonl(recs, sys.stdout if to_stdout else dest)
+        say(f"wrote {len(recs)} records to {'stdout' if to_stdout else dest} (from {server})")
+        return
     if strategy is None:
         cfg = QueryConfig(key=key, home=store, component=component, layer=layer, pooling=pooling, mask=mask,
                           **({} if k is None else {"k": k}), balanced=balanced, exclude_self=exclude_self,
@@ -421,6 +450,21 @@ def run(
     typer.echo(f"build {r.build['key'][:16]}: {r.build['forward_batches']} forward batches "
                f"({'cache hit' if r.build['cache_hit'] else 'computed'})")
     _print_results(r.results)
+
+
+@app.command()
+@handle_errors
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; off loopback --token is required."),
+    port: int = typer.Option(8765, help="TCP port."),
+    token: Optional[str] = typer.Option(None, envvar="ACTCACHE_TOKEN", help="Bearer token clients must send."),
+    store: Optional[str] = STORE,
+):
+    """Serve the store's finished builds over HTTP: neighbours and selection strategies (docs at /docs)."""
+    from actcache.serve import serve as run_server
+
+    typer.echo(f"actcache serve on http://{host}:{port} (OpenAPI docs at /docs); Ctrl-C stops it", err=True)
+    run_server(store, host, port, token)
 
 
 @app.command()
