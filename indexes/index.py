@@ -9,7 +9,7 @@ import errno
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -493,10 +493,7 @@ class VectorIndex:
             raise IndexFileError(f"index sidecar {sidecar!r} is corrupt or foreign ({first_line(e)}); {REBUILD_ADVICE}") from None
 
         # The size first: a truncated file must never reach the (mmap) reader.
-        try:
-            size = os.path.getsize(path)
-        except OSError as e:
-            raise IndexFileError(f"index file {path!r} is unreadable ({first_line(e)}); {REBUILD_ADVICE}") from None
+        size = _read_or_refuse(os.path.getsize, path)
         if size != doc.get("file_bytes"):
             raise IndexFileError(
                 f"index file {path!r} has {size} bytes but its sidecar recorded {doc.get('file_bytes')} "
@@ -509,11 +506,7 @@ class VectorIndex:
                    **spec.to_dict()}
         check_expect(expect, sources, meta, where="sidecar", path=path)
 
-        try:
-            digest = iox.file_fingerprint(path)
-        except OSError as e:
-            raise IndexFileError(f"index file {path!r} is unreadable ({first_line(e)}); {REBUILD_ADVICE}") from None
-        if digest != doc.get("file_fingerprint"):
+        if _read_or_refuse(iox.file_fingerprint, path) != doc.get("file_fingerprint"):
             raise IndexFileError(
                 f"index file {path!r} does not match its sidecar's fingerprint (corrupt, or written by a different "
                 f"save); {REBUILD_ADVICE}")
@@ -532,6 +525,14 @@ class VectorIndex:
         out.load_mode = mode
         out.path = path
         return out
+
+
+def _read_or_refuse(read: Callable[[str], Any], path: str) -> Any:
+    """``read(path)``, with an OS error (permissions, I/O) turned into IndexFileError."""
+    try:
+        return read(path)
+    except OSError as e:
+        raise IndexFileError(f"index file {path!r} is unreadable ({first_line(e)}); {REBUILD_ADVICE}") from None
 
 
 def _drop_excluded(D: np.ndarray, I: np.ndarray, ex: np.ndarray, k: int, ntotal: int) -> tuple[np.ndarray, np.ndarray]:
