@@ -54,17 +54,8 @@ def store_task(store: Store) -> Task:
 
 
 def load_scoring_model(store: Store, dtype: str | None):
-    """The build's model (in `dtype`, default the build's), checked to have the build's weights."""
-    from .models import ModelSpec, load_model
-
-    m = dict(store.config["model"])
-    if dtype:
-        m["dtype"] = dtype
-    lm = load_model(ModelSpec(**m), store.home)
-    if lm.provenance["weights_sha256"] != store.provenance["model"]["weights_sha256"]:
-        raise MismatchError(f"the model {m['model']!r} loaded now has other weights than build "
-                            f"{store.key[:12]} was made with; rebuild, or restore those weights")
-    return lm
+    """The build's model for scoring, in `dtype` (None: the build's); see `Store.load_model`."""
+    return store.load_model(dtype)
 
 
 def score_prompts(lm, task: Task, prompts, queries: list[Example], batch_size: int, options=None,

@@ -49,7 +49,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError, DatasetError, MismatchError, StoreError
+from .errors import ConfigError, DatasetError, StoreError
 from .store import ArrayId, Store, atomic_write, load_npz, try_save_npz
 
 Progress = Callable[[str, int, int], None]
@@ -284,21 +284,6 @@ def _cache_path(store: Store, texts, a: ArrayId) -> Path:
     return store.derived_path("queries", ".npz", array=str(a), texts=list(texts))
 
 
-def load_build_model(store: Store):
-    """The build's model and tokenizer, checked to be the ones the build was made with."""
-    from .models import ModelSpec, load_model
-
-    lm = load_model(ModelSpec(**store.config["model"]), store.home)
-    built = store.provenance.get("model", {})
-    for field in ("weights_sha256", "tokenizer_sha256"):
-        if built.get(field) and lm.provenance.get(field) != built.get(field):
-            raise MismatchError(f"model {built.get('model')!r} now has {field} "
-                                f"{str(lm.provenance.get(field))[:12]}, but build {store.key[:12]} was made "
-                                f"with {str(built.get(field))[:12]}; restore the original model files or "
-                                f"build again with this model")
-    return lm
-
-
 def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, mask: str,
                  progress: Progress | None = None, lm=None) -> tuple[np.ndarray, dict]:
     """Pooled activations of new texts, computed exactly as the build computed eval rows.
@@ -308,7 +293,7 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
             prefix, dtype and device are used.
         texts: (q,) templated prompts (see `load_inputs`).
         component, layer, pooling, mask: the array (layer non-negative).
-        lm: the build's model, already loaded by `load_build_model` (None: loaded here).
+        lm: the build's model, already loaded by `Store.load_model` (None: loaded here).
 
     Returns:
         ((q, d) float32, report) where the values are rounded through the stored
@@ -329,7 +314,7 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     from .prompts import encode_continuation, encode_segments, length_batches, row_layout, stored_context_segments
     from .capture import Capture
 
-    lm = lm or load_build_model(store)
+    lm = lm or store.load_model()
     tok, model = lm.tokenizer, lm.model
     task = store.task()
     max_length = int(store.config.get("max_length", store.provenance.get("max_length", 256)))

@@ -103,12 +103,10 @@ class Service:
         return self._indexes[k]
 
     def _model(self, st):
-        from .query import load_build_model
-
         if st.key in self._models:
             self._models.move_to_end(st.key)
         else:
-            self._models[st.key] = load_build_model(st)
+            self._models[st.key] = st.load_model()
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)
         return self._models[st.key]

@@ -632,6 +632,24 @@ class Store:
         spec = index_spec(kind)
         return [a for a in self.arrays if not self.has_index(a, spec)]
 
+    def load_model(self, dtype: str | None = None):
+        """The build's model and tokenizer (a `models.LoadedModel`), in `dtype` (None:
+        as the build asked), checked to have the weights and tokenizer the build was made with."""
+        from .models import ModelSpec, load_model
+
+        m = dict(self.config["model"])
+        if dtype:
+            m["dtype"] = dtype
+        lm = load_model(ModelSpec(**m), self.home)
+        built = self.provenance.get("model", {})
+        for name in ("weights_sha256", "tokenizer_sha256"):
+            if built.get(name) and lm.provenance.get(name) != built.get(name):
+                raise MismatchError(f"model {built.get('model')!r} now has {name} "
+                                    f"{str(lm.provenance.get(name))[:12]}, but build {self.key[:12]} was made "
+                                    f"with {str(built.get(name))[:12]}; restore the original model files or "
+                                    f"build again with this model")
+        return lm
+
     # ------------------------------------------------------------------ task and summary
     def task(self):
         """The build's `data.Task`, rebuilt from what the build stored (never from
