@@ -9,7 +9,7 @@ import errno
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -202,6 +202,12 @@ class VectorIndex:
     # ---- properties
 
     @property
+    def source_fingerprint(self) -> str | None:
+        """`vectors_fingerprint` of the vectors this index was built from (kept
+        through save and load), or None for a wrapped bare faiss index."""
+        return self._source_fp
+
+    @property
     def index(self) -> Any:
         """The underlying faiss index (do not mutate a memory-mapped one)."""
         return self._index
@@ -385,8 +391,8 @@ class VectorIndex:
         which :meth:`load` refuses (``IndexFileError``: rebuild), rather than
         a new index paired with stale metadata (wrong build key accepted) or
         vice versa.  The sidecar also records the index file's size and a
-        sampled content fingerprint, so a pair torn by concurrent writers or
-        a reader racing a save is detected too.
+        full-content fingerprint, so a pair torn by concurrent writers or a
+        reader racing a save is detected too.
         """
         path = os.fspath(path)
         sidecar = path + SIDECAR_SUFFIX
@@ -400,7 +406,8 @@ class VectorIndex:
                 faiss.write_index(self._index, tmp)
             except RuntimeError as e:
                 need = self.ntotal * self.d * 4
-                if _short_of_space(dirname, need):
+                # FAISS reports a failed fwrite as RuntimeError; its text may carry strerror.
+                if _short_of_space(dirname, need) or any(os.strerror(n) in str(e) for n in iox.NO_SPACE):
                     raise iox.no_space_error(OSError(errno.ENOSPC, str(e)), path, need) from None
                 raise
             iox.fsync_file(tmp)
@@ -456,10 +463,13 @@ class VectorIndex:
                 the user meta.
 
         Raises:
-            IndexFileError: missing, truncated, corrupt or foreign file, or a
-                sidecar that does not belong to the index file.
+            IndexFileError: missing, truncated, garbled (content hash differs
+                from the sidecar's), unreadable or foreign file, or a sidecar
+                that does not belong to the index file.  Any FAISS/OS error
+                while reading becomes this, with advice to rebuild.
             IndexMismatchError: an ``expect`` field differs (message names the
-                field, expected and found values).
+                field, expected and found values); checked before the content
+                hash, so a sidecar of other vectors is reported as this.
         """
         path = os.fspath(path)
         sidecar = path + SIDECAR_SUFFIX
@@ -482,21 +492,24 @@ class VectorIndex:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise IndexFileError(f"index sidecar {sidecar!r} is corrupt or foreign ({first_line(e)}); {REBUILD_ADVICE}") from None
 
-        # Check the pair before handing the file to FAISS: a truncated file
-        # must never reach the (mmap) reader.
-        size = os.path.getsize(path)
+        # The size first: a truncated file must never reach the (mmap) reader.
+        size = _read_or_refuse(os.path.getsize, path)
         if size != doc.get("file_bytes"):
             raise IndexFileError(
                 f"index file {path!r} has {size} bytes but its sidecar recorded {doc.get('file_bytes')} "
                 f"(truncated, or overwritten by another save); {REBUILD_ADVICE}")
-        if iox.file_fingerprint(path) != doc.get("file_fingerprint"):
-            raise IndexFileError(
-                f"index file {path!r} does not match its sidecar's fingerprint (corrupt, or written by a different "
-                f"save); {REBUILD_ADVICE}")
 
+        # Expectations before the content hash: a sidecar that describes other
+        # vectors (copied from another array's index) is a mismatch with what
+        # the caller asked for, not merely a damaged file.
         sources = {"d": side_d, "ntotal": side_n, "source_fingerprint": doc.get("source_fingerprint"),
                    **spec.to_dict()}
         check_expect(expect, sources, meta, where="sidecar", path=path)
+
+        if _read_or_refuse(iox.file_fingerprint, path) != doc.get("file_fingerprint"):
+            raise IndexFileError(
+                f"index file {path!r} does not match its sidecar's fingerprint (corrupt, or written by a different "
+                f"save); {REBUILD_ADVICE}")
 
         index, mode, mapped = read_index(path, mmap)
         if int(index.d) != side_d or int(index.ntotal) != side_n:
@@ -512,6 +525,14 @@ class VectorIndex:
         out.load_mode = mode
         out.path = path
         return out
+
+
+def _read_or_refuse(read: Callable[[str], Any], path: str) -> Any:
+    """``read(path)``, with an OS error (permissions, I/O) turned into IndexFileError."""
+    try:
+        return read(path)
+    except OSError as e:
+        raise IndexFileError(f"index file {path!r} is unreadable ({first_line(e)}); {REBUILD_ADVICE}") from None
 
 
 def _drop_excluded(D: np.ndarray, I: np.ndarray, ex: np.ndarray, k: int, ntotal: int) -> tuple[np.ndarray, np.ndarray]:
