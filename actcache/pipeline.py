@@ -6,7 +6,7 @@ to end). The CLI calls exactly these."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -81,9 +81,42 @@ class EvalConfig:
             raise ConfigError(f"--votek-budget {self.votek_budget} is below --k {self.k}")
 
 
-def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
+@dataclass(frozen=True)
+class Sizes:
+    """How much `evaluate` looked at (after capping by the build's splits)."""
+
+    n_candidates: int
+    n_probes: int
+    n_eval: int
+    k: int
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What `evaluate` found. The study and selection parts are the JSON documents
+    report.py renders; `to_dict()` is exactly results.json (plus "out")."""
+
+    config: EvalConfig
+    build_key: str
+    quality_key: str
+    task: str
+    sizes: Sizes
+    zero_shot_probe_acc: float
+    study: dict
+    selection: dict
+    hardware: dict
+    seconds: float
+    out: str
+    document: dict = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return self.document
+
+
+def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     """Run the quality matrix, correlation study and selection experiment; write
-    the report directory. Returns the results dict (also saved as results.json)."""
+    the report directory. Returns an `EvalResult` (its `to_dict()` is results.json)."""
     from . import report
 
     from .models import set_threads
@@ -117,7 +150,11 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     out = Path(cfg.out)
     report.write(results, out)
     results["out"] = str(out)
-    return results
+    sz = results["sizes"]
+    return EvalResult(cfg, store.key, q["key"], store.task_name,
+                      Sizes(sz["n_candidates"], sz["n_probes"], sz["n_eval"], sz["k"], tuple(sz["seeds"])),
+                      results["zero_shot_probe_acc"], study, selection, results["hardware"], results["seconds"],
+                      str(out), results)
 
 
 def resolve_key(key: str, home: str | None) -> str:
@@ -154,7 +191,7 @@ class RunResult:
 
     build: dict
     neighbors: str
-    results: dict
+    results: EvalResult
 
 
 def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:

@@ -399,25 +399,26 @@ def evaluate(
     _print_results(res)
 
 
-def _print_results(res: dict) -> None:
+def _print_results(res) -> None:
+    """The result table and summary of an `EvalResult`."""
     from rich.console import Console
     from rich.table import Table
 
     from actcache.report import hardware_lines, headline, summary_lines
 
-    t = Table(title=f"{res['task']}: zero-shot vs {res['sizes']['k']}-shot accuracy on {res['sizes']['n_eval']} "
-                    f"eval inputs ({res['sizes']['n_candidates']} candidates x {res['sizes']['n_probes']} probes "
-                    f"in the study)")
-    head, *rows = headline(res)
+    doc, sz = res.to_dict(), res.sizes
+    t = Table(title=f"{res.task}: zero-shot vs {sz.k}-shot accuracy on {sz.n_eval} eval inputs "
+                    f"({sz.n_candidates} candidates x {sz.n_probes} probes in the study)")
+    head, *rows = headline(doc)
     for h in head:
         t.add_column(h)
     for r in rows:
         t.add_row(*r)
     con = Console()
     con.print(t)
-    for line in summary_lines(res) + [h[2:] for h in hardware_lines(res.get("hardware"))]:
+    for line in summary_lines(doc) + [h[2:] for h in hardware_lines(res.hardware)]:
         con.print(line, markup=False, highlight=False)
-    con.print(f"report: {res['out']}/report.md  plots: {res['out']}/*.png  ({res['seconds']} s)")
+    con.print(f"report: {res.out}/report.md  plots: {res.out}/*.png  ({res.seconds} s)")
 
 
 @app.command()

@@ -213,3 +213,21 @@ def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
     fp32_tokens = sum(len(prompts_mod.encode_segments(tok, p)) + len(prompts_mod.encode_continuation(tok, o)) - 1
                       for p in prompts for o in options)
     assert res["tokens"]["in_prompts"] == sum(r["tokens_in_prompts"] for r in res["runs"]) + fp32_tokens
+
+
+def test_evaluate_returns_typed_result_equal_to_results_json(tiny_store, tmp_path):
+    out = tmp_path / "typed"
+    res = evaluate(EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.home), n_candidates=6,
+                              n_probes=2, n_eval=3, k=1, seeds=(0,), strategies=("random",), n_boot=10,
+                              out=str(out)))
+    data = json.loads((out / "results.json").read_text())
+    assert res.build_key == data["build_key"] == tiny_store.key and res.quality_key == data["quality_key"]
+    assert (res.sizes.n_candidates, res.sizes.n_probes, res.sizes.n_eval, res.sizes.k) == \
+        tuple(data["sizes"][k] for k in ("n_candidates", "n_probes", "n_eval", "k"))
+    assert res.zero_shot_probe_acc == data["zero_shot_probe_acc"] and res.task == data["task"]
+    doc = json.loads(json.dumps(res.to_dict(), default=str))
+    for k, v in data.items():  # results.json is the document, less the per-item samples written beside it
+        if isinstance(v, dict):
+            assert {kk: doc[k][kk] for kk in v} == v, k
+        else:
+            assert doc[k] == v, k
