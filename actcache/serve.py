@@ -60,9 +60,11 @@ class Service:
     """The loaded state and the single worker. `neighbors(...)` and `select(...)`
     may be called from any thread; the work runs on the worker thread."""
 
-    def __init__(self, home: str | None = None, window_s: float = 0.005, max_models: int = 2):
+    def __init__(self, home: str | None = None, window_s: float = 0.01, max_models: int = 2,
+                 max_wait_s: float = 0.1):
         self.home = home
         self.window_s = window_s
+        self.max_wait_s = max_wait_s
         self.max_models = max_models
         self.q: queue.Queue = queue.Queue()
         self._stores: dict = {}
@@ -122,20 +124,24 @@ class Service:
     def _loop(self) -> None:
         while True:
             jobs = [self.q.get()]
-            # Take whatever is queued already; wait the window only when a forward pass is
-            # coming (new texts), since that is the work coalescing saves.
-            deadline = time.monotonic() + self.window_s
+            # Take whatever is queued already. When a forward pass is coming (new texts), keep
+            # collecting while requests keep arriving (a gap of `window_s` ends it, `max_wait_s`
+            # caps it), since a bigger forward batch is the work coalescing saves.
+            start = last = time.monotonic()
             while len(jobs) < 256:
                 try:
                     jobs.append(self.q.get_nowait())
+                    last = time.monotonic()
                     continue
                 except queue.Empty:
                     pass
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = min(last + self.window_s, start + self.max_wait_s) - now
                 if left <= 0 or not any(j.kind == "texts" for j in jobs):
                     break
                 try:
                     jobs.append(self.q.get(timeout=left))
+                    last = time.monotonic()
                 except queue.Empty:
                     break
             groups: dict = {}
@@ -230,7 +236,7 @@ class Service:
         j.future.set_result(sel.to_records())
 
 
-def create_app(home: str | None = None, token: str | None = None, window_s: float = 0.005):
+def create_app(home: str | None = None, token: str | None = None, window_s: float = 0.01):
     """The FastAPI app over the store at `home`. With `token`, every route but
     /healthz needs `Authorization: Bearer <token>`."""
     import json
@@ -356,9 +362,9 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
             else:
                 payload = {"cfg": cfg, "lines": [json.dumps(o, ensure_ascii=False) for o in req.inputs],
                            "jsonl": True}
-            fut = await asyncio.to_thread(svc.submit, key, "texts", payload)
+            fut = svc.submit(key, "texts", payload)  # cheap once the build is open: no thread hop
         else:
-            fut = await asyncio.to_thread(svc.submit, key, "ids", {"cfg": cfg, "ids": req.ids})
+            fut = svc.submit(key, "ids", {"cfg": cfg, "ids": req.ids})
         return raw_json(await wait(fut))
 
     @app.post("/builds/{key}/select")
