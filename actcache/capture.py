@@ -61,7 +61,7 @@ def decoder_layers(model):
                       f"models whose base model has .layers (Llama, Qwen2, Gemma3) or .h (GPT-2)")
 
 
-def _component_module(layer, component: str):
+def component_module(layer, component: str):
     if component == "resid":
         return layer
     names = hook_names(layer, component)
@@ -398,7 +398,7 @@ class Capture:
         try:
             for layer in self.layers:
                 for comp in self.units[layer]:
-                    mod = _component_module(self.blocks[layer], comp)
+                    mod = component_module(self.blocks[layer], comp)
                     handles.append(mod.register_forward_hook(self._hook(comp, layer)))
 
             def stop(_m, _i, _o):

@@ -1,0 +1,239 @@
+"""Sparse autoencoders over cached hook points: load SAELens / Gemma Scope
+directories, encode per-token activations, and pool the feature activations
+over the same spans as the dense arrays, kept sparse.
+
+Layout read (SAELens; Gemma Scope uses the same names, sometimes lower case):
+`cfg.json` plus `sae_weights.safetensors` (or `params.safetensors` / `params.npz`)
+holding `W_enc` (d_in, d_sae), `b_enc` (d_sae,), `W_dec` (d_sae, d_in),
+`b_dec` (d_in,) and, for JumpReLU, `threshold` (d_sae,).
+
+Encoders (x: (n, d_in) float32; pre = (x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc):
+    relu      f = max(pre, 0)
+    jumprelu  f = pre * (pre > threshold)
+    topk      f = max(pre, 0) kept at its k largest entries per row, others 0
+Decoder: x_hat = f @ W_dec + b_dec.
+
+Hook points (`HOOK_POINTS`, Gemma Scope's names): `resid_post` is the decoder
+block's output, `mlp_out` the MLP's contribution as `capture.HOOKS` defines it
+(Gemma: the output of post_feedforward_layernorm), `attn_out` the *input* of
+the attention's output projection (`o_proj`, `c_proj` on GPT-2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+
+KINDS = ("relu", "jumprelu", "topk")
+HOOK_POINTS = ("resid_post", "mlp_out", "attn_out")
+_OUT_PROJ = ("o_proj", "c_proj", "out_proj", "dense")
+
+
+@dataclass(frozen=True, eq=False)
+class SAE:
+    """A sparse autoencoder's weights (float32 numpy) and what it reads.
+
+    W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,),
+    threshold (d_sae,) for jumprelu else None; k for topk; hook in HOOK_POINTS;
+    layer the decoder layer; key the sha256 of weights and config.
+    """
+
+    W_enc: np.ndarray
+    b_enc: np.ndarray
+    W_dec: np.ndarray
+    b_dec: np.ndarray
+    kind: str
+    hook: str
+    layer: int
+    threshold: np.ndarray | None = None
+    k: int | None = None
+    apply_b_dec_to_input: bool = False
+    key: str = ""
+
+    @property
+    def d_in(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Feature activations, (n, d_sae) float32, of activations x (n, d_in)."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise ConfigError(f"the SAE reads {self.d_in}-dim activations, got shape {x.shape}; check its hook "
+                              f"point and layer ({self.hook}, layer {self.layer})")
+        pre = (x - self.b_dec if self.apply_b_dec_to_input else x) @ self.W_enc + self.b_enc
+        if self.kind == "jumprelu":
+            return pre * (pre > self.threshold)
+        f = np.maximum(pre, 0)
+        if self.kind == "topk":
+            k = min(int(self.k), f.shape[1])
+            drop = np.argpartition(-f, k - 1, axis=1)[:, k:]
+            np.put_along_axis(f, drop, 0.0, axis=1)
+        return f
+
+    def decode(self, f: np.ndarray) -> np.ndarray:
+        """Reconstruction, (n, d_in) float32, of feature activations f (n, d_sae)."""
+        return np.asarray(f, dtype=np.float32) @ self.W_dec + self.b_dec
+
+
+def _pick(weights: dict, *names: str) -> np.ndarray | None:
+    low = {k.lower(): v for k, v in weights.items()}
+    for n in names:
+        if n.lower() in low:
+            return np.asarray(low[n.lower()], dtype=np.float32)
+    return None
+
+
+def _read_weights(d: Path) -> dict:
+    for name in ("sae_weights.safetensors", "params.safetensors", "model.safetensors"):
+        if (d / name).exists():
+            from safetensors.numpy import load_file
+
+            return load_file(str(d / name))
+    if (d / "params.npz").exists():
+        with np.load(d / "params.npz") as z:
+            return {k: z[k] for k in z.files}
+    raise ConfigError(f"{d} holds no SAE weights (sae_weights.safetensors, params.safetensors or params.npz); "
+                      f"point --sae at a SAELens or Gemma Scope directory")
+
+
+def sae_key(weights: dict, cfg: dict) -> str:
+    """sha256 of the config (canonical JSON) and every weight's name, shape and bytes."""
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name in sorted(weights):
+        a = np.ascontiguousarray(weights[name], dtype=np.float32)
+        h.update(f"{name}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None) -> SAE:
+    """Load an SAE directory (SAELens / Gemma Scope layout). `hook`/`layer` fill in
+    what cfg.json does not say (SAELens writes hook_name "blocks.L.hook_mlp_out")."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise ConfigError(f"SAE directory {d} does not exist")
+    cfg = json.loads((d / "cfg.json").read_text()) if (d / "cfg.json").exists() else {}
+    w = _read_weights(d)
+    W_enc, b_enc = _pick(w, "W_enc", "w_enc"), _pick(w, "b_enc")
+    W_dec, b_dec = _pick(w, "W_dec", "w_dec"), _pick(w, "b_dec")
+    if any(a is None for a in (W_enc, b_enc, W_dec, b_dec)):
+        raise ConfigError(f"{d}: the weights need W_enc, b_enc, W_dec and b_dec; found {sorted(w)}")
+    threshold = _pick(w, "threshold", "log_threshold")
+    if threshold is not None and "log_threshold" in {k.lower() for k in w} and "threshold" not in {k.lower() for k in w}:
+        threshold = np.exp(threshold)
+    arch = str(cfg.get("architecture") or cfg.get("activation_fn") or ("jumprelu" if threshold is not None else "relu"))
+    kind = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}.get(arch.lower())
+    if kind is None:
+        raise ConfigError(f"{d}: unknown SAE architecture {arch!r}; actcache reads {KINDS}")
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if kind == "topk" and not k:
+        raise ConfigError(f"{d}: a topk SAE needs k in cfg.json")
+    if kind == "jumprelu" and threshold is None:
+        raise ConfigError(f"{d}: a jumprelu SAE needs a threshold weight")
+    name = str(cfg.get("hook_name") or "")
+    hook = hook or next((p for p in HOOK_POINTS if name.endswith(p)), None) or cfg.get("hook_point")
+    if hook not in HOOK_POINTS:
+        raise ConfigError(f"{d}: cannot tell the SAE's hook point from cfg.json ({name!r}); pass one of {HOOK_POINTS}")
+    if layer is None:
+        layer = cfg.get("hook_layer", cfg.get("layer"))
+        if layer is None and name.startswith("blocks."):
+            layer = int(name.split(".")[1])
+    if layer is None:
+        raise ConfigError(f"{d}: cannot tell the SAE's layer from cfg.json; pass it")
+    if W_enc.shape[0] != W_dec.shape[1] or W_enc.shape[1] != W_dec.shape[0]:
+        raise ConfigError(f"{d}: W_enc {W_enc.shape} and W_dec {W_dec.shape} do not fit together")
+    return SAE(W_enc, b_enc, W_dec, b_dec, kind, hook, int(layer), threshold, int(k) if k else None,
+               bool(cfg.get("apply_b_dec_to_input", False)), sae_key(w, cfg))
+
+
+def save_sae(sae: SAE, path: str | Path) -> Path:
+    """Write an SAE in the SAELens layout (cfg.json + sae_weights.safetensors)."""
+    from safetensors.numpy import save_file
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    w = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.threshold is not None:
+        w["threshold"] = sae.threshold
+    cfg = {"architecture": {"relu": "standard"}.get(sae.kind, sae.kind), "d_in": sae.d_in, "d_sae": sae.d_sae,
+           "hook_name": f"blocks.{sae.layer}.hook_{sae.hook}", "hook_layer": sae.layer,
+           "apply_b_dec_to_input": sae.apply_b_dec_to_input, **({"k": sae.k} if sae.k else {})}
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in w.items()}, str(d / "sae_weights.safetensors"))
+    (d / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    return d
+
+
+def hook_module(layer, point: str):
+    """(module, "output" | "input") where `point` is read in one decoder layer."""
+    from .capture import component_module
+
+    if point == "resid_post":
+        return layer, "output"
+    if point == "mlp_out":
+        return component_module(layer, "mlp"), "output"
+    if point == "attn_out":
+        # The attention module itself (capture's "attn" is Gemma's post-attention norm).
+        attn = next((getattr(layer, n) for n in ("self_attn", "attn", "attention", "self_attention")
+                     if getattr(layer, n, None) is not None), None)
+        for n in _OUT_PROJ:
+            mod = getattr(attn, n, None)
+            if mod is not None:
+                return mod, "input"
+        raise ConfigError(f"{type(attn).__name__} has no output projection ({_OUT_PROJ}); attn_out cannot be read")
+    raise ConfigError(f"unknown hook point {point!r}; choose from {HOOK_POINTS}")
+
+
+def pooled_codes(sae: SAE, h: np.ndarray, spans) -> dict:
+    """Per-example pooled SAE features over token spans, and per-example statistics.
+
+    Args:
+        h: (B, T, d_in) float32 activations at the SAE's hook point.
+        spans: B (start, end) token ranges, as the dense arrays pool.
+
+    Returns dict: mean, max ((B, d_sae) float32, mostly zeros: store with
+    `to_csr`), l0 (B,) mean active features per token, fvu (B,) the fraction of
+    the span's variance left unexplained by the reconstruction, explained (B,)
+    the fraction of the span's squared norm the reconstruction explains.
+    """
+    B = len(spans)
+    mean = np.zeros((B, sae.d_sae), np.float32)
+    mx = np.zeros((B, sae.d_sae), np.float32)
+    l0, fvu, expl = np.zeros(B), np.zeros(B), np.zeros(B)
+    for i, (s, e) in enumerate(spans):
+        x = np.asarray(h[i, s:e], dtype=np.float32)
+        f = sae.encode(x)
+        r = x - sae.decode(f)
+        mean[i], mx[i] = f.mean(0), f.max(0)
+        l0[i] = (f > 0).sum(1).mean()
+        err = float((r.astype(np.float64) ** 2).sum())
+        var = float(((x - x.mean(0)).astype(np.float64) ** 2).sum())
+        fvu[i] = err / var if var > 0 else np.nan
+        expl[i] = 1.0 - err / float((x.astype(np.float64) ** 2).sum())
+    return {"mean": mean, "max": mx, "l0": l0, "fvu": fvu, "explained": expl}
+
+
+def to_csr(dense: np.ndarray) -> dict:
+    """CSR arrays of a (n, m) matrix: data float32, indices int32, indptr int64, shape."""
+    from scipy.sparse import csr_matrix
+
+    m = csr_matrix(np.asarray(dense, dtype=np.float32))
+    return {"data": m.data.astype(np.float32), "indices": m.indices.astype(np.int32),
+            "indptr": m.indptr.astype(np.int64), "shape": np.asarray(m.shape, dtype=np.int64)}
+
+
+def from_csr(arrays: dict) -> np.ndarray:
+    """Inverse of `to_csr`: the dense (n, m) float32 matrix."""
+    from scipy.sparse import csr_matrix
+
+    return csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]),
+                      shape=tuple(int(x) for x in arrays["shape"])).toarray().astype(np.float32)
