@@ -237,3 +237,171 @@ def from_csr(arrays: dict) -> np.ndarray:
 
     return csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]),
                       shape=tuple(int(x) for x in arrays["shape"])).toarray().astype(np.float32)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """`actcache sae train`: a TopK SAE on per-token activations at one hook point.
+
+    Texts are the task's pool rows (query + answer, as demonstrations read) or the
+    lines of `text_file`; a seeded 10 % of them is held out for FVU and L0.
+    The trainer is eai-sparsify's `SparseCoder` (its TopK encoder, decoder and
+    normalisation), driven by a seeded Adam loop over cached activations.
+    """
+
+    model: str = "gemma-3-270m"
+    dtype: str = "auto"
+    task: str = "sst2"
+    data_dir: str | None = None
+    text_file: str | None = None
+    limit: int | None = 3000
+    hook: str = "mlp_out"
+    layer: int = 9
+    width: int = 4096
+    k: int = 32
+    epochs: int = 10
+    batch_tokens: int = 1024
+    lr: float | None = None
+    max_length: int = 128
+    heldout: float = 0.1
+    seed: int = 0
+    home: str | None = None
+
+
+def token_activations(lm, texts: list[str], layer: int, point: str, max_length: int, batch_size: int = 16,
+                      progress=None) -> np.ndarray:
+    """(n_tokens, d) float32 activations at `point` of `layer` for every token of
+    `texts` but the first (BOS, or the attention sink of a tokenizer without one)."""
+    import torch
+
+    from .capture import decoder_layers, make_batch
+    from .prompts import encode_segments, length_batches, pad_id
+
+    model, tok = lm.model, lm.tokenizer
+    _, blocks = decoder_layers(model)
+    mod, where = hook_module(blocks[layer], point)
+    seqs = [encode_segments(tok, [t])[:max_length] for t in texts]
+    seen: dict = {}
+    if where == "input":
+        handle = mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))
+    else:
+        handle = mod.register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    out = []
+    batches = length_batches([len(s) for s in seqs], batch_size)
+    try:
+        with torch.no_grad():
+            for bi, rows in enumerate(batches):
+                if progress:
+                    progress("sae activations", bi, len(batches))
+                b = make_batch([seqs[i] for i in rows], [(0, len(seqs[i])) for i in rows], pad_id(tok),
+                               next(model.parameters()).device)
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                h = seen["h"].float().cpu().numpy()
+                for j, i in enumerate(rows):
+                    out.append(h[j, 1:len(seqs[i])])
+    finally:
+        handle.remove()
+    if progress:
+        progress("sae activations", len(batches), len(batches))
+    return np.concatenate(out).astype(np.float32)
+
+
+def _split_texts(texts: list[str], heldout: float, seed: int) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    held = rng.random(len(texts)) < heldout
+    return [t for t, h in zip(texts, held) if not h], [t for t, h in zip(texts, held) if h]
+
+
+def evaluate_sae(sae: SAE, x: np.ndarray) -> dict:
+    """FVU (residual energy over variance) and mean L0 of `sae` on activations x (n, d)."""
+    f = sae.encode(x)
+    r = x - sae.decode(f)
+    var = float(((x - x.mean(0)).astype(np.float64) ** 2).sum())
+    return {"fvu": float((r.astype(np.float64) ** 2).sum() / var), "l0": float((f > 0).sum(1).mean()),
+            "n_tokens": int(len(x))}
+
+
+def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
+    """Train, evaluate on held-out text and save (SAELens layout, under
+    <home>/sae/<key>); returns (sae, report with fvu, l0, tokens, seconds, path)."""
+    import time
+
+    import torch
+
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        raise ConfigError("`actcache sae train` needs eai-sparsify: pip install 'actcache[sae]' "
+                          "(or pip install eai-sparsify==1.3.3)") from None
+    from .capture import decoder_layers
+    from .data import DataSpec, load, read_text
+    from .models import ModelSpec, load_model, set_threads
+    from .store import default_home
+
+    if cfg.hook not in HOOK_POINTS:
+        raise ConfigError(f"--hook must be one of {HOOK_POINTS}, not {cfg.hook!r}")
+    if cfg.k < 1 or cfg.width < cfg.k:
+        raise ConfigError(f"need 1 <= --k <= --width, got k={cfg.k}, width={cfg.width}")
+    t0 = time.time()
+    set_threads()
+    torch.manual_seed(cfg.seed)
+    home = default_home(cfg.home)
+    if cfg.text_file:
+        texts = [ln for ln in read_text(Path(cfg.text_file)).splitlines() if ln.strip()]
+        source = {"text_file": str(cfg.text_file), "sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
+    else:
+        ds = load(DataSpec(task=cfg.task, data_dir=cfg.data_dir, pool_limit=cfg.limit, seed=cfg.seed),
+                  cache_dir=home / "data")
+        texts = [ds.task.demo_text(e) for e in ds.pool]
+        source = {"task": cfg.task, "fingerprint": ds.fingerprint()}
+    if len(texts) < 10:
+        raise ConfigError(f"only {len(texts)} texts to train on; give at least 10")
+    train, held = _split_texts(texts, cfg.heldout, cfg.seed)
+    lm = load_model(ModelSpec(cfg.model, dtype=cfg.dtype), home)
+    n_layers = len(decoder_layers(lm.model)[1])
+    if not 0 <= cfg.layer < n_layers:
+        raise ConfigError(f"--layer {cfg.layer} is out of range: the model has {n_layers} layers")
+    X = token_activations(lm, train, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
+    Xh = token_activations(lm, held, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
+    coder = SparseCoder(X.shape[1], SparseCoderConfig(k=cfg.k, num_latents=cfg.width))
+    lr = cfg.lr or 2e-4 / (cfg.width / 2 ** 14) ** 0.5  # eai-sparsify's default scaling
+    opt = torch.optim.Adam(coder.parameters(), lr=lr)
+    Xt = torch.from_numpy(X)
+    with torch.no_grad():  # start the decoder bias at the data's median, as sparsify's trainer does
+        coder.b_dec.copy_(Xt.median(0).values)
+    g = torch.Generator().manual_seed(cfg.seed)
+    steps = 0
+    n_batches = max(1, len(X) // cfg.batch_tokens)
+    for ep in range(cfg.epochs):
+        order = torch.randperm(len(X), generator=g)
+        for bi in range(n_batches):
+            if progress:
+                progress("sae train", ep * n_batches + bi, cfg.epochs * n_batches)
+            xb = Xt[order[bi * cfg.batch_tokens:(bi + 1) * cfg.batch_tokens]]
+            out = coder(xb)
+            opt.zero_grad()
+            out.fvu.backward()
+            coder.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            coder.set_decoder_norm_to_unit_norm()
+            steps += 1
+    if progress:
+        progress("sae train", cfg.epochs * n_batches, cfg.epochs * n_batches)
+    W = {k: v.detach().float().numpy() for k, v in coder.state_dict().items()}
+    tmp = SAE(W["encoder.weight"].T.copy(), W["encoder.bias"], W["W_dec"], W["b_dec"], "topk", cfg.hook,
+              cfg.layer, None, cfg.k, True)
+    cfg_json = {"model": lm.provenance.get("model"), "weights_sha256": lm.provenance.get("weights_sha256"),
+                "dtype": lm.provenance.get("dtype"), "source": source, "trainer": "eai-sparsify 1.3.3 SparseCoder, Adam",
+                "seed": cfg.seed, "epochs": cfg.epochs, "lr": lr, "tokens": int(len(X))}
+    weights = {"W_enc": tmp.W_enc, "b_enc": tmp.b_enc, "W_dec": tmp.W_dec, "b_dec": tmp.b_dec}
+    key = sae_key(weights, cfg_json)
+    sae = SAE(tmp.W_enc, tmp.b_enc, tmp.W_dec, tmp.b_dec, "topk", cfg.hook, cfg.layer, None, cfg.k, True, key)
+    path = save_sae(sae, home / "sae" / key[:16])
+    meta = json.loads((path / "cfg.json").read_text())
+    (path / "cfg.json").write_text(json.dumps({**meta, **cfg_json, "key": key}, indent=2))
+    report = {"path": str(path), "key": key, "train": evaluate_sae(sae, X), "heldout": evaluate_sae(sae, Xh),
+              "steps": steps, "seconds": round(time.time() - t0, 1), "hardware": lm.provenance.get("hardware")}
+    return sae, report

@@ -471,6 +471,39 @@ def serve(
     run_server(store, host, port, token)
 
 
+sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders over the model's activations.")
+app.add_typer(sae_app, name="sae")
+
+
+@sae_app.command("train")
+@handle_errors
+def sae_train(
+    model: str = typer.Option("gemma-3-270m", help="Model id or path."),
+    dtype: str = DTYPE,
+    task: str = typer.Option("sst2", help="Train on this task's pool texts (demonstration form)."),
+    text_file: Optional[str] = typer.Option(None, "--text-file", help="Or on the lines of this file."),
+    data_dir: Optional[str] = DATA_DIR,
+    limit: int = typer.Option(3000, help="At most this many texts (seeded)."),
+    hook: str = typer.Option("mlp_out", help="resid_post, mlp_out or attn_out (Gemma Scope's names)."),
+    layer: int = typer.Option(9, help="Decoder layer."),
+    width: int = typer.Option(4096, help="Number of latents."),
+    k: int = typer.Option(32, help="Active latents per token (TopK)."),
+    epochs: int = typer.Option(10, help="Passes over the training tokens."),
+    seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batch order."),
+    store: Optional[str] = STORE,
+):
+    """Train a TopK SAE (eai-sparsify) on per-token activations; report held-out FVU and L0."""
+    from actcache.sae import SAETrainConfig, train_sae
+
+    cfg = SAETrainConfig(model=model, dtype=dtype, task=task, text_file=text_file, data_dir=data_dir, limit=limit,
+                         hook=hook, layer=layer, width=width, k=k, epochs=epochs, seed=seed, home=store)
+    with progress_bar() as cb:
+        _, r = train_sae(cfg, progress=cb)
+    typer.echo(f"held-out FVU {r['heldout']['fvu']:.3f}, L0 {r['heldout']['l0']:.1f} on {r['heldout']['n_tokens']:,} "
+               f"tokens (train FVU {r['train']['fvu']:.3f} on {r['train']['n_tokens']:,}); {r['steps']} steps, "
+               f"{r['seconds']} s\nsaved {r['path']} (key {r['key'][:16]})")
+
+
 @app.command()
 def presets():
     """List the study presets."""
