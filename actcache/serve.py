@@ -31,6 +31,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_BODY = 1 << 20  # bytes per request
 MAX_TEXTS = 1024  # inputs per request
 MAX_TEXT_CHARS = 20_000
+MAX_REMEMBERED = 200_000  # new-text vectors kept per (build, array)
 KEY_RE = re.compile(r"^(last|[0-9a-f]{6,64})$")
 
 
@@ -204,6 +205,8 @@ class Service:
         from .query import encode_texts
 
         mem = self._vecs.setdefault((st.key, a), {})
+        if len(mem) > MAX_REMEMBERED:
+            mem.clear()  # bounded: a client sending endless new texts must not grow the server
         missing = []
         for j in jobs:
             if j.kind == "texts":
