@@ -58,6 +58,10 @@ class BuildConfig:
            select, evaluate), flat (exact cosine) unless the build asked for
            another kind. flat, ivf, hnsw or a FAISS factory string builds
            every array's index of that kind now.
+    saes: SAE directories (SAELens / Gemma Scope layout); their features are
+          pooled (mean, max) over the same spans and masks and stored sparse.
+          Like layers, they are contents, not part of the key: adding one to a
+          finished build computes only its pass.
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -73,6 +77,7 @@ class BuildConfig:
     context_k: int = 4
     context_seed: int = 0
     index: str | None = None
+    saes: tuple[str, ...] = ()
     home: str | None = None
 
     def validate(self) -> None:
@@ -95,6 +100,11 @@ class BuildConfig:
             resolve_layers(self.layers, 1 << 20)  # the syntax now; the range once the model is known
         if self.index:
             index_spec(self.index)  # a bad factory string fails now, not after the forward pass
+        if self.saes:
+            from .sae import load_sae
+
+            for d in self.saes:
+                load_sae(d)  # a bad SAE directory fails now
 
 
 def _pass_id(key: str, mask: str, units: list[tuple[str, int]], poolings) -> str:
@@ -158,14 +168,18 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     with build_lock(bdir):
         clean_leftovers(bdir)
         have: list[ArrayId] = []
+        have_sae: set = set()
         if (bdir / "acts.h5").exists():
             try:
-                have = Store(bdir).arrays
+                old = Store(bdir)
+                have, have_sae = old.arrays, set(old.sae_groups)
             except CorruptStoreError as e:
                 warnings.warn(f"{e}; building it again from scratch", stacklevel=2)
                 (bdir / "acts.h5").unlink()
         missing = [a for a in wanted if a not in have]
-        plan = plan_rows(ds, lm.tokenizer, cfg) if missing else None
+        saes = _load_saes(cfg.saes, n_layers)
+        sae_todo = [(sae, m) for sae in saes for m in cfg.masks if (sae.key[:16], m) not in have_sae]
+        plan = plan_rows(ds, lm.tokenizer, cfg) if missing or sae_todo else None
         new_arrays: dict[ArrayId, np.ndarray] = {}
         new_stats: dict[tuple[str, str, int], np.ndarray] = {}
         for mask in [m for m in MASKS if any(a.mask == m for a in missing)]:
@@ -179,18 +193,27 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
                     new_arrays[ArrayId(c, L, p, mask)] = arr
             for (c, L), st in stats.items():
                 new_stats[(mask, c, L)] = st
-        if missing:
-            _write(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task, bool(have))
+        new_sae = {}
+        for sae, mask in sae_todo:
+            from .sae import sae_pass
+
+            new_sae[(sae, mask)], nb = sae_pass(lm.model, lm.tokenizer, sae, plan.seqs[mask], plan.spans[mask],
+                                                mask, cfg.batch_size, progress)
+            forward_batches += nb
+        if missing or new_sae:
+            _write(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task, bool(have),
+                   new_sae)
             shutil.rmtree(bdir / "partial", ignore_errors=True)
         store = Store(bdir)
         made_idx = _ensure_indexes(store, cfg, progress) if cfg.index else 0
     built_on = store.provenance.get("model", {}).get("hardware") or {}
     here = lm.provenance["hardware"]
     store.report = {
-        "key": key, "path": str(bdir), "cache_hit": not missing and not made_idx,
+        "key": key, "path": str(bdir), "cache_hit": not missing and not made_idx and not sae_todo,
         "dtype": lm.provenance["dtype"], "dtype_requested": lm.provenance["dtype_requested"], "hardware": here,
         "built_on": built_on.get("class"),
-        "computed": [str(a) for a in missing], "reused": [str(a) for a in wanted if a not in missing],
+        "computed": [str(a) for a in missing] + [f"sae/{sae.key[:16]}/{m}" for sae, m in sae_todo],
+        "reused": [str(a) for a in wanted if a not in missing],
         "indexes_built": made_idx, "forward_batches": forward_batches,
         "seconds": round(time.time() - t0, 2),
     }
@@ -242,8 +265,18 @@ def _run_pass(lm, plan: RowPlan, mask, units, poolings, cfg, bdir: Path, key: st
     return arrays, stats, ran
 
 
+def _load_saes(dirs, n_layers: int) -> list:
+    from .sae import load_sae
+
+    saes = [load_sae(d) for d in dirs]
+    for d, sae in zip(dirs, saes):
+        if not 0 <= sae.layer < n_layers:
+            raise ConfigError(f"SAE {d} reads layer {sae.layer}, but the model has {n_layers} layers")
+    return saes
+
+
 def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan, arrays, stats, task,
-           extend: bool) -> None:
+           extend: bool, saes: dict | None = None) -> None:
     """Hand the new arrays, the examples (new builds) and the provenance to `store.write_build`."""
     examples = None if extend else {
         "id": [e.id for e in plan.rows], "split": plan.splits, "label": [e.label for e in plan.rows],
@@ -268,7 +301,10 @@ def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan
         "poolings": sorted({a.pooling for a in arrays}),
         "versions": _versions(), "updated": now,
     }
-    write_build(bdir, key, arrays=arrays,
+    if saes:
+        prov["saes"] = {sae.key[:16]: {"key": sae.key, "hook": sae.hook, "layer": sae.layer, "kind": sae.kind,
+                                       "d_sae": sae.d_sae, "k": sae.k} for sae, _ in saes}
+    write_build(bdir, key, arrays=arrays, saes={(sae.key[:16], m): v for (sae, m), v in (saes or {}).items()},
                 stats={ArrayId(c, L, "mean", m): st for (m, c, L), st in stats.items()},
                 examples=examples, provenance=prov, config=_cfg_json(cfg), key_payload=payload,
                 store_dtype=cfg.store_dtype)

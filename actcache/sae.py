@@ -405,3 +405,57 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     report = {"path": str(path), "key": key, "train": evaluate_sae(sae, X), "heldout": evaluate_sae(sae, Xh),
               "steps": steps, "seconds": round(time.time() - t0, 1), "hardware": lm.provenance.get("hardware")}
     return sae, report
+
+
+def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int, progress=None) -> tuple[dict, int]:
+    """One forward pass over a build's rows (token ids `seqs`, pooled `spans`) under
+    `mask`, reading the SAE's hook point, stopping after its layer.
+
+    Returns ({"mean": CSR, "max": CSR (see `to_csr`), "stats": (N, 3) float64
+    l0, fvu, explained}, forward batches run).
+    """
+    import torch
+
+    from .capture import decoder_layers, make_batch, sink_masks
+    from .prompts import length_batches, pad_id
+
+    base, blocks = decoder_layers(model)
+    mod, where = hook_module(blocks[sae.layer], sae.hook)
+    seen: dict = {}
+
+    class _Done(Exception):
+        pass
+
+    def keep(h):
+        seen["h"] = h
+        raise _Done  # nothing after the SAE's layer is needed
+
+    if where == "input":
+        hd = mod.register_forward_pre_hook(lambda m, a: keep(a[0]))
+    else:
+        hd = mod.register_forward_hook(lambda m, a, o: keep(o[0] if isinstance(o, tuple) else o))
+    n = len(seqs)
+    mean = np.zeros((n, sae.d_sae), np.float32)
+    mx = np.zeros((n, sae.d_sae), np.float32)
+    stats = np.zeros((n, 3))
+    batches = length_batches([len(s) for s in seqs], batch_size)
+    try:
+        for bi, rows in enumerate(batches):
+            if progress:
+                progress(f"sae {mask}", bi, len(batches))
+            b = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(tokenizer),
+                           next(model.parameters()).device)
+            attn = sink_masks(model, b.attention_mask, model.dtype) if mask == "sink-masked" else b.attention_mask
+            with torch.inference_mode():
+                try:
+                    base(input_ids=b.input_ids, attention_mask=attn, use_cache=False)
+                except _Done:
+                    pass
+            out = pooled_codes(sae, seen["h"].float().cpu().numpy(), [spans[i] for i in rows])
+            mean[rows], mx[rows] = out["mean"], out["max"]
+            stats[rows] = np.stack([out["l0"], out["fvu"], out["explained"]], axis=1)
+    finally:
+        hd.remove()
+    if progress:
+        progress(f"sae {mask}", len(batches), len(batches))
+    return {"mean": to_csr(mean), "max": to_csr(mx), "stats": stats}, len(batches)

@@ -54,6 +54,7 @@ FORMAT_VERSION = 3
 EXAMPLE_COLUMNS = ("id", "split", "label", "text", "demo", "dup", "n_tokens", "n_target", "truncated", "record")
 _TEXT_COLUMNS = ("id", "split", "text", "demo", "dup", "record")
 _DERIVED_DIRS = ("queries", "quality", "embed")
+SAE_STATS = ("l0", "fvu", "explained")
 
 __all__ = ["atomic_write"]  # re-exported: the one temp-fsync-rename helper (indexes.io)
 
@@ -296,7 +297,7 @@ def _pool_fingerprint(arr: np.ndarray, pool: np.ndarray) -> str:
 
 def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, examples: dict | None,
                 provenance: dict, config: dict, key_payload: dict, store_dtype: str = "float16",
-                versions: dict | None = None) -> None:
+                versions: dict | None = None, saes: dict | None = None) -> None:
     """Write (or extend) a build's acts.h5 atomically: old + new arrays are
     assembled in a temp file beside it, fsynced, then renamed into place.
 
@@ -309,6 +310,8 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
             unioned with the old ones, "created" is kept, an "in_context" of None
             keeps the old one.
         config: merged over the old config.
+        saes: {(sae key16, mask): sae.sae_pass output}: pooled SAE features kept
+            as CSR under sae/<key16>/<mask>/<pooling>/, statistics under .../stats.
         store_dtype: "float16" (float32 where float16 would overflow) or "float32".
     """
     import h5py
@@ -322,7 +325,7 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
             old_prov, old_cfg = {}, {}
             if final.exists():
                 with _open_h5(final) as old:
-                    for name in ("examples", "acts", "stats"):
+                    for name in ("examples", "acts", "stats", "sae"):
                         if name in old:
                             old.copy(old[name], f, name=name)
                     old_prov = json.loads(old.attrs["provenance"])
@@ -347,6 +350,12 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
                 ds = _h5_dataset(f, a.name(), stored, chunks=(min(len(arr), 4096), arr.shape[1]))
                 ds.attrs["key"] = derive_key(key, "array", array=str(a))
                 ds.attrs["fingerprint"] = _pool_fingerprint(stored, pool)
+            for (k16, mask), v in (saes or {}).items():
+                g = f"sae/{k16}/{mask}"
+                for pooling in ("mean", "max"):
+                    for part, arr in v[pooling].items():
+                        _h5_dataset(f, f"{g}/{pooling}/{part}", arr)
+                _h5_dataset(f, f"{g}/stats", v["stats"]).attrs["columns"] = json.dumps(SAE_STATS)
             for a, st in stats.items():
                 if a.stats_name() not in f:
                     _h5_dataset(f, a.stats_name(), st.astype(np.float64)).attrs["columns"] = json.dumps(STATS)
@@ -433,6 +442,7 @@ class Store:
                         for name in EXAMPLE_COLUMNS}
                 arrays = []
                 f["acts"].visititems(lambda name, obj: arrays.append(name) if hasattr(obj, "shape") else None)
+                self.sae_groups = sorted((k16, m) for k16 in f.get("sae", {}) for m in f["sae"][k16])
             except _H5_ERRORS as e:
                 raise _damaged(self.h5_path, "the examples table or its attributes", e) from None
         if self.key != self.dir.name:
@@ -513,6 +523,31 @@ class Store:
         if name not in STATS:
             raise ConfigError(f"unknown statistic {name!r}; choose from {STATS}")
         return self.stats(component, layer, mask, split)[:, STATS.index(name)]
+
+    def _sae_group(self, sae: str, mask: str) -> str:
+        keys = sorted({k for k, _ in self.sae_groups if k.startswith(sae[:16])})
+        if len(keys) != 1 or (keys[0], mask) not in self.sae_groups:
+            raise StoreError(f"build {self.key[:12]} holds no SAE {sae[:16]!r} under mask {mask!r} (it has "
+                             f"{self.sae_groups}); add it with `actcache build ... --sae DIR`")
+        return f"sae/{keys[0]}/{mask}"
+
+    def sae_codes(self, sae: str, pooling: str = "mean", mask: str = "isolated",
+                  split: str | None = None) -> np.ndarray:
+        """Pooled SAE features, (n, d_sae) float32 (stored sparse). `sae`: its key or a prefix."""
+        from scipy.sparse import csr_matrix
+
+        g = f"{self._sae_group(sae, mask)}/{pooling}"
+        with self._reading(f"SAE features {g}") as f:
+            parts = {p: f[f"{g}/{p}"][:] for p in ("data", "indices", "indptr", "shape")}
+        m = csr_matrix((parts["data"], parts["indices"], parts["indptr"]), shape=tuple(parts["shape"]))
+        return m[self.rows(split)].toarray().astype(np.float32)
+
+    def sae_stats(self, sae: str, mask: str = "isolated", split: str | None = None) -> np.ndarray:
+        """Per-example SAE statistics, (n, 3) float64 with columns SAE_STATS (l0, fvu, explained)."""
+        g = self._sae_group(sae, mask)
+        with self._reading(f"SAE statistics {g}") as f:
+            arr = f[f"{g}/stats"][:]
+        return arr[self.rows(split)]
 
     def array_dtype(self, a: ArrayId) -> np.dtype:
         """The dtype an array is stored in (float16 or float32)."""
@@ -791,6 +826,8 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
         return rep
     names = [a.name() for a in st.arrays] + sorted({a.stats_name() for a in st.arrays})
     with _open_h5(st.h5_path) as f:
+        if "sae" in f:
+            f["sae"].visititems(lambda n, obj: names.append(f"sae/{n}") if hasattr(obj, "shape") else None)
         for name in names:
             rep.checked += 1
             try:

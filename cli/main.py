@@ -165,6 +165,9 @@ def build(
     index: Optional[str] = typer.Option(None, help="Build every array's FAISS index now: flat (exact cosine), ivf, "
                                                    "hnsw, or a FAISS factory string. Default: none now; each index "
                                                    "is built on first use (flat) and kept."),
+    sae: Optional[str] = typer.Option(None, "--sae", help="SAE directories (SAELens / Gemma Scope layout), "
+                                                          "comma-separated: their features are pooled and stored "
+                                                          "sparse; adding one to a finished build runs only it."),
     store: Optional[str] = STORE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
@@ -178,7 +181,7 @@ def build(
                           template, split_field, id_field, limit, eval_limit, seed),
         layers=layers, components=_split(components), poolings=_split(pooling), masks=_split(masks),
         span=span, max_length=max_length, batch_size=batch_size, store_dtype=store_dtype,
-        context_k=context_k, index=index, home=store)
+        context_k=context_k, index=index, saes=_split(sae), home=store)
     with progress_bar() as cb:
         st = actcache.build(cfg, progress=cb)
     r = st.report

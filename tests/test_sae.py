@@ -173,3 +173,51 @@ def test_train_lowers_error_below_the_mean_and_is_reproducible(tiny_model_dir, t
     x = np.random.default_rng(0).normal(size=(5, sae.d_in)).astype(np.float32)
     np.testing.assert_array_equal(loaded.encode(x), sae.encode(x))
     assert evaluate_sae(loaded, x)["l0"] <= 4
+
+
+def test_build_with_sae_adds_only_its_pass_and_equals_a_plain_forward(tiny_model_dir, jsonl, tmp_path):
+    from conftest import assert_same_arrays, cfg_for
+
+    from actcache.builder import build
+    from actcache.capture import decoder_layers
+    from actcache.prompts import plan_rows
+    from actcache.store import Store
+
+    kw = dict(layers="1,2", masks=("isolated", "label-masked"), components=("mlp",))
+    dense = build(cfg_for(tiny_model_dir["gemma3"], jsonl, tmp_path / "s", **kw))
+    ref = tmp_path / "ref"
+    import shutil
+
+    shutil.copytree(dense.dir, ref / "builds" / dense.key)
+    d = tmp_path / "sae"
+    d.mkdir()
+    _hand_layout(d, "relu", d_in=64, d_sae=48)
+    sae = load_sae(d)
+    st = build(cfg_for(tiny_model_dir["gemma3"], jsonl, tmp_path / "s", saes=(str(d),), **kw))
+    n_batches = -(-len(st.ids) // 3)
+    assert st.report["forward_batches"] == 2 * n_batches  # one SAE pass per mask, no dense pass
+    assert st.report["computed"] == [f"sae/{sae.key[:16]}/isolated", f"sae/{sae.key[:16]}/label-masked"]
+    assert_same_arrays(st, Store(ref / "builds" / dense.key))
+    assert build(cfg_for(tiny_model_dir["gemma3"], jsonl, tmp_path / "s", saes=(str(d),), **kw)).report["cache_hit"]
+    # Independent reference: a plain forward, the module's output read by a plain hook, numpy SAE.
+    from actcache.data import load
+    from actcache.models import ModelSpec, load_model
+
+    cfg = cfg_for(tiny_model_dir["gemma3"], jsonl, tmp_path / "s", **kw)
+    lm = load_model(ModelSpec(str(tiny_model_dir["gemma3"]), dtype="float32"), tmp_path / "s")
+    plan = plan_rows(load(cfg.data), lm.tokenizer, cfg)
+    mod = decoder_layers(lm.model)[1][1].post_feedforward_layernorm
+    got = st.sae_codes(sae.key, "mean", "isolated")
+    got_max = st.sae_codes(sae.key[:8], "max", "isolated")
+    for r in (0, 5):
+        seen = {}
+        h = mod.register_forward_hook(lambda m, a, o: seen.__setitem__("x", o[0].detach().float().numpy()))
+        with torch.no_grad():
+            lm.model(torch.tensor([plan.seqs["isolated"][r]]))
+        h.remove()
+        s, e = plan.spans["isolated"][r]
+        f = sae.encode(seen["x"][s:e])
+        np.testing.assert_allclose(got[r], f.mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got_max[r], f.max(0), rtol=1e-4, atol=1e-5)
+    stats = st.sae_stats(sae.key, "label-masked")
+    assert stats.shape == (len(st.ids), 3) and (stats[:, 0] >= 0).all()
