@@ -488,10 +488,8 @@ def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
 
     t0 = time.time()
     set_threads()
-    if int(cfg.k) < 1:
-        raise ConfigError(f"--k must be at least 1, got {cfg.k}")
     store = Store.open(cfg.key, cfg.home)
-    a = check_query(store, cfg)
+    a = check_query(store, cfg)  # validates k too
     index = store.index(a.component, a.layer, a.pooling, a.mask)
     inputs = load_inputs(store, cfg.source, cfg.text_field)
     enc = {"forward_batches": 0, "cache_hit": None}

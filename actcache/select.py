@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConfigError, ModelError
-from .store import ArrayId, Store, atomic_write
+from .store import ArrayId, Store, atomic_write, read_only
 
 Progress = Callable[[str, int, int], None]
 
@@ -414,8 +414,9 @@ def store_embeddings(store: Store, progress: Progress | None = None) -> np.ndarr
     E = embed_texts([_raw_text(r) for r in store.records], progress=progress)
     try:
         atomic_write(path, lambda f: np.save(f, E))
-    except PermissionError:
-        pass  # a read-only store: keep them in memory
+    except OSError as e:
+        if not read_only(e):
+            raise  # a read-only store keeps them in memory
     return E
 
 

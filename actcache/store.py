@@ -29,6 +29,7 @@ Every derived artifact is named by `derive_key(build key, kind, **params)`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ from typing import Iterator
 import numpy as np
 
 from indexes import atomic_write, tmp_owner, vectors_fingerprint
+from indexes.io import NO_SPACE
 
 from .capture import STATS
 from .errors import ConfigError, CorruptStoreError, MismatchError, StoreError
@@ -157,16 +159,19 @@ def load_npz(path: str | os.PathLike) -> dict | None:
         return None
 
 
+def read_only(e: BaseException) -> bool:
+    """True when `e` says the store cannot be written (a read-only mount, no permission)."""
+    return isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def try_save_npz(path: str | os.PathLike, arrays: dict) -> bool:
     """`save_npz` for a cache that may live on a read-only store: False (and
     nothing written) when the store cannot be written; out-of-space errors still raise."""
     try:
         save_npz(path, arrays)
         return True
-    except PermissionError:
-        return False
     except OSError as e:
-        if e.errno in (30, 13):  # EROFS, EACCES
+        if read_only(e):
             return False
         raise
 
@@ -378,7 +383,7 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
         os.replace(tmp, final)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
             raise StoreError(f"cannot write {final}: no space left (or a file-size limit) while writing "
                              f"about {nbytes / 2**20:.1f} MiB of new arrays plus the existing ones; free "
                              f"space or point --store at a disk with room") from None
@@ -651,11 +656,9 @@ class Store:
                 return idx
             try:
                 idx.save(str(self.index_path(a)))
-            except PermissionError:
-                return idx  # unwritable store: serve from memory
             except OSError as e:
-                if e.errno in (30, 13):  # EROFS, EACCES
-                    return idx
+                if read_only(e):
+                    return idx  # unwritable store: serve from memory
                 raise StoreError(f"cannot save index {a.index_filename()}: {_first_line(e)}") from None
             return self._load_index(a, mmap)
 
@@ -836,7 +839,7 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
             except _H5_ERRORS as e:
                 rep.findings.append(Finding("array", name, f"{name} fails its checksum ({_first_line(e)}); "
                                             f"delete {bdir} and run the build again", repairable=False))
-    damaged_arrays = {n for n in (x.path for x in rep.findings)}
+    damaged_arrays = {x.path for x in rep.findings}
     for a in st.arrays:
         p = st.index_path(a)
         promised = bool(st.config.get("index"))
