@@ -478,6 +478,7 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
         raise ConfigError(f"--layer {cfg.layer} is out of range: the model has {n_layers} layers")
     X = token_activations(lm, train, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
     Xh = token_activations(lm, held, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
+    t_act = time.time()
     coder = SparseCoder(X.shape[1], SparseCoderConfig(k=cfg.k, num_latents=cfg.width))
     lr = cfg.lr or 2e-4 / (cfg.width / 2 ** 14) ** 0.5  # eai-sparsify's default scaling
     opt = torch.optim.Adam(coder.parameters(), lr=lr)
@@ -515,7 +516,9 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     meta = json.loads((path / "cfg.json").read_text())
     (path / "cfg.json").write_text(json.dumps({**meta, **cfg_json, "key": key}, indent=2))
     report = {"path": str(path), "key": key, "train": evaluate_sae(sae, X), "heldout": evaluate_sae(sae, Xh),
-              "steps": steps, "seconds": round(time.time() - t0, 1), "hardware": lm.provenance.get("hardware")}
+              "steps": steps, "tokens_seen": steps * cfg.batch_tokens, "seconds": round(time.time() - t0, 1),
+              "activation_seconds": round(t_act - t0, 1), "train_seconds": round(time.time() - t_act, 1),
+              "hardware": lm.provenance.get("hardware")}
     return sae, report
 
 
