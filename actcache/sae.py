@@ -2,16 +2,24 @@
 directories, encode per-token activations, and pool the feature activations
 over the same spans as the dense arrays, kept sparse.
 
-Layout read (SAELens; Gemma Scope uses the same names, sometimes lower case):
-`cfg.json` plus `sae_weights.safetensors` (or `params.safetensors` / `params.npz`)
-holding `W_enc` (d_in, d_sae), `b_enc` (d_sae,), `W_dec` (d_sae, d_in),
-`b_dec` (d_in,) and, for JumpReLU, `threshold` (d_sae,).
+Layouts read:
+  SAELens      `cfg.json` + `sae_weights.safetensors`: `W_enc` (d_in, d_sae), `b_enc` (d_sae,),
+               `W_dec` (d_sae, d_in), `b_dec` (d_in,) and, for JumpReLU, `threshold` (d_sae,);
+               the hook in cfg.json's `hook_name` (SAELens 6: `metadata.hook_name`)
+  Gemma Scope  `params.safetensors` (or `params.npz`), the same names in lower case, and
+               optionally `config.json` (`hf_hook_point_in`); else the hook and layer come
+               from the folder names (`mlp_out/layer_9_width_16k_...`)
+  sparsify     `cfg.json` (`activation: topk`, `k`) + `sae.safetensors` holding an
+               nn.Linear encoder (`encoder.weight` (d_sae, d_in), `encoder.bias`), `W_dec`,
+               `b_dec`; it subtracts b_dec at the input. The hook comes from the folder
+               name (`layers.9.post_feedforward_layernorm`) or the caller.
 
 Encoders (x: (n, d_in) float32; pre = (x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc):
     relu      f = max(pre, 0)
-    jumprelu  f = pre * (pre > threshold)
-    topk      f = max(pre, 0) kept at its k largest entries per row, others 0
-Decoder: x_hat = f @ W_dec + b_dec.
+    jumprelu  f = max(pre, 0) * (pre > threshold)            (SAELens's JumpReLUSAE.encode)
+    topk      f = max(pre, 0) kept at its k largest entries per row, others 0; with
+              rescale_acts_by_decoder_norm the ranking and values use pre * |W_dec row|
+Decoder: x_hat = f @ W_dec + b_dec (f / |W_dec row| first when rescaled).
 
 Hook points (`HOOK_POINTS`, Gemma Scope's names): `resid_post` is the decoder
 block's output, `mlp_out` the MLP's contribution as `capture.HOOKS` defines it
@@ -55,6 +63,7 @@ class SAE:
     k: int | None = None
     apply_b_dec_to_input: bool = False
     key: str = ""
+    rescale_acts_by_decoder_norm: bool = False
 
     @property
     def d_in(self) -> int:
@@ -72,7 +81,10 @@ class SAE:
                               f"point and layer ({self.hook}, layer {self.layer})")
         pre = (x - self.b_dec if self.apply_b_dec_to_input else x) @ self.W_enc + self.b_enc
         if self.kind == "jumprelu":
-            return pre * (pre > self.threshold)
+            # relu first, as SAELens: a negative threshold never lets a negative value through
+            return np.maximum(pre, 0) * (pre > self.threshold)
+        if self.kind == "topk" and self.rescale_acts_by_decoder_norm:
+            pre = pre * self._decoder_norm()
         f = np.maximum(pre, 0)
         if self.kind == "topk":
             k = min(int(self.k), f.shape[1])
@@ -82,7 +94,14 @@ class SAE:
 
     def decode(self, f: np.ndarray) -> np.ndarray:
         """Reconstruction, (n, d_in) float32, of feature activations f (n, d_sae)."""
-        return np.asarray(f, dtype=np.float32) @ self.W_dec + self.b_dec
+        f = np.asarray(f, dtype=np.float32)
+        if self.kind == "topk" and self.rescale_acts_by_decoder_norm:
+            f = f / self._decoder_norm()
+        return f @ self.W_dec + self.b_dec
+
+    def _decoder_norm(self) -> np.ndarray:
+        """(d_sae,) float32 norms of the decoder rows (SAELens clamps them at 1e-8)."""
+        return np.maximum(np.linalg.norm(self.W_dec, axis=1), 1e-8).astype(np.float32)
 
 
 def _pick(weights: dict, *names: str) -> np.ndarray | None:
@@ -94,7 +113,7 @@ def _pick(weights: dict, *names: str) -> np.ndarray | None:
 
 
 def _read_weights(d: Path) -> dict:
-    for name in ("sae_weights.safetensors", "params.safetensors", "model.safetensors"):
+    for name in ("sae_weights.safetensors", "params.safetensors", "sae.safetensors", "model.safetensors"):
         if (d / name).exists():
             from safetensors.numpy import load_file
 
@@ -102,8 +121,8 @@ def _read_weights(d: Path) -> dict:
     if (d / "params.npz").exists():
         with np.load(d / "params.npz") as z:
             return {k: z[k] for k in z.files}
-    raise ConfigError(f"{d} holds no SAE weights (sae_weights.safetensors, params.safetensors or params.npz); "
-                      f"point --sae at a SAELens or Gemma Scope directory")
+    raise ConfigError(f"{d} holds no SAE weights (sae_weights.safetensors, params.safetensors, sae.safetensors "
+                      f"or params.npz); point --sae at a SAELens, Gemma Scope or sparsify directory")
 
 
 def sae_key(weights: dict, cfg: dict) -> str:
@@ -116,23 +135,92 @@ def sae_key(weights: dict, cfg: dict) -> str:
     return h.hexdigest()
 
 
+# TransformerLens / SAELens names of the hook points; Gemma Scope's Hugging Face
+# names. TransformerLens's hook_attn_out is o_proj's *output*, which is not
+# Gemma Scope's attn_out (o_proj's input, TransformerLens's attn.hook_z).
+TL_HOOKS = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "attn.hook_z"}
+_HOOK_PATTERNS = (
+    ("resid_post", r"^(hook_resid_post|output)?$"),
+    ("mlp_out", r"^(hook_mlp_out|(mlp\.)?post_feedforward_layernorm(\.output)?)$"),
+    ("attn_out", r"^(attn\.hook_z|(self_attn\.)?o_proj\.input)$"),
+)
+
+
+def hook_from_name(name: str | None) -> tuple[str | None, int | None]:
+    """(hook point, layer) a hook name denotes; None where it does not say.
+
+    'blocks.9.hook_mlp_out' -> ('mlp_out', 9); 'blocks.3.attn.hook_z' ->
+    ('attn_out', 3); Gemma Scope's 'model.layers.5.self_attn.o_proj.input' ->
+    ('attn_out', 5), 'model.layers.5.output' -> ('resid_post', 5); sparsify's
+    'layers.7.post_feedforward_layernorm' -> ('mlp_out', 7).
+    """
+    import re
+
+    m = re.search(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)(?:\.|$)", name or "")
+    if m is None:
+        return None, None
+    rest = (name or "")[m.end():]
+    hook = next((p for p, pat in _HOOK_PATTERNS if re.match(pat, rest)), None)
+    return hook, int(m.group(1))
+
+
+def _hook_from_folders(d: Path) -> tuple[str | None, int | None]:
+    """Gemma Scope's folder names: .../mlp_out/layer_9_width_16k_l0_medium; sparsify's: .../layers.9."""
+    import re
+
+    hook, layer = hook_from_name(d.name)
+    for part in reversed(d.resolve().parts):
+        m = re.match(r"layer_(\d+)(?:_|$)", part)
+        if layer is None and m:
+            layer = int(m.group(1))
+        if hook is None and part in HOOK_POINTS:
+            hook = part
+    return hook, layer
+
+
+def _sparsify_weights(d: Path, cfg: dict, w: dict) -> dict:
+    """sparsify's nn.Linear encoder as SAELens names (W_enc is encoder.weight transposed)."""
+    if cfg.get("activation", "topk") != "topk":
+        raise ConfigError(f"{d}: sparsify activation {cfg.get('activation')!r}; actcache reads topk SAEs")
+    if cfg.get("transcode") or cfg.get("skip_connection") or "W_skip" in w:
+        raise ConfigError(f"{d}: a sparsify transcoder or skip connection is not an autoencoder of one hook point")
+    return {"W_enc": w["encoder.weight"].T, "b_enc": w["encoder.bias"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
+
+
 def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None) -> SAE:
-    """Load an SAE directory (SAELens / Gemma Scope layout). `hook`/`layer` fill in
-    what cfg.json does not say (SAELens writes hook_name "blocks.L.hook_mlp_out")."""
+    """Load an SAE directory (SAELens, Gemma Scope or sparsify layout; see the module
+    docstring). `hook`/`layer` fill in or override what its files say.
+
+    Raises ConfigError for what actcache would encode differently from the SAE's
+    own library (activation normalisation, transcoders, TransformerLens's
+    hook_attn_out), naming what to do instead.
+    """
     d = Path(path).expanduser()
     if not d.is_dir():
         raise ConfigError(f"SAE directory {d} does not exist")
     cfg = json.loads((d / "cfg.json").read_text()) if (d / "cfg.json").exists() else {}
+    if not cfg and (d / "config.json").exists():  # Gemma Scope's own config
+        cfg = json.loads((d / "config.json").read_text())
     w = _read_weights(d)
-    W_enc, b_enc = _pick(w, "W_enc", "w_enc"), _pick(w, "b_enc")
-    W_dec, b_dec = _pick(w, "W_dec", "w_dec"), _pick(w, "b_dec")
+    sparsify = "encoder.weight" in w
+    named = _sparsify_weights(d, cfg, w) if sparsify else w
+    W_enc, b_enc = _pick(named, "W_enc", "w_enc"), _pick(named, "b_enc")
+    W_dec, b_dec = _pick(named, "W_dec", "w_dec"), _pick(named, "b_dec")
     if any(a is None for a in (W_enc, b_enc, W_dec, b_dec)):
         raise ConfigError(f"{d}: the weights need W_enc, b_enc, W_dec and b_dec; found {sorted(w)}")
     threshold = _pick(w, "threshold", "log_threshold")
     if threshold is not None and "log_threshold" in {k.lower() for k in w} and "threshold" not in {k.lower() for k in w}:
         threshold = np.exp(threshold)
-    arch = str(cfg.get("architecture") or cfg.get("activation_fn") or ("jumprelu" if threshold is not None else "relu"))
-    kind = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}.get(arch.lower())
+    for opt, ok in (("normalize_activations", ("none",)), ("reshape_activations", ("none", "hook_z"))):
+        if (cfg.get(opt) or "none") not in ok:
+            raise ConfigError(f"{d}: {opt}={cfg[opt]!r} is not supported; fold it into the weights with "
+                              f"SAELens (e.g. sae.fold_activation_norm_scaling_factor) and save again")
+    if cfg.get("hf_hook_point_out") or cfg.get("hook_name_out") or cfg.get("affine_connection") is not None:
+        raise ConfigError(f"{d} is a transcoder (it reads one hook point and writes another), not an SAE")
+    arch = "topk" if sparsify else \
+        str(cfg.get("architecture") or cfg.get("activation_fn") or ("jumprelu" if threshold is not None else "relu"))
+    kind = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "jump_relu": "jumprelu",
+            "topk": "topk"}.get(arch.lower())
     if kind is None:
         raise ConfigError(f"{d}: unknown SAE architecture {arch!r}; actcache reads {KINDS}")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
@@ -140,24 +228,31 @@ def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None
         raise ConfigError(f"{d}: a topk SAE needs k in cfg.json")
     if kind == "jumprelu" and threshold is None:
         raise ConfigError(f"{d}: a jumprelu SAE needs a threshold weight")
-    name = str(cfg.get("hook_name") or "")
-    hook = hook or next((p for p in HOOK_POINTS if name.endswith(p)), None) or cfg.get("hook_point")
+    name = str(cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hf_hook_point_in") or "")
+    if name.endswith("hook_attn_out") and hook is None and cfg.get("hook_point") is None:
+        raise ConfigError(f"{d} reads TransformerLens's {name!r}, the attention's output after o_proj, which "
+                          f"actcache does not capture (its attn_out is o_proj's input, attn.hook_z)")
+    named_hook, named_layer = hook_from_name(name) if name else _hook_from_folders(d)
+    if sparsify and named_hook is None:
+        named_hook, named_layer = _hook_from_folders(d)
+    hook = hook or cfg.get("hook_point") or named_hook
     if hook not in HOOK_POINTS:
-        raise ConfigError(f"{d}: cannot tell the SAE's hook point from cfg.json ({name!r}); pass one of {HOOK_POINTS}")
+        raise ConfigError(f"{d}: cannot tell the SAE's hook point from its files ({name or d.name!r}); "
+                          f"pass one of {HOOK_POINTS}")
     if layer is None:
-        layer = cfg.get("hook_layer", cfg.get("layer"))
-        if layer is None and name.startswith("blocks."):
-            layer = int(name.split(".")[1])
+        layer = cfg.get("hook_layer", cfg.get("layer", named_layer))
     if layer is None:
-        raise ConfigError(f"{d}: cannot tell the SAE's layer from cfg.json; pass it")
+        raise ConfigError(f"{d}: cannot tell the SAE's layer from its files; pass it")
     if W_enc.shape[0] != W_dec.shape[1] or W_enc.shape[1] != W_dec.shape[0]:
         raise ConfigError(f"{d}: W_enc {W_enc.shape} and W_dec {W_dec.shape} do not fit together")
+    b_dec_in = bool(cfg.get("apply_b_dec_to_input", False)) or sparsify
     return SAE(W_enc, b_enc, W_dec, b_dec, kind, hook, int(layer), threshold, int(k) if k else None,
-               bool(cfg.get("apply_b_dec_to_input", False)), sae_key(w, cfg))
+               b_dec_in, sae_key(w, cfg), bool(cfg.get("rescale_acts_by_decoder_norm", False)))
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
-    """Write an SAE in the SAELens layout (cfg.json + sae_weights.safetensors)."""
+    """Write an SAE in the SAELens layout (cfg.json + sae_weights.safetensors); the
+    hook goes in as its TransformerLens name (hook_name) and as actcache's (hook_point)."""
     from safetensors.numpy import save_file
 
     d = Path(path)
@@ -166,8 +261,10 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
     if sae.threshold is not None:
         w["threshold"] = sae.threshold
     cfg = {"architecture": {"relu": "standard"}.get(sae.kind, sae.kind), "d_in": sae.d_in, "d_sae": sae.d_sae,
-           "hook_name": f"blocks.{sae.layer}.hook_{sae.hook}", "hook_layer": sae.layer,
-           "apply_b_dec_to_input": sae.apply_b_dec_to_input, **({"k": sae.k} if sae.k else {})}
+           "hook_name": f"blocks.{sae.layer}.{TL_HOOKS[sae.hook]}", "hook_point": sae.hook, "hook_layer": sae.layer,
+           "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
+           **({"k": sae.k} if sae.k else {}),
+           **({"rescale_acts_by_decoder_norm": True} if sae.rescale_acts_by_decoder_norm else {})}
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in w.items()}, str(d / "sae_weights.safetensors"))
     (d / "cfg.json").write_text(json.dumps(cfg, indent=2))
     return d
@@ -271,24 +368,35 @@ class SAETrainConfig:
     home: str | None = None
 
 
+class _Done(Exception):
+    """Raised by a hook once the SAE's layer has run: nothing later is needed."""
+
+
 def token_activations(lm, texts: list[str], layer: int, point: str, max_length: int, batch_size: int = 16,
                       progress=None) -> np.ndarray:
     """(n_tokens, d) float32 activations at `point` of `layer` for every token of
-    `texts` but the first (BOS, or the attention sink of a tokenizer without one)."""
+    `texts` but the first (BOS, or the attention sink of a tokenizer without one).
+    The forward stops after `layer`: the later layers and the LM head (a third of
+    Gemma-3-270m's compute per token) never run."""
     import torch
 
     from .capture import decoder_layers, make_batch
     from .prompts import encode_segments, length_batches, pad_id
 
     model, tok = lm.model, lm.tokenizer
-    _, blocks = decoder_layers(model)
+    base, blocks = decoder_layers(model)
     mod, where = hook_module(blocks[layer], point)
     seqs = [encode_segments(tok, [t])[:max_length] for t in texts]
     seen: dict = {}
+
+    def done(_m, _a, _o):
+        raise _Done
+
     if where == "input":
         handle = mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))
     else:
         handle = mod.register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    stop = blocks[layer].register_forward_hook(done)
     out = []
     batches = length_batches([len(s) for s in seqs], batch_size)
     try:
@@ -298,12 +406,16 @@ def token_activations(lm, texts: list[str], layer: int, point: str, max_length: 
                     progress("sae activations", bi, len(batches))
                 b = make_batch([seqs[i] for i in rows], [(0, len(seqs[i])) for i in rows], pad_id(tok),
                                next(model.parameters()).device)
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                try:
+                    base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+                except _Done:
+                    pass
                 h = seen["h"].float().cpu().numpy()
                 for j, i in enumerate(rows):
                     out.append(h[j, 1:len(seqs[i])])
     finally:
         handle.remove()
+        stop.remove()
     if progress:
         progress("sae activations", len(batches), len(batches))
     return np.concatenate(out).astype(np.float32)
@@ -366,11 +478,12 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
         raise ConfigError(f"--layer {cfg.layer} is out of range: the model has {n_layers} layers")
     X = token_activations(lm, train, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
     Xh = token_activations(lm, held, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
+    t_act = time.time()
     coder = SparseCoder(X.shape[1], SparseCoderConfig(k=cfg.k, num_latents=cfg.width))
     lr = cfg.lr or 2e-4 / (cfg.width / 2 ** 14) ** 0.5  # eai-sparsify's default scaling
     opt = torch.optim.Adam(coder.parameters(), lr=lr)
     Xt = torch.from_numpy(X)
-    with torch.no_grad():  # start the decoder bias at the data's median, as sparsify's trainer does
+    with torch.no_grad():  # start the decoder bias at the data's median (sparsify's trainer: the first batch's mean)
         coder.b_dec.copy_(Xt.median(0).values)
     g = torch.Generator().manual_seed(cfg.seed)
     steps = 0
@@ -403,7 +516,9 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     meta = json.loads((path / "cfg.json").read_text())
     (path / "cfg.json").write_text(json.dumps({**meta, **cfg_json, "key": key}, indent=2))
     report = {"path": str(path), "key": key, "train": evaluate_sae(sae, X), "heldout": evaluate_sae(sae, Xh),
-              "steps": steps, "seconds": round(time.time() - t0, 1), "hardware": lm.provenance.get("hardware")}
+              "steps": steps, "tokens_seen": steps * cfg.batch_tokens, "seconds": round(time.time() - t0, 1),
+              "activation_seconds": round(t_act - t0, 1), "train_seconds": round(time.time() - t_act, 1),
+              "hardware": lm.provenance.get("hardware")}
     return sae, report
 
 
@@ -422,9 +537,6 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
     base, blocks = decoder_layers(model)
     mod, where = hook_module(blocks[sae.layer], sae.hook)
     seen: dict = {}
-
-    class _Done(Exception):
-        pass
 
     def keep(h):
         seen["h"] = h

@@ -221,3 +221,130 @@ def test_build_with_sae_adds_only_its_pass_and_equals_a_plain_forward(tiny_model
         np.testing.assert_allclose(got_max[r], f.max(0), rtol=1e-4, atol=1e-5)
     stats = st.sae_stats(sae.key, "label-masked")
     assert stats.shape == (len(st.ids), 3) and (stats[:, 0] >= 0).all()
+
+
+# --------------------------------------------------------------------------- other libraries' layouts
+
+
+def test_jumprelu_matches_saelens_with_negative_thresholds(tmp_path):
+    """SAELens's JumpReLUSAE.encode is relu(pre) * (pre > threshold): a negative
+    threshold never passes a negative value (reference written from its source)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    w = {"W_enc": rng.normal(size=(8, 16)).astype(np.float32), "b_enc": rng.normal(size=16).astype(np.float32),
+         "W_dec": rng.normal(size=(16, 8)).astype(np.float32), "b_dec": rng.normal(size=8).astype(np.float32),
+         "threshold": -np.abs(rng.normal(size=16)).astype(np.float32)}
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": 8, "d_sae": 16,
+                                                   "apply_b_dec_to_input": False,
+                                                   "metadata": {"hook_name": "blocks.2.hook_resid_post"}}))
+    sae = load_sae(tmp_path)
+    assert (sae.hook, sae.layer) == ("resid_post", 2)  # SAELens 6 keeps hook_name under metadata
+    x = rng.normal(size=(30, 8)).astype(np.float32)
+    pre = x.astype(np.float64) @ w["W_enc"] + w["b_enc"]
+    ref = np.where((pre > w["threshold"]) & (pre > 0), pre, 0.0)
+    assert ((pre < 0) & (pre > w["threshold"])).any()  # the case the two formulas disagree on occurs
+    np.testing.assert_allclose(sae.encode(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_rescaled_by_decoder_norm_matches_reference(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(4)
+    w = {"W_enc": rng.normal(size=(8, 24)).astype(np.float32), "b_enc": rng.normal(size=24).astype(np.float32),
+         "W_dec": (rng.normal(size=(24, 8)) * rng.uniform(0.1, 3, size=(24, 1))).astype(np.float32),
+         "b_dec": rng.normal(size=8).astype(np.float32)}
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "topk", "k": 5, "d_in": 8, "d_sae": 24,
+                                                   "apply_b_dec_to_input": True, "rescale_acts_by_decoder_norm": True,
+                                                   "hook_name": "blocks.0.hook_mlp_out"}))
+    sae = load_sae(tmp_path)
+    x = rng.normal(size=(12, 8))
+    norm = np.linalg.norm(w["W_dec"].astype(np.float64), axis=1)
+    pre = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norm
+    ref = np.zeros_like(pre)
+    for i, row in enumerate(pre):
+        top = np.argsort(-row)[:5]
+        ref[i, top] = np.maximum(row[top], 0)
+    f = sae.encode(x.astype(np.float32))
+    np.testing.assert_allclose(f, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sae.decode(f), (ref / norm) @ w["W_dec"] + w["b_dec"], rtol=1e-3, atol=1e-3)
+    again = load_sae(save_sae(sae, tmp_path / "copy"))
+    assert again.rescale_acts_by_decoder_norm
+    np.testing.assert_array_equal(again.encode(x.astype(np.float32)), f)
+
+
+def test_an_sae_saved_by_sparsify_encodes_as_sparsify_does(tmp_path):
+    pytest.importorskip("sparsify")
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(0)
+    coder = SparseCoder(8, SparseCoderConfig(num_latents=40, k=6))
+    with torch.no_grad():
+        coder.encoder.bias.normal_()
+        coder.b_dec.normal_()
+    d = tmp_path / "layers.3.post_feedforward_layernorm"  # sparsify names folders by hookpoint
+    coder.save_to_disk(d)
+    sae = load_sae(d)
+    assert (sae.kind, sae.k, sae.hook, sae.layer, sae.apply_b_dec_to_input) == ("topk", 6, "mlp_out", 3, True)
+    x = torch.randn(25, 8)
+    with torch.no_grad():
+        enc = coder.encode(x)
+        ref = torch.zeros(25, 40).scatter_(1, enc.top_indices, enc.top_acts)
+        recon = coder.decode(enc.top_acts, enc.top_indices)
+    f = sae.encode(x.numpy())
+    np.testing.assert_allclose(f, ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sae.decode(f), recon.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_gemma_scope_folder_and_config(tmp_path):
+    """Gemma Scope 2's own files: params.safetensors, lower-case names, config.json
+    with hf_hook_point_in, or only the folder names saying hook and layer."""
+    d = tmp_path / "attn_out" / "layer_7_width_16k_l0_small"
+    d.mkdir(parents=True)
+    _hand_layout(d, "jumprelu", lower=True)
+    (d / "cfg.json").unlink()
+    sae = load_sae(d)
+    assert (sae.kind, sae.hook, sae.layer, sae.apply_b_dec_to_input) == ("jumprelu", "attn_out", 7, False)
+    (d / "config.json").write_text(json.dumps({"architecture": "jump_relu", "model_name": "gemma-v3-270m-pt",
+                                               "hf_hook_point_in": "model.layers.5.self_attn.o_proj.input"}))
+    assert (load_sae(d).hook, load_sae(d).layer) == ("attn_out", 5)
+    (d / "config.json").write_text(json.dumps({"architecture": "jump_relu", "affine_connection": False,
+                                               "hf_hook_point_in": "model.layers.5.pre_feedforward_layernorm.output",
+                                               "hf_hook_point_out": "model.layers.5.post_feedforward_layernorm.output"}))
+    with pytest.raises(ConfigError, match="transcoder"):
+        load_sae(d)
+
+
+@pytest.mark.parametrize("name,want", [
+    ("blocks.9.hook_mlp_out", ("mlp_out", 9)), ("blocks.3.attn.hook_z", ("attn_out", 3)),
+    ("blocks.0.hook_resid_post", ("resid_post", 0)), ("model.layers.5.output", ("resid_post", 5)),
+    ("model.layers.11.post_feedforward_layernorm.output", ("mlp_out", 11)),
+    ("model.layers.2.self_attn.o_proj.input", ("attn_out", 2)), ("layers.7", ("resid_post", 7)),
+    ("blocks.4.hook_mlp_in", (None, 4)), ("embed", (None, None))])
+def test_hook_names(name, want):
+    from actcache.sae import hook_from_name
+
+    assert hook_from_name(name) == want
+
+
+def test_unsupported_saelens_settings_are_refused(tmp_path):
+    _hand_layout(tmp_path, "relu")
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
+    with pytest.raises(ConfigError, match="normalize_activations"):
+        load_sae(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "hook_name": "blocks.1.hook_attn_out"}))
+    with pytest.raises(ConfigError, match="hook_attn_out"):
+        load_sae(tmp_path)
+    assert load_sae(tmp_path, hook="attn_out").hook == "attn_out"  # the caller may say what it reads
+
+
+def test_attn_out_round_trips_under_its_transformerlens_name(tmp_path):
+    _hand_layout(tmp_path, "relu")
+    sae = load_sae(tmp_path, hook="attn_out", layer=2)
+    out = save_sae(sae, tmp_path / "copy")
+    assert json.loads((out / "cfg.json").read_text())["hook_name"] == "blocks.2.attn.hook_z"
+    again = load_sae(out)
+    assert (again.hook, again.layer) == ("attn_out", 2)
