@@ -319,7 +319,8 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
                 provenance: dict, config: dict, key_payload: dict, store_dtype: str = "float16",
                 versions: dict | None = None, saes: dict | None = None) -> None:
     """Write (or extend) a build's acts.h5 atomically: old + new arrays are
-    assembled in a temp file beside it, fsynced, then renamed into place.
+    assembled in memory, written to a temp file beside it, fsynced, then renamed
+    into place (`atomic_write`). No space or a file-size limit: StoreError.
 
     Args:
         arrays: {ArrayId: (N, d) float32} new pooled arrays.
@@ -336,12 +337,17 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
     """
     import h5py
 
+    import io
+
     final = build_dir / "acts.h5"
     nbytes = sum(a.nbytes for a in arrays.values()) // (2 if store_dtype == "float16" else 1)
-    tmp = build_dir / f".acts.h5.{os.getpid()}.{os.urandom(6).hex()}.tmp"
     str_dt = h5py.string_dtype("utf-8")
+    # HDF5 is assembled in memory and written by plain file I/O: h5py crashes the
+    # process (SIGSEGV in its dealloc) when HDF5's own write to a file fails on a
+    # full disk or a file-size limit. The image costs the file's size in memory.
+    image = io.BytesIO()
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(image, "w") as f:
             old_prov, old_cfg = {}, {}
             if final.exists():
                 with _open_h5(final) as old:
@@ -393,25 +399,18 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
             f.attrs["provenance"] = json.dumps(prov, default=str)
             f.attrs["config"] = json.dumps({**old_cfg, **config}, default=str)
             f.attrs["key_payload"] = json.dumps(key_payload, sort_keys=True, default=str)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(e, Exception) and os_errno(e) in _NO_SPACE:
+        buf = image.getbuffer()
+        nbytes = buf.nbytes
+        atomic_write(final, lambda fh: fh.write(buf), nbytes=nbytes)  # fsynced, renamed, dir fsynced
+    except Exception as e:
+        if os_errno(e) in _NO_SPACE:
             raise StoreError(f"cannot write {final}: no space left (or a file-size limit) while writing "
-                             f"about {nbytes / 2**20:.1f} MiB of new arrays plus the existing ones; free "
+                             f"about {nbytes / 2**20:.1f} MiB (new arrays plus the existing ones); free "
                              f"space or point --store at a disk with room") from None
-        if isinstance(e, Exception) and os_errno(e) in _READ_ONLY:
+        if os_errno(e) in _READ_ONLY:
             raise StoreError(f"cannot write {final}: the store is read-only; point --store at a "
                              f"writable directory") from None
         raise
-    from indexes import fsync_dir
-
-    fsync_dir(build_dir)
 
 
 def stale_leftovers(build_dir: Path) -> list[Path]:
@@ -707,12 +706,12 @@ class Store:
                 return idx
             try:
                 idx.save(str(self.index_path(a)))
-            except PermissionError:
-                return idx  # unwritable store: serve from memory
             except OSError as e:
-                if e.errno in (30, 13):  # EROFS, EACCES
-                    return idx
-                raise StoreError(f"cannot save index {a.index_filename()}: {_first_line(e)}") from None
+                if os_errno(e) in _READ_ONLY:
+                    return idx  # unwritable store: serve from memory
+                raise StoreError(f"cannot save index {a.index_filename()} ({idx.ntotal} vectors of "
+                                 f"{idx.d}): {_first_line(e)}; free space or point --store at a disk "
+                                 f"with room") from None
             return self._load_index(a, mmap)
 
     def indexes_to_rebuild(self) -> list[ArrayId]:
