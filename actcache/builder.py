@@ -19,6 +19,7 @@ an uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -34,9 +35,8 @@ from .capture import (
 )
 from .data import DataSpec, load as load_data
 from .prompts import RowPlan, length_batches, plan_rows
-from .errors import ConfigError
+from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
-from .errors import CorruptStoreError
 from .store import (
     ArrayId, Store, build_lock, canonical_key, check_home, clean_leftovers, default_home, derive_key,
     index_spec, load_npz, save_npz, write_build,
@@ -179,6 +179,10 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
         missing = [a for a in wanted if a not in have]
         saes = _load_saes(cfg.saes, n_layers)
         sae_todo = [(sae, m) for sae in saes for m in cfg.masks if (sae.key[:16], m) not in have_sae]
+        if (missing or sae_todo) and not os.access(bdir, os.W_OK):
+            raise StoreError(f"build {key[:12]} lacks {len(missing) + len(sae_todo)} of the arrays asked for, "
+                             f"but the store {home} is read-only; point --store at a writable directory "
+                             f"(or ask only for what `actcache info {key[:12]}` lists)")
         plan = plan_rows(ds, lm.tokenizer, cfg) if missing or sae_todo else None
         new_arrays: dict[ArrayId, np.ndarray] = {}
         new_stats: dict[tuple[str, str, int], np.ndarray] = {}

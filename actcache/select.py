@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConfigError, ModelError
-from .store import ArrayId, Store, atomic_write, read_only
+from .store import ArrayId, Store, derive_key, load_npz, try_save_npz
 
 Progress = Callable[[str, int, int], None]
 
@@ -402,21 +402,15 @@ def _raw_text(record: dict) -> str:
 
 def store_embeddings(store: Store, progress: Progress | None = None) -> np.ndarray:
     """(N, 384) float32 embeddings of every row of the build (store order), cached in
-    `<build>/embed/all-MiniLM-L6-v2.npy` (atomic write)."""
-    path = store.dir / "embed" / f"{EMBED_MODEL}.npy"  # one per build dir and model: no other input changes it
-    if path.exists():
-        try:
-            E = np.load(path)
-            if E.shape[0] == len(store.ids):
-                return E
-        except (OSError, ValueError):
-            pass  # unreadable: recompute
+    `<build>/embed/<model>.npz` with the derive_key it was made for (recomputed when
+    it differs, is damaged, or the store is read-only and never kept it)."""
+    key = derive_key(store.key, "embed", model=EMBED_MODEL, texts="records")
+    path = store.dir / "embed" / f"{EMBED_MODEL}.npz"
+    z = load_npz(path)
+    if z is not None and str(z.get("key")) == key and z["E"].shape[0] == len(store.ids):
+        return z["E"]
     E = embed_texts([_raw_text(r) for r in store.records], progress=progress)
-    try:
-        atomic_write(path, lambda f: np.save(f, E))
-    except OSError as e:
-        if not read_only(e):
-            raise  # a read-only store keeps them in memory
+    try_save_npz(path, {"E": E, "key": np.array(key)})  # a read-only store keeps them in memory
     return E
 
 

@@ -9,7 +9,7 @@ Layout of `<home>/builds/<key>/`:
                              built on first use (derived; rebuilt when damaged)
     queries/<key>.npz        activations of new query texts (derived)
     quality/<key>.npz        quality matrices of `evaluate` (derived)
-    embed/<model>.npy        sentence embeddings for embed-knn (derived)
+    embed/<model>.npz        sentence embeddings for embed-knn (derived; holds its derive_key)
     partial/<pass>/*.npz     flushed batches of a build in progress (resume data)
     lock                     held while a process builds this key
 
@@ -33,6 +33,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import zipfile
@@ -159,9 +160,22 @@ def load_npz(path: str | os.PathLike) -> dict | None:
         return None
 
 
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def os_errno(e: BaseException) -> int | None:
+    """The errno behind `e`: its own, or the one HDF5 quotes in h5py's message
+    ("errno = 28"), since h5py raises write failures without setting it."""
+    n = getattr(e, "errno", None)
+    if n:
+        return int(n)
+    m = re.search(r"errno = (\d+)", str(e))
+    return int(m.group(1)) if m else None
+
+
 def read_only(e: BaseException) -> bool:
     """True when `e` says the store cannot be written (a read-only mount, no permission)."""
-    return isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    return os_errno(e) in _READ_ONLY
 
 
 def try_save_npz(path: str | os.PathLike, arrays: dict) -> bool:
@@ -200,14 +214,20 @@ def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
             who = "an unknown process"
         raise StoreError(f"{path} has been locked for {timeout:.0f} s by {who}; wait for it to finish "
                          f"(or stop it), or raise ACTCACHE_LOCK_TIMEOUT") from None
+    except OSError as e:
+        if os_errno(e) not in _READ_ONLY:
+            raise StoreError(f"cannot lock {path} ({e.strerror or e}); check the store directory") from None
+        lock = None  # a read-only store has no writer to exclude; a write attempted here fails on its own
     try:
-        try:
-            holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})\n")
-        except OSError:
-            pass
+        if lock is not None:
+            try:
+                holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})\n")
+            except OSError:
+                pass
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 @contextmanager
@@ -304,7 +324,8 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
                 provenance: dict, config: dict, key_payload: dict, store_dtype: str = "float16",
                 versions: dict | None = None, saes: dict | None = None) -> None:
     """Write (or extend) a build's acts.h5 atomically: old + new arrays are
-    assembled in a temp file beside it, fsynced, then renamed into place.
+    assembled in memory, written to a temp file beside it, fsynced, then renamed
+    into place (`atomic_write`). No space or a file-size limit: StoreError.
 
     Args:
         arrays: {ArrayId: (N, d) float32} new pooled arrays.
@@ -319,14 +340,19 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
             as CSR under sae/<key16>/<mask>/<pooling>/, statistics under .../stats.
         store_dtype: "float16" (float32 where float16 would overflow) or "float32".
     """
+    import io
+
     import h5py
 
     final = build_dir / "acts.h5"
     nbytes = sum(a.nbytes for a in arrays.values()) // (2 if store_dtype == "float16" else 1)
-    tmp = build_dir / f".acts.h5.{os.getpid()}.{os.urandom(6).hex()}.tmp"
     str_dt = h5py.string_dtype("utf-8")
+    # HDF5 is assembled in memory and written by plain file I/O: h5py crashes the
+    # process (SIGSEGV in its dealloc) when HDF5's own write to a file fails on a
+    # full disk or a file-size limit. The image costs the file's size in memory.
+    image = io.BytesIO()
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(image, "w") as f:
             old_prov, old_cfg = {}, {}
             if final.exists():
                 with _open_h5(final) as old:
@@ -378,33 +404,62 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
             f.attrs["provenance"] = json.dumps(prov, default=str)
             f.attrs["config"] = json.dumps({**old_cfg, **config}, default=str)
             f.attrs["key_payload"] = json.dumps(key_payload, sort_keys=True, default=str)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in NO_SPACE:
+        buf = image.getbuffer()
+        nbytes = buf.nbytes
+        atomic_write(final, lambda fh: fh.write(buf), nbytes=nbytes)  # fsynced, renamed, dir fsynced
+    except Exception as e:
+        if os_errno(e) in NO_SPACE:
             raise StoreError(f"cannot write {final}: no space left (or a file-size limit) while writing "
-                             f"about {nbytes / 2**20:.1f} MiB of new arrays plus the existing ones; free "
+                             f"about {nbytes / 2**20:.1f} MiB (new arrays plus the existing ones); free "
                              f"space or point --store at a disk with room") from None
+        if read_only(e):
+            raise StoreError(f"cannot write {final}: the store is read-only; point --store at a "
+                             f"writable directory") from None
         raise
-    from indexes import fsync_dir
 
-    fsync_dir(build_dir)
+
+def stale_leftovers(build_dir: Path) -> list[Path]:
+    """Leftovers nothing will use: temp files of writers that are no longer alive
+    (`.<name>.<pid>.<hex>.tmp` anywhere under the build) and `partial/<pass>`
+    folders whose arrays the finished acts.h5 already holds."""
+    out = [p for p in build_dir.rglob(".*.tmp")
+           if (pid := tmp_owner(p.name)) is not None and pid != os.getpid() and not _alive(pid)]
+    partial = build_dir / "partial"
+    if not partial.is_dir() or not (build_dir / "acts.h5").exists():
+        return out
+    try:
+        with _open_h5(build_dir / "acts.h5") as f:
+            held = set()
+            f.visititems(lambda n, obj: held.add(n) if hasattr(obj, "shape") else None)
+    except (CorruptStoreError, *_H5_ERRORS):
+        return out  # a damaged file: its resume data may be all that is left
+    for pdir in sorted(partial.iterdir()):
+        shards = sorted(pdir.glob("b*.npz")) if pdir.is_dir() else []
+        # a pass's shards all name the same arrays; torn ones (a crash) hold nothing to resume
+        first = next((z for z in map(load_npz, shards) if z is not None), None)
+        if first is None or set(first) - {"rows"} <= held:
+            out.append(pdir)
+    return out
 
 
 def clean_leftovers(build_dir: Path) -> list[Path]:
-    """Delete temp files of writers that are no longer alive (`.<name>.<pid>.<hex>.tmp`
-    anywhere under the build). Returns what was deleted."""
+    """Delete `stale_leftovers` (best effort: a read-only store keeps them).
+    Returns what was deleted."""
+    import shutil
+
     gone = []
-    for p in build_dir.rglob(".*.tmp"):
-        pid = tmp_owner(p.name)
-        if pid is not None and pid != os.getpid() and not _alive(pid):
-            try:
-                p.unlink()
-                gone.append(p)
-            except OSError:
-                pass
+    for p in stale_leftovers(build_dir):
+        try:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            gone.append(p)
+        except OSError:
+            pass
+    partial = build_dir / "partial"
+    try:
+        if partial.is_dir() and not any(partial.iterdir()):
+            partial.rmdir()
+    except OSError:
+        pass
     return gone
 
 
@@ -659,7 +714,9 @@ class Store:
             except OSError as e:
                 if read_only(e):
                     return idx  # unwritable store: serve from memory
-                raise StoreError(f"cannot save index {a.index_filename()}: {_first_line(e)}") from None
+                raise StoreError(f"cannot save index {a.index_filename()} ({idx.ntotal} vectors of "
+                                 f"{idx.d}): {_first_line(e)}; free space or point --store at a disk "
+                                 f"with room") from None
             return self._load_index(a, mmap)
 
     def indexes_to_rebuild(self) -> list[ArrayId]:
@@ -759,6 +816,7 @@ def list_builds(home: str | os.PathLike | None = None) -> list[dict]:
     for d in sorted(root.glob("*")) if root.exists() else []:
         if not d.is_dir():
             continue
+        clean_leftovers(d)  # temp files of dead writers, resume data of finished passes
         try:
             st = Store(d)
             info = st.info()
@@ -838,7 +896,8 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
                     f[name][:]
             except _H5_ERRORS as e:
                 rep.findings.append(Finding("array", name, f"{name} fails its checksum ({_first_line(e)}); "
-                                            f"delete {bdir} and run the build again", repairable=False))
+                                            f"it cannot be derived: delete {bdir} and run "
+                                            f"`{build_command(st)}` again", repairable=False))
     damaged_arrays = {x.path for x in rep.findings}
     for a in st.arrays:
         p = st.index_path(a)
@@ -870,11 +929,7 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
                     p.unlink(missing_ok=True)
                     fd.repaired = True
                 rep.findings.append(fd)
-    stale = [p for p in bdir.rglob(".*.tmp") if (tmp_owner(p.name) or 0) != os.getpid()
-             and not _alive(tmp_owner(p.name) or 0)]
-    if (bdir / "partial").exists():
-        stale.append(bdir / "partial")  # a finished build needs no resume data
-    for p in stale:
+    for p in stale_leftovers(bdir):
         fd = Finding("leftover", str(p), f"{p.relative_to(bdir)} is left over from an interrupted writer",
                      repairable=True)
         if repair:
@@ -884,6 +939,27 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
             fd.repaired = True
         rep.findings.append(fd)
     return rep
+
+
+def build_command(store: "Store") -> str:
+    """The `actcache build` command line that makes this build again: its model,
+    data and every array it holds (other options as the build recorded them in
+    its config; `...` stands for the --data field options)."""
+    import shlex
+
+    cfg = store.config
+    m, d = cfg.get("model", {}), cfg.get("data", {})
+    parts = ["actcache", "build", "--model", str(m.get("model"))]
+    parts += ["--data", str(d["path"])] if d.get("path") else ["--task", str(d.get("task"))]
+    for flag, attr in (("--components", "component"), ("--layers", "layer"), ("--pooling", "pooling"),
+                       ("--masks", "mask")):
+        parts += [flag, ",".join(str(v) for v in sorted({getattr(a, attr) for a in store.arrays}))]
+    for flag, name in (("--limit", "pool_limit"), ("--eval-limit", "eval_limit")):
+        if d.get(name) is not None:
+            parts += [flag, str(d[name])]
+    if cfg.get("index"):
+        parts += ["--index", str(cfg["index"])]
+    return " ".join(shlex.quote(x) for x in parts) + (" ..." if d.get("path") else "")
 
 
 def _npy_ok(path: Path) -> bool:

@@ -236,8 +236,8 @@ def verify(key: Optional[str] = typer.Argument(None, help="Build key, unique pre
                                                                "derived files and leftovers (recomputed on use)."),
            store: Optional[str] = STORE):
     """Check every array (checksums), index and cached file of a build; optionally repair what can be derived."""
-    from actcache.errors import ConfigError, CorruptStoreError
-    from actcache.store import Store, default_home, verify as check
+    from actcache.errors import ConfigError
+    from actcache.store import default_home, find_build, verify as check
 
     if bool(key) == all_:
         raise ConfigError("give a build key or --all (not both)")
@@ -245,10 +245,7 @@ def verify(key: Optional[str] = typer.Argument(None, help="Build key, unique pre
         root = default_home(store) / "builds"
         dirs = sorted(d for d in root.glob("*") if d.is_dir()) if root.exists() else []
     else:
-        try:
-            dirs = [Store.open(key, store).dir]
-        except CorruptStoreError:
-            dirs = [default_home(store) / "builds" / key]
+        dirs = [find_build(key, store)]  # without opening: a damaged build is what verify reports
     bad = 0
     for d in dirs:
         rep = check(d, repair=repair)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -319,3 +320,128 @@ def test_cli_verify_reports_and_repairs(built):
     r = _cli("verify", "--all", "--repair", "--store", str(built.home))
     assert r.returncode == 0 and "repaired" in r.stdout, r.stdout + r.stderr
     assert json.loads(_cli("ls", "--json", "--store", str(built.home)).stdout)[0]["status"] == "done"
+
+
+# --------------------------------------------------------------------------- later faults
+
+
+def test_read_only_store_cache_hit_build(tiny_model_dir, jsonl, built, pristine, monkeypatch):
+    """A cache-hit build of a read-only store opens it (no lock to take, nothing
+    written); one that needs new arrays says the store is read-only."""
+    import os
+    from types import SimpleNamespace
+
+    import filelock
+    from indexes import VectorIndex
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", ro)
+    monkeypatch.setattr("actcache.store.atomic_write", ro)
+    monkeypatch.setattr(VectorIndex, "save", ro)
+    kw = dict(layers=LAYERS, masks=("isolated", "label-masked"), components=("mlp", "resid"))
+    again = build(cfg_for(tiny_model_dir["llama"], jsonl, built.home, **kw))
+    assert again.report["cache_hit"]
+    assert_same_arrays(again, pristine)
+    monkeypatch.setattr("actcache.builder.os", SimpleNamespace(access=lambda *a: False, W_OK=os.W_OK))
+    with pytest.raises(StoreError, match=r"lacks 8 of the arrays asked for.*read-only"):
+        build(cfg_for(tiny_model_dir["llama"], jsonl, built.home, **{**kw, "layers": "1,2,3"}))
+
+
+FSIZE_SCRIPT = r"""
+import json, resource, signal, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from pathlib import Path
+from conftest import cfg_for
+from actcache.builder import build
+from actcache.errors import StoreError
+
+model, data, home = sys.argv[3:6]
+st = build(cfg_for(model, Path(data), home, layers="1", masks=("isolated",)))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
+limit = st.h5_path.stat().st_size + 2048
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    build(cfg_for(model, Path(data), home, layers="all", masks=("isolated",)))
+    print(json.dumps({"error": None}))
+except StoreError as e:
+    print(json.dumps({"error": str(e), "type": type(e).__name__}))
+"""
+
+
+def test_file_size_limit_while_writing_the_build(tiny_model_dir, jsonl, tmp_path):
+    """A real EFBIG from HDF5's writes (RLIMIT_FSIZE) is one StoreError naming the
+    file and the size; the temp file is gone and the old build still reads."""
+    home = tmp_path / "s"
+    r = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(REPO_ROOT), str(REPO_ROOT / "tests"),
+                        str(tiny_model_dir["llama"]), str(jsonl), str(home)],
+                       capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["error"] and re.search(r"cannot write .*acts\.h5: no space left \(or a file-size limit\).*MiB",
+                                      out["error"]), out
+    (bdir,) = (home / "builds").iterdir()
+    assert not list(bdir.rglob("*.tmp"))
+    st = Store(bdir)
+    assert st.layers == [1]
+    assert verify(bdir).findings == [] or all(f.what == "leftover" for f in verify(bdir).findings)
+
+
+def test_finished_resume_data_is_cleaned_but_unfinished_kept(tiny_model_dir, jsonl, tmp_path, monkeypatch):
+    """A kill between the rename of acts.h5 and the removal of partial/ leaves resume
+    data of arrays the file holds: `ls` deletes it; a pass for other arrays stays."""
+    import actcache.builder as builder_mod
+
+    real = builder_mod.shutil.rmtree
+    monkeypatch.setattr(builder_mod.shutil, "rmtree", lambda *a, **k: None)
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", masks=("isolated",)))
+    monkeypatch.setattr(builder_mod.shutil, "rmtree", real)
+    (done,) = (st.dir / "partial").iterdir()
+    assert list(done.glob("b*.npz"))
+    other = st.dir / "partial" / "0123456789abcdef"
+    other.mkdir()
+    np.savez(other / "b00000.npz", rows=np.arange(3), **{"acts/isolated/attn/L03/mean": np.zeros((3, 64))})
+    assert [f.path for f in verify(st.dir).findings] == [str(done)]
+    assert [r["status"] for r in list_builds(st.home)] == ["done"]
+    assert not done.exists() and other.exists()
+    assert verify(st.dir).ok
+
+
+def test_verify_names_the_build_command_and_resolves_a_prefix(built):
+    a = ArrayId("resid", 1, "mean", "label-masked")
+    off = _array_offset(built, a)
+    with open(built.h5_path, "r+b") as f:
+        f.seek(off + 16)
+        f.write(np.full(64, 0.25, dtype=np.float16).tobytes())
+    (fd,) = verify(built.dir).findings
+    assert fd.what == "array" and not fd.repairable
+    assert re.search(r"actcache build --model \S+ --data \S+ --components mlp,resid --layers 1,2 "
+                     r"--pooling last,mean --masks isolated,label-masked", fd.message), fd.message
+    with h5py.File(built.h5_path, "r+") as f:
+        f.attrs["examples_sha256"] = "0" * 64
+    r = _cli("verify", built.key[:10], "--store", str(built.home))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "examples table" in r.stdout, r.stdout + r.stderr
+
+
+def test_embeddings_cache_is_keyed(built, monkeypatch):
+    """The embeddings file records its derive_key; another key (or a damaged file) is recomputed."""
+    import actcache.select as select_mod
+    from actcache.store import derive_key
+
+    calls = []
+
+    def fake(texts, progress=None):
+        calls.append(len(texts))
+        return np.random.default_rng(len(calls)).standard_normal((len(texts), 384)).astype(np.float32)
+
+    monkeypatch.setattr(select_mod, "embed_texts", fake)
+    E1 = select_mod.store_embeddings(built)
+    np.testing.assert_array_equal(select_mod.store_embeddings(built), E1)
+    assert calls == [len(built.ids)]
+    (path,) = (built.dir / "embed").glob("*.npz")
+    with np.load(path) as z:
+        assert str(z["key"]) == derive_key(built.key, "embed", model=select_mod.EMBED_MODEL, texts="records")
+    np.savez(path, E=E1, key=np.array("another build"))
+    E2 = select_mod.store_embeddings(built)
+    assert len(calls) == 2 and not np.array_equal(E2, E1)
