@@ -32,14 +32,15 @@ from typing import Callable
 import numpy as np
 
 from .capture import (
-    COMPONENTS, MASKS, POOLINGS, STATS, Capture, decoder_layers, make_batch, resolve_layers, sink_masks,
+    COMPONENTS, MASKS, POOLINGS, STATS, Capture, decoder_layers, make_batch, parse_layers, resolve_layers,
+    sink_masks,
 )
 from .data import DataSpec, Dataset, Example, load as load_data, prompt_segments
 from .errors import ConfigError
 from .models import ModelSpec, load_model, set_threads
 from .store import (
     FORMAT, FORMAT_VERSION, ArrayId, Store, array_name, build_lock, default_home, index_spec, load_npz, save_npz,
-    stats_name,
+    stats_name, check_store_root,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -91,6 +92,9 @@ class BuildConfig:
             raise ConfigError(f"--max-length {self.max_length} is too small; use at least 8")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        parse_layers(self.layers)
+        self.data.validate()
+        index_spec(self.index)  # a bad factory string fails here, before the model loads
 
 
 def canonical_key(payload: dict) -> str:
@@ -285,7 +289,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     """
     cfg.validate()
     t0 = time.time()
-    home = default_home(cfg.home)
+    home = check_store_root(cfg.home)
     set_threads()
     ds, lm, key, payload = identify(cfg)
     n_layers = len(decoder_layers(lm.model)[1])

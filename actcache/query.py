@@ -170,6 +170,8 @@ def template_fields(template: str) -> list[str]:
 
 def _read_source(source: str) -> tuple[list[str], bool, str]:
     """Lines of the input, whether they are JSONL, and a name for messages."""
+    from .data import read_text
+
     if source == "-":
         text = sys.stdin.read()
         lines = text.splitlines()
@@ -179,7 +181,7 @@ def _read_source(source: str) -> tuple[list[str], bool, str]:
     if not path.is_file():
         raise DatasetError(f"input file {path} does not exist; pass --input FILE (.txt or .jsonl), "
                            f"'-' for stdin, or leave it out to query the build's eval rows")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path).splitlines()
     first = next((ln for ln in lines if ln.strip()), "")
     is_jsonl = path.suffix in (".jsonl", ".json", ".ndjson") or first.lstrip().startswith("{")
     return lines, is_jsonl, str(path)
@@ -199,7 +201,7 @@ def load_inputs(store: Store, source: str = "eval", text_field: str = "text") ->
         rows = store.eval_rows
         return Inputs(np.asarray(store.ids[rows], dtype=object), np.asarray(store.texts[rows], dtype=object),
                       [int(x) for x in store.labels[rows]], True, False)
-    from .data import Example
+    from .data import Example, field_value
 
     task = store.task()
     fields = template_fields(task.template)
@@ -218,13 +220,14 @@ def load_inputs(store: Store, source: str = "eval", text_field: str = "text") ->
             if isinstance(obj, str):
                 obj = {text_field: obj}
             if not isinstance(obj, dict):
-                raise DatasetError(f"{name} line {lineno + 1} is not a JSON object; give one object per line")
+                raise DatasetError(f"{name} line {lineno + 1} is a JSON {type(obj).__name__}, not an object; "
+                                   f"give one object per line")
             if len(fields) == 1:
                 f0 = fields[0]
                 if text_field in obj:
-                    vals = {f0: str(obj[text_field])}
+                    vals = {f0: field_value(obj, text_field, f"{name} line {lineno + 1}")}
                 elif f0 in obj:
-                    vals = {f0: str(obj[f0])}
+                    vals = {f0: field_value(obj, f0, f"{name} line {lineno + 1}")}
                 else:
                     raise DatasetError(f"{name} line {lineno + 1} has no field {text_field!r} (nor the "
                                        f"template's {f0!r}); available: {sorted(obj)}. Pass --text-field")
@@ -233,7 +236,7 @@ def load_inputs(store: Store, source: str = "eval", text_field: str = "text") ->
                 if missing:
                     raise DatasetError(f"{name} line {lineno + 1} lacks template field(s) {missing}; the "
                                        f"build's template {task.template!r} needs {fields} in every object")
-                vals = {f: str(obj[f]) for f in fields}
+                vals = {f: field_value(obj, f, f"{name} line {lineno + 1}") for f in fields}
             if "id" in obj:
                 given = True
             ids.append(str(obj["id"]) if "id" in obj else f"input-{n}")

@@ -139,11 +139,39 @@ def build_lock(build_dir: Path) -> Iterator[None]:
 
 def index_spec(kind: str | None):
     """An `indexes.IndexSpec` for --index: flat (exact cosine; also for None),
-    ivf, hnsw, or a FAISS factory string."""
+    ivf, hnsw, or a FAISS factory string. A factory string is checked here, on
+    an empty index of a small dimension, so a bad one fails before any model
+    runs. Raises ConfigError."""
     from indexes import IndexSpec
 
-    kind = kind or "flat"
-    return IndexSpec(kind=kind) if kind in ("flat", "ivf", "hnsw") else IndexSpec(kind="factory", factory=kind)
+    kind = (kind or "flat").strip()
+    try:
+        if kind.lower() in ("flat", "ivf", "hnsw"):
+            return IndexSpec(kind=kind.lower())
+        return IndexSpec(kind="factory", factory=kind)
+    except ValueError as e:
+        raise ConfigError(f"--index {kind!r} is not usable: {e}. Pass flat, ivf, hnsw or a FAISS "
+                          f"index-factory string such as 'IVF64,Flat' or 'HNSW32'") from None
+
+
+def check_store_root(home: str | os.PathLike | None = None) -> Path:
+    """The store root (see `default_home`), created if needed, after checking
+    that builds can be written under it. Raises StoreError naming the folder."""
+    import tempfile
+
+    root = default_home(home)
+    how = "pass --store with a writable folder, or set ACTCACHE_HOME"
+    for p in (root, *root.parents):
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"store {root} cannot be used: {p} is a file, not a folder; {how}")
+    try:
+        (root / "builds").mkdir(parents=True, exist_ok=True)
+        # Root passes os.access checks whatever the mode; a real write tells the truth.
+        with tempfile.TemporaryFile(dir=root / "builds"):
+            pass
+    except OSError as e:
+        raise StoreError(f"store {root} is not writable ({e.strerror or e}); {how}") from None
+    return root
 
 
 def _open_h5(path: Path):

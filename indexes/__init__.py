@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ __all__ = [
     "IndexMismatchError",
     "IndexSpec",
     "VectorIndex",
+    "check_factory",
     "exact_search",
     "set_threads",
     "KINDS",
@@ -180,6 +182,10 @@ class IndexSpec:
         for name in ("hnsw_m", "ef_construction", "ef_search"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"IndexSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.hnsw_m) < 2:  # FAISS crashes the process on an HNSW graph of degree 1
+            raise ValueError(f"IndexSpec.hnsw_m must be >= 2, got {self.hnsw_m}")
+        if self.kind == "factory":
+            check_factory(str(self.factory), self.metric)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a JSON-serialisable dict."""
@@ -193,6 +199,48 @@ class IndexSpec:
         if extra:
             raise ValueError(f"unknown IndexSpec fields {sorted(extra)}")
         return cls(**d)
+
+
+# Factory strings are checked at these dimensions: the first that parses wins, so
+# that sub-quantizers which must divide d (PQ48, ...) are not refused for the
+# small one alone. 3840 = 2**8 * 15 is divisible by every common PQ M.
+_CHECK_DIMS = (64, 3840)
+
+
+def check_factory(factory: str, metric: str = "cosine") -> None:
+    """Refuse a FAISS index-factory string before any vectors exist.
+
+    Parses ``factory`` at a small dimension (creating an empty index costs
+    microseconds), then rejects what FAISS accepts but cannot use: an IVF with
+    0 lists (every search fails) and an HNSW graph of degree below 2 (FAISS
+    aborts or segfaults the whole process while adding vectors).
+
+    Raises:
+        ValueError: saying what is wrong with the string.
+    """
+    err = None
+    for d in _CHECK_DIMS:
+        try:
+            index = faiss.index_factory(d, factory, _faiss_metric(metric))
+            break
+        except RuntimeError as e:
+            err = err or e
+    else:
+        why = re.sub(r"^Error in .*?\.cpp:\d+: ", "", _first_line(err))  # FAISS's C++ location: noise here
+        raise ValueError(f"FAISS could not parse index factory string {factory!r}: {why}")
+    subs = list(_unwrap(index))
+    ivf = _find_ivf(index)
+    if ivf is not None:
+        if ivf.nlist < 1:
+            raise ValueError(f"index factory string {factory!r} asks for an IVF with {ivf.nlist} lists; "
+                             f"give at least 1, e.g. 'IVF64,Flat'")
+        subs += list(_unwrap(ivf.quantizer))
+    for sub in subs:
+        # Level 0 of an HNSW graph of degree M holds 2 * M neighbours; M = 1
+        # leaves no levels at all.
+        if hasattr(sub, "hnsw") and (sub.hnsw.cum_nneighbor_per_level.size() < 2 or sub.hnsw.nb_neighbors(0) < 4):
+            raise ValueError(f"index factory string {factory!r} asks for an HNSW graph of degree below 2; "
+                             f"give at least 2, e.g. 'HNSW32'")
 
 
 def default_nlist(n: int) -> int:
