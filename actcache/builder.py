@@ -92,6 +92,8 @@ class BuildConfig:
             raise ConfigError(f"--max-length {self.max_length} is too small; use at least 8")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if self.context_k < 0:
+            raise ConfigError(f"--context-k {self.context_k} must be at least 0 (0: no demonstrations)")
         parse_layers(self.layers)
         self.data.validate()
         index_spec(self.index)  # a bad factory string fails here, before the model loads

@@ -544,6 +544,8 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
             source = {"data_dir": str(d.resolve())}
     if task.kind == "classification" and len(task.label_words) < 2:
         raise DatasetError("a classification task needs at least two label words; pass --label-words")
+    for ex in pool[:1] + ev[:1]:
+        task.query_text(ex)  # a template naming a missing field fails now, not after the model loads
     pool = subsample(pool, spec.pool_limit, spec.seed)
     ev = subsample(ev, spec.eval_limit, spec.seed + 1)
     if not pool:

@@ -154,16 +154,19 @@ def index_spec(kind: str | None):
                           f"index-factory string such as 'IVF64,Flat' or 'HNSW32'") from None
 
 
-def check_store_root(home: str | os.PathLike | None = None) -> Path:
-    """The store root (see `default_home`), created if needed, after checking
-    that builds can be written under it. Raises StoreError naming the folder."""
+def check_store_root(home: str | os.PathLike | None = None, writable: bool = True) -> Path:
+    """The store root (see `default_home`) after checking that it is no file
+    and, with `writable`, creating it and checking that builds can be written
+    under it. Raises StoreError naming the folder."""
     import tempfile
 
     root = default_home(home)
-    how = "pass --store with a writable folder, or set ACTCACHE_HOME"
+    how = f"pass --store with {'a writable' if writable else 'the store'} folder, or set ACTCACHE_HOME"
     for p in (root, *root.parents):
         if p.exists() and not p.is_dir():
             raise StoreError(f"store {root} cannot be used: {p} is a file, not a folder; {how}")
+    if not writable:
+        return root
     try:
         (root / "builds").mkdir(parents=True, exist_ok=True)
         # Root passes os.access checks whatever the mode; a real write tells the truth.
@@ -238,7 +241,7 @@ class Store:
     def open(cls, key: str, home: str | os.PathLike | None = None) -> "Store":
         """Open a finished build by key, unique key prefix (at least 6 characters),
         or "last" (the most recently finished build)."""
-        root = default_home(home) / "builds"
+        root = check_store_root(home, writable=False) / "builds"
         if key == "last":
             done = [p for p in root.glob("*/acts.h5")] if root.exists() else []
             if not done:
@@ -427,7 +430,7 @@ class Store:
 
 def list_builds(home: str | os.PathLike | None = None) -> list[dict]:
     """Every build under the store root: finished ones with a summary, others marked."""
-    root = default_home(home) / "builds"
+    root = check_store_root(home, writable=False) / "builds"
     out = []
     for d in sorted(root.glob("*")) if root.exists() else []:
         if not d.is_dir():

@@ -99,6 +99,28 @@ class EvalConfig:
             raise ConfigError(f"--knn-order must be one of {KNN_ORDERS}, not {self.knn_order!r}")
         if self.votek_budget < self.k:
             raise ConfigError(f"--votek-budget {self.votek_budget} is below --k {self.k}")
+        for opt, v, least in (("--n-eval", self.n_eval, 1), ("--n-boot", self.n_boot, 0),
+                              ("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 8)):
+            if v < least:
+                raise ConfigError(f"{opt} {v} must be at least {least}")
+        if not self.seeds:
+            raise ConfigError("no --seeds given; pass comma-separated integers, e.g. 0,1,2")
+
+
+def parse_seeds(spec: str | None) -> tuple[int, ...]:
+    """'--seeds 0,1,2' -> (0, 1, 2). Raises ConfigError naming a non-integer entry."""
+    out = []
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise ConfigError(f"bad seed {part.strip()!r} in --seeds {spec!r}; give comma-separated integers, "
+                              f"e.g. 0,1,2") from None
+    if not out:
+        raise ConfigError(f"--seeds {spec!r} names no seed; give comma-separated integers, e.g. 0,1,2")
+    return tuple(out)
 
 
 def _examples(store: Store, rows) -> list[Example]:

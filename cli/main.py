@@ -306,10 +306,10 @@ def evaluate(
     store: Optional[str] = typer.Option(None, envvar="ACTCACHE_HOME", help="Store root."),
 ):
     """Score ICL on a build: quality matrix, correlation study (raw and label-controlled), selection experiment."""
-    from actcache.study import EvalConfig, evaluate as run_eval, resolve_key
+    from actcache.study import EvalConfig, evaluate as run_eval, parse_seeds, resolve_key
 
     cfg = EvalConfig(key=resolve_key(key, store), home=store, n_candidates=n_candidates, n_probes=n_probes,
-                     n_eval=n_eval, k=k, seeds=tuple(int(s) for s in _split(seeds)),
+                     n_eval=n_eval, k=k, seeds=parse_seeds(seeds),
                      strategies=_split(strategies), knn_layers=knn_layers, knn_order=knn_order,
                      votek_budget=votek_budget, quality=quality,
                      quality_def=quality_def, dtype=dtype, n_boot=n_boot, batch_size=batch_size,
@@ -365,10 +365,11 @@ def run(
     from actcache.errors import ConfigError
     from actcache.models import ModelSpec
     from actcache.query import QueryConfig, query, write_jsonl
-    from actcache.study import PRESETS, EvalConfig, evaluate as run_eval
+    from actcache.study import PRESETS, EvalConfig, evaluate as run_eval, parse_seeds
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    seed_list = parse_seeds(seeds)  # before the build, not after it
     p = PRESETS[preset]
     n_cand = n_candidates or p["n_candidates"]
     cfg = BuildConfig(model=ModelSpec(model or p["model"], None, dtype, device),
@@ -385,7 +386,7 @@ def run(
         Path(out).mkdir(parents=True, exist_ok=True)
         write_jsonl(recs, str(Path(out) / "neighbors.jsonl"))
         res = run_eval(EvalConfig(key=st.key, home=store, n_candidates=n_cand, n_probes=n_probes or p["n_probes"],
-                                  n_eval=n_eval, k=p["k"], seeds=tuple(int(s) for s in _split(seeds)),
+                                  n_eval=n_eval, k=p["k"], seeds=seed_list,
                                   strategies=_split(strategies), out=out), progress=cb)
     _print_results(res)
 
