@@ -146,8 +146,8 @@ def index_spec(kind: str | None):
 
     kind = (kind or "flat").strip()
     try:
-        if kind.lower() in ("flat", "ivf", "hnsw"):
-            return IndexSpec(kind=kind.lower())
+        if kind in ("flat", "ivf", "hnsw"):
+            return IndexSpec(kind=kind)
         return IndexSpec(kind="factory", factory=kind)
     except ValueError as e:
         raise ConfigError(f"--index {kind!r} is not usable: {e}. Pass flat, ivf, hnsw or a FAISS "
