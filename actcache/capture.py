@@ -61,7 +61,7 @@ def decoder_layers(model):
                       f"models whose base model has .layers (Llama, Qwen2, Gemma3) or .h (GPT-2)")
 
 
-def _component_module(layer, component: str):
+def component_module(layer, component: str):
     if component == "resid":
         return layer
     names = hook_names(layer, component)
@@ -73,57 +73,29 @@ def _component_module(layer, component: str):
                       f"(looked for {names}); drop {component!r} from --components")
 
 
-_LAYERS_HELP = "use e.g. 'all', '3', '0,6,-1' or a slice '2:10'"
-
-
-def parse_layers(spec: str | Iterable[int] | None) -> tuple[int | slice, ...] | None:
-    """Check the syntax of '--layers' without knowing the model: None for 'all',
-    else a tuple of ints (negatives allowed) and slices. Raises ConfigError."""
-    if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
-        return None
-    parts = [x.strip() for x in spec.split(",")] if isinstance(spec, str) else list(spec)
-    if not parts or any(isinstance(x, str) and not x for x in parts):
-        raise ConfigError(f"--layers {spec!r} has an empty entry; {_LAYERS_HELP}")
-    out: list[int | slice] = []
-    for part in parts:
-        if isinstance(part, str) and ":" in part:
-            bits = part.split(":")
-            try:
-                nums = [int(b) if b.strip() else None for b in bits]
-            except ValueError:
-                nums = None
-            if nums is None or len(bits) > 3:
-                raise ConfigError(f"bad layer slice {part!r} in --layers; a slice is start:stop[:step] of "
-                                  f"integers, {_LAYERS_HELP}")
-            if len(nums) == 3 and nums[2] == 0:
-                raise ConfigError(f"layer slice {part!r} in --layers has step 0; use a positive or negative step")
-            out.append(slice(*nums))
-            continue
-        if isinstance(part, bool):
-            part = str(part)  # not a layer number, though int(True) would be
-        try:
-            out.append(int(part))
-        except (TypeError, ValueError):
-            raise ConfigError(f"bad layer {part!r} in --layers; {_LAYERS_HELP}") from None
-    return tuple(out)
-
-
 def resolve_layers(spec: str | Iterable[int] | None, n_layers: int) -> tuple[int, ...]:
-    """Layer indices (sorted, non-negative) of '--layers' for a model with
-    `n_layers` decoder layers: None/'all', '3', '0,5,-1', '2:8' (Python slice),
-    negatives count from the end. Raises ConfigError for bad syntax or range."""
-    parsed = parse_layers(spec)
-    if parsed is None:
+    """Parse '--layers': None/'all', '3', '0,5,-1', '2:8' (Python slice), negatives allowed."""
+    if spec is None or spec == "all":
         return tuple(range(n_layers))
     out: list[int] = []
-    for part in parsed:
-        if isinstance(part, slice):
-            out.extend(range(n_layers)[part])
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    for part in parts:
+        if isinstance(part, str) and ":" in part:
+            try:
+                bits = [int(b) if b.strip() else None for b in part.split(":")]
+                out.extend(range(n_layers)[slice(*bits)])
+            except (ValueError, TypeError):
+                raise ConfigError(f"bad layer slice {part!r} in --layers; use start:stop[:step] with integers "
+                                  f"and a non-zero step, e.g. '2:10' or '0:18:3'") from None
             continue
-        if not -n_layers <= part < n_layers:
-            raise ConfigError(f"layer {part} is out of range: the model has {n_layers} layers "
+        try:
+            i = int(part)
+        except ValueError:
+            raise ConfigError(f"bad layer {part!r} in --layers; use e.g. 'all', '0,6,-1' or '2:10'") from None
+        if not -n_layers <= i < n_layers:
+            raise ConfigError(f"layer {i} is out of range: the model has {n_layers} layers "
                               f"(valid: 0..{n_layers - 1} or -{n_layers}..-1)")
-        out.append(part % n_layers)
+        out.append(i % n_layers)
     if not out:
         raise ConfigError(f"--layers {spec!r} selects no layer of the {n_layers}")
     return tuple(sorted(set(out)))
@@ -426,7 +398,7 @@ class Capture:
         try:
             for layer in self.layers:
                 for comp in self.units[layer]:
-                    mod = _component_module(self.blocks[layer], comp)
+                    mod = component_module(self.blocks[layer], comp)
                     handles.append(mod.register_forward_hook(self._hook(comp, layer)))
 
             def stop(_m, _i, _o):
@@ -458,6 +430,17 @@ class Capture:
         if self.want_stats:
             host = torch.stack([st for *_, st in self._out]).cpu().numpy()
             self.stats.update({k: host[i] for i, k in enumerate(keys)})
+
+
+def forward_rows(model, tokenizer, cap: "Capture", seqs, spans, rows, mask: str) -> None:
+    """Run `cap` on the given rows (indices into `seqs`/`spans`) as one
+    right-padded batch, under the attention of `mask`."""
+    from .prompts import pad_id
+
+    batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(tokenizer),
+                       next(model.parameters()).device)
+    attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
+    cap.run(batch, attention_mask=attn)
 
 
 def span_stats(h, start, end) -> np.ndarray:

@@ -30,7 +30,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from .errors import ConfigError, DatasetError
 
@@ -115,15 +115,6 @@ def normalize_text(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def prompt_segments(task: Task, demos: Sequence[Example], query: Example) -> list[str]:
-    """Text segments of a k-shot prompt; token ids are the concatenation of each
-    segment tokenized on its own (see `score.encode_segments`)."""
-    segs = [task.instruction + "\n\n"] if task.instruction else []
-    segs += [task.demo_text(d) + "\n\n" for d in demos]
-    segs.append(task.query_text(query))
-    return segs
-
-
 # --------------------------------------------------------------------------- splits
 
 
@@ -170,7 +161,7 @@ def _need(path: Path, task: str) -> Path:
 
 def read_text(path: str | os.PathLike) -> str:
     """The text of a UTF-8 file (a leading BOM dropped). Raises DatasetError
-    naming the first undecodable byte, its offset and line, and how to re-encode."""
+    naming the line, byte and byte offset of the first undecodable byte, and how to re-encode."""
     path = Path(path)
     data = path.read_bytes()
     try:
@@ -178,9 +169,8 @@ def read_text(path: str | os.PathLike) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DatasetError(
-            f"{path} is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) cannot be "
-            f"decoded; re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > "
-            f"{path.stem}.utf8{path.suffix}`"
+            f"{path}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x} at byte offset {e.start}); re-encode "
+            f"the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`"
         ) from None
 
 
@@ -196,36 +186,39 @@ def read_jsonl_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}); "
-                               f"write one JSON object per line") from None
+        except ValueError as e:
+            raise DatasetError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}); "
+                               f"each line must be one JSON object") from None
         if not isinstance(obj, dict):
-            raise DatasetError(f"{path} line {lineno} is a JSON {_json_type(obj)}, not an object; write one "
-                               f'object per line, e.g. {{"text": "...", "label": 1}}')
+            raise DatasetError(f"{path}: line {lineno} is a JSON {_json_type(obj)}, not an object; each line "
+                               f'must be one JSON object such as {{"text": ..., "label": ...}}')
         out.append((lineno, obj))
     return out
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every non-blank line of a JSONL file as a dict (see `read_jsonl_rows`)."""
+    return [obj for _, obj in read_jsonl_rows(path)]
+
+
 def _json_type(v) -> str:
     return {list: "list", str: "string", bool: "boolean", int: "number", float: "number",
-            type(None): "null"}.get(type(v), type(v).__name__)
+            type(None): "null", dict: "object"}.get(type(v), type(v).__name__)
 
 
 def field_value(row: dict, name: str, where: str) -> str:
     """`row[name]` as text. Raises DatasetError naming the field and `where`
-    (file and line) when it is missing, null, a list or an object."""
+    (e.g. 'FILE: line 3, row 2') when it is missing, null, a list or an object."""
     if name not in row:
-        raise DatasetError(f"{where} has no field {name!r}; it has {sorted(row)}. Add it, or pass the right "
-                           f"--text-field/--label-field/--split-field/--id-field")
+        raise DatasetError(f"{where} has no {name!r} field (it has {sorted(row)}); give every row a {name}, "
+                           f"or pass the right --text-field/--label-field/--split-field")
     v = row[name]
     if v is None or isinstance(v, (list, dict)):
-        raise DatasetError(f"{where}: field {name!r} is {_json_type(v) if v is not None else 'null'}, not text; "
-                           f"give it a string (or drop the row)")
+        raise DatasetError(f"{where} has a{'n' if isinstance(v, dict) else ''} {_json_type(v)} {name!r} field, "
+                           f"not text; give every row a {name} string (or drop the row)")
     return str(v)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [obj for _, obj in read_jsonl_rows(path)]
 
 
 def _sst2_file(path: Path, split: str) -> list[Example]:
@@ -271,12 +264,12 @@ def _load_rte(d: Path, task: str):
                         (("premise", r["premise"]), ("hypothesis", r["hypothesis"])),
                         0 if r["label"] == "entailment" else 1) for i, r in enumerate(rows)]
     root = d / "rte"
-    return (conv(_read_jsonl(_need(root / "train.jsonl", task)), "train"),
-            conv(_read_jsonl(_need(root / "val.jsonl", task)), "val"))
+    return (conv(read_jsonl(_need(root / "train.jsonl", task)), "train"),
+            conv(read_jsonl(_need(root / "val.jsonl", task)), "val"))
 
 
 def _load_boolq(d: Path, task: str):
-    rows = _read_jsonl(_need(d / "boolq" / "dev.jsonl", task))
+    rows = read_jsonl(_need(d / "boolq" / "dev.jsonl", task))
     exs = [Example(f"dev-{i}", (("question", r["question"]), ("passage", r["passage"]),
                                 ("title", r["title"])), int(bool(r["answer"])))
            for i, r in enumerate(rows)]
@@ -297,14 +290,14 @@ def _mc_rows(rows: list[dict]) -> list[Example]:
 
 def _load_arc(d: Path, task: str):
     root = d / "arc"
-    return (_mc_rows(_read_jsonl(_need(root / "ARC-Challenge-Train.jsonl", task))),
-            _mc_rows(_read_jsonl(_need(root / "ARC-Challenge-Test.jsonl", task))))
+    return (_mc_rows(read_jsonl(_need(root / "ARC-Challenge-Train.jsonl", task))),
+            _mc_rows(read_jsonl(_need(root / "ARC-Challenge-Test.jsonl", task))))
 
 
 def _load_obqa(d: Path, task: str):
     root = d / "openbookqa"
-    return (_mc_rows(_read_jsonl(_need(root / "train.jsonl", task))),
-            _mc_rows(_read_jsonl(_need(root / "test.jsonl", task))))
+    return (_mc_rows(read_jsonl(_need(root / "train.jsonl", task))),
+            _mc_rows(read_jsonl(_need(root / "test.jsonl", task))))
 
 
 def _load_gsm8k(d: Path, task: str):
@@ -312,8 +305,8 @@ def _load_gsm8k(d: Path, task: str):
         return [Example(f"{split}-{i}", (("question", r["question"]),), -1,
                         answer=r["answer"]) for i, r in enumerate(rows)]
     root = d / "gsm8k"
-    return (conv(_read_jsonl(_need(root / "train.jsonl", task)), "train"),
-            conv(_read_jsonl(_need(root / "test.jsonl", task)), "test"))
+    return (conv(read_jsonl(_need(root / "train.jsonl", task)), "train"),
+            conv(read_jsonl(_need(root / "test.jsonl", task)), "test"))
 
 
 def rotten_tomatoes_file(cache_dir: Path) -> Path:
@@ -420,14 +413,14 @@ def _local_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example]]:
     first_line, first = rows[0]
     text_fields = spec.text_fields or (("text",) if "text" in first else ())
     if not text_fields:
-        raise DatasetError(f"{path} line {first_line} has no 'text' field; pass --text-field naming the text "
+        raise DatasetError(f"{path}: line {first_line} has no 'text' field; pass --text-field naming the text "
                            f"field(s) (it has {sorted(first)})")
     wanted = (*text_fields, spec.label_field, *([spec.split_field] if spec.split_field else []))
     # Every row is checked before anything is built: a missing or null value
     # halfway down the file must not surface as a KeyError or the text "None".
     checked = []
     for lineno, r in rows:
-        where = f"{path} line {lineno}"
+        where = f"{path}: line {lineno}, row {len(checked) + 1}"
         vals = {name: field_value(r, name, where) for name in wanted}
         # A row without the id field keeps its row number as id, as before.
         ex_id = field_value(r, spec.id_field, where) if spec.id_field and spec.id_field in r else str(len(checked))
@@ -557,5 +550,5 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
     return Dataset(task, pool, ev, source)
 
 
-__all__ = ["DataSpec", "Dataset", "Example", "Task", "TASKS", "load", "prompt_segments",
-           "subsample", "data_dir", "read_text", "read_jsonl_rows", "field_value"]
+__all__ = ["DataSpec", "Dataset", "Example", "Task", "TASKS", "load", "subsample", "data_dir",
+           "read_text", "read_jsonl", "read_jsonl_rows", "field_value"]

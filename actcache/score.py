@@ -35,10 +35,9 @@ from transformers import StoppingCriteria
 
 from actcache.errors import ConfigError, LabelWordError
 
+from .prompts import bos_ids, encode_continuation, encode_segments, encode_text, pad_id
+
 __all__ = [
-    "encode_segments",
-    "encode_continuation",
-    "fit_demonstrations",
     "score_options",
     "TokenCount",
     "classify",
@@ -58,67 +57,6 @@ _ROW_CHUNK = 256
 # --------------------------------------------------------------------------- #
 # Tokenization
 # --------------------------------------------------------------------------- #
-
-
-def _bos_ids(tokenizer) -> list[int]:
-    """``[bos_token_id]`` if the tokenizer prepends BOS on a plain call, else ``[]``."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    ids = tokenizer("a")["input_ids"]
-    return [bos] if len(ids) > 0 and ids[0] == bos else []
-
-
-def _encode_plain(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def encode_segments(tokenizer, segments: Sequence[str]) -> list[int]:
-    """Token ids of a prompt given as text segments (see module docstring).
-
-    Returns a list[int]: optional BOS followed by each segment tokenized on its
-    own (``add_special_tokens=False``) and concatenated.
-    """
-    if isinstance(segments, str):
-        raise ConfigError("encode_segments expects a sequence of text segments, not a str; wrap it: [text]")
-    ids = _bos_ids(tokenizer)
-    for seg in segments:
-        ids.extend(_encode_plain(tokenizer, seg))
-    return ids
-
-
-def encode_continuation(tokenizer, text: str) -> list[int]:
-    """Token ids of an option / continuation (no special tokens), list[int]."""
-    return _encode_plain(tokenizer, text)
-
-
-def fit_demonstrations(
-    tokenizer, demo_segments: list[str], query: str, max_length: int, reserve: int = 0
-) -> tuple[list[str], int]:
-    """Drop demonstrations from the front until the prompt fits.
-
-    The prompt ``demo_segments + [query]`` fits when its token count (contract
-    above, BOS included) plus ``reserve`` (tokens kept free for the option /
-    continuation) is at most ``max_length``. Returns ``(kept_segments,
-    n_dropped)`` where ``kept_segments`` are the surviving demonstrations (the
-    query is not included), so the caller can report ``n_dropped``.
-
-    Raises ConfigError if even the query alone does not fit.
-    """
-    # Segment lengths are additive under the contract, so each is tokenized once.
-    lens = [len(_encode_plain(tokenizer, s)) for s in demo_segments]
-    base = len(_bos_ids(tokenizer)) + len(_encode_plain(tokenizer, query)) + int(reserve)
-    if base > max_length:
-        raise ConfigError(
-            f"the query alone needs {base} tokens (including reserve={reserve}) > max_length={max_length}; "
-            "shorten the query or raise max_length"
-        )
-    total = base + sum(lens)
-    n_drop = 0
-    while total > max_length:
-        total -= lens[n_drop]
-        n_drop += 1
-    return list(demo_segments[n_drop:]), n_drop
 
 
 # --------------------------------------------------------------------------- #
@@ -392,6 +330,48 @@ def score_options(
         raise ConfigError(f"normalize must be 'vocab' or 'labels', got {normalize!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    max_len = int(max_length) if max_length is not None else _default_max_length(model)
+    req = build_requests(tokenizer, prompts, options, max_len)
+    if not req.prompts:
+        return np.zeros((0, req.n_opt), dtype=np.float64)
+    body = _body(model)
+    can_reuse = reuse_prefix and _supports_prefix_reuse(model, body)
+    groups, plain = group_by_prefix(req, can_reuse)
+    hidden, count = request_hidden(model, body, req, groups, plain, batch_size, pad_id(tokenizer),
+                                   _cache_kwarg(body) if reuse_prefix else None)
+    if counter is not None:
+        counter.add(count)
+    return option_logprobs(_Head(model), hidden, req, normalize, length_normalize)
+
+
+@dataclass
+class Requests:
+    """Scoring requests of `score_options`, tokenized and checked.
+
+    prompts: the prompts (segment lists); per_prompt_opts: option token ids per
+    prompt; n_opt: columns of the result; prefixes/suffixes: token ids of each
+    prompt's segments[:-1] (with BOS) and last segment; fast: one shared list of
+    single-token options (one request per prompt, every label read at once);
+    reqs: (prompt index, option index or -1 in the fast path, input ids,
+    positions to read, target ids).
+    """
+
+    prompts: list
+    per_prompt_opts: list[list[list[int]]]
+    n_opt: int
+    prefixes: list[list[int]]
+    suffixes: list[list[int]]
+    fast: bool
+    reqs: list[tuple[int, int, list[int], list[int], list[int]]]
+
+
+def build_requests(tokenizer, prompts, options, max_len: int) -> Requests:
+    """Validate and tokenize prompts and options into `Requests` (no model needed).
+
+    Feeding context + option[:-1] and reading positions len(context)-1 ... is the
+    harness's (context + continuation)[:-1] with logits at the continuation slots.
+    Raises ConfigError / LabelWordError for bad arguments or over-long prompts.
+    """
     if isinstance(options, str):
         raise ConfigError("options must be a list of strings or a list of lists, not a str")
     prompts = list(prompts)
@@ -408,8 +388,7 @@ def score_options(
         if isinstance(p, str):
             raise ConfigError(f"prompt {i} is a str; prompts are sequences of segments, e.g. [text]")
 
-    # Tokenize options (once per distinct string) and validate.
-    opt_cache: dict[str, list[int]] = {}
+    opt_cache: dict[str, list[int]] = {}  # each distinct option tokenized and checked once
 
     def enc_opt(word: str) -> list[int]:
         if word not in opt_cache:
@@ -430,17 +409,17 @@ def score_options(
             if len(o) == 0:
                 raise ConfigError(f"prompt {i} has no options")
     if not prompts:
-        return np.zeros((0, n_opt), dtype=np.float64)
+        return Requests(prompts, per_prompt_opts, n_opt, [], [], False, [])
 
-    # Tokenize prompts; segments repeat a lot (same demos in many prompts), so cache them.
+    # Segments repeat a lot (same demos in many prompts), so each is tokenized once.
     seg_cache: dict[str, list[int]] = {}
 
     def enc_seg(s: str) -> list[int]:
         if s not in seg_cache:
-            seg_cache[s] = _encode_plain(tokenizer, s)
+            seg_cache[s] = encode_text(tokenizer, s)
         return seg_cache[s]
 
-    bos = _bos_ids(tokenizer)
+    bos = bos_ids(tokenizer)
     prefixes: list[list[int]] = []
     suffixes: list[list[int]] = []
     for p in prompts:
@@ -451,7 +430,6 @@ def score_options(
         prefixes.append(pre)
         suffixes.append(list(enc_seg(segs[-1])) if segs else [])
 
-    max_len = int(max_length) if max_length is not None else _default_max_length(model)
     for i in range(len(prompts)):
         n = len(prefixes[i]) + len(suffixes[i])
         if n == 0:
@@ -460,19 +438,10 @@ def score_options(
         if n + longest - 1 > max_len:
             raise ConfigError(
                 f"prompt {i} has {n} tokens + {longest} option tokens, more than max_length={max_len}; "
-                "drop demonstrations first (see fit_demonstrations)"
+                "drop demonstrations first (see prompts.fit_demonstrations)"
             )
 
-    body = _body(model)
-    head = _Head(model)
-    device = model.get_input_embeddings().weight.device  # inputs go where the embedding lives
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fast = shared and all(len(c) == 1 for c in per_prompt_opts[0])
-
-    # Requests: (prompt index, option index or -1 for "all labels" in the fast path,
-    # prefix length usable for reuse, full input ids, positions to read, target ids).
-    # Feeding context + option[:-1] and reading positions len(context)-1 ... is the
-    # harness's (context + continuation)[:-1] with logits at the continuation slots.
     reqs: list[tuple[int, int, list[int], list[int], list[int]]] = []
     for i in range(len(prompts)):
         ctx = prefixes[i] + suffixes[i]
@@ -481,28 +450,37 @@ def score_options(
         else:
             for j, c in enumerate(per_prompt_opts[i]):
                 reqs.append((i, j, ctx + c[:-1], list(range(len(ctx) - 1, len(ctx) + len(c) - 1)), c))
+    return Requests(prompts, per_prompt_opts, n_opt, prefixes, suffixes, fast, reqs)
 
-    # Group requests by shared prefix for KV reuse. A non-empty suffix is required:
-    # the first scored position must lie after the cached prefix.
+
+def group_by_prefix(req: Requests, can_reuse: bool) -> tuple[dict[tuple[int, ...], list[int]], list[int]]:
+    """Requests sharing a prompt prefix (segments[:-1]), for KV reuse: ({prefix ids:
+    request indices}, requests run whole). A group needs two requests (several
+    prompts, or the options of one multiple-choice prompt) and a non-empty
+    suffix, since the first scored position must lie after the cached prefix."""
     groups: dict[tuple[int, ...], list[int]] = {}
     plain: list[int] = []
-    cache_kw = _cache_kwarg(body) if reuse_prefix else None
-    can_reuse = reuse_prefix and _supports_prefix_reuse(model, body)
-    for k, r in enumerate(reqs):
+    for k, r in enumerate(req.reqs):
         i = r[0]
-        if can_reuse and len(prompts[i]) >= 2 and len(suffixes[i]) > 0:
-            groups.setdefault(tuple(prefixes[i]), []).append(k)
+        if can_reuse and len(req.prompts[i]) >= 2 and len(req.suffixes[i]) > 0:
+            groups.setdefault(tuple(req.prefixes[i]), []).append(k)
         else:
             plain.append(k)
-    # A prefix pays off once two requests share it: several prompts, or the options
-    # of one multiple-choice prompt (each option is its own request).
     for key in [key for key, ks in groups.items() if len(ks) < 2]:
         plain.extend(groups.pop(key))
+    return groups, plain
 
+
+def request_hidden(model, body, req: Requests, groups, plain, batch_size: int, pad: int,
+                   cache_kw: str | None) -> tuple[list[torch.Tensor], TokenCount]:
+    """Final hidden states at every request's read positions (one (positions,
+    hidden) tensor per request), and the tokens computed vs in the prompts."""
+    reqs = req.reqs
+    device = model.get_input_embeddings().weight.device  # inputs go where the embedding lives
     hidden: list[torch.Tensor | None] = [None] * len(reqs)
     count = TokenCount(in_prompts=sum(len(r[2]) for r in reqs))
     if plain:
-        hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in plain], batch_size, pad_id, device)
+        hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in plain], batch_size, pad, device)
         count.computed += sum(len(reqs[k][2]) for k in plain)
         for k, h in zip(plain, hs):
             hidden[k] = h
@@ -511,23 +489,25 @@ def score_options(
         sub = [(reqs[k][2][P:], [p - P for p in reqs[k][3]]) for k in ks]
         try:
             hs = _collect_hidden(
-                body, sub, batch_size, pad_id, device,
+                body, sub, batch_size, pad, device,
                 prefix=list(key), cache_kw=cache_kw, model_config=model.config,
             )
             count.computed += P + sum(len(r[0]) for r in sub)
         except (TypeError, NotImplementedError, AttributeError):
             # Architecture without a usable DynamicCache path: same numbers, no reuse.
-            hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in ks], batch_size, pad_id, device)
+            hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in ks], batch_size, pad, device)
             count.computed += sum(len(reqs[k][2]) for k in ks)
         for k, h in zip(ks, hs):
             hidden[k] = h
-    if counter is not None:
-        counter.add(count)
+    return hidden, count
 
-    scores = np.full((len(prompts), n_opt), -np.inf, dtype=np.float64)
+
+def option_logprobs(head: "_Head", hidden, req: Requests, normalize: str, length_normalize: bool) -> np.ndarray:
+    """(n_prompts, n_opt) float64 option log-probs from the requests' hidden states
+    (full-vocabulary log-softmax; "labels" renormalises over each prompt's options)."""
     hdev = head.weight.device
-    if fast:
-        label_ids = torch.tensor([c[0] for c in per_prompt_opts[0]], dtype=torch.long, device=hdev)
+    if req.fast:
+        label_ids = torch.tensor([c[0] for c in req.per_prompt_opts[0]], dtype=torch.long, device=hdev)
         H = torch.cat([h.to(hdev) for h in hidden], dim=0)  # (n_prompts, hidden); request k == prompt k
         lp = head.logits_rows(H, label_ids)
         if normalize == "labels":
@@ -536,11 +516,12 @@ def score_options(
             lp = lp - head.logsumexp(H)[:, None]
         return lp.double().cpu().numpy()
 
+    scores = np.full((len(req.prompts), req.n_opt), -np.inf, dtype=np.float64)
     H = torch.cat([h.to(hdev) for h in hidden], dim=0)  # (total option tokens, hidden)
-    tgt = torch.tensor([t for r in reqs for t in r[4]], dtype=torch.long, device=hdev)
+    tgt = torch.tensor([t for r in req.reqs for t in r[4]], dtype=torch.long, device=hdev)
     tok_lp = (head.logits_pointwise(H, tgt) - head.logsumexp(H)).double().cpu().numpy()
     off = 0
-    for i, j, _, _, c in reqs:
+    for i, j, _, _, c in req.reqs:
         s = tok_lp[off : off + len(c)].sum()
         off += len(c)
         scores[i, j] = s / len(c) if length_normalize else s
@@ -656,9 +637,7 @@ def generate(
     stop = [s for s in stop if s]
     device = model.get_input_embeddings().weight.device
     enc = [encode_segments(tokenizer, p) for p in prompts]
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = pad_id(tokenizer)
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -668,7 +647,7 @@ def generate(
         do_sample=False,
         num_beams=1,
         max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
+        pad_token_id=pad,
         eos_token_id=eos,
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
     )
@@ -677,7 +656,7 @@ def generate(
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size]
         L = max(len(enc[k]) for k in idx)
-        ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
+        ids = torch.full((len(idx), L), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), L), dtype=torch.long)
         for r, k in enumerate(idx):
             ids[r, L - len(enc[k]) :] = torch.tensor(enc[k], dtype=torch.long)

@@ -1,0 +1,251 @@
+"""Prompt layout: the one place that turns a task, demonstrations and a query
+into token ids and pooled spans. Build, query encoding, scoring and the
+benchmarks all go through it, so one example always becomes the same tokens.
+
+Segments::
+
+    [instruction + "\\n\\n"] + [demo_text(d) + "\\n\\n" for d in demos] + [query_text(x)]
+
+Token contract::
+
+    ids(prompt) = [bos] (if the tokenizer adds one)
+                  + concat(tokenizer(seg, add_special_tokens=False).input_ids for seg in segments)
+    ids(option) = tokenizer(option, add_special_tokens=False).input_ids
+
+Because segments are tokenized separately, the ids of a prompt are exactly the
+ids of its prefix segments followed by the ids of its last segment, which is
+what makes prefix KV reuse in scoring exact, and lets a query text be encoded
+exactly as the builder encoded an eval row.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import Dataset, Example, Task
+from .errors import ConfigError, MismatchError
+
+MASKS = ("isolated", "in-context", "label-masked", "sink-masked")
+
+
+def prompt_segments(task: Task, demos: Sequence[Example], query: Example) -> list[str]:
+    """Text segments of a k-shot prompt; token ids are the concatenation of each
+    segment tokenized on its own (see `encode_segments`)."""
+    segs = [task.instruction + "\n\n"] if task.instruction else []
+    segs += [task.demo_text(d) + "\n\n" for d in demos]
+    segs.append(task.query_text(query))
+    return segs
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """``[bos_token_id]`` if the tokenizer prepends BOS on a plain call, else ``[]``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a")["input_ids"]
+    return [bos] if len(ids) > 0 and ids[0] == bos else []
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a text with no special tokens, list[int]."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_segments(tokenizer, segments: Sequence[str]) -> list[int]:
+    """Token ids of a prompt given as text segments (see module docstring).
+
+    Returns a list[int]: optional BOS followed by each segment tokenized on its
+    own (``add_special_tokens=False``) and concatenated.
+    """
+    if isinstance(segments, str):
+        raise ConfigError("encode_segments expects a sequence of text segments, not a str; wrap it: [text]")
+    ids = bos_ids(tokenizer)
+    for seg in segments:
+        ids.extend(encode_text(tokenizer, seg))
+    return ids
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """Token ids of an option / continuation (no special tokens), list[int]."""
+    return encode_text(tokenizer, text)
+
+
+def fit_demonstrations(
+    tokenizer, demo_segments: list[str], query: str, max_length: int, reserve: int = 0
+) -> tuple[list[str], int]:
+    """Drop demonstrations from the front until the prompt fits.
+
+    The prompt ``demo_segments + [query]`` fits when its token count (contract
+    above, BOS included) plus ``reserve`` (tokens kept free for the option /
+    continuation) is at most ``max_length``. Returns ``(kept_segments,
+    n_dropped)`` where ``kept_segments`` are the surviving demonstrations (the
+    query is not included), so the caller can report ``n_dropped``.
+
+    Raises ConfigError if even the query alone does not fit.
+    """
+    # Segment lengths are additive under the contract, so each is tokenized once.
+    lens = [len(encode_text(tokenizer, s)) for s in demo_segments]
+    base = len(bos_ids(tokenizer)) + len(encode_text(tokenizer, query)) + int(reserve)
+    if base > max_length:
+        raise ConfigError(
+            f"the query alone needs {base} tokens (including reserve={reserve}) > max_length={max_length}; "
+            "shorten the query or raise max_length"
+        )
+    total = base + sum(lens)
+    n_drop = 0
+    while total > max_length:
+        total -= lens[n_drop]
+        n_drop += 1
+    return list(demo_segments[n_drop:]), n_drop
+
+
+def pad_id(tokenizer) -> int:
+    """The id right padding uses: the tokenizer's pad id, else EOS, else 0 (padded
+    positions are masked out, so the choice never changes a result)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
+@dataclass
+class RowPlan:
+    """Every row of a build laid out for each mask: token ids, pooled spans, and what was cut."""
+
+    rows: list[Example]
+    splits: list[str]
+    seqs: dict  # mask -> list[list[int]]
+    spans: dict  # mask -> list[(start, end)]
+    n_tokens: np.ndarray
+    n_target: np.ndarray
+    truncated: np.ndarray
+    context_ids: list[str]
+    context_text: str
+    sink: str  # "bos", or "first token" for tokenizers without BOS (left out of every span)
+
+
+def context_demos(ds: Dataset, k: int, seed: int) -> list[Example]:
+    """k pool demonstrations for the in-context mask, label-balanced: labels take
+    turns in an order rotated by the seed, so that over seeds 0..L-1 each of L
+    labels leads equally often (with k=1, seed s picks label s mod L)."""
+    if k <= 0:
+        return []
+    rng = random.Random(seed)
+    by_label: dict[int, list[Example]] = {}
+    for e in ds.pool:
+        by_label.setdefault(e.label, []).append(e)
+    labels = sorted(by_label)
+    labels = labels[seed % len(labels):] + labels[:seed % len(labels)]
+    picks: list[Example] = []
+    while len(picks) < min(k, len(ds.pool)):
+        for lab in labels:
+            rest = [e for e in by_label[lab] if e not in picks]
+            if rest and len(picks) < k:
+                picks.append(rng.choice(rest))
+    rng.shuffle(picks)
+    return picks
+
+
+def context_for(ds: Dataset, ctx: list[Example], row: Example, seed: int) -> list[Example]:
+    """The context a row is encoded under: `ctx`, except that a row which is one
+    of the context demonstrations gets it replaced by a seeded stand-in of the
+    same label (never itself), so no in-context row sees its own copy."""
+    if row not in ctx:
+        return ctx
+    rng = random.Random(f"{seed}:{row.id}")
+    same = [e for e in ds.pool if e.label == row.label and e not in ctx] or \
+        [e for e in ds.pool if e not in ctx]
+    if not same:
+        return [e for e in ctx if e is not row]
+    return [rng.choice(same) if e is row else e for e in ctx]
+
+
+def plan_rows(ds: Dataset, tok, cfg) -> RowPlan:
+    """Lay out every pool and eval row of `ds` under every mask (MASKS) for a
+    build config `cfg` (its masks, context_k, context_seed, max_length, span).
+    A pure function of its inputs, so a resumed build sees the same batches."""
+    task = ds.task
+    rows = list(ds.pool) + list(ds.eval)
+    splits = ["pool"] * len(ds.pool) + ["eval"] * len(ds.eval)
+    ctx = context_demos(ds, cfg.context_k, cfg.context_seed) if "in-context" in cfg.masks else []
+    bos = encode_segments(tok, [])
+    ctx_ids = encode_segments(tok, prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else bos
+    if len(ctx_ids) > cfg.max_length - 32:
+        raise ConfigError(f"the in-context prefix is {len(ctx_ids)} tokens, leaving under 32 of "
+                          f"--max-length {cfg.max_length}; lower --context-k or raise --max-length")
+    seqs: dict = {m: [] for m in MASKS}
+    spans: dict = {m: [] for m in MASKS}
+    n_tok, n_tgt, trunc = [], [], []
+    for ex, split in zip(rows, splits):
+        q = encode_continuation(tok, task.query_text(ex))
+        t = encode_continuation(tok, task.target(ex)) if split == "pool" else []
+        own = context_for(ds, ctx, ex, cfg.context_seed) if split == "pool" and ex in ctx else ctx
+        row_ctx = ctx_ids if own is ctx else encode_segments(tok, prompt_segments(task, own, ex)[:-1])
+        for mask in MASKS:
+            pre = row_ctx if mask == "in-context" else bos
+            if cfg.max_length - len(pre) - len(t) < 1:
+                raise ConfigError(f"example {ex.id}: its target alone is {len(t)} tokens, over "
+                                  f"--max-length {cfg.max_length}; raise --max-length")
+            seq, span, dropped = row_layout(pre, q, t, cfg.max_length,
+                                            cfg.span == "full" and mask != "label-masked")
+            seqs[mask].append(seq)
+            spans[mask].append(span)
+            if mask == "isolated":
+                trunc.append(dropped)
+        n_tok.append(len(q))
+        n_tgt.append(len(t))
+    return RowPlan(rows, splits, seqs, spans, np.array(n_tok), np.array(n_tgt), np.array(trunc),
+                 [e.id for e in ctx], "".join(prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else "",
+                 "bos" if bos else "first token")
+
+
+def row_layout(pre: list[int], q: list[int], t: list[int], max_length: int, full: bool):
+    """Token ids and pooled span of one row: prefix + input (its start dropped if
+    too long, keeping the end next to the answer) + target. The span covers the
+    input, plus the target when `full`. Returns (ids, (start, end), input tokens dropped).
+
+    With no prefix (a tokenizer without BOS, e.g. Qwen2.5) the row's first token
+    is the attention sink that carries the massive activations, so it is left out
+    of the span (kept only when it is the span's sole token), as BOS is elsewhere.
+    """
+    qq = q[-(max_length - len(pre) - len(t)):]
+    s = len(pre)
+    e = s + len(qq) + (len(t) if full else 0)
+    if s == 0 and e > 1:
+        s = 1
+    return pre + qq + t, (s, e), len(q) - len(qq)
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
+    """Row indices per batch, longest first so memory peaks early; ties by row."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [np.array(order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def stored_context_segments(store, task) -> list[str]:
+    """The in-context prefix as the builder tokenized it: one segment per demo.
+
+    The builder tokenizes segments separately, so re-tokenizing the stored
+    prefix string would not give the same ids; the segments are rebuilt from the
+    stored demo ids and checked against the stored prefix text.
+    """
+    ic = store.provenance.get("in_context") or {}
+    demo_ids = list(ic.get("demo_ids") or [])
+    if not demo_ids:
+        if int(ic.get("k", 0) or 0) > 0:
+            raise MismatchError(f"build {store.key[:12]} records no in-context demonstrations although "
+                                f"context_k={ic.get('k')}; rerun `actcache build` with --masks in-context")
+        return []
+    row_of = {i: r for r, i in enumerate(store.ids)}
+    missing = [d for d in demo_ids if d not in row_of]
+    if missing:
+        raise MismatchError(f"in-context demonstrations {missing} are not in build {store.key[:12]}; rebuild it")
+    segs = [task.instruction + "\n\n"] if task.instruction else []
+    segs += [str(store.demos[row_of[d]]) + "\n\n" for d in demo_ids]
+    if "".join(segs) != ic.get("prefix", ""):
+        raise MismatchError(f"build {store.key[:12]}: the stored in-context prefix does not match its "
+                            f"demonstrations; rebuild it")
+    return segs
