@@ -416,6 +416,10 @@ def _local_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example]]:
         raise DatasetError(f"{path}: line {first_line} has no 'text' field; pass --text-field naming the text "
                            f"field(s) (it has {sorted(first)})")
     wanted = (*text_fields, spec.label_field, *([spec.split_field] if spec.split_field else []))
+    for name in wanted:  # a wrong option name shows on the first row
+        if name not in first:
+            raise DatasetError(f"{path}: field {name!r} not found in line {first_line} (the first row); available "
+                               f"fields: {sorted(first)}. Pass the right --text-field/--label-field/--split-field.")
     # Every row is checked before anything is built: a missing or null value
     # halfway down the file must not surface as a KeyError or the text "None".
     checked = []
