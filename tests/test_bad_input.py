@@ -370,3 +370,19 @@ def test_cli_one_line_errors(small_build, tiny_model_dir, tmp_path):
     nul = _lines(tmp_path / "in.jsonl", '{"text": "fine"}', '{"text": null}')
     _one_line_error(_cli(*q, "--input", str(nul)), "line 2", "null")
     _one_line_error(_cli("evaluate", st.key[:12], "--store", str(root / "s"), "--seeds", "a,b"), "--seeds 'a,b' is not a comma-separated list")
+
+
+def test_vector_index_refuses_factories_that_crash_faiss():
+    """FAISS aborts or segfaults the process on these once vectors are added;
+    the indexes layer must refuse them first (a regression kills pytest)."""
+    from indexes import IndexSpec, VectorIndex
+
+    x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    for factory, words in (("HNSW0", "degree below 2"), ("HNSW1", "degree below 2"),
+                           ("IVF0,Flat", "0 lists"), ("IVF4_HNSW1,Flat", "degree below 2")):
+        with pytest.raises(ValueError, match=words):
+            VectorIndex.build(x, IndexSpec(kind="factory", factory=factory))
+    with pytest.raises(ValueError, match="hnsw_m must be >= 2"):
+        IndexSpec(kind="hnsw", hnsw_m=1)
+    ok = VectorIndex.build(x, IndexSpec(kind="factory", factory="HNSW2"))
+    assert ok.ntotal == 50
