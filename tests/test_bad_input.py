@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, TEXTS, cfg_for, write_jsonl
+from conftest import REPO_ROOT, TEXTS, cfg_for, write_jsonl, write_reviews
 
 from actcache import builder
 from actcache.builder import build
@@ -292,9 +292,7 @@ def test_index_hnsw_over_a_flat_build_rebuilds_the_indexes(tiny_model_dir, jsonl
 @pytest.fixture(scope="module")
 def small_build(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("badinput")
-    rows = [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
-            for i, (t, lab) in enumerate(TEXTS)]
-    data = write_jsonl(root / "reviews.jsonl", rows)
+    data = write_reviews(root)
     st = build(cfg_for(tiny_model_dir["gpt2"], data, root / "s", layers="0", masks=("isolated",),
                        components=("mlp",), poolings=("mean",)))
     return st, root
