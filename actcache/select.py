@@ -110,6 +110,9 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise ConfigError(f"strategy {name!r} takes no option(s) {unknown}; its options are {allowed}")
+    if k is not None and int(k) < 1:  # the strategies read k=0 as "use the default"
+        raise ConfigError(f"--k {k} must be at least 1 (neighbours per input; vote-k: graph degree), "
+                          f"or left out for the default")
     return fn(store, budget=budget, k=k, seed=int(seed), progress=progress, **opts)
 
 

@@ -73,10 +73,26 @@ def default_home(explicit: str | os.PathLike | None = None) -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "actcache"
 
 
-def check_home(home: Path) -> Path:
-    """Raise a clear StoreError when the store root cannot be a directory."""
-    if home.exists() and not home.is_dir():
-        raise StoreError(f"store {home} is a file, not a directory; point --store (or ACTCACHE_HOME) at a directory")
+def check_home(home: Path, writable: bool = False) -> Path:
+    """Raise a clear StoreError when the store root cannot be a directory (it or
+    a parent is a file) or, with `writable`, when builds cannot be written under
+    it (it is created if missing)."""
+    for p in (home, *home.parents):
+        if p.exists() and not p.is_dir():
+            at = "" if p == home else f" (its parent {p} is a file)"
+            raise StoreError(f"store {home} is a file, not a directory{at}; point --store (or ACTCACHE_HOME) "
+                             f"at a directory")
+    if writable:
+        import tempfile
+
+        try:
+            (home / "builds").mkdir(parents=True, exist_ok=True)
+            # root passes os.access whatever the mode; only a real write tells
+            with tempfile.TemporaryFile(dir=home / "builds"):
+                pass
+        except OSError as e:
+            raise StoreError(f"store {home} is not writable ({e.strerror or e}); point --store (or "
+                             f"ACTCACHE_HOME) at a directory you can write") from None
     return home
 
 

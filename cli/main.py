@@ -46,8 +46,10 @@ def _ints(s: str, flag: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in _split(s))
     except ValueError:
-        raise typer.BadParameter(f"{s!r} is not a comma-separated list of integers, e.g. 0,1,2",
-                                 param_hint=flag) from None
+        from actcache.errors import ConfigError
+
+        # A ConfigError, so handle_errors prints one line (typer's usage box is many).
+        raise ConfigError(f"{flag} {s!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
 
 
 def _words(s: Optional[str]) -> tuple:

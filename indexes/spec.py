@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,8 @@ class IndexSpec:
         for name in ("hnsw_m", "ef_construction", "ef_search"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"IndexSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.hnsw_m) < 2:  # FAISS crashes the process on an HNSW graph of degree 1
+            raise ValueError(f"IndexSpec.hnsw_m must be >= 2, got {self.hnsw_m}")
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a JSON-serialisable dict."""
@@ -116,17 +119,44 @@ def factory_string(spec: IndexSpec, n: int) -> tuple[str, IndexSpec]:
         return f"IVF{nlist},Flat", dataclasses.replace(spec, nlist=int(nlist))
     if spec.kind == "hnsw":
         return f"HNSW{spec.hnsw_m},Flat", spec
+    check_factory(spec)  # some strings FAISS parses crash the process once vectors are added
     return str(spec.factory), spec
 
 
-def check_factory(spec: IndexSpec, d: int = 8) -> None:
-    """Raise ValueError now when FAISS cannot parse the spec's factory string,
-    so a bad ``--index`` fails before any work, not after a forward pass."""
+# Factory strings are parsed at these dimensions until one works, so that
+# sub-quantizers which must divide d (PQ48, ...) are not refused for the small
+# one alone; 3840 = 2**8 * 15 is divisible by every common PQ M.
+_CHECK_DIMS = (8, 64, 3840)
+
+
+def check_factory(spec: IndexSpec, d: int | None = None) -> None:
+    """Raise ValueError now when the spec's factory string is unusable, so a bad
+    ``--index`` fails before any work, not after a forward pass.
+
+    Parses the string on an empty index of a small dimension (``d``, else
+    each of a few until one works; microseconds), then rejects what FAISS
+    parses but cannot use: an IVF with 0 lists (every search fails) and an
+    HNSW graph of degree below 2 (FAISS aborts or segfaults the whole process
+    while adding vectors).
+    """
     if spec.kind != "factory":
         return
-    try:
-        faiss.index_factory(int(d), str(spec.factory), faiss_metric(spec.metric))
-    except RuntimeError as e:
-        msg = str(e).strip().splitlines()
-        raise ValueError(f"FAISS could not parse index factory string {spec.factory!r}: "
-                         f"{msg[0] if msg else type(e).__name__}") from None
+    factory = str(spec.factory)
+    err = None
+    for dim in (d,) if d else _CHECK_DIMS:
+        try:
+            index = faiss.index_factory(int(dim), factory, faiss_metric(spec.metric))
+            break
+        except RuntimeError as e:
+            err = err or e
+    else:
+        msg = str(err).strip().splitlines()
+        why = re.sub(r"^Error in .*?\.cpp:\d+: ", "", msg[0]) if msg else type(err).__name__
+        raise ValueError(f"FAISS could not parse index factory string {factory!r}: {why}")
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.nlist < 1:
+        raise ValueError(f"index factory string {factory!r} asks for an IVF with {ivf.nlist} lists; "
+                         f"give at least 1, e.g. 'IVF64,Flat'")
+    if any(int(m) < 2 for m in re.findall(r"HNSW(\d+)", factory)):
+        raise ValueError(f"index factory string {factory!r} asks for an HNSW graph of degree below 2; "
+                         f"give at least 2, e.g. 'HNSW32'")

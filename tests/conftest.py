@@ -145,11 +145,16 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-@pytest.fixture()
-def jsonl(tmp_path):
+def write_reviews(folder: Path) -> Path:
+    """TEXTS as folder/reviews.jsonl: ids x0.., every 4th row in the eval split."""
     rows = [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
             for i, (t, lab) in enumerate(TEXTS)]
-    return write_jsonl(tmp_path / "reviews.jsonl", rows)
+    return write_jsonl(folder / "reviews.jsonl", rows)
+
+
+@pytest.fixture()
+def jsonl(tmp_path):
+    return write_reviews(tmp_path)
 
 
 def cfg_for(model_dir, jsonl, home, **kw):
