@@ -101,7 +101,7 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
         progress: optional (desc, done, total) callback.
         **opts: strategy options, e.g. component/layer/pooling/mask, stat/order.
 
-    Raises ConfigError for an unknown strategy or option or a bad budget/k.
+    Raises ConfigError for an unknown strategy or option or a bad budget, k or seed.
     """
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
@@ -110,6 +110,8 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise ConfigError(f"strategy {name!r} takes no option(s) {unknown}; its options are {allowed}")
+    if not 0 <= int(seed) < 2**31:  # numpy refuses negative seeds, FAISS takes a C int
+        raise ConfigError(f"--seed must be between 0 and {2**31 - 1}, got {seed}")
     return fn(store, budget=budget, k=k, seed=int(seed), progress=progress, **opts)
 
 
