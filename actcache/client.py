@@ -55,11 +55,13 @@ class Client:
     def info(self, key: str) -> dict:
         return self._call("GET", f"/builds/{key}")
 
-    def neighbors(self, key: str, ids=None, texts=None, inputs=None, **opts) -> list[dict]:
-        """Query records (as `actcache query` writes them) for eval ids, new texts, or
-        JSON input objects; opts: component, layer, pooling, mask, k, balanced,
-        exclude_self, text_field, source."""
-        body = {k: v for k, v in dict(ids=ids, texts=texts, inputs=inputs, **opts).items() if v is not None}
+    def neighbors(self, key: str, ids=None, texts=None, inputs=None, jsonl=None, **opts) -> list[dict]:
+        """Query records (as `actcache query` writes them) for eval ids, new texts,
+        JSON input objects, or the lines of a JSONL file (parsed as `--input` parses
+        them); opts: component, layer, pooling, mask, k, balanced, exclude_self,
+        text_field, source."""
+        body = {k: v for k, v in dict(ids=ids, texts=texts, inputs=inputs, jsonl=jsonl, **opts).items()
+                if v is not None}
         return self._call("POST", f"/builds/{key}/neighbors", body)
 
     def select(self, key: str, strategy: str, **opts) -> list[dict]:

@@ -101,7 +101,7 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
         progress: optional (desc, done, total) callback.
         **opts: strategy options, e.g. component/layer/pooling/mask, stat/order.
 
-    Raises ConfigError for an unknown strategy or option or a bad budget/k.
+    Raises ConfigError for an unknown strategy or option or a bad budget, k or seed.
     """
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
@@ -113,6 +113,8 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
     if k is not None and int(k) < 1:  # the strategies read k=0 as "use the default"
         raise ConfigError(f"--k {k} must be at least 1 (neighbours per input; vote-k: graph degree), "
                           f"or left out for the default")
+    if not 0 <= int(seed) < 2**31:  # numpy refuses negative seeds, FAISS takes a C int
+        raise ConfigError(f"--seed must be between 0 and {2**31 - 1}, got {seed}")
     return fn(store, budget=budget, k=k, seed=int(seed), progress=progress, **opts)
 
 

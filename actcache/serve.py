@@ -49,6 +49,133 @@ def status_of(e: BaseException) -> int:
     return 400 if isinstance(e, ActcacheError) else 500
 
 
+def error_body(msg: str) -> bytes:
+    """The JSON error document, ASCII-escaped so that any message can be sent."""
+    import json
+
+    return json.dumps({"error": msg}).encode()
+
+
+def check_text(value) -> None:
+    """Raise ValueError if a request string (nested in lists/dicts) holds a lone
+    surrogate: JSON can escape one ("\\ud800"), but it is no text, and it cannot
+    be hashed for the query cache, encoded or written back."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise ValueError("a string holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
+                                 "send valid Unicode") from None
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            check_text(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k)
+            check_text(v)
+
+
+class Limits:
+    """ASGI wrapper in front of the app: the bearer token (every route but
+    /healthz) and the body cap, counted on the bytes actually received, so a
+    chunked upload with no Content-Length is cut off at `max_body` as well."""
+
+    def __init__(self, app, token: str | None = None, max_body: int = MAX_BODY):
+        self.app = app
+        self.state = app.state
+        self.expected = f"Bearer {token}".encode() if token else None
+        self.max_body = max_body
+
+    async def _refuse(self, send, status: int, msg: str) -> None:
+        body = error_body(msg)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        if self.expected is not None and scope.get("path") != "/healthz":
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                return await self._refuse(send, 401, "missing or wrong bearer token; send "
+                                                     "Authorization: Bearer <token>")
+        n = headers.get(b"content-length")
+        too_big = f"request body over {self.max_body} bytes; send fewer or shorter inputs"
+        if n is not None and (not n.isdigit() or int(n) > self.max_body):
+            return await self._refuse(send, 413, too_big)
+        from starlette.exceptions import HTTPException
+
+        got = 0
+
+        async def counted():
+            nonlocal got
+            msg = await receive()
+            if msg.get("type") == "http.request":
+                got += len(msg.get("body", b""))
+                if got > self.max_body:
+                    # An HTTPException is what FastAPI lets through from reading the body.
+                    raise HTTPException(413, too_big)
+            return msg
+
+        return await self.app(scope, counted, send)
+
+
+def deadline_protocol(read_timeout_s: float):
+    """uvicorn's HTTP protocol class, plus a deadline: a connection has
+    `read_timeout_s` from its start, or from its previous response, to deliver a
+    whole request. Without it a client that sends half a request and stalls holds
+    its connection forever, and enough of them use up the server's connections.
+    A request head (line and headers) over MAX_BODY bytes closes the connection."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class DeadlineProtocol(AutoHTTPProtocol):
+        _deadline = None
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(read_timeout_s, self._expire)
+
+        def _expire(self) -> None:
+            self._deadline = None
+            c = self.cycle
+            if c is not None and not c.more_body and not c.response_complete:
+                return  # the whole request arrived; it is being answered
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            self._head = 0
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            c = self.cycle
+            if c is None or c.response_complete:  # bytes of a request's head: cap them (httptools has no cap)
+                self._head += len(data)
+                if self._head > MAX_BODY:
+                    self.transport.close()
+                    return
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            self._head = 0
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            super().connection_lost(exc)
+
+    return DeadlineProtocol
+
+
 @dataclass
 class _Job:
     key: str  # resolved build key
@@ -184,7 +311,7 @@ class Service:
                     j.payload["inputs"] = eval_inputs(st, j.payload.get("ids"))
                 else:
                     lines, is_jsonl = j.payload["lines"], j.payload["jsonl"]
-                    j.payload["inputs"] = parse_inputs(st, lines, is_jsonl, "the request", cfg.text_field)
+                    j.payload["inputs"] = parse_inputs(st, lines, is_jsonl, j.payload["name"], cfg.text_field)
                 ok.append(j)
             except BaseException as e:
                 j.future.set_exception(e)
@@ -247,7 +374,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
     from fastapi import Body, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, Field, model_validator
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .query import QueryConfig
@@ -259,13 +386,22 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
                               "Records are those of `actcache query` (JSONL), one per input.")
     app.state.service = svc
 
-    class Neighbors(BaseModel):
+    class Checked(BaseModel):
+        @model_validator(mode="after")
+        def _text(self):
+            check_text(self.__dict__)
+            return self
+
+    class Neighbors(Checked):
         ids: list[str] | None = Field(None, description="Eval-row ids of the build (default: every eval row).")
         texts: list[str] | None = Field(None, description="New input texts (filled into the build's template).",
                                         max_length=MAX_TEXTS)
         inputs: list[dict] | None = Field(None, description="New inputs as JSON objects (template fields, "
                                                              "optional id), as lines of a JSONL --input.",
                                           max_length=MAX_TEXTS)
+        jsonl: list[str] | None = Field(None, description="Lines of a JSONL input file, parsed as `actcache "
+                                                          "query --input` parses them (messages name `source`).",
+                                        max_length=MAX_TEXTS)
         component: str = QueryConfig.component
         layer: int = QueryConfig.layer
         pooling: str = QueryConfig.pooling
@@ -277,7 +413,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         source: str = Field("request", description="Echoed in each record's config (the CLI client sends "
                                                    "its --input name, so records equal the local command's).")
 
-    class Select(BaseModel):
+    class Select(Checked):
         strategy: str
         budget: int | None = Field(None, ge=1, le=1_000_000)
         k: int | None = Field(None, ge=1, le=10_000)
@@ -289,22 +425,12 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         stat: str | None = None
         order: str | None = None
 
-    def err(status: int, msg: str) -> JSONResponse:
-        return JSONResponse({"error": msg}, status_code=status)
+    def err(status: int, msg: str) -> Response:
+        return Response(error_body(msg), status_code=status, media_type="application/json")
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if token and request.url.path != "/healthz":
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                return err(401, "missing or wrong bearer token; send Authorization: Bearer <token>")
-        n = request.headers.get("content-length")
-        if n is not None and (not n.isdigit() or int(n) > MAX_BODY):
-            return err(413, f"request body over {MAX_BODY} bytes; send fewer or shorter inputs")
-        try:
-            return await call_next(request)
-        except Exception as e:  # pragma: no cover - last resort, one line
-            return err(500, f"internal error: {type(e).__name__}: {str(e)[:200]}")
+    @app.exception_handler(Exception)
+    async def last_resort(request, e: Exception):  # pragma: no cover - never expected; one line, no traceback
+        return err(500, f"internal error: {type(e).__name__}: {str(e)[:200]}")
 
     @app.exception_handler(ActcacheError)
     async def actcache_error(request, e: ActcacheError):
@@ -347,24 +473,25 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
     @app.post("/builds/{key}/neighbors")
     async def neighbors(key: str, req: Neighbors = Body(...)):
         """The k nearest pool examples of each input: eval ids, new texts or JSON inputs."""
-        if sum(x is not None for x in (req.ids, req.texts, req.inputs)) > 1:
-            raise ConfigError("give one of ids, texts or inputs")
+        new = [x for x in (req.texts, req.inputs, req.jsonl) if x is not None]
+        if len(new) + (req.ids is not None) > 1:
+            raise ConfigError("give one of ids, texts, inputs or jsonl")
         cfg = QueryConfig(key=key, component=req.component, layer=req.layer, pooling=req.pooling, mask=req.mask,
                           k=req.k, balanced=req.balanced, exclude_self=req.exclude_self,
-                          source="eval" if req.texts is None and req.inputs is None else req.source,
-                          text_field=req.text_field)
-        if req.texts is not None or req.inputs is not None:
-            raw = req.texts if req.texts is not None else req.inputs
-            if not raw:
+                          source=req.source if new else "eval", text_field=req.text_field)
+        if new:
+            if not new[0]:
                 raise DatasetError("the input list is empty; give at least one text")
             if req.texts is not None:
                 if any(len(t) > MAX_TEXT_CHARS or not t.strip() for t in req.texts):
                     raise DatasetError(f"every text must be non-empty and at most {MAX_TEXT_CHARS} characters")
-                lines = [t.replace("\n", " ") for t in req.texts]
-                payload = {"cfg": cfg, "lines": lines, "jsonl": False}
-            else:
+                payload = {"cfg": cfg, "lines": [t.replace("\n", " ") for t in req.texts], "jsonl": False,
+                           "name": "the request"}
+            elif req.inputs is not None:
                 payload = {"cfg": cfg, "lines": [json.dumps(o, ensure_ascii=False) for o in req.inputs],
-                           "jsonl": True}
+                           "jsonl": True, "name": "the request"}
+            else:
+                payload = {"cfg": cfg, "lines": req.jsonl, "jsonl": True, "name": req.source}
             fut = svc.submit(key, "texts", payload)  # cheap once the build is open: no thread hop
         else:
             fut = svc.submit(key, "ids", {"cfg": cfg, "ids": req.ids})
@@ -388,18 +515,25 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
                                        "seed": req.seed, "opts": opts})
         return raw_json(await wait(fut))
 
-    return app
+    return Limits(app, token)
 
 
-def serve(home: str | None = None, host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> None:
-    """Run the service until interrupted. Off loopback a bearer `token` is required."""
+def serve(home: str | None = None, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+          read_timeout_s: float = 10.0) -> None:
+    """Run the service until interrupted. Off loopback a bearer `token` is required.
+    A client gets `read_timeout_s` seconds to send each whole request."""
     import uvicorn
 
     if host not in LOOPBACK and not token:
         raise ConfigError(f"--host {host} exposes the store beyond this machine; pass --token SECRET "
                           f"(clients send Authorization: Bearer SECRET), or keep --host 127.0.0.1")
+    if not read_timeout_s > 0:
+        raise ConfigError(f"--read-timeout must be positive, got {read_timeout_s}")
+    # No limit_concurrency: over it uvicorn answers 503 even to /healthz, and idle or stalled
+    # connections cost an asyncio loop little; the read deadline closes stalled ones.
     uvicorn.run(create_app(home, token), host=host, port=port, log_level="warning",
-                limit_concurrency=256, timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_BODY)
+                http=deadline_protocol(read_timeout_s), timeout_keep_alive=5,
+                h11_max_incomplete_event_size=64 * 1024)
 
 
-__all__ = ["Service", "create_app", "serve", "status_of"]
+__all__ = ["Service", "Limits", "create_app", "serve", "status_of", "check_text", "deadline_protocol"]

@@ -132,39 +132,87 @@ def inproc_per_request(home: Path, key: str, sources: list[str]) -> float:
     return statistics.median(times)
 
 
-def faults(port: int, n: int, key: str) -> dict:
+def _raw(port: int, head: bytes, chunks=(), timeout: float = 30) -> int | str:
+    """Send a hand-made request (head, then body chunks); the status, or "closed"
+    when the server cut the connection (what it does to an oversize head or upload)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(head)
+            for c in chunks:
+                s.sendall(c)
+            line = s.makefile("rb").readline()
+        return int(line.split()[1]) if line.startswith(b"HTTP/") else "closed"
+    except OSError:
+        return "closed"
+
+
+def faults(port: int, n: int, key: str, stalled: int = 50, read_timeout_s: float = 10.0) -> dict:
+    """Send n malformed or hostile requests (one at a time), with `stalled` clients
+    holding half-sent requests meanwhile; report the status codes, whether
+    /healthz answered throughout and after, and whether the stalled connections
+    were closed once their read deadline passed."""
     rng = random.Random(0)
+    nb = f"/builds/{key}/neighbors"
+    mb = b"x" * (1 << 20)
+    chunked = (f"POST {nb} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Transfer-Encoding: chunked\r\n\r\n").encode()
     bad = [
-        lambda: ("POST", f"/builds/{key}/neighbors", b"{not json"),
-        lambda: ("POST", f"/builds/{key}/neighbors", json.dumps({"k": 10**9}).encode()),
+        lambda: ("POST", nb, b"{not json"),
+        lambda: ("POST", nb, json.dumps({"k": 10**9}).encode()),
         lambda: ("POST", "/builds/..%2F..%2Fetc%2Fpasswd/neighbors", b"{}"),
         lambda: ("POST", "/builds/../../etc/passwd/neighbors", b"{}"),
-        lambda: ("POST", f"/builds/{key}/neighbors", b"x" * (10 << 20)),
-        lambda: ("POST", f"/builds/{key}/neighbors", json.dumps({"texts": [""] * 3}).encode()),
-        lambda: ("POST", f"/builds/{key}/neighbors", json.dumps({"layer": 10**6}).encode()),
+        lambda: ("POST", nb, b"x" * (10 << 20)),
+        lambda: ("POST", nb, json.dumps({"texts": [""] * 3}).encode()),
+        lambda: ("POST", nb, json.dumps({"layer": 10**6}).encode()),
         lambda: ("POST", f"/builds/{key}/select", json.dumps({"strategy": "rm -rf /"}).encode()),
         lambda: ("GET", "/builds/%00", b""),
-        lambda: ("POST", f"/builds/{key}/neighbors", bytes(rng.getrandbits(8) for _ in range(256))),
+        lambda: ("POST", nb, bytes(rng.getrandbits(8) for _ in range(256))),
+        lambda: ("POST", nb, b'{"texts": ["\\ud800"]}'),
+        lambda: ("POST", f"/builds/{key}/select", json.dumps({"strategy": "random", "budget": 2, "seed": -1}).encode()),
+        lambda: ("POST", nb, json.dumps({"jsonl": ["{bad"]}).encode()),
+        lambda: ("RAW", chunked, [b"%x\r\n" % len(mb) + mb + b"\r\n"] * 10 + [b"0\r\n\r\n"]),
+        lambda: ("RAW", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (4 << 20) + b"\r\n\r\n", []),
     ]
+    held = []
+    for _ in range(stalled):  # slow clients: half a request each, then nothing
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(f"POST {nb} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+        held.append(c)
+    t_held = time.monotonic()
     codes: dict = {}
     for i in range(n):
         method, path, body = bad[i % len(bad)]()
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            c.request(method, path, body=body or None, headers={"Content-Type": "application/json"})
-            code = c.getresponse().status
-        except (OSError, http.client.HTTPException):
-            code = "closed"  # the server may close a connection sending 10 MB
+        if method == "RAW":
+            code = _raw(port, path, body)
+        else:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                c.request(method, path, body=body or None, headers={"Content-Type": "application/json"})
+                code = c.getresponse().status
+            except (OSError, http.client.HTTPException):
+                code = "closed"  # the server may close a connection sending 10 MB
         codes[code] = codes.get(code, 0) + 1
-    # slow client: send half a request, then stall past the keep-alive timeout
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"POST /builds/x/neighbors HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
-    time.sleep(1)
-    s.close()
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    c.request("GET", "/healthz")
-    alive = c.getresponse().status == 200
-    return {"codes": {str(k): v for k, v in sorted(codes.items(), key=str)}, "healthz_after": alive,
+
+    def healthy() -> bool:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/healthz")
+        return c.getresponse().status == 200
+
+    alive_while_stalled = healthy()
+    time.sleep(max(0.0, t_held + read_timeout_s + 1.0 - time.monotonic()))
+    still_open = 0
+    for c in held:
+        c.settimeout(2)
+        try:
+            still_open += c.recv(1) != b""
+        except socket.timeout:
+            still_open += 1
+        except OSError:
+            pass
+        c.close()
+    return {"codes": {str(k): v for k, v in sorted(codes.items(), key=str)},
+            "healthz_while_stalled": alive_while_stalled, "healthz_after": healthy(),
+            "stalled_clients": stalled, "stalled_still_open_after_deadline": still_open,
             "n_5xx": sum(v for k, v in codes.items() if isinstance(k, int) and k >= 500)}
 
 

@@ -324,14 +324,11 @@ def query_cmd(
         else:
             from actcache.query import read_source
 
-            lines, is_jsonl, _ = read_source(input_)
-            lines = [ln for ln in lines if ln.strip()]
-            if is_jsonl:
-                objs = [json.loads(ln) for ln in lines]
-                recs = c.neighbors(key, inputs=[o if isinstance(o, dict) else {text_field: o} for o in objs],
-                                   source=input_, **opts)
+            raw, is_jsonl, _ = read_source(input_)
+            if is_jsonl:  # raw lines: the server parses them as the local command does
+                recs = c.neighbors(key, jsonl=raw, source=input_, **opts)
             else:
-                recs = c.neighbors(key, texts=lines, source=input_, **opts)
+                recs = c.neighbors(key, texts=[ln for ln in raw if ln.strip()], source=input_, **opts)
         dest = out or ("selection.jsonl" if strategy else "neighbors.jsonl")
         write_jsonl(recs, sys.stdout if to_stdout else dest)
         say(f"wrote {len(recs)} records to {'stdout' if to_stdout else dest} (from {server})")
@@ -467,6 +464,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind; off loopback --token is required."),
     port: int = typer.Option(8765, help="TCP port."),
     token: Optional[str] = typer.Option(None, envvar="ACTCACHE_TOKEN", help="Bearer token clients must send."),
+    read_timeout: float = typer.Option(10.0, help="Seconds a client has to send each whole request; "
+                                                  "slower connections are closed."),
     store: Optional[str] = STORE,
 ):
     """Serve the store's finished builds over HTTP: neighbours and selection strategies (docs at /docs)."""
@@ -476,7 +475,7 @@ def serve(
     from actcache.serve import serve as run_server
 
     typer.echo(f"actcache serve on http://{host}:{port} (OpenAPI docs at /docs); Ctrl-C stops it", err=True)
-    run_server(store, host, port, token)
+    run_server(store, host, port, token, read_timeout_s=read_timeout)
 
 
 sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders over the model's activations.")

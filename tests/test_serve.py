@@ -155,6 +155,11 @@ def test_concurrent_requests_are_coalesced_and_correct(served):
     ("/builds/{key}/neighbors", None, b"x" * (2 << 20), 413, "over"),
     ("/builds/{key}/neighbors", {"k": 0}, None, 422, "k"),
     ("/builds/{key}/select", {"strategy": "nope"}, None, 400, "unknown strategy"),
+    ("/builds/{key}/select", {"strategy": "random", "budget": 2, "seed": -1}, None, 400, "--seed"),
+    ("/builds/{key}/neighbors", None, b'{"texts": ["\\ud800"], "layer": 2, "mask": "isolated"}', 422, "surrogate"),
+    ("/builds/{key}/neighbors", {"jsonl": ["", "{bad"], "source": "f.jsonl", "layer": 2, "mask": "isolated"},
+     None, 400, "f.jsonl line 2 is not valid JSON"),
+    ("/builds/{key}/neighbors", {"texts": ["a"] * 1025, "layer": 2, "mask": "isolated"}, None, 422, "at most 1024"),
 ])
 def test_bad_requests_get_4xx_and_the_server_lives(served, path, body, raw, code, msg):
     st, url, _ = served
@@ -200,3 +205,72 @@ def test_store_is_not_written_except_the_query_cache(served):
     after = {p for p in st.home.rglob("*") if p.is_file() and "queries" not in p.parts and
              p.suffix not in (".faiss", ".json", ".lock", ".holder") and p.name != "lock"}
     assert before == after
+
+
+def test_jsonl_input_via_server_equals_local_and_fails_alike(served):
+    st, url, tmp = served
+    good = tmp / "new.jsonl"
+    good.write_text('{"id": "n1", "text": "a gripping film"}\n\n{"id": "n2", "text": "slow and dull"}\n')
+    local, remote = tmp / "jl_local.jsonl", tmp / "jl_remote.jsonl"
+    _cli("query", st.key[:12], *QOPTS, "--input", str(good), "--out", str(local), "--store", str(st.home))
+    _cli("query", st.key[:12], *QOPTS, "--input", str(good), "--out", str(remote), "--server", url)
+    assert local.read_bytes() == remote.read_bytes() and local.stat().st_size > 0
+    bad = tmp / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    errs = []
+    for where in (["--store", str(st.home)], ["--server", url]):
+        r = subprocess.run([sys.executable, "-m", "actcache", "query", st.key, *QOPTS, "--input", str(bad),
+                            "--out", str(tmp / "never.jsonl"), *where], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        errs.append(r.stderr.strip().splitlines()[-1])
+    assert "line 3 is not valid JSON" in errs[0]
+    assert errs[1].startswith(errs[0])  # the client adds the server's address
+
+
+def test_bounded_fault_run(served):
+    """Hostile requests (bad JSON, huge k, path tricks, 10 MB plain and chunked bodies, a 4 MB head,
+    lone surrogates, bad seeds) with stalled clients holding half-sent requests: no 5xx, /healthz
+    answers throughout, stalled connections are closed at their deadline, nothing outside the query
+    cache is written."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import bench_serve
+
+    st, _, _ = served
+    before = bench_serve.snapshot(st.home)
+    proc, url = _start(st.home, "--read-timeout", "2")
+    try:
+        f = bench_serve.faults(int(url.rsplit(":", 1)[1]), 60, st.key, stalled=20, read_timeout_s=2)
+    finally:
+        _stop(proc)
+    assert f["n_5xx"] == 0 and f["healthz_while_stalled"] and f["healthz_after"], f
+    assert f["stalled_still_open_after_deadline"] == 0, f
+    assert set(f["codes"]) <= {"400", "404", "413", "422", "closed"}, f
+    assert bench_serve.snapshot(st.home) == before
+
+
+def test_body_cap_counts_bytes_received_without_content_length(served):
+    """A chunked upload announces no size: the cap must stop it after MAX_BODY bytes read, not
+    after the whole (endless) body. Driven in-process through the ASGI interface, so the answer
+    does not race the upload."""
+    import asyncio
+
+    from actcache.serve import MAX_BODY, create_app
+
+    st, _, _ = served
+    app = create_app(str(st.home))
+    read, sent = [0], []
+
+    async def receive():
+        read[0] += 1 << 16
+        return {"type": "http.request", "body": b"x" * (1 << 16), "more_body": read[0] < (20 << 20)}
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": f"/builds/{st.key}/neighbors", "raw_path": b"", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413 and b"over" in sent[-1]["body"]
+    assert MAX_BODY < read[0] <= MAX_BODY + (1 << 16)
