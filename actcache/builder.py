@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import platform
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,9 +33,10 @@ import numpy as np
 from .capture import (
     COMPONENTS, MASKS, POOLINGS, STATS, Capture, decoder_layers, make_batch, resolve_layers, sink_masks,
 )
-from .data import DataSpec, Dataset, Example, load as load_data, prompt_segments
+from .data import DataSpec, load as load_data
 from .errors import ConfigError
 from .models import ModelSpec, load_model, set_threads
+from .prompts import BuildPlan, build_plan, length_batches, pad_id
 from .store import (
     FORMAT, FORMAT_VERSION, ArrayId, Store, array_name, build_lock, default_home, index_spec, load_npz, save_npz,
     stats_name,
@@ -100,140 +100,14 @@ def canonical_key(payload: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def encode_segments(tokenizer, segments) -> list[int]:
-    """Token ids of a prompt: BOS (if the tokenizer adds one) + each segment
-    tokenized on its own, concatenated. Scoring uses the same contract."""
-    from .score import encode_segments as enc
-
-    return enc(tokenizer, segments)
-
-
-def _continuation(tokenizer, text: str) -> list[int]:
-    from .score import encode_continuation
-
-    return encode_continuation(tokenizer, text)
-
-
-@dataclass
-class _Plan:
-    rows: list[Example]
-    splits: list[str]
-    seqs: dict  # mask -> list[list[int]]
-    spans: dict  # mask -> list[(start, end)]
-    n_tokens: np.ndarray
-    n_target: np.ndarray
-    truncated: np.ndarray
-    context_ids: list[str]
-    context_text: str
-    sink: str  # "bos", or "first token" for tokenizers without BOS (left out of every span)
-
-
-def _context_demos(ds: Dataset, k: int, seed: int) -> list[Example]:
-    """k pool demonstrations for the in-context mask, label-balanced: labels take
-    turns in an order rotated by the seed, so that over seeds 0..L-1 each of L
-    labels leads equally often (with k=1, seed s picks label s mod L)."""
-    if k <= 0:
-        return []
-    rng = random.Random(seed)
-    by_label: dict[int, list[Example]] = {}
-    for e in ds.pool:
-        by_label.setdefault(e.label, []).append(e)
-    labels = sorted(by_label)
-    labels = labels[seed % len(labels):] + labels[:seed % len(labels)]
-    picks: list[Example] = []
-    while len(picks) < min(k, len(ds.pool)):
-        for lab in labels:
-            rest = [e for e in by_label[lab] if e not in picks]
-            if rest and len(picks) < k:
-                picks.append(rng.choice(rest))
-    rng.shuffle(picks)
-    return picks
-
-
-def _context_for(ds: Dataset, ctx: list[Example], row: Example, seed: int) -> list[Example]:
-    """The context a row is encoded under: `ctx`, except that a row which is one
-    of the context demonstrations gets it replaced by a seeded stand-in of the
-    same label (never itself), so no in-context row sees its own copy."""
-    if row not in ctx:
-        return ctx
-    rng = random.Random(f"{seed}:{row.id}")
-    same = [e for e in ds.pool if e.label == row.label and e not in ctx] or \
-        [e for e in ds.pool if e not in ctx]
-    if not same:
-        return [e for e in ctx if e is not row]
-    return [rng.choice(same) if e is row else e for e in ctx]
-
-
-def _plan(ds: Dataset, tok, cfg: BuildConfig) -> _Plan:
-    task = ds.task
-    rows = list(ds.pool) + list(ds.eval)
-    splits = ["pool"] * len(ds.pool) + ["eval"] * len(ds.eval)
-    ctx = _context_demos(ds, cfg.context_k, cfg.context_seed) if "in-context" in cfg.masks else []
-    bos = encode_segments(tok, [])
-    ctx_ids = encode_segments(tok, prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else bos
-    if len(ctx_ids) > cfg.max_length - 32:
-        raise ConfigError(f"the in-context prefix is {len(ctx_ids)} tokens, leaving under 32 of "
-                          f"--max-length {cfg.max_length}; lower --context-k or raise --max-length")
-    seqs: dict = {m: [] for m in MASKS}
-    spans: dict = {m: [] for m in MASKS}
-    n_tok, n_tgt, trunc = [], [], []
-    for ex, split in zip(rows, splits):
-        q = _continuation(tok, task.query_text(ex))
-        t = _continuation(tok, task.target(ex)) if split == "pool" else []
-        own = _context_for(ds, ctx, ex, cfg.context_seed) if split == "pool" and ex in ctx else ctx
-        row_ctx = ctx_ids if own is ctx else encode_segments(tok, prompt_segments(task, own, ex)[:-1])
-        for mask in MASKS:
-            pre = row_ctx if mask == "in-context" else bos
-            if cfg.max_length - len(pre) - len(t) < 1:
-                raise ConfigError(f"example {ex.id}: its target alone is {len(t)} tokens, over "
-                                  f"--max-length {cfg.max_length}; raise --max-length")
-            seq, span, dropped = row_layout(pre, q, t, cfg.max_length,
-                                            cfg.span == "full" and mask != "label-masked")
-            seqs[mask].append(seq)
-            spans[mask].append(span)
-            if mask == "isolated":
-                trunc.append(dropped)
-        n_tok.append(len(q))
-        n_tgt.append(len(t))
-    return _Plan(rows, splits, seqs, spans, np.array(n_tok), np.array(n_tgt), np.array(trunc),
-                 [e.id for e in ctx], "".join(prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else "",
-                 "bos" if bos else "first token")
-
-
-def row_layout(pre: list[int], q: list[int], t: list[int], max_length: int, full: bool):
-    """Token ids and pooled span of one row: prefix + input (its start dropped if
-    too long, keeping the end next to the answer) + target. The span covers the
-    input, plus the target when `full`. Returns (ids, (start, end), input tokens dropped).
-
-    With no prefix (a tokenizer without BOS, e.g. Qwen2.5) the row's first token
-    is the attention sink that carries the massive activations, so it is left out
-    of the span (kept only when it is the span's sole token), as BOS is elsewhere.
-    """
-    qq = q[-(max_length - len(pre) - len(t)):]
-    s = len(pre)
-    e = s + len(qq) + (len(t) if full else 0)
-    if s == 0 and e > 1:
-        s = 1
-    return pre + qq + t, (s, e), len(q) - len(qq)
-
-
-def pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-
 def forward_rows(lm, cap: Capture, seqs, spans, rows, mask: str) -> None:
-    """Run `cap` on the given rows as one right-padded batch under `mask`."""
+    """Run `cap` on the given rows (indices into `seqs`/`spans`, as laid out by
+    `prompts.row_layout`) as one right-padded batch under `mask`."""
     model = lm.model
     batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(lm.tokenizer),
                        next(model.parameters()).device)
     attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
     cap.run(batch, attention_mask=attn)
-
-
-def _batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
-    """Row indices per batch, longest first so memory peaks early; ties by row."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [np.array(order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
 def _pass_id(key: str, mask: str, units: list[tuple[str, int]], poolings) -> str:
@@ -299,7 +173,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
         if (bdir / "acts.h5").exists():
             have = Store(bdir).arrays
         missing = [a for a in wanted if a not in have]
-        plan = _plan(ds, lm.tokenizer, cfg) if missing else None
+        plan = build_plan(ds, lm.tokenizer, cfg) if missing else None
         new_arrays: dict[ArrayId, np.ndarray] = {}
         new_stats: dict[tuple[str, str, int], np.ndarray] = {}
         for mask in [m for m in MASKS if any(a.mask == m for a in missing)]:
@@ -331,13 +205,13 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     return store
 
 
-def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str, progress):
+def _run_pass(lm, plan: BuildPlan, mask, units, poolings, cfg, bdir: Path, key: str, progress):
     """One forward pass over every row under `mask`, resuming from flushed batches."""
     pid = _pass_id(key, mask, units, poolings)
     pdir = bdir / "partial" / pid
     pdir.mkdir(parents=True, exist_ok=True)
     seqs, spans = plan.seqs[mask], plan.spans[mask]
-    batches = _batches([len(s) for s in seqs], cfg.batch_size)
+    batches = length_batches([len(s) for s in seqs], cfg.batch_size)
     layers = sorted({L for _, L in units})
     comps = sorted({c for c, _ in units}, key=COMPONENTS.index)
     cap = Capture(lm.model, layers, comps, poolings, stats=True, units=units)
@@ -376,7 +250,7 @@ def _run_pass(lm, plan: _Plan, mask, units, poolings, cfg, bdir: Path, key: str,
     return arrays, stats, ran
 
 
-def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: _Plan, arrays, stats, task):
+def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: BuildPlan, arrays, stats, task):
     """Assemble old + new arrays into a temporary HDF5 file, then rename it into place."""
     import h5py
 

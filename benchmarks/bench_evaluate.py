@@ -38,7 +38,7 @@ import torch
 
 def naive_scores(model, tok, prompts, words) -> np.ndarray:
     """(n, c) log p(word | prompt): one full forward per prompt per word."""
-    from actcache.score import encode_continuation, encode_segments
+    from actcache.prompts import encode_continuation, encode_segments
 
     out = np.empty((len(prompts), len(words)))
     with torch.inference_mode():
@@ -72,7 +72,7 @@ def selection_prompts(task, pool, evals, k: int, seeds) -> list[list[str]]:
     """Per seed, k random pool demonstrations in one seeded order, then each eval input."""
     import random
 
-    from actcache.data import prompt_segments
+    from actcache.prompts import prompt_segments
     from actcache.study import demo_order
 
     by_id = {e.id: e for e in pool}
@@ -100,7 +100,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1", help="selection: one shared subset and order per seed")
     args = ap.parse_args()
 
-    from actcache.data import DataSpec, load, prompt_segments
+    from actcache.data import DataSpec, load
+    from actcache.prompts import prompt_segments
     from actcache.models import ModelSpec, hardware, load_model, set_threads
     from actcache.score import TokenCount, score_options
     from actcache.store import default_home

@@ -9,7 +9,8 @@ import torch
 
 from conftest import TEXTS, cfg_for, make_model, make_tokenizer, write_jsonl
 
-from actcache.builder import _context_demos, _plan, build
+from actcache.builder import build
+from actcache.prompts import build_plan, context_demos
 from actcache.capture import STATS
 from actcache.data import load as load_data
 from actcache.models import load_model
@@ -51,7 +52,7 @@ def test_in_context_rows_never_see_their_own_demonstration(tiny_model_dir, jsonl
     cfg = cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", context_k=3)
     ds = load_data(cfg.data)
     lm = load_model(cfg.model, default_home(cfg.home))
-    plan = _plan(ds, lm.tokenizer, cfg)
+    plan = build_plan(ds, lm.tokenizer, cfg)
     assert len(plan.context_ids) == 3
     seen = 0
     for i, ex in enumerate(plan.rows):
@@ -67,10 +68,10 @@ def test_in_context_rows_never_see_their_own_demonstration(tiny_model_dir, jsonl
 def test_in_context_prefix_is_label_balanced_across_seeds(tiny_model_dir, jsonl):
     cfg = cfg_for(tiny_model_dir["llama"], jsonl, "unused")
     ds = load_data(cfg.data)
-    firsts = [_context_demos(ds, 1, seed)[0].label for seed in range(4)]
+    firsts = [context_demos(ds, 1, seed)[0].label for seed in range(4)]
     assert sorted(firsts) == [0, 0, 1, 1]
     for seed in range(4):
-        labels = [e.label for e in _context_demos(ds, 4, seed)]
+        labels = [e.label for e in context_demos(ds, 4, seed)]
         assert sorted(labels) == [0, 0, 1, 1]
 
 
