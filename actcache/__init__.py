@@ -30,6 +30,10 @@ def __getattr__(name):
         from . import data as _d
 
         return getattr(_d, name)
+    if name in ("EvalConfig", "evaluate", "RunConfig", "run", "PRESETS"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
     if name == "ModelSpec":
         from .models import ModelSpec
 
@@ -40,5 +44,6 @@ def __getattr__(name):
 __all__ = [
     "ActcacheError", "BuildConfig", "ConfigError", "CorruptStoreError", "DataSpec", "DatasetError",
     "LabelWordError", "MismatchError", "ModelError", "ModelSpec", "Store", "StoreError", "TASKS",
-    "build", "canonical_key", "default_home", "list_builds",
+    "build", "canonical_key", "default_home", "list_builds", "EvalConfig", "evaluate", "RunConfig", "run",
+    "PRESETS",
 ]

@@ -18,12 +18,11 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,15 +30,16 @@ from typing import Callable
 import numpy as np
 
 from .capture import (
-    COMPONENTS, MASKS, POOLINGS, STATS, Capture, decoder_layers, make_batch, resolve_layers, sink_masks,
+    COMPONENTS, MASKS, POOLINGS, Capture, decoder_layers, forward_rows, resolve_layers,
 )
 from .data import DataSpec, load as load_data
+from .prompts import RowPlan, length_batches, plan_rows
 from .errors import ConfigError
 from .models import ModelSpec, load_model, set_threads
-from .prompts import BuildPlan, build_plan, length_batches, pad_id
+from .errors import CorruptStoreError
 from .store import (
-    FORMAT, FORMAT_VERSION, ArrayId, Store, array_name, build_lock, default_home, index_spec, load_npz, save_npz,
-    stats_name,
+    ArrayId, Store, build_lock, canonical_key, check_home, clean_leftovers, default_home, derive_key,
+    index_spec, load_npz, save_npz, write_build,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -58,6 +58,10 @@ class BuildConfig:
            select, evaluate), flat (exact cosine) unless the build asked for
            another kind. flat, ivf, hnsw or a FAISS factory string builds
            every array's index of that kind now.
+    saes: SAE directories (SAELens / Gemma Scope layout); their features are
+          pooled (mean, max) over the same spans and masks and stored sparse.
+          Like layers, they are contents, not part of the key: adding one to a
+          finished build computes only its pass.
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -73,6 +77,7 @@ class BuildConfig:
     context_k: int = 4
     context_seed: int = 0
     index: str | None = None
+    saes: tuple[str, ...] = ()
     home: str | None = None
 
     def validate(self) -> None:
@@ -91,27 +96,19 @@ class BuildConfig:
             raise ConfigError(f"--max-length {self.max_length} is too small; use at least 8")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if isinstance(self.layers, str):
+            resolve_layers(self.layers, 1 << 20)  # the syntax now; the range once the model is known
+        if self.index:
+            index_spec(self.index)  # a bad factory string fails now, not after the forward pass
+        if self.saes:
+            from .sae import load_sae
 
-
-def canonical_key(payload: dict) -> str:
-    """sha256 of canonical JSON (sorted keys, no whitespace) plus the format version."""
-    blob = json.dumps({"format_version": FORMAT_VERSION, **payload}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def forward_rows(lm, cap: Capture, seqs, spans, rows, mask: str) -> None:
-    """Run `cap` on the given rows (indices into `seqs`/`spans`, as laid out by
-    `prompts.row_layout`) as one right-padded batch under `mask`."""
-    model = lm.model
-    batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(lm.tokenizer),
-                       next(model.parameters()).device)
-    attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
-    cap.run(batch, attention_mask=attn)
+            for d in self.saes:
+                load_sae(d)  # a bad SAE directory fails now
 
 
 def _pass_id(key: str, mask: str, units: list[tuple[str, int]], poolings) -> str:
-    return canonical_key({"key": key, "mask": mask, "units": sorted(units), "poolings": sorted(poolings)})[:16]
+    return derive_key(key, "pass", mask=mask, units=sorted(units), poolings=sorted(poolings))[:16]
 
 
 def _versions() -> dict:
@@ -159,7 +156,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     """
     cfg.validate()
     t0 = time.time()
-    home = default_home(cfg.home)
+    home = check_home(default_home(cfg.home))
     set_threads()
     ds, lm, key, payload = identify(cfg)
     n_layers = len(decoder_layers(lm.model)[1])
@@ -169,11 +166,20 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     bdir = home / "builds" / key
     forward_batches = 0
     with build_lock(bdir):
+        clean_leftovers(bdir)
         have: list[ArrayId] = []
+        have_sae: set = set()
         if (bdir / "acts.h5").exists():
-            have = Store(bdir).arrays
+            try:
+                old = Store(bdir)
+                have, have_sae = old.arrays, set(old.sae_groups)
+            except CorruptStoreError as e:
+                warnings.warn(f"{e}; building it again from scratch", stacklevel=2)
+                (bdir / "acts.h5").unlink()
         missing = [a for a in wanted if a not in have]
-        plan = build_plan(ds, lm.tokenizer, cfg) if missing else None
+        saes = _load_saes(cfg.saes, n_layers)
+        sae_todo = [(sae, m) for sae in saes for m in cfg.masks if (sae.key[:16], m) not in have_sae]
+        plan = plan_rows(ds, lm.tokenizer, cfg) if missing or sae_todo else None
         new_arrays: dict[ArrayId, np.ndarray] = {}
         new_stats: dict[tuple[str, str, int], np.ndarray] = {}
         for mask in [m for m in MASKS if any(a.mask == m for a in missing)]:
@@ -187,25 +193,34 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
                     new_arrays[ArrayId(c, L, p, mask)] = arr
             for (c, L), st in stats.items():
                 new_stats[(mask, c, L)] = st
-        if missing:
-            _write_h5(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task)
+        new_sae = {}
+        for sae, mask in sae_todo:
+            from .sae import sae_pass
+
+            new_sae[(sae, mask)], nb = sae_pass(lm.model, lm.tokenizer, sae, plan.seqs[mask], plan.spans[mask],
+                                                mask, cfg.batch_size, progress)
+            forward_batches += nb
+        if missing or new_sae:
+            _write(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task, bool(have),
+                   new_sae)
             shutil.rmtree(bdir / "partial", ignore_errors=True)
         store = Store(bdir)
         made_idx = _ensure_indexes(store, cfg, progress) if cfg.index else 0
     built_on = store.provenance.get("model", {}).get("hardware") or {}
     here = lm.provenance["hardware"]
     store.report = {
-        "key": key, "path": str(bdir), "cache_hit": not missing and not made_idx,
+        "key": key, "path": str(bdir), "cache_hit": not missing and not made_idx and not sae_todo,
         "dtype": lm.provenance["dtype"], "dtype_requested": lm.provenance["dtype_requested"], "hardware": here,
         "built_on": built_on.get("class"),
-        "computed": [str(a) for a in missing], "reused": [str(a) for a in wanted if a not in missing],
+        "computed": [str(a) for a in missing] + [f"sae/{sae.key[:16]}/{m}" for sae, m in sae_todo],
+        "reused": [str(a) for a in wanted if a not in missing],
         "indexes_built": made_idx, "forward_batches": forward_batches,
         "seconds": round(time.time() - t0, 2),
     }
     return store
 
 
-def _run_pass(lm, plan: BuildPlan, mask, units, poolings, cfg, bdir: Path, key: str, progress):
+def _run_pass(lm, plan: RowPlan, mask, units, poolings, cfg, bdir: Path, key: str, progress):
     """One forward pass over every row under `mask`, resuming from flushed batches."""
     pid = _pass_id(key, mask, units, poolings)
     pdir = bdir / "partial" / pid
@@ -226,22 +241,22 @@ def _run_pass(lm, plan: BuildPlan, mask, units, poolings, cfg, bdir: Path, key: 
             progress(desc, bi, len(batches))
         out = load_npz(shard)  # a flushed batch; None when absent or torn by a crash: run it again
         if out is None or not np.array_equal(out.get("rows"), rows):
-            forward_rows(lm, cap, seqs, spans, rows, mask)
+            forward_rows(lm.model, lm.tokenizer, cap, seqs, spans, rows, mask)
             ran += 1
             out = {"rows": rows}
             for (c, L, p), v in cap.pooled.items():
                 if (c, L) in units:
-                    out[f"a|{c}|{L}|{p}"] = v
+                    out[ArrayId(c, L, p, mask).name()] = v
             for (c, L), v in cap.stats.items():
                 if (c, L) in units:
-                    out[f"s|{c}|{L}"] = v
+                    out[ArrayId(c, L, "mean", mask).stats_name()] = v
             save_npz(shard, out)
         for name, v in out.items():
             if name == "rows":
                 continue
-            kind, c, L, *rest = name.split("|")
-            target = arrays if kind == "a" else stats
-            k = (c, int(L), rest[0]) if kind == "a" else (c, int(L))
+            a = ArrayId.parse(name)
+            target = arrays if name.startswith("acts/") else stats
+            k = (a.component, a.layer, a.pooling) if target is arrays else (a.component, a.layer)
             if k not in target:
                 target[k] = np.empty((n, v.shape[1]), dtype=v.dtype)
             target[k][rows] = v
@@ -250,75 +265,49 @@ def _run_pass(lm, plan: BuildPlan, mask, units, poolings, cfg, bdir: Path, key: 
     return arrays, stats, ran
 
 
-def _write_h5(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: BuildPlan, arrays, stats, task):
-    """Assemble old + new arrays into a temporary HDF5 file, then rename it into place."""
-    import h5py
+def _load_saes(dirs, n_layers: int) -> list:
+    from .sae import load_sae
 
-    final = bdir / "acts.h5"
-    tmp = bdir / f"acts.h5.{os.getpid()}.tmp"
-    str_dt = h5py.string_dtype("utf-8")
-    with h5py.File(tmp, "w") as f:
-        if final.exists():
-            with h5py.File(final, "r") as old:
-                for name in ("examples", "acts", "stats"):
-                    if name in old:
-                        old.copy(old[name], f, name=name)
-                old_prov = json.loads(old.attrs["provenance"])
-                old_cfg = json.loads(old.attrs["config"])
-        else:
-            old_prov, old_cfg = {}, {}
-            ex = f.create_group("examples")
-            ex.create_dataset("id", data=[e.id for e in plan.rows], dtype=str_dt)
-            ex.create_dataset("split", data=plan.splits, dtype=str_dt)
-            ex.create_dataset("label", data=np.array([e.label for e in plan.rows], dtype=np.int64))
-            ex.create_dataset("text", data=[task.query_text(e) for e in plan.rows], dtype=str_dt)
-            ex.create_dataset("demo", data=[task.demo_text(e) for e in plan.rows], dtype=str_dt)
-            ex.create_dataset("dup", data=[task.dup_key(e) for e in plan.rows], dtype=str_dt)
-            ex.create_dataset("n_tokens", data=plan.n_tokens.astype(np.int64))
-            ex.create_dataset("n_target", data=plan.n_target.astype(np.int64))
-            ex.create_dataset("truncated", data=plan.truncated.astype(np.int64))
-            ex.create_dataset("record", dtype=str_dt, data=[json.dumps(
-                {"id": e.id, "fields": dict(e.fields), "label": e.label, "choices": list(e.choices),
-                 "answer": e.answer}, ensure_ascii=False) for e in plan.rows])
-        for a, arr in arrays.items():
-            dt = np.float16 if cfg.store_dtype == "float16" else np.float32
-            if dt == np.float16 and np.abs(arr).max() > np.finfo(np.float16).max:
-                dt = np.float32  # massive activations would overflow float16 to inf
-            ds = f.create_dataset(array_name(a.mask, a.component, a.layer, a.pooling), data=arr.astype(dt),
-                                  chunks=(min(len(arr), 4096), arr.shape[1]))
-            ds.attrs["key"] = canonical_key({"build": key, "array": str(a)})
-        for (mask, c, L), st in stats.items():
-            name = stats_name(mask, c, L)
-            if name not in f:
-                f.create_dataset(name, data=st.astype(np.float64)).attrs["columns"] = json.dumps(STATS)
-        masks = sorted(set(old_prov.get("masks", [])) | {a.mask for a in arrays})
-        prov = {
-            **old_prov,
-            "model": model_prov,
-            "data": {"task": {**payload["task"], "stop": task.stop, "dup_field": task.dup_field},
-                     "fingerprint": payload["data"],
-                     "spec": asdict(cfg.data), "n_pool": plan.splits.count("pool"),
-                     "n_eval": plan.splits.count("eval")},
-            "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
-            "store_dtype": cfg.store_dtype, "masks": masks,
-            "sink": plan.sink,
-            "in_context": {"k": cfg.context_k, "seed": cfg.context_seed, "demo_ids": plan.context_ids,
-                           "self_rule": "a context demonstration is encoded with a same-label stand-in in its place",
-                           "prefix": plan.context_text} if plan.context_ids or "in_context" not in old_prov else old_prov["in_context"],
-            "poolings": sorted(set(old_prov.get("poolings", [])) | {a.pooling for a in arrays}),
-            "versions": _versions(), "format_version": FORMAT_VERSION,
-            "created": old_prov.get("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["key"] = key
-        f.attrs["provenance"] = json.dumps(prov, default=str)
-        f.attrs["config"] = json.dumps({**old_cfg, **_cfg_json(cfg)}, default=str)
-        f.attrs["key_payload"] = json.dumps(payload, sort_keys=True, default=str)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    saes = [load_sae(d) for d in dirs]
+    for d, sae in zip(dirs, saes):
+        if not 0 <= sae.layer < n_layers:
+            raise ConfigError(f"SAE {d} reads layer {sae.layer}, but the model has {n_layers} layers")
+    return saes
+
+
+def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan, arrays, stats, task,
+           extend: bool, saes: dict | None = None) -> None:
+    """Hand the new arrays, the examples (new builds) and the provenance to `store.write_build`."""
+    examples = None if extend else {
+        "id": [e.id for e in plan.rows], "split": plan.splits, "label": [e.label for e in plan.rows],
+        "text": [task.query_text(e) for e in plan.rows], "demo": [task.demo_text(e) for e in plan.rows],
+        "dup": [task.dup_key(e) for e in plan.rows], "n_tokens": plan.n_tokens, "n_target": plan.n_target,
+        "truncated": plan.truncated,
+        "record": [json.dumps({"id": e.id, "fields": dict(e.fields), "label": e.label, "choices": list(e.choices),
+                               "answer": e.answer}, ensure_ascii=False) for e in plan.rows]}
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    prov = {
+        "model": model_prov,
+        "data": {"task": {**payload["task"], "stop": task.stop, "dup_field": task.dup_field},
+                 "fingerprint": payload["data"],
+                 "spec": asdict(cfg.data), "n_pool": plan.splits.count("pool"),
+                 "n_eval": plan.splits.count("eval")},
+        "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
+        "store_dtype": cfg.store_dtype, "masks": sorted({a.mask for a in arrays}),
+        "sink": plan.sink,
+        "in_context": {"k": cfg.context_k, "seed": cfg.context_seed, "demo_ids": plan.context_ids,
+                       "self_rule": "a context demonstration is encoded with a same-label stand-in in its place",
+                       "prefix": plan.context_text} if plan.context_ids or not extend else None,
+        "poolings": sorted({a.pooling for a in arrays}),
+        "versions": _versions(), "updated": now,
+    }
+    if saes:
+        prov["saes"] = {sae.key[:16]: {"key": sae.key, "hook": sae.hook, "layer": sae.layer, "kind": sae.kind,
+                                       "d_sae": sae.d_sae, "k": sae.k} for sae, _ in saes}
+    write_build(bdir, key, arrays=arrays, saes={(sae.key[:16], m): v for (sae, m), v in (saes or {}).items()},
+                stats={ArrayId(c, L, "mean", m): st for (m, c, L), st in stats.items()},
+                examples=examples, provenance=prov, config=_cfg_json(cfg), key_payload=payload,
+                store_dtype=cfg.store_dtype)
 
 
 def _cfg_json(cfg: BuildConfig) -> dict:

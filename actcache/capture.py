@@ -61,7 +61,7 @@ def decoder_layers(model):
                       f"models whose base model has .layers (Llama, Qwen2, Gemma3) or .h (GPT-2)")
 
 
-def _component_module(layer, component: str):
+def component_module(layer, component: str):
     if component == "resid":
         return layer
     names = hook_names(layer, component)
@@ -81,8 +81,12 @@ def resolve_layers(spec: str | Iterable[int] | None, n_layers: int) -> tuple[int
     parts = spec.split(",") if isinstance(spec, str) else list(spec)
     for part in parts:
         if isinstance(part, str) and ":" in part:
-            bits = [int(b) if b.strip() else None for b in part.split(":")]
-            out.extend(range(n_layers)[slice(*bits)])
+            try:
+                bits = [int(b) if b.strip() else None for b in part.split(":")]
+                out.extend(range(n_layers)[slice(*bits)])
+            except (ValueError, TypeError):
+                raise ConfigError(f"bad layer slice {part!r} in --layers; use start:stop[:step] with integers "
+                                  f"and a non-zero step, e.g. '2:10' or '0:18:3'") from None
             continue
         try:
             i = int(part)
@@ -394,7 +398,7 @@ class Capture:
         try:
             for layer in self.layers:
                 for comp in self.units[layer]:
-                    mod = _component_module(self.blocks[layer], comp)
+                    mod = component_module(self.blocks[layer], comp)
                     handles.append(mod.register_forward_hook(self._hook(comp, layer)))
 
             def stop(_m, _i, _o):
@@ -426,6 +430,17 @@ class Capture:
         if self.want_stats:
             host = torch.stack([st for *_, st in self._out]).cpu().numpy()
             self.stats.update({k: host[i] for i, k in enumerate(keys)})
+
+
+def forward_rows(model, tokenizer, cap: "Capture", seqs, spans, rows, mask: str) -> None:
+    """Run `cap` on the given rows (indices into `seqs`/`spans`) as one
+    right-padded batch, under the attention of `mask`."""
+    from .prompts import pad_id
+
+    batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(tokenizer),
+                       next(model.parameters()).device)
+    attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
+    cap.run(batch, attention_mask=attn)
 
 
 def span_stats(h, start, end) -> np.ndarray:

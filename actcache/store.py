@@ -1,40 +1,62 @@
-"""The store: one HDF5 file per build, plus its FAISS indexes. `Store` is the one
-type the rest of actcache passes around.
+"""The store: one HDF5 file per build, plus what is derived from it. `Store` is
+the one type the rest of actcache passes around, and this module is the only
+one that reads or writes the build format.
 
 Layout of `<home>/builds/<key>/`:
 
     acts.h5                  the finished build (only ever replaced atomically)
-    indexes/<array>.faiss    one FAISS index per pooled array, over the pool rows
+    indexes/<array>.faiss    one FAISS index per pooled array, over the pool rows,
+                             built on first use (derived; rebuilt when damaged)
+    queries/<key>.npz        activations of new query texts (derived)
+    quality/<key>.npz        quality matrices of `evaluate` (derived)
+    embed/<model>.npy        sentence embeddings for embed-knn (derived)
     partial/<pass>/*.npz     flushed batches of a build in progress (resume data)
-    lock                     flock-ed while a process builds this key
+    lock                     held while a process builds this key
 
-Inside acts.h5:
+Inside acts.h5 (every numeric dataset chunked with a fletcher32 checksum, so a
+damaged chunk fails to read instead of returning other numbers):
 
-    attrs: format="actcache", format_version, key, provenance (JSON), config (JSON)
+    attrs: format="actcache", format_version, key, provenance (JSON), config (JSON),
+           key_payload (JSON), examples_sha256 (digest of /examples)
     /examples/{id,split,label,text,demo,dup,n_tokens,n_target,truncated,record}
     /acts/<mask>/<component>/L<layer>/<pooling>   (N, d) float16 (float32 on request
-                                                  or where float16 would overflow)
+                                                  or where float16 would overflow);
+                                                  attrs: fingerprint of the pool rows
     /stats/<mask>/<component>/L<layer>            (N, 6) float64, columns = STATS
+
+Every derived artifact is named by `derive_key(build key, kind, **params)`.
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import os
+import socket
+import sys
 import zipfile
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import Iterator
 
 import numpy as np
+
+from indexes import atomic_write, tmp_owner, vectors_fingerprint
 
 from .capture import STATS
 from .errors import ConfigError, CorruptStoreError, MismatchError, StoreError
 
 FORMAT = "actcache"
-FORMAT_VERSION = 2  # 2: no-BOS sink left out of spans; context rows never see themselves
+# 2: no-BOS sink left out of spans; context rows never see themselves.
+# 3: fletcher32 on every dataset, an examples digest and per-array fingerprints, so damage is detected.
+FORMAT_VERSION = 3
+EXAMPLE_COLUMNS = ("id", "split", "label", "text", "demo", "dup", "n_tokens", "n_target", "truncated", "record")
+_TEXT_COLUMNS = ("id", "split", "text", "demo", "dup", "record")
+_DERIVED_DIRS = ("queries", "quality", "embed")
+SAE_STATS = ("l0", "fvu", "explained")
+
+__all__ = ["atomic_write"]  # re-exported: the one temp-fsync-rename helper (indexes.io)
 
 
 def default_home(explicit: str | os.PathLike | None = None) -> Path:
@@ -48,21 +70,33 @@ def default_home(explicit: str | os.PathLike | None = None) -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "actcache"
 
 
-def array_name(mask: str, component: str, layer: int, pooling: str) -> str:
-    return f"acts/{mask}/{component}/L{layer:02d}/{pooling}"
+def check_home(home: Path) -> Path:
+    """Raise a clear StoreError when the store root cannot be a directory."""
+    if home.exists() and not home.is_dir():
+        raise StoreError(f"store {home} is a file, not a directory; point --store (or ACTCACHE_HOME) at a directory")
+    return home
 
 
-def stats_name(mask: str, component: str, layer: int) -> str:
-    return f"stats/{mask}/{component}/L{layer:02d}"
+def canonical_key(payload: dict) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace) plus the format version."""
+    blob = json.dumps({"format_version": FORMAT_VERSION, **payload}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def index_filename(mask: str, component: str, layer: int, pooling: str) -> str:
-    return f"{mask}__{component}__L{layer:02d}__{pooling}.faiss"
+def derive_key(parent_key: str, kind: str, **params) -> str:
+    """The key of an artifact derived from a build (an index, a query cache, a
+    quality matrix, embeddings, a build pass): sha256 of the canonical JSON of
+    the parent key, the kind and every parameter that changes its bytes, plus
+    the format version."""
+    return canonical_key({"parent": parent_key, "kind": kind, "params": params})
 
 
 @dataclass(frozen=True)
 class ArrayId:
-    """One pooled array: (component, layer, pooling, mask)."""
+    """One pooled array: (component, layer, pooling, mask). Its one spelling per
+    use: `name()` in HDF5 and shards, `index_filename()` on disk, `str()` for people
+    and JSON records; `parse()` reads back any of them."""
 
     component: str
     layer: int
@@ -72,38 +106,45 @@ class ArrayId:
     def __str__(self) -> str:
         return f"{self.component}/L{self.layer}/{self.pooling}/{self.mask}"
 
+    def name(self) -> str:
+        """The HDF5 dataset path: acts/<mask>/<component>/L<layer>/<pooling>."""
+        return f"acts/{self.mask}/{self.component}/L{self.layer:02d}/{self.pooling}"
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file that readers (and a resuming process) can trust: `write(f)`
-    fills a temp file beside `path` (binary), which is fsynced, then renamed into
-    place, and the directory entry fsynced. A crash leaves the old file or none,
-    never a torn one. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # not every filesystem can fsync a directory
-    return path
+    def stats_name(self) -> str:
+        """The HDF5 path of the statistics of this array's (mask, component, layer)."""
+        return f"stats/{self.mask}/{self.component}/L{self.layer:02d}"
+
+    def index_filename(self) -> str:
+        return f"{self.mask}__{self.component}__L{self.layer:02d}__{self.pooling}.faiss"
+
+    @classmethod
+    def parse(cls, text: str) -> "ArrayId":
+        """Inverse of `str()`, `name()` and `index_filename()`; a stats name gives pooling "mean"."""
+        t = text.removesuffix(".faiss")
+        if "__" in t:
+            m, c, L, p = t.split("__")
+        elif t.startswith("acts/"):
+            _, m, c, L, p = t.split("/")
+        elif t.startswith("stats/"):
+            _, m, c, L = t.split("/")
+            p = "mean"
+        else:
+            c, L, p, m = t.split("/")
+        if not L.startswith("L") or not L[1:].lstrip("-").isdigit():
+            raise ConfigError(f"{text!r} is not an array id (component/L<layer>/pooling/mask)")
+        return cls(c, int(L[1:]), p, m)
 
 
 def save_npz(path: str | os.PathLike, arrays: dict) -> Path:
-    """np.savez through `atomic_write`."""
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
+    """np.savez through `atomic_write` (fsynced before its rename: a resume trusts it).
+    Out of space: StoreError naming the path and the size."""
+    from indexes import NoSpaceError
+
+    try:
+        return atomic_write(path, lambda f: np.savez(f, **arrays),
+                            nbytes=sum(np.asarray(v).nbytes for v in arrays.values()))
+    except NoSpaceError as e:
+        raise StoreError(e.strerror or str(e)) from None
 
 
 def load_npz(path: str | os.PathLike) -> dict | None:
@@ -116,34 +157,96 @@ def load_npz(path: str | os.PathLike) -> dict | None:
         return None
 
 
+def try_save_npz(path: str | os.PathLike, arrays: dict) -> bool:
+    """`save_npz` for a cache that may live on a read-only store: False (and
+    nothing written) when the store cannot be written; out-of-space errors still raise."""
+    try:
+        save_npz(path, arrays)
+        return True
+    except PermissionError:
+        return False
+    except OSError as e:
+        if e.errno in (30, 13):  # EROFS, EACCES
+            return False
+        raise
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for a lock: $ACTCACHE_LOCK_TIMEOUT, default 600."""
+    return float(os.environ.get("ACTCACHE_LOCK_TIMEOUT", "600"))
+
+
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path` (created if needed), released on exit
-    or when the process dies, so a killed holder never leaves it stuck."""
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
+    """An exclusive lock on `path` (a `filelock.FileLock`: released when the holder
+    exits or dies). Waits up to `timeout` seconds (`lock_timeout()`), then raises a
+    StoreError naming the holder (pid, host, command), recorded in `<path>.holder`."""
+    from filelock import FileLock, Timeout
+
+    timeout = lock_timeout() if timeout is None else timeout
+    lock = FileLock(str(path), timeout=timeout)
+    holder = Path(f"{path}.holder")
+    try:
+        lock.acquire()
+    except Timeout:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            who = holder.read_text().strip()
+        except OSError:
+            who = "an unknown process"
+        raise StoreError(f"{path} has been locked for {timeout:.0f} s by {who}; wait for it to finish "
+                         f"(or stop it), or raise ACTCACHE_LOCK_TIMEOUT") from None
+    try:
+        try:
+            holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})\n")
+        except OSError:
+            pass
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager
 def build_lock(build_dir: Path) -> Iterator[None]:
-    """Exclusive flock on <build>/lock. A second builder of the same key waits,
+    """Exclusive lock on <build>/lock. A second builder of the same key waits,
     then finds the first one's result and reuses it."""
-    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create {build_dir} ({e.strerror}); point --store (or ACTCACHE_HOME) "
+                         f"at a writable directory") from None
     with file_lock(build_dir / "lock"):
         yield
 
 
 def index_spec(kind: str | None):
     """An `indexes.IndexSpec` for --index: flat (exact cosine; also for None),
-    ivf, hnsw, or a FAISS factory string."""
-    from indexes import IndexSpec
+    ivf, hnsw, or a FAISS factory string (checked now, so a bad one fails
+    before any work)."""
+    from indexes import IndexSpec, check_factory
 
     kind = kind or "flat"
-    return IndexSpec(kind=kind) if kind in ("flat", "ivf", "hnsw") else IndexSpec(kind="factory", factory=kind)
+    spec = IndexSpec(kind=kind) if kind in ("flat", "ivf", "hnsw") else IndexSpec(kind="factory", factory=kind)
+    try:
+        check_factory(spec)
+    except ValueError as e:
+        raise ConfigError(f"--index {kind!r}: {e}; use flat, ivf, hnsw or a valid FAISS factory string "
+                          f"such as IVF64,Flat") from None
+    return spec
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _damaged(path: Path, what: str, e: BaseException) -> CorruptStoreError:
+    key = path.parent.name
+    return CorruptStoreError(f"build {key[:12]}: {what} is damaged ({_first_line(e)}); run "
+                             f"`actcache verify {key[:12]}` to see what else is, then delete {path.parent} "
+                             f"and run the build again")
+
+
+_H5_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
 
 def _open_h5(path: Path):
@@ -152,25 +255,170 @@ def _open_h5(path: Path):
     try:
         f = h5py.File(path, "r")
     except (OSError, ValueError) as e:
-        raise CorruptStoreError(f"{path} is not a readable HDF5 file ({e}); delete "
+        raise CorruptStoreError(f"{path} is not a readable HDF5 file ({_first_line(e)}); delete "
                                 f"{path.parent} and run the build again") from None
-    if f.attrs.get("format") != FORMAT:
+    try:
+        fmt, version = f.attrs.get("format"), f.attrs.get("format_version", -1)
+    except _H5_ERRORS as e:
+        f.close()
+        raise _damaged(path, "the file header", e) from None
+    if fmt != FORMAT:
         f.close()
         raise CorruptStoreError(f"{path} is not an actcache build (no format attribute); "
                                 f"point --store at an actcache store")
-    if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
-        v = f.attrs.get("format_version")
+    if int(version) != FORMAT_VERSION:
         f.close()
-        raise CorruptStoreError(f"{path} has format version {v}, this actcache reads "
-                                f"{FORMAT_VERSION}; rebuild it with this version")
+        raise CorruptStoreError(f"{path} has format version {version}, this actcache reads "
+                                f"{FORMAT_VERSION}; rebuild it with this version (same `actcache build` command)")
     return f
 
 
+def _h5_dataset(f, name: str, data, **kw):
+    """Every numeric dataset chunked with a fletcher32 checksum."""
+    arr = np.asarray(data)
+    return f.create_dataset(name, data=arr, chunks=kw.pop("chunks", True), fletcher32=True, **kw)
+
+
+def examples_digest(columns: dict) -> str:
+    """sha256 of the /examples columns as canonical JSON (the vlen strings are not
+    covered by fletcher32, so this digest is what detects damage to them)."""
+    h = hashlib.sha256()
+    for name in EXAMPLE_COLUMNS:
+        vals = columns[name]
+        vals = [str(v) for v in vals] if name in _TEXT_COLUMNS else [int(v) for v in vals]
+        h.update(json.dumps([name, vals], ensure_ascii=False, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def _pool_fingerprint(arr: np.ndarray, pool: np.ndarray) -> str:
+    """`indexes.vectors_fingerprint` of the pool rows as stored (the index's source)."""
+    return vectors_fingerprint(np.asarray(arr[pool], dtype=np.float32))
+
+
+def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, examples: dict | None,
+                provenance: dict, config: dict, key_payload: dict, store_dtype: str = "float16",
+                versions: dict | None = None, saes: dict | None = None) -> None:
+    """Write (or extend) a build's acts.h5 atomically: old + new arrays are
+    assembled in a temp file beside it, fsynced, then renamed into place.
+
+    Args:
+        arrays: {ArrayId: (N, d) float32} new pooled arrays.
+        stats: {ArrayId: (N, 6) float64} statistics of each array's (mask, component, layer).
+        examples: {column: (N,) values} for a new file (EXAMPLE_COLUMNS); None when
+            extending a file that has them.
+        provenance: merged over the old provenance; its "masks" and "poolings" are
+            unioned with the old ones, "created" is kept, an "in_context" of None
+            keeps the old one.
+        config: merged over the old config.
+        saes: {(sae key16, mask): sae.sae_pass output}: pooled SAE features kept
+            as CSR under sae/<key16>/<mask>/<pooling>/, statistics under .../stats.
+        store_dtype: "float16" (float32 where float16 would overflow) or "float32".
+    """
+    import h5py
+
+    final = build_dir / "acts.h5"
+    nbytes = sum(a.nbytes for a in arrays.values()) // (2 if store_dtype == "float16" else 1)
+    tmp = build_dir / f".acts.h5.{os.getpid()}.{os.urandom(6).hex()}.tmp"
+    str_dt = h5py.string_dtype("utf-8")
+    try:
+        with h5py.File(tmp, "w") as f:
+            old_prov, old_cfg = {}, {}
+            if final.exists():
+                with _open_h5(final) as old:
+                    for name in ("examples", "acts", "stats", "sae"):
+                        if name in old:
+                            old.copy(old[name], f, name=name)
+                    old_prov = json.loads(old.attrs["provenance"])
+                    old_cfg = json.loads(old.attrs["config"])
+                    digest = str(old.attrs["examples_sha256"])
+                    splits = old["examples/split"].asstr()[:]
+            else:
+                ex = f.create_group("examples")
+                for name in EXAMPLE_COLUMNS:
+                    if name in _TEXT_COLUMNS:
+                        ex.create_dataset(name, data=[str(v) for v in examples[name]], dtype=str_dt)
+                    else:
+                        _h5_dataset(ex, name, np.asarray(examples[name], dtype=np.int64))
+                digest = examples_digest(examples)
+                splits = np.asarray(examples["split"])
+            pool = np.flatnonzero(splits == "pool")
+            for a, arr in arrays.items():
+                dt = np.float16 if store_dtype == "float16" else np.float32
+                if dt == np.float16 and np.abs(arr).max() > np.finfo(np.float16).max:
+                    dt = np.float32  # massive activations would overflow float16 to inf
+                stored = arr.astype(dt)
+                ds = _h5_dataset(f, a.name(), stored, chunks=(min(len(arr), 4096), arr.shape[1]))
+                ds.attrs["key"] = derive_key(key, "array", array=str(a))
+                ds.attrs["fingerprint"] = _pool_fingerprint(stored, pool)
+            for (k16, mask), v in (saes or {}).items():
+                g = f"sae/{k16}/{mask}"
+                for pooling in ("mean", "max"):
+                    for part, arr in v[pooling].items():
+                        _h5_dataset(f, f"{g}/{pooling}/{part}", arr)
+                _h5_dataset(f, f"{g}/stats", v["stats"]).attrs["columns"] = json.dumps(SAE_STATS)
+            for a, st in stats.items():
+                if a.stats_name() not in f:
+                    _h5_dataset(f, a.stats_name(), st.astype(np.float64)).attrs["columns"] = json.dumps(STATS)
+            prov = {**old_prov, **provenance}
+            for k in ("masks", "poolings"):
+                prov[k] = sorted(set(old_prov.get(k, [])) | set(provenance.get(k, [])))
+            if provenance.get("in_context") is None and "in_context" in old_prov:
+                prov["in_context"] = old_prov["in_context"]
+            prov["created"] = old_prov.get("created", provenance.get("updated"))
+            prov["format_version"] = FORMAT_VERSION
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["key"] = key
+            f.attrs["examples_sha256"] = digest
+            f.attrs["provenance"] = json.dumps(prov, default=str)
+            f.attrs["config"] = json.dumps({**old_cfg, **config}, default=str)
+            f.attrs["key_payload"] = json.dumps(key_payload, sort_keys=True, default=str)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
+            raise StoreError(f"cannot write {final}: no space left (or a file-size limit) while writing "
+                             f"about {nbytes / 2**20:.1f} MiB of new arrays plus the existing ones; free "
+                             f"space or point --store at a disk with room") from None
+        raise
+    from indexes import fsync_dir
+
+    fsync_dir(build_dir)
+
+
+def clean_leftovers(build_dir: Path) -> list[Path]:
+    """Delete temp files of writers that are no longer alive (`.<name>.<pid>.<hex>.tmp`
+    anywhere under the build). Returns what was deleted."""
+    gone = []
+    for p in build_dir.rglob(".*.tmp"):
+        pid = tmp_owner(p.name)
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            try:
+                p.unlink()
+                gone.append(p)
+            except OSError:
+                pass
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Store:
-    """A finished build: its HDF5 file and FAISS indexes.
+    """A finished build: its HDF5 file and what is derived from it.
 
     Open with `Store.open(key)`; `actcache.build(config)` returns one too.
-    Arrays are read on demand; nothing large stays in memory.
+    Arrays are read on demand; nothing large stays in memory. Any read error
+    (a damaged file fails its checksums) raises CorruptStoreError naming what.
     """
 
     def __init__(self, build_dir: str | os.PathLike):
@@ -184,24 +432,31 @@ class Store:
             raise StoreError(f"no finished build at {self.dir}; run `actcache build` first "
                              f"(`actcache ls` lists builds)")
         with _open_h5(self.h5_path) as f:
-            self.key: str = str(f.attrs["key"])
-            self.provenance: dict = json.loads(f.attrs["provenance"])
-            self.config: dict = json.loads(f.attrs["config"])
-            ex = f["examples"]
-            self.ids = ex["id"].asstr()[:]
-            self.splits = ex["split"].asstr()[:]
-            self.labels = ex["label"][:]
-            self.texts = ex["text"].asstr()[:]
-            self.demos = ex["demo"].asstr()[:]
-            self.dups = ex["dup"].asstr()[:]  # near-duplicate keys (data.Task.dup_key)
-            self.n_tokens = ex["n_tokens"][:]
-            self.n_target = ex["n_target"][:]
-            self.records = [json.loads(r) for r in ex["record"].asstr()[:]]
-            arrays = []
-            f["acts"].visititems(lambda name, obj: arrays.append(name) if hasattr(obj, "shape") else None)
-        self.arrays: list[ArrayId] = sorted(
-            (ArrayId(c, int(L[1:]), p, m) for m, c, L, p in (a.split("/") for a in arrays)),
-            key=lambda a: (a.mask, a.component, a.layer, a.pooling))
+            try:
+                self.key: str = str(f.attrs["key"])
+                self.provenance: dict = json.loads(f.attrs["provenance"])
+                self.config: dict = json.loads(f.attrs["config"])
+                digest = str(f.attrs["examples_sha256"])
+                ex = f["examples"]
+                cols = {name: (ex[name].asstr()[:] if name in _TEXT_COLUMNS else ex[name][:])
+                        for name in EXAMPLE_COLUMNS}
+                arrays = []
+                f["acts"].visititems(lambda name, obj: arrays.append(name) if hasattr(obj, "shape") else None)
+                self.sae_groups = sorted((k16, m) for k16 in f.get("sae", {}) for m in f["sae"][k16])
+            except _H5_ERRORS as e:
+                raise _damaged(self.h5_path, "the examples table or its attributes", e) from None
+        if self.key != self.dir.name:
+            raise CorruptStoreError(f"{self.h5_path} holds build {self.key[:12]}, not {self.dir.name[:12]} "
+                                    f"(copied from another build?); delete {self.dir} and run the build again")
+        if examples_digest(cols) != digest:
+            raise _damaged(self.h5_path, "the examples table", ValueError("its digest does not match"))
+        self.ids, self.splits, self.texts = cols["id"], cols["split"], cols["text"]
+        self.labels, self.demos = cols["label"], cols["demo"]
+        self.dups = cols["dup"]  # near-duplicate keys (data.Task.dup_key)
+        self.n_tokens, self.n_target = cols["n_tokens"], cols["n_target"]
+        self.records = [json.loads(r) for r in cols["record"]]
+        self.arrays: list[ArrayId] = sorted((ArrayId.parse("acts/" + a) for a in arrays),
+                                            key=lambda a: (a.mask, a.component, a.layer, a.pooling))
         self.pool_rows = np.flatnonzero(self.splits == "pool")
         self.eval_rows = np.flatnonzero(self.splits == "eval")
 
@@ -210,66 +465,57 @@ class Store:
     def open(cls, key: str, home: str | os.PathLike | None = None) -> "Store":
         """Open a finished build by key, unique key prefix (at least 6 characters),
         or "last" (the most recently finished build)."""
-        root = default_home(home) / "builds"
-        if key == "last":
-            done = [p for p in root.glob("*/acts.h5")] if root.exists() else []
-            if not done:
-                raise StoreError(f"no finished build in {root}; run `actcache build` first")
-            return cls(max(done, key=lambda p: p.stat().st_mtime).parent)
-        if (root / key).is_dir():
-            return cls(root / key)
-        matches = [p for p in root.glob(f"{key}*") if p.is_dir()] if len(key) >= 6 else []
-        if len(matches) == 1:
-            return cls(matches[0])
-        if len(matches) > 1:
-            raise StoreError(f"key prefix {key!r} matches {len(matches)} builds; give more characters")
-        raise StoreError(f"no build {key!r} in {root}; `actcache ls` lists the builds there")
+        return cls(find_build(key, home))
 
-    def _rows(self, split: str | None) -> np.ndarray | slice:
+    def rows(self, split: str | None) -> np.ndarray | slice:
+        """Row positions of `split` ("pool", "eval"; None = every row)."""
         if split is None:
             return slice(None)
         if split not in ("pool", "eval"):
             raise ConfigError(f"split must be 'pool' or 'eval', not {split!r}")
         return self.pool_rows if split == "pool" else self.eval_rows
 
-    def _check(self, a: ArrayId) -> None:
+    def check(self, a: ArrayId) -> None:
+        """Raise StoreError naming the flag to add when the build lacks array `a`."""
         if a in self.arrays:
             return
         have = lambda attr: sorted({getattr(x, attr) for x in self.arrays})  # noqa: E731
+        flags = {"component": "--components", "layer": "--layers", "pooling": "--pooling", "mask": "--masks"}
         for attr in ("component", "layer", "pooling", "mask"):
             if getattr(a, attr) not in have(attr):
                 raise StoreError(f"build {self.key[:12]} has no {attr} {getattr(a, attr)!r} "
                                  f"(it has {have(attr)}); rebuild with it added, e.g. "
-                                 f"`actcache build ... --{attr}s ...` computes only what is missing")
+                                 f"`actcache build ... {flags[attr]} ...` computes only what is missing")
         raise StoreError(f"build {self.key[:12]} has no array {a}; rebuild with it added")
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator:
+        """The open HDF5 file; any read error becomes CorruptStoreError naming `what`."""
+        with _open_h5(self.h5_path) as f:
+            try:
+                yield f
+            except _H5_ERRORS as e:
+                raise _damaged(self.h5_path, what, e) from None
 
     def acts(self, component: str, layer: int, pooling: str = "mean", mask: str = "isolated",
              split: str | None = None) -> np.ndarray:
         """Pooled activations, (n, d) float32 for the rows of `split` (None = all)."""
         a = ArrayId(component, int(layer), pooling, mask)
-        self._check(a)
-        with _open_h5(self.h5_path) as f:
-            arr = f[array_name(mask, component, int(layer), pooling)][:]
-        return np.asarray(arr[self._rows(split)], dtype=np.float32)
-
-    def array_dtype(self, a: ArrayId) -> np.dtype:
-        """The dtype the array `a` is stored in (float16 by default, float32 where
-        float16 would overflow or the build asked for it). Raises StoreError
-        when the build lacks `a`."""
-        self._check(a)
-        with _open_h5(self.h5_path) as f:
-            return f[array_name(a.mask, a.component, a.layer, a.pooling)].dtype
+        self.check(a)
+        with self._reading(f"array {a}") as f:
+            arr = f[a.name()][:]
+        return np.asarray(arr[self.rows(split)], dtype=np.float32)
 
     def stats(self, component: str, layer: int, mask: str = "isolated",
               split: str | None = None) -> np.ndarray:
         """Per-example statistics, (n, 6) float64 with columns `STATS`."""
-        name = stats_name(mask, component, int(layer))
-        with _open_h5(self.h5_path) as f:
-            if name not in f:
-                self._check(ArrayId(component, int(layer), "mean", mask))
-                raise StoreError(f"build {self.key[:12]} holds no statistics for {name}")
-            arr = f[name][:]
-        return arr[self._rows(split)]
+        a = ArrayId(component, int(layer), "mean", mask)
+        with self._reading(f"statistics {a.stats_name()}") as f:
+            if a.stats_name() not in f:
+                self.check(a)
+                raise StoreError(f"build {self.key[:12]} holds no statistics for {a.stats_name()}")
+            arr = f[a.stats_name()][:]
+        return arr[self.rows(split)]
 
     def stat(self, name: str, component: str, layer: int, mask: str = "isolated",
              split: str | None = None) -> np.ndarray:
@@ -277,6 +523,47 @@ class Store:
         if name not in STATS:
             raise ConfigError(f"unknown statistic {name!r}; choose from {STATS}")
         return self.stats(component, layer, mask, split)[:, STATS.index(name)]
+
+    def _sae_group(self, sae: str, mask: str) -> str:
+        keys = sorted({k for k, _ in self.sae_groups if k.startswith(sae[:16])})
+        if len(keys) != 1 or (keys[0], mask) not in self.sae_groups:
+            raise StoreError(f"build {self.key[:12]} holds no SAE {sae[:16]!r} under mask {mask!r} (it has "
+                             f"{self.sae_groups}); add it with `actcache build ... --sae DIR`")
+        return f"sae/{keys[0]}/{mask}"
+
+    def sae_codes(self, sae: str, pooling: str = "mean", mask: str = "isolated",
+                  split: str | None = None) -> np.ndarray:
+        """Pooled SAE features, (n, d_sae) float32 (stored sparse). `sae`: its key or a prefix."""
+        from scipy.sparse import csr_matrix
+
+        g = f"{self._sae_group(sae, mask)}/{pooling}"
+        with self._reading(f"SAE features {g}") as f:
+            parts = {p: f[f"{g}/{p}"][:] for p in ("data", "indices", "indptr", "shape")}
+        m = csr_matrix((parts["data"], parts["indices"], parts["indptr"]), shape=tuple(parts["shape"]))
+        return m[self.rows(split)].toarray().astype(np.float32)
+
+    def sae_stats(self, sae: str, mask: str = "isolated", split: str | None = None) -> np.ndarray:
+        """Per-example SAE statistics, (n, 3) float64 with columns SAE_STATS (l0, fvu, explained)."""
+        g = self._sae_group(sae, mask)
+        with self._reading(f"SAE statistics {g}") as f:
+            arr = f[f"{g}/stats"][:]
+        return arr[self.rows(split)]
+
+    def array_dtype(self, a: ArrayId) -> np.dtype:
+        """The dtype an array is stored in (float16 or float32)."""
+        self.check(a)
+        with self._reading(f"array {a}") as f:
+            return f[a.name()].dtype
+
+    def dim(self, a: ArrayId) -> int:
+        with self._reading(f"array {a}") as f:
+            return int(f[a.name()].shape[1])
+
+    def fingerprint(self, a: ArrayId) -> str | None:
+        """The recorded `indexes.vectors_fingerprint` of the array's pool rows."""
+        with self._reading(f"array {a}") as f:
+            fp = f[a.name()].attrs.get("fingerprint")
+        return None if fp is None else str(fp)
 
     @property
     def home(self) -> Path:
@@ -287,8 +574,13 @@ class Store:
     def layers(self) -> list[int]:
         return sorted({a.layer for a in self.arrays})
 
+    def derived_path(self, kind: str, suffix: str, **params) -> Path:
+        """Where a derived artifact of this build lives: <build>/<kind>/<derive_key>.<suffix>."""
+        return self.dir / kind / f"{derive_key(self.key, kind, **params)[:32]}{suffix}"
+
+    # ------------------------------------------------------------------ indexes
     def index_path(self, a: ArrayId) -> Path:
-        return self.dir / "indexes" / index_filename(a.mask, a.component, a.layer, a.pooling)
+        return self.dir / "indexes" / a.index_filename()
 
     def index(self, component: str, layer: int, pooling: str = "mean", mask: str = "isolated",
               mmap: bool = True):
@@ -297,10 +589,11 @@ class Store:
         Indexes are derived artifacts: a build writes HDF5 only, and the index
         is built here on first use (flat unless the build asked for another
         kind), persisted atomically, and memory-mapped. One that is missing,
-        damaged, or made for another build is rebuilt from the array.
+        damaged, or made from other vectors (checked by content hash and by
+        the fingerprint of the array it was built from) is rebuilt.
         """
         a = ArrayId(component, int(layer), pooling, mask)
-        self._check(a)
+        self.check(a)
         try:
             return self._load_index(a, mmap)
         except StoreError:
@@ -310,15 +603,16 @@ class Store:
         from indexes import IndexFileError, IndexMismatchError, VectorIndex
 
         path = self.index_path(a)
-        expect = {"d": self.dim(a), "ntotal": len(self.pool_rows), "key": self.key}
+        expect = {"d": self.dim(a), "ntotal": len(self.pool_rows), "key": self.key, "array": str(a),
+                  "source_fingerprint": self.fingerprint(a)}
         if spec is not None:
             expect.update({k: v for k, v in spec.to_dict().items() if k in ("kind", "factory", "metric")})
         try:
             return VectorIndex.load(str(path), mmap=mmap, expect=expect)
         except IndexMismatchError as e:
             raise MismatchError(f"{path.name} does not match build {self.key[:12]}: {e}") from None
-        except IndexFileError as e:
-            raise StoreError(f"index {path.name} is missing or unreadable ({e})") from None
+        except (IndexFileError, OSError, RuntimeError, ValueError) as e:
+            raise StoreError(f"index {path.name} is missing or unreadable ({_first_line(e)})") from None
 
     def has_index(self, a: ArrayId, spec=None) -> bool:
         """True when a valid index of `a` (of `spec`'s kind, if given) is on disk."""
@@ -342,8 +636,8 @@ class Store:
             try:
                 idir.mkdir(exist_ok=True)
                 stack.enter_context(file_lock(idir / ".lock"))
-                writable = True
-            except OSError:
+                writable = os.access(idir, os.W_OK)
+            except (OSError, StoreError):
                 writable = False
             if writable:
                 try:
@@ -352,19 +646,46 @@ class Store:
                     pass
             vecs = self.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
             idx = VectorIndex.build(vecs, spec, meta={"key": self.key, "array": str(a),
-                                                      "file": self.index_path(a).name})
+                                                      "file": a.index_filename()})
             if not writable:
                 return idx
             try:
                 idx.save(str(self.index_path(a)))
-            except OSError:
+            except PermissionError:
                 return idx  # unwritable store: serve from memory
+            except OSError as e:
+                if e.errno in (30, 13):  # EROFS, EACCES
+                    return idx
+                raise StoreError(f"cannot save index {a.index_filename()}: {_first_line(e)}") from None
             return self._load_index(a, mmap)
 
-    def dim(self, a: ArrayId) -> int:
-        with _open_h5(self.h5_path) as f:
-            return int(f[array_name(a.mask, a.component, a.layer, a.pooling)].shape[1])
+    def indexes_to_rebuild(self) -> list[ArrayId]:
+        """Arrays whose index the build promised (`--index`) but which are missing or damaged."""
+        kind = self.config.get("index")
+        if not kind:
+            return [a for a in self.arrays if self.index_path(a).exists() and not self.has_index(a)]
+        spec = index_spec(kind)
+        return [a for a in self.arrays if not self.has_index(a, spec)]
 
+    def load_model(self, dtype: str | None = None):
+        """The build's model and tokenizer (a `models.LoadedModel`), in `dtype` (None:
+        as the build asked), checked to have the weights and tokenizer the build was made with."""
+        from .models import ModelSpec, load_model
+
+        m = dict(self.config["model"])
+        if dtype:
+            m["dtype"] = dtype
+        lm = load_model(ModelSpec(**m), self.home)
+        built = self.provenance.get("model", {})
+        for name in ("weights_sha256", "tokenizer_sha256"):
+            if built.get(name) and lm.provenance.get(name) != built.get(name):
+                raise MismatchError(f"model {built.get('model')!r} now has {name} "
+                                    f"{str(lm.provenance.get(name))[:12]}, but build {self.key[:12]} was made "
+                                    f"with {str(built.get(name))[:12]}; restore the original model files or "
+                                    f"build again with this model")
+        return lm
+
+    # ------------------------------------------------------------------ task and summary
     def task(self):
         """The build's `data.Task`, rebuilt from what the build stored (never from
         the original data file, which may have moved)."""
@@ -405,16 +726,41 @@ class Store:
         }
 
 
+def find_build(key: str, home: str | os.PathLike | None = None) -> Path:
+    """The directory of a build by key, unique key prefix (at least 6 characters) or
+    "last" (the most recently finished build), without opening it."""
+    root = check_home(default_home(home)) / "builds"
+    if key == "last":
+        done = [p for p in root.glob("*/acts.h5")] if root.exists() else []
+        if not done:
+            raise StoreError(f"no finished build in {root}; run `actcache build` first")
+        return max(done, key=lambda p: p.stat().st_mtime).parent
+    if not key or "/" in key or "\\" in key or key.startswith(".") or any(c in key for c in "*?[]"):
+        raise StoreError(f"{key!r} is not a build key; `actcache ls` lists the builds in {root}")
+    if (root / key).is_dir():
+        return root / key
+    matches = [p for p in root.glob(f"{key}*") if p.is_dir()] if len(key) >= 6 else []
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise StoreError(f"key prefix {key!r} matches {len(matches)} builds; give more characters")
+    raise StoreError(f"no build {key!r} in {root}; `actcache ls` lists the builds there")
+
+
 def list_builds(home: str | os.PathLike | None = None) -> list[dict]:
-    """Every build under the store root: finished ones with a summary, others marked."""
-    root = default_home(home) / "builds"
+    """Every build under the store root with its status: "done", "done, N indexes
+    to rebuild" (an `--index` build whose indexes are missing or damaged),
+    "incomplete" (interrupted; rerun to resume) or "corrupt" (with the error)."""
+    root = check_home(default_home(home)) / "builds"
     out = []
     for d in sorted(root.glob("*")) if root.exists() else []:
         if not d.is_dir():
             continue
         try:
-            info = Store(d).info()
-            info["status"] = "done"
+            st = Store(d)
+            info = st.info()
+            todo = len(st.indexes_to_rebuild())
+            info["status"] = f"done, {todo} indexes to rebuild" if todo else "done"
         except CorruptStoreError as e:
             info = {"key": d.name, "status": "corrupt", "error": str(e)}
         except StoreError:
@@ -430,3 +776,116 @@ def check_matches(store: Store, meta: dict, what: str) -> None:
     if meta.get("key") != store.key:
         raise MismatchError(f"{what} was made from build {str(meta.get('key'))[:12]}, not "
                             f"{store.key[:12]}; recompute it for this build")
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass
+class Finding:
+    """One problem `verify` found: what, where, and whether it was repaired."""
+
+    what: str
+    path: str
+    message: str
+    repairable: bool
+    repaired: bool = False
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` checked in one build and what it found."""
+
+    key: str
+    checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong, or everything wrong was repaired."""
+        return all(f.repaired for f in self.findings)
+
+
+def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
+    """Check every part of a build: each array and statistics dataset read in
+    full (fletcher32 checksums), the examples digest, every index on disk (and
+    those an `--index` build promised) against its array, every derived cache
+    file (query activations, quality matrices, embeddings), and leftovers of
+    dead writers and finished builds.
+
+    With `repair`, indexes are rebuilt, damaged derived files and leftovers
+    deleted (they are recomputed on next use). Damaged arrays cannot be
+    derived: the finding says to rebuild.
+    """
+    bdir = Path(build_dir)
+    rep = VerifyReport(bdir.name)
+    try:
+        st = Store(bdir)
+    except StoreError as e:
+        rep.findings.append(Finding("build", str(bdir / "acts.h5"), str(e), repairable=False))
+        return rep
+    names = [a.name() for a in st.arrays] + sorted({a.stats_name() for a in st.arrays})
+    with _open_h5(st.h5_path) as f:
+        if "sae" in f:
+            f["sae"].visititems(lambda n, obj: names.append(f"sae/{n}") if hasattr(obj, "shape") else None)
+        for name in names:
+            rep.checked += 1
+            try:
+                if name in f:
+                    f[name][:]
+            except _H5_ERRORS as e:
+                rep.findings.append(Finding("array", name, f"{name} fails its checksum ({_first_line(e)}); "
+                                            f"delete {bdir} and run the build again", repairable=False))
+    damaged_arrays = {n for n in (x.path for x in rep.findings)}
+    for a in st.arrays:
+        p = st.index_path(a)
+        promised = bool(st.config.get("index"))
+        if not p.exists() and not promised:
+            continue
+        rep.checked += 1
+        spec = index_spec(st.config.get("index")) if promised else None
+        if a.name() in damaged_arrays or st.has_index(a, spec):
+            continue
+        fd = Finding("index", str(p), f"index {p.name} is {'missing' if not p.exists() else 'damaged or stale'}",
+                     repairable=True)
+        if repair:
+            for q in (p, Path(f"{p}.json")):
+                q.unlink(missing_ok=True)
+            st.build_index(a, spec)
+            fd.repaired = True
+        rep.findings.append(fd)
+    for sub in _DERIVED_DIRS:
+        for p in sorted((bdir / sub).rglob("*")) if (bdir / sub).exists() else []:
+            if not p.is_file() or p.suffix not in (".npz", ".npy") or p.name.startswith("."):
+                continue
+            rep.checked += 1
+            ok = (load_npz(p) is not None) if p.suffix == ".npz" else _npy_ok(p)
+            if not ok:
+                fd = Finding("cache", str(p), f"{p.relative_to(bdir)} is damaged (it is recomputed on next use)",
+                             repairable=True)
+                if repair:
+                    p.unlink(missing_ok=True)
+                    fd.repaired = True
+                rep.findings.append(fd)
+    stale = [p for p in bdir.rglob(".*.tmp") if (tmp_owner(p.name) or 0) != os.getpid()
+             and not _alive(tmp_owner(p.name) or 0)]
+    if (bdir / "partial").exists():
+        stale.append(bdir / "partial")  # a finished build needs no resume data
+    for p in stale:
+        fd = Finding("leftover", str(p), f"{p.relative_to(bdir)} is left over from an interrupted writer",
+                     repairable=True)
+        if repair:
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            fd.repaired = True
+        rep.findings.append(fd)
+    return rep
+
+
+def _npy_ok(path: Path) -> bool:
+    try:
+        np.load(path, allow_pickle=False)
+        return True
+    except (OSError, ValueError, EOFError):
+        return False

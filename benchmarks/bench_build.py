@@ -79,10 +79,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from actcache.builder import BuildConfig, identify
+    from actcache.prompts import length_batches, plan_rows
     from actcache.capture import Capture, decoder_layers, make_batch
     from actcache.data import DataSpec
     from actcache.models import ModelSpec, hardware
-    from actcache.prompts import build_plan, length_batches, pad_id
 
     hw = hardware("cpu")
     peaks = {}
@@ -94,13 +94,13 @@ def main() -> None:
         cfg = BuildConfig(model=ModelSpec(dtype=dt), data=DataSpec(pool_limit=args.n * 3 // 4, eval_limit=args.n // 4),
                           masks=("isolated",), components=("resid",), poolings=("mean",))
         ds, lm, _, _ = identify(cfg)
-        plan = build_plan(ds, lm.tokenizer, cfg)
+        plan = plan_rows(ds, lm.tokenizer, cfg)
         seqs, spans = plan.seqs["isolated"], plan.spans["isolated"]
         base = decoder_layers(lm.model)[0]
         layers = list(range(lm.model.config.num_hidden_layers))
         tokens = sum(len(s) for s in seqs)
         fpt = forward_flops_per_token(lm.model)
-        batches = [(rows, make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(lm.tokenizer)))
+        batches = [(rows, make_batch([seqs[i] for i in rows], [spans[i] for i in rows], lm.tokenizer.pad_token_id))
                    for rows in length_batches([len(s) for s in seqs], args.batch_size)]
         full = Capture(lm.model, layers, ["resid", "mlp", "attn"], ["mean", "last"], stats=True)
         same = Capture(lm.model, layers, ["resid"], ["mean"], stats=False)

@@ -11,7 +11,7 @@ the output embedding only (plus one logsumexp at that position).
 
 selection: the selection experiment's k-shot prompts for a shared-subset
 strategy (k random pool demonstrations in one seeded order per seed, as
-`study.demo_order` makes them, before every eval input), scored with the
+`experiment.demo_order` makes them, before every eval input), scored with the
 demonstrations' KV prefix computed once per seed (`reuse_prefix=True`) against
 the same prompts scored in full (`reuse_prefix=False`).
 
@@ -73,7 +73,7 @@ def selection_prompts(task, pool, evals, k: int, seeds) -> list[list[str]]:
     import random
 
     from actcache.prompts import prompt_segments
-    from actcache.study import demo_order
+    from actcache.experiment import demo_order
 
     by_id = {e.id: e for e in pool}
     eval_ids = [e.id for e in evals]

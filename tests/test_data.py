@@ -4,7 +4,8 @@ import pytest
 
 from conftest import shared_data_dir
 
-from actcache.data import TASKS, DataSpec, load, prompt_segments
+from actcache.data import TASKS, DataSpec, load
+from actcache.prompts import prompt_segments
 
 EXPECTED = {  # (pool rows, eval rows) before subsampling, from ../shared/data/README.md
     "sst2": (6920, 872), "rte": (2490, 277), "gsm8k": (7473, 1319),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import errno
+import hashlib
 import json
 import os
 import sys
@@ -487,7 +489,7 @@ def test_garbage_file_reaching_faiss(saved, mmap):
     side = Path(str(p) + ".json")
     doc = json.loads(side.read_text())
     doc["file_bytes"] = 4096
-    doc["file_fingerprint"] = ix._fingerprint(str(p))
+    doc["file_fingerprint"] = ix.file_fingerprint(str(p))
     side.write_text(json.dumps(doc))
     with pytest.raises(IndexFileError, match="FAISS could not read"):
         VectorIndex.load(p, mmap=mmap)
@@ -543,7 +545,7 @@ def test_crash_before_sidecar_is_refused(saved, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ix, "_atomic_write", crash)
+    monkeypatch.setattr(ix.io, "atomic_write", crash)
     with pytest.raises(KeyboardInterrupt):
         VectorIndex.build(x[:100], IndexSpec(), meta={"key": "new"}).save(p)
     monkeypatch.undo()
@@ -632,3 +634,318 @@ def test_indexes_imports_only_numpy_faiss_stdlib():
             for r in roots:
                 assert r not in forbidden, f"{f.name}:{node.lineno} imports {r}"
                 assert r in allowed, f"{f.name}:{node.lineno} imports non-stdlib module {r}"
+
+
+# --------------------------------------------------------------------------- self-checks (issue 10)
+
+
+def test_same_size_garbling_detected(saved):
+    """Bytes changed in place at the same size (in the vector data, far from any
+    sampled block) must not be trusted."""
+    p, _, _ = saved
+    data = bytearray(p.read_bytes())
+    mid = len(data) // 2 + 3
+    data[mid: mid + 64] = bytes(64)
+    p.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="fingerprint"):
+        VectorIndex.load(p)
+
+
+def test_sidecar_of_other_vectors_detected(saved, tmp_path):
+    """A sidecar and index copied over from another array with the same key, d and
+    ntotal pass every shape check; the source fingerprint still tells them apart."""
+    p, _, x = saved
+    other = tmp_path / "b.faiss"
+    VectorIndex.build(x[::-1].copy(), IndexSpec(), meta={"key": "abc"}).save(other)
+    p.write_bytes(other.read_bytes())
+    Path(str(p) + ".json").write_bytes(Path(str(other) + ".json").read_bytes())
+    VectorIndex.load(p, expect={"key": "abc", "d": 16, "ntotal": 500})  # shapes alone cannot tell
+    with pytest.raises(IndexMismatchError, match="source_fingerprint"):
+        VectorIndex.load(p, expect={"key": "abc", "source_fingerprint": ix.vectors_fingerprint(x)})
+    VectorIndex.load(other, expect={"source_fingerprint": ix.vectors_fingerprint(x[::-1])})
+
+
+def test_vectors_fingerprint_reference():
+    import hashlib
+
+    x = np.arange(12, dtype=np.float16).reshape(3, 4)
+    ref = hashlib.sha256(json.dumps([3, 4]).encode() + x.astype(np.float32).tobytes()).hexdigest()
+    assert ix.vectors_fingerprint(x) == ref
+    y = x.copy()
+    y[2, 3] = 0
+    assert ix.vectors_fingerprint(y) != ref
+
+
+def test_atomic_write_no_space(tmp_path, monkeypatch):
+    import errno
+
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ix.NoSpaceError, match=r"f\.bin.*disk is full.*1\.0 MiB"):
+        ix.atomic_write(target, full, nbytes=2**20)
+    assert target.read_bytes() == b"old"
+    assert _files(tmp_path) == {"f.bin"}, "temp file left behind"
+    ix.atomic_write(target, lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"new" and _files(tmp_path) == {"f.bin"}
+
+
+def test_check_factory_before_any_work():
+    ix.check_factory(IndexSpec(kind="factory", factory="IVF4,Flat"))
+    with pytest.raises(ValueError, match="could not parse"):
+        ix.check_factory(IndexSpec(kind="factory", factory="Nonsense"))
+
+
+# --------------------------------------------------------------------------- verification against the source
+
+
+def _side(p: Path) -> dict:
+    return json.loads(Path(str(p) + ".json").read_text())
+
+
+def _fp_reference(a: np.ndarray) -> str:
+    """vectors_fingerprint spelled out: sha256 of the shape as JSON, then the float32 C-order bytes."""
+    h = hashlib.sha256(json.dumps(list(a.shape)).encode())
+    h.update(np.asarray(a, dtype=np.float32).tobytes(order="C"))
+    return h.hexdigest()
+
+
+def test_sidecar_records_full_file_hash_and_source(saved):
+    p, v, x = saved
+    side = _side(p)
+    assert side["file_fingerprint"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert side["file_bytes"] == p.stat().st_size
+    assert side["source_fingerprint"] == _fp_reference(x) == v.source_fingerprint
+    # Of the vectors as given: the indexed (normalised) copy hashes differently.
+    assert side["source_fingerprint"] != _fp_reference(x / np.linalg.norm(x, axis=1, keepdims=True))
+    w = VectorIndex.load(p, expect={"source_fingerprint": _fp_reference(x)})
+    assert w.source_fingerprint == side["source_fingerprint"]
+    w.save(p.parent / "again.faiss")  # kept through load and re-save
+    assert _side(p.parent / "again.faiss")["source_fingerprint"] == side["source_fingerprint"]
+
+
+def test_vectors_fingerprint_invariants():
+    rng = np.random.default_rng(40)
+    a = rng.standard_normal((37, 11)).astype(np.float32)
+    fp = ix.vectors_fingerprint(a)
+    assert fp == _fp_reference(a) and len(fp) == 64
+    assert ix.vectors_fingerprint(a.copy()) == fp
+    assert ix.vectors_fingerprint(np.asfortranarray(a)) == fp
+    assert ix.vectors_fingerprint(a.astype(">f4")) == fp  # byte order does not matter, values do
+    assert ix.vectors_fingerprint(a.astype(np.float64)) == fp
+    h = a.astype(np.float16)
+    assert ix.vectors_fingerprint(h) == ix.vectors_fingerprint(h.astype(np.float32)) == _fp_reference(h)
+    assert ix.vectors_fingerprint(a.reshape(11, 37)) != fp  # same bytes, other shape
+    for i, j in [(0, 0), (18, 5), (36, 10)]:
+        b = a.copy()
+        b[i, j] = np.nextafter(b[i, j], np.float32(np.inf))
+        assert ix.vectors_fingerprint(b) != fp, (i, j)
+
+
+def test_vectors_fingerprint_reads_datasets_in_blocks():
+    """An h5py-like object (shape, dtype, row slicing) is read in row blocks, never whole."""
+    a = np.random.default_rng(41).standard_normal((5, 1 << 21)).astype(np.float16)  # 8 MiB float32 rows
+
+    class Dataset:
+        shape, dtype = a.shape, a.dtype
+        slices: list = []
+
+        def __getitem__(self, s):
+            self.slices.append(s)
+            return a[s]
+
+    ds = Dataset()
+    assert ix.vectors_fingerprint(ds) == _fp_reference(a) == ix.vectors_fingerprint(a)
+    assert len(ds.slices) > 1 and all(isinstance(s, slice) and s.stop - s.start < 5 for s in ds.slices)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_garbled_vectors_caught_by_the_content_hash(saved, mmap):
+    p, v, x = saved
+    data = bytearray(p.read_bytes())
+    mid = len(data) // 2  # inside the stored vectors
+    data[mid:mid + 64] = bytes(255 - b for b in data[mid:mid + 64])
+    p.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="fingerprint.*rebuild"):
+        VectorIndex.load(p, mmap=mmap, expect={"key": "abc", "source_fingerprint": _fp_reference(x)})
+    # FAISS alone reads the garbled file without complaint: only the hash stood in the way.
+    assert faiss.read_index(str(p)).ntotal == 500
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_truncated_file_with_edited_size_record(saved, mmap):
+    """Truncated and the sidecar's size edited to match: the hash refuses it, and
+    with the hash edited too, FAISS's own read error becomes IndexFileError."""
+    p, _, _ = saved
+    data = p.read_bytes()[:-100]
+    p.write_bytes(data)
+    side = Path(str(p) + ".json")
+    doc = json.loads(side.read_text())
+    doc["file_bytes"] = len(data)
+    side.write_text(json.dumps(doc))
+    with pytest.raises(IndexFileError, match="fingerprint"):
+        VectorIndex.load(p, mmap=mmap)
+    doc["file_fingerprint"] = hashlib.sha256(data).hexdigest()
+    side.write_text(json.dumps(doc))
+    with pytest.raises(IndexFileError, match="FAISS could not read.*rebuild"):
+        VectorIndex.load(p, mmap=mmap)
+
+
+def test_sidecar_alone_swapped_from_another_array(tmp_path):
+    """Only the sidecar copied from an index of other vectors with the same d,
+    ntotal and key: the caller's array / source_fingerprint catch it as a mismatch."""
+    x, _ = clustered(400, 16, seed=42)
+    y, _ = clustered(400, 16, seed=43)
+    a, b = tmp_path / "a.faiss", tmp_path / "b.faiss"
+    VectorIndex.build(x, IndexSpec(), meta={"key": "k", "array": "layer1"}).save(a)
+    VectorIndex.build(y, IndexSpec(), meta={"key": "k", "array": "layer2"}).save(b)
+    Path(str(a) + ".json").write_bytes(Path(str(b) + ".json").read_bytes())
+    base = {"d": 16, "ntotal": 400, "key": "k"}
+    with pytest.raises(IndexMismatchError, match="source_fingerprint"):
+        VectorIndex.load(a, expect={**base, "source_fingerprint": _fp_reference(x)})
+    with pytest.raises(IndexMismatchError, match="'layer1'.*'layer2'"):
+        VectorIndex.load(a, expect={**base, "array": "layer1"})
+    with pytest.raises(IndexFileError, match="fingerprint"):  # without those, the content hash
+        VectorIndex.load(a, expect=base)
+
+
+def test_source_fingerprint_unknown_is_a_mismatch(tmp_path):
+    x, _ = clustered(100, 8, seed=44)
+    raw = faiss.IndexFlatIP(8)
+    raw.add(x)
+    VectorIndex(raw, IndexSpec()).save(tmp_path / "raw.faiss")
+    assert _side(tmp_path / "raw.faiss")["source_fingerprint"] is None
+    with pytest.raises(IndexMismatchError, match="source_fingerprint"):
+        VectorIndex.load(tmp_path / "raw.faiss", expect={"source_fingerprint": _fp_reference(x)})
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("Error in faiss"), OSError(errno.EIO, "Input/output error"),
+                                 ValueError("bad"), MemoryError()])
+def test_every_read_error_is_index_file_error(saved, monkeypatch, exc):
+    p, _, _ = saved
+
+    def broken_read(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(faiss, "read_index", broken_read)
+    for mmap in (True, False):
+        with pytest.raises(IndexFileError, match="FAISS could not read.*rebuild"):
+            VectorIndex.load(p, mmap=mmap)
+
+
+def test_unreadable_file_is_index_file_error(saved, monkeypatch):
+    p, _, _ = saved
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ix.io, "file_fingerprint", denied)
+    with pytest.raises(IndexFileError, match="unreadable.*rebuild"):
+        VectorIndex.load(p)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_replaces_and_names_temp(tmp_path):
+    target = tmp_path / "t.bin"
+    target.write_bytes(b"old")
+    seen = []
+
+    def write(f):
+        seen.append(Path(f.name))
+        f.write(b"new ")
+        f.write(np.arange(3, dtype=np.int32))
+
+    old = os.umask(0o022)
+    try:
+        assert ix.atomic_write(target, write) == target
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"new " + np.arange(3, dtype=np.int32).tobytes()
+    (tmp,) = seen
+    assert tmp.parent == tmp_path and tmp.name.startswith(f".t.bin.{os.getpid()}.") and tmp.suffix == ".tmp"
+    assert ix.tmp_owner(tmp.name) == os.getpid()
+    assert _files(tmp_path) == {"t.bin"}
+    assert (target.stat().st_mode & 0o777) == 0o644  # umask, not mkstemp's 0600
+    ix.fsync_dir(tmp_path)
+    ix.fsync_dir(tmp_path / "missing")  # nothing to do, no error
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt(), OSError(errno.EIO, "Input/output error")])
+def test_atomic_write_failure_keeps_old_file(tmp_path, exc):
+    target = tmp_path / "t.bin"
+    target.write_bytes(b"old")
+
+    def write(f):
+        f.write(b"partial" * 1000)
+        raise exc
+
+    with pytest.raises(type(exc)) as e:
+        ix.atomic_write(target, write)
+    assert not isinstance(e.value, ix.NoSpaceError)
+    assert target.read_bytes() == b"old"
+    assert _files(tmp_path) == {"t.bin"}, "temp file left behind"
+
+
+@pytest.mark.parametrize("err,why", [(errno.ENOSPC, "disk is full"), (errno.EDQUOT, "disk is full"),
+                                     (errno.EFBIG, "file-size limit")])
+def test_atomic_write_disk_full_without_size(tmp_path, err, why):
+    target = tmp_path / "t.bin"
+    target.write_bytes(b"old")
+
+    def write(f):
+        f.write(b"x" * 1000)
+        f.write(b"y" * 500)
+        f.flush()
+        raise OSError(err, os.strerror(err))
+
+    with pytest.raises(ix.NoSpaceError) as e:
+        ix.atomic_write(target, write)
+    assert isinstance(e.value, OSError) and e.value.errno == err
+    msg = str(e.value)
+    assert str(target) in msg and why in msg and "at least 1500 bytes" in msg and "\n" not in msg
+    assert target.read_bytes() == b"old"
+    assert _files(tmp_path) == {"t.bin"}
+
+
+def test_atomic_write_disk_full_at_fsync(tmp_path, monkeypatch):
+    """ENOSPC reported late (delayed allocation, NFS) by fsync is the same error."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    target = tmp_path / "t.bin"
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(ix.NoSpaceError, match=r"t\.bin: the disk is full \(at least 4096 bytes"):
+        ix.atomic_write(target, lambda f: f.write(b"z" * 4096))
+    assert _files(tmp_path) == set()
+
+
+def test_save_disk_full_keeps_old_index(saved, monkeypatch):
+    p, _, x = saved
+    old = p.read_bytes(), Path(str(p) + ".json").read_bytes()
+
+    def full_write(index, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("Error in faiss::FileIOWriter::operator() at impl/io.cpp:110: "
+                           "Error: 'ret == nitems' failed: write error: No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", full_write)
+    with pytest.raises(ix.NoSpaceError, match=r"a\.faiss: the disk is full") as e:
+        VectorIndex.build(x[:100], IndexSpec()).save(p)
+    assert e.value.errno == errno.ENOSPC
+    assert (p.read_bytes(), Path(str(p) + ".json").read_bytes()) == old
+    assert _files(p.parent) == {"a.faiss", "a.faiss.json"}
+    monkeypatch.undo()
+    VectorIndex.load(p, expect={"key": "abc", "ntotal": 500})

@@ -9,13 +9,11 @@ from conftest import ARCHS, make_model, make_tokenizer
 
 from actcache import score as S
 from actcache.errors import ConfigError, LabelWordError
+from actcache.prompts import encode_continuation, encode_segments, fit_demonstrations
 from actcache.score import (
     classify,
-    encode_continuation,
-    encode_segments,
     exact_match,
     extract_number,
-    fit_demonstrations,
     generate,
     margins,
     score_options,

@@ -123,20 +123,22 @@ def test_torn_shard_is_recomputed_on_resume(tiny_model_dir, jsonl, tmp_path):
 
 KILL_QUALITY = textwrap.dedent("""
     import os, signal
-    import actcache.study as study
+    import actcache.quality as study
+    from actcache.pipeline import EvalConfig
     study.QUALITY_CHUNK_PROMPTS = 6   # 2 candidates x 3 probes per flushed chunk
     from actcache.store import Store
     def progress(desc, done, total):
         if desc == "quality matrix" and done == 4:
             os.kill(os.getpid(), signal.SIGKILL)
     st = Store.open({key!r}, {home!r})
-    study.quality_matrix(st, study.EvalConfig(key=st.key, home={home!r}, dtype="float32", n_candidates=8,
-                                              n_probes=3), progress=progress)
+    study.quality_matrix(st, EvalConfig(key=st.key, home={home!r}, dtype="float32", n_candidates=8,
+                                        n_probes=3), progress=progress)
 """)
 
 
 def test_quality_matrix_resumes_after_sigkill_and_recomputes_damage(tiny_model_dir, jsonl, tmp_path, monkeypatch):
-    import actcache.study as study
+    import actcache.quality as study
+    from actcache.pipeline import EvalConfig
 
     monkeypatch.setattr(study, "QUALITY_CHUNK_PROMPTS", 6)
     kw = dict(layers="0", store_dtype="float32", masks=("isolated",))
@@ -147,15 +149,15 @@ def test_quality_matrix_resumes_after_sigkill_and_recomputes_damage(tiny_model_d
     (pdir,) = list((st.dir / "quality").glob("*.partial"))
     assert sorted(p.name for p in pdir.iterdir()) == ["c00000.npz", "c00001.npz", "zero_shot.npz"]
     assert not list((st.dir / "quality").glob("*.npz"))  # nothing final before the end
-    cfg = study.EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=3)
+    cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=3)
     calls = []
-    real = study._pair_scores
-    monkeypatch.setattr(study, "_pair_scores", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    real = study.pair_scores
+    monkeypatch.setattr(study, "pair_scores", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     resumed = study.quality_matrix(st, cfg)
     assert calls == [6, 6]  # only the two chunks that were never flushed
     assert not pdir.exists()
     clean_st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "clean", **kw))
-    clean = study.quality_matrix(clean_st, study.EvalConfig(key=clean_st.key, home=str(clean_st.home),
+    clean = study.quality_matrix(clean_st, EvalConfig(key=clean_st.key, home=str(clean_st.home),
                                                             dtype="float32", n_candidates=8, n_probes=3))
     for k in ("cand_rows", "probe_rows", "correct", "margin", "zs_correct", "zs_margin"):
         np.testing.assert_array_equal(resumed[k], clean[k])

@@ -13,8 +13,10 @@ from conftest import cfg_for, write_jsonl
 
 from actcache.builder import build
 from actcache.errors import DatasetError, MismatchError
+from actcache import prompts as prompts_mod
 from actcache.store import Store
-from actcache.study import EvalConfig, evaluate, load_quality, quality_matrix, store_task
+from actcache.pipeline import EvalConfig, evaluate
+from actcache.quality import load_quality, quality_matrix, store_task
 
 
 @pytest.fixture()
@@ -108,20 +110,22 @@ def test_empty_pool_is_a_clear_error(tiny_model_dir, tmp_path):
 
 
 def test_overlong_prompts_drop_demonstrations_and_say_so(tiny_store):
-    from actcache.study import _load_lm, selection_experiment
+    from actcache.experiment import selection_experiment
+    from actcache.quality import load_scoring_model
 
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_probes=0, n_eval=3, k=4, seeds=(0,),
                      strategies=("random",), max_length=100, compare_fp32=False)
-    res = selection_experiment(tiny_store, cfg, _load_lm(tiny_store, None))
+    res = selection_experiment(tiny_store, cfg, load_scoring_model(tiny_store, None))
     assert res["dropped_demonstrations"].get("random", 0) > 0
     full = selection_experiment(tiny_store, EvalConfig(**{**cfg.__dict__, "max_length": 2048}),
-                                _load_lm(tiny_store, None))
+                                load_scoring_model(tiny_store, None))
     assert full["dropped_demonstrations"] == {}
 
 
 def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
     from actcache.query import QueryConfig, query, write_jsonl
-    from actcache.study import _load_lm, selection_experiment
+    from actcache.experiment import selection_experiment
+    from actcache.quality import load_scoring_model
 
     home = str(tiny_store.dir.parent.parent)
     recs = query(QueryConfig(key=tiny_store.key, home=home, component="resid", k=2))
@@ -129,7 +133,7 @@ def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
     write_jsonl(recs, str(path))
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_probes=0, n_eval=3, k=2, seeds=(0, 1), strategies=(),
                      demos=str(path), compare_fp32=False)
-    res = selection_experiment(tiny_store, cfg, _load_lm(tiny_store, None))
+    res = selection_experiment(tiny_store, cfg, load_scoring_model(tiny_store, None))
     assert [s["strategy"] for s in res["summary"]] == ["zero-shot", "file:neighbors.jsonl"]
     assert res["summary"][1]["n_seeds"] == 2
 
@@ -143,7 +147,8 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
     from test_score import reference
 
     from actcache import score as S
-    from actcache.study import _load_lm, selection_experiment
+    from actcache.experiment import selection_experiment
+    from actcache.quality import load_scoring_model
 
     store = build(cfg_for(tiny_model_dir[arch], jsonl, tmp_path / "store", layers="0,-1", store_dtype="float32"))
     calls = []
@@ -157,7 +162,7 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
     monkeypatch.setattr(S, "score_options", spy)
     cfg = EvalConfig(key=store.key, dtype="float32", home=str(store.dir.parent.parent), n_probes=0, n_eval=3, k=3,
                      seeds=(0, 1), strategies=("random", "k-center", "knn"), knn_layers="0", compare_fp32=False)
-    lm = _load_lm(store, None)
+    lm = load_scoring_model(store, None)
     res = selection_experiment(store, cfg, lm)
     runs = res["runs"]
     assert [r["strategy"] for r in runs] == ["zero-shot"] + ["random"] * 2 + ["k-center"] * 2 + ["knn@L0"] * 2
@@ -173,7 +178,7 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
             assert all(len(p) == 4 for p in prompts)  # k demonstrations + query, none dropped
             assert len({tuple(p[:-1]) for p in prompts}) == 1  # one ordered prefix for every input
             # Multi-token label words: one request per (prompt, option), all behind the one prefix.
-            P = len(S.encode_segments(lm.tokenizer, prompts[0][:-1]))
+            P = len(prompts_mod.encode_segments(lm.tokenizer, prompts[0][:-1]))
             assert count.computed == count.in_prompts - (len(prompts) * len(options) - 1) * P
     assert res["tokens"]["computed"] == sum(r["tokens_computed"] for r in runs)
     assert res["tokens"]["in_prompts"] == sum(r["tokens_in_prompts"] for r in scored)
@@ -185,7 +190,8 @@ def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
     from test_score import reference
 
     from actcache import score as S
-    from actcache.study import _load_lm, selection_experiment
+    from actcache.experiment import selection_experiment
+    from actcache.quality import load_scoring_model
 
     calls = []
     real = S.score_options
@@ -198,12 +204,30 @@ def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
     monkeypatch.setattr(S, "score_options", spy)
     cfg = EvalConfig(key=tiny_store.key, dtype="bfloat16", home=str(tiny_store.dir.parent.parent), n_probes=0, n_eval=3,
                      k=2, seeds=(0,), strategies=("random",), compare_fp32=True)
-    lm = _load_lm(tiny_store, "bfloat16")
+    lm = load_scoring_model(tiny_store, "bfloat16")
     res = selection_experiment(tiny_store, cfg, lm)
     assert res["flips"] is not None and res["flips"]["dtype"] == "bfloat16" and res["flips"]["n"] == 3
     model, tok, prompts, options, out = calls[-1]
     assert next(model.parameters()).dtype == torch.float32 and all(len(p) == 1 for p in prompts)
     np.testing.assert_allclose(out, reference(model, tok, prompts, options), atol=1e-5, rtol=0)
-    fp32_tokens = sum(len(S.encode_segments(tok, p)) + len(S.encode_continuation(tok, o)) - 1
+    fp32_tokens = sum(len(prompts_mod.encode_segments(tok, p)) + len(prompts_mod.encode_continuation(tok, o)) - 1
                       for p in prompts for o in options)
     assert res["tokens"]["in_prompts"] == sum(r["tokens_in_prompts"] for r in res["runs"]) + fp32_tokens
+
+
+def test_evaluate_returns_typed_result_equal_to_results_json(tiny_store, tmp_path):
+    out = tmp_path / "typed"
+    res = evaluate(EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.home), n_candidates=6,
+                              n_probes=2, n_eval=3, k=1, seeds=(0,), strategies=("random",), n_boot=10,
+                              out=str(out)))
+    data = json.loads((out / "results.json").read_text())
+    assert res.build_key == data["build_key"] == tiny_store.key and res.quality_key == data["quality_key"]
+    assert (res.sizes.n_candidates, res.sizes.n_probes, res.sizes.n_eval, res.sizes.k) == \
+        tuple(data["sizes"][k] for k in ("n_candidates", "n_probes", "n_eval", "k"))
+    assert res.zero_shot_probe_acc == data["zero_shot_probe_acc"] and res.task == data["task"]
+    doc = json.loads(json.dumps(res.to_dict(), default=str))
+    for k, v in data.items():  # results.json is the document, less the per-item samples written beside it
+        if isinstance(v, dict):
+            assert {kk: doc[k][kk] for kk in v} == v, k
+        else:
+            assert doc[k] == v, k

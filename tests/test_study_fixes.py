@@ -10,7 +10,7 @@ import torch
 from conftest import TEXTS, cfg_for, make_model, make_tokenizer, write_jsonl
 
 from actcache.builder import build
-from actcache.prompts import build_plan, context_demos
+from actcache.prompts import context_demos, plan_rows
 from actcache.capture import STATS
 from actcache.data import load as load_data
 from actcache.models import load_model
@@ -52,7 +52,7 @@ def test_in_context_rows_never_see_their_own_demonstration(tiny_model_dir, jsonl
     cfg = cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", context_k=3)
     ds = load_data(cfg.data)
     lm = load_model(cfg.model, default_home(cfg.home))
-    plan = build_plan(ds, lm.tokenizer, cfg)
+    plan = plan_rows(ds, lm.tokenizer, cfg)
     assert len(plan.context_ids) == 3
     seen = 0
     for i, ex in enumerate(plan.rows):
@@ -103,7 +103,8 @@ def _dup_rows():
 
 def test_near_duplicates_are_never_retrieved_nor_paired(tiny_model_dir, tmp_path):
     from actcache.query import QueryConfig, query
-    from actcache.study import EvalConfig, study_rows
+    from actcache.pipeline import EvalConfig
+    from actcache.quality import study_rows
 
     data = write_jsonl(tmp_path / "dups.jsonl", _dup_rows())
     st = build(cfg_for(tiny_model_dir["llama"], data, tmp_path / "s", layers="0", masks=("label-masked",),
@@ -121,7 +122,7 @@ def test_near_duplicates_are_never_retrieved_nor_paired(tiny_model_dir, tmp_path
 
 
 def test_kate_order_puts_the_most_similar_demonstration_last():
-    from actcache.study import demo_order
+    from actcache.experiment import demo_order
 
     chosen = {"t": ["best", "second", "third"]}  # retrieval order, best first
     assert demo_order(chosen, ["t"], 0, shared=False, order="similar-last") == [["third", "second", "best"]]
@@ -132,7 +133,7 @@ def test_kate_order_puts_the_most_similar_demonstration_last():
 
 def test_vote_k_selects_an_annotation_set_then_retrieves_per_input(tiny_model_dir, jsonl, tmp_path):
     from actcache.select import select
-    from actcache.study import choose
+    from actcache.experiment import choose
 
     st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="0,-1", masks=("label-masked",),
                        components=("mlp",)))
@@ -155,7 +156,9 @@ def test_multiple_choice_reports_acc_and_acc_norm_like_the_harness(tiny_model_di
     from actcache.builder import BuildConfig
     from actcache.data import DataSpec
     from actcache.models import ModelSpec
-    from actcache.study import EvalConfig, _load_lm, selection_experiment
+    from actcache.experiment import selection_experiment
+    from actcache.pipeline import EvalConfig
+    from actcache.quality import load_scoring_model
 
     d = shared_data_dir()
     if d is None or not (d / "arc").exists():
@@ -166,7 +169,7 @@ def test_multiple_choice_reports_acc_and_acc_norm_like_the_harness(tiny_model_di
                            context_k=0))
     cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_probes=0, n_eval=6, k=1, seeds=(0,),
                      strategies=("random",), compare_fp32=False)
-    res = selection_experiment(st, cfg, _load_lm(st, None))
+    res = selection_experiment(st, cfg, load_scoring_model(st, None))
     run = next(r for r in res["samples"] if r["strategy"] == "random")
     recs = {x["id"]: x for x in run["items"]}
     opts = {rec["id"]: rec["choices"] for rec in st.records}
@@ -181,7 +184,8 @@ def test_multiple_choice_reports_acc_and_acc_norm_like_the_harness(tiny_model_di
 def test_a_build_from_a_data_file_is_evaluated_after_the_file_moves(tiny_model_dir, jsonl, tmp_path):
     """Store.task comes from what the build stored, never from the original file."""
     from actcache.store import Store
-    from actcache.study import EvalConfig, quality_matrix
+    from actcache.pipeline import EvalConfig
+    from actcache.quality import quality_matrix
 
     st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="0", masks=("isolated",)))
     before = st.task()

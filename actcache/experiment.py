@@ -1,0 +1,274 @@
+"""The selection experiment: k-shot accuracy of each demonstration-selection
+strategy (and zero-shot) on eval inputs disjoint from the study's probes, over
+seeds; retrieved demonstrations ordered as KATE does by default."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from .data import Example
+from .errors import ConfigError, DatasetError, MismatchError, ModelError
+from .prompts import prompt_segments
+from .store import Store
+
+if TYPE_CHECKING:
+    from .pipeline import EvalConfig
+
+Progress = Callable[[str, int, int], None]
+
+from .quality import byte_normalized, examples_at, load_scoring_model, score_prompts, store_task, study_rows
+
+# Order of retrieved demonstrations in the prompt. KATE (Liu et al. 2022) puts the
+# most similar one last, nearest the query; "shuffle" is a seeded permutation.
+KNN_ORDERS = ("similar-last", "similar-first", "shuffle")
+
+
+
+def _knn_layers(store: Store, spec: str) -> list[int]:
+    layers = store.layers
+    if spec == "auto":
+        return sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    from .capture import resolve_layers
+
+    return [layers[i] if i < len(layers) else i for i in resolve_layers(spec, len(layers))]
+
+
+def _best_stat(study: dict | None) -> dict:
+    """The statistic the `stat` strategy ranks by: the best of the discovery half
+    (controlled for label and length, see correlate.replicate), with its sign.
+    Chosen from the quality matrix's candidates only, never from eval inputs."""
+    top = ((study or {}).get("replication") or {}).get("top")
+    if not top:
+        return {"stat": "kurt", "component": "mlp", "layer": None, "mask": "isolated", "order": "high"}
+    best = top[0]
+    mask, comp, layer, stat = best["name"].split("|")
+    return {"stat": stat, "component": comp, "layer": int(layer), "mask": mask,
+            "order": "high" if best["rho_discovery"] >= 0 else "low"}
+
+
+def load_demos(path: str, store: Store) -> dict:
+    """Demonstration ids per test id from an `actcache query` JSONL (neighbours
+    best first) or a `--strategy knn` selection file."""
+    per = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise DatasetError(f"cannot read demonstrations file {path}: {e.strerror}") from None
+    for line in lines:
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("build_key") and rec["build_key"] != store.key:
+            raise MismatchError(f"{path} was made from build {rec['build_key'][:12]}, not {store.key[:12]}; "
+                                f"rerun `actcache query` on this build")
+        ids = [n["id"] for n in rec["neighbors"]] if "neighbors" in rec else list(rec.get("ids", []))
+        per[str(rec["test_id"])] = ids
+    if not per:
+        raise DatasetError(f"{path} holds no records; make it with `actcache query`")
+    return per
+
+
+# Strategies that give each eval input its own demonstrations; every other
+# strategy picks one subset of k shared by all inputs.
+PER_INPUT = ("knn", "embed-knn", "vote-k", "file")  # strategies whose demonstrations differ per input
+
+
+def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order: str = "shuffle"
+               ) -> list[list[str]]:
+    """Demonstration order in the prompt: one list of pool ids per test id.
+
+    A shared subset is shuffled once (seeded), so every input's prompt starts
+    with the same ordered demonstrations: one prefix whose KV cache
+    score_options computes once for all inputs. Per-input demonstrations come
+    best first from retrieval and are laid out by `order`: "similar-last" (KATE:
+    the most similar nearest the query), "similar-first", or "shuffle" (seeded).
+    """
+    r = random.Random(seed)
+    if shared and test_ids:
+        ids = list(chosen[test_ids[0]])
+        if any(list(chosen[t]) != ids for t in test_ids):
+            raise ConfigError("a shared-subset strategy gave the eval inputs different demonstrations")
+        r.shuffle(ids)
+        return [ids] * len(test_ids)
+    out = []
+    for tid in test_ids:
+        ids = list(chosen[tid])
+        if order == "similar-last":
+            ids.reverse()
+        elif order == "shuffle":
+            r.shuffle(ids)
+        out.append(ids)
+    return out
+
+
+def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **opts) -> dict:
+    """Demonstration ids per test input: retrieval strategies give each input its
+    own k; subset strategies pick a budget of k used for every input."""
+    from .select import select
+
+    if name in ("knn", "embed-knn"):
+        per = select(store, name, k=k, seed=seed, **opts).per_query
+        missing = [t for t in test_ids if t not in per]
+        if missing:
+            raise MismatchError(f"{name} returned no neighbours for {len(missing)} eval inputs")
+        return {t: per[t] for t in test_ids}
+    if opts.get("layer") is None:
+        opts.pop("layer", None)
+    if name == "vote-k":
+        # As published: select an annotation set with vote-k's graph stage, then
+        # each input retrieves its k most similar examples from that set.
+        from .select import retrieve_within
+
+        budget = min(opts.pop("votek_budget", 100), len(store.pool_rows))
+        ann = list(select(store, name, budget=budget, seed=seed, k=min(10, len(store.pool_rows) - 1), **opts).ids)
+        return retrieve_within(store, ann, test_ids, k, **opts)
+    ids = list(select(store, name, budget=k, seed=seed, **opts).ids)
+    return {t: ids for t in test_ids}
+
+
+def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None = None,
+                         progress: Progress | None = None) -> dict:
+    """k-shot accuracy on eval inputs for zero-shot and each strategy, over seeds.
+
+    Subset strategies use one seeded demonstration order for all eval inputs, so
+    their prompts share a prefix that is computed once per run (see demo_order).
+    Returns runs (one dict per strategy x seed, with its tokens computed and in
+    the prompts), summary (mean/std accuracy per strategy), eval_ids, flips
+    (fp32 zero-shot comparison or None), dropped_demonstrations, and tokens
+    ({"computed", "in_prompts", "saved"} over every scored prompt, the fp32
+    comparison included; 0 for generative tasks, which are decoded, not scored).
+    """
+    from .prompts import fit_demonstrations
+    from .score import TokenCount, classify, exact_match, extract_number, generate
+
+    task = store_task(store)
+    eval_rows = study_rows(store, cfg)[2]  # never a quality-matrix probe
+    if len(eval_rows) == 0:
+        raise DatasetError(f"the build's {len(store.eval_rows)} eval rows are all quality-matrix probes; "
+                           f"rebuild with a larger --eval-limit or lower --n-probes")
+    evals = examples_at(store, eval_rows)
+    eval_ids = [e.id for e in evals]
+    pool_by_id = {store.ids[r]: ex for r, ex in zip(store.pool_rows, examples_at(store, store.pool_rows))}
+    gold = np.array([e.label for e in evals])
+
+    dropped: dict[str, int] = {}
+    tokens = TokenCount()
+
+    def fit(label: str, segs: list[str]) -> list[str]:
+        # Never truncate silently: drop whole demonstrations from the front and count them.
+        kept, n = fit_demonstrations(lm.tokenizer, segs[:-1], segs[-1], cfg.max_length, reserve=64)
+        if n:
+            dropped[label] = dropped.get(label, 0) + n
+        return kept + [segs[-1]]
+
+    def run(demos_per_query: list[list[Example]], label: str = "") -> dict:
+        prompts = [fit(label, prompt_segments(task, d, q)) for d, q in zip(demos_per_query, evals)]
+        count = TokenCount()
+        if task.kind == "generation":
+            outs = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
+                            batch_size=max(1, cfg.batch_size // 4))
+            em = exact_match([extract_number(o) for o in outs], [extract_number(e.answer) for e in evals])
+            return {"accuracy": em, "macro_f1": float("nan"), "pred": [], "tokens": count}
+        s = score_prompts(lm, task, prompts, evals, cfg.batch_size, counter=count)
+        tokens.add(count)
+        # Multiple choice: acc (summed log-probs) and acc_norm (by byte length), as the harness reports.
+        norm = classify(byte_normalized(task, evals, s), gold)["accuracy"] if task.kind == "multiple_choice" \
+            else float("nan")
+        return {**classify(s, gold), "acc_norm": norm, "tokens": count, "scores": s}
+
+    jobs: list[tuple[str, int, dict]] = [("zero-shot", 0, {})]
+    best = _best_stat(study)
+    for name in cfg.strategies:
+        if name == "knn":
+            for L in _knn_layers(store, cfg.knn_layers):
+                jobs += [(f"knn@L{L}", s, {"strategy": "knn", "layer": L}) for s in cfg.seeds]
+        elif name == "stat":
+            jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}",
+                      s, {"strategy": "stat", **best}) for s in cfg.seeds]
+        elif name == "vote-k":
+            jobs += [(name, s, {"strategy": name, "votek_budget": cfg.votek_budget}) for s in cfg.seeds]
+        else:
+            jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]
+    if cfg.demos:
+        per = load_demos(cfg.demos, store)
+        missing = [t for t in eval_ids if t not in per]
+        if missing:
+            # Evaluate the file's own test inputs when it does not cover the sampled ones.
+            evals = [e for e in examples_at(store, store.eval_rows) if e.id in per]
+            eval_ids, gold = [e.id for e in evals], np.array([e.label for e in evals])
+            if not evals:
+                raise DatasetError(f"{cfg.demos} names none of build {store.key[:12]}'s eval ids; "
+                                   f"make it with `actcache query {store.key[:12]}`")
+        jobs += [(f"file:{Path(cfg.demos).name}", s, {"strategy": "file"}) for s in cfg.seeds]
+    results = []
+    samples: list[dict] = []  # per-item records, like lm-evaluation-harness's --log_samples
+    done: dict = {}
+    zs_pred = None
+    for j, (label, seed, opts) in enumerate(jobs):
+        if progress:
+            progress("selection", j, len(jobs))
+        if label == "zero-shot":
+            demos = [[] for _ in evals]
+        else:
+            opts = dict(opts)
+            name = opts.pop("strategy")
+            try:
+                chosen = per if name == "file" else choose(store, name, k=cfg.k, seed=seed,
+                                                           test_ids=eval_ids, **opts)
+            except ModelError as e:  # an optional baseline whose package is absent
+                results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
+                                "macro_f1": float("nan"), "skipped": str(e)})
+                continue
+            order = demo_order(chosen, eval_ids, seed, shared=name not in PER_INPUT, order=cfg.knn_order)
+            demos = [[pool_by_id[i] for i in ids] for ids in order]
+        key = (label, tuple(tuple(e.id for e in d) for d in demos))
+        reused = key in done  # a deterministic strategy gives every seed the same prompts: score them once
+        m = done[key] if reused else run(demos, label)
+        done[key] = m
+        if label == "zero-shot":
+            zs_pred = np.asarray(m["pred"])
+        results.append({"strategy": label, "seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                        "acc_norm": m.get("acc_norm", float("nan")),
+                        "tokens_computed": 0 if reused else m["tokens"].computed,
+                        "tokens_in_prompts": m["tokens"].in_prompts, "same_prompts_as_earlier_seed": reused})
+        samples.append({"strategy": label, "seed": seed, "items": [
+            {"id": e.id, "demo_ids": [x.id for x in d], **({"logprobs": m["scores"][i].tolist()}
+                                                           if m.get("scores") is not None else {}),
+             "pred": int(m["pred"][i]) if len(m["pred"]) else None, "gold": int(gold[i])}
+            for i, (e, d) in enumerate(zip(evals, demos))]})
+    if progress:
+        progress("selection", len(jobs), len(jobs))
+    flips = None
+    if cfg.compare_fp32 and lm.provenance["dtype"] != "float32" and task.kind != "generation":
+        lm32 = load_scoring_model(store, "float32")
+        m32 = classify(score_prompts(lm32, task, [prompt_segments(task, [], q) for q in evals], evals, cfg.batch_size,
+                              counter=tokens), gold)
+        flips = {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()),
+                 "acc_fp32": m32["accuracy"], "dtype": lm.provenance["dtype"]}
+    def mean(v):
+        v = np.asarray(v, dtype=np.float64)
+        return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+    table: dict[str, list[dict]] = {}
+    for r in results:
+        table.setdefault(r["strategy"], []).append(r)
+    summary = []
+    for k, rs in table.items():
+        acc = [r["accuracy"] for r in rs]
+        summary.append({"strategy": k, "mean": mean(acc), "std": float(np.nanstd(acc)) if len(acc) > 1 else 0.0,
+                        "n_seeds": len(acc)})
+        if task.kind == "multiple_choice":
+            summary[-1]["acc_norm"] = mean([r.get("acc_norm", float("nan")) for r in rs])
+    return {"runs": results, "summary": summary, "eval_ids": eval_ids, "flips": flips, "k": cfg.k,
+            "samples": samples,
+            "dropped_demonstrations": dropped, "max_length": cfg.max_length, "tokens": tokens.as_dict()}
+
+
+# --------------------------------------------------------------------------- entry point
+
+

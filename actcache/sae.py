@@ -1,0 +1,461 @@
+"""Sparse autoencoders over cached hook points: load SAELens / Gemma Scope
+directories, encode per-token activations, and pool the feature activations
+over the same spans as the dense arrays, kept sparse.
+
+Layout read (SAELens; Gemma Scope uses the same names, sometimes lower case):
+`cfg.json` plus `sae_weights.safetensors` (or `params.safetensors` / `params.npz`)
+holding `W_enc` (d_in, d_sae), `b_enc` (d_sae,), `W_dec` (d_sae, d_in),
+`b_dec` (d_in,) and, for JumpReLU, `threshold` (d_sae,).
+
+Encoders (x: (n, d_in) float32; pre = (x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc):
+    relu      f = max(pre, 0)
+    jumprelu  f = pre * (pre > threshold)
+    topk      f = max(pre, 0) kept at its k largest entries per row, others 0
+Decoder: x_hat = f @ W_dec + b_dec.
+
+Hook points (`HOOK_POINTS`, Gemma Scope's names): `resid_post` is the decoder
+block's output, `mlp_out` the MLP's contribution as `capture.HOOKS` defines it
+(Gemma: the output of post_feedforward_layernorm), `attn_out` the *input* of
+the attention's output projection (`o_proj`, `c_proj` on GPT-2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+
+KINDS = ("relu", "jumprelu", "topk")
+HOOK_POINTS = ("resid_post", "mlp_out", "attn_out")
+_OUT_PROJ = ("o_proj", "c_proj", "out_proj", "dense")
+
+
+@dataclass(frozen=True, eq=False)
+class SAE:
+    """A sparse autoencoder's weights (float32 numpy) and what it reads.
+
+    W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,),
+    threshold (d_sae,) for jumprelu else None; k for topk; hook in HOOK_POINTS;
+    layer the decoder layer; key the sha256 of weights and config.
+    """
+
+    W_enc: np.ndarray
+    b_enc: np.ndarray
+    W_dec: np.ndarray
+    b_dec: np.ndarray
+    kind: str
+    hook: str
+    layer: int
+    threshold: np.ndarray | None = None
+    k: int | None = None
+    apply_b_dec_to_input: bool = False
+    key: str = ""
+
+    @property
+    def d_in(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Feature activations, (n, d_sae) float32, of activations x (n, d_in)."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise ConfigError(f"the SAE reads {self.d_in}-dim activations, got shape {x.shape}; check its hook "
+                              f"point and layer ({self.hook}, layer {self.layer})")
+        pre = (x - self.b_dec if self.apply_b_dec_to_input else x) @ self.W_enc + self.b_enc
+        if self.kind == "jumprelu":
+            return pre * (pre > self.threshold)
+        f = np.maximum(pre, 0)
+        if self.kind == "topk":
+            k = min(int(self.k), f.shape[1])
+            drop = np.argpartition(-f, k - 1, axis=1)[:, k:]
+            np.put_along_axis(f, drop, 0.0, axis=1)
+        return f
+
+    def decode(self, f: np.ndarray) -> np.ndarray:
+        """Reconstruction, (n, d_in) float32, of feature activations f (n, d_sae)."""
+        return np.asarray(f, dtype=np.float32) @ self.W_dec + self.b_dec
+
+
+def _pick(weights: dict, *names: str) -> np.ndarray | None:
+    low = {k.lower(): v for k, v in weights.items()}
+    for n in names:
+        if n.lower() in low:
+            return np.asarray(low[n.lower()], dtype=np.float32)
+    return None
+
+
+def _read_weights(d: Path) -> dict:
+    for name in ("sae_weights.safetensors", "params.safetensors", "model.safetensors"):
+        if (d / name).exists():
+            from safetensors.numpy import load_file
+
+            return load_file(str(d / name))
+    if (d / "params.npz").exists():
+        with np.load(d / "params.npz") as z:
+            return {k: z[k] for k in z.files}
+    raise ConfigError(f"{d} holds no SAE weights (sae_weights.safetensors, params.safetensors or params.npz); "
+                      f"point --sae at a SAELens or Gemma Scope directory")
+
+
+def sae_key(weights: dict, cfg: dict) -> str:
+    """sha256 of the config (canonical JSON) and every weight's name, shape and bytes."""
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name in sorted(weights):
+        a = np.ascontiguousarray(weights[name], dtype=np.float32)
+        h.update(f"{name}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None) -> SAE:
+    """Load an SAE directory (SAELens / Gemma Scope layout). `hook`/`layer` fill in
+    what cfg.json does not say (SAELens writes hook_name "blocks.L.hook_mlp_out")."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise ConfigError(f"SAE directory {d} does not exist")
+    cfg = json.loads((d / "cfg.json").read_text()) if (d / "cfg.json").exists() else {}
+    w = _read_weights(d)
+    W_enc, b_enc = _pick(w, "W_enc", "w_enc"), _pick(w, "b_enc")
+    W_dec, b_dec = _pick(w, "W_dec", "w_dec"), _pick(w, "b_dec")
+    if any(a is None for a in (W_enc, b_enc, W_dec, b_dec)):
+        raise ConfigError(f"{d}: the weights need W_enc, b_enc, W_dec and b_dec; found {sorted(w)}")
+    threshold = _pick(w, "threshold", "log_threshold")
+    if threshold is not None and "log_threshold" in {k.lower() for k in w} and "threshold" not in {k.lower() for k in w}:
+        threshold = np.exp(threshold)
+    arch = str(cfg.get("architecture") or cfg.get("activation_fn") or ("jumprelu" if threshold is not None else "relu"))
+    kind = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}.get(arch.lower())
+    if kind is None:
+        raise ConfigError(f"{d}: unknown SAE architecture {arch!r}; actcache reads {KINDS}")
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if kind == "topk" and not k:
+        raise ConfigError(f"{d}: a topk SAE needs k in cfg.json")
+    if kind == "jumprelu" and threshold is None:
+        raise ConfigError(f"{d}: a jumprelu SAE needs a threshold weight")
+    name = str(cfg.get("hook_name") or "")
+    hook = hook or next((p for p in HOOK_POINTS if name.endswith(p)), None) or cfg.get("hook_point")
+    if hook not in HOOK_POINTS:
+        raise ConfigError(f"{d}: cannot tell the SAE's hook point from cfg.json ({name!r}); pass one of {HOOK_POINTS}")
+    if layer is None:
+        layer = cfg.get("hook_layer", cfg.get("layer"))
+        if layer is None and name.startswith("blocks."):
+            layer = int(name.split(".")[1])
+    if layer is None:
+        raise ConfigError(f"{d}: cannot tell the SAE's layer from cfg.json; pass it")
+    if W_enc.shape[0] != W_dec.shape[1] or W_enc.shape[1] != W_dec.shape[0]:
+        raise ConfigError(f"{d}: W_enc {W_enc.shape} and W_dec {W_dec.shape} do not fit together")
+    return SAE(W_enc, b_enc, W_dec, b_dec, kind, hook, int(layer), threshold, int(k) if k else None,
+               bool(cfg.get("apply_b_dec_to_input", False)), sae_key(w, cfg))
+
+
+def save_sae(sae: SAE, path: str | Path) -> Path:
+    """Write an SAE in the SAELens layout (cfg.json + sae_weights.safetensors)."""
+    from safetensors.numpy import save_file
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    w = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.threshold is not None:
+        w["threshold"] = sae.threshold
+    cfg = {"architecture": {"relu": "standard"}.get(sae.kind, sae.kind), "d_in": sae.d_in, "d_sae": sae.d_sae,
+           "hook_name": f"blocks.{sae.layer}.hook_{sae.hook}", "hook_layer": sae.layer,
+           "apply_b_dec_to_input": sae.apply_b_dec_to_input, **({"k": sae.k} if sae.k else {})}
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in w.items()}, str(d / "sae_weights.safetensors"))
+    (d / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    return d
+
+
+def hook_module(layer, point: str):
+    """(module, "output" | "input") where `point` is read in one decoder layer."""
+    from .capture import component_module
+
+    if point == "resid_post":
+        return layer, "output"
+    if point == "mlp_out":
+        return component_module(layer, "mlp"), "output"
+    if point == "attn_out":
+        # The attention module itself (capture's "attn" is Gemma's post-attention norm).
+        attn = next((getattr(layer, n) for n in ("self_attn", "attn", "attention", "self_attention")
+                     if getattr(layer, n, None) is not None), None)
+        for n in _OUT_PROJ:
+            mod = getattr(attn, n, None)
+            if mod is not None:
+                return mod, "input"
+        raise ConfigError(f"{type(attn).__name__} has no output projection ({_OUT_PROJ}); attn_out cannot be read")
+    raise ConfigError(f"unknown hook point {point!r}; choose from {HOOK_POINTS}")
+
+
+def pooled_codes(sae: SAE, h: np.ndarray, spans) -> dict:
+    """Per-example pooled SAE features over token spans, and per-example statistics.
+
+    Args:
+        h: (B, T, d_in) float32 activations at the SAE's hook point.
+        spans: B (start, end) token ranges, as the dense arrays pool.
+
+    Returns dict: mean, max ((B, d_sae) float32, mostly zeros: store with
+    `to_csr`), l0 (B,) mean active features per token, fvu (B,) the fraction of
+    the span's variance left unexplained by the reconstruction, explained (B,)
+    the fraction of the span's squared norm the reconstruction explains.
+    """
+    B = len(spans)
+    mean = np.zeros((B, sae.d_sae), np.float32)
+    mx = np.zeros((B, sae.d_sae), np.float32)
+    l0, fvu, expl = np.zeros(B), np.zeros(B), np.zeros(B)
+    for i, (s, e) in enumerate(spans):
+        x = np.asarray(h[i, s:e], dtype=np.float32)
+        f = sae.encode(x)
+        r = x - sae.decode(f)
+        mean[i], mx[i] = f.mean(0), f.max(0)
+        l0[i] = (f > 0).sum(1).mean()
+        err = float((r.astype(np.float64) ** 2).sum())
+        var = float(((x - x.mean(0)).astype(np.float64) ** 2).sum())
+        fvu[i] = err / var if var > 0 else np.nan
+        expl[i] = 1.0 - err / float((x.astype(np.float64) ** 2).sum())
+    return {"mean": mean, "max": mx, "l0": l0, "fvu": fvu, "explained": expl}
+
+
+def to_csr(dense: np.ndarray) -> dict:
+    """CSR arrays of a (n, m) matrix: data float32, indices int32, indptr int64, shape."""
+    from scipy.sparse import csr_matrix
+
+    m = csr_matrix(np.asarray(dense, dtype=np.float32))
+    return {"data": m.data.astype(np.float32), "indices": m.indices.astype(np.int32),
+            "indptr": m.indptr.astype(np.int64), "shape": np.asarray(m.shape, dtype=np.int64)}
+
+
+def from_csr(arrays: dict) -> np.ndarray:
+    """Inverse of `to_csr`: the dense (n, m) float32 matrix."""
+    from scipy.sparse import csr_matrix
+
+    return csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]),
+                      shape=tuple(int(x) for x in arrays["shape"])).toarray().astype(np.float32)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """`actcache sae train`: a TopK SAE on per-token activations at one hook point.
+
+    Texts are the task's pool rows (query + answer, as demonstrations read) or the
+    lines of `text_file`; a seeded 10 % of them is held out for FVU and L0.
+    The trainer is eai-sparsify's `SparseCoder` (its TopK encoder, decoder and
+    normalisation), driven by a seeded Adam loop over cached activations.
+    """
+
+    model: str = "gemma-3-270m"
+    dtype: str = "auto"
+    task: str = "sst2"
+    data_dir: str | None = None
+    text_file: str | None = None
+    limit: int | None = 3000
+    hook: str = "mlp_out"
+    layer: int = 9
+    width: int = 4096
+    k: int = 32
+    epochs: int = 10
+    batch_tokens: int = 1024
+    lr: float | None = None
+    max_length: int = 128
+    heldout: float = 0.1
+    seed: int = 0
+    home: str | None = None
+
+
+def token_activations(lm, texts: list[str], layer: int, point: str, max_length: int, batch_size: int = 16,
+                      progress=None) -> np.ndarray:
+    """(n_tokens, d) float32 activations at `point` of `layer` for every token of
+    `texts` but the first (BOS, or the attention sink of a tokenizer without one)."""
+    import torch
+
+    from .capture import decoder_layers, make_batch
+    from .prompts import encode_segments, length_batches, pad_id
+
+    model, tok = lm.model, lm.tokenizer
+    _, blocks = decoder_layers(model)
+    mod, where = hook_module(blocks[layer], point)
+    seqs = [encode_segments(tok, [t])[:max_length] for t in texts]
+    seen: dict = {}
+    if where == "input":
+        handle = mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))
+    else:
+        handle = mod.register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    out = []
+    batches = length_batches([len(s) for s in seqs], batch_size)
+    try:
+        with torch.no_grad():
+            for bi, rows in enumerate(batches):
+                if progress:
+                    progress("sae activations", bi, len(batches))
+                b = make_batch([seqs[i] for i in rows], [(0, len(seqs[i])) for i in rows], pad_id(tok),
+                               next(model.parameters()).device)
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                h = seen["h"].float().cpu().numpy()
+                for j, i in enumerate(rows):
+                    out.append(h[j, 1:len(seqs[i])])
+    finally:
+        handle.remove()
+    if progress:
+        progress("sae activations", len(batches), len(batches))
+    return np.concatenate(out).astype(np.float32)
+
+
+def _split_texts(texts: list[str], heldout: float, seed: int) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    held = rng.random(len(texts)) < heldout
+    return [t for t, h in zip(texts, held) if not h], [t for t, h in zip(texts, held) if h]
+
+
+def evaluate_sae(sae: SAE, x: np.ndarray) -> dict:
+    """FVU (residual energy over variance) and mean L0 of `sae` on activations x (n, d)."""
+    f = sae.encode(x)
+    r = x - sae.decode(f)
+    var = float(((x - x.mean(0)).astype(np.float64) ** 2).sum())
+    return {"fvu": float((r.astype(np.float64) ** 2).sum() / var), "l0": float((f > 0).sum(1).mean()),
+            "n_tokens": int(len(x))}
+
+
+def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
+    """Train, evaluate on held-out text and save (SAELens layout, under
+    <home>/sae/<key>); returns (sae, report with fvu, l0, tokens, seconds, path)."""
+    import time
+
+    import torch
+
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        raise ConfigError("`actcache sae train` needs eai-sparsify: pip install 'actcache[sae]' "
+                          "(or pip install eai-sparsify==1.3.3)") from None
+    from .capture import decoder_layers
+    from .data import DataSpec, load, read_text
+    from .models import ModelSpec, load_model, set_threads
+    from .store import default_home
+
+    if cfg.hook not in HOOK_POINTS:
+        raise ConfigError(f"--hook must be one of {HOOK_POINTS}, not {cfg.hook!r}")
+    if cfg.k < 1 or cfg.width < cfg.k:
+        raise ConfigError(f"need 1 <= --k <= --width, got k={cfg.k}, width={cfg.width}")
+    t0 = time.time()
+    set_threads()
+    torch.manual_seed(cfg.seed)
+    home = default_home(cfg.home)
+    if cfg.text_file:
+        texts = [ln for ln in read_text(Path(cfg.text_file)).splitlines() if ln.strip()]
+        source = {"text_file": str(cfg.text_file), "sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
+    else:
+        ds = load(DataSpec(task=cfg.task, data_dir=cfg.data_dir, pool_limit=cfg.limit, seed=cfg.seed),
+                  cache_dir=home / "data")
+        texts = [ds.task.demo_text(e) for e in ds.pool]
+        source = {"task": cfg.task, "fingerprint": ds.fingerprint()}
+    if len(texts) < 10:
+        raise ConfigError(f"only {len(texts)} texts to train on; give at least 10")
+    train, held = _split_texts(texts, cfg.heldout, cfg.seed)
+    lm = load_model(ModelSpec(cfg.model, dtype=cfg.dtype), home)
+    n_layers = len(decoder_layers(lm.model)[1])
+    if not 0 <= cfg.layer < n_layers:
+        raise ConfigError(f"--layer {cfg.layer} is out of range: the model has {n_layers} layers")
+    X = token_activations(lm, train, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
+    Xh = token_activations(lm, held, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
+    coder = SparseCoder(X.shape[1], SparseCoderConfig(k=cfg.k, num_latents=cfg.width))
+    lr = cfg.lr or 2e-4 / (cfg.width / 2 ** 14) ** 0.5  # eai-sparsify's default scaling
+    opt = torch.optim.Adam(coder.parameters(), lr=lr)
+    Xt = torch.from_numpy(X)
+    with torch.no_grad():  # start the decoder bias at the data's median, as sparsify's trainer does
+        coder.b_dec.copy_(Xt.median(0).values)
+    g = torch.Generator().manual_seed(cfg.seed)
+    steps = 0
+    n_batches = max(1, len(X) // cfg.batch_tokens)
+    for ep in range(cfg.epochs):
+        order = torch.randperm(len(X), generator=g)
+        for bi in range(n_batches):
+            if progress:
+                progress("sae train", ep * n_batches + bi, cfg.epochs * n_batches)
+            xb = Xt[order[bi * cfg.batch_tokens:(bi + 1) * cfg.batch_tokens]]
+            out = coder(xb)
+            opt.zero_grad()
+            out.fvu.backward()
+            coder.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            coder.set_decoder_norm_to_unit_norm()
+            steps += 1
+    if progress:
+        progress("sae train", cfg.epochs * n_batches, cfg.epochs * n_batches)
+    W = {k: v.detach().float().numpy() for k, v in coder.state_dict().items()}
+    tmp = SAE(W["encoder.weight"].T.copy(), W["encoder.bias"], W["W_dec"], W["b_dec"], "topk", cfg.hook,
+              cfg.layer, None, cfg.k, True)
+    cfg_json = {"model": lm.provenance.get("model"), "weights_sha256": lm.provenance.get("weights_sha256"),
+                "dtype": lm.provenance.get("dtype"), "source": source, "trainer": "eai-sparsify 1.3.3 SparseCoder, Adam",
+                "seed": cfg.seed, "epochs": cfg.epochs, "lr": lr, "tokens": int(len(X))}
+    weights = {"W_enc": tmp.W_enc, "b_enc": tmp.b_enc, "W_dec": tmp.W_dec, "b_dec": tmp.b_dec}
+    key = sae_key(weights, cfg_json)
+    sae = SAE(tmp.W_enc, tmp.b_enc, tmp.W_dec, tmp.b_dec, "topk", cfg.hook, cfg.layer, None, cfg.k, True, key)
+    path = save_sae(sae, home / "sae" / key[:16])
+    meta = json.loads((path / "cfg.json").read_text())
+    (path / "cfg.json").write_text(json.dumps({**meta, **cfg_json, "key": key}, indent=2))
+    report = {"path": str(path), "key": key, "train": evaluate_sae(sae, X), "heldout": evaluate_sae(sae, Xh),
+              "steps": steps, "seconds": round(time.time() - t0, 1), "hardware": lm.provenance.get("hardware")}
+    return sae, report
+
+
+def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int, progress=None) -> tuple[dict, int]:
+    """One forward pass over a build's rows (token ids `seqs`, pooled `spans`) under
+    `mask`, reading the SAE's hook point, stopping after its layer.
+
+    Returns ({"mean": CSR, "max": CSR (see `to_csr`), "stats": (N, 3) float64
+    l0, fvu, explained}, forward batches run).
+    """
+    import torch
+
+    from .capture import decoder_layers, make_batch, sink_masks
+    from .prompts import length_batches, pad_id
+
+    base, blocks = decoder_layers(model)
+    mod, where = hook_module(blocks[sae.layer], sae.hook)
+    seen: dict = {}
+
+    class _Done(Exception):
+        pass
+
+    def keep(h):
+        seen["h"] = h
+        raise _Done  # nothing after the SAE's layer is needed
+
+    if where == "input":
+        hd = mod.register_forward_pre_hook(lambda m, a: keep(a[0]))
+    else:
+        hd = mod.register_forward_hook(lambda m, a, o: keep(o[0] if isinstance(o, tuple) else o))
+    n = len(seqs)
+    mean = np.zeros((n, sae.d_sae), np.float32)
+    mx = np.zeros((n, sae.d_sae), np.float32)
+    stats = np.zeros((n, 3))
+    batches = length_batches([len(s) for s in seqs], batch_size)
+    try:
+        for bi, rows in enumerate(batches):
+            if progress:
+                progress(f"sae {mask}", bi, len(batches))
+            b = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(tokenizer),
+                           next(model.parameters()).device)
+            attn = sink_masks(model, b.attention_mask, model.dtype) if mask == "sink-masked" else b.attention_mask
+            with torch.inference_mode():
+                try:
+                    base(input_ids=b.input_ids, attention_mask=attn, use_cache=False)
+                except _Done:
+                    pass
+            out = pooled_codes(sae, seen["h"].float().cpu().numpy(), [spans[i] for i in rows])
+            mean[rows], mx[rows] = out["mean"], out["max"]
+            stats[rows] = np.stack([out["l0"], out["fvu"], out["explained"]], axis=1)
+    finally:
+        hd.remove()
+    if progress:
+        progress(f"sae {mask}", len(batches), len(batches))
+    return {"mean": to_csr(mean), "max": to_csr(mx), "stats": stats}, len(batches)

@@ -1,0 +1,405 @@
+"""`actcache serve`: the retrieval of `actcache query` and `select` as a local
+HTTP service (FastAPI + uvicorn), for harnesses and notebooks that want
+demonstrations per input without paying a process start, a model load and an
+index load each time.
+
+One worker thread does all the work: requests are queued, and those that
+arrive within a short window are coalesced, so new texts for one build and
+array are encoded in one forward batch (each then searched as the local command
+would), and two forward passes never compete for the same cores. Builds, indexes and
+models stay loaded (models in a small LRU); query vectors of new texts are kept
+per text, and the store's query cache is used as the CLI uses it. The store is
+never written except that cache.
+"""
+
+
+import asyncio
+import hmac
+import queue
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ActcacheError, ConfigError, CorruptStoreError, DatasetError, MismatchError, StoreError
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+MAX_BODY = 1 << 20  # bytes per request
+MAX_TEXTS = 1024  # inputs per request
+MAX_TEXT_CHARS = 20_000
+MAX_REMEMBERED = 200_000  # new-text vectors kept per (build, array)
+KEY_RE = re.compile(r"^(last|[0-9a-f]{6,64})$")
+
+
+def status_of(e: BaseException) -> int:
+    """The HTTP status of a library error: the one place errors map to codes."""
+    if isinstance(e, CorruptStoreError):
+        return 503
+    if isinstance(e, MismatchError):
+        return 409
+    if isinstance(e, StoreError):
+        msg = str(e)
+        return 404 if ("no build" in msg or "no finished build" in msg or "matches" in msg) else 400
+    if isinstance(e, (ConfigError, DatasetError)):
+        return 400
+    return 400 if isinstance(e, ActcacheError) else 500
+
+
+@dataclass
+class _Job:
+    key: str  # resolved build key
+    kind: str  # "ids" or "texts" or "select"
+    payload: dict
+    future: Future = field(default_factory=Future)
+
+
+class Service:
+    """The loaded state and the single worker. `neighbors(...)` and `select(...)`
+    may be called from any thread; the work runs on the worker thread."""
+
+    def __init__(self, home: str | None = None, window_s: float = 0.01, max_models: int = 2,
+                 max_wait_s: float = 0.1):
+        self.home = home
+        self.window_s = window_s
+        self.max_wait_s = max_wait_s
+        self.max_models = max_models
+        self.q: queue.Queue = queue.Queue()
+        self._stores: dict = {}
+        self._indexes: dict = {}
+        self._models: OrderedDict = OrderedDict()
+        self._vecs: dict = {}  # (key, array) -> {text: (d,) float32}
+        self._checked: dict = {}  # (key, query options) -> ArrayId, validated once
+        self._evals: dict = {}  # (key, array) -> {eval id: (d,) float32}
+        self.forward_batches = 0
+        self._lock = threading.Lock()
+        self._worker = threading.Thread(target=self._loop, name="actcache-serve-worker", daemon=True)
+        self._worker.start()
+
+    # ---------------------------------------------------------------- state
+    def store(self, key: str):
+        """The build for a key, unique prefix or "last" (opened once and kept)."""
+        from .store import Store, find_build
+
+        if not KEY_RE.match(key or ""):
+            raise StoreError(f"no build {key!r}: a key is 6 to 64 hex characters or 'last'")
+        d = find_build(key, self.home)
+        mtime = (d / "acts.h5").stat().st_mtime_ns if (d / "acts.h5").exists() else None
+        with self._lock:
+            cached = self._stores.get(d.name)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+        st = Store(d)  # opened (and its examples checked) once per file version
+        with self._lock:
+            self._stores[st.key] = (mtime, st)
+            self._checked.clear()
+            self._evals.clear()
+        return st
+
+    def _index(self, st, a):
+        k = (st.key, a)
+        if k not in self._indexes:
+            self._indexes[k] = st.index(a.component, a.layer, a.pooling, a.mask)
+        return self._indexes[k]
+
+    def _model(self, st):
+        if st.key in self._models:
+            self._models.move_to_end(st.key)
+        else:
+            self._models[st.key] = st.load_model()
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+        return self._models[st.key]
+
+    # ---------------------------------------------------------------- public calls
+    def submit(self, key: str, kind: str, payload: dict) -> Future:
+        st = self.store(key)
+        job = _Job(st.key, kind, payload)
+        self.q.put(job)
+        return job.future
+
+    # ---------------------------------------------------------------- worker
+    def _loop(self) -> None:
+        while True:
+            jobs = [self.q.get()]
+            # Take whatever is queued already. When a forward pass is coming (new texts), keep
+            # collecting while requests keep arriving (a gap of `window_s` ends it, `max_wait_s`
+            # caps it), since a bigger forward batch is the work coalescing saves.
+            start = last = time.monotonic()
+            while len(jobs) < 256:
+                try:
+                    jobs.append(self.q.get_nowait())
+                    last = time.monotonic()
+                    continue
+                except queue.Empty:
+                    pass
+                now = time.monotonic()
+                left = min(last + self.window_s, start + self.max_wait_s) - now
+                if left <= 0 or not any(j.kind == "texts" for j in jobs):
+                    break
+                try:
+                    jobs.append(self.q.get(timeout=left))
+                    last = time.monotonic()
+                except queue.Empty:
+                    break
+            groups: dict = {}
+            for j in jobs:
+                if j.kind == "select":
+                    self._run(lambda j=j: self._select(j), [j])
+                else:
+                    groups.setdefault((j.key, self._array_key(j)), []).append(j)
+            for (key, _), js in groups.items():
+                self._run(lambda key=key, js=js: self._neighbors(key, js), js)
+
+    @staticmethod
+    def _array_key(j: _Job) -> tuple:
+        c = j.payload["cfg"]
+        return (c.component, c.layer, c.pooling, c.mask)
+
+    @staticmethod
+    def _run(fn, jobs) -> None:
+        try:
+            fn()
+        except BaseException as e:  # every error goes back to its request; the worker lives on
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(e)
+
+    def _neighbors(self, key: str, jobs: list[_Job]) -> None:
+        from .query import check_query, eval_inputs, parse_inputs, search_records
+
+        st = self._stores[key][1]
+        ok = []
+        for j in jobs:
+            try:
+                cfg = j.payload["cfg"]
+                ck = (key, cfg.component, cfg.layer, cfg.pooling, cfg.mask, cfg.k, cfg.balanced)
+                if ck not in self._checked:
+                    self._checked[ck] = check_query(st, cfg)
+                j.payload["a"] = self._checked[ck]
+                if j.kind == "ids":
+                    j.payload["inputs"] = eval_inputs(st, j.payload.get("ids"))
+                else:
+                    lines, is_jsonl = j.payload["lines"], j.payload["jsonl"]
+                    j.payload["inputs"] = parse_inputs(st, lines, is_jsonl, "the request", cfg.text_field)
+                ok.append(j)
+            except BaseException as e:
+                j.future.set_exception(e)
+        if not ok:
+            return
+        a = ok[0].payload["a"]
+        index = self._index(st, a)
+        vec = self._query_vectors(st, a, ok)
+        # Each request is searched as its own batch, exactly as the local command would: BLAS
+        # kernels differ in the last bit with the batch shape, and answers must not depend on
+        # which other requests arrived in the same window. The search is the cheap part.
+        for j, Q in zip(ok, vec):
+            j.future.set_result(search_records(st, j.payload["inputs"], Q, j.payload["cfg"], a, index))
+
+    def _query_vectors(self, st, a, jobs: list[_Job]) -> list[np.ndarray]:
+        """(q, d) float32 per job: eval rows from the store, new texts from the
+        per-text memory, then the CLI's cache, then one forward batch for all misses."""
+        from .query import encode_texts
+
+        mem = self._vecs.setdefault((st.key, a), {})
+        if len(mem) > MAX_REMEMBERED:
+            mem.clear()  # bounded: a client sending endless new texts must not grow the server
+        missing = []
+        for j in jobs:
+            if j.kind == "texts":
+                missing += [t for t in j.payload["inputs"].texts if t not in mem and t not in missing]
+        if missing:
+            lm = self._model(st)
+            V, rep = encode_texts(st, missing, a.component, a.layer, a.pooling, a.mask, lm=lm)
+            self.forward_batches += rep["forward_batches"]
+            for t, v in zip(missing, V):
+                mem[t] = v
+        out = []
+        for j in jobs:
+            inp = j.payload["inputs"]
+            if j.kind == "texts":
+                out.append(np.stack([mem[t] for t in inp.texts]).astype(np.float32))
+            else:
+                if (st.key, a) not in self._evals:
+                    self._evals[(st.key, a)] = dict(zip(st.ids[st.eval_rows],
+                                                        st.acts(a.component, a.layer, a.pooling, a.mask, "eval")))
+                E = self._evals[(st.key, a)]
+                out.append(np.stack([E[i] for i in inp.ids]).astype(np.float32))
+        return out
+
+    def _select(self, j: _Job) -> None:
+        from .select import select
+
+        st = self._stores[j.key][1]
+        p = j.payload
+        sel = select(st, p["strategy"], budget=p.get("budget"), k=p.get("k"), seed=p.get("seed", 0), **p["opts"])
+        j.future.set_result(sel.to_records())
+
+
+def create_app(home: str | None = None, token: str | None = None, window_s: float = 0.01):
+    """The FastAPI app over the store at `home`. With `token`, every route but
+    /healthz needs `Authorization: Bearer <token>`."""
+    import json
+
+    from fastapi import Body, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from .query import QueryConfig
+    from .store import list_builds
+
+    svc = Service(home, window_s=window_s)
+    app = FastAPI(title="actcache", version="1",
+                  description="Nearest demonstrations and selection strategies over cached activation builds. "
+                              "Records are those of `actcache query` (JSONL), one per input.")
+    app.state.service = svc
+
+    class Neighbors(BaseModel):
+        ids: list[str] | None = Field(None, description="Eval-row ids of the build (default: every eval row).")
+        texts: list[str] | None = Field(None, description="New input texts (filled into the build's template).",
+                                        max_length=MAX_TEXTS)
+        inputs: list[dict] | None = Field(None, description="New inputs as JSON objects (template fields, "
+                                                             "optional id), as lines of a JSONL --input.",
+                                          max_length=MAX_TEXTS)
+        component: str = QueryConfig.component
+        layer: int = QueryConfig.layer
+        pooling: str = QueryConfig.pooling
+        mask: str = QueryConfig.mask
+        k: int = Field(QueryConfig.k, ge=1, le=10_000)
+        balanced: bool = QueryConfig.balanced
+        exclude_self: bool = QueryConfig.exclude_self
+        text_field: str = QueryConfig.text_field
+        source: str = Field("request", description="Echoed in each record's config (the CLI client sends "
+                                                   "its --input name, so records equal the local command's).")
+
+    class Select(BaseModel):
+        strategy: str
+        budget: int | None = Field(None, ge=1, le=1_000_000)
+        k: int | None = Field(None, ge=1, le=10_000)
+        seed: int = 0
+        component: str = "mlp"
+        layer: int = -1
+        pooling: str = "mean"
+        mask: str = "isolated"
+        stat: str | None = None
+        order: str | None = None
+
+    def err(status: int, msg: str) -> JSONResponse:
+        return JSONResponse({"error": msg}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token and request.url.path != "/healthz":
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+                return err(401, "missing or wrong bearer token; send Authorization: Bearer <token>")
+        n = request.headers.get("content-length")
+        if n is not None and (not n.isdigit() or int(n) > MAX_BODY):
+            return err(413, f"request body over {MAX_BODY} bytes; send fewer or shorter inputs")
+        try:
+            return await call_next(request)
+        except Exception as e:  # pragma: no cover - last resort, one line
+            return err(500, f"internal error: {type(e).__name__}: {str(e)[:200]}")
+
+    @app.exception_handler(ActcacheError)
+    async def actcache_error(request, e: ActcacheError):
+        return err(status_of(e), str(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return err(e.status_code, f"{e.detail}: {request.method} {request.url.path}")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return err(422, f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed JSON')}")
+
+    def raw_json(obj) -> Response:
+        # The records are plain JSON already; skip FastAPI's per-field encoder.
+        return Response(json.dumps(obj, ensure_ascii=False).encode(), media_type="application/json")
+
+    async def wait(fut: Future):
+        return await asyncio.wrap_future(fut)
+
+    @app.get("/healthz")
+    async def healthz():
+        """Liveness, and the forward batches this server has run (0 while every text is cached)."""
+        return {"ok": True, "forward_batches": svc.forward_batches}
+
+    @app.get("/builds")
+    async def builds():
+        """Every build of the store (as `actcache ls --json`)."""
+        rows = await asyncio.to_thread(list_builds, home)
+        return [{k: v for k, v in r.items() if k not in ("provenance", "config")} for r in rows]
+
+    @app.get("/builds/{key}")
+    async def build_info(key: str):
+        """One build (as `actcache info`): key, unique prefix or 'last'."""
+        st = await asyncio.to_thread(svc.store, key)
+        return json.loads(json.dumps(st.info(), default=str))
+
+    @app.post("/builds/{key}/neighbors")
+    async def neighbors(key: str, req: Neighbors = Body(...)):
+        """The k nearest pool examples of each input: eval ids, new texts or JSON inputs."""
+        if sum(x is not None for x in (req.ids, req.texts, req.inputs)) > 1:
+            raise ConfigError("give one of ids, texts or inputs")
+        cfg = QueryConfig(key=key, component=req.component, layer=req.layer, pooling=req.pooling, mask=req.mask,
+                          k=req.k, balanced=req.balanced, exclude_self=req.exclude_self,
+                          source="eval" if req.texts is None and req.inputs is None else req.source,
+                          text_field=req.text_field)
+        if req.texts is not None or req.inputs is not None:
+            raw = req.texts if req.texts is not None else req.inputs
+            if not raw:
+                raise DatasetError("the input list is empty; give at least one text")
+            if req.texts is not None:
+                if any(len(t) > MAX_TEXT_CHARS or not t.strip() for t in req.texts):
+                    raise DatasetError(f"every text must be non-empty and at most {MAX_TEXT_CHARS} characters")
+                lines = [t.replace("\n", " ") for t in req.texts]
+                payload = {"cfg": cfg, "lines": lines, "jsonl": False}
+            else:
+                payload = {"cfg": cfg, "lines": [json.dumps(o, ensure_ascii=False) for o in req.inputs],
+                           "jsonl": True}
+            fut = svc.submit(key, "texts", payload)  # cheap once the build is open: no thread hop
+        else:
+            fut = svc.submit(key, "ids", {"cfg": cfg, "ids": req.ids})
+        return raw_json(await wait(fut))
+
+    @app.post("/builds/{key}/select")
+    async def select_route(key: str, req: Select = Body(...)):
+        """Run a registered selection strategy (random, knn, vote-k, k-center, kmeans, stat, embed-knn)."""
+        import inspect
+
+        from .select import STRATEGIES
+
+        fn = STRATEGIES.get(req.strategy)
+        if fn is None:
+            raise ConfigError(f"unknown strategy {req.strategy!r}; choose from {sorted(STRATEGIES)}")
+        wanted = {n: getattr(req, n) for n in ("component", "layer", "pooling", "mask", "stat", "order")
+                  if getattr(req, n) is not None}
+        opts = {n: v for n, v in wanted.items() if n in inspect.signature(fn).parameters}
+        fut = await asyncio.to_thread(svc.submit, key, "select",
+                                      {"strategy": req.strategy, "budget": req.budget, "k": req.k,
+                                       "seed": req.seed, "opts": opts})
+        return raw_json(await wait(fut))
+
+    return app
+
+
+def serve(home: str | None = None, host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> None:
+    """Run the service until interrupted. Off loopback a bearer `token` is required."""
+    import uvicorn
+
+    if host not in LOOPBACK and not token:
+        raise ConfigError(f"--host {host} exposes the store beyond this machine; pass --token SECRET "
+                          f"(clients send Authorization: Bearer SECRET), or keep --host 127.0.0.1")
+    uvicorn.run(create_app(home, token), host=host, port=port, log_level="warning",
+                limit_concurrency=256, timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_BODY)
+
+
+__all__ = ["Service", "create_app", "serve", "status_of"]

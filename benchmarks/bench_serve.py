@@ -1,0 +1,251 @@
+"""`actcache serve` throughput and latency, on loopback only, bounded in requests and time.
+
+For id queries (eval rows) and new-text queries at 1, 8 and 32 concurrent
+clients: requests/s and p50/p99 latency, plus the same work done by calling the
+CLI per request and by one in-process `query()` per request, measured in the
+same run. `--faults N` sends N malformed or hostile requests and checks the
+server still answers /healthz, with no 5xx and nothing written outside the
+query cache. One JSON line per measurement.
+
+    python benchmarks/bench_serve.py                     # default model, a 200-row build
+    python benchmarks/bench_serve.py --model tiny        # a tiny random Llama (fast)
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def emit(**kw) -> None:
+    from actcache.models import hardware
+
+    print(json.dumps({**kw, "hardware": hardware()}), flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(d: Path) -> str:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    m = make_model("llama", len(tok))
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def make_build(home: Path, model: str, limit: int):
+    from actcache.builder import BuildConfig, build
+    from actcache.data import DataSpec
+    from actcache.models import ModelSpec
+
+    return build(BuildConfig(model=ModelSpec(model), data=DataSpec(task="sst2", pool_limit=limit, eval_limit=limit),
+                             layers="-1", components=("mlp",), masks=("label-masked",), home=str(home)))
+
+
+class Conn:
+    """One keep-alive HTTP connection (one per client thread)."""
+
+    def __init__(self, port: int):
+        self.c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        self.c.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        r = self.c.getresponse()
+        return r.status, r.read()
+
+
+def load(port: int, path: str, bodies: list[bytes], clients: int, max_s: float) -> dict:
+    """Send `bodies` from `clients` threads (each takes the next body), at most `max_s` seconds."""
+    lat: list[float] = []
+    codes: list[int] = []
+    it = iter(bodies)
+    lock = threading.Lock()
+    t_end = time.monotonic() + max_s
+
+    def worker():
+        conn = Conn(port)
+        while time.monotonic() < t_end:
+            with lock:
+                b = next(it, None)
+            if b is None:
+                return
+            t = time.perf_counter()
+            code, _ = conn.post(path, b)
+            with lock:
+                lat.append(time.perf_counter() - t)
+                codes.append(code)
+
+    t0 = time.perf_counter()
+    ths = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {"requests": len(lat), "rps": round(len(lat) / wall, 1),
+            "p50_ms": round(1000 * lat[len(lat) // 2], 2) if lat else None,
+            "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2) if lat else None,
+            "non_200": sum(c != 200 for c in codes)}
+
+
+def cli_per_request(home: Path, key: str, arg_sets: list[list[str]]) -> float:
+    """Median seconds of `actcache query` run as a new process per request (one per argument set)."""
+    times = []
+    for args in arg_sets:
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "actcache", "query", key, *args, "--out", os.devnull,
+                        "--store", str(home)], check=True, capture_output=True, cwd=REPO)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def inproc_per_request(home: Path, key: str, sources: list[str]) -> float:
+    """Median seconds of one in-process `query()` call per request (store, index and model opened each time)."""
+    from actcache.query import QueryConfig, query
+
+    times = []
+    for src in sources:
+        t = time.perf_counter()
+        query(QueryConfig(key=key, home=str(home), k=4, source=src))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def faults(port: int, n: int, key: str) -> dict:
+    rng = random.Random(0)
+    bad = [
+        lambda: ("POST", f"/builds/{key}/neighbors", b"{not json"),
+        lambda: ("POST", f"/builds/{key}/neighbors", json.dumps({"k": 10**9}).encode()),
+        lambda: ("POST", "/builds/..%2F..%2Fetc%2Fpasswd/neighbors", b"{}"),
+        lambda: ("POST", "/builds/../../etc/passwd/neighbors", b"{}"),
+        lambda: ("POST", f"/builds/{key}/neighbors", b"x" * (10 << 20)),
+        lambda: ("POST", f"/builds/{key}/neighbors", json.dumps({"texts": [""] * 3}).encode()),
+        lambda: ("POST", f"/builds/{key}/neighbors", json.dumps({"layer": 10**6}).encode()),
+        lambda: ("POST", f"/builds/{key}/select", json.dumps({"strategy": "rm -rf /"}).encode()),
+        lambda: ("GET", "/builds/%00", b""),
+        lambda: ("POST", f"/builds/{key}/neighbors", bytes(rng.getrandbits(8) for _ in range(256))),
+    ]
+    codes: dict = {}
+    for i in range(n):
+        method, path, body = bad[i % len(bad)]()
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            c.request(method, path, body=body or None, headers={"Content-Type": "application/json"})
+            code = c.getresponse().status
+        except (OSError, http.client.HTTPException):
+            code = "closed"  # the server may close a connection sending 10 MB
+        codes[code] = codes.get(code, 0) + 1
+    # slow client: send half a request, then stall past the keep-alive timeout
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /builds/x/neighbors HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    time.sleep(1)
+    s.close()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("GET", "/healthz")
+    alive = c.getresponse().status == 200
+    return {"codes": {str(k): v for k, v in sorted(codes.items(), key=str)}, "healthz_after": alive,
+            "n_5xx": sum(v for k, v in codes.items() if isinstance(k, int) and k >= 500)}
+
+
+def snapshot(home: Path) -> set:
+    return {(str(p), p.stat().st_size) for p in home.rglob("*") if p.is_file() and "queries" not in p.parts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gemma-3-270m", help="model id, or 'tiny' for a tiny random Llama")
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--ids", type=int, default=2000, help="id requests per level (bounded)")
+    ap.add_argument("--texts", type=int, default=96, help="new-text requests per level (bounded)")
+    ap.add_argument("--max-s", type=float, default=60.0, help="seconds per level at most")
+    ap.add_argument("--baseline-n", type=int, default=3)
+    ap.add_argument("--faults", type=int, default=1000)
+    ap.add_argument("--home", default=None, help="store to build in and reuse (default: a new temp dir)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    home = Path(args.home) if args.home else tmp / "store"
+    model = tiny_model(tmp / "tiny") if args.model == "tiny" else args.model
+    st = make_build(home, model, args.limit)
+    st.index("mlp", st.layers[-1], "mean", "label-masked")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "actcache", "serve", "--store", str(home), "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):
+            try:
+                http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/healthz")
+                break
+            except OSError:
+                time.sleep(0.1)
+        path = f"/builds/{st.key}/neighbors"
+        eval_ids = [str(i) for i in st.ids[st.eval_rows]]
+        Conn(port).post(path, json.dumps({"texts": ["warm up the model"], "k": 4}).encode())
+        base = {}
+        base["cli_ids_s"] = cli_per_request(home, st.key, [["--k", "4"]] * args.baseline_n)
+        src = []
+        for i in range(args.baseline_n):
+            f = tmp / f"in{i}.txt"
+            f.write_text(f"baseline review number {i} with words {random.random()}\n")
+            src.append(str(f))
+        # a new text per call, as a harness asking about each new input would
+        base["cli_text_s"] = cli_per_request(home, st.key, [["--k", "4", "--input", x] for x in src])
+        base["inproc_ids_s"] = inproc_per_request(home, st.key, ["eval"] * args.baseline_n)
+        for i in range(args.baseline_n):
+            Path(src[i]).write_text(f"another baseline review {i} {random.random()}\n")
+        base["inproc_text_s"] = inproc_per_request(home, st.key, src)
+        emit(measure="baselines", **{k: round(v, 4) for k, v in base.items()}, n=args.baseline_n,
+             model=args.model, key=st.key[:16])
+        rates = {}
+        for kind in ("ids", "texts"):
+            for clients in (1, 8, 32):
+                if kind == "ids":
+                    bodies = [json.dumps({"ids": [eval_ids[i % len(eval_ids)]], "k": 4}).encode()
+                              for i in range(args.ids)]
+                else:
+                    bodies = [json.dumps({"texts": [f"a fresh review {clients}-{i}, {random.random()}"],
+                                          "k": 4}).encode() for i in range(args.texts)]
+                r = load(port, path, bodies, clients, args.max_s)
+                rates[(kind, clients)] = r["rps"]
+                per_req = base["cli_ids_s"] if kind == "ids" else base["cli_text_s"]
+                inproc = base["inproc_ids_s"] if kind == "ids" else base["inproc_text_s"]
+                emit(measure=f"serve_{kind}", clients=clients, **r,
+                     ratio_vs_cli_per_request=round(r["rps"] * per_req, 1),
+                     ratio_vs_inprocess_query=round(r["rps"] * inproc, 1), model=args.model)
+        emit(measure="coalescing", texts_rps_32_over_1=round(rates[("texts", 32)] / rates[("texts", 1)], 2),
+             ids_rps_8=rates[("ids", 8)], model=args.model)
+        if args.faults:
+            before = snapshot(home)
+            f = faults(port, args.faults, st.key)
+            after = snapshot(home)
+            emit(measure="faults", n=args.faults, **f, store_unchanged_outside_query_cache=before == after)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""The fault matrix: damaged files, foreign files, full disks, read-only stores,
+locks and bad input. Each case ends in one clear error or a correct recovery
+that is checked against an undamaged reference, never a traceback or silently
+different numbers."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, assert_same_arrays, cfg_for, write_jsonl
+
+from actcache.builder import build
+from actcache.errors import ConfigError, CorruptStoreError, DatasetError, StoreError
+from actcache.store import ArrayId, Store, file_lock, list_builds, verify
+
+LAYERS = "1,2"
+
+
+@pytest.fixture()
+def built(tiny_model_dir, jsonl, tmp_path):
+    return build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers=LAYERS,
+                         masks=("isolated", "label-masked"), components=("mlp", "resid")))
+
+
+@pytest.fixture()
+def pristine(built, tmp_path):
+    """A copy of the undamaged build, the reference every recovery is compared with."""
+    ref = tmp_path / "ref" / "builds" / built.key
+    shutil.copytree(built.dir, ref)
+    return Store(ref)
+
+
+def _read_everything(st: Store) -> dict:
+    out = {}
+    for a in st.arrays:
+        out[a.name()] = st.acts(a.component, a.layer, a.pooling, a.mask)
+        out[a.stats_name()] = st.stats(a.component, a.layer, a.mask)
+    return out
+
+
+def _array_offset(st: Store, a: ArrayId) -> int:
+    with h5py.File(st.h5_path, "r") as f:
+        ds = f[a.name()]
+        off = ds.id.get_offset()
+        return int(off if off is not None else ds.id.get_chunk_info(0).byte_offset)
+
+
+# --------------------------------------------------------------------------- damaged arrays
+
+
+def test_rows_overwritten_with_other_finite_values_are_detected(built):
+    a = ArrayId("mlp", 2, "mean", "isolated")
+    off = _array_offset(built, a)
+    with open(built.h5_path, "r+b") as f:
+        f.seek(off + 64)
+        f.write(np.full(38 * 8, 0.5, dtype=np.float16).tobytes())  # finite, plausible values
+    st = Store(built.dir)
+    with pytest.raises(CorruptStoreError, match=r"mlp/L2/mean/isolated.*damaged.*actcache verify"):
+        st.acts("mlp", 2, "mean", "isolated")
+    rep = verify(built.dir)
+    assert not rep.ok and [f.path for f in rep.findings if f.what == "array"] == [a.name()]
+
+
+@pytest.mark.parametrize("where", [0.001, 0.02, 0.3, 0.7])
+def test_random_bytes_anywhere_never_silent(built, pristine, where):
+    size = built.h5_path.stat().st_size
+    with open(built.h5_path, "r+b") as f:
+        f.seek(int(size * where))
+        f.write(np.random.default_rng(int(where * 1000)).bytes(512))
+    try:
+        got = _read_everything(Store(built.dir))
+    except CorruptStoreError:
+        return  # detected: one clear error
+    want = _read_everything(pristine)
+    for name in want:  # not detected only where the bytes did not matter
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_examples_damage_detected(built):
+    import hashlib
+
+    with h5py.File(built.h5_path, "r+") as f:
+        f.attrs["examples_sha256"] = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(CorruptStoreError, match="examples"):
+        Store(built.dir)
+    assert [r["status"] for r in list_builds(built.home)] == ["corrupt"]
+
+
+def test_foreign_acts_h5_rejected_and_rebuilt(tiny_model_dir, jsonl, built, pristine, tmp_path):
+    other = build(cfg_for(tiny_model_dir["qwen2"], jsonl, tmp_path / "o", layers=LAYERS,
+                          masks=("isolated", "label-masked"), components=("mlp", "resid")))
+    shutil.copy(other.h5_path, built.h5_path)
+    with pytest.raises(CorruptStoreError, match="copied from another build"):
+        Store(built.dir)
+    with pytest.warns(UserWarning, match="copied from another build"):
+        again = build(cfg_for(tiny_model_dir["llama"], jsonl, built.home, layers=LAYERS,
+                              masks=("isolated", "label-masked"), components=("mlp", "resid")))
+    assert not again.report["cache_hit"] and again.key == built.key
+    assert_same_arrays(again, pristine)
+
+
+# --------------------------------------------------------------------------- indexes
+
+
+def _exact(st: Store, a: ArrayId, k: int) -> np.ndarray:
+    P = st.acts(a.component, a.layer, a.pooling, a.mask, "pool").astype(np.float64)
+    Q = st.acts(a.component, a.layer, a.pooling, a.mask, "eval").astype(np.float64)
+    P /= np.linalg.norm(P, axis=1, keepdims=True)
+    Q /= np.linalg.norm(Q, axis=1, keepdims=True)
+    return np.argsort(-(Q @ P.T), axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("damage", ["garble", "truncate", "other-array"])
+def test_damaged_index_is_rebuilt_on_use_and_by_verify(built, damage):
+    a = ArrayId("mlp", 2, "mean", "isolated")
+    b = ArrayId("resid", 1, "mean", "isolated")
+    built.index(a.component, a.layer, a.pooling, a.mask)
+    built.index(b.component, b.layer, b.pooling, b.mask)
+    p = built.index_path(a)
+    data = bytearray(p.read_bytes())
+    if damage == "garble":
+        data[len(data) // 2: len(data) // 2 + 32] = bytes(32)
+        p.write_bytes(bytes(data))
+    elif damage == "truncate":
+        p.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # an index and sidecar of another array, same key, count and dimension
+        shutil.copy(built.index_path(b), p)
+        shutil.copy(f"{built.index_path(b)}.json", f"{p}.json")
+    assert not built.has_index(a)
+    rep = verify(built.dir)
+    assert not rep.ok and [f.what for f in rep.findings] == ["index"]
+    assert verify(built.dir, repair=True).ok and verify(built.dir).ok
+    idx = Store(built.dir).index(a.component, a.layer, a.pooling, a.mask)
+    _, ids = idx.search(built.acts(a.component, a.layer, a.pooling, a.mask, "eval"), 3)
+    np.testing.assert_array_equal(ids, _exact(built, a, 3))
+
+
+def test_ls_is_not_done_while_promised_indexes_are_missing(tiny_model_dir, jsonl, tmp_path):
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers=LAYERS, masks=("isolated",),
+                       components=("mlp",), index="flat"))
+    assert [r["status"] for r in list_builds(st.home)] == ["done"]
+    for a in st.arrays[:2]:  # a kill while indexes were being written
+        st.index_path(a).unlink()
+    assert [r["status"] for r in list_builds(st.home)] == ["done, 2 indexes to rebuild"]
+    assert verify(st.dir, repair=True).ok
+    assert [r["status"] for r in list_builds(st.home)] == ["done"]
+
+
+# --------------------------------------------------------------------------- derived caches and leftovers
+
+
+def test_damaged_query_cache_and_leftovers_repaired(built):
+    from actcache.query import encode_texts
+
+    a = ArrayId("mlp", 2, "mean", "isolated")
+    first, rep1 = encode_texts(built, ["a new review"], a.component, a.layer, a.pooling, a.mask)
+    cache = built.dir / rep1["cache"].split(built.dir.name + "/", 1)[1]
+    cache.write_bytes(cache.read_bytes()[:40])
+    tmp = built.dir / "indexes" / ".x.faiss.999999999.abc.tmp"
+    tmp.parent.mkdir(exist_ok=True)
+    tmp.write_bytes(b"partial")
+    rep = verify(built.dir)
+    assert sorted(f.what for f in rep.findings) == ["cache", "leftover"]
+    assert verify(built.dir, repair=True).ok and not tmp.exists() and not cache.exists()
+    again, rep2 = encode_texts(built, ["a new review"], a.component, a.layer, a.pooling, a.mask)
+    assert not rep2["cache_hit"]
+    np.testing.assert_array_equal(again, first)
+
+
+# --------------------------------------------------------------------------- full disks, read-only stores, locks
+
+
+def test_disk_full_while_writing_the_build(tiny_model_dir, jsonl, tmp_path, monkeypatch):
+    import actcache.store as store_mod
+
+    real = store_mod._h5_dataset
+
+    def full(f, name, data, **kw):
+        if name.startswith("acts/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, name, data, **kw)
+
+    monkeypatch.setattr(store_mod, "_h5_dataset", full)
+    with pytest.raises(StoreError, match=r"cannot write .*acts\.h5: no space left.*MiB"):
+        build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", masks=("isolated",)))
+    (bdir,) = (tmp_path / "s" / "builds").iterdir()
+    assert not list(bdir.glob("*.tmp")) and not (bdir / "acts.h5").exists()
+    monkeypatch.undo()  # space again: the rerun resumes from the flushed shards, no forward pass
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", masks=("isolated",)))
+    assert st.report["forward_batches"] == 0
+
+
+def test_disk_full_while_flushing_a_shard(tiny_model_dir, jsonl, tmp_path, monkeypatch):
+    import indexes.io
+
+    def full(path, write, nbytes=None):
+        raise indexes.io.no_space_error(OSError(errno.ENOSPC, "full"), path, nbytes)
+
+    monkeypatch.setattr("actcache.store.atomic_write", full)
+    with pytest.raises(StoreError, match=r"b00000\.npz: the disk is full"):
+        build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", masks=("isolated",)))
+
+
+def test_read_only_store_serves_and_computes_in_memory(built, monkeypatch):
+    from indexes import VectorIndex
+
+    from actcache.query import QueryConfig, query
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("actcache.store.atomic_write", ro)
+    monkeypatch.setattr(VectorIndex, "save", ro)
+    new = built.dir.parent.parent / "new.txt"
+    new.write_text("a new review\n")
+    for source in ("eval", str(new)):
+        recs = query(QueryConfig(key=built.key, home=str(built.home), component="mlp", layer=2, mask="isolated",
+                                 k=2, source=source))
+        assert len(recs) >= 1 and all(len(r["neighbors"]) == 2 for r in recs)
+    assert not list(built.dir.glob("indexes/*.faiss")) and not (built.dir / "queries").exists()
+
+
+def test_lock_timeout_names_the_holder(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTCACHE_LOCK_TIMEOUT", "0.2")
+    with file_lock(tmp_path / "lock"):
+        with pytest.raises(StoreError, match=r"locked for 0 s by pid \d+ on .*ACTCACHE_LOCK_TIMEOUT"):
+            with file_lock(tmp_path / "lock"):
+                pass
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+BAD_ROWS = {
+    "malformed": ('{"review": "ok", "label": 1}\n{"review": "broken", "label": \n', r"line 2 is not valid JSON"),
+    "list": ('{"review": "ok", "label": 1}\n["a", 1]\n', r"line 2 is a JSON list, not an object"),
+    "null": ('{"review": "ok", "label": 1}\n{"review": null, "label": 0}\n', r"row 2 has a null 'review'"),
+    "missing": ('{"review": "ok", "label": 1}\n{"label": 0}\n', r"row 2 has no 'review' field"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_data_rows(tmp_path, case):
+    from actcache.data import DataSpec, load
+
+    text, msg = BAD_ROWS[case]
+    p = tmp_path / "d.jsonl"
+    p.write_text(text)
+    with pytest.raises(DatasetError, match=msg):
+        load(DataSpec(path=str(p), text_fields=("review",)))
+
+
+def test_non_utf8_data(tmp_path):
+    from actcache.data import DataSpec, load
+
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"review": "ok", "label": 1}\n{"review": "caf\xe9", "label": 0}\n')
+    with pytest.raises(DatasetError, match=r"line 2 is not UTF-8 .*re-encode"):
+        load(DataSpec(path=str(p), text_fields=("review",)))
+
+
+@pytest.mark.parametrize("layers,msg", [("1:x", "bad layer slice"), ("::0", "non-zero step"), ("a", "bad layer")])
+def test_bad_layers_fail_before_loading_anything(tiny_model_dir, jsonl, tmp_path, monkeypatch, layers, msg):
+    monkeypatch.setattr("actcache.builder.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ConfigError, match=msg):
+        build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers=layers))
+
+
+def test_bad_index_factory_fails_before_the_forward_pass(tiny_model_dir, jsonl, tmp_path, monkeypatch):
+    monkeypatch.setattr("actcache.builder.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ConfigError, match=r"--index 'Nonsense'.*could not parse"):
+        build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", index="Nonsense"))
+
+
+def test_query_input_with_null_text(built):
+    from actcache.query import QueryConfig, query
+
+    p = write_jsonl(built.home / "in.jsonl", [{"text": None}])
+    with pytest.raises(DatasetError, match=r"line 1: field 'text' is null"):
+        query(QueryConfig(key=built.key, home=str(built.home), component="mlp", layer=2, mask="isolated",
+                          source=str(p)))
+
+
+def _cli(*args, env_home=None):
+    return subprocess.run([sys.executable, "-m", "actcache", *args], capture_output=True, text=True, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["ls", "--store", "{file}"], "is a file, not a directory"),
+    (["evaluate", "last", "--seeds", "a,b", "--store", "{dir}"], "comma-separated list of integers"),
+    (["build", "--data", "{bad}", "--text-field", "review", "--store", "{dir}"], "line 2 is not valid JSON"),
+    (["verify", "--store", "{dir}"], "give a build key or --all"),
+])
+def test_cli_bad_input_is_one_clear_line(tmp_path, args, msg):
+    f = tmp_path / "f"
+    f.write_text("x")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"review": "ok", "label": 1}\n{oops\n')
+    args = [a.format(file=f, dir=tmp_path / "s", bad=bad) for a in args]
+    r = _cli(*args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and msg in " ".join(r.stderr.split()), r.stderr
+
+
+def test_cli_verify_reports_and_repairs(built):
+    built.index("mlp", 2, "mean", "isolated")
+    p = built.index_path(ArrayId("mlp", 2, "mean", "isolated"))
+    p.write_bytes(p.read_bytes()[:100])
+    r = _cli("verify", built.key[:12], "--store", str(built.home))
+    assert r.returncode == 1 and "index damaged" in r.stdout and "NOT ok" in r.stdout
+    r = _cli("verify", "--all", "--repair", "--store", str(built.home))
+    assert r.returncode == 0 and "repaired" in r.stdout, r.stdout + r.stderr
+    assert json.loads(_cli("ls", "--json", "--store", str(built.home)).stdout)[0]["status"] == "done"
