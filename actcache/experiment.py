@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -14,18 +15,49 @@ import numpy as np
 from .data import Example
 from .errors import ConfigError, DatasetError, MismatchError, ModelError
 from .prompts import prompt_segments
+from .quality import byte_normalized, examples_at, load_scoring_model, score_prompts, store_task, study_rows
 from .store import Store
 
 if TYPE_CHECKING:
     from .pipeline import EvalConfig
+    from .study import StudyResult
 
 Progress = Callable[[str, int, int], None]
 
-from .quality import byte_normalized, examples_at, load_scoring_model, score_prompts, store_task, study_rows
 
-# Order of retrieved demonstrations in the prompt. KATE (Liu et al. 2022) puts the
-# most similar one last, nearest the query; "shuffle" is a seeded permutation.
-KNN_ORDERS = ("similar-last", "similar-first", "shuffle")
+@dataclass(frozen=True)
+class SelectionResult:
+    """What `selection_experiment` found.
+
+    runs: one dict per strategy x seed (strategy, seed, accuracy, macro_f1,
+        acc_norm, tokens_computed, tokens_in_prompts, same_prompts_as_earlier_seed;
+        "skipped" with the reason when an optional baseline could not run).
+    summary: one dict per strategy (strategy, mean, std, n_seeds; acc_norm for
+        multiple choice), zero-shot first.
+    eval_ids: the eval inputs, in order. flips: the float32 zero-shot
+        comparison (n, flipped, acc_fp32, dtype) or None.
+    k, max_length: as configured. dropped_demonstrations: per strategy, how
+        many demonstrations overlong prompts dropped.
+    tokens: {"computed", "in_prompts", "saved"} over every scored prompt (the
+        fp32 comparison included; 0 for generative tasks, which are decoded).
+    samples: per-item records per run (written to samples/, not results.json).
+    """
+
+    runs: list[dict]
+    summary: list[dict]
+    eval_ids: list[str]
+    flips: dict | None
+    k: int
+    dropped_demonstrations: dict[str, int]
+    max_length: int
+    tokens: dict
+    samples: list[dict] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        """The "selection" object of results.json (per-item samples are written beside it)."""
+        return {"runs": self.runs, "summary": self.summary, "eval_ids": self.eval_ids, "flips": self.flips,
+                "k": self.k, "dropped_demonstrations": self.dropped_demonstrations,
+                "max_length": self.max_length, "tokens": self.tokens}
 
 
 
@@ -38,11 +70,11 @@ def _knn_layers(store: Store, spec: str) -> list[int]:
     return [layers[i] if i < len(layers) else i for i in resolve_layers(spec, len(layers))]
 
 
-def _best_stat(study: dict | None) -> dict:
+def _best_stat(study: StudyResult | None) -> dict:
     """The statistic the `stat` strategy ranks by: the best of the discovery half
     (controlled for label and length, see correlate.replicate), with its sign.
     Chosen from the quality matrix's candidates only, never from eval inputs."""
-    top = ((study or {}).get("replication") or {}).get("top")
+    top = ((study.replication if study else None) or {}).get("top")
     if not top:
         return {"stat": "kurt", "component": "mlp", "layer": None, "mask": "isolated", "order": "high"}
     best = top[0]
@@ -131,17 +163,14 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **op
     return {t: ids for t in test_ids}
 
 
-def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None = None,
-                         progress: Progress | None = None) -> dict:
-    """k-shot accuracy on eval inputs for zero-shot and each strategy, over seeds.
+def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult | None = None,
+                         progress: Progress | None = None) -> SelectionResult:
+    """k-shot accuracy on eval inputs for zero-shot and each strategy, over seeds
+    (see `SelectionResult`). The `stat` strategy ranks by the study's discovery
+    best (a default statistic without a study).
 
     Subset strategies use one seeded demonstration order for all eval inputs, so
     their prompts share a prefix that is computed once per run (see demo_order).
-    Returns runs (one dict per strategy x seed, with its tokens computed and in
-    the prompts), summary (mean/std accuracy per strategy), eval_ids, flips
-    (fp32 zero-shot comparison or None), dropped_demonstrations, and tokens
-    ({"computed", "in_prompts", "saved"} over every scored prompt, the fp32
-    comparison included; 0 for generative tasks, which are decoded, not scored).
     """
     from .prompts import fit_demonstrations
     from .score import TokenCount, classify, exact_match, extract_number, generate
@@ -250,6 +279,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
                               counter=tokens), gold)
         flips = {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()),
                  "acc_fp32": m32["accuracy"], "dtype": lm.provenance["dtype"]}
+
     def mean(v):
         v = np.asarray(v, dtype=np.float64)
         return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
@@ -264,11 +294,6 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: dict | None =
                         "n_seeds": len(acc)})
         if task.kind == "multiple_choice":
             summary[-1]["acc_norm"] = mean([r.get("acc_norm", float("nan")) for r in rs])
-    return {"runs": results, "summary": summary, "eval_ids": eval_ids, "flips": flips, "k": cfg.k,
-            "samples": samples,
-            "dropped_demonstrations": dropped, "max_length": cfg.max_length, "tokens": tokens.as_dict()}
-
-
-# --------------------------------------------------------------------------- entry point
-
-
+    return SelectionResult(runs=results, summary=summary, eval_ids=eval_ids, flips=flips, k=cfg.k,
+                           dropped_demonstrations=dropped, max_length=cfg.max_length, tokens=tokens.as_dict(),
+                           samples=samples)

@@ -1,33 +1,56 @@
-"""`actcache evaluate` and `actcache run` as library calls: the evaluation
-config, the study presets, `evaluate()` (quality matrix, correlation study,
-selection experiment, report) and `run()` (build, query, evaluate a preset end
-to end). The CLI calls exactly these."""
+"""`actcache evaluate` and `actcache run` as library calls: their configs (the
+one place their defaults live), the study presets, `evaluate()` (quality
+matrix, correlation study, selection experiment, report) and `run()` (build,
+query, evaluate a preset end to end). The CLI calls exactly these.
+
+Importing this module is cheap (no numpy, torch or faiss), so the CLI reads
+its option defaults from these dataclasses."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable
 
 from .errors import ConfigError
-from .experiment import KNN_ORDERS, selection_experiment
-from .quality import load_scoring_model, quality_matrix
-from .store import Store
-from .study import QUALITY_DEFS, correlation_study
+
+if TYPE_CHECKING:
+    from .experiment import SelectionResult
+    from .study import StudyResult
 
 Progress = Callable[[str, int, int], None]
 
 DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "embed-knn")
+QUALITY_DEFS = ("mean", "gain", "balanced")
+# Order of retrieved demonstrations in the prompt. KATE (Liu et al. 2022) puts the
+# most similar one last, nearest the query; "shuffle" is a seeded permutation.
+KNN_ORDERS = ("similar-last", "similar-first", "shuffle")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A study set-up for `run`: the model and task, the shots `k`, the study's
+    sizes, and what the build captures."""
+
+    model: str
+    task: str
+    k: int
+    n_candidates: int
+    n_probes: int
+    components: tuple[str, ...]
+    layers: str
+    context_k: int
+    max_length: int
+    masks: tuple[str, ...]
+
 
 # Presets that reproduce the study's set-up where the weights are available.
 # On this machine run them with --model gemma-3-270m (and smaller sizes).
-PRESETS: dict[str, dict] = {
-    f"paper-{task}-{m}": dict(model=model, task=task, k=1, n_candidates=1000, n_probes=100,
-                             components=("mlp",), layers="all", context_k=1, max_length=1024,
-                             masks=("isolated", "in-context", "label-masked", "sink-masked"))
+PRESETS: dict[str, Preset] = {
+    f"paper-{task}-{m}": Preset(model=model, task=task, k=1, n_candidates=1000, n_probes=100,
+                                components=("mlp",), layers="all", context_k=1, max_length=1024,
+                                masks=("isolated", "in-context", "label-masked", "sink-masked"))
     for task in ("boolq", "arc_challenge", "openbookqa", "gsm8k")
     for m, model in (("llama", "meta-llama/Llama-3.2-3B"), ("qwen", "Qwen/Qwen2.5-3B"))
 }
@@ -94,32 +117,59 @@ class Sizes:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """What `evaluate` found. The study and selection parts are the JSON documents
-    report.py renders; `to_dict()` is exactly results.json (plus "out")."""
+    """What `evaluate` found, with the config and keys behind every number.
+
+    config: the EvalConfig it ran; build_key, quality_key: the build and its
+    quality matrix; quality_tokens: tokens computed vs in the matrix's prompts
+    (None for a matrix stored before they were counted); task; model: the
+    build's model provenance; quality_probe_rows, quality_cand_rows: store rows
+    of the matrix; versions: library versions of the build; sizes; zero-shot
+    accuracy on the probes; hardware: what evaluate, the build and the matrix ran
+    on; study, selection: the two experiments; seconds; out: the report
+    directory. `to_dict()` is exactly results.json.
+    """
 
     config: EvalConfig
     build_key: str
     quality_key: str
+    quality_tokens: dict | None
     task: str
+    model: dict
+    quality_probe_rows: list[int]
+    quality_cand_rows: list[int]
+    versions: dict | None
     sizes: Sizes
     zero_shot_probe_acc: float
-    study: dict
-    selection: dict
     hardware: dict
+    study: StudyResult
+    selection: SelectionResult
     seconds: float
     out: str
-    document: dict = field(repr=False)
+    # Every candidate x probe score by example id, for samples/quality_pairs.jsonl.
+    quality_pairs: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
-        return self.document
+        """results.json: every field but `out` and the per-item records."""
+        return {"config": asdict(self.config), "build_key": self.build_key, "quality_key": self.quality_key,
+                "quality_tokens": self.quality_tokens, "task": self.task, "model": self.model,
+                "quality_probe_rows": self.quality_probe_rows, "quality_cand_rows": self.quality_cand_rows,
+                "versions": self.versions, "sizes": {**asdict(self.sizes), "seeds": list(self.sizes.seeds)},
+                "zero_shot_probe_acc": self.zero_shot_probe_acc, "hardware": self.hardware,
+                "study": self.study.to_dict(), "selection": self.selection.to_dict(), "seconds": self.seconds}
 
 
 def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     """Run the quality matrix, correlation study and selection experiment; write
-    the report directory. Returns an `EvalResult` (its `to_dict()` is results.json)."""
-    from . import report
+    the report directory `cfg.out` (report.md, results.json = `to_dict()`, CSVs,
+    plots, samples/). Returns the `EvalResult`."""
+    import numpy as np
 
+    from . import report
+    from .experiment import selection_experiment
     from .models import set_threads
+    from .quality import load_scoring_model, quality_matrix
+    from .store import Store
+    from .study import correlation_study
 
     cfg.validate()
     t0 = time.time()
@@ -129,47 +179,43 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     q = quality_matrix(store, cfg, lm, progress)
     study = correlation_study(store, q, cfg, progress)
     selection = selection_experiment(store, cfg, lm, study, progress)
-    results = {
-        "config": asdict(cfg), "build_key": store.key, "quality_key": q["key"],
-        "quality_tokens": q["meta"].get("tokens"),  # None for a matrix stored before tokens were counted
-        "task": store.task_name, "model": store.provenance["model"],
-        "quality_probe_rows": q["probe_rows"].tolist(), "quality_cand_rows": q["cand_rows"].tolist(),
-        "quality_pairs": {"cand_ids": store.ids[q["cand_rows"]].tolist(), "probe_ids": store.ids[q["probe_rows"]].tolist(),
-                          "correct": q["correct"].tolist(), "margin": q["margin"].tolist()},
-        "versions": store.provenance.get("versions"), "sizes": {
-            "n_candidates": int(len(q["cand_rows"])), "n_probes": int(len(q["probe_rows"])),
-            "n_eval": len(selection["eval_ids"]), "k": cfg.k, "seeds": list(cfg.seeds)},
-        "zero_shot_probe_acc": float(np.nanmean(q["zs_correct"])),
-        "hardware": {"dtype": lm.provenance["dtype"], "dtype_requested": lm.provenance["dtype_requested"],
-                     "evaluate": lm.provenance["hardware"],
-                     "build": store.provenance["model"].get("hardware"),
-                     "quality_matrix": q["meta"].get("hardware")},
-        "study": study, "selection": selection, "seconds": None,
-    }
-    results["seconds"] = round(time.time() - t0, 1)
-    out = Path(cfg.out)
-    report.write(results, out)
-    results["out"] = str(out)
-    sz = results["sizes"]
-    return EvalResult(cfg, store.key, q["key"], store.task_name,
-                      Sizes(sz["n_candidates"], sz["n_probes"], sz["n_eval"], sz["k"], tuple(sz["seeds"])),
-                      results["zero_shot_probe_acc"], study, selection, results["hardware"], results["seconds"],
-                      str(out), results)
+    res = EvalResult(
+        config=cfg, build_key=store.key, quality_key=q.key, quality_tokens=q.meta.get("tokens"),
+        task=store.task_name, model=store.provenance["model"],
+        quality_probe_rows=q.probe_rows.tolist(), quality_cand_rows=q.cand_rows.tolist(),
+        versions=store.provenance.get("versions"),
+        sizes=Sizes(int(len(q.cand_rows)), int(len(q.probe_rows)), len(selection.eval_ids), cfg.k, cfg.seeds),
+        zero_shot_probe_acc=float(np.nanmean(q.zs_correct)),
+        hardware={"dtype": lm.provenance["dtype"], "dtype_requested": lm.provenance["dtype_requested"],
+                  "evaluate": lm.provenance["hardware"], "build": store.provenance["model"].get("hardware"),
+                  "quality_matrix": q.meta.get("hardware")},
+        study=study, selection=selection, seconds=round(time.time() - t0, 1), out=str(Path(cfg.out)),
+        quality_pairs={"cand_ids": store.ids[q.cand_rows].tolist(), "probe_ids": store.ids[q.probe_rows].tolist(),
+                       "correct": q.correct.tolist(), "margin": q.margin.tolist()})
+    report.write(res, Path(cfg.out))
+    return res
 
 
 def resolve_key(key: str, home: str | None) -> str:
     """A full build key for a key, prefix, or "last"."""
+    from .store import Store
+
     return Store.open(key, home).key
-
-
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """`actcache run`: one study preset end to end (build, query, evaluate).
-    None means the preset's value (or, for limits, one derived from it)."""
 
-    preset: str
+    preset: a name in PRESETS, or a Preset of your own.
+    model: None runs the preset's model. dtype, device: the build's.
+    limit: the build's pool cap (None: the candidate count); eval_limit: its
+        eval cap (None: n_eval + n_probes, since probes and eval inputs are
+        disjoint). n_candidates, n_probes: None takes the preset's.
+    n_eval, strategies, seeds, out: as in EvalConfig; home: the store root.
+    """
+
+    preset: str | Preset
     model: str | None = None
     dtype: str = "auto"
     device: str = "auto"
@@ -179,46 +225,57 @@ class RunConfig:
     n_candidates: int | None = None
     n_probes: int | None = None
     n_eval: int = EvalConfig.n_eval
-    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    strategies: tuple[str, ...] = EvalConfig.strategies
     seeds: tuple[int, ...] = EvalConfig.seeds
     out: str = EvalConfig.out
     home: str | None = None
 
+    def resolve(self) -> Preset:
+        """The Preset this run uses; ConfigError for an unknown name."""
+        if isinstance(self.preset, Preset):
+            return self.preset
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[self.preset]
 
-@dataclass
+
+@dataclass(frozen=True)
 class RunResult:
-    """What `run` did: the build's report, the neighbours file and the evaluation results."""
+    """What `run` did: the build's report (key, forward_batches, cache_hit, ...),
+    the neighbours file it wrote, and the evaluation."""
 
     build: dict
     neighbors: str
     results: EvalResult
 
 
-def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
-    """Build, query and evaluate a study preset (`PRESETS`) as the CLI's `run` does."""
+def run(cfg: RunConfig | str, progress: Progress | None = None) -> RunResult:
+    """Build, query and evaluate a study preset as `actcache run` does: the build
+    (the preset's layers, components, masks, context_k, max_length), a query of
+    the eval rows (the preset's first component, k >= 1) written to
+    `out/neighbors.jsonl`, then `evaluate` into `out`. A str is a preset name."""
     from .builder import BuildConfig, build
     from .data import DataSpec
     from .models import ModelSpec
     from .query import QueryConfig, query, write_jsonl
 
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
-    p = PRESETS[cfg.preset]
-    n_cand = cfg.n_candidates or p["n_candidates"]
-    n_probes = cfg.n_probes or p["n_probes"]
-    bcfg = BuildConfig(model=ModelSpec(cfg.model or p["model"], None, cfg.dtype, cfg.device),
-                       data=DataSpec(task=p["task"], data_dir=cfg.data_dir, pool_limit=cfg.limit or n_cand,
+    cfg = RunConfig(preset=cfg) if isinstance(cfg, str) else cfg
+    p = cfg.resolve()
+    n_cand = cfg.n_candidates or p.n_candidates
+    n_probes = cfg.n_probes or p.n_probes
+    bcfg = BuildConfig(model=ModelSpec(cfg.model or p.model, None, cfg.dtype, cfg.device),
+                       data=DataSpec(task=p.task, data_dir=cfg.data_dir, pool_limit=cfg.limit or n_cand,
                                      # probes and eval inputs are disjoint, so the eval split holds both
                                      eval_limit=cfg.eval_limit or cfg.n_eval + n_probes),
-                       layers=p["layers"], components=p["components"], masks=p["masks"],
-                       context_k=p["context_k"], max_length=p["max_length"], home=cfg.home)
+                       layers=p.layers, components=p.components, masks=p.masks,
+                       context_k=p.context_k, max_length=p.max_length, home=cfg.home)
     st = build(bcfg, progress=progress)
-    recs = query(QueryConfig(key=st.key, home=cfg.home, component=p["components"][0], k=max(1, p["k"])),
+    recs = query(QueryConfig(key=st.key, home=cfg.home, component=p.components[0], k=max(1, p.k)),
                  progress=progress)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     neighbors = str(Path(cfg.out) / "neighbors.jsonl")
     write_jsonl(recs, neighbors)
     res = evaluate(EvalConfig(key=st.key, home=cfg.home, n_candidates=n_cand, n_probes=n_probes,
-                              n_eval=cfg.n_eval, k=p["k"], seeds=cfg.seeds, strategies=cfg.strategies,
+                              n_eval=cfg.n_eval, k=p.k, seeds=cfg.seeds, strategies=cfg.strategies,
                               out=cfg.out), progress=progress)
     return RunResult(st.report, neighbors, res)

@@ -20,6 +20,7 @@ import random
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -36,6 +37,37 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 QUALITY_CHUNK_PROMPTS = 512  # prompts per flushed chunk of the quality matrix (resume granularity)
+
+
+@dataclass(frozen=True)
+class QualityMatrix:
+    """The 1-shot score of every (candidate, probe) pair of a build.
+
+    cand_rows (N,), probe_rows (P,): int64 store rows.
+    correct (N, P), margin (N, P): float64 per pair (margin is the gold-label
+        log-prob margin; for generation the gold answer's per-token
+        log-likelihood, and correct is NaN).
+    zs_correct (P,), zs_margin (P,): float64 zero-shot scores of the probes.
+    key: the matrix's derive_key; path: its file; meta: its provenance
+        (meta["tokens"] holds the tokens computed vs in the prompts).
+    """
+
+    cand_rows: np.ndarray
+    probe_rows: np.ndarray
+    correct: np.ndarray
+    margin: np.ndarray
+    zs_correct: np.ndarray
+    zs_margin: np.ndarray
+    key: str
+    path: str
+    meta: dict
+
+    def scores(self, quality: str) -> tuple[np.ndarray, np.ndarray]:
+        """((N, P), (P,)) float64: the pair and zero-shot scores under
+        quality "correct" (0/1) or "margin"."""
+        if quality == "correct":
+            return self.correct, self.zs_correct
+        return self.margin, self.zs_margin
 
 
 def examples_at(store: Store, rows) -> list[Example]:
@@ -117,14 +149,9 @@ def study_rows(store: Store, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, n
     return (np.array(cands, dtype=np.int64), np.array(probes, dtype=np.int64), np.array(evals, dtype=np.int64))
 
 
-def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | None = None) -> dict:
-    """The 1-shot score of every (candidate, probe) pair, cached next to the build.
-
-    Returns a dict with cand_rows (N,), probe_rows (P,) int64 store rows,
-    correct (N, P), margin (N, P), zs_correct (P,), zs_margin (P,) float64,
-    key (this matrix's key), and meta (its provenance; meta["tokens"] holds the
-    tokens computed vs in the prompts when the matrix was made).
-    """
+def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | None = None) -> QualityMatrix:
+    """The 1-shot score of every (candidate, probe) pair, cached next to the
+    build under its derive_key and reused; see `QualityMatrix`."""
     task = store_task(store)
     cand_rows, probe_rows, _ = study_rows(store, cfg)
     from .models import resolve_device, resolve_dtype
@@ -189,7 +216,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     return load_quality(store, path)
 
 
-def load_quality(store: Store, path: Path) -> dict | None:
+def load_quality(store: Store, path: Path) -> QualityMatrix | None:
     """Load a stored quality matrix; None if the file is damaged (recompute it),
     MismatchError if it belongs to another build."""
     q = load_npz(path)
@@ -207,7 +234,7 @@ def load_quality(store: Store, path: Path) -> dict | None:
     if q["cand_rows"].max(initial=0) >= n or q["probe_rows"].max(initial=0) >= n or \
             q["margin"].shape != (len(q["cand_rows"]), len(q["probe_rows"])):
         raise MismatchError(f"quality matrix {path.name} does not fit build {store.key[:12]}; recompute it")
-    q["meta"], q["key"], q["path"] = meta, meta["key"], str(path)
-    return q
+    return QualityMatrix(q["cand_rows"], q["probe_rows"], q["correct"], q["margin"], q["zs_correct"],
+                         q["zs_margin"], key=meta["key"], path=str(path), meta=meta)
 
 

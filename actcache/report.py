@@ -1,4 +1,5 @@
-"""The evaluation report: report.md, CSV/JSON of every number, and PNG plots."""
+"""The evaluation report of an `EvalResult`: report.md, results.json (its
+`to_dict()`), CSVs of every number, per-item samples, and PNG plots."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ import csv
 import json
 import math
 import re
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .capture import STATS
+from .study import STUDY_REF
+
+if TYPE_CHECKING:
+    from .pipeline import EvalResult
 
 
 def _fmt(x, nd=3) -> str:
@@ -21,11 +28,11 @@ def _fmt(x, nd=3) -> str:
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
-def headline(results: dict) -> list[list[str]]:
+def headline(res: EvalResult) -> list[list[str]]:
     """Rows of the printed table: strategy, mean accuracy ± std, seeds."""
-    summ = results["selection"]["summary"]
+    summ = res.selection.summary
     mc = any("acc_norm" in s for s in summ)  # multiple choice: the harness's acc and acc_norm side by side
-    rows = [["strategy", f"{results['sizes']['k']}-shot {'acc' if mc else 'accuracy'}", "± std"]
+    rows = [["strategy", f"{res.sizes.k}-shot {'acc' if mc else 'accuracy'}", "± std"]
             + (["acc_norm"] if mc else []) + ["seeds"]]
     for s in summ:
         rows.append([s["strategy"], _fmt(s["mean"]), _fmt(s["std"])] + ([_fmt(s.get("acc_norm"))] if mc else [])
@@ -33,22 +40,21 @@ def headline(results: dict) -> list[list[str]]:
     return rows
 
 
-def token_lines(results: dict) -> list[str]:
+def token_lines(res: EvalResult) -> list[str]:
     """Forward tokens computed vs tokens in the prompts, for the selection
     experiment and (when the results carry it) the quality matrix."""
     lines = []
-    for name, t in (("quality matrix", results.get("quality_tokens")),
-                    ("selection", results["selection"].get("tokens"))):
+    for name, t in (("quality matrix", res.quality_tokens), ("selection", res.selection.tokens)):
         if t and t.get("in_prompts"):
             lines.append(f"{name} tokens: {t['computed']:,} computed of {t['in_prompts']:,} in prompts "
                          f"({t['computed'] / t['in_prompts']:.1%}; the rest reused as cached KV prefixes)")
     return lines
 
 
-def summary_lines(results: dict) -> list[str]:
+def summary_lines(res: EvalResult) -> list[str]:
     """The summary: raw and controlled maximum |rho| beside the study's 0.33."""
-    sm = results["study"]["summary"]
-    ref = 0.33
+    sm = res.study.summary
+    ref = STUDY_REF
     lines = [
         f"max |rho| raw        = {_fmt(sm.get('raw_max_abs_rho'))}  at {sm.get('raw_max_name')}",
         f"max |rho| controlled = {_fmt(sm.get('controlled_max_abs_rho'))}  at {sm.get('controlled_max_name')} "
@@ -56,23 +62,23 @@ def summary_lines(results: dict) -> list[str]:
         f"   within-label      = {_fmt(sm.get('strat_max_abs_rho'))}  at {sm.get('strat_max_name')}",
         f"   partial on label  = {_fmt(sm.get('partial_max_abs_rho'))}  at {sm.get('partial_max_name')}",
         f"   label + log length= {_fmt(sm.get('len_max_abs_rho'))}  at {sm.get('len_max_name')}",
-        f"study reference      = {ref}   rho(demo label, quality) = {_fmt(results['study']['label_rho'])}"
-        f"   rho(demo length, quality) = {_fmt(results['study'].get('length_rho'))}",
+        f"study reference      = {ref}   rho(demo label, quality) = {_fmt(res.study.label_rho)}"
+        f"   rho(demo length, quality) = {_fmt(res.study.length_rho)}",
     ]
-    rep = results["study"].get("replication")
+    rep = res.study.replication
     if rep and rep["top"]:
         n_ok = sum(t["replicates"] for t in rep["top"])
         b = rep["top"][0]
         lines.append(f"replication: {n_ok}/{len(rep['top'])} of the discovery top {len(rep['top'])} replicate on "
                      f"the confirmation half (n={rep['n_discovery']}/{rep['n_confirmation']}); best "
                      f"{b['name']} rho {_fmt(b['rho_discovery'])} -> {_fmt(b['rho_confirmation'])}")
-    dr = results["selection"].get("dropped_demonstrations")
+    dr = res.selection.dropped_demonstrations
     if dr:
-        lines.append(f"prompts over {results['selection']['max_length']} tokens dropped demonstrations: {dr}")
-    fl = results["selection"].get("flips")
+        lines.append(f"prompts over {res.selection.max_length} tokens dropped demonstrations: {dr}")
+    fl = res.selection.flips
     if fl:
         lines.append(f"{fl['dtype']} vs float32 zero-shot: {fl['flipped']}/{fl['n']} predictions flip")
-    return lines + token_lines(results)
+    return lines + token_lines(res)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -129,7 +135,7 @@ def _rho_vs_layer(rows: list[dict], out: Path) -> str:
             layers = sorted({r["layer"] for r in sub})
             best = [np.nanmax([abs(r[key]) for r in sub if r["layer"] == L] + [np.nan]) for L in layers]
             ax.plot(layers, best, marker=".", label=f"{comp}/{mask}")
-        ax.axhline(0.33, color="k", ls="--", lw=1, label="study max 0.33")
+        ax.axhline(STUDY_REF, color="k", ls="--", lw=1, label=f"study max {STUDY_REF}")
         ax.set_xlabel("layer")
         ax.set_title(f"max |ρ| over statistics: {title}")
     axes[0].set_ylabel("|Spearman ρ|")
@@ -139,21 +145,21 @@ def _rho_vs_layer(rows: list[dict], out: Path) -> str:
     return "rho_vs_layer.png"
 
 
-def _accuracy_plot(results: dict, out: Path) -> str:
+def _accuracy_plot(res: EvalResult, out: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sm = results["selection"]["summary"]
+    sm = res.selection.summary
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(sm) + 2), 4))
     x = np.arange(len(sm))
     ax.bar(x, [s["mean"] for s in sm], yerr=[s["std"] for s in sm], capsize=4,
            color=["#888" if s["strategy"] == "zero-shot" else "#3a7" for s in sm])
     ax.set_xticks(x, [s["strategy"] for s in sm], rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel(f"{results['sizes']['k']}-shot accuracy (mean ± std over seeds)")
+    ax.set_ylabel(f"{res.sizes.k}-shot accuracy (mean ± std over seeds)")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{results['task']}: accuracy by selection strategy")
+    ax.set_title(f"{res.task}: accuracy by selection strategy")
     fig.savefig(out / "accuracy_by_strategy.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return "accuracy_by_strategy.png"
@@ -195,7 +201,7 @@ def _jsonl(path: Path, records) -> None:
     path.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in records))
 
 
-def _write_samples(results: dict, out: Path) -> list[str]:
+def _write_samples(res: EvalResult, out: Path) -> list[str]:
     """Per-item records, like lm-evaluation-harness's --log_samples:
     samples/<strategy>_seed<s>.jsonl (eval id, demonstration ids in prompt order,
     per-option log-probs, prediction, gold) and samples/quality_pairs.jsonl (the
@@ -203,11 +209,11 @@ def _write_samples(results: dict, out: Path) -> list[str]:
     d = out / "samples"
     d.mkdir(exist_ok=True)
     names = []
-    for run in results["selection"].get("samples", []):
+    for run in res.selection.samples:
         name = re.sub(r"[^A-Za-z0-9_.@-]+", "_", f"{run['strategy']}_seed{run['seed']}") + ".jsonl"
         _jsonl(d / name, ({"strategy": run["strategy"], "seed": run["seed"], **it} for it in run["items"]))
         names.append(name)
-    qp = results.get("quality_pairs")
+    qp = res.quality_pairs
     if qp:
         _jsonl(d / "quality_pairs.jsonl", (
             {"candidate_id": c, "probe_id": p, "correct": qp["correct"][i][j], "margin": qp["margin"][i][j]}
@@ -216,28 +222,28 @@ def _write_samples(results: dict, out: Path) -> list[str]:
     return names
 
 
-def write(results: dict, out: Path) -> dict:
-    """Write report.md, results.json, CSVs and PNGs into `out`; returns file names."""
+def write(res: EvalResult, out: Path) -> dict:
+    """Write report.md, results.json (`res.to_dict()`), CSVs, samples/ and PNGs
+    into `out`; returns the file names of the plots and samples."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = results["study"]["rows"]
-    files = {"plots": _heatmaps(rows, out) + [_rho_vs_layer(rows, out), _accuracy_plot(results, out)]}
+    doc = res.to_dict()
+    rows = res.study.rows
+    files = {"plots": _heatmaps(rows, out) + [_rho_vs_layer(rows, out), _accuracy_plot(res, out)]}
     _write_csv(out / "correlations.csv", rows)
-    _write_csv(out / "pairs.csv", results["study"]["pairs"])
-    _write_csv(out / "selection.csv", results["selection"]["runs"])
-    files["samples"] = _write_samples(results, out)
-    slim = {**results, "selection": {k: v for k, v in results["selection"].items() if k != "samples"}}
-    slim.pop("quality_pairs", None)
-    (out / "results.json").write_text(json.dumps(slim, indent=1, default=_json_default))
+    _write_csv(out / "pairs.csv", res.study.pairs)
+    _write_csv(out / "selection.csv", res.selection.runs)
+    files["samples"] = _write_samples(res, out)
+    (out / "results.json").write_text(json.dumps(doc, indent=1, default=_json_default))
     top = sorted(rows, key=lambda r: -abs(r["rho_raw"]) if math.isfinite(r["rho_raw"]) else 0)[:10]
-    md = [f"# actcache evaluation: {results['task']}", "",
-          f"- build key: `{results['build_key']}`", f"- quality matrix key: `{results['quality_key']}`",
-          f"- model: `{results['model'].get('model')}` ({results['model'].get('dtype')}, weights sha256 "
-          f"`{str(results['model'].get('weights_sha256'))[:16]}…`)",
-          *hardware_lines(results.get("hardware")),
-          f"- sizes: {results['sizes']}", f"- versions: {results.get('versions')}",
-          f"- config: `{json.dumps(results['config'], default=str)}`", "",
-          "## Selection experiment", "", *_md_table(headline(results)), "",
-          "## Correlation summary", "", "```", *summary_lines(results), "```", "",
+    md = [f"# actcache evaluation: {res.task}", "",
+          f"- build key: `{res.build_key}`", f"- quality matrix key: `{res.quality_key}`",
+          f"- model: `{res.model.get('model')}` ({res.model.get('dtype')}, weights sha256 "
+          f"`{str(res.model.get('weights_sha256'))[:16]}…`)",
+          *hardware_lines(res.hardware),
+          f"- sizes: {doc['sizes']}", f"- versions: {res.versions}",
+          f"- config: `{json.dumps(asdict(res.config), default=str)}`", "",
+          "## Selection experiment", "", *_md_table(headline(res)), "",
+          "## Correlation summary", "", "```", *summary_lines(res), "```", "",
           "Controlled ρ: *within-label* is the Fisher-z pooled Spearman within each demonstration label "
           "(weights n−3); *partial* is the Spearman partial correlation on the label (rank residualisation). "
           "Benjamini–Hochberg q-values cover every raw and controlled test together.", "",
@@ -247,11 +253,11 @@ def write(results: dict, out: Path) -> dict:
               [r["name"].replace("|", "/"), _fmt(r["rho_raw"]), f"[{_fmt(r['ci_raw_lo'])}, {_fmt(r['ci_raw_hi'])}]",
                _fmt(r["q_raw"]), _fmt(r["rho_strat"]), _fmt(r["rho_partial"]), _fmt(r["q_partial"]),
                _fmt(r.get("rho_len")), _fmt(r.get("q_len"))] for r in top]),
-          "", *_replication_md(results["study"].get("replication")),
+          "", *_replication_md(res.study.replication),
           "", "## Pair level (candidate–probe cosine similarity vs 1-shot score)", "",
           *_md_table([["array", "mean ρ per probe", "partial (label, match)", "pooled partial ρ"]] + [
               [f"{p['component']}/L{p['layer']}/{p['mask']}", _fmt(p.get("probe_raw_mean")),
-               _fmt(p.get("probe_partial_mean")), _fmt(p.get("pooled_partial_rho"))] for p in results["study"]["pairs"]]),
+               _fmt(p.get("probe_partial_mean")), _fmt(p.get("pooled_partial_rho"))] for p in res.study.pairs]),
           "", "## Plots", "", *[f"![{p}]({p})" for p in files["plots"]], ""]
     (out / "report.md").write_text("\n".join(md))
     return files

@@ -5,6 +5,7 @@ pair-level similarity analyses."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -14,32 +15,61 @@ from .store import Store
 
 if TYPE_CHECKING:
     from .pipeline import EvalConfig
+    from .quality import QualityMatrix
 
 Progress = Callable[[str, int, int], None]
 
 STUDY_REF = 0.33  # the 2026 study's largest |Spearman rho|
-QUALITY_DEFS = ("mean", "gain", "balanced")
 
 
-def candidate_quality(q: dict, store: Store, cfg: EvalConfig) -> np.ndarray:
+@dataclass(frozen=True)
+class StudyResult:
+    """What `correlation_study` found.
+
+    rows: one dict per mask x component x layer x statistic (name, rho_raw,
+        ci_raw_lo/hi, q_raw, rho_strat, rho_partial, q_partial, rho_len, q_len,
+        mask, component, layer, stat; see correlate.candidate_correlations).
+    summary: the largest raw and controlled |rho| and where (correlate.summarize).
+    pairs: one dict per pair-level array (candidate-probe cosine vs 1-shot score).
+    label_rho, length_rho: Spearman of the demonstration's label / length in
+        tokens with its quality.
+    replication: the discovery/confirmation split (correlate.replicate).
+    quality: (N,) candidate quality, as floats.
+    """
+
+    rows: list[dict]
+    summary: dict
+    pairs: list[dict]
+    label_rho: float
+    length_rho: float
+    replication: dict | None
+    quality: list[float]
+
+    def to_dict(self) -> dict:
+        """The "study" object of results.json."""
+        return {"rows": self.rows, "summary": self.summary, "pairs": self.pairs, "label_rho": self.label_rho,
+                "length_rho": self.length_rho, "replication": self.replication, "quality": self.quality}
+
+
+def candidate_quality(q: QualityMatrix, store: Store, cfg: EvalConfig) -> np.ndarray:
     """(N,) float64 quality per candidate under cfg.quality and cfg.quality_def."""
     from .correlate import gain_quality, label_balanced_quality, mean_quality
 
-    s = q["correct"] if cfg.quality == "correct" else q["margin"]
-    zs = q["zs_correct"] if cfg.quality == "correct" else q["zs_margin"]
+    s, zs = q.scores(cfg.quality)
     if cfg.quality_def == "gain":
         return gain_quality(s, zs)
     if cfg.quality_def == "balanced":
-        return label_balanced_quality(s, store.labels[q["probe_rows"]], store.labels[q["cand_rows"]])
+        return label_balanced_quality(s, store.labels[q.probe_rows], store.labels[q.cand_rows])
     return mean_quality(s)
 
 
-def correlation_study(store: Store, q: dict, cfg: EvalConfig, progress: Progress | None = None) -> dict:
+def correlation_study(store: Store, q: QualityMatrix, cfg: EvalConfig,
+                      progress: Progress | None = None) -> StudyResult:
     """Spearman (raw, within-label, partial on label) of every stored statistic
     with candidate quality, plus pair-level similarity analyses."""
     from .correlate import candidate_correlations, pair_correlations, replicate, spearman, summarize
 
-    cand, probes = q["cand_rows"], q["probe_rows"]
+    cand, probes = q.cand_rows, q.probe_rows
     quality = candidate_quality(q, store, cfg)
     labels = store.labels[cand]
     lengths = (store.n_tokens[cand] + store.n_target[cand]).astype(np.float64)  # demonstration tokens
@@ -57,7 +87,7 @@ def correlation_study(store: Store, q: dict, cfg: EvalConfig, progress: Progress
     label_rho = spearman(labels, quality)[0]  # how much the demonstration's label alone explains
     # Pair level: does the candidate-probe similarity at a layer predict the 1-shot score?
     pairs = []
-    score = q["correct"] if cfg.quality == "correct" else q["margin"]
+    score = q.scores(cfg.quality)[0]
     pmask = cfg.pair_mask if any(a.mask == cfg.pair_mask for a in store.arrays) else store.arrays[0].mask
     comb = sorted({(a.component, a.layer) for a in store.arrays if a.mask == pmask and a.pooling == "mean"})
     for i, (comp, layer) in enumerate(comb):
@@ -72,8 +102,8 @@ def correlation_study(store: Store, q: dict, cfg: EvalConfig, progress: Progress
         pairs.append({"component": comp, "layer": layer, "mask": pmask, **res})
     if progress and comb:
         progress("pair level", len(comb), len(comb))
-    return {"rows": rows, "summary": summarize(rows, ref=STUDY_REF), "pairs": pairs,
-            "label_rho": label_rho, "length_rho": spearman(lengths, quality)[0], "replication": replication,
-            "quality": quality.tolist()}
+    return StudyResult(rows=rows, summary=summarize(rows, ref=STUDY_REF), pairs=pairs, label_rho=label_rho,
+                       length_rho=spearman(lengths, quality)[0], replication=replication,
+                       quality=quality.tolist())
 
 

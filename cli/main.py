@@ -1,6 +1,11 @@
 """The `actcache` command line. Thin: parse options, build a config, call one
 library function, report. Heavy imports happen inside the commands so that
 `actcache --help` stays fast. Library errors become one line and an exit code.
+
+Defaults live in the library's config dataclasses. An option either reads its
+default from the dataclass (the light ones: ModelSpec, DataSpec, EvalConfig,
+RunConfig, imported here) or, for the configs of heavy modules (BuildConfig,
+QueryConfig), repeats it and tests/test_cli_defaults.py checks that they agree.
 """
 
 from __future__ import annotations
@@ -14,19 +19,23 @@ from typing import Optional
 
 import typer
 
+from actcache.data import DataSpec
+from actcache.models import ModelSpec
+from actcache.pipeline import EvalConfig, RunConfig
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cache language-model activations once; query and evaluate them many times.")
 
 # Options shared by several commands, declared once.
 STORE = typer.Option(None, "--store", envvar="ACTCACHE_HOME", help="Store root (default ~/.cache/actcache).")
-DTYPE = typer.Option("auto", help="auto (bfloat16 where the CPU/GPU runs it natively, else float32), "
+DTYPE = typer.Option(ModelSpec.dtype, help="auto (bfloat16 where the CPU/GPU runs it natively, else float32), "
                                   "float32, bfloat16 or float16.")
 DATA_DIR = typer.Option(None, "--data-dir", envvar="ACTCACHE_DATA_DIR",
                         help="Folder holding the benchmark folders (sst2/, boolq/, ...).")
-SEEDS = typer.Option("0,1,2", help="Seeds for the selection experiment, comma-separated integers.")
+SEEDS = typer.Option(",".join(map(str, EvalConfig.seeds)), help="Seeds for the selection experiment, comma-separated integers.")
 STRATEGIES = typer.Option(None, help="Selection strategies, comma-separated (default: every registered one: random, "
                                       "knn, vote-k, k-center, kmeans, stat, embed-knn).")
-OUT_DIR = typer.Option("actcache-report", help="Output directory for report.md, CSVs and plots.")
+OUT_DIR = typer.Option(EvalConfig.out, help="Output directory for report.md, CSVs and plots.")
 
 
 def _split(s: Optional[str]) -> tuple:
@@ -117,8 +126,6 @@ def progress_bar():
 
 def data_options(task, data, data_dir, text_field, label_field, label_values, label_words, template,
                  split_field, id_field, limit, eval_limit, seed):
-    from actcache.data import DataSpec
-
     return DataSpec(task=task, path=data, data_dir=data_dir, text_fields=_split(text_field),
                     label_field=label_field, label_values=_split(label_values),
                     label_words=_words(label_words), template=template.replace("\\n", "\n") if template else None,
@@ -129,15 +136,15 @@ def data_options(task, data, data_dir, text_field, label_field, label_values, la
 @app.command()
 @handle_errors
 def build(
-    model: str = typer.Option("gemma-3-270m", help="Hugging Face id, local directory, .gguf file, or the packaged default."),
+    model: str = typer.Option(ModelSpec.model, help="Hugging Face id, local directory, .gguf file, or the packaged default."),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub branch, tag or commit)."),
     dtype: str = DTYPE,
-    device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
-    task: str = typer.Option("rotten_tomatoes", help="Named task: rotten_tomatoes, sst2, agnews, rte, boolq, arc_challenge, openbookqa, gsm8k."),
+    device: str = typer.Option(ModelSpec.device, help="cpu, cuda, mps or auto."),
+    task: str = typer.Option(DataSpec.task, help="Named task: rotten_tomatoes, sst2, agnews, rte, boolq, arc_challenge, openbookqa, gsm8k."),
     data: Optional[str] = typer.Option(None, help="A local .jsonl/.csv instead of --task."),
     data_dir: Optional[str] = DATA_DIR,
     text_field: Optional[str] = typer.Option(None, help="Text field(s) of --data, comma-separated."),
-    label_field: str = typer.Option("label", help="Label field of --data."),
+    label_field: str = typer.Option(DataSpec.label_field, help="Label field of --data."),
     label_values: Optional[str] = typer.Option(None, help="Label values of --data in class order, comma-separated."),
     label_words: Optional[str] = typer.Option(None, help="Label words in class order, comma-separated; a leading space is added."),
     template: Optional[str] = typer.Option(None, help="Prompt template with {field} slots, e.g. 'Review: {text}\\nSentiment:'."),
@@ -145,7 +152,7 @@ def build(
     id_field: Optional[str] = typer.Option(None, help="Field of --data holding example ids."),
     limit: Optional[int] = typer.Option(None, help="At most this many pool (and eval) examples, seeded."),
     eval_limit: Optional[int] = typer.Option(None, help="At most this many eval examples (default: --limit)."),
-    seed: int = typer.Option(0, help="Seed for subsampling."),
+    seed: int = typer.Option(DataSpec.seed, help="Seed for subsampling."),
     layers: str = typer.Option("all", help="'all', '0,6,-1' or a slice '2:10'."),
     components: str = typer.Option("resid,mlp,attn", help="Any of resid, mlp, attn."),
     pooling: str = typer.Option("mean,last", help="Any of mean, last."),
@@ -167,7 +174,6 @@ def build(
     """Run the model over the dataset once; cache pooled activations and statistics (FAISS indexes on first use)."""
     import actcache
     from actcache.builder import BuildConfig
-    from actcache.models import ModelSpec
 
     cfg = BuildConfig(
         model=ModelSpec(model, revision, dtype, device),
@@ -367,28 +373,28 @@ def query_cmd(
 @handle_errors
 def evaluate(
     key: str = typer.Argument("last", help="Build key, unique prefix, or 'last'."),
-    n_candidates: int = typer.Option(120, help="Pool candidates in the 1-shot quality matrix."),
-    n_probes: int = typer.Option(40, help="Eval probes in the quality matrix."),
-    n_eval: int = typer.Option(100, help="Eval inputs in the selection experiment."),
-    k: int = typer.Option(4, help="Demonstrations per prompt in the selection experiment."),
+    n_candidates: int = typer.Option(EvalConfig.n_candidates, help="Pool candidates in the 1-shot quality matrix."),
+    n_probes: int = typer.Option(EvalConfig.n_probes, help="Eval probes in the quality matrix."),
+    n_eval: int = typer.Option(EvalConfig.n_eval, help="Eval inputs in the selection experiment."),
+    k: int = typer.Option(EvalConfig.k, help="Demonstrations per prompt in the selection experiment."),
     seeds: str = SEEDS,
     strategies: Optional[str] = STRATEGIES,
-    knn_layers: str = typer.Option("auto", help="Layers for knn ('auto' = first, middle, last)."),
-    knn_order: str = typer.Option("similar-last", help="Order of retrieved demonstrations: similar-last (KATE: "
+    knn_layers: str = typer.Option(EvalConfig.knn_layers, help="Layers for knn ('auto' = first, middle, last)."),
+    knn_order: str = typer.Option(EvalConfig.knn_order, help="Order of retrieved demonstrations: similar-last (KATE: "
                                                        "most similar nearest the query), similar-first, shuffle."),
-    votek_budget: int = typer.Option(100, help="vote-k annotation set size; each input retrieves --k from it."),
-    quality: str = typer.Option("margin", help="Pair score: margin (gold log-prob margin) or correct."),
-    quality_def: str = typer.Option("mean", help="Candidate quality: mean, gain (over zero-shot) or balanced."),
+    votek_budget: int = typer.Option(EvalConfig.votek_budget, help="vote-k annotation set size; each input retrieves --k from it."),
+    quality: str = typer.Option(EvalConfig.quality, help="Pair score: margin (gold log-prob margin) or correct."),
+    quality_def: str = typer.Option(EvalConfig.quality_def, help="Candidate quality: mean, gain (over zero-shot) or balanced."),
     dtype: str = DTYPE,
-    n_boot: int = typer.Option(200, help="Bootstrap resamples for CIs."),
-    batch_size: int = typer.Option(16, help="Prompts per forward batch."),
-    max_length: int = typer.Option(2048, help="Longest prompt; longer ones drop demonstrations (reported)."),
+    n_boot: int = typer.Option(EvalConfig.n_boot, help="Bootstrap resamples for CIs."),
+    batch_size: int = typer.Option(EvalConfig.batch_size, help="Prompts per forward batch."),
+    max_length: int = typer.Option(EvalConfig.max_length, help="Longest prompt; longer ones drop demonstrations (reported)."),
     demos: Optional[str] = typer.Option(None, help="A query JSONL (from `actcache query`) evaluated as one more strategy."),
     out: str = OUT_DIR,
     store: Optional[str] = STORE,
 ):
     """Score ICL on a build: quality matrix, correlation study (raw and label-controlled), selection experiment."""
-    from actcache.pipeline import EvalConfig, evaluate as run_eval, resolve_key
+    from actcache.pipeline import evaluate as run_eval, resolve_key
 
     seed_list = _ints(seeds, "--seeds")  # options are checked before anything is opened
     cfg = EvalConfig(key=resolve_key(key, store), home=store, n_candidates=n_candidates, n_probes=n_probes,
@@ -409,17 +415,17 @@ def _print_results(res) -> None:
 
     from actcache.report import hardware_lines, headline, summary_lines
 
-    doc, sz = res.to_dict(), res.sizes
+    sz = res.sizes
     t = Table(title=f"{res.task}: zero-shot vs {sz.k}-shot accuracy on {sz.n_eval} eval inputs "
                     f"({sz.n_candidates} candidates x {sz.n_probes} probes in the study)")
-    head, *rows = headline(doc)
+    head, *rows = headline(res)
     for h in head:
         t.add_column(h)
     for r in rows:
         t.add_row(*r)
     con = Console()
     con.print(t)
-    for line in summary_lines(doc) + [h[2:] for h in hardware_lines(res.hardware)]:
+    for line in summary_lines(res) + [h[2:] for h in hardware_lines(res.hardware)]:
         con.print(line, markup=False, highlight=False)
     con.print(f"report: {res.out}/report.md  plots: {res.out}/*.png  ({res.seconds} s)")
 
@@ -430,20 +436,20 @@ def run(
     preset: str = typer.Option(..., help="A study preset, e.g. paper-boolq-llama (see `actcache presets`)."),
     model: Optional[str] = typer.Option(None, help="Override the preset's model (e.g. gemma-3-270m here)."),
     dtype: str = DTYPE,
-    device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
+    device: str = typer.Option(RunConfig.device, help="cpu, cuda, mps or auto."),
     data_dir: Optional[str] = DATA_DIR,
     limit: Optional[int] = typer.Option(None, help="Pool size cap (default: the preset's candidates)."),
     eval_limit: Optional[int] = typer.Option(None, help="Eval size cap."),
     n_candidates: Optional[int] = typer.Option(None, help="Override the preset's candidate count."),
     n_probes: Optional[int] = typer.Option(None, help="Override the preset's probe count."),
-    n_eval: int = typer.Option(100, help="Eval inputs in the selection experiment."),
+    n_eval: int = typer.Option(RunConfig.n_eval, help="Eval inputs in the selection experiment."),
     strategies: Optional[str] = STRATEGIES,
     seeds: str = SEEDS,
     out: str = OUT_DIR,
     store: Optional[str] = STORE,
 ):
     """Build, query and evaluate one study preset end to end."""
-    from actcache.pipeline import RunConfig, run as run_preset
+    from actcache.pipeline import run as run_preset
 
     cfg = RunConfig(preset=preset, model=model, dtype=dtype, device=device, data_dir=data_dir, limit=limit,
                     eval_limit=eval_limit, n_candidates=n_candidates, n_probes=n_probes, n_eval=n_eval,
@@ -513,5 +519,5 @@ def presets():
     from actcache.pipeline import PRESETS
 
     for name, p in PRESETS.items():
-        typer.echo(f"{name:<28} {p['model']:<26} {p['task']:<14} k={p['k']} candidates={p['n_candidates']} "
-                   f"components={','.join(p['components'])} layers={p['layers']} masks={','.join(p['masks'])}")
+        typer.echo(f"{name:<28} {p.model:<26} {p.task:<14} k={p.k} candidates={p.n_candidates} "
+                   f"components={','.join(p.components)} layers={p.layers} masks={','.join(p.masks)}")

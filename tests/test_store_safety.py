@@ -160,16 +160,16 @@ def test_quality_matrix_resumes_after_sigkill_and_recomputes_damage(tiny_model_d
     clean = study.quality_matrix(clean_st, EvalConfig(key=clean_st.key, home=str(clean_st.home),
                                                             dtype="float32", n_candidates=8, n_probes=3))
     for k in ("cand_rows", "probe_rows", "correct", "margin", "zs_correct", "zs_margin"):
-        np.testing.assert_array_equal(resumed[k], clean[k])
+        np.testing.assert_array_equal(getattr(resumed, k), getattr(clean, k))
     # A damaged cached matrix is recomputed (with a warning), never a BadZipFile traceback.
-    path = resumed["path"]
+    path = resumed.path
     with open(path, "r+b") as f:
         f.truncate(100)
     calls.clear()
     with pytest.warns(UserWarning, match="damaged"):
         again = study.quality_matrix(st, cfg)
     assert len(calls) == 5  # zero-shot + 4 chunks
-    np.testing.assert_array_equal(again["margin"], clean["margin"])
+    np.testing.assert_array_equal(again.margin, clean.margin)
 
 
 def test_default_gguf_recovers_from_a_partial_file(tmp_path):

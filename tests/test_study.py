@@ -28,15 +28,15 @@ def tiny_store(tiny_model_dir, jsonl, tmp_path):
 def test_quality_matrix_matches_plain_forward(tiny_store, tiny_model_dir):
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_candidates=4, n_probes=3)
     q = quality_matrix(tiny_store, cfg)
-    assert q["margin"].shape == (4, 3) and q["correct"].shape == (4, 3)
+    assert q.margin.shape == (4, 3) and q.correct.shape == (4, 3)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir["llama"]).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir["llama"])
     task = store_task(tiny_store)
     words = [tok(w, add_special_tokens=False)["input_ids"] for w in task.label_words]
-    for i, c in enumerate(q["cand_rows"][:2]):
-        for j, p in enumerate(q["probe_rows"]):
+    for i, c in enumerate(q.cand_rows[:2]):
+        for j, p in enumerate(q.probe_rows):
             ids = [tok.bos_token_id] + tok(tiny_store.demos[c] + "\n\n", add_special_tokens=False)["input_ids"] \
                 + tok(tiny_store.texts[p], add_special_tokens=False)["input_ids"]
             lp = []
@@ -47,8 +47,8 @@ def test_quality_matrix_matches_plain_forward(tiny_store, tiny_model_dir):
                 lp.append(sum(float(logp[len(ids) - 1 + t, w[t]]) for t in range(len(w))))
             gold = tiny_store.labels[p]
             ref = lp[gold] - max(v for k, v in enumerate(lp) if k != gold)
-            assert q["margin"][i, j] == pytest.approx(ref, abs=1e-4)
-            assert q["correct"][i, j] == float(np.argmax(lp) == gold)
+            assert q.margin[i, j] == pytest.approx(ref, abs=1e-4)
+            assert q.correct[i, j] == float(np.argmax(lp) == gold)
 
 
 def test_quality_matrix_cached_and_checked(tiny_store, tmp_path, tiny_model_dir, jsonl):
@@ -56,10 +56,10 @@ def test_quality_matrix_cached_and_checked(tiny_store, tmp_path, tiny_model_dir,
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_candidates=4, n_probes=3)
     a = quality_matrix(tiny_store, cfg)
     b = quality_matrix(tiny_store, cfg, lm=object())  # a cache hit never touches the model
-    np.testing.assert_array_equal(a["margin"], b["margin"])
+    np.testing.assert_array_equal(a.margin, b.margin)
     other = build(cfg_for(tiny_model_dir["qwen2"], jsonl, tmp_path / "other", layers="0"))
     with pytest.raises(MismatchError, match="recompute"):
-        load_quality(other, a["path"] if hasattr(a["path"], "exists") else __import__("pathlib").Path(a["path"]))
+        load_quality(other, a.path if hasattr(a.path, "exists") else __import__("pathlib").Path(a.path))
 
 
 def test_evaluate_end_to_end(tiny_store, tmp_path):
@@ -116,10 +116,10 @@ def test_overlong_prompts_drop_demonstrations_and_say_so(tiny_store):
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_probes=0, n_eval=3, k=4, seeds=(0,),
                      strategies=("random",), max_length=100, compare_fp32=False)
     res = selection_experiment(tiny_store, cfg, load_scoring_model(tiny_store, None))
-    assert res["dropped_demonstrations"].get("random", 0) > 0
+    assert res.dropped_demonstrations.get("random", 0) > 0
     full = selection_experiment(tiny_store, EvalConfig(**{**cfg.__dict__, "max_length": 2048}),
                                 load_scoring_model(tiny_store, None))
-    assert full["dropped_demonstrations"] == {}
+    assert full.dropped_demonstrations == {}
 
 
 def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
@@ -134,8 +134,8 @@ def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_probes=0, n_eval=3, k=2, seeds=(0, 1), strategies=(),
                      demos=str(path), compare_fp32=False)
     res = selection_experiment(tiny_store, cfg, load_scoring_model(tiny_store, None))
-    assert [s["strategy"] for s in res["summary"]] == ["zero-shot", "file:neighbors.jsonl"]
-    assert res["summary"][1]["n_seeds"] == 2
+    assert [s["strategy"] for s in res.summary] == ["zero-shot", "file:neighbors.jsonl"]
+    assert res.summary[1]["n_seeds"] == 2
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
@@ -164,7 +164,7 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
                      seeds=(0, 1), strategies=("random", "k-center", "knn"), knn_layers="0", compare_fp32=False)
     lm = load_scoring_model(store, None)
     res = selection_experiment(store, cfg, lm)
-    runs = res["runs"]
+    runs = res.runs
     assert [r["strategy"] for r in runs] == ["zero-shot"] + ["random"] * 2 + ["k-center"] * 2 + ["knn@L0"] * 2
     # knn is deterministic (KATE order): its second seed has the same prompts and is not scored again.
     assert runs[-1]["same_prompts_as_earlier_seed"] and runs[-1]["tokens_computed"] == 0
@@ -180,9 +180,9 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
             # Multi-token label words: one request per (prompt, option), all behind the one prefix.
             P = len(prompts_mod.encode_segments(lm.tokenizer, prompts[0][:-1]))
             assert count.computed == count.in_prompts - (len(prompts) * len(options) - 1) * P
-    assert res["tokens"]["computed"] == sum(r["tokens_computed"] for r in runs)
-    assert res["tokens"]["in_prompts"] == sum(r["tokens_in_prompts"] for r in scored)
-    assert res["tokens"]["computed"] < res["tokens"]["in_prompts"]
+    assert res.tokens["computed"] == sum(r["tokens_computed"] for r in runs)
+    assert res.tokens["in_prompts"] == sum(r["tokens_in_prompts"] for r in scored)
+    assert res.tokens["computed"] < res.tokens["in_prompts"]
 
 
 def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
@@ -206,13 +206,13 @@ def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
                      k=2, seeds=(0,), strategies=("random",), compare_fp32=True)
     lm = load_scoring_model(tiny_store, "bfloat16")
     res = selection_experiment(tiny_store, cfg, lm)
-    assert res["flips"] is not None and res["flips"]["dtype"] == "bfloat16" and res["flips"]["n"] == 3
+    assert res.flips is not None and res.flips["dtype"] == "bfloat16" and res.flips["n"] == 3
     model, tok, prompts, options, out = calls[-1]
     assert next(model.parameters()).dtype == torch.float32 and all(len(p) == 1 for p in prompts)
     np.testing.assert_allclose(out, reference(model, tok, prompts, options), atol=1e-5, rtol=0)
     fp32_tokens = sum(len(prompts_mod.encode_segments(tok, p)) + len(prompts_mod.encode_continuation(tok, o)) - 1
                       for p in prompts for o in options)
-    assert res["tokens"]["in_prompts"] == sum(r["tokens_in_prompts"] for r in res["runs"]) + fp32_tokens
+    assert res.tokens["in_prompts"] == sum(r["tokens_in_prompts"] for r in res.runs) + fp32_tokens
 
 
 def test_evaluate_returns_typed_result_equal_to_results_json(tiny_store, tmp_path):
