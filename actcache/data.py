@@ -6,7 +6,7 @@ benchmarks that lack a split are divided by a hash of each example's id (so the
 eval set does not move when `seed` changes), and `limit` subsamples with a
 seeded generator.
 
-Prompt layout, shared by capture and scoring (see `prompt_segments`):
+Prompt layout, shared by the build, query encoding and scoring (`prompts.prompt_segments`):
 
     [instruction + "\\n\\n"] + [demo_text(d) + "\\n\\n" for d in demos] + [query_text(x)]
 

@@ -32,13 +32,20 @@ from .errors import ConfigError, MismatchError
 MASKS = ("isolated", "in-context", "label-masked", "sink-masked")
 
 
+def prefix_segments(instruction: str, demo_texts: Sequence[str]) -> list[str]:
+    """The segments before the query: the instruction (if any), then each
+    demonstration's text, each followed by a blank line. The build and the
+    query side's reconstruction from a store (`stored_context_segments`) both
+    lay the in-context prefix out through this."""
+    segs = [instruction + "\n\n"] if instruction else []
+    segs += [t + "\n\n" for t in demo_texts]
+    return segs
+
+
 def prompt_segments(task: Task, demos: Sequence[Example], query: Example) -> list[str]:
     """Text segments of a k-shot prompt; token ids are the concatenation of each
     segment tokenized on its own (see `encode_segments`)."""
-    segs = [task.instruction + "\n\n"] if task.instruction else []
-    segs += [task.demo_text(d) + "\n\n" for d in demos]
-    segs.append(task.query_text(query))
-    return segs
+    return prefix_segments(task.instruction, [task.demo_text(d) for d in demos]) + [task.query_text(query)]
 
 
 def bos_ids(tokenizer) -> list[int]:
@@ -243,8 +250,7 @@ def stored_context_segments(store, task) -> list[str]:
     missing = [d for d in demo_ids if d not in row_of]
     if missing:
         raise MismatchError(f"in-context demonstrations {missing} are not in build {store.key[:12]}; rebuild it")
-    segs = [task.instruction + "\n\n"] if task.instruction else []
-    segs += [str(store.demos[row_of[d]]) + "\n\n" for d in demo_ids]
+    segs = prefix_segments(task.instruction, [str(store.demos[row_of[d]]) for d in demo_ids])
     if "".join(segs) != ic.get("prefix", ""):
         raise MismatchError(f"build {store.key[:12]}: the stored in-context prefix does not match its "
                             f"demonstrations; rebuild it")

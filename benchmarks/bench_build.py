@@ -79,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from actcache.builder import BuildConfig, identify
-    from actcache.prompts import length_batches, plan_rows
+    from actcache.prompts import length_batches, pad_id, plan_rows
     from actcache.capture import Capture, decoder_layers, make_batch
     from actcache.data import DataSpec
     from actcache.models import ModelSpec, hardware
@@ -100,7 +100,7 @@ def main() -> None:
         layers = list(range(lm.model.config.num_hidden_layers))
         tokens = sum(len(s) for s in seqs)
         fpt = forward_flops_per_token(lm.model)
-        batches = [(rows, make_batch([seqs[i] for i in rows], [spans[i] for i in rows], lm.tokenizer.pad_token_id))
+        batches = [(rows, make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(lm.tokenizer)))
                    for rows in length_batches([len(s) for s in seqs], args.batch_size)]
         full = Capture(lm.model, layers, ["resid", "mlp", "attn"], ["mean", "last"], stats=True)
         same = Capture(lm.model, layers, ["resid"], ["mean"], stats=False)
