@@ -285,7 +285,8 @@ def _cache_path(store: Store, texts, a: ArrayId) -> Path:
 
 
 def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, mask: str,
-                 progress: Progress | None = None, lm=None) -> tuple[np.ndarray, dict]:
+                 progress: Progress | None = None, lm=None,
+                 batch_size: int | None = None) -> tuple[np.ndarray, dict]:
     """Pooled activations of new texts, computed exactly as the build computed eval rows.
 
     Args:
@@ -294,6 +295,9 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
         texts: (q,) templated prompts (see `load_inputs`).
         component, layer, pooling, mask: the array (layer non-negative).
         lm: the build's model, already loaded by `Store.load_model` (None: loaded here).
+        batch_size: rows per forward batch (None: the build's). The service uses
+            bigger ones: a forward of 64 short rows does 5x the work of one row
+            per second on 2 cores, where the build's 16 do 4x.
 
     Returns:
         ((q, d) float32, report) where the values are rounded through the stored
@@ -318,7 +322,7 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     tok, model = lm.tokenizer, lm.model
     task = store.task()
     max_length = int(store.config.get("max_length", store.provenance.get("max_length", 256)))
-    batch_size = int(store.config.get("batch_size", 16))
+    batch_size = int(batch_size or store.config.get("batch_size", 16))
     bos = encode_segments(tok, [])
     pre = bos
     if mask == "in-context":

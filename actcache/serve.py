@@ -32,6 +32,7 @@ MAX_BODY = 1 << 20  # bytes per request
 MAX_TEXTS = 1024  # inputs per request
 MAX_TEXT_CHARS = 20_000
 MAX_REMEMBERED = 200_000  # new-text vectors kept per (build, array)
+FORWARD_ROWS = 64  # texts per forward batch of coalesced requests
 KEY_RE = re.compile(r"^(last|[0-9a-f]{6,64})$")
 
 
@@ -340,7 +341,8 @@ class Service:
                 missing += [t for t in j.payload["inputs"].texts if t not in mem and t not in missing]
         if missing:
             lm = self._model(st)
-            V, rep = encode_texts(st, missing, a.component, a.layer, a.pooling, a.mask, lm=lm)
+            V, rep = encode_texts(st, missing, a.component, a.layer, a.pooling, a.mask, lm=lm,
+                                  batch_size=max(FORWARD_ROWS, int(st.config.get("batch_size", 16))))
             self.forward_batches += rep["forward_batches"]
             for t, v in zip(missing, V):
                 mem[t] = v

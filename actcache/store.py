@@ -500,6 +500,7 @@ class Store:
     def __init__(self, build_dir: str | os.PathLike):
         self.dir = Path(build_dir)
         self.h5_path = self.dir / "acts.h5"
+        self._dtypes: dict = {}
         if not self.h5_path.exists():
             partial = self.dir / "partial"
             if partial.exists() and any(partial.iterdir()):
@@ -628,8 +629,10 @@ class Store:
     def array_dtype(self, a: ArrayId) -> np.dtype:
         """The dtype an array is stored in (float16 or float32)."""
         self.check(a)
-        with self._reading(f"array {a}") as f:
-            return f[a.name()].dtype
+        if a not in self._dtypes:  # asked per query by the service; the file's arrays do not change
+            with self._reading(f"array {a}") as f:
+                self._dtypes[a] = f[a.name()].dtype
+        return self._dtypes[a]
 
     def dim(self, a: ArrayId) -> int:
         with self._reading(f"array {a}") as f:
