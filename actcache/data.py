@@ -118,6 +118,12 @@ def normalize_text(text: str) -> str:
 # --------------------------------------------------------------------------- splits
 
 
+def record_text(record: dict) -> str:
+    """An example's own text (its fields, one per line), without the prompt
+    template around it: what a sentence encoder or a reader should see."""
+    return "\n".join(str(v) for v in record.get("fields", {}).values())
+
+
 def _hash_split(ex_id: str, eval_fraction: float = 0.2) -> str:
     h = int(hashlib.sha256(ex_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "eval" if h < eval_fraction else "pool"
@@ -554,5 +560,5 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
     return Dataset(task, pool, ev, source)
 
 
-__all__ = ["DataSpec", "Dataset", "Example", "Task", "TASKS", "load", "subsample", "data_dir",
+__all__ = ["record_text", "DataSpec", "Dataset", "Example", "Task", "TASKS", "load", "subsample", "data_dir",
            "read_text", "read_jsonl", "read_jsonl_rows", "field_value"]

@@ -83,6 +83,23 @@ def _best_stat(study: StudyResult | None) -> dict:
             "order": "high" if best["rho_discovery"] >= 0 else "low"}
 
 
+def _best_sae_feature(study: StudyResult | None) -> dict | None:
+    """The SAE feature the `sae-feature` strategy ranks by: the best feature of
+    the SAE study's discovery half (its per-example statistics are skipped), with
+    its sign; when no discovery ranking exists (too few candidates) the study's
+    best feature on all candidates. None without SAE features."""
+    sae = (study.sae if study else None) or {}
+    top = [(t["name"], t["rho_discovery"]) for t in (sae.get("replication") or {}).get("top", [])
+           if t["name"].split("|")[3] != "stat"]
+    top += [(f["name"], f["rho_len"]) for f in sae.get("features", [])]
+    if not top:
+        return None
+    name, rho = top[0]
+    _, key, mask, pooling, feature = name.split("|")
+    return {"sae": key, "mask": mask, "pooling": pooling, "feature": int(feature),
+            "order": "high" if rho >= 0 else "low"}
+
+
 def load_demos(path: str, store: Store) -> dict:
     """Demonstration ids per test id from an `actcache query` JSONL (neighbours
     best first) or a `--strategy knn` selection file."""
@@ -107,7 +124,8 @@ def load_demos(path: str, store: Store) -> dict:
 
 # Strategies that give each eval input its own demonstrations; every other
 # strategy picks one subset of k shared by all inputs.
-PER_INPUT = ("knn", "embed-knn", "vote-k", "file")  # strategies whose demonstrations differ per input
+PER_INPUT = ("knn", "embed-knn", "sae-knn", "vote-k", "file")
+RETRIEVAL = ("knn", "embed-knn", "sae-knn")  # each input retrieves its own k  # strategies whose demonstrations differ per input
 
 
 def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order: str = "shuffle"
@@ -143,7 +161,7 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **op
     own k; subset strategies pick a budget of k used for every input."""
     from .select import select
 
-    if name in ("knn", "embed-knn"):
+    if name in RETRIEVAL:
         per = select(store, name, k=k, seed=seed, **opts).per_query
         missing = [t for t in test_ids if t not in per]
         if missing:
@@ -212,8 +230,21 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
 
     jobs: list[tuple[str, int, dict]] = [("zero-shot", 0, {})]
     best = _best_stat(study)
+    best_sae = _best_sae_feature(study)
+    skipped: list[tuple[str, str]] = []
     for name in cfg.strategies:
-        if name == "knn":
+        if name.startswith("sae-") and not store.sae_groups:
+            skipped.append((name, f"build {store.key[:12]} holds no SAE features (add them with "
+                                  f"`actcache build ... --sae DIR`)"))
+        elif name == "sae-feature":
+            if best_sae is None:
+                skipped.append((name, "the SAE study found no feature active in enough candidates "
+                                      "(lower --sae-min-active)"))
+            else:
+                b = best_sae
+                jobs += [(f"sae-feature:f{b['feature']}/{b['pooling']}/{b['mask']}:{b['order']}", s,
+                          {"strategy": name, **b}) for s in cfg.seeds]
+        elif name == "knn":
             for L in _knn_layers(store, cfg.knn_layers):
                 jobs += [(f"knn@L{L}", s, {"strategy": "knn", "layer": L}) for s in cfg.seeds]
         elif name == "stat":
@@ -234,7 +265,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
                 raise DatasetError(f"{cfg.demos} names none of build {store.key[:12]}'s eval ids; "
                                    f"make it with `actcache query {store.key[:12]}`")
         jobs += [(f"file:{Path(cfg.demos).name}", s, {"strategy": "file"}) for s in cfg.seeds]
-    results = []
+    results = [{"strategy": n, "seed": s, "accuracy": float("nan"), "macro_f1": float("nan"), "skipped": why}
+               for n, why in skipped for s in cfg.seeds]
     samples: list[dict] = []  # per-item records, like lm-evaluation-harness's --log_samples
     done: dict = {}
     zs_pred = None
@@ -286,7 +318,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
 
     table: dict[str, list[dict]] = {}
     for r in results:
-        table.setdefault(r["strategy"], []).append(r)
+        if "skipped" not in r:  # skipped strategies are listed with their reason, not as a nan row
+            table.setdefault(r["strategy"], []).append(r)
     summary = []
     for k, rs in table.items():
         acc = [r["accuracy"] for r in rs]

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str, int, int], None]
 
-DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "embed-knn")
+# sae-knn and sae-feature run where the build holds SAE features (`build --sae`), else are listed as skipped.
+DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "embed-knn", "sae-knn", "sae-feature")
 QUALITY_DEFS = ("mean", "gain", "balanced")
 # Order of retrieved demonstrations in the prompt. KATE (Liu et al. 2022) puts the
 # most similar one last, nearest the query; "shuffle" is a seeded permutation.
@@ -83,6 +84,7 @@ class EvalConfig:
     compare_fp32: bool = True
     batch_size: int = 16
     n_boot: int = 200
+    sae_min_active: int = 10  # an SAE feature enters the study when active in this many candidates
     pair_mask: str = "label-masked"
     max_length: int = 2048
     demos: str | None = None  # a query JSONL (from `actcache query`) to evaluate as a strategy
@@ -103,6 +105,7 @@ class EvalConfig:
         if self.votek_budget < self.k:
             raise ConfigError(f"--votek-budget {self.votek_budget} is below --k {self.k}")
         for opt, v, least in (("--n-eval", self.n_eval, 1), ("--n-boot", self.n_boot, 0),
+                              ("--sae-min-active", self.sae_min_active, 1),
                               ("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 8)):
             if v < least:
                 raise ConfigError(f"{opt} {v} must be at least {least}")

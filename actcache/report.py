@@ -72,6 +72,14 @@ def summary_lines(res: EvalResult) -> list[str]:
         lines.append(f"replication: {n_ok}/{len(rep['top'])} of the discovery top {len(rep['top'])} replicate on "
                      f"the confirmation half (n={rep['n_discovery']}/{rep['n_confirmation']}); best "
                      f"{b['name']} rho {_fmt(b['rho_discovery'])} -> {_fmt(b['rho_confirmation'])}")
+    why = {r["strategy"]: r["skipped"] for r in res.selection.runs if "skipped" in r}
+    lines += [f"skipped {name}: {reason}" for name, reason in why.items()]
+    sae = res.study.sae
+    if sae:
+        ss, rep = sae["summary"], sae["replication"]
+        lines.append(f"SAE features ({len(sae['rows'])} signals): max |rho| raw = {_fmt(ss.get('raw_max_abs_rho'))}, "
+                     f"label + log length = {_fmt(ss.get('len_max_abs_rho'))} at {ss.get('len_max_name')}; "
+                     f"{sum(t['replicates'] for t in rep['top'])}/{len(rep['top'])} of the discovery top replicate")
     dr = res.selection.dropped_demonstrations
     if dr:
         lines.append(f"prompts over {res.selection.max_length} tokens dropped demonstrations: {dr}")
@@ -165,10 +173,57 @@ def _accuracy_plot(res: EvalResult, out: Path) -> str:
     return "accuracy_by_strategy.png"
 
 
-def _replication_md(rep: dict | None) -> list[str]:
+def _family_row(label: str, rows: list[dict], rep: dict | None) -> list[str]:
+    """One line of the family comparison: tests, max |rho| raw and controlled, BH hits, replication."""
+    def top(k):
+        v = [abs(r[f"rho_{k}"]) for r in rows if math.isfinite(r.get(f"rho_{k}", float("nan")))]
+        return _fmt(max(v)) if v else "nan"
+
+    hits = sum(1 for r in rows if r.get("q_len", 1.0) < 0.05)
+    t = (rep or {}).get("top") or []
+    best = max((x["rho_confirmation"] for x in t if x["replicates"]), key=abs, default=None)
+    return [label, str(len(rows)), top("raw"), top("strat"), top("partial"), top("len"), str(hits),
+            f"{sum(x['replicates'] for x in t)}/{len(t)}", _fmt(best)]
+
+
+def _sae_md(res: EvalResult) -> list[str]:
+    """The SAE-feature study beside the moment statistics, and its top features with the pool
+    examples that activate them most."""
+    sae = res.study.sae
+    if not sae:
+        return []
+    fam = [["signals", "tests", "max raw |ρ|", "within-label", "partial (label)", "partial (label + log length)",
+            "q < 0.05 (label + length)", "replicate of top 10", "best replicated ρ (confirmation)"],
+           _family_row("moment statistics", res.study.rows, res.study.replication),
+           _family_row("SAE features + SAE statistics", sae["rows"], sae["replication"])]
+    tested = [["SAE", "hook", "layer", "mask", "pooling", "width", "ever active", f"tested (active in ≥ {sae['min_active']})"]]
+    tested += [[t["sae"][:8], str(t.get("hook")), str(t.get("layer")), t["mask"], t["pooling"], str(t["d_sae"]),
+                str(t["ever_active"]), str(t["tested"])] for t in sae["saes"]]
+    feats = [["feature", "active in", "raw ρ", "partial ρ (label + length)", "q", "confirmation ρ", "replicates",
+              "most-activating pool examples (label, activation)"]]
+    for f in sae["features"]:
+        ex = "<br>".join(f"{e['label']}, {e['activation']:.2f}: {_md_cell(e['text'][:120])}" for e in f["examples"])
+        feats.append([f"{f['sae'][:8]}/{f['mask']}/{f['pooling']}/**{f['feature']}**", str(f["n_active"]),
+                      _fmt(f["rho_raw"]), _fmt(f["rho_len"]), _fmt(f["q_len"]), _fmt(f["rho_confirmation"]),
+                      {True: "yes", False: "no", None: "—"}[f["replicates"]], ex])
+    return ["## SAE features beside the moment statistics", "",
+            "Each family has its own Benjamini–Hochberg correction and its own discovery/confirmation split "
+            "(same halves). An SAE feature is tested when its pooled activation is non-zero in at least "
+            f"{sae['min_active']} candidates (`--sae-min-active`).", "",
+            *_md_table(fam), "", *_md_table(tested), "",
+            f"### Top {len(sae['features'])} SAE features by |partial ρ| on label + log length", "",
+            "Chosen on all candidates, so these ρ are biased upward; the confirmation ρ is the estimate.", "",
+            *_md_table(feats), "", *_replication_md(sae["replication"], "SAE features: discovery and confirmation")]
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _replication_md(rep: dict | None, title: str = "Discovery and confirmation") -> list[str]:
     if not rep or not rep["top"]:
         return []
-    return ["## Discovery and confirmation", "",
+    return [f"## {title}", "",
             f"Candidates split (seeded, stratified by label, seed {rep['split_seed']}) into a discovery half "
             f"(n={rep['n_discovery']}) and a confirmation half (n={rep['n_confirmation']}). The top "
             f"{len(rep['top'])} statistics by |partial ρ| on label + log length are chosen on discovery and "
@@ -231,6 +286,8 @@ def write(res: EvalResult, out: Path) -> dict:
     files = {"plots": _heatmaps(rows, out) + [_rho_vs_layer(rows, out), _accuracy_plot(res, out)]}
     _write_csv(out / "correlations.csv", rows)
     _write_csv(out / "pairs.csv", res.study.pairs)
+    if res.study.sae:
+        _write_csv(out / "sae_correlations.csv", res.study.sae["rows"])
     _write_csv(out / "selection.csv", res.selection.runs)
     files["samples"] = _write_samples(res, out)
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=_json_default))
@@ -253,7 +310,7 @@ def write(res: EvalResult, out: Path) -> dict:
               [r["name"].replace("|", "/"), _fmt(r["rho_raw"]), f"[{_fmt(r['ci_raw_lo'])}, {_fmt(r['ci_raw_hi'])}]",
                _fmt(r["q_raw"]), _fmt(r["rho_strat"]), _fmt(r["rho_partial"]), _fmt(r["q_partial"]),
                _fmt(r.get("rho_len")), _fmt(r.get("q_len"))] for r in top]),
-          "", *_replication_md(res.study.replication),
+          "", *_replication_md(res.study.replication), *_sae_md(res),
           "", "## Pair level (candidate–probe cosine similarity vs 1-shot score)", "",
           *_md_table([["array", "mean ρ per probe", "partial (label, match)", "pooled partial ρ"]] + [
               [f"{p['component']}/L{p['layer']}/{p['mask']}", _fmt(p.get("probe_raw_mean")),

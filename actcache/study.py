@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 STUDY_REF = 0.33  # the 2026 study's largest |Spearman rho|
+SAE_TOP = 10  # SAE features listed with their most-activating pool examples
+SAE_EXAMPLES = 5  # pool examples shown per listed feature
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class StudyResult:
         tokens with its quality.
     replication: the discovery/confirmation split (correlate.replicate).
     quality: (N,) candidate quality, as floats.
+    sae: the same study over SAE features (see `sae_study`), or None when the
+        build holds none.
     """
 
     rows: list[dict]
@@ -44,11 +48,13 @@ class StudyResult:
     length_rho: float
     replication: dict | None
     quality: list[float]
+    sae: dict | None = None
 
     def to_dict(self) -> dict:
         """The "study" object of results.json."""
         return {"rows": self.rows, "summary": self.summary, "pairs": self.pairs, "label_rho": self.label_rho,
-                "length_rho": self.length_rho, "replication": self.replication, "quality": self.quality}
+                "length_rho": self.length_rho, "replication": self.replication, "quality": self.quality,
+                "sae": self.sae}
 
 
 def candidate_quality(q: QualityMatrix, store: Store, cfg: EvalConfig) -> np.ndarray:
@@ -104,6 +110,83 @@ def correlation_study(store: Store, q: QualityMatrix, cfg: EvalConfig,
         progress("pair level", len(comb), len(comb))
     return StudyResult(rows=rows, summary=summarize(rows, ref=STUDY_REF), pairs=pairs, label_rho=label_rho,
                        length_rho=spearman(lengths, quality)[0], replication=replication,
-                       quality=quality.tolist())
+                       quality=quality.tolist(), sae=sae_study(store, cand, quality, labels, lengths, cfg))
+
+
+def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.ndarray, lengths: np.ndarray,
+              cfg: EvalConfig) -> dict | None:
+    """The correlation study over the build's SAE features, as a family of its own.
+
+    Signals, per SAE and mask: every feature whose pooled activation (mean and
+    max pooling separately) is non-zero in at least `cfg.sae_min_active`
+    candidates, plus the per-example L0, FVU and explained norm. Each gets the
+    raw, within-label, label-partial and label + log-length partial Spearman with
+    candidate quality and bootstrap CIs (`correlate.candidate_correlations`),
+    with Benjamini-Hochberg over this family; the discovery/confirmation split
+    re-tests the discovery top 10 (`correlate.replicate`).
+
+    Args:
+        cand: (N,) int64 store rows of the candidates; quality, labels, lengths:
+            (N,) per candidate, as the moment study uses them.
+
+    Returns None when the build holds no SAE features, else dict(min_active,
+    saes: one dict per SAE x mask x pooling with the features tested, rows:
+    candidate_correlations rows plus sae, mask, pooling, feature ("l0", "fvu",
+    "explained" for the statistics), summary, replication, features: the
+    SAE_TOP features by |rho| on label + log length, each with its
+    SAE_EXAMPLES most-activating pool examples (id, label, activation, text)).
+    Names read "sae|<key8>|<mask>|<pooling or stat>|<feature>".
+    """
+    from .correlate import candidate_correlations, replicate, summarize
+    from .data import record_text
+    from .store import SAE_STATS
+
+    if not store.sae_groups:
+        return None
+    signals: dict[str, np.ndarray] = {}
+    tested, codes = [], {}
+    for k16, mask in store.sae_groups:
+        k8 = k16[:8]
+        st = store.sae_stats(k16, mask)[cand]
+        for j, name in enumerate(SAE_STATS):
+            signals[f"sae|{k8}|{mask}|stat|{name}"] = st[:, j]
+        for pooling in ("mean", "max"):
+            C = store.sae_codes(k16, pooling, mask)  # (rows, d_sae) float32
+            Cc = C[cand]
+            active = (Cc > 0).sum(0)
+            feats = np.flatnonzero(active >= cfg.sae_min_active)
+            for f in feats:
+                signals[f"sae|{k8}|{mask}|{pooling}|{f}"] = Cc[:, f].astype(np.float64)
+            codes[(k8, mask, pooling)] = C
+            tested.append({"sae": k16, "mask": mask, "pooling": pooling, "d_sae": int(C.shape[1]),
+                           "ever_active": int((active > 0).sum()), "tested": int(len(feats)),
+                           **{k: v for k, v in (store.provenance.get("saes") or {}).get(k16, {}).items()
+                              if k in ("hook", "layer", "kind")}})
+    rows = candidate_correlations(signals, quality, labels, n_boot=cfg.n_boot, seed=cfg.seed, lengths=lengths)
+    for r in rows:
+        _, r["sae"], r["mask"], r["pooling"], r["feature"] = r["name"].split("|")
+    replication = replicate(signals, quality, labels, lengths, top=10, n_boot=cfg.n_boot, seed=cfg.seed)
+    confirmed = {t["name"]: t for t in replication["top"]}
+    ranked = sorted((r for r in rows if r["pooling"] != "stat" and np.isfinite(r["rho_len"])),
+                    key=lambda r: -abs(r["rho_len"]))[:SAE_TOP]
+    pool = store.pool_rows
+    features = []
+    for r in ranked:
+        f = int(r["feature"])
+        C = codes[(r["sae"], r["mask"], r["pooling"])]
+        col = C[pool, f]
+        top = [i for i in np.argsort(-col, kind="stable")[:SAE_EXAMPLES] if col[i] > 0]
+        rep = confirmed.get(r["name"])
+        features.append({
+            "name": r["name"], "sae": r["sae"], "mask": r["mask"], "pooling": r["pooling"], "feature": f,
+            "n_active": int((C[cand, f] > 0).sum()), "rho_raw": r["rho_raw"], "rho_partial": r["rho_partial"],
+            "rho_len": r["rho_len"], "q_len": r["q_len"],
+            "rho_confirmation": rep["rho_confirmation"] if rep else None,
+            "replicates": rep["replicates"] if rep else None,
+            "examples": [{"id": str(store.ids[pool[i]]), "label": int(store.labels[pool[i]]),
+                          "activation": float(col[i]), "text": record_text(store.records[pool[i]])[:300]}
+                         for i in top]})
+    return {"min_active": cfg.sae_min_active, "saes": tested, "rows": rows, "summary": summarize(rows, ref=STUDY_REF),
+            "replication": replication, "features": features}
 
 

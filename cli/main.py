@@ -383,6 +383,8 @@ def evaluate(
     quality_def: str = typer.Option(EvalConfig.quality_def, help="Candidate quality: mean, gain (over zero-shot) or balanced."),
     dtype: str = DTYPE,
     n_boot: int = typer.Option(EvalConfig.n_boot, help="Bootstrap resamples for CIs."),
+    sae_min_active: int = typer.Option(EvalConfig.sae_min_active, help="An SAE feature enters the study when "
+                                                                       "active in at least this many candidates."),
     batch_size: int = typer.Option(EvalConfig.batch_size, help="Prompts per forward batch."),
     max_length: int = typer.Option(EvalConfig.max_length, help="Longest prompt; longer ones drop demonstrations (reported)."),
     demos: Optional[str] = typer.Option(None, help="A query JSONL (from `actcache query`) evaluated as one more strategy."),
@@ -397,8 +399,8 @@ def evaluate(
                      n_eval=n_eval, k=k, seeds=seed_list,
                      **({"strategies": _split(strategies)} if strategies else {}), knn_layers=knn_layers, knn_order=knn_order,
                      votek_budget=votek_budget, quality=quality,
-                     quality_def=quality_def, dtype=dtype, n_boot=n_boot, batch_size=batch_size,
-                     max_length=max_length, demos=demos, out=out)
+                     quality_def=quality_def, dtype=dtype, n_boot=n_boot, sae_min_active=sae_min_active,
+                     batch_size=batch_size, max_length=max_length, demos=demos, out=out)
     with progress_bar() as cb:
         res = run_eval(cfg, progress=cb)
     _print_results(res)

@@ -182,3 +182,18 @@ def assert_same_arrays(got, want) -> None:
                                       want.acts(a.component, a.layer, a.pooling, a.mask))
         np.testing.assert_array_equal(got.stats(a.component, a.layer, a.mask),
                                       want.stats(a.component, a.layer, a.mask))
+
+
+def write_sae(folder: Path, d_in: int = 64, d_sae: int = 48, hook: str = "mlp_out", layer: int = 1,
+              seed: int = 0) -> str:
+    """A seeded random ReLU SAE in the SAELens layout (save_sae); returns its directory."""
+    import numpy as np
+
+    from actcache.sae import SAE, save_sae
+
+    rng = np.random.default_rng(seed)
+    W = (rng.normal(size=(d_in, d_sae)) / np.sqrt(d_in)).astype(np.float32)
+    b = rng.normal(scale=0.1, size=d_sae).astype(np.float32)
+    save_sae(SAE(W_enc=W, b_enc=b, W_dec=W.T.copy(), b_dec=np.zeros(d_in, np.float32), kind="relu",
+                 hook=hook, layer=layer), folder)
+    return str(folder)

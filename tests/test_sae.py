@@ -348,3 +348,72 @@ def test_attn_out_round_trips_under_its_transformerlens_name(tmp_path):
     assert json.loads((out / "cfg.json").read_text())["hook_name"] == "blocks.2.attn.hook_z"
     again = load_sae(out)
     assert (again.hook, again.layer) == ("attn_out", 2)
+
+
+# --------------------------------------------------------------------------- the study and selection
+
+
+def test_sae_study_and_strategies_in_evaluate(tiny_model_dir, jsonl, tmp_path):
+    """SAE features enter the study as their own family (checked against scipy on the stored
+    codes), the top features list their most-activating pool texts, and sae-knn / sae-feature
+    run in the selection experiment."""
+    from scipy.stats import spearmanr
+
+    from conftest import cfg_for, write_sae
+
+    from actcache.builder import build
+    from actcache.data import record_text
+    from actcache.pipeline import EvalConfig, evaluate
+
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", components=("mlp",),
+                       masks=("isolated",), saes=(write_sae(tmp_path / "sae", layer=1),)))
+    out = tmp_path / "report"
+    m = 2
+    res = evaluate(EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=2, n_eval=1,
+                              k=2, seeds=(0,), strategies=("random", "sae-knn", "sae-feature"), n_boot=20,
+                              sae_min_active=m, out=str(out)))
+    sae = res.study.sae
+    cand = np.array(res.quality_cand_rows)
+    quality = np.array(res.study.quality)
+    (k16, mask), = st.sae_groups
+    names = []
+    for pooling in ("mean", "max"):
+        C = st.sae_codes(k16, pooling, mask)
+        feats = np.flatnonzero((C[cand] > 0).sum(0) >= m)
+        names += [f"sae|{k16[:8]}|{mask}|{pooling}|{f}" for f in feats]
+        by_name = {r["name"]: r for r in sae["rows"]}
+        for f in feats[:10]:
+            r = by_name[f"sae|{k16[:8]}|{mask}|{pooling}|{f}"]
+            want = spearmanr(C[cand, f], quality)[0]
+            assert r["rho_raw"] == pytest.approx(want, abs=1e-9) or (np.isnan(want) and np.isnan(r["rho_raw"]))
+    stat_names = [f"sae|{k16[:8]}|{mask}|stat|{s}" for s in ("l0", "fvu", "explained")]
+    assert [r["name"] for r in sae["rows"]] == stat_names + names  # exactly the features active in >= m candidates
+    assert sae["features"], "no feature listed"
+    for f in sae["features"]:
+        col = st.sae_codes(k16, f["pooling"], mask)[st.pool_rows, f["feature"]]
+        want = [i for i in np.argsort(-col, kind="stable")[:5] if col[i] > 0]
+        assert [e["id"] for e in f["examples"]] == [str(st.ids[st.pool_rows[i]]) for i in want]
+        assert [e["text"] for e in f["examples"]] == [record_text(st.records[st.pool_rows[i]]) for i in want]
+    strategies = [s["strategy"] for s in res.selection.summary]
+    assert "sae-knn" in strategies and any(s.startswith("sae-feature:f") for s in strategies)
+    md = (out / "report.md").read_text()
+    assert "SAE features beside the moment statistics" in md and (out / "sae_correlations.csv").exists()
+    data = json.loads((out / "results.json").read_text())
+    assert data["study"]["sae"]["min_active"] == m
+
+
+def test_sae_strategies_are_skipped_with_a_reason_without_sae_features(tiny_model_dir, jsonl, tmp_path):
+    from conftest import cfg_for
+
+    from actcache.builder import build
+    from actcache.pipeline import EvalConfig, evaluate
+    from actcache.report import summary_lines
+
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", components=("mlp",),
+                       masks=("isolated",)))
+    res = evaluate(EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=6, n_probes=2, n_eval=1,
+                              k=1, seeds=(0,), strategies=("random", "sae-knn"), n_boot=0,
+                              out=str(tmp_path / "r")))
+    assert res.study.sae is None
+    assert [s["strategy"] for s in res.selection.summary] == ["zero-shot", "random"]
+    assert any(line.startswith("skipped sae-knn: build") and "--sae DIR" in line for line in summary_lines(res))

