@@ -420,12 +420,15 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         budget: int | None = Field(None, ge=1, le=1_000_000)
         k: int | None = Field(None, ge=1, le=10_000)
         seed: int = 0
-        component: str = "mlp"
-        layer: int = -1
-        pooling: str = "mean"
-        mask: str = "isolated"
+        # None: the strategy's own default (as `actcache.select.select`)
+        component: str | None = None
+        layer: int | None = None
+        pooling: str | None = None
+        mask: str | None = None
         stat: str | None = None
         order: str | None = None
+        feature: int | None = Field(None, ge=0, description="sae-feature: the feature to rank by.")
+        sae: str | None = Field(None, max_length=64, description="sae-knn / sae-feature: the SAE's key prefix.")
 
     def err(status: int, msg: str) -> Response:
         return Response(error_body(msg), status_code=status, media_type="application/json")
@@ -501,7 +504,8 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
 
     @app.post("/builds/{key}/select")
     async def select_route(key: str, req: Select = Body(...)):
-        """Run a registered selection strategy (random, knn, vote-k, k-center, kmeans, stat, embed-knn)."""
+        """Run a registered selection strategy (random, knn, vote-k, k-center, kmeans, stat, embed-knn,
+        sae-knn, sae-feature)."""
         import inspect
 
         from .select import STRATEGIES
@@ -509,7 +513,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         fn = STRATEGIES.get(req.strategy)
         if fn is None:
             raise ConfigError(f"unknown strategy {req.strategy!r}; choose from {sorted(STRATEGIES)}")
-        wanted = {n: getattr(req, n) for n in ("component", "layer", "pooling", "mask", "stat", "order")
+        wanted = {n: getattr(req, n) for n in ("component", "layer", "pooling", "mask", "stat", "order", "feature", "sae")
                   if getattr(req, n) is not None}
         opts = {n: v for n, v in wanted.items() if n in inspect.signature(fn).parameters}
         fut = await asyncio.to_thread(svc.submit, key, "select",

@@ -10,6 +10,13 @@ Per dtype, on the same length-sorted batches of the same model:
   actcache_same_outputs  resid mean at every layer, as naive, batched and hooked
   actcache_full          what `actcache build` stores per mask: resid+mlp+attn x
                          every layer x mean+last, plus the 6 statistics per unit
+  dense_unit             the dense capture of the one unit an SAE reads (mlp at
+                         --sae-layer: mean+last and the 6 statistics), stopping
+                         after that layer as the SAE pass does
+  sae                    `build --sae`'s pass over the same rows: the forward up
+                         to the SAE's layer, encode every token, pool mean+max,
+                         L0/FVU/explained, CSR (ratio_vs_dense_unit: its cost
+                         against the dense capture of the same unit)
 
 The machine may be shared, so each repeat runs every implementation on a batch
 before moving to the next batch (order rotated per batch): a burst of outside
@@ -19,6 +26,10 @@ the median of the per-repeat ratios), the hardware (`actcache.models.hardware`)
 and each dtype's tokens/s as a fraction of a large torch.mm's peak.
 
     python benchmarks/bench_build.py --n 64 --repeats 5
+    python benchmarks/bench_build.py --impls plain,dense_unit,sae --sae ~/.cache/actcache/sae/<key16>
+
+Without --sae the SAE is a seeded random TopK one (--sae-width, k=32) on mlp_out at
+--sae-layer: encoding costs the same whatever its weights.
 """
 
 from __future__ import annotations
@@ -67,6 +78,18 @@ def naive(model, seqs, spans, layers):
     return out
 
 
+def random_sae(d_in: int, width: int, layer: int, k: int = 32, seed: int = 0):
+    """A seeded random TopK SAE on mlp_out: the same encode cost as a trained one."""
+    import numpy as np
+
+    from actcache.sae import SAE
+
+    rng = np.random.default_rng(seed)
+    W = (rng.normal(size=(d_in, width)) / np.sqrt(d_in)).astype(np.float32)
+    return SAE(W_enc=W, b_enc=np.zeros(width, np.float32), W_dec=W.T.copy(), b_dec=np.zeros(d_in, np.float32),
+               kind="topk", hook="mlp_out", layer=layer, k=k, key="random-topk")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=64, help="examples (pool + eval)")
@@ -74,7 +97,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--impls", default="plain,naive,actcache_same_outputs,actcache_full")
+    ap.add_argument("--impls", default="plain,naive,actcache_same_outputs,actcache_full,dense_unit,sae")
+    ap.add_argument("--sae", default=None, help="an SAE directory (default: a random TopK SAE)")
+    ap.add_argument("--sae-layer", type=int, default=9, help="layer of the random SAE (mlp_out)")
+    ap.add_argument("--sae-width", type=int, default=4096)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -83,6 +109,7 @@ def main() -> None:
     from actcache.capture import Capture, decoder_layers, make_batch
     from actcache.data import DataSpec
     from actcache.models import ModelSpec, hardware
+    from actcache.sae import load_sae, sae_pass
 
     hw = hardware("cpu")
     peaks = {}
@@ -104,6 +131,9 @@ def main() -> None:
                    for rows in length_batches([len(s) for s in seqs], args.batch_size)]
         full = Capture(lm.model, layers, ["resid", "mlp", "attn"], ["mean", "last"], stats=True)
         same = Capture(lm.model, layers, ["resid"], ["mean"], stats=False)
+        sae = load_sae(args.sae) if args.sae else random_sae(lm.model.config.hidden_size, args.sae_width,
+                                                               min(args.sae_layer, layers[-1]))
+        unit = Capture(lm.model, [sae.layer], ["mlp"], ["mean", "last"], stats=True)
 
         def plain(rows, b):
             with torch.inference_mode():
@@ -112,7 +142,10 @@ def main() -> None:
         impls = {"plain": plain,
                  "naive": lambda rows, b: naive(lm.model, [seqs[i] for i in rows], [spans[i] for i in rows], layers),
                  "actcache_same_outputs": lambda rows, b: same.run(b),
-                 "actcache_full": lambda rows, b: full.run(b)}
+                 "actcache_full": lambda rows, b: full.run(b),
+                 "dense_unit": lambda rows, b: unit.run(b),
+                 "sae": lambda rows, b: sae_pass(lm.model, lm.tokenizer, sae, [seqs[i] for i in rows],
+                                                 [spans[i] for i in rows], "isolated", len(rows))}
         names = [n for n in args.impls.split(",")]
         for name in names:  # warm-up
             for rows, b in batches:
@@ -143,6 +176,9 @@ def main() -> None:
                 "bench": "build", "impl": name, "dtype": dt, "examples": len(seqs), "tokens": tokens,
                 "batches": len(batches), "tokens_per_s": round(tps, 1), "median_s": round(med[name], 3),
                 "repeats": args.repeats, **ratios(name, "plain"), **ratios(name, "naive"),
+                **(ratios(name, "dense_unit") if name == "sae" else {}),
+                **({"sae": {"key": sae.key[:16], "hook": sae.hook, "layer": sae.layer, "d_sae": sae.d_sae,
+                            "kind": sae.kind, "k": sae.k}} if name in ("sae", "dense_unit") else {}),
                 "fraction_of_matmul_peak": round(tps * fpt / (peaks[dt] * 1e12), 4),
                 "peak_rss_mb": round(peak_rss_mb(), 1), **hw,
             }), flush=True)

@@ -293,11 +293,14 @@ def query_cmd(
     out: Optional[str] = typer.Option(None, help="Output JSONL; - for stdout. Default neighbors.jsonl "
                                                  "(selection.jsonl with --strategy)."),
     strategy: Optional[str] = typer.Option(None, help="Run a selection strategy instead: random, knn, vote-k, "
-                                                      "k-center, kmeans, stat, embed-knn."),
+                                                      "k-center, kmeans, stat, embed-knn, sae-knn, sae-feature."),
     budget: Optional[int] = typer.Option(None, help="Examples a subset strategy picks."),
     seed: int = typer.Option(0, help="Seed of the strategy."),
     stat: str = typer.Option("kurt", help="--strategy stat: mean, var, skew, kurt, max_abs, max_over_median."),
-    order: str = typer.Option("high", help="--strategy stat: rank 'high' or 'low' values first."),
+    order: str = typer.Option("high", help="--strategy stat / sae-feature: rank 'high' or 'low' values first."),
+    feature: Optional[int] = typer.Option(None, help="--strategy sae-feature: the SAE feature to rank the pool by."),
+    sae: Optional[str] = typer.Option(None, "--sae", help="--strategy sae-knn / sae-feature: the SAE's key prefix "
+                                                          "(default: the build's only SAE)."),
     server: Optional[str] = typer.Option(None, help="Ask a running `actcache serve` at this URL instead "
                                                     "(same records; e.g. http://127.0.0.1:8765)."),
     token: Optional[str] = typer.Option(None, envvar="ACTCACHE_TOKEN", help="Bearer token for --server."),
@@ -318,7 +321,7 @@ def query_cmd(
         c = Client(server, token)
         if strategy is not None:
             recs = c.select(key, strategy, budget=budget, k=k, seed=seed, component=component, layer=layer,
-                            pooling=pooling, mask=mask, stat=stat, order=order)
+                            pooling=pooling, mask=mask, stat=stat, order=order, feature=feature, sae=sae)
         elif input_ is None:
             recs = c.neighbors(key, **opts)
         else:
@@ -351,7 +354,7 @@ def query_cmd(
     st = Store.open(key, store)
     wanted = {"component": component, "layer": layer, "pooling": pooling, "mask": mask, "balanced": balanced,
               "exclude_self": exclude_self, "source": input_ or "eval", "text_field": text_field,
-              "stat": stat, "order": order}
+              "stat": stat, "order": order, "feature": feature, "sae": sae}
     fn = STRATEGIES.get(strategy)
     opts = {n: v for n, v in wanted.items() if fn is not None and n in inspect.signature(fn).parameters}
     with progress_bar() as cb:

@@ -266,6 +266,20 @@ def test_sae_feature_ranks_the_pool_by_one_feature(built, order):
         select(built, "sae-knn", k=2, mask="in-context")
 
 
+def test_sae_feature_from_the_cli_equals_the_library(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = tmp_path / "sel.jsonl"
+    r = CliRunner().invoke(app, ["query", built.key[:12], "--strategy", "sae-feature", "--feature", "5", "--budget",
+                                 "3", "--mask", "isolated", "--pooling", "max", "--store", str(built.home),
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    got = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert got == list(select(built, "sae-feature", budget=3, feature=5, mask="isolated", pooling="max").ids)
+
+
 def test_sae_strategies_need_sae_features(built, tmp_path):
     plain = build(cfg_for(built.config["model"]["model"], built.config["data"]["path"], tmp_path / "s",
                           layers="1", components=("mlp",), masks=("isolated",)))
