@@ -319,11 +319,13 @@ def pooled_codes(sae: SAE, h: np.ndarray, spans) -> dict:
     return {"mean": mean, "max": mx, "l0": l0, "fvu": fvu, "explained": expl}
 
 
-def to_csr(dense: np.ndarray) -> dict:
-    """CSR arrays of a (n, m) matrix: data float32, indices int32, indptr int64, shape."""
-    from scipy.sparse import csr_matrix
+def to_csr(dense) -> dict:
+    """CSR arrays of a (n, m) matrix (numpy or scipy.sparse): data float32, indices
+    int32, indptr int64, shape."""
+    from scipy.sparse import csr_matrix, issparse
 
-    m = csr_matrix(np.asarray(dense, dtype=np.float32))
+    m = dense.tocsr() if issparse(dense) else csr_matrix(np.asarray(dense, dtype=np.float32))
+    m.sort_indices()
     return {"data": m.data.astype(np.float32), "indices": m.indices.astype(np.int32),
             "indptr": m.indptr.astype(np.int64), "shape": np.asarray(m.shape, dtype=np.int64)}
 
@@ -546,9 +548,11 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
         hd = mod.register_forward_pre_hook(lambda m, a: keep(a[0]))
     else:
         hd = mod.register_forward_hook(lambda m, a, o: keep(o[0] if isinstance(o, tuple) else o))
+    from scipy.sparse import csr_matrix, vstack
+
     n = len(seqs)
-    mean = np.zeros((n, sae.d_sae), np.float32)
-    mx = np.zeros((n, sae.d_sae), np.float32)
+    # Kept sparse batch by batch: dense (n, d_sae) pools would need 6.5 GB each for 100k rows x 16k features.
+    means, maxes, order = [], [], []
     stats = np.zeros((n, 3))
     batches = length_batches([len(s) for s in seqs], batch_size)
     try:
@@ -564,10 +568,17 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
                 except _Done:
                     pass
             out = pooled_codes(sae, seen["h"].float().cpu().numpy(), [spans[i] for i in rows])
-            mean[rows], mx[rows] = out["mean"], out["max"]
+            means.append(csr_matrix(out["mean"]))
+            maxes.append(csr_matrix(out["max"]))
+            order.extend(int(r) for r in rows)
             stats[rows] = np.stack([out["l0"], out["fvu"], out["explained"]], axis=1)
     finally:
         hd.remove()
     if progress:
         progress(f"sae {mask}", len(batches), len(batches))
-    return {"mean": to_csr(mean), "max": to_csr(mx), "stats": stats}, len(batches)
+    back = np.argsort(order)  # batches run longest first: rows back in store order
+
+    def rows_in_order(parts):
+        return vstack(parts, format="csr")[back] if parts else csr_matrix((0, sae.d_sae), dtype=np.float32)
+
+    return {"mean": to_csr(rows_in_order(means)), "max": to_csr(rows_in_order(maxes)), "stats": stats}, len(batches)
