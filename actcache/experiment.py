@@ -125,7 +125,7 @@ def load_demos(path: str, store: Store) -> dict:
 # Strategies that give each eval input its own demonstrations; every other
 # strategy picks one subset of k shared by all inputs.
 PER_INPUT = ("knn", "embed-knn", "sae-knn", "vote-k", "file")
-RETRIEVAL = ("knn", "embed-knn", "sae-knn")  # each input retrieves its own k  # strategies whose demonstrations differ per input
+RETRIEVAL = ("knn", "embed-knn", "sae-knn")  # each input retrieves its own k from the whole pool
 
 
 def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order: str = "shuffle"
