@@ -730,6 +730,7 @@ def candidate_correlations(
     n_boot: int = 1000,
     seed: int = 0,
     lengths: Any = None,
+    progress: Any = None,
 ) -> list[dict[str, Any]]:
     """Raw, label-controlled and label+length-controlled correlations of each
     statistic with quality.
@@ -750,6 +751,8 @@ def candidate_correlations(
         Demonstration lengths (tokens). When given, also the partial Spearman
         on the label and log length (a second confound: long demonstrations
         have other moments and other effects), keys ``*_len``.
+    progress : None or callable (desc, done, total)
+        Called every 500 statistics (an SAE family has tens of thousands).
 
     Returns
     -------
@@ -774,7 +777,9 @@ def candidate_correlations(
     loglen = None if lengths is None else np.log(np.maximum(_as_float_1d("lengths", lengths, n), 1.0))
     kinds = ("raw", "strat", "partial") + (("len",) if loglen is not None else ())
     rows: list[dict[str, Any]] = []
-    for name, vals in stats.items():
+    for i, (name, vals) in enumerate(stats.items()):
+        if progress and i % 500 == 0:
+            progress("correlations", i, len(stats))
         s = _as_float_1d(f"stats[{name!r}]", vals, n)
         ok = np.isfinite(s) & np.isfinite(q) & _isfinite_any(lab)
         if loglen is not None:
@@ -810,6 +815,8 @@ def candidate_correlations(
         row["ci_len_lo"], row["ci_len_hi"] = ci_len
         rows.append(row)
 
+    if progress:
+        progress("correlations", len(stats), len(stats))
     pv = np.array([[r[f"p_{k}"] for k in kinds] for r in rows], dtype=np.float64).reshape(-1, len(kinds))
     qv = benjamini_hochberg(pv)
     for r, qrow in zip(rows, qv):
@@ -1026,6 +1033,7 @@ def replicate(
     seed: int = 0,
     alpha: float = 0.05,
     measure: str = "len",
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Choose on a discovery half, re-test on the confirmation half.
 
@@ -1048,7 +1056,7 @@ def replicate(
     d, c = split_halves(lab, seed)
     pick = {name: np.asarray(v, dtype=np.float64) for name, v in stats.items()}
     disc = candidate_correlations({k: v[d] for k, v in pick.items()}, q[d], lab[d], n_boot=0, seed=seed,
-                                  lengths=ln[d])
+                                  lengths=ln[d], progress=progress)
     key = f"rho_{measure}"
     ranked = sorted((r for r in disc if np.isfinite(r[key])), key=lambda r: -abs(r[key]))[:top]
     conf = candidate_correlations({r["name"]: pick[r["name"]][c] for r in ranked}, q[c], lab[c],

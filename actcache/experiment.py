@@ -241,8 +241,10 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
                 skipped.append((name, "the SAE study found no feature active in enough candidates "
                                       "(lower --sae-min-active)"))
             else:
-                b = best_sae
-                jobs += [(f"sae-feature:f{b['feature']}/{b['pooling']}/{b['mask']}:{b['order']}", s,
+                # Labels take turns: the feature predicts quality within label (the study's control),
+                # and ranked alone a label-tracking feature filled every prompt with one label.
+                b = {**best_sae, "balanced": True}
+                jobs += [(f"sae-feature:f{b['feature']}/{b['pooling']}/{b['mask']}:{b['order']}:balanced", s,
                           {"strategy": name, **b}) for s in cfg.seeds]
         elif name == "knn":
             for L in _knn_layers(store, cfg.knn_layers):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Callable
 
@@ -572,8 +573,10 @@ def _sae_knn(store: Store, *, budget, k, seed, progress, sae=None, pooling="mean
 
 @strategy("sae-feature")
 def _sae_feature(store: Store, *, budget, k, seed, progress, feature=None, sae=None, pooling="max", mask=None,
-                 order="high"):
-    """Pool examples ranked by one SAE feature's pooled activation, highest (or lowest) first.
+                 order="high", balanced=False):
+    """Pool examples ranked by one SAE feature's pooled activation, highest (or lowest) first;
+    with `balanced`, the labels take turns (each label's best next, labels in sorted order), so a
+    feature that tracks the label cannot fill a prompt with one label.
 
     Ties keep pool order (stable sort), so with order="high" inactive examples come last."""
     if order not in ("high", "low"):
@@ -584,9 +587,14 @@ def _sae_feature(store: Store, *, budget, k, seed, progress, feature=None, sae=N
         raise ConfigError(f"sae-feature needs feature=F with 0 <= F < {C.shape[1]} (the SAE's width)")
     col = C[:, int(feature)]
     b = _need_budget(budget, len(col), "sae-feature")
-    ranked = np.argsort(-col if order == "high" else col, kind="stable")[:b]
-    return _subset(store, "sae-feature", ranked, {"budget": b, "seed": seed, "sae": key16, "feature": int(feature),
-                                                  "pooling": pooling, "mask": mask, "order": order})
+    ranked = np.argsort(-col if order == "high" else col, kind="stable")
+    if balanced:
+        labels = store.labels[store.pool_rows][ranked]
+        turns = [list(ranked[labels == g]) for g in np.unique(labels)]
+        ranked = np.array([r for group in zip_longest(*turns) for r in group if r is not None])
+    return _subset(store, "sae-feature", ranked[:b], {"budget": b, "seed": seed, "sae": key16,
+                                                      "feature": int(feature), "pooling": pooling, "mask": mask,
+                                                      "order": order, "balanced": bool(balanced)})
 
 
 def write_selection(sel: Selection, path) -> int:

@@ -110,11 +110,11 @@ def correlation_study(store: Store, q: QualityMatrix, cfg: EvalConfig,
         progress("pair level", len(comb), len(comb))
     return StudyResult(rows=rows, summary=summarize(rows, ref=STUDY_REF), pairs=pairs, label_rho=label_rho,
                        length_rho=spearman(lengths, quality)[0], replication=replication,
-                       quality=quality.tolist(), sae=sae_study(store, cand, quality, labels, lengths, cfg))
+                       quality=quality.tolist(), sae=sae_study(store, cand, quality, labels, lengths, cfg, progress))
 
 
 def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.ndarray, lengths: np.ndarray,
-              cfg: EvalConfig) -> dict | None:
+              cfg: EvalConfig, progress: Progress | None = None) -> dict | None:
     """The correlation study over the build's SAE features, as a family of its own.
 
     Signals, per SAE and mask: every feature whose pooled activation (mean and
@@ -166,10 +166,15 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
     # p-values and BH over every signal; bootstrap CIs (n_boot resamples each, 60 ms per signal
     # at 1,000 candidates) only for the SAE statistics and the listed features: thousands of
     # features would take most of an hour for intervals nobody reads.
-    rows = candidate_correlations(signals, quality, labels, n_boot=0, seed=cfg.seed, lengths=lengths)
+    def stage(desc):
+        return (lambda _d, done, total: progress(desc, done, total)) if progress else None
+
+    rows = candidate_correlations(signals, quality, labels, n_boot=0, seed=cfg.seed, lengths=lengths,
+                                  progress=stage("SAE study"))
     for r in rows:
         _, r["sae"], r["mask"], r["pooling"], r["feature"] = r["name"].split("|")
-    replication = replicate(signals, quality, labels, lengths, top=10, n_boot=cfg.n_boot, seed=cfg.seed)
+    replication = replicate(signals, quality, labels, lengths, top=10, n_boot=cfg.n_boot, seed=cfg.seed,
+                            progress=stage("SAE discovery half"))
     confirmed = {t["name"]: t for t in replication["top"]}
     ranked = sorted((r for r in rows if r["pooling"] != "stat" and np.isfinite(r["rho_len"])),
                     key=lambda r: -abs(r["rho_len"]))[:SAE_TOP]

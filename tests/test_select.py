@@ -260,6 +260,11 @@ def test_sae_feature_ranks_the_pool_by_one_feature(built, order):
     col = built.sae_codes(key16, "max", "isolated")[built.pool_rows, 7]
     want = np.argsort(-col if order == "high" else col, kind="stable")[:4]
     assert list(sel.positions) == list(want)
+    bal = select(built, "sae-feature", budget=4, feature=7, order=order, mask="isolated", balanced=True)
+    labels = built.labels[built.pool_rows]
+    by_label = [[p for p in np.argsort(-col if order == "high" else col, kind="stable") if labels[p] == g]
+                for g in (0, 1)]
+    assert list(bal.positions) == [by_label[0][0], by_label[1][0], by_label[0][1], by_label[1][1]]
     with pytest.raises(ConfigError, match="needs feature"):
         select(built, "sae-feature", budget=4)
     with pytest.raises(ConfigError, match="not 'in-context'"):
