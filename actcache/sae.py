@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +125,21 @@ def _read_weights(d: Path) -> dict:
                       f"or params.npz); point --sae at a SAELens, Gemma Scope or sparsify directory")
 
 
-def sae_key(weights: dict, cfg: dict) -> str:
-    """sha256 of the config (canonical JSON) and every weight's name, shape and bytes."""
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+SAE_KEY_VERSION = 1
+
+
+def sae_key(sae: SAE) -> str:
+    """The SAE's content key: sha256 of the canonical JSON of what decides its
+    codes (kind, hook, layer, k, b_dec and rescaling options, key version) and
+    of every weight as encoded (float32 bytes and shape). Metadata (trainer,
+    source, paths) does not enter it, so a trained SAE's directory name, its
+    cfg.json "key" and the key a build records for it are one and the same."""
+    cfg = {"kind": sae.kind, "hook": sae.hook, "layer": int(sae.layer), "k": sae.k,
+           "apply_b_dec_to_input": bool(sae.apply_b_dec_to_input),
+           "rescale_acts_by_decoder_norm": bool(sae.rescale_acts_by_decoder_norm), "version": SAE_KEY_VERSION}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    weights = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
+               **({"threshold": sae.threshold} if sae.threshold is not None else {})}
     for name in sorted(weights):
         a = np.ascontiguousarray(weights[name], dtype=np.float32)
         h.update(f"{name}{a.shape}".encode())
@@ -246,8 +258,9 @@ def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None
     if W_enc.shape[0] != W_dec.shape[1] or W_enc.shape[1] != W_dec.shape[0]:
         raise ConfigError(f"{d}: W_enc {W_enc.shape} and W_dec {W_dec.shape} do not fit together")
     b_dec_in = bool(cfg.get("apply_b_dec_to_input", False)) or sparsify
-    return SAE(W_enc, b_enc, W_dec, b_dec, kind, hook, int(layer), threshold, int(k) if k else None,
-               b_dec_in, sae_key(w, cfg), bool(cfg.get("rescale_acts_by_decoder_norm", False)))
+    sae = SAE(W_enc, b_enc, W_dec, b_dec, kind, hook, int(layer), threshold, int(k) if k else None,
+              b_dec_in, "", bool(cfg.get("rescale_acts_by_decoder_norm", False)))
+    return replace(sae, key=sae_key(sae))
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
@@ -511,9 +524,8 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     cfg_json = {"model": lm.provenance.get("model"), "weights_sha256": lm.provenance.get("weights_sha256"),
                 "dtype": lm.provenance.get("dtype"), "source": source, "trainer": "eai-sparsify 1.3.3 SparseCoder, Adam",
                 "seed": cfg.seed, "epochs": cfg.epochs, "lr": lr, "tokens": int(len(X))}
-    weights = {"W_enc": tmp.W_enc, "b_enc": tmp.b_enc, "W_dec": tmp.W_dec, "b_dec": tmp.b_dec}
-    key = sae_key(weights, cfg_json)
-    sae = SAE(tmp.W_enc, tmp.b_enc, tmp.W_dec, tmp.b_dec, "topk", cfg.hook, cfg.layer, None, cfg.k, True, key)
+    key = sae_key(tmp)
+    sae = replace(tmp, key=key)
     path = save_sae(sae, home / "sae" / key[:16])
     meta = json.loads((path / "cfg.json").read_text())
     (path / "cfg.json").write_text(json.dumps({**meta, **cfg_json, "key": key}, indent=2))

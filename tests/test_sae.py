@@ -4,6 +4,7 @@ hook points against plain forward hooks; sparse storage round trips."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,10 @@ def test_key_changes_with_weights(tmp_path):
     _hand_layout(tmp_path / "b", "relu", seed=1)
     assert load_sae(tmp_path / "a").key != load_sae(tmp_path / "b").key
     assert load_sae(tmp_path / "a").key == load_sae(tmp_path / "a").key
+    # Metadata that does not change the codes does not change the key; the layer does.
+    cfg = json.loads((tmp_path / "a" / "cfg.json").read_text())
+    (tmp_path / "a" / "cfg.json").write_text(json.dumps({**cfg, "trainer": "someone else", "epochs": 3}))
+    assert load_sae(tmp_path / "a").key == load_sae(tmp_path / "a", layer=1).key != load_sae(tmp_path / "a", layer=5).key
 
 
 def test_bad_directories(tmp_path):
@@ -170,6 +175,9 @@ def test_train_lowers_error_below_the_mean_and_is_reproducible(tiny_model_dir, t
     np.testing.assert_array_equal(again.W_enc, sae.W_enc)
     loaded = load_sae(rep["path"])
     assert loaded.kind == "topk" and loaded.k == 4 and loaded.apply_b_dec_to_input
+    # One key: the directory's name, cfg.json's "key" and the key a build records when it loads the SAE.
+    assert loaded.key == rep["key"] == json.loads((Path(rep["path"]) / "cfg.json").read_text())["key"]
+    assert Path(rep["path"]).name == rep["key"][:16]
     x = np.random.default_rng(0).normal(size=(5, sae.d_in)).astype(np.float32)
     np.testing.assert_array_equal(loaded.encode(x), sae.encode(x))
     assert evaluate_sae(loaded, x)["l0"] <= 4
