@@ -134,6 +134,7 @@ def main() -> None:
         sae = load_sae(args.sae) if args.sae else random_sae(lm.model.config.hidden_size, args.sae_width,
                                                                min(args.sae_layer, layers[-1]))
         unit = Capture(lm.model, [sae.layer], ["mlp"], ["mean", "last"], stats=True)
+        depth = (sae.layer + 1) / len(layers)
 
         def plain(rows, b):
             with torch.inference_mode():
@@ -179,7 +180,9 @@ def main() -> None:
                 **(ratios(name, "dense_unit") if name == "sae" else {}),
                 **({"sae": {"key": sae.key[:16], "hook": sae.hook, "layer": sae.layer, "d_sae": sae.d_sae,
                             "kind": sae.kind, "k": sae.k}} if name in ("sae", "dense_unit") else {}),
-                "fraction_of_matmul_peak": round(tps * fpt / (peaks[dt] * 1e12), 4),
+                # dense_unit and sae stop after the SAE's layer: only that share of the layers' work
+                "fraction_of_matmul_peak": round(tps * fpt * (depth if name in ("dense_unit", "sae") else 1.0)
+                                                 / (peaks[dt] * 1e12), 4),
                 "peak_rss_mb": round(peak_rss_mb(), 1), **hw,
             }), flush=True)
 
