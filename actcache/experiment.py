@@ -241,8 +241,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
                 skipped.append((name, "the SAE study found no feature active in enough candidates "
                                       "(lower --sae-min-active)"))
             else:
-                # Labels take turns: the feature predicts quality within label (the study's control),
-                # and ranked alone a label-tracking feature filled every prompt with one label.
+                # Labels take turns, as for stat: the feature predicts quality within label (the
+                # study's control), and ranked alone it filled every prompt with one label.
                 b = {**best_sae, "balanced": True}
                 jobs += [(f"sae-feature:f{b['feature']}/{b['pooling']}/{b['mask']}:{b['order']}:balanced", s,
                           {"strategy": name, **b}) for s in cfg.seeds]
@@ -250,8 +250,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
             for L in _knn_layers(store, cfg.knn_layers):
                 jobs += [(f"knn@L{L}", s, {"strategy": "knn", "layer": L}) for s in cfg.seeds]
         elif name == "stat":
-            jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}",
-                      s, {"strategy": "stat", **best}) for s in cfg.seeds]
+            jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}"
+                      f":balanced", s, {"strategy": "stat", **best, "balanced": True}) for s in cfg.seeds]
         elif name == "vote-k":
             jobs += [(name, s, {"strategy": name, "votek_budget": cfg.votek_budget}) for s in cfg.seeds]
         else:

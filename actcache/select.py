@@ -499,23 +499,35 @@ def _kmeans(store: Store, *, budget, k, seed, progress, component="mlp", layer=-
     return _subset(store, "kmeans", pos, {"budget": b, "seed": seed, "niter": int(niter), "array": str(a)})
 
 
-@strategy("stat")
-def _stat(store: Store, *, budget, k, seed, progress, stat="kurt", order="high", component="mlp", layer=-1,
-          mask="label-masked"):
-    """Pool examples ranked by a stored statistic (e.g. MLP kurtosis), highest or lowest first.
-
-    Ties keep pool order (stable sort); NaN ranks last either way."""
-    from .query import resolve_layer
-
+def _ranked(store: Store, values: np.ndarray, order: str, balanced: bool) -> np.ndarray:
+    """Pool positions by `values` ((n_pool,) float), highest or lowest first (stable: ties
+    keep pool order; NaN last). With `balanced` the labels take turns (each label's next
+    best, labels in sorted order), so a signal that tracks the label cannot fill a prompt
+    with one label."""
     if order not in ("high", "low"):
         raise ConfigError(f"order must be 'high' or 'low', not {order!r}")
+    ranked = np.argsort(-values if order == "high" else values, kind="stable")
+    if not balanced:
+        return ranked
+    labels = store.labels[store.pool_rows][ranked]
+    turns = [list(ranked[labels == g]) for g in np.unique(labels)]
+    return np.array([r for group in zip_longest(*turns) for r in group if r is not None], dtype=np.int64)
+
+
+@strategy("stat")
+def _stat(store: Store, *, budget, k, seed, progress, stat="kurt", order="high", component="mlp", layer=-1,
+          mask="label-masked", balanced=False):
+    """Pool examples ranked by a stored statistic (e.g. MLP kurtosis), highest or lowest
+    first; `balanced`: labels take turns (see `_ranked`)."""
+    from .query import resolve_layer
+
     L = resolve_layer(store, layer)
     s = store.stat(stat, component, L, mask, split="pool")
-    n = len(s)
-    b = _need_budget(budget, n, "stat")
-    ranked = np.argsort(-s if order == "high" else s, kind="stable")[:b]
+    b = _need_budget(budget, len(s), "stat")
+    ranked = _ranked(store, s, order, balanced)[:b]
     return _subset(store, "stat", ranked, {"budget": b, "seed": seed, "stat": stat, "order": order,
-                                           "component": component, "layer": L, "mask": mask})
+                                           "component": component, "layer": L, "mask": mask,
+                                           "balanced": bool(balanced)})
 
 
 def _retrieve(store: Store, V: np.ndarray, k, exclude_self: bool) -> tuple[int, dict]:
@@ -574,27 +586,19 @@ def _sae_knn(store: Store, *, budget, k, seed, progress, sae=None, pooling="mean
 @strategy("sae-feature")
 def _sae_feature(store: Store, *, budget, k, seed, progress, feature=None, sae=None, pooling="max", mask=None,
                  order="high", balanced=False):
-    """Pool examples ranked by one SAE feature's pooled activation, highest (or lowest) first;
-    with `balanced`, the labels take turns (each label's best next, labels in sorted order), so a
-    feature that tracks the label cannot fill a prompt with one label.
-
-    Ties keep pool order (stable sort), so with order="high" inactive examples come last."""
-    if order not in ("high", "low"):
-        raise ConfigError(f"order must be 'high' or 'low', not {order!r}")
+    """Pool examples ranked by one SAE feature's pooled activation, highest (or lowest)
+    first; `balanced`: labels take turns (see `_ranked`). Ties keep pool order, so with
+    order="high" inactive examples come last."""
     key16, mask = sae_group(store, sae, mask)
     C = store.sae_codes(key16, pooling, mask, split="pool")
     if feature is None or not 0 <= int(feature) < C.shape[1]:
         raise ConfigError(f"sae-feature needs feature=F with 0 <= F < {C.shape[1]} (the SAE's width)")
     col = C[:, int(feature)]
     b = _need_budget(budget, len(col), "sae-feature")
-    ranked = np.argsort(-col if order == "high" else col, kind="stable")
-    if balanced:
-        labels = store.labels[store.pool_rows][ranked]
-        turns = [list(ranked[labels == g]) for g in np.unique(labels)]
-        ranked = np.array([r for group in zip_longest(*turns) for r in group if r is not None])
-    return _subset(store, "sae-feature", ranked[:b], {"budget": b, "seed": seed, "sae": key16,
-                                                      "feature": int(feature), "pooling": pooling, "mask": mask,
-                                                      "order": order, "balanced": bool(balanced)})
+    ranked = _ranked(store, col, order, balanced)[:b]
+    return _subset(store, "sae-feature", ranked, {"budget": b, "seed": seed, "sae": key16,
+                                                  "feature": int(feature), "pooling": pooling, "mask": mask,
+                                                  "order": order, "balanced": bool(balanced)})
 
 
 def write_selection(sel: Selection, path) -> int:

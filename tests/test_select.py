@@ -199,6 +199,12 @@ def test_stat_strategy_equals_argsort(built, order):
     assert list(sel.positions) == list(ref)
     vals = s[list(sel.positions)]
     assert list(vals) == sorted(vals, reverse=order == "high")
+    # balanced: the labels take turns, each giving its next best (labels in sorted order)
+    bal = select(built, "stat", budget=5, stat="kurt", order=order, layer=L, mask="isolated", balanced=True)
+    labels = built.labels[built.pool_rows]
+    by_label = [[int(p) for p in np.argsort(-s if order == "high" else s, kind="stable") if labels[p] == g]
+                for g in (0, 1)]
+    assert list(bal.positions) == [by_label[0][0], by_label[1][0], by_label[0][1], by_label[1][1], by_label[0][2]]
 
 
 # ----------------------------------------------------------------------------- embed-knn
