@@ -162,6 +162,14 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     home = check_home(default_home(cfg.home), writable=True)
     set_threads()
     ds, lm, key, payload = identify(cfg)
+    if cfg.index:
+        from indexes import min_vectors
+
+        need = min_vectors(index_spec(cfg.index), lm.model.config.get_text_config().hidden_size)
+        if len(ds.pool) < need:  # FAISS would fail to train only after the forward passes
+            raise ConfigError(f"--index {cfg.index!r} needs at least {need} pool examples to train, but the pool "
+                              f"has {len(ds.pool)}; use fewer lists (e.g. IVF{max(1, len(ds.pool) // 39)},Flat), "
+                              f"--index ivf (sized to the pool) or --index flat")
     n_layers = len(decoder_layers(lm.model)[1])
     layers = resolve_layers(cfg.layers, n_layers)
     wanted = [ArrayId(c, L, p, m) for m in cfg.masks for c in cfg.components for L in layers

@@ -63,7 +63,7 @@ from .io import (
     SIDECAR_FORMAT, SIDECAR_SUFFIX, IndexFileError, IndexMismatchError, NoSpaceError, atomic_write, file_fingerprint,
     fsync_dir, tmp_owner, vectors_fingerprint,
 )
-from .spec import KINDS, METRICS, IndexSpec, check_factory, default_nlist, default_nprobe
+from .spec import KINDS, METRICS, IndexSpec, check_factory, default_nlist, default_nprobe, min_vectors
 
 __all__ = [
     "IndexFileError",
@@ -78,6 +78,7 @@ __all__ = [
     "exact_search",
     "file_fingerprint",
     "fsync_dir",
+    "min_vectors",
     "search_flat",
     "set_threads",
     "tmp_owner",

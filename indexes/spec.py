@@ -160,3 +160,20 @@ def check_factory(spec: IndexSpec, d: int | None = None) -> None:
     if any(int(m) < 2 for m in re.findall(r"HNSW(\d+)", factory)):
         raise ValueError(f"index factory string {factory!r} asks for an HNSW graph of degree below 2; "
                          f"give at least 2, e.g. 'HNSW32'")
+
+
+def min_vectors(spec: IndexSpec, d: int) -> int:
+    """The fewest vectors the spec's index can be trained on: an IVF needs one
+    per list, a product quantizer 2**nbits per codebook (256 for the default 8
+    bits); 1 for the kinds that need no training or size themselves to the data
+    (flat, ivf, hnsw). Lets a caller refuse a too-small pool before any work."""
+    if spec.kind != "factory":
+        return 1
+    index = faiss.index_factory(int(d), str(spec.factory), faiss_metric(spec.metric))
+    need = 1
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        need = ivf.nlist
+    for bits in re.findall(r"PQ\d+(?:x(\d+))?", str(spec.factory)):
+        need = max(need, 2 ** int(bits or 8))
+    return int(need)

@@ -265,6 +265,19 @@ def test_build_refuses_bad_data_and_store_before_the_model(tiny_model_dir, jsonl
         build(cfg_for(tiny_model_dir["gpt2"], jsonl, f))
 
 
+@pytest.mark.parametrize("factory,need", [("IVF64,Flat", 64), ("PQ8", 256), ("IVF4,PQ4x4", 16)])
+def test_index_too_big_for_the_pool_refused_before_any_forward_pass(tiny_model_dir, jsonl, tmp_path, no_forward,
+                                                                    factory, need):
+    with pytest.raises(ConfigError, match=rf"needs at least {need} pool examples to train, but the pool has 9"):
+        build(cfg_for(tiny_model_dir["gpt2"], jsonl, tmp_path / "s", index=factory))
+    # the reference: FAISS itself refuses to train it on that few vectors
+    import faiss
+
+    index = faiss.index_factory(64, factory, faiss.METRIC_INNER_PRODUCT)
+    with pytest.raises(RuntimeError):
+        index.train(np.random.default_rng(0).normal(size=(9, 64)).astype(np.float32))
+
+
 def test_layer_out_of_range_refused_before_any_forward_pass(tiny_model_dir, jsonl, tmp_path, no_forward):
     with pytest.raises(ConfigError, match="layer 99 is out of range: the model has 4 layers"):
         build(cfg_for(tiny_model_dir["gpt2"], jsonl, tmp_path / "s", layers="0,99"))
