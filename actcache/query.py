@@ -221,7 +221,7 @@ def eval_inputs(store: Store, ids=None) -> Inputs:
 def parse_inputs(store: Store, lines: list[str], is_jsonl: bool, name: str, text_field: str = "text") -> Inputs:
     """New test inputs from text lines (plain, or JSONL objects), templated with the
     build's template (see `load_inputs`)."""
-    from .data import Example
+    from .data import Example, field_value
 
     task = store.task()
     fields = template_fields(task.template)
@@ -245,10 +245,11 @@ def parse_inputs(store: Store, lines: list[str], is_jsonl: bool, name: str, text
                 raise DatasetError(f"{name} line {lineno + 1}: field {nulls[0]!r} is null; give it a text")
             if len(fields) == 1:
                 f0 = fields[0]
+                where = f"{name} line {lineno + 1}"
                 if text_field in obj:
-                    vals = {f0: str(obj[text_field])}
+                    vals = {f0: field_value(obj, text_field, where)}
                 elif f0 in obj:
-                    vals = {f0: str(obj[f0])}
+                    vals = {f0: field_value(obj, f0, where)}
                 else:
                     raise DatasetError(f"{name} line {lineno + 1} has no field {text_field!r} (nor the "
                                        f"template's {f0!r}); available: {sorted(obj)}. Pass --text-field")
@@ -257,7 +258,7 @@ def parse_inputs(store: Store, lines: list[str], is_jsonl: bool, name: str, text
                 if missing:
                     raise DatasetError(f"{name} line {lineno + 1} lacks template field(s) {missing}; the "
                                        f"build's template {task.template!r} needs {fields} in every object")
-                vals = {f: str(obj[f]) for f in fields}
+                vals = {f: field_value(obj, f, f"{name} line {lineno + 1}") for f in fields}
             if "id" in obj:
                 given = True
             ids.append(str(obj["id"]) if "id" in obj else f"input-{n}")

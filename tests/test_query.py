@@ -229,6 +229,10 @@ def test_errors(built, tmp_path):
     bad = write_jsonl(root / "bad.jsonl", [{"body": "x"}])
     with pytest.raises(DatasetError, match="--text-field"):
         query(QueryConfig(key=st.key, home=str(home), source=str(bad)))
+    for value, kind in ((["a", "b"], "list"), ({"t": "a"}, "object")):  # was stringified to "['a', 'b']"
+        bad = write_jsonl(root / "bad.jsonl", [{"text": "fine"}, {"text": value}])
+        with pytest.raises(DatasetError, match=rf"bad.jsonl line 2 has an? {kind} 'text' field, not text"):
+            query(QueryConfig(key=st.key, home=str(home), source=str(bad)))
 
 
 def test_foreign_or_damaged_index_is_rebuilt_and_model_mismatch(built, tmp_path):
