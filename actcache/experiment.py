@@ -241,17 +241,19 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
                 skipped.append((name, "the SAE study found no feature active in enough candidates "
                                       "(lower --sae-min-active)"))
             else:
-                # Labels take turns, as for stat: the feature predicts quality within label (the
-                # study's control), and ranked alone it filled every prompt with one label.
-                b = {**best_sae, "balanced": True}
-                jobs += [(f"sae-feature:f{b['feature']}/{b['pooling']}/{b['mask']}:{b['order']}:balanced", s,
+                # cfg.rank_balanced: labels take turns, as the study controls for the label; ranked
+                # alone, a label-tracking signal filled every prompt with one label.
+                b = {**best_sae, "balanced": cfg.rank_balanced}
+                tag = ":balanced" if cfg.rank_balanced else ""
+                jobs += [(f"sae-feature:f{b['feature']}/{b['pooling']}/{b['mask']}:{b['order']}{tag}", s,
                           {"strategy": name, **b}) for s in cfg.seeds]
         elif name == "knn":
             for L in _knn_layers(store, cfg.knn_layers):
                 jobs += [(f"knn@L{L}", s, {"strategy": "knn", "layer": L}) for s in cfg.seeds]
         elif name == "stat":
-            jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}"
-                      f":balanced", s, {"strategy": "stat", **best, "balanced": True}) for s in cfg.seeds]
+            tag = ":balanced" if cfg.rank_balanced else ""
+            jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}{tag}",
+                      s, {"strategy": "stat", **best, "balanced": cfg.rank_balanced}) for s in cfg.seeds]
         elif name == "vote-k":
             jobs += [(name, s, {"strategy": name, "votek_budget": cfg.votek_budget}) for s in cfg.seeds]
         else:

@@ -78,6 +78,7 @@ class EvalConfig:
     knn_layers: str = "auto"
     knn_order: str = "similar-last"
     votek_budget: int = 100
+    rank_balanced: bool = True  # stat / sae-feature: labels take turns in the ranked pool
     quality: str = "margin"
     quality_def: str = "mean"
     dtype: str = "auto"

@@ -382,6 +382,8 @@ def evaluate(
     knn_order: str = typer.Option(EvalConfig.knn_order, help="Order of retrieved demonstrations: similar-last (KATE: "
                                                        "most similar nearest the query), similar-first, shuffle."),
     votek_budget: int = typer.Option(EvalConfig.votek_budget, help="vote-k annotation set size; each input retrieves --k from it."),
+    rank_balanced: bool = typer.Option(EvalConfig.rank_balanced, "--rank-balanced/--no-rank-balanced",
+                                       help="stat and sae-feature: labels take turns in the ranked pool."),
     quality: str = typer.Option(EvalConfig.quality, help="Pair score: margin (gold log-prob margin) or correct."),
     quality_def: str = typer.Option(EvalConfig.quality_def, help="Candidate quality: mean, gain (over zero-shot) or balanced."),
     dtype: str = DTYPE,
@@ -401,7 +403,7 @@ def evaluate(
     cfg = EvalConfig(key=resolve_key(key, store), home=store, n_candidates=n_candidates, n_probes=n_probes,
                      n_eval=n_eval, k=k, seeds=seed_list,
                      **({"strategies": _split(strategies)} if strategies else {}), knn_layers=knn_layers, knn_order=knn_order,
-                     votek_budget=votek_budget, quality=quality,
+                     votek_budget=votek_budget, rank_balanced=rank_balanced, quality=quality,
                      quality_def=quality_def, dtype=dtype, n_boot=n_boot, sae_min_active=sae_min_active,
                      batch_size=batch_size, max_length=max_length, demos=demos, out=out)
     with progress_bar() as cb:
