@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -303,6 +304,40 @@ def hook_module(layer, point: str):
     raise ConfigError(f"unknown hook point {point!r}; choose from {HOOK_POINTS}")
 
 
+@contextmanager
+def _hook_reader(block, point: str):
+    """Within it, a forward of the model leaves the activations at `point` of
+    decoder layer `block` in the yielded dict under "h" and stops there (nothing
+    after the hook point is needed); run it with `_forward_to`."""
+    mod, where = hook_module(block, point)
+    seen: dict = {}
+
+    def keep(h):
+        seen["h"] = h
+        raise _Done
+
+    if where == "input":
+        handle = mod.register_forward_pre_hook(lambda m, a: keep(a[0]))
+    else:
+        handle = mod.register_forward_hook(lambda m, a, o: keep(o[0] if isinstance(o, tuple) else o))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _forward_to(base, seen: dict, input_ids, attention_mask):
+    """Run the base model under `_hook_reader` until its hook point; the (B, T, d) activations there."""
+    import torch
+
+    with torch.inference_mode():
+        try:
+            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Done:
+            pass
+    return seen["h"]
+
+
 def pooled_codes(sae: SAE, h: np.ndarray, spans) -> dict:
     """Per-example pooled SAE features over token spans, and per-example statistics.
 
@@ -391,46 +426,25 @@ def token_activations(lm, texts: list[str], layer: int, point: str, max_length: 
                       progress=None) -> np.ndarray:
     """(n_tokens, d) float32 activations at `point` of `layer` for every token of
     `texts` but the first (BOS, or the attention sink of a tokenizer without one).
-    The forward stops after `layer`: the later layers and the LM head (a third of
+    The forward stops at the hook point: the later layers and the LM head (a third of
     Gemma-3-270m's compute per token) never run."""
-    import torch
-
     from .capture import decoder_layers, make_batch
     from .prompts import encode_segments, length_batches, pad_id
 
     model, tok = lm.model, lm.tokenizer
     base, blocks = decoder_layers(model)
-    mod, where = hook_module(blocks[layer], point)
     seqs = [encode_segments(tok, [t])[:max_length] for t in texts]
-    seen: dict = {}
-
-    def done(_m, _a, _o):
-        raise _Done
-
-    if where == "input":
-        handle = mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))
-    else:
-        handle = mod.register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
-    stop = blocks[layer].register_forward_hook(done)
     out = []
     batches = length_batches([len(s) for s in seqs], batch_size)
-    try:
-        with torch.no_grad():
-            for bi, rows in enumerate(batches):
-                if progress:
-                    progress("sae activations", bi, len(batches))
-                b = make_batch([seqs[i] for i in rows], [(0, len(seqs[i])) for i in rows], pad_id(tok),
-                               next(model.parameters()).device)
-                try:
-                    base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-                except _Done:
-                    pass
-                h = seen["h"].float().cpu().numpy()
-                for j, i in enumerate(rows):
-                    out.append(h[j, 1:len(seqs[i])])
-    finally:
-        handle.remove()
-        stop.remove()
+    with _hook_reader(blocks[layer], point) as seen:
+        for bi, rows in enumerate(batches):
+            if progress:
+                progress("sae activations", bi, len(batches))
+            b = make_batch([seqs[i] for i in rows], [(0, len(seqs[i])) for i in rows], pad_id(tok),
+                           next(model.parameters()).device)
+            h = _forward_to(base, seen, b.input_ids, b.attention_mask).float().cpu().numpy()
+            for j, i in enumerate(rows):
+                out.append(h[j, 1:len(seqs[i])])
     if progress:
         progress("sae activations", len(batches), len(batches))
     return np.concatenate(out).astype(np.float32)
@@ -543,49 +557,30 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
     Returns ({"mean": CSR, "max": CSR (see `to_csr`), "stats": (N, 3) float64
     l0, fvu, explained}, forward batches run).
     """
-    import torch
+    from scipy.sparse import csr_matrix, vstack
 
     from .capture import decoder_layers, make_batch, sink_masks
     from .prompts import length_batches, pad_id
 
     base, blocks = decoder_layers(model)
-    mod, where = hook_module(blocks[sae.layer], sae.hook)
-    seen: dict = {}
-
-    def keep(h):
-        seen["h"] = h
-        raise _Done  # nothing after the SAE's layer is needed
-
-    if where == "input":
-        hd = mod.register_forward_pre_hook(lambda m, a: keep(a[0]))
-    else:
-        hd = mod.register_forward_hook(lambda m, a, o: keep(o[0] if isinstance(o, tuple) else o))
-    from scipy.sparse import csr_matrix, vstack
-
     n = len(seqs)
     # Kept sparse batch by batch: dense (n, d_sae) pools would need 6.5 GB each for 100k rows x 16k features.
     means, maxes, order = [], [], []
     stats = np.zeros((n, 3))
     batches = length_batches([len(s) for s in seqs], batch_size)
-    try:
+    with _hook_reader(blocks[sae.layer], sae.hook) as seen:
         for bi, rows in enumerate(batches):
             if progress:
                 progress(f"sae {mask}", bi, len(batches))
             b = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(tokenizer),
                            next(model.parameters()).device)
             attn = sink_masks(model, b.attention_mask, model.dtype) if mask == "sink-masked" else b.attention_mask
-            with torch.inference_mode():
-                try:
-                    base(input_ids=b.input_ids, attention_mask=attn, use_cache=False)
-                except _Done:
-                    pass
-            out = pooled_codes(sae, seen["h"].float().cpu().numpy(), [spans[i] for i in rows])
+            h = _forward_to(base, seen, b.input_ids, attn)
+            out = pooled_codes(sae, h.float().cpu().numpy(), [spans[i] for i in rows])
             means.append(csr_matrix(out["mean"]))
             maxes.append(csr_matrix(out["max"]))
             order.extend(int(r) for r in rows)
             stats[rows] = np.stack([out["l0"], out["fvu"], out["explained"]], axis=1)
-    finally:
-        hd.remove()
     if progress:
         progress(f"sae {mask}", len(batches), len(batches))
     back = np.argsort(order)  # batches run longest first: rows back in store order
