@@ -35,6 +35,7 @@ from .capture import (
 )
 from .data import DataSpec, load as load_data
 from .prompts import RowPlan, length_batches, plan_rows
+from .sae import load_sae, sae_pass
 from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
 from .store import (
@@ -103,11 +104,6 @@ class BuildConfig:
         self.data.validate()  # limits, template syntax, --data path: before any file or model is read
         if self.index:
             index_spec(self.index)  # a bad factory string fails now, not after the forward pass
-        if self.saes:
-            from .sae import load_sae
-
-            for d in self.saes:
-                load_sae(d)  # a bad SAE directory fails now
 
 
 def _pass_id(key: str, mask: str, units: list[tuple[str, int]], poolings) -> str:
@@ -160,6 +156,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     cfg.validate()
     t0 = time.time()
     home = check_home(default_home(cfg.home), writable=True)
+    saes = [load_sae(d) for d in cfg.saes]  # once, and before the model: a bad SAE directory fails now
     set_threads()
     ds, lm, key, payload = identify(cfg)
     if cfg.index:
@@ -172,6 +169,9 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
                               f"--index ivf (sized to the pool) or --index flat")
     n_layers = len(decoder_layers(lm.model)[1])
     layers = resolve_layers(cfg.layers, n_layers)
+    for d, sae in zip(cfg.saes, saes):
+        if not 0 <= sae.layer < n_layers:
+            raise ConfigError(f"SAE {d} reads layer {sae.layer}, but the model has {n_layers} layers")
     wanted = [ArrayId(c, L, p, m) for m in cfg.masks for c in cfg.components for L in layers
               for p in cfg.poolings]
     bdir = home / "builds" / key
@@ -188,7 +188,6 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
                 warnings.warn(f"{e}; building it again from scratch", stacklevel=2)
                 (bdir / "acts.h5").unlink()
         missing = [a for a in wanted if a not in have]
-        saes = _load_saes(cfg.saes, n_layers)
         sae_todo = [(sae, m) for sae in saes for m in cfg.masks if (sae.key[:16], m) not in have_sae]
         if (missing or sae_todo) and not os.access(bdir, os.W_OK):
             raise StoreError(f"build {key[:12]} lacks {len(missing) + len(sae_todo)} of the arrays asked for, "
@@ -210,8 +209,6 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
                 new_stats[(mask, c, L)] = st
         new_sae = {}
         for sae, mask in sae_todo:
-            from .sae import sae_pass
-
             new_sae[(sae, mask)], nb = sae_pass(lm.model, lm.tokenizer, sae, plan.seqs[mask], plan.spans[mask],
                                                 mask, cfg.batch_size, progress)
             forward_batches += nb
@@ -278,16 +275,6 @@ def _run_pass(lm, plan: RowPlan, mask, units, poolings, cfg, bdir: Path, key: st
     if progress:
         progress(desc, len(batches), len(batches))
     return arrays, stats, ran
-
-
-def _load_saes(dirs, n_layers: int) -> list:
-    from .sae import load_sae
-
-    saes = [load_sae(d) for d in dirs]
-    for d, sae in zip(dirs, saes):
-        if not 0 <= sae.layer < n_layers:
-            raise ConfigError(f"SAE {d} reads layer {sae.layer}, but the model has {n_layers} layers")
-    return saes
 
 
 def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan, arrays, stats, task,

@@ -231,6 +231,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
     jobs: list[tuple[str, int, dict]] = [("zero-shot", 0, {})]
     best = _best_stat(study)
     best_sae = _best_sae_feature(study)
+    tag = ":balanced" if cfg.rank_balanced else ""  # stat and sae-feature rank with label turns
     skipped: list[tuple[str, str]] = []
     for name in cfg.strategies:
         if name.startswith("sae-") and not store.sae_groups:
@@ -244,14 +245,12 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
                 # cfg.rank_balanced: labels take turns, as the study controls for the label; ranked
                 # alone, a label-tracking signal filled every prompt with one label.
                 b = {**best_sae, "balanced": cfg.rank_balanced}
-                tag = ":balanced" if cfg.rank_balanced else ""
                 jobs += [(f"sae-feature:f{b['feature']}/{b['pooling']}/{b['mask']}:{b['order']}{tag}", s,
                           {"strategy": name, **b}) for s in cfg.seeds]
         elif name == "knn":
             for L in _knn_layers(store, cfg.knn_layers):
                 jobs += [(f"knn@L{L}", s, {"strategy": "knn", "layer": L}) for s in cfg.seeds]
         elif name == "stat":
-            tag = ":balanced" if cfg.rank_balanced else ""
             jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}{tag}",
                       s, {"strategy": "stat", **best, "balanced": cfg.rank_balanced}) for s in cfg.seeds]
         elif name == "vote-k":

@@ -240,12 +240,12 @@ def parse_inputs(store: Store, lines: list[str], is_jsonl: bool, name: str, text
                 obj = {text_field: obj}
             if not isinstance(obj, dict):
                 raise DatasetError(f"{name} line {lineno + 1} is not a JSON object; give one object per line")
+            where = f"{name} line {lineno + 1}"
             nulls = [f for f in (text_field, *fields) if f in obj and obj[f] is None]
             if nulls:
                 raise DatasetError(f"{name} line {lineno + 1}: field {nulls[0]!r} is null; give it a text")
             if len(fields) == 1:
                 f0 = fields[0]
-                where = f"{name} line {lineno + 1}"
                 if text_field in obj:
                     vals = {f0: field_value(obj, text_field, where)}
                 elif f0 in obj:
@@ -258,7 +258,7 @@ def parse_inputs(store: Store, lines: list[str], is_jsonl: bool, name: str, text
                 if missing:
                     raise DatasetError(f"{name} line {lineno + 1} lacks template field(s) {missing}; the "
                                        f"build's template {task.template!r} needs {fields} in every object")
-                vals = {f: field_value(obj, f, f"{name} line {lineno + 1}") for f in fields}
+                vals = {f: field_value(obj, f, where) for f in fields}
             if "id" in obj:
                 given = True
             ids.append(str(obj["id"]) if "id" in obj else f"input-{n}")

