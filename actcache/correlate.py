@@ -48,7 +48,8 @@ __all__ = [
     "benjamini_hochberg",
     "label_balanced_quality",
     "mean_quality",
-    "gain_quality",
+    "label_push",
+    "min_detectable_rho",
     "candidate_correlations",
     "pair_correlations",
     "summarize",
@@ -668,13 +669,6 @@ def mean_quality(scores: Any) -> np.ndarray:
     return _scores_2d(scores).mean(axis=1)
 
 
-def gain_quality(scores: Any, zero_shot: Any) -> np.ndarray:
-    """Mean gain over zero-shot: ``(scores (N, P) - zero_shot (P,)).mean(1) -> (N,)``."""
-    s = _scores_2d(scores)
-    z = _as_float_1d("zero_shot", zero_shot, s.shape[1])
-    return (s - z[None, :]).mean(axis=1)
-
-
 def label_balanced_quality(scores: Any, probe_labels: Any, cand_labels: Any) -> np.ndarray:
     """Label-balanced, peer-relative candidate quality.
 
@@ -718,6 +712,55 @@ def label_balanced_quality(scores: Any, probe_labels: Any, cand_labels: Any) -> 
         peer = vals[fin].mean() if fin.any() else np.nan
         out[sel] = vals - peer
     return out
+
+
+def label_push(scores: Any, probe_labels: Any, cand_labels: Any) -> np.ndarray:
+    """How far each demonstration pushes the model toward its own label.
+
+    ``push_n = mean_{p: probe_labels[p] == cand_labels[n]} scores[n, p]
+    - mean_k mean_{p: probe_labels[p] == k} scores[n, p]`` over the other
+    classes k: the score on probes of the demonstration's own label minus the
+    class-balanced score on the others. A quality that still carries this term
+    within a label rewards the push, not the demonstration. (N,) float64; nan
+    where a candidate's label has no probes or there is one probe class only.
+    """
+    s = _scores_2d(scores)
+    n, p = s.shape
+    pl = _as_1d("probe_labels", probe_labels, p)
+    cl = _as_1d("cand_labels", cand_labels, n)
+    classes = np.unique(pl)
+    out = np.full(n, np.nan)
+    if len(classes) < 2:
+        return out
+    per_class = np.stack([s[:, pl == k].mean(axis=1) for k in classes], axis=1)  # (N, K)
+    for i in range(n):
+        own = np.flatnonzero(classes == cl[i])
+        if own.size:
+            others = np.delete(per_class[i], own[0])
+            out[i] = per_class[i, own[0]] - others.mean()
+    return out
+
+
+def min_detectable_rho(n: int, alpha: float = 0.05, power: float = 0.8, n_covariates: int = 0) -> float:
+    """The smallest |Spearman rho| a two-sided test at level `alpha` detects with
+    probability `power` from n observations after partialling out `n_covariates`:
+    ``tanh((z_{1-alpha/2} + z_power) * sqrt(1.06 / (n - 3 - n_covariates)))``,
+    the Fisher-z normal approximation with the Fieller-Hartley-Pearson (1957)
+    variance 1.06 / (n - 3) of Spearman's z. nan when n is too small."""
+    df = n - 3 - n_covariates
+    if df <= 0:
+        return float("nan")
+    z = _st.norm.ppf(1 - alpha / 2) + _st.norm.ppf(power)
+    return float(np.tanh(z * np.sqrt(1.06 / df)))
+
+
+def n_for_rho(rho: float, alpha: float = 0.05, power: float = 0.8, n_covariates: int = 0) -> int:
+    """The n at which `min_detectable_rho` reaches |rho| (inverse of it)."""
+    r = abs(float(rho))
+    if not np.isfinite(r) or r <= 0 or r >= 1:
+        return -1
+    z = _st.norm.ppf(1 - alpha / 2) + _st.norm.ppf(power)
+    return int(np.ceil(1.06 * (z / np.arctanh(r)) ** 2 + 3 + n_covariates))
 
 
 # --------------------------------------------------------------------------
@@ -1034,8 +1077,15 @@ def replicate(
     alpha: float = 0.05,
     measure: str = "len",
     progress: Any = None,
+    halves: tuple[Any, Any] | None = None,
+    power: float = 0.8,
 ) -> dict[str, Any]:
     """Choose on a discovery half, re-test on the confirmation half.
+
+    ``halves``: (discovery, confirmation) index arrays into the N candidates;
+    None splits them here (`split_halves`). Pass the halves whose quality was
+    measured on separate probes: a split of the candidates alone re-tests a
+    finding on the very probes that produced it.
 
     The ``top`` statistics by |rho| of ``measure`` ("raw", "strat", "partial" or
     "len": label + log length) on the discovery half (no bootstrap: ranking only)
@@ -1046,14 +1096,18 @@ def replicate(
     the ``stat`` strategy's statistic) should come from here, since the maximum
     of thousands of tests is biased upward (winner's curse).
 
-    Returns dict(measure, n_discovery, n_confirmation, split_seed, top: list of
-    dict(name, rho_discovery, rho_confirmation, ci_lo, ci_hi, p, q, replicates)),
-    best first.
+    Returns dict(measure, n_discovery, n_confirmation, split_seed, mde (the
+    smallest |rho| the confirmation detects with probability `power` at the
+    strictest BH threshold alpha / top, label and length partialled out),
+    power, n_needed (the confirmation size that detects the discovery best's
+    |rho|; discovery maxima are inflated, so read it as a lower bound), top:
+    list of dict(name, rho_discovery, rho_confirmation, ci_lo, ci_hi, p, q,
+    replicates, powered: |rho_discovery| >= mde)), best first.
     """
     q = _as_float_1d("quality", quality)
     lab = _as_1d("labels", labels, q.shape[0])
     ln = _as_float_1d("lengths", lengths, q.shape[0])
-    d, c = split_halves(lab, seed)
+    d, c = split_halves(lab, seed) if halves is None else (np.asarray(halves[0]), np.asarray(halves[1]))
     pick = {name: np.asarray(v, dtype=np.float64) for name, v in stats.items()}
     disc = candidate_correlations({k: v[d] for k, v in pick.items()}, q[d], lab[d], n_boot=0, seed=seed,
                                   lengths=ln[d], progress=progress)
@@ -1063,6 +1117,8 @@ def replicate(
                                   n_boot=n_boot, seed=seed, lengths=ln[c])
     pv = np.array([r[f"p_{measure}"] for r in conf], dtype=np.float64)
     qv = benjamini_hochberg(pv) if len(pv) else pv
+    n_cov = {"raw": 0, "strat": 0, "partial": len(np.unique(lab)) - 1, "len": len(np.unique(lab))}[measure]
+    mde = min_detectable_rho(len(c), alpha / max(1, top), power, n_cov)
     out = []
     for r, cr, qq in zip(ranked, conf, qv):
         rc, lo, hi = cr[key], cr[f"ci_{measure}_lo"], cr[f"ci_{measure}_hi"]
@@ -1070,6 +1126,8 @@ def replicate(
         excl = bool(np.isfinite(lo) and (lo > 0 or hi < 0))
         out.append({"name": r["name"], "rho_discovery": float(r[key]), "rho_confirmation": float(rc),
                     "ci_lo": float(lo), "ci_hi": float(hi), "p": float(cr[f"p_{measure}"]), "q": float(qq),
-                    "replicates": bool(same and excl and qq < alpha)})
+                    "replicates": bool(same and excl and qq < alpha), "powered": bool(abs(r[key]) >= mde)})
     return {"measure": measure, "n_discovery": int(len(d)), "n_confirmation": int(len(c)), "split_seed": seed,
+            "mde": mde, "power": power, "alpha": alpha,
+            "n_needed": n_for_rho(out[0]["rho_discovery"], alpha / max(1, top), power, n_cov) if out else -1,
             "top": out}

@@ -15,7 +15,7 @@ import numpy as np
 from .data import Example
 from .errors import ConfigError, DatasetError, MismatchError, ModelError
 from .prompts import prompt_segments
-from .quality import byte_normalized, examples_at, load_scoring_model, score_prompts, store_task, study_rows
+from .quality import examples_at, length_normalized, load_scoring_model, score_prompts, store_task, study_rows
 from .store import Store
 
 if TYPE_CHECKING:
@@ -29,11 +29,18 @@ Progress = Callable[[str, int, int], None]
 class SelectionResult:
     """What `selection_experiment` found.
 
-    runs: one dict per strategy x seed (strategy, seed, accuracy, macro_f1,
+    runs: one dict per strategy x seed (strategy, seed, accuracy with its 95 %
+        Wilson interval over the eval inputs ci_lo/ci_hi, n_eval, macro_f1,
         acc_norm, tokens_computed, tokens_in_prompts, same_prompts_as_earlier_seed;
         "skipped" with the reason when an optional baseline could not run).
-    summary: one dict per strategy (strategy, mean, std, n_seeds; acc_norm for
-        multiple choice), zero-shot first.
+    summary: one dict per strategy, zero-shot first: mean accuracy with its 95 %
+        interval over eval inputs and seeds (ci_lo, ci_hi; `two_way_interval`),
+        std over seeds (ddof 1; nan when the prompts never change with the
+        seed), n_seeds, n_distinct (distinct prompt sets scored), the paired
+        difference from `baseline` with its interval (diff_vs_baseline,
+        diff_lo, diff_hi), chosen (how every option behind the row was
+        chosen), acc_norm for multiple choice.
+    baseline: the strategy the differences are taken from (balanced random).
     eval_ids: the eval inputs, in order. flips: the float32 zero-shot
         comparison (n, flipped, acc_fp32, dtype) or None.
     k, max_length: as configured. dropped_demonstrations: per strategy, how
@@ -52,12 +59,13 @@ class SelectionResult:
     max_length: int
     tokens: dict
     samples: list[dict] = field(default_factory=list, repr=False)
+    baseline: str = "random+turns"
 
     def to_dict(self) -> dict:
         """The "selection" object of results.json (per-item samples are written beside it)."""
         return {"runs": self.runs, "summary": self.summary, "eval_ids": self.eval_ids, "flips": self.flips,
                 "k": self.k, "dropped_demonstrations": self.dropped_demonstrations,
-                "max_length": self.max_length, "tokens": self.tokens}
+                "max_length": self.max_length, "tokens": self.tokens, "baseline": self.baseline}
 
 
 
@@ -156,9 +164,17 @@ def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order
     return out
 
 
-def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **opts) -> dict:
+SUBSET = ("random", "k-center", "kmeans", "stat", "sae-feature")  # one shared set of k for every input
+BASELINE = "random+turns"  # the balanced random baseline of every paired difference
+N_BOOT = 2000  # resamples of the two-way bootstrap (eval inputs x seeds)
+
+
+def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], turns: bool = False,
+           **opts) -> dict:
     """Demonstration ids per test input: retrieval strategies give each input its
-    own k; subset strategies pick a budget of k used for every input."""
+    own k; subset strategies pick a budget of k used for every input, from the
+    pool less the near-duplicates of every eval input, with labels taking turns
+    when `turns` (select._in_turns)."""
     from .select import select
 
     if name in RETRIEVAL:
@@ -177,24 +193,141 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **op
         budget = min(opts.pop("votek_budget", 100), len(store.pool_rows))
         ann = list(select(store, name, budget=budget, seed=seed, k=min(10, len(store.pool_rows) - 1), **opts).ids)
         return retrieve_within(store, ann, test_ids, k, **opts)
-    ids = list(select(store, name, budget=k, seed=seed, **opts).ids)
+    row = {str(i): r for r, i in enumerate(store.ids)}
+    near = set(store.dups[[row[t] for t in test_ids]])
+    view = store.with_pool([r for r in store.pool_rows if store.dups[r] not in near])
+    if len(view.pool_rows) < k:
+        raise DatasetError(f"only {len(view.pool_rows)} pool rows are not near-duplicates of an eval input; "
+                           f"rebuild with a larger --limit")
+    ids = list(select(view, name, budget=k, seed=seed, turns=turns, **opts).ids)
     return {t: ids for t in test_ids}
+
+
+def _jobs(store: Store, cfg: EvalConfig, study: StudyResult | None) -> tuple[list, list, dict]:
+    """(jobs: (label, seed, options), skipped: (label, reason), chosen: label ->
+    how its options were chosen). Every option is fixed in advance or chosen on
+    the study's discovery half; none is chosen on the eval inputs."""
+    jobs: list[tuple[str, int, dict]] = [("zero-shot", 0, {})]
+    skipped: list[tuple[str, str]] = []
+    chosen: dict[str, str] = {"zero-shot": "no demonstrations"}
+    modes = {"on": (True,), "off": (False,), "both": (False, True)}[cfg.turns]
+    turn_rule = "labels take turns (fixed rule for every subset strategy, set before any data)"
+
+    def subset(base: str, opts: dict, how: str, ways=modes):
+        for t in ways:
+            label = base + ("+turns" if t else "")
+            chosen[label] = how + ("; " + turn_rule if t else "; ranked/drawn without label turns")
+            jobs.extend((label, s, {**opts, "turns": t}) for s in cfg.seeds)
+
+    for name in cfg.strategies:
+        if name.startswith("sae-") and not store.sae_groups:
+            skipped.append((name, f"build {store.key[:12]} holds no SAE features (add them with "
+                                  f"`actcache build ... --sae DIR`)"))
+        elif name == "random":
+            subset("random", {"strategy": "random"}, "uniform draw (seeded)", ways=(False, True))
+        elif name == "sae-feature":
+            b = _best_sae_feature(study)
+            if b is None:
+                skipped.append((name, "the SAE study found no feature active in enough candidates "
+                                      "(lower --sae-min-active)"))
+                continue
+            subset(f"sae-feature:f{b['feature']}/{b['pooling']}/{b['mask']}:{b['order']}", {"strategy": name, **b},
+                   "feature and sign: the SAE study's discovery-half best (label + log length controlled)")
+        elif name == "stat":
+            b = _best_stat(study)
+            subset(f"stat:{b['stat']}@{b['component']}/L{b['layer']}/{b['mask']}:{b['order']}",
+                   {"strategy": "stat", **b}, "statistic and sign: the study's discovery-half best "
+                                              "(label + log length controlled)")
+        elif name in ("k-center", "kmeans"):
+            subset(name, {"strategy": name}, "the build's default array (mlp, last layer, label-masked); seeded")
+        elif name == "knn":
+            for L in _knn_layers(store, cfg.knn_layers):
+                chosen[f"knn@L{L}"] = (f"layer {L} of --knn-layers {cfg.knn_layers} (first/middle/last: fixed); "
+                                       f"order {cfg.knn_order} (fixed)")
+                jobs += [(f"knn@L{L}", s, {"strategy": "knn", "layer": L}) for s in cfg.seeds]
+        elif name == "vote-k":
+            chosen[name] = f"annotation set {cfg.votek_budget} (fixed), then per-input retrieval"
+            jobs += [(name, s, {"strategy": name, "votek_budget": cfg.votek_budget}) for s in cfg.seeds]
+        else:
+            chosen[name] = "the strategy's defaults (fixed)"
+            jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]
+    return jobs, skipped, chosen
+
+
+def _wilson(hits: float, n: int) -> tuple[float, float]:
+    """95 % Wilson interval of a proportion (scipy's binomtest)."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(round(hits)), n).proportion_ci(0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def two_way_interval(A: np.ndarray, B: np.ndarray | None = None, n_boot: int = N_BOOT, seed: int = 0,
+                     ) -> tuple[float, float, float]:
+    """(estimate, 2.5 %, 97.5 %) of mean(A) - mean(B) (mean(A) when B is None) by a
+    two-way bootstrap: eval inputs are resampled once per replicate and shared by A
+    and B (the comparison is paired on inputs), and each strategy's seeds (rows)
+    are resampled on their own. A, B: (seeds, inputs) 0/1 correctness; a strategy
+    whose prompts do not change with the seed has one row."""
+    rng = np.random.default_rng(seed)
+    n = A.shape[1]
+    items = rng.integers(0, n, size=(n_boot, n))
+    est = float(A.mean() - (B.mean() if B is not None else 0.0))
+
+    def boot(M):
+        rows = rng.integers(0, M.shape[0], size=(n_boot, M.shape[0]))
+        per_item = M[rows]  # (n_boot, seeds, n)
+        return np.take_along_axis(per_item.mean(1), items, axis=1).mean(1)
+
+    vals = boot(A) - (boot(B) if B is not None else 0.0)
+    lo, hi = np.percentile(vals, [2.5, 97.5])
+    return est, float(lo), float(hi)
+
+
+def _summary(results: list[dict], correct: dict[str, list], seed: int, mc: bool) -> list[dict]:
+    """One row per strategy: mean accuracy with its 95 % interval over eval inputs
+    and seeds, the std over seeds (ddof 1; nan when the prompts never change with
+    the seed), and the paired difference from balanced random with its interval."""
+    table: dict[str, list[dict]] = {}
+    for r in results:
+        if "skipped" not in r:  # skipped strategies are listed with their reason, not as a nan row
+            table.setdefault(r["strategy"], []).append(r)
+    base = np.array(correct[BASELINE]) if BASELINE in correct else None
+    out = []
+    for name, rs in table.items():
+        A = np.array(correct[name], dtype=np.float64)
+        est, lo, hi = two_way_interval(A, seed=seed)
+        acc = [r["accuracy"] for r in rs]
+        row = {"strategy": name, "mean": est, "ci_lo": lo, "ci_hi": hi,
+               "std": float(np.std(acc, ddof=1)) if len(A) > 1 else float("nan"),
+               "n_seeds": len(rs), "n_distinct": len(A), "n_eval": int(A.shape[1])}
+        if mc:
+            row["acc_norm"] = float(np.nanmean([r.get("acc_norm", float("nan")) for r in rs]))
+        if base is not None and name not in (BASELINE,):
+            d, dlo, dhi = two_way_interval(A, base, seed=seed)
+            row.update(diff_vs_baseline=d, diff_lo=dlo, diff_hi=dhi)
+        out.append(row)
+    return out
 
 
 def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult | None = None,
                          progress: Progress | None = None) -> SelectionResult:
     """k-shot accuracy on eval inputs for zero-shot and each strategy, over seeds
-    (see `SelectionResult`). The `stat` strategy ranks by the study's discovery
-    best (a default statistic without a study).
+    (see `SelectionResult`), with 95 % intervals over eval inputs and seeds and
+    each strategy's paired difference from balanced random. The `stat` and
+    `sae-feature` strategies rank by the study's discovery best.
 
     Subset strategies use one seeded demonstration order for all eval inputs, so
-    their prompts share a prefix that is computed once per run (see demo_order).
+    their prompts share a prefix that is computed once per run (see demo_order);
+    a strategy whose prompts repeat across seeds is scored once.
     """
     from .prompts import fit_demonstrations
-    from .score import TokenCount, classify, exact_match, extract_number, generate
+    from .score import TokenCount, classify, extract_number, generate
 
     task = store_task(store)
-    eval_rows = study_rows(store, cfg)[2]  # never a quality-matrix probe
+    eval_rows = study_rows(store, cfg).evals  # never a probe, nor a probe's near-duplicate
     if len(eval_rows) == 0:
         raise DatasetError(f"the build's {len(store.eval_rows)} eval rows are all quality-matrix probes; "
                            f"rebuild with a larger --eval-limit or lower --n-probes")
@@ -219,44 +352,21 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
         if task.kind == "generation":
             outs = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
                             batch_size=max(1, cfg.batch_size // 4))
-            em = exact_match([extract_number(o) for o in outs], [extract_number(e.answer) for e in evals])
-            return {"accuracy": em, "macro_f1": float("nan"), "pred": [], "tokens": count}
+            hit = np.array([extract_number(o) is not None and extract_number(o) == extract_number(e.answer)
+                            for o, e in zip(outs, evals)], dtype=np.float64)
+            return {"accuracy": float(hit.mean()), "macro_f1": float("nan"), "pred": [], "tokens": count,
+                    "correct": hit}
         s = score_prompts(lm, task, prompts, evals, cfg.batch_size, counter=count)
         tokens.add(count)
-        # Multiple choice: acc (summed log-probs) and acc_norm (by byte length), as the harness reports.
-        norm = classify(byte_normalized(task, evals, s), gold)["accuracy"] if task.kind == "multiple_choice" \
+        m = classify(s, gold)
+        # Multiple choice: acc (summed log-probs) and acc_norm (lm-eval's: by the choice's length in characters).
+        norm = classify(length_normalized(task, evals, s), gold)["accuracy"] if task.kind == "multiple_choice" \
             else float("nan")
-        return {**classify(s, gold), "acc_norm": norm, "tokens": count, "scores": s}
+        return {**m, "acc_norm": norm, "tokens": count, "scores": s,
+                "correct": (np.asarray(m["pred"]) == gold).astype(np.float64)}
 
-    jobs: list[tuple[str, int, dict]] = [("zero-shot", 0, {})]
-    best = _best_stat(study)
-    best_sae = _best_sae_feature(study)
-    tag = ":balanced" if cfg.rank_balanced else ""  # stat and sae-feature rank with label turns
-    skipped: list[tuple[str, str]] = []
-    for name in cfg.strategies:
-        if name.startswith("sae-") and not store.sae_groups:
-            skipped.append((name, f"build {store.key[:12]} holds no SAE features (add them with "
-                                  f"`actcache build ... --sae DIR`)"))
-        elif name == "sae-feature":
-            if best_sae is None:
-                skipped.append((name, "the SAE study found no feature active in enough candidates "
-                                      "(lower --sae-min-active)"))
-            else:
-                # cfg.rank_balanced: labels take turns, as the study controls for the label; ranked
-                # alone, a label-tracking signal filled every prompt with one label.
-                b = {**best_sae, "balanced": cfg.rank_balanced}
-                jobs += [(f"sae-feature:f{b['feature']}/{b['pooling']}/{b['mask']}:{b['order']}{tag}", s,
-                          {"strategy": name, **b}) for s in cfg.seeds]
-        elif name == "knn":
-            for L in _knn_layers(store, cfg.knn_layers):
-                jobs += [(f"knn@L{L}", s, {"strategy": "knn", "layer": L}) for s in cfg.seeds]
-        elif name == "stat":
-            jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}{tag}",
-                      s, {"strategy": "stat", **best, "balanced": cfg.rank_balanced}) for s in cfg.seeds]
-        elif name == "vote-k":
-            jobs += [(name, s, {"strategy": name, "votek_budget": cfg.votek_budget}) for s in cfg.seeds]
-        else:
-            jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]
+    jobs, skipped, chosen = _jobs(store, cfg, study)
+    per = None
     if cfg.demos:
         per = load_demos(cfg.demos, store)
         missing = [t for t in eval_ids if t not in per]
@@ -267,11 +377,14 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
             if not evals:
                 raise DatasetError(f"{cfg.demos} names none of build {store.key[:12]}'s eval ids; "
                                    f"make it with `actcache query {store.key[:12]}`")
-        jobs += [(f"file:{Path(cfg.demos).name}", s, {"strategy": "file"}) for s in cfg.seeds]
+        label = f"file:{Path(cfg.demos).name}"
+        chosen[label] = "demonstrations from the given file"
+        jobs += [(label, s, {"strategy": "file"}) for s in cfg.seeds]
     results = [{"strategy": n, "seed": s, "accuracy": float("nan"), "macro_f1": float("nan"), "skipped": why}
                for n, why in skipped for s in cfg.seeds]
     samples: list[dict] = []  # per-item records, like lm-evaluation-harness's --log_samples
     done: dict = {}
+    correct: dict[str, list] = {}  # strategy -> one (n_eval,) 0/1 row per distinct prompt set
     zs_pred = None
     for j, (label, seed, opts) in enumerate(jobs):
         if progress:
@@ -282,21 +395,25 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
             opts = dict(opts)
             name = opts.pop("strategy")
             try:
-                chosen = per if name == "file" else choose(store, name, k=cfg.k, seed=seed,
-                                                           test_ids=eval_ids, **opts)
+                chosen_ids = per if name == "file" else choose(store, name, k=cfg.k, seed=seed,
+                                                               test_ids=eval_ids, **opts)
             except ModelError as e:  # an optional baseline whose package is absent
                 results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
                                 "macro_f1": float("nan"), "skipped": str(e)})
                 continue
-            order = demo_order(chosen, eval_ids, seed, shared=name not in PER_INPUT, order=cfg.knn_order)
+            order = demo_order(chosen_ids, eval_ids, seed, shared=name not in PER_INPUT, order=cfg.knn_order)
             demos = [[pool_by_id[i] for i in ids] for ids in order]
         key = (label, tuple(tuple(e.id for e in d) for d in demos))
         reused = key in done  # a deterministic strategy gives every seed the same prompts: score them once
         m = done[key] if reused else run(demos, label)
         done[key] = m
+        if not reused:
+            correct.setdefault(label, []).append(m["correct"])
         if label == "zero-shot":
             zs_pred = np.asarray(m["pred"])
-        results.append({"strategy": label, "seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+        lo, hi = _wilson(m["correct"].sum(), len(m["correct"]))
+        results.append({"strategy": label, "seed": seed, "accuracy": m["accuracy"], "ci_lo": lo, "ci_hi": hi,
+                        "n_eval": len(m["correct"]), "macro_f1": m["macro_f1"],
                         "acc_norm": m.get("acc_norm", float("nan")),
                         "tokens_computed": 0 if reused else m["tokens"].computed,
                         "tokens_in_prompts": m["tokens"].in_prompts, "same_prompts_as_earlier_seed": reused})
@@ -314,22 +431,9 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
                               counter=tokens), gold)
         flips = {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()),
                  "acc_fp32": m32["accuracy"], "dtype": lm.provenance["dtype"]}
-
-    def mean(v):
-        v = np.asarray(v, dtype=np.float64)
-        return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-
-    table: dict[str, list[dict]] = {}
-    for r in results:
-        if "skipped" not in r:  # skipped strategies are listed with their reason, not as a nan row
-            table.setdefault(r["strategy"], []).append(r)
-    summary = []
-    for k, rs in table.items():
-        acc = [r["accuracy"] for r in rs]
-        summary.append({"strategy": k, "mean": mean(acc), "std": float(np.nanstd(acc)) if len(acc) > 1 else 0.0,
-                        "n_seeds": len(acc)})
-        if task.kind == "multiple_choice":
-            summary[-1]["acc_norm"] = mean([r.get("acc_norm", float("nan")) for r in rs])
+    summary = _summary(results, correct, cfg.seed, task.kind == "multiple_choice")
+    for row in summary:
+        row["chosen"] = chosen.get(row["strategy"], "")
     return SelectionResult(runs=results, summary=summary, eval_ids=eval_ids, flips=flips, k=cfg.k,
                            dropped_demonstrations=dropped, max_length=cfg.max_length, tokens=tokens.as_dict(),
-                           samples=samples)
+                           samples=samples, baseline=BASELINE)

@@ -23,7 +23,10 @@ Progress = Callable[[str, int, int], None]
 
 # sae-knn and sae-feature run where the build holds SAE features (`build --sae`), else are listed as skipped.
 DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "embed-knn", "sae-knn", "sae-feature")
-QUALITY_DEFS = ("mean", "gain", "balanced")
+QUALITY_DEFS = ("balanced", "mean")
+# Subset strategies with labels taking turns ("on", the default, fixed before any data was seen:
+# one rule for every subset strategy), ranked/drawn as they come ("off"), or both.
+TURNS = ("on", "off", "both")
 # Order of retrieved demonstrations in the prompt. KATE (Liu et al. 2022) puts the
 # most similar one last, nearest the query; "shuffle" is a seeded permutation.
 KNN_ORDERS = ("similar-last", "similar-first", "shuffle")
@@ -62,9 +65,17 @@ class EvalConfig:
     """What `actcache evaluate` computes. Sizes are capped by the build's splits.
 
     quality: "margin" (gold log-prob margin) or "correct" (0/1) per pair.
-    quality_def: "mean" (mean 1-shot score), "gain" (mean gain over zero-shot),
-        or "balanced" (probe classes weighted equally, relative to same-label
-        candidates; see correlate.label_balanced_quality).
+    quality_def: "balanced" (probe classes weighted equally, relative to
+        same-label candidates; see correlate.label_balanced_quality) or "mean"
+        (mean 1-shot score over the half's probes).
+    confirm_fraction: the share of candidates in the confirmation half (probes
+        are split evenly); the report prints the smallest |rho| it can detect.
+    seeds: seeds of the selection experiment (10 by default; deterministic
+        strategies are scored once).
+    turns: "on" every subset strategy takes labels in turns (see
+        select._in_turns), "off" none does, "both" runs each both ways. Plain
+        `random` and balanced `random+turns` always run: the latter is the
+        baseline of every paired difference.
     """
 
     key: str = "last"
@@ -73,14 +84,15 @@ class EvalConfig:
     n_probes: int = 40
     n_eval: int = 100
     k: int = 4
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = tuple(range(10))
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     knn_layers: str = "auto"
     knn_order: str = "similar-last"
     votek_budget: int = 100
-    rank_balanced: bool = True  # stat / sae-feature: labels take turns in the ranked pool
+    turns: str = "on"
     quality: str = "margin"
-    quality_def: str = "mean"
+    quality_def: str = "balanced"
+    confirm_fraction: float = 0.5
     dtype: str = "auto"
     compare_fp32: bool = True
     batch_size: int = 16
@@ -97,8 +109,12 @@ class EvalConfig:
             raise ConfigError(f"--quality must be margin or correct, not {self.quality!r}")
         if self.quality_def not in QUALITY_DEFS:
             raise ConfigError(f"--quality-def must be one of {QUALITY_DEFS}, not {self.quality_def!r}")
-        if self.n_candidates < 4 or self.n_probes < 2:
-            raise ConfigError("need at least 4 candidates and 2 probes for a correlation")
+        if self.n_candidates < 8 or self.n_probes < 4:
+            raise ConfigError("need at least 8 candidates and 4 probes (two halves of each) for a correlation")
+        if self.turns not in TURNS:
+            raise ConfigError(f"--turns must be one of {TURNS}, not {self.turns!r}")
+        if not 0.1 <= self.confirm_fraction <= 0.9:
+            raise ConfigError(f"--confirm-fraction {self.confirm_fraction} must be between 0.1 and 0.9")
         if self.k < 0:
             raise ConfigError("--k must be >= 0")
         if self.knn_order not in KNN_ORDERS:
@@ -195,13 +211,14 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
         quality_probe_rows=q.probe_rows.tolist(), quality_cand_rows=q.cand_rows.tolist(),
         versions=store.provenance.get("versions"),
         sizes=Sizes(int(len(q.cand_rows)), int(len(q.probe_rows)), len(selection.eval_ids), cfg.k, cfg.seeds),
-        zero_shot_probe_acc=float(np.nanmean(q.zs_correct)),
+        zero_shot_probe_acc=float(np.nanmean(q.zs_correct)) if np.isfinite(q.zs_correct).any() else float("nan"),
         hardware={"dtype": lm.provenance["dtype"], "dtype_requested": lm.provenance["dtype_requested"],
                   "evaluate": lm.provenance["hardware"], "build": store.provenance["model"].get("hardware"),
                   "quality_matrix": q.meta.get("hardware")},
         study=study, selection=selection, seconds=round(time.time() - t0, 1), out=str(Path(cfg.out)),
         quality_pairs={"cand_ids": store.ids[q.cand_rows].tolist(), "probe_ids": store.ids[q.probe_rows].tolist(),
-                       "correct": q.correct.tolist(), "margin": q.margin.tolist()})
+                       "correct": q.correct.tolist(), "margin": q.margin.tolist(),
+                       "cand_half": q.cand_half.tolist(), "probe_half": q.probe_half.tolist()})
     report.write(res, Path(cfg.out))
     return res
 

@@ -41,12 +41,14 @@ QUALITY_CHUNK_PROMPTS = 512  # prompts per flushed chunk of the quality matrix (
 
 @dataclass(frozen=True)
 class QualityMatrix:
-    """The 1-shot score of every (candidate, probe) pair of a build.
+    """The 1-shot score of every candidate on every probe of its half.
 
-    cand_rows (N,), probe_rows (P,): int64 store rows.
+    cand_rows (N,), probe_rows (P,): int64 store rows; cand_half (N,),
+        probe_half (P,): int8, 0 discovery, 1 confirmation (see `StudyRows`).
     correct (N, P), margin (N, P): float64 per pair (margin is the gold-label
         log-prob margin; for generation the gold answer's per-token
-        log-likelihood, and correct is NaN).
+        log-likelihood, and correct is NaN). Pairs across halves are not
+        scored and hold NaN.
     zs_correct (P,), zs_margin (P,): float64 zero-shot scores of the probes.
     key: the matrix's derive_key; path: its file; meta: its provenance
         (meta["tokens"] holds the tokens computed vs in the prompts).
@@ -61,6 +63,13 @@ class QualityMatrix:
     key: str
     path: str
     meta: dict
+    cand_half: np.ndarray = None
+    probe_half: np.ndarray = None
+
+    def block(self, h: int, quality: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(candidate positions, probe positions, (n_h, p_h) scores) of half h."""
+        ci, pj = np.flatnonzero(self.cand_half == h), np.flatnonzero(self.probe_half == h)
+        return ci, pj, self.scores(quality)[0][np.ix_(ci, pj)]
 
     def scores(self, quality: str) -> tuple[np.ndarray, np.ndarray]:
         """((N, P), (P,)) float64: the pair and zero-shot scores under
@@ -101,16 +110,18 @@ def score_prompts(lm, task: Task, prompts, queries: list[Example], batch_size: i
     return score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size, counter=counter)
 
 
-def byte_normalized(task: Task, queries: list[Example], s: np.ndarray) -> np.ndarray:
+def length_normalized(task: Task, queries: list[Example], s: np.ndarray) -> np.ndarray:
     """lm-evaluation-harness's acc_norm scores: each option's summed log-prob
-    divided by its length in UTF-8 bytes (multiple choice); other tasks as is.
-    (n, c) float64; padded option slots stay -inf."""
+    divided by the length in characters of the choice as `doc_to_choice` gives
+    it, without the target delimiter (lm-eval's `process_results`:
+    ``completion_len = np.array([float(len(i)) for i in choices])``), for
+    multiple choice; other tasks as is. (n, c) float64; padded option slots stay -inf."""
     if task.kind != "multiple_choice":
         return s
     out = np.array(s, dtype=np.float64, copy=True)
     for i, q in enumerate(queries):
-        for j, o in enumerate(task.options(q)):
-            out[i, j] /= max(1, len(o.encode("utf-8")))
+        for j, c in enumerate(q.choices):
+            out[i, j] /= max(1, len(c))
     return out
 
 
@@ -123,41 +134,129 @@ def pair_scores(lm, task: Task, prompts, queries, batch_size, counter=None) -> t
         ll = score_options(lm.model, lm.tokenizer, prompts, [[task.target(q)] for q in queries],
                            batch_size=batch_size, length_normalize=True, counter=counter)[:, 0]
         return np.full(len(ll), np.nan), ll
-    s = byte_normalized(task, queries, score_prompts(lm, task, prompts, queries, batch_size, counter=counter))
+    s = length_normalized(task, queries, score_prompts(lm, task, prompts, queries, batch_size, counter=counter))
     gold = np.array([q.label for q in queries])
     return (classify(s, gold)["pred"] == gold).astype(np.float64), margins(s, gold)
 
 
-def study_rows(store: Store, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(candidate rows, probe rows, selection-eval rows), int64 store rows, seeded.
+@dataclass(frozen=True)
+class StudyRows:
+    """The rows `evaluate` draws (seeded), as int64 store rows.
 
-    Disjoint by construction: the selection experiment's eval inputs never
-    include a probe (statistics are chosen on the probes' quality matrix, so
-    testing on them would reuse what chose them), and no candidate shares a
-    near-duplicate key with a probe (e.g. a BoolQ passage, or a test stem that
-    also sits in train). The eval set is capped at what the probes leave.
+    cands (N,), cand_half (N,): candidates and their half (0 discovery,
+        1 confirmation); probes (P,), probe_half (P,): the same for probes.
+        A candidate is scored on the probes of its own half only, so the
+        confirmation re-tests a discovery finding on other candidates *and*
+        other probes.
+    evals: the selection experiment's eval inputs.
+    labels_left_out: probe labels too rare in the eval split to balance.
+
+    Disjoint by construction: no row is in two roles; no two probes, and no
+    candidate and probe, share a near-duplicate key (a BoolQ passage, a test
+    stem that also sits in train); candidates sharing a key fall in one half;
+    no eval input shares a key with a probe. Probes are stratified by label:
+    every kept label has the same count in each half.
     """
+
+    cands: np.ndarray
+    cand_half: np.ndarray
+    probes: np.ndarray
+    probe_half: np.ndarray
+    evals: np.ndarray
+    labels_left_out: tuple = ()
+
+    def half(self, h: int) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate rows, probe rows) of half h (0 discovery, 1 confirmation)."""
+        return self.cands[self.cand_half == h], self.probes[self.probe_half == h]
+
+
+def _balanced_probes(store: Store, n_probes: int, rng: random.Random) -> tuple[list, list, tuple]:
+    """(probe rows, their halves, labels left out): the same even count m of
+    probes for every label, half of each label's probes in each half, no two
+    sharing a near-duplicate key. m = n_probes // labels, capped by the rarest
+    label; a label with fewer than half of n_probes // labels usable rows is left
+    out (and reported) rather than shrinking every other label to its size."""
+    by: dict = {}
+    for r in store.eval_rows:
+        by.setdefault(int(store.labels[r]), []).append(int(r))
+    for rows in by.values():
+        rng.shuffle(rows)
+    taken: set = set()
+    usable: dict = {}
+    for g in sorted(by):  # distinct near-duplicate keys within and across labels
+        keep = []
+        for r in by[g]:
+            if store.dups[r] not in taken:
+                keep.append(r)
+                taken.add(store.dups[r])
+        usable[g] = keep
+    want = max(1, n_probes // max(1, len(usable)))
+    kept = {g: v for g, v in usable.items() if len(v) >= max(2, want // 2)}
+    if not kept:
+        raise DatasetError(f"the eval split has no label with 2 or more usable rows for probes; rebuild with a "
+                           f"larger --eval-limit")
+    m = min(n_probes // len(kept), *(len(v) for v in kept.values()))
+    m -= m % 2  # each half gets m / 2 of every label
+    if m < 2:
+        raise DatasetError(f"--n-probes {n_probes} leaves under 2 probes per label for {len(kept)} labels; "
+                           f"use --n-probes {2 * len(kept)} or more (and a build with enough eval rows)")
+    probes, halves = [], []
+    for g in sorted(kept):
+        probes += kept[g][:m]
+        halves += [0] * (m // 2) + [1] * (m // 2)
+    return probes, halves, tuple(sorted(set(usable) - set(kept)))
+
+
+def _split_candidates(store: Store, cands: list, confirm_fraction: float, rng: random.Random) -> np.ndarray:
+    """(N,) int8 halves of sorted candidate rows: per label, groups of rows that
+    share a near-duplicate key go to one half; each label's confirmation share is
+    round(count * confirm_fraction)."""
+    half = np.zeros(len(cands), dtype=np.int8)
+    pos = {r: i for i, r in enumerate(cands)}
+    by: dict = {}
+    for r in cands:
+        by.setdefault(int(store.labels[r]), {}).setdefault(store.dups[r], []).append(r)
+    for g in sorted(by):
+        groups = list(by[g].values())
+        rng.shuffle(groups)
+        target = round(sum(len(x) for x in groups) * confirm_fraction)
+        n_conf = 0
+        for grp in groups:
+            if n_conf + len(grp) <= target:
+                for r in grp:
+                    half[pos[r]] = 1
+                n_conf += len(grp)
+    return half
+
+
+def study_rows(store: Store, cfg: EvalConfig) -> StudyRows:
+    """The candidates, probes (each split into discovery and confirmation halves)
+    and selection-eval inputs of `cfg`, seeded by `cfg.seed`; see `StudyRows`."""
     rng = random.Random(cfg.seed)
-    probes = sorted(rng.sample(list(store.eval_rows), min(cfg.n_probes, len(store.eval_rows))))
+    probes, phalf, left_out = _balanced_probes(store, cfg.n_probes, rng) if cfg.n_probes else ([], [], ())
     taken = set(store.dups[probes])
-    pool = [r for r in store.pool_rows if store.dups[r] not in taken]
+    pool = [int(r) for r in store.pool_rows if store.dups[r] not in taken]
     if not pool:
         raise DatasetError("the build's pool is empty (or every row duplicates a probe); rebuild with a larger --limit")
     cands = sorted(rng.sample(pool, min(cfg.n_candidates, len(pool))))
-    rest = sorted(set(store.eval_rows.tolist()) - set(probes))
+    order = np.argsort(probes, kind="stable")
+    probes_s = np.array(probes, dtype=np.int64)[order]
+    rest = sorted(int(r) for r in store.eval_rows if r not in set(probes) and store.dups[r] not in taken)
     evals = sorted(random.Random(cfg.seed + 7).sample(rest, min(cfg.n_eval, len(rest))))
-    return (np.array(cands, dtype=np.int64), np.array(probes, dtype=np.int64), np.array(evals, dtype=np.int64))
+    return StudyRows(np.array(cands, dtype=np.int64), _split_candidates(store, cands, cfg.confirm_fraction, rng),
+                     probes_s, np.array(phalf, dtype=np.int8)[order], np.array(evals, dtype=np.int64), left_out)
 
 
 def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | None = None) -> QualityMatrix:
-    """The 1-shot score of every (candidate, probe) pair, cached next to the
-    build under its derive_key and reused; see `QualityMatrix`."""
+    """The 1-shot score of every candidate on every probe of its own half,
+    cached next to the build under its derive_key and reused; see `QualityMatrix`."""
     task = store_task(store)
-    cand_rows, probe_rows, _ = study_rows(store, cfg)
+    rows = study_rows(store, cfg)
     from .models import resolve_device, resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype or "auto", resolve_device(store.config["model"].get("device", "cpu")))
-    params = {"cands": cand_rows.tolist(), "probes": probe_rows.tolist(), "dtype": dtype, "shots": 1}
+    params = {"cands": rows.cands.tolist(), "cand_half": rows.cand_half.tolist(), "probes": rows.probes.tolist(),
+              "probe_half": rows.probe_half.tolist(), "dtype": dtype, "shots": 1, "design": "halves"}
     qkey = derive_key(store.key, "quality", **params)
     path = store.derived_path("quality", ".npz", **params)
     if path.exists():
@@ -166,7 +265,6 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
             return q
         warnings.warn(f"quality matrix {path.name} was damaged; recomputing it", stacklevel=2)
     lm = lm or load_scoring_model(store, cfg.dtype)
-    cands, probes = examples_at(store, cand_rows), examples_at(store, probe_rows)
     from .score import TokenCount
 
     t0 = time.time()
@@ -174,43 +272,51 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     # directory, so a run killed at any point resumes where it stopped.
     tokens = TokenCount()  # what this run computes (a resumed run skips flushed chunks)
     pdir = path.with_suffix(".partial")
+    probes_all = examples_at(store, rows.probes)
     zs = load_npz(pdir / "zero_shot.npz")
-    if zs is None or zs["margin"].shape != (len(probes),):
-        c_, m_ = pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes], probes, cfg.batch_size,
-                              counter=tokens)
+    if zs is None or zs["margin"].shape != (len(probes_all),):
+        c_, m_ = pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes_all], probes_all,
+                             cfg.batch_size, counter=tokens)
         zs = {"correct": c_, "margin": m_}
         save_npz(pdir / "zero_shot.npz", zs)
-    correct = np.empty((len(cands), len(probes)))
-    margin = np.empty_like(correct)
-    per_chunk = max(1, QUALITY_CHUNK_PROMPTS // len(probes))
-    # One candidate's P prompts share its demonstration as a prefix: a few
-    # candidates per call keep batches full while the prefix KV is reused.
-    step = max(1, 64 // len(probes))
-    for ci, i in enumerate(range(0, len(cands), per_chunk)):
-        if progress:
-            progress("quality matrix", i, len(cands))
-        sub = cands[i:i + per_chunk]
-        part = load_npz(pdir / f"c{ci:05d}.npz")
-        if part is None or part["margin"].shape != (len(sub), len(probes)):
-            part = {"correct": np.empty((len(sub), len(probes))), "margin": np.empty((len(sub), len(probes)))}
-            for j in range(0, len(sub), step):
-                chunk = sub[j:j + step]
-                prompts = [prompt_segments(task, [c], p) for c in chunk for p in probes]
-                c_, m_ = pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size,
-                                      counter=tokens)
-                part["correct"][j:j + len(chunk)] = c_.reshape(len(chunk), len(probes))
-                part["margin"][j:j + len(chunk)] = m_.reshape(len(chunk), len(probes))
-            save_npz(pdir / f"c{ci:05d}.npz", part)
-        correct[i:i + len(sub)] = part["correct"]
-        margin[i:i + len(sub)] = part["margin"]
+    correct = np.full((len(rows.cands), len(rows.probes)), np.nan)
+    margin = np.full_like(correct, np.nan)
+    total, done = len(rows.cands), 0
+    for h in (0, 1):
+        ci_rows = np.flatnonzero(rows.cand_half == h)
+        pj = np.flatnonzero(rows.probe_half == h)
+        cands, probes = examples_at(store, rows.cands[ci_rows]), [probes_all[j] for j in pj]
+        per_chunk = max(1, QUALITY_CHUNK_PROMPTS // len(probes))
+        # One candidate's prompts share its demonstration as a prefix: a few
+        # candidates per call keep batches full while the prefix KV is reused.
+        step = max(1, 64 // len(probes))
+        for ci, i in enumerate(range(0, len(cands), per_chunk)):
+            if progress:
+                progress("quality matrix", done + i, total)
+            sub = cands[i:i + per_chunk]
+            part = load_npz(pdir / f"h{h}c{ci:05d}.npz")
+            if part is None or part["margin"].shape != (len(sub), len(probes)):
+                part = {"correct": np.empty((len(sub), len(probes))), "margin": np.empty((len(sub), len(probes)))}
+                for j in range(0, len(sub), step):
+                    chunk = sub[j:j + step]
+                    prompts = [prompt_segments(task, [c], p) for c in chunk for p in probes]
+                    c_, m_ = pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size, counter=tokens)
+                    part["correct"][j:j + len(chunk)] = c_.reshape(len(chunk), len(probes))
+                    part["margin"][j:j + len(chunk)] = m_.reshape(len(chunk), len(probes))
+                save_npz(pdir / f"h{h}c{ci:05d}.npz", part)
+            correct[np.ix_(ci_rows[i:i + len(sub)], pj)] = part["correct"]
+            margin[np.ix_(ci_rows[i:i + len(sub)], pj)] = part["margin"]
+        done += len(cands)
     if progress:
-        progress("quality matrix", len(cands), len(cands))
+        progress("quality matrix", total, total)
+    n_prompts = int(np.isfinite(margin).sum()) + len(probes_all)
     meta = {"key": qkey, "build_key": store.key, "kind": "quality", "params": params, "task": task.name,
             "dtype": lm.provenance["dtype"], "hardware": lm.provenance["hardware"],
-            "seconds": round(time.time() - t0, 2), "n_prompts": len(cands) * len(probes) + len(probes),
-            "tokens": tokens.as_dict(),
+            "seconds": round(time.time() - t0, 2), "n_prompts": n_prompts, "tokens": tokens.as_dict(),
+            "labels_left_out": list(rows.labels_left_out),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    save_npz(path, dict(cand_rows=cand_rows, probe_rows=probe_rows, correct=correct, margin=margin,
+    save_npz(path, dict(cand_rows=rows.cands, probe_rows=rows.probes, cand_half=rows.cand_half,
+                        probe_half=rows.probe_half, correct=correct, margin=margin,
                         zs_correct=zs["correct"], zs_margin=zs["margin"], meta=np.array(json.dumps(meta))))
     shutil.rmtree(pdir, ignore_errors=True)
     return load_quality(store, path)
@@ -220,7 +326,8 @@ def load_quality(store: Store, path: Path) -> QualityMatrix | None:
     """Load a stored quality matrix; None if the file is damaged (recompute it),
     MismatchError if it belongs to another build."""
     q = load_npz(path)
-    need = {"cand_rows", "probe_rows", "correct", "margin", "zs_correct", "zs_margin", "meta"}
+    need = {"cand_rows", "probe_rows", "cand_half", "probe_half", "correct", "margin", "zs_correct", "zs_margin",
+            "meta"}
     if q is None or not need <= set(q):
         return None
     try:
@@ -235,6 +342,7 @@ def load_quality(store: Store, path: Path) -> QualityMatrix | None:
             q["margin"].shape != (len(q["cand_rows"]), len(q["probe_rows"])):
         raise MismatchError(f"quality matrix {path.name} does not fit build {store.key[:12]}; recompute it")
     return QualityMatrix(q["cand_rows"], q["probe_rows"], q["correct"], q["margin"], q["zs_correct"],
-                         q["zs_margin"], key=meta["key"], path=str(path), meta=meta)
+                         q["zs_margin"], key=meta["key"], path=str(path), meta=meta,
+                         cand_half=q["cand_half"].astype(np.int8), probe_half=q["probe_half"].astype(np.int8))
 
 

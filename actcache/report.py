@@ -29,14 +29,21 @@ def _fmt(x, nd=3) -> str:
 
 
 def headline(res: EvalResult) -> list[list[str]]:
-    """Rows of the printed table: strategy, mean accuracy ± std, seeds."""
+    """Rows of the printed table: strategy, mean accuracy with its 95 % interval
+    over eval inputs and seeds, the std over seeds, the paired difference from
+    balanced random with its interval, and how many seeds gave distinct prompts."""
     summ = res.selection.summary
     mc = any("acc_norm" in s for s in summ)  # multiple choice: the harness's acc and acc_norm side by side
-    rows = [["strategy", f"{res.sizes.k}-shot {'acc' if mc else 'accuracy'}", "± std"]
-            + (["acc_norm"] if mc else []) + ["seeds"]]
+    base = getattr(res.selection, "baseline", "random+turns")
+    rows = [["strategy", f"{res.sizes.k}-shot {'acc' if mc else 'accuracy'} [95% CI]", "std over seeds",
+             f"− {base} [95% CI]"] + (["acc_norm"] if mc else []) + ["seeds (distinct)"]]
     for s in summ:
-        rows.append([s["strategy"], _fmt(s["mean"]), _fmt(s["std"])] + ([_fmt(s.get("acc_norm"))] if mc else [])
-                    + [str(s["n_seeds"])])
+        diff = "baseline" if s["strategy"] == base else (
+            f"{s['diff_vs_baseline']:+.3f} [{s['diff_lo']:+.3f}, {s['diff_hi']:+.3f}]"
+            if "diff_vs_baseline" in s else "—")
+        std = "deterministic" if s.get("n_distinct", 2) == 1 and s["n_seeds"] > 1 else _fmt(s["std"])
+        rows.append([s["strategy"], f"{_fmt(s['mean'])} [{_fmt(s.get('ci_lo'))}, {_fmt(s.get('ci_hi'))}]", std, diff]
+                    + ([_fmt(s.get("acc_norm"))] if mc else []) + [f"{s['n_seeds']} ({s.get('n_distinct', '—')})"])
     return rows
 
 
@@ -70,8 +77,16 @@ def summary_lines(res: EvalResult) -> list[str]:
         n_ok = sum(t["replicates"] for t in rep["top"])
         b = rep["top"][0]
         lines.append(f"replication: {n_ok}/{len(rep['top'])} of the discovery top {len(rep['top'])} replicate on "
-                     f"the confirmation half (n={rep['n_discovery']}/{rep['n_confirmation']}); best "
-                     f"{b['name']} rho {_fmt(b['rho_discovery'])} -> {_fmt(b['rho_confirmation'])}")
+                     f"the confirmation half (own candidates and own probes; n={rep['n_discovery']}/"
+                     f"{rep['n_confirmation']}); best {b['name']} rho {_fmt(b['rho_discovery'])} -> "
+                     f"{_fmt(b['rho_confirmation'])}")
+        if "mde" in rep:
+            lines.append(f"confirmation power: detects |rho| >= {_fmt(rep['mde'])} with {rep['power']:.0%} power at "
+                         f"alpha {rep['alpha']}/{len(rep['top'])}; the discovery best needs n >= {rep['n_needed']}")
+    push = getattr(res.study, "push", None)
+    if push:
+        lines.append(f"label push: within-label rho(push, quality) = {_fmt(push['rho_within_label'])} under "
+                     f"quality '{push['quality_def']}'; probe labels {push['probe_labels']}")
     why = {r["strategy"]: r["skipped"] for r in res.selection.runs if "skipped" in r}
     lines += [f"skipped {name}: {reason}" for name, reason in why.items()]
     sae = res.study.sae
@@ -162,10 +177,12 @@ def _accuracy_plot(res: EvalResult, out: Path) -> str:
     sm = res.selection.summary
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(sm) + 2), 4))
     x = np.arange(len(sm))
-    ax.bar(x, [s["mean"] for s in sm], yerr=[s["std"] for s in sm], capsize=4,
+    err = np.array([[s["mean"] - s.get("ci_lo", s["mean"]) for s in sm], [s.get("ci_hi", s["mean"]) - s["mean"]
+                                                                          for s in sm]])
+    ax.bar(x, [s["mean"] for s in sm], yerr=np.nan_to_num(err), capsize=4,
            color=["#888" if s["strategy"] == "zero-shot" else "#3a7" for s in sm])
     ax.set_xticks(x, [s["strategy"] for s in sm], rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel(f"{res.sizes.k}-shot accuracy (mean ± std over seeds)")
+    ax.set_ylabel(f"{res.sizes.k}-shot accuracy (95% CI over inputs and seeds)")
     ax.set_ylim(0, 1)
     ax.set_title(f"{res.task}: accuracy by selection strategy")
     fig.savefig(out / "accuracy_by_strategy.png", dpi=110, bbox_inches="tight")
@@ -223,15 +240,22 @@ def _md_cell(text: str) -> str:
 def _replication_md(rep: dict | None, title: str = "Discovery and confirmation") -> list[str]:
     if not rep or not rep["top"]:
         return []
+    power = (f" At n = {rep['n_confirmation']} the confirmation detects |ρ| ≥ {_fmt(rep['mde'])} with "
+             f"{rep['power']:.0%} power (two-sided, α = {rep['alpha']}/{len(rep['top'])}, the strictest BH step; label "
+             f"and log length partialled out); the discovery best would need n ≥ {rep['n_needed']} (discovery "
+             "maxima are inflated, so that is a lower bound). *powered*: |ρ discovery| ≥ that bound."
+             if "mde" in rep else "")
     return [f"## {title}", "",
-            f"Candidates split (seeded, stratified by label, seed {rep['split_seed']}) into a discovery half "
-            f"(n={rep['n_discovery']}) and a confirmation half (n={rep['n_confirmation']}). The top "
+            f"Discovery (n={rep['n_discovery']} candidates) and confirmation (n={rep['n_confirmation']}) each have "
+            "their own candidates and their own label-balanced probes, with no near-duplicate key shared: a "
+            "signal that tracks what one probe set rewards cannot replicate by construction. The top "
             f"{len(rep['top'])} statistics by |partial ρ| on label + log length are chosen on discovery and "
             "re-tested on confirmation: they *replicate* with the same sign, a 95 % bootstrap CI excluding 0, "
-            "and BH q < 0.05 within the confirmation family.", "",
-            *_md_table([["statistic", "ρ discovery", "ρ confirmation", "95% CI", "q", "replicates"]] + [
+            "and BH q < 0.05 within the confirmation family." + power, "",
+            *_md_table([["statistic", "ρ discovery", "ρ confirmation", "95% CI", "q", "replicates", "powered"]] + [
                 [t["name"].replace("|", "/"), _fmt(t["rho_discovery"]), _fmt(t["rho_confirmation"]),
-                 f"[{_fmt(t['ci_lo'])}, {_fmt(t['ci_hi'])}]", _fmt(t["q"]), "yes" if t["replicates"] else "no"]
+                 f"[{_fmt(t['ci_lo'])}, {_fmt(t['ci_hi'])}]", _fmt(t["q"]), "yes" if t["replicates"] else "no",
+                 {True: "yes", False: "no", None: "—"}[t.get("powered")]]
                 for t in rep["top"]]), ""]
 
 
@@ -271,8 +295,10 @@ def _write_samples(res: EvalResult, out: Path) -> list[str]:
     qp = res.quality_pairs
     if qp:
         _jsonl(d / "quality_pairs.jsonl", (
-            {"candidate_id": c, "probe_id": p, "correct": qp["correct"][i][j], "margin": qp["margin"][i][j]}
-            for i, c in enumerate(qp["cand_ids"]) for j, p in enumerate(qp["probe_ids"])))
+            {"candidate_id": c, "probe_id": p, "half": ("discovery", "confirmation")[qp["cand_half"][i]],
+             "correct": qp["correct"][i][j], "margin": qp["margin"][i][j]}
+            for i, c in enumerate(qp["cand_ids"]) for j, p in enumerate(qp["probe_ids"])
+            if qp["cand_half"][i] == qp["probe_half"][j]))  # pairs across halves are not scored
         names.append("quality_pairs.jsonl")
     return names
 
@@ -299,7 +325,13 @@ def write(res: EvalResult, out: Path) -> dict:
           *hardware_lines(res.hardware),
           f"- sizes: {doc['sizes']}", f"- versions: {res.versions}",
           f"- config: `{json.dumps(asdict(res.config), default=str)}`", "",
-          "## Selection experiment", "", *_md_table(headline(res)), "",
+          "## Selection experiment", "",
+          f"{len(res.selection.eval_ids)} eval inputs, none a probe or a probe's near-duplicate; subset strategies "
+          "never pick a near-duplicate of an eval input. Accuracy: mean over seeds and eval inputs with a 95 % "
+          "two-way bootstrap interval (inputs and seeds resampled); the difference from balanced random is paired "
+          "on inputs. How each strategy's options were chosen:", "",
+          *[f"- `{s['strategy']}`: {s.get('chosen', '')}" for s in res.selection.summary], "",
+          *_md_table(headline(res)), "",
           "## Correlation summary", "", "```", *summary_lines(res), "```", "",
           "Controlled ρ: *within-label* is the Fisher-z pooled Spearman within each demonstration label "
           "(weights n−3); *partial* is the Spearman partial correlation on the label (rank residualisation). "
@@ -312,8 +344,8 @@ def write(res: EvalResult, out: Path) -> dict:
                _fmt(r.get("rho_len")), _fmt(r.get("q_len"))] for r in top]),
           "", *_replication_md(res.study.replication), *_sae_md(res),
           "", "## Pair level (candidate–probe cosine similarity vs 1-shot score)", "",
-          *_md_table([["array", "mean ρ per probe", "partial (label, match)", "pooled partial ρ"]] + [
-              [f"{p['component']}/L{p['layer']}/{p['mask']}", _fmt(p.get("probe_raw_mean")),
+          *_md_table([["array", "half", "mean ρ per probe", "partial (label, match)", "pooled partial ρ"]] + [
+              [f"{p['component']}/L{p['layer']}/{p['mask']}", p.get("half", "—"), _fmt(p.get("probe_raw_mean")),
                _fmt(p.get("probe_partial_mean")), _fmt(p.get("pooled_partial_rho"))] for p in res.study.pairs]),
           "", "## Plots", "", *[f"![{p}]({p})" for p in files["plots"]], ""]
     (out / "report.md").write_text("\n".join(md))

@@ -93,7 +93,7 @@ def strategy(name: str):
 
 
 def select(store: Store, name: str, budget: int | None = None, k: int | None = None, seed: int = 0,
-           progress: Progress | None = None, **opts) -> Selection:
+           progress: Progress | None = None, turns: bool = False, **opts) -> Selection:
     """Run the strategy `name` on `store`'s pool.
 
     Args:
@@ -103,6 +103,7 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
         k: neighbours per test input (knn, embed-knn) or graph degree (vote-k).
         seed: seeds every random choice; same seed, same result.
         progress: optional (desc, done, total) callback.
+        turns: subset strategies only: labels take turns (see `_in_turns`).
         **opts: strategy options, e.g. component/layer/pooling/mask, stat/order.
 
     Raises ConfigError for an unknown strategy or option or a bad budget, k or seed.
@@ -119,7 +120,32 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
                           f"or left out for the default")
     if not 0 <= int(seed) < 2**31:  # numpy refuses negative seeds, FAISS takes a C int
         raise ConfigError(f"--seed must be between 0 and {2**31 - 1}, got {seed}")
+    if turns:
+        return _in_turns(store, fn, name, budget, k, int(seed), progress, opts)
     return fn(store, budget=budget, k=k, seed=int(seed), progress=progress, **opts)
+
+
+def _in_turns(store: Store, fn, name: str, budget, k, seed: int, progress, opts: dict) -> Selection:
+    """A subset strategy with labels taking turns: the strategy runs on each label's
+    part of the pool with an equal share of the budget (ceil(budget / labels), capped
+    by what the label has), and the picks interleave, labels in sorted order, each
+    label's picks in the strategy's own order. One rule for every subset strategy,
+    so a balanced `random` is the fair baseline of a balanced `stat` or `k-center`."""
+    b = _need_budget(budget, len(store.pool_rows), name)
+    labels = store.labels[store.pool_rows]
+    groups = [store.pool_rows[labels == g] for g in np.unique(labels)]
+    share = -(-b // len(groups))
+    picks = []
+    for rows in groups:
+        sel = fn(store.with_pool(rows), budget=min(share, len(rows)), k=k, seed=seed, progress=progress, **opts)
+        if sel.per_query is not None:
+            raise ConfigError(f"strategy {name!r} gives each input its own neighbours; labels take turns "
+                              f"only in subset strategies")
+        picks.append(list(sel.ids))
+    ids = tuple(i for group in zip_longest(*picks) for i in group if i is not None)[:b]
+    row = {str(store.ids[r]): p for p, r in enumerate(store.pool_rows)}
+    params = {**sel.params, "budget": b, "turns": True}
+    return Selection(name, store.key, params, ids, tuple(row[i] for i in ids), None)
 
 
 # --------------------------------------------------------------------------- helpers

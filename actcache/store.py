@@ -29,6 +29,7 @@ Every derived artifact is named by `derive_key(build key, kind, **params)`.
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -545,6 +546,18 @@ class Store:
         """Open a finished build by key, unique key prefix (at least 6 characters),
         or "last" (the most recently finished build)."""
         return cls(find_build(key, home))
+
+    def with_pool(self, rows) -> "Store":
+        """A read-only view of this build whose pool is `rows` (store rows, a subset
+        of `pool_rows`): every `split="pool"` read and every subset strategy then see
+        only those rows. Used to run a strategy within one label, or away from the
+        near-duplicates of the eval inputs. Indexes stay those of the full pool."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not np.isin(rows, self.pool_rows).all():
+            raise ConfigError("with_pool takes pool rows of this build only")
+        view = copy.copy(self)
+        view.pool_rows = np.sort(rows)
+        return view
 
     def rows(self, split: str | None) -> np.ndarray | slice:
         """Row positions of `split` ("pool", "eval"; None = every row)."""

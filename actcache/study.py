@@ -32,13 +32,16 @@ class StudyResult:
         ci_raw_lo/hi, q_raw, rho_strat, rho_partial, q_partial, rho_len, q_len,
         mask, component, layer, stat; see correlate.candidate_correlations).
     summary: the largest raw and controlled |rho| and where (correlate.summarize).
-    pairs: one dict per pair-level array (candidate-probe cosine vs 1-shot score).
+    pairs: one dict per pair-level array and half (candidate-probe cosine vs
+        1-shot score within the half's block).
     label_rho, length_rho: Spearman of the demonstration's label / length in
         tokens with its quality.
-    replication: the discovery/confirmation split (correlate.replicate).
+    replication: discovery and confirmation, each with its own candidates and
+        its own probes (correlate.replicate with the matrix's halves).
     quality: (N,) candidate quality, as floats.
     sae: the same study over SAE features (see `sae_study`), or None when the
         build holds none.
+    push: the label-push check of the quality in use (see `push_check`).
     """
 
     rows: list[dict]
@@ -49,24 +52,47 @@ class StudyResult:
     replication: dict | None
     quality: list[float]
     sae: dict | None = None
+    push: dict | None = None
 
     def to_dict(self) -> dict:
         """The "study" object of results.json."""
         return {"rows": self.rows, "summary": self.summary, "pairs": self.pairs, "label_rho": self.label_rho,
                 "length_rho": self.length_rho, "replication": self.replication, "quality": self.quality,
-                "sae": self.sae}
+                "sae": self.sae, "push": self.push}
 
 
 def candidate_quality(q: QualityMatrix, store: Store, cfg: EvalConfig) -> np.ndarray:
-    """(N,) float64 quality per candidate under cfg.quality and cfg.quality_def."""
-    from .correlate import gain_quality, label_balanced_quality, mean_quality
+    """(N,) float64 quality per candidate under cfg.quality and cfg.quality_def,
+    each candidate scored on the probes of its own half (see quality.StudyRows)."""
+    from .correlate import label_balanced_quality, mean_quality
 
-    s, zs = q.scores(cfg.quality)
-    if cfg.quality_def == "gain":
-        return gain_quality(s, zs)
-    if cfg.quality_def == "balanced":
-        return label_balanced_quality(s, store.labels[q.probe_rows], store.labels[q.cand_rows])
-    return mean_quality(s)
+    out = np.full(len(q.cand_rows), np.nan)
+    for h in (0, 1):
+        ci, pj, s = q.block(h, cfg.quality)
+        if len(ci) and len(pj):
+            out[ci] = label_balanced_quality(s, store.labels[q.probe_rows[pj]], store.labels[q.cand_rows[ci]]) \
+                if cfg.quality_def == "balanced" else mean_quality(s)
+    return out
+
+
+def push_check(q: QualityMatrix, store: Store, cfg: EvalConfig, quality: np.ndarray) -> dict:
+    """How much of the quality in use is the demonstration's label push: the
+    within-label Spearman of `correlate.label_push` (own-label minus other-label
+    score, on the candidate's own half's probes) with quality, and the probe
+    label counts of each half. Near 0 means the quality no longer rewards a
+    demonstration for pushing the model toward its own label."""
+    from .correlate import label_push, stratified_spearman
+
+    push = np.full(len(q.cand_rows), np.nan)
+    counts = {}
+    for h in (0, 1):
+        ci, pj, s = q.block(h, cfg.quality)
+        pl = store.labels[q.probe_rows[pj]]
+        counts[("discovery", "confirmation")[h]] = {str(int(g)): int((pl == g).sum()) for g in np.unique(pl)}
+        if len(ci) and len(pj):
+            push[ci] = label_push(s, pl, store.labels[q.cand_rows[ci]])
+    rho, p = stratified_spearman(push, quality, store.labels[q.cand_rows])
+    return {"quality_def": cfg.quality_def, "rho_within_label": rho, "p": p, "probe_labels": counts}
 
 
 def correlation_study(store: Store, q: QualityMatrix, cfg: EvalConfig,
@@ -86,35 +112,41 @@ def correlation_study(store: Store, q: QualityMatrix, cfg: EvalConfig,
         for j, name in enumerate(STATS):
             stats[f"{mask}|{comp}|{layer}|{name}"] = st[:, j]
     rows = candidate_correlations(stats, quality, labels, n_boot=cfg.n_boot, seed=cfg.seed, lengths=lengths)
-    replication = replicate(stats, quality, labels, lengths, top=10, n_boot=cfg.n_boot, seed=cfg.seed)
+    halves = (np.flatnonzero(q.cand_half == 0), np.flatnonzero(q.cand_half == 1))
+    replication = replicate(stats, quality, labels, lengths, top=10, n_boot=cfg.n_boot, seed=cfg.seed,
+                            halves=halves)
     for r in rows:
         r["mask"], r["component"], layer, r["stat"] = r["name"].split("|")
         r["layer"] = int(layer)
     label_rho = spearman(labels, quality)[0]  # how much the demonstration's label alone explains
     # Pair level: does the candidate-probe similarity at a layer predict the 1-shot score?
+    # Each half's block on its own (pairs across halves are not scored).
     pairs = []
-    score = q.scores(cfg.quality)[0]
     pmask = cfg.pair_mask if any(a.mask == cfg.pair_mask for a in store.arrays) else store.arrays[0].mask
     comb = sorted({(a.component, a.layer) for a in store.arrays if a.mask == pmask and a.pooling == "mean"})
     for i, (comp, layer) in enumerate(comb):
         if progress:
             progress("pair level", i, len(comb))
         X = store.acts(comp, layer, "mean", pmask)
-        a, b = X[cand], X[probes]
-        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-        res = pair_correlations(a @ b.T, score, labels, store.labels[probes],
-                                n_boot=max(50, cfg.n_boot // 4), seed=cfg.seed)
-        pairs.append({"component": comp, "layer": layer, "mask": pmask, **res})
+        for h, half in enumerate(("discovery", "confirmation")):
+            ci, pj, score = q.block(h, cfg.quality)
+            a, b = X[cand[ci]], X[probes[pj]]
+            a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+            b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+            res = pair_correlations(a @ b.T, score, labels[ci], store.labels[probes[pj]],
+                                    n_boot=max(50, cfg.n_boot // 4), seed=cfg.seed)
+            pairs.append({"component": comp, "layer": layer, "mask": pmask, "half": half, **res})
     if progress and comb:
         progress("pair level", len(comb), len(comb))
     return StudyResult(rows=rows, summary=summarize(rows, ref=STUDY_REF), pairs=pairs, label_rho=label_rho,
                        length_rho=spearman(lengths, quality)[0], replication=replication,
-                       quality=quality.tolist(), sae=sae_study(store, cand, quality, labels, lengths, cfg, progress))
+                       quality=quality.tolist(),
+                       sae=sae_study(store, cand, quality, labels, lengths, cfg, progress, halves),
+                       push=push_check(q, store, cfg, quality))
 
 
 def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.ndarray, lengths: np.ndarray,
-              cfg: EvalConfig, progress: Progress | None = None) -> dict | None:
+              cfg: EvalConfig, progress: Progress | None = None, halves=None) -> dict | None:
     """The correlation study over the build's SAE features, as a family of its own.
 
     Signals, per SAE and mask: every feature whose pooled activation (mean and
@@ -174,7 +206,7 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
     for r in rows:
         _, r["sae"], r["mask"], r["pooling"], r["feature"] = r["name"].split("|")
     replication = replicate(signals, quality, labels, lengths, top=10, n_boot=cfg.n_boot, seed=cfg.seed,
-                            progress=stage("SAE discovery half"))
+                            progress=stage("SAE discovery half"), halves=halves)
     confirmed = {t["name"]: t for t in replication["top"]}
     ranked = sorted((r for r in rows if r["pooling"] != "stat" and np.isfinite(r["rho_len"])),
                     key=lambda r: -abs(r["rho_len"]))[:SAE_TOP]

@@ -382,10 +382,13 @@ def evaluate(
     knn_order: str = typer.Option(EvalConfig.knn_order, help="Order of retrieved demonstrations: similar-last (KATE: "
                                                        "most similar nearest the query), similar-first, shuffle."),
     votek_budget: int = typer.Option(EvalConfig.votek_budget, help="vote-k annotation set size; each input retrieves --k from it."),
-    rank_balanced: bool = typer.Option(EvalConfig.rank_balanced, "--rank-balanced/--no-rank-balanced",
-                                       help="stat and sae-feature: labels take turns in the ranked pool."),
+    turns: str = typer.Option(EvalConfig.turns, help="Subset strategies: labels take turns (on), not (off), or "
+                                                     "both. Plain random and random+turns always run."),
     quality: str = typer.Option(EvalConfig.quality, help="Pair score: margin (gold log-prob margin) or correct."),
-    quality_def: str = typer.Option(EvalConfig.quality_def, help="Candidate quality: mean, gain (over zero-shot) or balanced."),
+    quality_def: str = typer.Option(EvalConfig.quality_def, help="Candidate quality: balanced (probe classes "
+                                    "equally, relative to same-label candidates) or mean."),
+    confirm_fraction: float = typer.Option(EvalConfig.confirm_fraction, help="Share of candidates in the "
+                                           "confirmation half (probes are split evenly)."),
     dtype: str = DTYPE,
     n_boot: int = typer.Option(EvalConfig.n_boot, help="Bootstrap resamples for CIs."),
     sae_min_active: int = typer.Option(EvalConfig.sae_min_active, help="An SAE feature enters the study when "
@@ -403,8 +406,8 @@ def evaluate(
     cfg = EvalConfig(key=resolve_key(key, store), home=store, n_candidates=n_candidates, n_probes=n_probes,
                      n_eval=n_eval, k=k, seeds=seed_list,
                      **({"strategies": _split(strategies)} if strategies else {}), knn_layers=knn_layers, knn_order=knn_order,
-                     votek_budget=votek_budget, rank_balanced=rank_balanced, quality=quality,
-                     quality_def=quality_def, dtype=dtype, n_boot=n_boot, sae_min_active=sae_min_active,
+                     votek_budget=votek_budget, turns=turns, quality=quality,
+                     quality_def=quality_def, confirm_fraction=confirm_fraction, dtype=dtype, n_boot=n_boot, sae_min_active=sae_min_active,
                      batch_size=batch_size, max_length=max_length, demos=demos, out=out)
     with progress_bar() as cb:
         res = run_eval(cfg, progress=cb)

@@ -145,16 +145,30 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def write_reviews(folder: Path) -> Path:
-    """TEXTS as folder/reviews.jsonl: ids x0.., every 4th row in the eval split."""
+EXTRA_EVAL = [("a fine cast and a great day", 1), ("too long and far too dull", 0), ("blue sky news", 1),
+              ("slow sofa day", 0), ("quick and fine", 1), ("a dull man", 0), ("great sports news", 1),
+              ("far too slow a fox", 0)]
+
+
+def write_reviews(folder: Path, study: bool = False) -> Path:
+    """TEXTS as folder/reviews.jsonl: ids x0.., every 4th row in the eval split;
+    with `study`, EXTRA_EVAL follows as eval rows y0.. (enough label-balanced
+    probes for both halves of a study, and eval inputs beside them)."""
     rows = [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
             for i, (t, lab) in enumerate(TEXTS)]
+    if study:
+        rows += [{"id": f"y{i}", "review": t, "label": lab, "split": "eval"} for i, (t, lab) in enumerate(EXTRA_EVAL)]
     return write_jsonl(folder / "reviews.jsonl", rows)
 
 
 @pytest.fixture()
 def jsonl(tmp_path):
     return write_reviews(tmp_path)
+
+
+@pytest.fixture()
+def study_jsonl(tmp_path):
+    return write_reviews(tmp_path, study=True)
 
 
 def cfg_for(model_dir, jsonl, home, **kw):

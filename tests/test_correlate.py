@@ -17,7 +17,6 @@ from actcache.correlate import (
     benjamini_hochberg,
     bootstrap_ci,
     candidate_correlations,
-    gain_quality,
     label_balanced_quality,
     mean_quality,
     pair_correlations,
@@ -354,10 +353,11 @@ def test_label_balanced_quality_hand_example():
     peer = np.array([0.5, 0.5, 7 / 12, 7 / 12])
     np.testing.assert_allclose(label_balanced_quality(scores, probe_labels, cand_labels), v - peer)
     np.testing.assert_allclose(mean_quality(scores), [0.75, 0.25, 0.75, 0.5])
-    zs = np.array([0.5, 0.0, 1.0, 0.5])
-    np.testing.assert_allclose(gain_quality(scores, zs), scores.mean(1) - zs.mean())
-    with pytest.raises(ConfigError):
-        gain_quality(scores, zs[:3])
+    # push toward the own label: own-class mean minus the other classes' mean
+    from actcache.correlate import label_push
+
+    np.testing.assert_allclose(label_push(scores, probe_labels, np.array([0, 1, 0, 1])),
+                               [2 / 3 - 1, 0 - 1 / 3, 1 - 0, 1 - 1 / 3])
 
 
 # ---------------------------------------------------------------- tables

@@ -17,21 +17,20 @@ from actcache.errors import ConfigError
 from actcache.pipeline import PRESETS, EvalConfig, EvalResult, Preset, RunConfig, evaluate, run
 from cli.main import app
 
-# results.json as the dict-based evaluate wrote it before the typed results
-# (top-level keys in order, and the keys of the objects this project defines),
-# plus what issue 12 added: config.sae_min_active, config.rank_balanced and study.sae.
+# results.json's top-level keys in order, and the keys of the objects this project defines.
 RESULTS_KEYS = ["config", "build_key", "quality_key", "quality_tokens", "task", "model", "quality_probe_rows",
                 "quality_cand_rows", "versions", "sizes", "zero_shot_probe_acc", "hardware", "study", "selection",
                 "seconds"]
 NESTED_KEYS = {
-    "config": ["batch_size", "compare_fp32", "demos", "dtype", "home", "k", "key", "knn_layers", "knn_order",
-               "max_length", "n_boot", "n_candidates", "n_eval", "n_probes", "out", "pair_mask", "quality",
-               "quality_def", "rank_balanced", "sae_min_active", "seed", "seeds", "strategies", "votek_budget"],
+    "config": ["batch_size", "compare_fp32", "confirm_fraction", "demos", "dtype", "home", "k", "key",
+               "knn_layers", "knn_order", "max_length", "n_boot", "n_candidates", "n_eval", "n_probes", "out", "pair_mask",
+               "quality", "quality_def", "sae_min_active", "seed", "seeds", "strategies", "turns", "votek_budget"],
     "quality_tokens": ["computed", "in_prompts", "saved"],
     "sizes": ["k", "n_candidates", "n_eval", "n_probes", "seeds"],
     "hardware": ["build", "dtype", "dtype_requested", "evaluate", "quality_matrix"],
-    "study": ["label_rho", "length_rho", "pairs", "quality", "replication", "rows", "sae", "summary"],
-    "selection": ["dropped_demonstrations", "eval_ids", "flips", "k", "max_length", "runs", "summary", "tokens"],
+    "study": ["label_rho", "length_rho", "pairs", "push", "quality", "replication", "rows", "sae", "summary"],
+    "selection": ["baseline", "dropped_demonstrations", "eval_ids", "flips", "k", "max_length", "runs", "summary",
+                  "tokens"],
 }
 
 
@@ -40,10 +39,10 @@ def _canon(doc: dict) -> str:
     return json.dumps(doc, sort_keys=True, default=str)
 
 
-def test_results_json_keys_unchanged(tiny_model_dir, jsonl, tmp_path):
-    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "store", layers="0,-1", store_dtype="float32"))
+def test_results_json_keys_unchanged(tiny_model_dir, study_jsonl, tmp_path):
+    st = build(cfg_for(tiny_model_dir["llama"], study_jsonl, tmp_path / "store", layers="0,-1", store_dtype="float32"))
     out = tmp_path / "r"
-    res = evaluate(EvalConfig(key=st.key, dtype="float32", home=str(st.home), n_candidates=6, n_probes=2, n_eval=3,
+    res = evaluate(EvalConfig(key=st.key, dtype="float32", home=str(st.home), n_candidates=8, n_probes=4, n_eval=3,
                               k=1, seeds=(0,), strategies=("random", "stat"), n_boot=10, out=str(out)))
     assert isinstance(res, EvalResult)
     data = json.loads((out / "results.json").read_text())
@@ -61,12 +60,12 @@ def test_run_from_python_equals_the_cli(tiny_model_dir, tmp_path):
         pytest.skip("the shared arc data is not here")
     home = tmp_path / "store"
     args = ["--preset", "paper-arc_challenge-llama", "--model", str(tiny_model_dir["llama"]), "--dtype", "float32",
-            "--device", "cpu", "--data-dir", str(d), "--limit", "12", "--n-candidates", "6", "--n-probes", "2",
+            "--device", "cpu", "--data-dir", str(d), "--limit", "12", "--n-candidates", "8", "--n-probes", "4",
             "--n-eval", "3", "--strategies", "random,stat", "--seeds", "0,1", "--store", str(home)]
     cli = CliRunner().invoke(app, ["run", *args, "--out", str(tmp_path / "cli")])
     assert cli.exit_code == 0, cli.output
     r = run(RunConfig(preset="paper-arc_challenge-llama", model=str(tiny_model_dir["llama"]), dtype="float32",
-                      device="cpu", data_dir=str(d), limit=12, n_candidates=6, n_probes=2, n_eval=3, strategies=("random", "stat"),
+                      device="cpu", data_dir=str(d), limit=12, n_candidates=8, n_probes=4, n_eval=3, strategies=("random", "stat"),
                       seeds=(0, 1), out=str(tmp_path / "py"), home=str(home)))
     assert r.build["cache_hit"] and r.neighbors == str(tmp_path / "py" / "neighbors.jsonl")
     assert (tmp_path / "py" / "neighbors.jsonl").read_text() == (tmp_path / "cli" / "neighbors.jsonl").read_text()
@@ -76,7 +75,7 @@ def test_run_from_python_equals_the_cli(tiny_model_dir, tmp_path):
         x.pop("seconds")
         x["config"].pop("out")
     assert _canon(doc) == _canon(data)
-    assert data["sizes"] == {"n_candidates": 6, "n_probes": 2, "n_eval": 3, "k": 1, "seeds": [0, 1]}
+    assert data["sizes"] == {"n_candidates": 8, "n_probes": 4, "n_eval": 3, "k": 1, "seeds": [0, 1]}
     assert r.results.sizes.k == PRESETS["paper-arc_challenge-llama"].k and r.results.task == "arc_challenge"
     assert f"build {r.build['key'][:16]}" in cli.stdout and "report:" in cli.stdout
 

@@ -361,7 +361,7 @@ def test_attn_out_round_trips_under_its_transformerlens_name(tmp_path):
 # --------------------------------------------------------------------------- the study and selection
 
 
-def test_sae_study_and_strategies_in_evaluate(tiny_model_dir, jsonl, tmp_path):
+def test_sae_study_and_strategies_in_evaluate(tiny_model_dir, study_jsonl, tmp_path):
     """SAE features enter the study as their own family (checked against scipy on the stored
     codes), the top features list their most-activating pool texts, and sae-knn / sae-feature
     run in the selection experiment."""
@@ -373,11 +373,11 @@ def test_sae_study_and_strategies_in_evaluate(tiny_model_dir, jsonl, tmp_path):
     from actcache.data import record_text
     from actcache.pipeline import EvalConfig, evaluate
 
-    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", components=("mlp",),
+    st = build(cfg_for(tiny_model_dir["llama"], study_jsonl, tmp_path / "s", layers="1", components=("mlp",),
                        masks=("isolated",), saes=(write_sae(tmp_path / "sae", layer=1),)))
     out = tmp_path / "report"
     m = 2
-    res = evaluate(EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=2, n_eval=1,
+    res = evaluate(EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=4, n_eval=1,
                               k=2, seeds=(0,), strategies=("random", "sae-knn", "sae-feature"), n_boot=20,
                               sae_min_active=m, out=str(out)))
     sae = res.study.sae
@@ -410,18 +410,18 @@ def test_sae_study_and_strategies_in_evaluate(tiny_model_dir, jsonl, tmp_path):
     assert data["study"]["sae"]["min_active"] == m
 
 
-def test_sae_strategies_are_skipped_with_a_reason_without_sae_features(tiny_model_dir, jsonl, tmp_path):
+def test_sae_strategies_are_skipped_with_a_reason_without_sae_features(tiny_model_dir, study_jsonl, tmp_path):
     from conftest import cfg_for
 
     from actcache.builder import build
     from actcache.pipeline import EvalConfig, evaluate
     from actcache.report import summary_lines
 
-    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", components=("mlp",),
+    st = build(cfg_for(tiny_model_dir["llama"], study_jsonl, tmp_path / "s", layers="1", components=("mlp",),
                        masks=("isolated",)))
-    res = evaluate(EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=6, n_probes=2, n_eval=1,
+    res = evaluate(EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=4, n_eval=1,
                               k=1, seeds=(0,), strategies=("random", "sae-knn"), n_boot=0,
                               out=str(tmp_path / "r")))
     assert res.study.sae is None
-    assert [s["strategy"] for s in res.selection.summary] == ["zero-shot", "random"]
+    assert [s["strategy"] for s in res.selection.summary] == ["zero-shot", "random", "random+turns"]
     assert any(line.startswith("skipped sae-knn: build") and "--sae DIR" in line for line in summary_lines(res))

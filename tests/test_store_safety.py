@@ -125,18 +125,20 @@ KILL_QUALITY = textwrap.dedent("""
     import os, signal
     import actcache.quality as study
     from actcache.pipeline import EvalConfig
-    study.QUALITY_CHUNK_PROMPTS = 6   # 2 candidates x 3 probes per flushed chunk
+    study.QUALITY_CHUNK_PROMPTS = 6   # 3 candidates x 2 probes (a half's) per flushed chunk
     from actcache.store import Store
     def progress(desc, done, total):
         if desc == "quality matrix" and done == 4:
             os.kill(os.getpid(), signal.SIGKILL)
     st = Store.open({key!r}, {home!r})
     study.quality_matrix(st, EvalConfig(key=st.key, home={home!r}, dtype="float32", n_candidates=8,
-                                        n_probes=3), progress=progress)
+                                        n_probes=4), progress=progress)
 """)
 
 
-def test_quality_matrix_resumes_after_sigkill_and_recomputes_damage(tiny_model_dir, jsonl, tmp_path, monkeypatch):
+def test_quality_matrix_resumes_after_sigkill_and_recomputes_damage(tiny_model_dir, study_jsonl, tmp_path,
+                                                                    monkeypatch):
+    jsonl = study_jsonl
     import actcache.quality as study
     from actcache.pipeline import EvalConfig
 
@@ -147,18 +149,18 @@ def test_quality_matrix_resumes_after_sigkill_and_recomputes_damage(tiny_model_d
                        cwd=REPO_ROOT, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr
     (pdir,) = list((st.dir / "quality").glob("*.partial"))
-    assert sorted(p.name for p in pdir.iterdir()) == ["c00000.npz", "c00001.npz", "zero_shot.npz"]
+    assert sorted(p.name for p in pdir.iterdir()) == ["h0c00000.npz", "h0c00001.npz", "zero_shot.npz"]
     assert not list((st.dir / "quality").glob("*.npz"))  # nothing final before the end
-    cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=3)
+    cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=4)
     calls = []
     real = study.pair_scores
     monkeypatch.setattr(study, "pair_scores", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     resumed = study.quality_matrix(st, cfg)
-    assert calls == [6, 6]  # only the two chunks that were never flushed
+    assert calls == [6, 2]  # only the confirmation half's two chunks (3 and 1 candidates), never flushed
     assert not pdir.exists()
     clean_st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "clean", **kw))
     clean = study.quality_matrix(clean_st, EvalConfig(key=clean_st.key, home=str(clean_st.home),
-                                                            dtype="float32", n_candidates=8, n_probes=3))
+                                                            dtype="float32", n_candidates=8, n_probes=4))
     for k in ("cand_rows", "probe_rows", "correct", "margin", "zs_correct", "zs_margin"):
         np.testing.assert_array_equal(getattr(resumed, k), getattr(clean, k))
     # A damaged cached matrix is recomputed (with a warning), never a BadZipFile traceback.

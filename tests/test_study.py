@@ -20,23 +20,27 @@ from actcache.quality import load_quality, quality_matrix, store_task
 
 
 @pytest.fixture()
-def tiny_store(tiny_model_dir, jsonl, tmp_path):
-    return build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "store", layers="0,-1",
+def tiny_store(tiny_model_dir, study_jsonl, tmp_path):
+    return build(cfg_for(tiny_model_dir["llama"], study_jsonl, tmp_path / "store", layers="0,-1",
                          store_dtype="float32"))
 
 
 def test_quality_matrix_matches_plain_forward(tiny_store, tiny_model_dir):
-    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_candidates=4, n_probes=3)
+    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_candidates=8, n_probes=4)
     q = quality_matrix(tiny_store, cfg)
-    assert q.margin.shape == (4, 3) and q.correct.shape == (4, 3)
+    assert q.margin.shape == (8, 4) and q.correct.shape == (8, 4)
+    same = q.cand_half[:, None] == q.probe_half[None, :]
+    assert np.isnan(q.margin[~same]).all() and np.isfinite(q.margin[same]).all()  # each half on its own probes
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir["llama"]).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir["llama"])
     task = store_task(tiny_store)
     words = [tok(w, add_special_tokens=False)["input_ids"] for w in task.label_words]
-    for i, c in enumerate(q.cand_rows[:2]):
+    for i, c in enumerate(q.cand_rows[:3]):
         for j, p in enumerate(q.probe_rows):
+            if q.cand_half[i] != q.probe_half[j]:
+                continue
             ids = [tok.bos_token_id] + tok(tiny_store.demos[c] + "\n\n", add_special_tokens=False)["input_ids"] \
                 + tok(tiny_store.texts[p], add_special_tokens=False)["input_ids"]
             lp = []
@@ -53,7 +57,7 @@ def test_quality_matrix_matches_plain_forward(tiny_store, tiny_model_dir):
 
 def test_quality_matrix_cached_and_checked(tiny_store, tmp_path, tiny_model_dir, jsonl):
     home = str(tiny_store.dir.parent.parent)
-    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_candidates=4, n_probes=3)
+    cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_candidates=8, n_probes=4)
     a = quality_matrix(tiny_store, cfg)
     b = quality_matrix(tiny_store, cfg, lm=object())  # a cache hit never touches the model
     np.testing.assert_array_equal(a.margin, b.margin)
@@ -64,8 +68,8 @@ def test_quality_matrix_cached_and_checked(tiny_store, tmp_path, tiny_model_dir,
 
 def test_evaluate_end_to_end(tiny_store, tmp_path):
     out = tmp_path / "report"
-    res = evaluate(EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_candidates=6,
-                              n_probes=2, n_eval=3, k=2, seeds=(0, 1),
+    res = evaluate(EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_candidates=8,
+                              n_probes=4, n_eval=3, k=2, seeds=(0, 1),
                               strategies=("random", "knn", "vote-k", "k-center", "kmeans", "stat"),
                               n_boot=20, out=str(out)))
     for f in ("report.md", "results.json", "correlations.csv", "pairs.csv", "selection.csv",
@@ -98,7 +102,10 @@ def test_evaluate_end_to_end(tiny_store, tmp_path):
         assert len(r["demo_ids"]) == 2 and len(r["logprobs"]) == 2
         assert r["pred"] == int(np.argmax(r["logprobs"])) and r["gold"] in (0, 1)
     pairs = (out / "samples" / "quality_pairs.jsonl").read_text().splitlines()
-    assert len(pairs) == data["sizes"]["n_candidates"] * data["sizes"]["n_probes"]
+    halves = [json.loads(x)["half"] for x in pairs]  # every candidate on the probes of its own half only
+    assert len(pairs) == sum(res.quality_pairs["cand_half"].count(h) * res.quality_pairs["probe_half"].count(h)
+                             for h in (0, 1))
+    assert set(halves) == {"discovery", "confirmation"}
     assert "label + log length" in md and "replication" in data["study"]  # too few candidates for a top 10 here
 
 
@@ -165,7 +172,8 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
     lm = load_scoring_model(store, None)
     res = selection_experiment(store, cfg, lm)
     runs = res.runs
-    assert [r["strategy"] for r in runs] == ["zero-shot"] + ["random"] * 2 + ["k-center"] * 2 + ["knn@L0"] * 2
+    assert [r["strategy"] for r in runs] == ["zero-shot"] + ["random"] * 2 + ["random+turns"] * 2 + \
+        ["k-center+turns"] * 2 + ["knn@L0"] * 2
     # knn is deterministic (KATE order): its second seed has the same prompts and is not scored again.
     assert runs[-1]["same_prompts_as_earlier_seed"] and runs[-1]["tokens_computed"] == 0
     assert runs[-1]["accuracy"] == runs[-2]["accuracy"]
@@ -174,7 +182,7 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
     for r, (model, prompts, options, out, count) in zip(scored, calls):
         np.testing.assert_allclose(out, reference(model, lm.tokenizer, prompts, options), atol=1e-4, rtol=0)
         assert (r["tokens_computed"], r["tokens_in_prompts"]) == (count.computed, count.in_prompts)
-        if r["strategy"] in ("random", "k-center"):
+        if r["strategy"] in ("random", "random+turns", "k-center+turns"):
             assert all(len(p) == 4 for p in prompts)  # k demonstrations + query, none dropped
             assert len({tuple(p[:-1]) for p in prompts}) == 1  # one ordered prefix for every input
             # Multi-token label words: one request per (prompt, option), all behind the one prefix.
@@ -217,8 +225,8 @@ def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
 
 def test_evaluate_returns_typed_result_equal_to_results_json(tiny_store, tmp_path):
     out = tmp_path / "typed"
-    res = evaluate(EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.home), n_candidates=6,
-                              n_probes=2, n_eval=3, k=1, seeds=(0,), strategies=("random",), n_boot=10,
+    res = evaluate(EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.home), n_candidates=8,
+                              n_probes=4, n_eval=3, k=1, seeds=(0,), strategies=("random",), n_boot=10,
                               out=str(out)))
     data = json.loads((out / "results.json").read_text())
     assert res.build_key == data["build_key"] == tiny_store.key and res.quality_key == data["quality_key"]

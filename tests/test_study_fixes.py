@@ -115,9 +115,10 @@ def test_near_duplicates_are_never_retrieved_nor_paired(tiny_model_dir, tmp_path
         got = {n["id"] for n in r["neighbors"]}
         assert twin.get(r["test_id"]) not in got, (r["test_id"], got)
     assert len({n["id"] for n in recs[2]["neighbors"]}) == len(st.pool_rows) - 1  # nothing else dropped
-    cands, probes, evals = study_rows(st, EvalConfig(key=st.key, n_candidates=12, n_probes=3, n_eval=4))
+    r = study_rows(st, EvalConfig(key=st.key, n_candidates=12, n_probes=2, n_eval=4))
+    cands, probes, evals = r.cands, r.probes, r.evals
     assert not set(st.dups[cands]) & set(st.dups[probes])
-    assert not set(probes) & set(evals) and len(evals) == 1  # capped at what the probes leave
+    assert not set(probes) & set(evals) and not set(st.dups[evals]) & set(st.dups[probes])
     assert len(cands) == len(st.pool_rows) - sum(twin.get(st.ids[p]) is not None for p in probes)
 
 
@@ -174,8 +175,10 @@ def test_multiple_choice_reports_acc_and_acc_norm_like_the_harness(tiny_model_di
     recs = {x["id"]: x for x in run["items"]}
     opts = {rec["id"]: rec["choices"] for rec in st.records}
     acc = np.mean([np.argmax(x["logprobs"]) == x["gold"] for x in recs.values()])
-    norm = np.mean([np.argmax([lp / len((" " + c).encode()) for lp, c in zip(x["logprobs"], opts[i])]) == x["gold"]
+    # lm-eval's rule (process_results): the choice's length in characters, no target delimiter
+    norm = np.mean([np.argmax([lp / float(len(c)) for lp, c in zip(x["logprobs"], opts[i])]) == x["gold"]
                     for i, x in recs.items()])
+
     row = next(r for r in res.runs if r["strategy"] == "random")
     assert row["accuracy"] == pytest.approx(acc) and row["acc_norm"] == pytest.approx(norm)
     assert "acc_norm" in next(s for s in res.summary if s["strategy"] == "random")
@@ -192,5 +195,5 @@ def test_a_build_from_a_data_file_is_evaluated_after_the_file_moves(tiny_model_d
     jsonl.rename(tmp_path / "moved.jsonl")
     st = Store.open(st.key, st.home)
     assert st.task() == before and before.template == "Review: {review}\nSentiment:"
-    q = quality_matrix(st, EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=4, n_probes=2))
-    assert q.margin.shape == (4, 2)
+    q = quality_matrix(st, EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=4, n_probes=4))
+    assert q.margin.shape == (4, 4)  # every candidate x probe; pairs across halves are NaN
