@@ -34,7 +34,7 @@ from .capture import (
     COMPONENTS, MASKS, POOLINGS, Capture, decoder_layers, forward_rows, resolve_layers,
 )
 from .data import DataSpec, load as load_data
-from .prompts import RowPlan, length_batches, plan_rows
+from .prompts import RowPlan, context_rotations, length_batches, plan_rows
 from .sae import load_sae, sae_pass
 from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
@@ -54,7 +54,11 @@ class BuildConfig:
     span: "full" pools a pool example's tokens including its label/answer;
           "input" stops before it. Eval rows never carry a label.
     store_dtype: "float16" (default) or "float32" for the pooled arrays.
-    context_k / context_seed: the fixed demonstrations of the in-context mask.
+    context_k / context_seed: the demonstrations of the in-context mask's prefix
+          (`prompts.context_demos`). When 0 < context_k < L labels the prefix
+          cannot hold every label, so the mask runs once per label rotation
+          (seeds context_seed .. context_seed + L - 1, each label leading once)
+          and stores the mean over rotations (`prompts.context_rotations`).
     index: None (default) builds no index: each is built on first use (query,
            select, evaluate), flat (exact cosine) unless the build asked for
            another kind. flat, ivf, hnsw or a FAISS factory string builds
@@ -143,6 +147,9 @@ def identify(cfg: BuildConfig):
         "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
         "store_dtype": cfg.store_dtype, "context_k": cfg.context_k, "context_seed": cfg.context_seed,
     }
+    n_rot = context_rotations(ds, cfg.context_k)
+    if n_rot > 1:  # one rotation: the payload (and key) of builds made before rotations existed
+        payload["context_rotations"] = n_rot
     return ds, lm, canonical_key(payload), payload
 
 
@@ -209,8 +216,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
                 new_stats[(mask, c, L)] = st
         new_sae = {}
         for sae, mask in sae_todo:
-            new_sae[(sae, mask)], nb = sae_pass(lm.model, lm.tokenizer, sae, plan.seqs[mask], plan.spans[mask],
-                                                mask, cfg.batch_size, progress)
+            new_sae[(sae, mask)], nb = _sae_pass(lm, sae, plan, mask, cfg, progress)
             forward_batches += nb
         if missing or new_sae:
             _write(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task, bool(have),
@@ -233,16 +239,38 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
 
 
 def _run_pass(lm, plan: RowPlan, mask, units, poolings, cfg, bdir: Path, key: str, progress):
-    """One forward pass over every row under `mask`, resuming from flushed batches."""
+    """Every row under `mask`: one forward pass per layout (`RowPlan.layouts`:
+    one per label rotation for the in-context mask), resuming from flushed
+    batches. With several rotations each row's pooled vectors and statistics
+    are the mean over rotations, summed in rotation order in float64 (pooled
+    arrays then float32, as one pass gives them)."""
     pid = _pass_id(key, mask, units, poolings)
-    pdir = bdir / "partial" / pid
-    pdir.mkdir(parents=True, exist_ok=True)
-    seqs, spans = plan.seqs[mask], plan.spans[mask]
-    batches = length_batches([len(s) for s in seqs], cfg.batch_size)
+    layouts = plan.layouts(mask)
     layers = sorted({L for _, L in units})
     comps = sorted({c for c, _ in units}, key=COMPONENTS.index)
     cap = Capture(lm.model, layers, comps, poolings, stats=True, units=units)
-    desc = f"build {mask}"
+    if len(layouts) == 1:
+        seqs, spans = layouts[0]
+        return _run_rows(lm, cap, seqs, spans, mask, units, cfg, bdir / "partial" / pid, f"build {mask}", progress)
+    ran = 0
+    sums: tuple[dict, dict] = ({}, {})
+    for r, (seqs, spans) in enumerate(layouts):
+        got = _run_rows(lm, cap, seqs, spans, mask, units, cfg, bdir / "partial" / pid / f"r{r}",
+                        f"build {mask} (rotation {r + 1}/{len(layouts)})", progress)
+        ran += got[2]
+        for part, total in zip(got[:2], sums):
+            for k, v in part.items():
+                total[k] = total[k] + v if k in total else v.astype(np.float64)
+    n = len(layouts)
+    arrays = {k: (v / n).astype(np.float32) for k, v in sums[0].items()}
+    stats = {k: v / n for k, v in sums[1].items()}
+    return arrays, stats, ran
+
+
+def _run_rows(lm, cap: Capture, seqs, spans, mask, units, cfg, pdir: Path, desc: str, progress):
+    """One forward pass over every row of one layout, each batch flushed to `pdir`."""
+    pdir.mkdir(parents=True, exist_ok=True)
+    batches = length_batches([len(s) for s in seqs], cfg.batch_size)
     ran = 0
     n = len(seqs)
     arrays: dict = {}
@@ -277,6 +305,38 @@ def _run_pass(lm, plan: RowPlan, mask, units, poolings, cfg, bdir: Path, key: st
     return arrays, stats, ran
 
 
+def _sae_pass(lm, sae, plan: RowPlan, mask, cfg, progress) -> tuple[dict, int]:
+    """`sae.sae_pass` over every row under `mask`. For the in-context mask with
+    several label rotations the SAE is run per rotation and the results are
+    averaged: the pooled codes (mean and max pooling alike: the mean over
+    rotations of each rotation's pooled code, summed in float64, kept sparse)
+    and the l0 / fvu / explained statistics (mean over rotations)."""
+    from scipy.sparse import csr_matrix
+
+    from .sae import to_csr
+
+    layouts = plan.layouts(mask)
+    outs, ran = [], 0
+    for seqs, spans in layouts:
+        out, nb = sae_pass(lm.model, lm.tokenizer, sae, seqs, spans, mask, cfg.batch_size, progress)
+        outs.append(out)
+        ran += nb
+    if len(outs) == 1:
+        return outs[0], ran
+
+    def mean_csr(pooling):
+        total = None
+        for o in outs:
+            c = o[pooling]
+            m = csr_matrix((c["data"].astype(np.float64), c["indices"], c["indptr"]),
+                           shape=tuple(int(x) for x in c["shape"]))
+            total = m if total is None else total + m
+        return to_csr(total / len(outs))
+
+    return {"mean": mean_csr("mean"), "max": mean_csr("max"),
+            "stats": np.mean([o["stats"] for o in outs], axis=0)}, ran
+
+
 def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan, arrays, stats, task,
            extend: bool, saes: dict | None = None) -> None:
     """Hand the new arrays, the examples (new builds) and the provenance to `store.write_build`."""
@@ -299,7 +359,10 @@ def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan
         "sink": plan.sink,
         "in_context": {"k": cfg.context_k, "seed": cfg.context_seed, "demo_ids": plan.context_ids,
                        "self_rule": "a context demonstration is encoded with a same-label stand-in in its place",
-                       "prefix": plan.context_text} if plan.context_ids or not extend else None,
+                       "prefix": plan.context_text,
+                       "rotations": [{"demo_ids": r.demo_ids, "prefix": r.prefix} for r in plan.rotations],
+                       "combine": "mean over label rotations" if len(plan.rotations) > 1 else "one prefix"}
+        if plan.context_ids or not extend else None,
         "poolings": sorted({a.pooling for a in arrays}),
         "versions": _versions(), "updated": now,
     }

@@ -35,7 +35,9 @@ KNN_ORDERS = ("similar-last", "similar-first", "shuffle")
 @dataclass(frozen=True)
 class Preset:
     """A study set-up for `run`: the model and task, the shots `k`, the study's
-    sizes, and what the build captures."""
+    sizes, and what the build captures (context_k / context_seed: the build's
+    in-context prefix; below the task's label count the in-context mask is the
+    mean over label rotations, see `builder.BuildConfig`)."""
 
     model: str
     task: str
@@ -47,6 +49,7 @@ class Preset:
     context_k: int
     max_length: int
     masks: tuple[str, ...]
+    context_seed: int = 0
 
 
 # Presets that reproduce the study's set-up where the weights are available.
@@ -238,7 +241,7 @@ class RunConfig:
     model: None runs the preset's model. dtype, device: the build's.
     limit: the build's pool cap (None: the candidate count); eval_limit: its
         eval cap (None: n_eval + n_probes, since probes and eval inputs are
-        disjoint). n_candidates, n_probes: None takes the preset's.
+        disjoint). n_candidates, n_probes, context_seed: None takes the preset's.
     n_eval, strategies, seeds, out: as in EvalConfig; home: the store root.
     """
 
@@ -251,6 +254,7 @@ class RunConfig:
     eval_limit: int | None = None
     n_candidates: int | None = None
     n_probes: int | None = None
+    context_seed: int | None = None
     n_eval: int = EvalConfig.n_eval
     strategies: tuple[str, ...] = EvalConfig.strategies
     seeds: tuple[int, ...] = EvalConfig.seeds
@@ -278,7 +282,7 @@ class RunResult:
 
 def run(cfg: RunConfig | str, progress: Progress | None = None) -> RunResult:
     """Build, query and evaluate a study preset as `actcache run` does: the build
-    (the preset's layers, components, masks, context_k, max_length), a query of
+    (the preset's layers, components, masks, context_k, context_seed, max_length), a query of
     the eval rows (the preset's first component, k >= 1) written to
     `out/neighbors.jsonl`, then `evaluate` into `out`. A str is a preset name."""
     from .builder import BuildConfig, build
@@ -295,7 +299,9 @@ def run(cfg: RunConfig | str, progress: Progress | None = None) -> RunResult:
                                      # probes and eval inputs are disjoint, so the eval split holds both
                                      eval_limit=cfg.eval_limit or cfg.n_eval + n_probes),
                        layers=p.layers, components=p.components, masks=p.masks,
-                       context_k=p.context_k, max_length=p.max_length, home=cfg.home)
+                       context_k=p.context_k,
+                       context_seed=p.context_seed if cfg.context_seed is None else cfg.context_seed,
+                       max_length=p.max_length, home=cfg.home)
     st = build(bcfg, progress=progress)
     recs = query(QueryConfig(key=st.key, home=cfg.home, component=p.components[0], k=max(1, p.k)),
                  progress=progress)

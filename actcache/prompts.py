@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -119,8 +119,23 @@ def pad_id(tokenizer) -> int:
 
 
 @dataclass
+class Rotation:
+    """One in-context prefix of a build: its demonstrations, its text, and every
+    row laid out under it (the in-context mask's token ids and pooled spans)."""
+
+    demo_ids: list[str]
+    prefix: str
+    seqs: list  # list[list[int]], one per row
+    spans: list  # list[(start, end)], one per row
+
+
+@dataclass
 class RowPlan:
-    """Every row of a build laid out for each mask: token ids, pooled spans, and what was cut."""
+    """Every row of a build laid out for each mask: token ids, pooled spans, and what was cut.
+
+    The in-context mask has one layout per label rotation (`rotations`, see
+    `context_rotations`); `seqs["in-context"]`/`spans["in-context"]`,
+    `context_ids` and `context_text` are rotation 0's."""
 
     rows: list[Example]
     splits: list[str]
@@ -132,6 +147,28 @@ class RowPlan:
     context_ids: list[str]
     context_text: str
     sink: str  # "bos", or "first token" for tokenizers without BOS (left out of every span)
+    rotations: list[Rotation] = field(default_factory=list)
+
+    def layouts(self, mask: str) -> list[tuple[list, list]]:
+        """(seqs, spans) of each forward pass `mask` needs: one per rotation for
+        the in-context mask, else one. The mask's arrays are their mean."""
+        if mask == "in-context" and self.rotations:
+            return [(r.seqs, r.spans) for r in self.rotations]
+        return [(self.seqs[mask], self.spans[mask])]
+
+
+def n_labels(ds: Dataset) -> int:
+    """The labels the pool holds (those `context_demos` takes turns over)."""
+    return len({e.label for e in ds.pool})
+
+
+def context_rotations(ds: Dataset, k: int) -> int:
+    """How many label rotations the in-context mask runs: L (the pool's number of
+    labels) when the prefix of 0 < k < L demonstrations cannot hold every label,
+    so each rotation r uses `context_demos(ds, k, seed + r)` and every label leads
+    exactly once; else 1 (k = 0, or k >= L: one fixed label-balanced prefix)."""
+    L = n_labels(ds)
+    return L if 0 < k < L else 1
 
 
 def context_demos(ds: Dataset, k: int, seed: int) -> list[Example]:
@@ -173,40 +210,58 @@ def context_for(ds: Dataset, ctx: list[Example], row: Example, seed: int) -> lis
 def plan_rows(ds: Dataset, tok, cfg) -> RowPlan:
     """Lay out every pool and eval row of `ds` under every mask (MASKS) for a
     build config `cfg` (its masks, context_k, context_seed, max_length, span).
+    The in-context mask is laid out once per label rotation (`context_rotations`):
+    rotation r's prefix is `context_demos(ds, k, context_seed + r)`, and a row
+    that is one of its demonstrations gets `context_for(..., context_seed + r)`.
     A pure function of its inputs, so a resumed build sees the same batches."""
     task = ds.task
     rows = list(ds.pool) + list(ds.eval)
     splits = ["pool"] * len(ds.pool) + ["eval"] * len(ds.eval)
-    ctx = context_demos(ds, cfg.context_k, cfg.context_seed) if "in-context" in cfg.masks else []
+    in_ctx = "in-context" in cfg.masks
+    n_rot = context_rotations(ds, cfg.context_k) if in_ctx else 1
+    seeds = [cfg.context_seed + r for r in range(n_rot)]
+    ctxs = [context_demos(ds, cfg.context_k, s) if in_ctx else [] for s in seeds]
     bos = encode_segments(tok, [])
-    ctx_ids = encode_segments(tok, prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else bos
-    if len(ctx_ids) > cfg.max_length - 32:
-        raise ConfigError(f"the in-context prefix is {len(ctx_ids)} tokens, leaving under 32 of "
-                          f"--max-length {cfg.max_length}; lower --context-k or raise --max-length")
+    ctx_ids = [encode_segments(tok, prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else bos for ctx in ctxs]
+    for ids in ctx_ids:
+        if len(ids) > cfg.max_length - 32:
+            raise ConfigError(f"the in-context prefix is {len(ids)} tokens, leaving under 32 of "
+                              f"--max-length {cfg.max_length}; lower --context-k or raise --max-length")
     seqs: dict = {m: [] for m in MASKS}
     spans: dict = {m: [] for m in MASKS}
+    rots = [Rotation([e.id for e in ctx], "".join(prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else "",
+                     [], []) for ctx in ctxs]
     n_tok, n_tgt, trunc = [], [], []
     for ex, split in zip(rows, splits):
         q = encode_continuation(tok, task.query_text(ex))
         t = encode_continuation(tok, task.target(ex)) if split == "pool" else []
-        own = context_for(ds, ctx, ex, cfg.context_seed) if split == "pool" and ex in ctx else ctx
-        row_ctx = ctx_ids if own is ctx else encode_segments(tok, prompt_segments(task, own, ex)[:-1])
+        full = cfg.span == "full"
         for mask in MASKS:
-            pre = row_ctx if mask == "in-context" else bos
-            if cfg.max_length - len(pre) - len(t) < 1:
-                raise ConfigError(f"example {ex.id}: its target alone is {len(t)} tokens, over "
-                                  f"--max-length {cfg.max_length}; raise --max-length")
-            seq, span, dropped = row_layout(pre, q, t, cfg.max_length,
-                                            cfg.span == "full" and mask != "label-masked")
-            seqs[mask].append(seq)
-            spans[mask].append(span)
-            if mask == "isolated":
-                trunc.append(dropped)
+            if mask == "in-context":
+                pres = []
+                for ctx, ids, s in zip(ctxs, ctx_ids, seeds):
+                    own = context_for(ds, ctx, ex, s) if split == "pool" and ex in ctx else ctx
+                    pres.append(ids if own is ctx else encode_segments(tok, prompt_segments(task, own, ex)[:-1]))
+            else:
+                pres = [bos]
+            for r, pre in enumerate(pres):
+                if cfg.max_length - len(pre) - len(t) < 1:
+                    raise ConfigError(f"example {ex.id}: its target alone is {len(t)} tokens, over "
+                                      f"--max-length {cfg.max_length}; raise --max-length")
+                seq, span, dropped = row_layout(pre, q, t, cfg.max_length, full and mask != "label-masked")
+                if mask == "in-context":
+                    rots[r].seqs.append(seq)
+                    rots[r].spans.append(span)
+                else:
+                    seqs[mask].append(seq)
+                    spans[mask].append(span)
+                if mask == "isolated":
+                    trunc.append(dropped)
         n_tok.append(len(q))
         n_tgt.append(len(t))
+    seqs["in-context"], spans["in-context"] = rots[0].seqs, rots[0].spans
     return RowPlan(rows, splits, seqs, spans, np.array(n_tok), np.array(n_tgt), np.array(trunc),
-                 [e.id for e in ctx], "".join(prompt_segments(task, ctx, ds.pool[0])[:-1]) if ctx else "",
-                 "bos" if bos else "first token")
+                   rots[0].demo_ids, rots[0].prefix, "bos" if bos else "first token", rots)
 
 
 def row_layout(pre: list[int], q: list[int], t: list[int], max_length: int, full: bool):
@@ -232,26 +287,34 @@ def length_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
     return [np.array(order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
-def stored_context_segments(store, task) -> list[str]:
-    """The in-context prefix as the builder tokenized it: one segment per demo.
+def stored_context_segments(store, task) -> list[list[str]]:
+    """The in-context prefix of each label rotation as the builder tokenized it:
+    one list of segments per rotation (one segment per demo; `[[]]` for a build
+    without demonstrations). The in-context arrays are the mean over these.
 
-    The builder tokenizes segments separately, so re-tokenizing the stored
-    prefix string would not give the same ids; the segments are rebuilt from the
-    stored demo ids and checked against the stored prefix text.
+    The builder tokenizes segments separately, so re-tokenizing a stored prefix
+    string would not give the same ids; the segments are rebuilt from the
+    stored demo ids and checked against the stored prefix text. A build that
+    records no "rotations" (made before they existed) has one: its "demo_ids"
+    and "prefix".
     """
     ic = store.provenance.get("in_context") or {}
-    demo_ids = list(ic.get("demo_ids") or [])
-    if not demo_ids:
+    rots = ic.get("rotations") or [{"demo_ids": ic.get("demo_ids"), "prefix": ic.get("prefix", "")}]
+    if not any(r.get("demo_ids") for r in rots):
         if int(ic.get("k", 0) or 0) > 0:
             raise MismatchError(f"build {store.key[:12]} records no in-context demonstrations although "
                                 f"context_k={ic.get('k')}; rerun `actcache build` with --masks in-context")
-        return []
+        return [[]]
     row_of = {i: r for r, i in enumerate(store.ids)}
-    missing = [d for d in demo_ids if d not in row_of]
-    if missing:
-        raise MismatchError(f"in-context demonstrations {missing} are not in build {store.key[:12]}; rebuild it")
-    segs = prefix_segments(task.instruction, [str(store.demos[row_of[d]]) for d in demo_ids])
-    if "".join(segs) != ic.get("prefix", ""):
-        raise MismatchError(f"build {store.key[:12]}: the stored in-context prefix does not match its "
-                            f"demonstrations; rebuild it")
-    return segs
+    out = []
+    for rot in rots:
+        demo_ids = list(rot.get("demo_ids") or [])
+        missing = [d for d in demo_ids if d not in row_of]
+        if missing:
+            raise MismatchError(f"in-context demonstrations {missing} are not in build {store.key[:12]}; rebuild it")
+        segs = prefix_segments(task.instruction, [str(store.demos[row_of[d]]) for d in demo_ids]) if demo_ids else []
+        if "".join(segs) != rot.get("prefix", ""):
+            raise MismatchError(f"build {store.key[:12]}: the stored in-context prefix does not match its "
+                                f"demonstrations; rebuild it")
+        out.append(segs)
+    return out

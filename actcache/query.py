@@ -325,34 +325,42 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     max_length = int(store.config.get("max_length", store.provenance.get("max_length", 256)))
     batch_size = int(batch_size or store.config.get("batch_size", 16))
     bos = encode_segments(tok, [])
-    pre = bos
-    if mask == "in-context":
-        segs = stored_context_segments(store, task)
-        pre = encode_segments(tok, segs) if segs else bos
-    # Laid out exactly as prompts.plan_rows lays out an eval row (no target).
-    seqs, spans = [], []
-    for t in texts:
-        seq, span, _ = row_layout(pre, encode_continuation(tok, t), [], max_length, False)
-        seqs.append(seq)
-        spans.append(span)
+    # One prefix per label rotation of the in-context mask (one for every other mask),
+    # each row laid out exactly as prompts.plan_rows lays out an eval row (no target);
+    # the vectors are the mean over rotations, summed in float64 as the build does.
+    prefixes = [encode_segments(tok, segs) if segs else bos for segs in stored_context_segments(store, task)] \
+        if mask == "in-context" else [bos]
     cap = Capture(model, [int(layer)], [component], [pooling], stats=False)
-    batches = length_batches([len(s) for s in seqs], batch_size)
-    out = None
-    for bi, rows in enumerate(batches):
+    total, n_batches = None, 0
+    for r, pre in enumerate(prefixes):
+        seqs, spans = [], []
+        for t in texts:
+            seq, span, _ = row_layout(pre, encode_continuation(tok, t), [], max_length, False)
+            seqs.append(seq)
+            spans.append(span)
+        batches = length_batches([len(s) for s in seqs], batch_size)
+        n_batches += len(batches)
+        desc = "query encode" if len(prefixes) == 1 else f"query encode (rotation {r + 1}/{len(prefixes)})"
+        out = None
+        for bi, rows in enumerate(batches):
+            if progress:
+                progress(desc, bi, len(batches))
+            forward_rows(model, tok, cap, seqs, spans, rows, mask)
+            v = cap.pooled[(component, int(layer), pooling)]
+            if out is None:
+                out = np.empty((len(texts), v.shape[1]), dtype=np.float32)
+            out[rows] = v
         if progress:
-            progress("query encode", bi, len(batches))
-        forward_rows(model, tok, cap, seqs, spans, rows, mask)
-        v = cap.pooled[(component, int(layer), pooling)]
-        if out is None:
-            out = np.empty((len(texts), v.shape[1]), dtype=np.float32)
-        out[rows] = v
-    if progress:
-        progress("query encode", len(batches), len(batches))
+            progress(desc, len(batches), len(batches))
+        if len(prefixes) > 1:
+            total = out.astype(np.float64) if total is None else total + out
+    if total is not None:
+        out = (total / len(prefixes)).astype(np.float32)
     stored_dt = store.array_dtype(a)
     if stored_dt == np.float16 and np.abs(out).max() <= np.finfo(np.float16).max:
         out = out.astype(np.float16).astype(np.float32)  # compare like the stored rows
     try_save_npz(path, {"acts": out})  # a read-only store keeps it in memory only
-    return out, {"forward_batches": len(batches), "cache_hit": False, "cache": str(path)}
+    return out, {"forward_batches": n_batches, "cache_hit": False, "cache": str(path)}
 
 
 # --------------------------------------------------------------------------- exclusion and search

@@ -163,7 +163,10 @@ def build(
     max_length: int = typer.Option(384, help="Maximum tokens per sequence; longer inputs lose their start, recorded per example."),
     batch_size: int = typer.Option(16, help="Examples per forward batch."),
     store_dtype: str = typer.Option("float16", help="float16 or float32 for stored activations."),
-    context_k: int = typer.Option(4, help="Demonstrations in the in-context mask's prefix."),
+    context_k: int = typer.Option(4, help="Demonstrations in the in-context mask's prefix; with fewer than "
+                                          "the task's labels, the mask is the mean over label rotations."),
+    context_seed: int = typer.Option(0, help="Seed of the in-context prefix (its demonstrations and which "
+                                             "label leads; rotations use this seed and the next ones)."),
     index: Optional[str] = typer.Option(None, help="Build every array's FAISS index now: flat (exact cosine), ivf, "
                                                    "hnsw, or a FAISS factory string. Default: none now; each index "
                                                    "is built on first use (flat) and kept."),
@@ -183,7 +186,7 @@ def build(
                           template, split_field, id_field, limit, eval_limit, seed),
         layers=layers, components=_split(components), poolings=_split(pooling), masks=_split(masks),
         span=span, max_length=max_length, batch_size=batch_size, store_dtype=store_dtype,
-        context_k=context_k, index=index, saes=_split(sae), home=store)
+        context_k=context_k, context_seed=context_seed, index=index, saes=_split(sae), home=store)
     with progress_bar() as cb:
         st = actcache.build(cfg, progress=cb)
     r = st.report
@@ -449,6 +452,8 @@ def run(
     n_candidates: Optional[int] = typer.Option(None, help="Override the preset's candidate count."),
     n_probes: Optional[int] = typer.Option(None, help="Override the preset's probe count."),
     n_eval: int = typer.Option(RunConfig.n_eval, help="Eval inputs in the selection experiment."),
+    context_seed: Optional[int] = typer.Option(None, help="Override the preset's in-context seed (the build's "
+                                                          "--context-seed)."),
     strategies: Optional[str] = STRATEGIES,
     seeds: str = SEEDS,
     out: str = OUT_DIR,
@@ -459,6 +464,7 @@ def run(
 
     cfg = RunConfig(preset=preset, model=model, dtype=dtype, device=device, data_dir=data_dir, limit=limit,
                     eval_limit=eval_limit, n_candidates=n_candidates, n_probes=n_probes, n_eval=n_eval,
+                    context_seed=context_seed,
                     **({"strategies": _split(strategies)} if strategies else {}),
                     seeds=_ints(seeds, "--seeds"), out=out, home=store)
     with progress_bar() as cb:

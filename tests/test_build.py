@@ -390,3 +390,116 @@ def test_cli_build_cache_hit_and_one_line_errors(tiny_model_dir, jsonl, tmp_path
     ls = subprocess.run([sys.executable, "-m", "actcache", "ls", "--store", str(tmp_path / "s")],
                         capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     assert ls.returncode == 0 and "reviews" in ls.stdout
+
+
+# ----------------------------------------------------------------------------- in-context label rotations
+
+
+def test_rotated_in_context_build_is_the_mean_of_plain_forwards(tiny_model_dir, jsonl, tmp_path):
+    """context_k=1 on a binary task: every in-context row (pooled vector, statistics,
+    SAE codes) is the mean over two prefixes, one per label, each row computed here
+    by a plain forward of token ids built with the tokenizer."""
+    from conftest import write_sae
+
+    from actcache.data import load as load_data
+    from actcache.prompts import context_demos, context_for
+    from actcache.sae import load_sae
+
+    sae_dir = write_sae(tmp_path / "sae", hook="resid_post", layer=1)
+    cfg = cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", components=("resid",),
+                  masks=("in-context",), store_dtype="float32", context_k=1, context_seed=3, saes=(sae_dir,))
+    st = build(cfg)
+    ic = st.provenance["in_context"]
+    assert ic["combine"] == "mean over label rotations" and len(ic["rotations"]) == 2
+    ds = load_data(cfg.data)
+    label = {e.id: e.label for e in ds.pool}
+    assert sorted(label[r["demo_ids"][0]] for r in ic["rotations"]) == [0, 1]
+    assert ic["demo_ids"] == ic["rotations"][0]["demo_ids"] and ic["prefix"] == ic["rotations"][0]["prefix"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir["llama"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir["llama"])
+    sae = load_sae(sae_dir)
+
+    def plain(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    acts, stats = st.acts("resid", 1, "mean", "in-context"), st.stats("resid", 1, "in-context")
+    last = st.acts("resid", 1, "last", "in-context")
+    codes, codes_max = st.sae_codes(sae.key, "mean", "in-context"), st.sae_codes(sae.key, "max", "in-context")
+    sae_stats = st.sae_stats(sae.key, "in-context")
+    by_id = {e.id: e for e in list(ds.pool) + list(ds.eval)}
+    checked_stand_in = 0
+    for row, ex_id in enumerate(st.ids):
+        ex = by_id[str(ex_id)]
+        pool = st.splits[row] == "pool"
+        per = []
+        for r, rot in enumerate(ic["rotations"]):
+            ctx = context_demos(ds, 1, 3 + r)
+            assert [e.id for e in ctx] == rot["demo_ids"]
+            own = context_for(ds, ctx, ex, 3 + r) if pool else ctx
+            checked_stand_in += own is not ctx
+            pre = [tok.bos_token_id] + [x for e in own for x in plain(ds.task.demo_text(e) + "\n\n")]
+            body = plain(ds.task.query_text(ex)) + (plain(ds.task.target(ex)) if pool else [])
+            with torch.no_grad():
+                h = model(torch.tensor([pre + body]), output_hidden_states=True).hidden_states[2][0, len(pre):]
+            h = h.double().numpy()
+            f = sae.encode(h.astype(np.float32))
+            per.append((h.mean(0), h[-1], h.mean(), h.var(), np.abs(h).max(), f.mean(0), f.max(0),
+                        (f > 0).sum(1).mean()))
+        want = [np.mean([p[j] for p in per], axis=0) for j in range(len(per[0]))]
+        np.testing.assert_allclose(acts[row], want[0], atol=1e-5)
+        np.testing.assert_allclose(last[row], want[1], atol=1e-5)
+        got = stats[row]
+        np.testing.assert_allclose(got[STATS.index("mean")], want[2], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got[STATS.index("var")], want[3], rtol=1e-4)
+        np.testing.assert_allclose(got[STATS.index("max_abs")], want[4], rtol=1e-5)
+        np.testing.assert_allclose(codes[row], want[5], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(codes_max[row], want[6], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(sae_stats[row, 0], want[7], rtol=1e-6)
+        # and not one rotation alone: the two prefixes give different vectors
+        assert not np.allclose(per[0][0], per[1][0], atol=1e-4)
+    assert checked_stand_in == 2  # each rotation's demonstration row was encoded with its stand-in
+
+
+def test_build_key_has_rotations_only_when_there_are_several(tiny_model_dir, jsonl, tmp_path):
+    from actcache.builder import identify
+    from actcache.store import canonical_key
+
+    # Every field the key payload held before label rotations existed.
+    before = {"model", "device_type", "data", "task", "span", "max_length", "batch_size", "store_dtype",
+              "context_k", "context_seed"}
+    for k in (0, 2, 3):  # the prefix holds both labels (or none): one rotation, key as before
+        _, _, key, payload = identify(cfg_for(tiny_model_dir["qwen2"], jsonl, tmp_path / "s", context_k=k))
+        assert set(payload) == before and key == canonical_key(payload)
+    _, _, key, payload = identify(cfg_for(tiny_model_dir["qwen2"], jsonl, tmp_path / "s", context_k=1))
+    assert payload["context_rotations"] == 2 and set(payload) == before | {"context_rotations"}
+    assert key == canonical_key(payload) != canonical_key({k: v for k, v in payload.items() if k in before})
+
+
+def test_interrupted_rotated_build_resumes_to_identical_result(tiny_model_dir, jsonl, tmp_path):
+    """Batches are flushed per rotation; a build stopped in the second rotation
+    runs only what it had not flushed and equals an uninterrupted one."""
+    kw = dict(layers="0,1", components=("resid", "mlp"), masks=("in-context",), store_dtype="float32",
+              context_k=1)
+    home = tmp_path / "stopped"
+    seen = []
+
+    def stop(desc, done, total):
+        if done > 0:
+            seen.append(desc)
+        if desc.endswith("(rotation 2/2)") and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg_for(tiny_model_dir["gemma3"], jsonl, home, **kw), progress=stop)
+    assert "build in-context (rotation 1/2)" in seen
+    (bdir,) = list((home / "builds").iterdir())
+    flushed = len(list((bdir / "partial").rglob("*.npz")))
+    assert flushed == 4 + 2  # rotation 1's four batches, rotation 2's first two
+    resumed = build(cfg_for(tiny_model_dir["gemma3"], jsonl, home, **kw))
+    assert resumed.report["forward_batches"] == 2 * 4 - flushed
+    clean = build(cfg_for(tiny_model_dir["gemma3"], jsonl, tmp_path / "clean", **kw))
+    assert clean.key == resumed.key and clean.report["forward_batches"] == 2 * 4
+    assert_same_arrays(resumed, clean)

@@ -120,3 +120,30 @@ def test_presets_command_lists_the_library_presets():
     assert [ln.split()[0] for ln in lines] == list(PRESETS)
     p = PRESETS["paper-arc_challenge-qwen"]
     assert any(ln.split()[1:3] == [p.model, p.task] for ln in lines)
+
+
+def test_context_seed_reaches_the_build(monkeypatch):
+    """`build --context-seed`, `run --context-seed` and RunConfig/Preset.context_seed
+    end up in the BuildConfig handed to the builder (None: the preset's)."""
+    from actcache import builder
+
+    seen = []
+
+    def capture(cfg, progress=None):
+        seen.append(cfg)
+        raise ConfigError("captured")
+
+    monkeypatch.setattr(builder, "build", capture)
+    runner = CliRunner()
+    res = runner.invoke(app, ["build", "--context-k", "1", "--context-seed", "3", "--store", "/s"])
+    assert res.exit_code == ConfigError.exit_code and (seen[-1].context_k, seen[-1].context_seed) == (1, 3)
+    res = runner.invoke(app, ["run", "--preset", "paper-boolq-llama", "--context-seed", "2", "--store", "/s"])
+    assert res.exit_code == ConfigError.exit_code and seen[-1].context_seed == 2
+    assert seen[-1].context_k == PRESETS["paper-boolq-llama"].context_k == 1
+    p = dataclasses.replace(PRESETS["paper-boolq-llama"], context_seed=5)
+    with pytest.raises(ConfigError, match="captured"):
+        run(RunConfig(preset=p, home="/s"))
+    assert seen[-1].context_seed == 5
+    with pytest.raises(ConfigError, match="captured"):
+        run(RunConfig(preset=p, context_seed=0, home="/s"))
+    assert seen[-1].context_seed == 0

@@ -51,7 +51,7 @@ def test_pad_id_fallbacks():
 def test_query_side_prefix_equals_builder_prefix(tiny_model_dir, jsonl, tmp_path):
     st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", masks=("in-context",),
                        components=("mlp",), poolings=("mean",)))
-    segs = prompts.stored_context_segments(st, st.task())
+    [segs] = prompts.stored_context_segments(st, st.task())  # k=2 >= 2 labels: one rotation
     ids = st.provenance["in_context"]["demo_ids"]
     assert len(segs) == len(ids) == 2
     assert "".join(segs) == st.provenance["in_context"]["prefix"]
@@ -138,7 +138,7 @@ def test_stored_prefix_reconstruction_checks_the_store():
     store = SimpleNamespace(key="k" * 16, ids=np.array(["a", "b", "c"]), demos=np.array(["A+", "B+", "C+"]),
                             provenance={"in_context": {"k": 2, "demo_ids": ["c", "a"],
                                                        "prefix": "Classify.\n\nC+\n\nA+\n\n"}})
-    assert stored_context_segments(store, task) == ["Classify.\n\n", "C+\n\n", "A+\n\n"]
+    assert stored_context_segments(store, task) == [["Classify.\n\n", "C+\n\n", "A+\n\n"]]  # no "rotations": one
     store.provenance["in_context"]["prefix"] = "something else"
     with pytest.raises(MismatchError, match="rebuild"):
         stored_context_segments(store, task)
@@ -146,7 +146,7 @@ def test_stored_prefix_reconstruction_checks_the_store():
     with pytest.raises(MismatchError, match="zz"):
         stored_context_segments(store, task)
     store.provenance["in_context"] = {"k": 0, "demo_ids": []}
-    assert stored_context_segments(store, task) == []
+    assert stored_context_segments(store, task) == [[]]
 
 
 @pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
@@ -163,7 +163,8 @@ def test_prefix_query_reconstructs_from_a_store_is_the_builds(bos, jsonl, tmp_pa
     st = build(cfg)
     lm = load_model(cfg.model, default_home(cfg.home))
     plan = plan_rows(load_data(cfg.data), lm.tokenizer, cfg)
-    rebuilt = encode_segments(lm.tokenizer, stored_context_segments(st, st.task()))
+    [segs] = stored_context_segments(st, st.task())
+    rebuilt = encode_segments(lm.tokenizer, segs)
     ctx_rows = [i for i, ex in enumerate(plan.rows) if ex.id not in plan.context_ids]
     assert len(rebuilt) > len(bos_ids(t)) + 4 and ctx_rows
     for i in ctx_rows:
@@ -197,3 +198,87 @@ def test_scoring_requests_match_the_harness_layout(tok):
     n = len(encode_segments(tok, ps[0]))
     with pytest.raises(ConfigError, match="max_length"):
         build_requests(tok, ps, [" positive"], max_len=n - 1)
+
+
+# --------------------------------------------------------------------------- label rotations of the in-context prefix
+
+
+def _four_way(tmp_path, jsonl, **kw):
+    """The reviews data relabelled into 4 classes (3 pool rows each), as a 4-way task."""
+    from conftest import TEXTS, write_jsonl
+
+    rows = [{"id": f"x{i}", "review": t, "label": i % 4, "split": "eval" if i >= 12 else "train"}
+            for i, (t, _) in enumerate(TEXTS + TEXTS[:3])]
+    path = write_jsonl(tmp_path / "four.jsonl", rows)
+    ds, cfg = _dataset(tmp_path, jsonl, **kw)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, path=str(path), label_words=(" World", " Sports", " Business", " Technology")))
+    return load_data(cfg.data), cfg
+
+
+def _check_rotation_layout(tok, ds, plan, k, seed):
+    """Each rotation r's rows against the tokenizer called directly: prefix = BOS + the
+    demonstrations of context_demos(ds, k, seed + r), a row's own copy replaced by its
+    seeded same-label stand-in, then the row."""
+    for r, rot in enumerate(plan.rotations):
+        ctx = context_demos(ds, k, seed + r)
+        assert rot.demo_ids == [e.id for e in ctx]
+        assert rot.prefix == "".join(ds.task.demo_text(e) + "\n\n" for e in ctx)
+        for i, (ex, split) in enumerate(zip(plan.rows, plan.splits)):
+            own = context_for(ds, ctx, ex, seed + r) if split == "pool" else ctx
+            assert ex not in own or split == "eval"
+            pre = bos_ids(tok) + [x for e in own for x in _plain(tok, ds.task.demo_text(e) + "\n\n")]
+            q = _plain(tok, ds.task.query_text(ex))
+            t = _plain(tok, ds.task.target(ex)) if split == "pool" else []
+            assert rot.seqs[i] == pre + q + t
+            assert rot.spans[i] == (len(pre) if pre else 1, len(pre) + len(q) + len(t))
+
+
+def test_one_shot_prefix_rotates_over_both_labels(tok, jsonl, tmp_path):
+    ds, cfg = _dataset(tmp_path, jsonl, masks=("in-context", "isolated"), context_k=1, context_seed=5,
+                       max_length=256)
+    plan = plan_rows(ds, tok, cfg)
+    assert prompts.context_rotations(ds, 1) == 2 and len(plan.rotations) == 2
+    by_id = {e.id: e for e in ds.pool}
+    assert sorted(by_id[r.demo_ids[0]].label for r in plan.rotations) == [0, 1]  # each label leads once
+    _check_rotation_layout(tok, ds, plan, 1, 5)
+    # rotation 0 is what seqs["in-context"] and context_ids report; other masks have one layout
+    assert plan.seqs["in-context"] == plan.rotations[0].seqs and plan.context_ids == plan.rotations[0].demo_ids
+    assert plan.layouts("in-context") == [(r.seqs, r.spans) for r in plan.rotations]
+    assert plan.layouts("isolated") == [(plan.seqs["isolated"], plan.spans["isolated"])]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_prefix_shorter_than_four_labels_rotates_four_times(tok, jsonl, tmp_path, k):
+    ds, cfg = _four_way(tmp_path, jsonl, masks=("in-context",), context_k=k, max_length=256)
+    plan = plan_rows(ds, tok, cfg)
+    assert len(plan.rotations) == 4
+    labels = {e.id: e.label for e in ds.pool}
+    per_rot = [[labels[i] for i in r.demo_ids] for r in plan.rotations]
+    assert all(len(set(ls)) == k for ls in per_rot)  # k distinct labels in each prefix
+    # over the rotations every label is in the prefix equally often (k times) and, at k=1, leads once
+    assert sorted(sum(per_rot, [])) == sorted(list(range(4)) * k)
+    _check_rotation_layout(tok, ds, plan, k, cfg.context_seed)
+
+
+@pytest.mark.parametrize("k", [0, 2, 3])
+def test_prefix_that_holds_every_label_is_one_rotation_as_before(tok, jsonl, tmp_path, k):
+    ds, cfg = _dataset(tmp_path, jsonl, masks=("in-context",), context_k=k, max_length=256)
+    plan = plan_rows(ds, tok, cfg)
+    assert prompts.context_rotations(ds, k) == 1 and len(plan.rotations) == 1
+    _check_rotation_layout(tok, ds, plan, k, cfg.context_seed)
+    assert plan.spans["in-context"] == plan.rotations[0].spans
+    ds4, cfg4 = _four_way(tmp_path, jsonl, masks=("in-context",), context_k=4, max_length=256)
+    assert len(plan_rows(ds4, tok, cfg4).rotations) == 1
+
+
+def test_stored_rotations_are_each_rebuilt_and_checked():
+    task = SimpleNamespace(instruction="")
+    rots = [{"demo_ids": ["c"], "prefix": "C+\n\n"}, {"demo_ids": ["a"], "prefix": "A+\n\n"}]
+    store = SimpleNamespace(key="k" * 16, ids=np.array(["a", "b", "c"]), demos=np.array(["A+", "B+", "C+"]),
+                            provenance={"in_context": {"k": 1, "demo_ids": ["c"], "prefix": "C+\n\n",
+                                                       "rotations": rots}})
+    assert stored_context_segments(store, task) == [["C+\n\n"], ["A+\n\n"]]
+    rots[1]["prefix"] = "B+\n\n"
+    with pytest.raises(MismatchError, match="rebuild"):
+        stored_context_segments(store, task)

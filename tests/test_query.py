@@ -183,6 +183,31 @@ def test_new_text_activations_equal_stored_rows(built, mask):
         np.testing.assert_allclose(X, st.acts(comp, L, pool, mask, split="eval"), atol=1e-5)
 
 
+@pytest.mark.parametrize("store_dtype", ["float32", "float16"])
+def test_new_text_activations_equal_stored_rows_under_label_rotations(tiny_model_dir, tmp_path, store_dtype):
+    """A one-shot build's in-context rows are the mean over one prefix per label; a
+    text re-encoded through query is averaged over the same prefixes."""
+    from actcache.prompts import stored_context_segments
+
+    data = write_jsonl(tmp_path / "r.jsonl", _rows())
+    st = build(cfg_for(tiny_model_dir["llama"], data, tmp_path / "s", layers="0,-1", components=("resid", "mlp"),
+                       masks=("in-context",), context_k=1, store_dtype=store_dtype))
+    rots = stored_context_segments(st, st.task())
+    assert len(rots) == 2 and rots[0] != rots[1]
+    texts = st.texts[st.eval_rows]
+    tol = dict(atol=1e-5) if store_dtype == "float32" else dict(rtol=1e-3, atol=1e-3)
+    for comp, L, pool in (("resid", 3, "mean"), ("mlp", 0, "last")):
+        X, rep = encode_texts(st, texts, comp, L, pool, "in-context")
+        assert rep["forward_batches"] == 2 * -(-len(texts) // 3)  # each rotation's batches
+        np.testing.assert_allclose(X, st.acts(comp, L, pool, "in-context", split="eval"), **tol)
+    # Under one rotation alone the query would not match the stored row.
+    one = st.provenance["in_context"]
+    one = {**one, "rotations": one["rotations"][:1]}
+    st.provenance["in_context"] = one
+    X1, _ = encode_texts(st, texts[:1], "resid", 3, "mean", "in-context")
+    assert not np.allclose(X1, st.acts("resid", 3, "mean", "in-context", split="eval")[:1], atol=1e-3)
+
+
 def test_in_context_prefix_survives_an_incremental_build(tiny_model_dir, tmp_path):
     """Adding arrays without the in-context mask keeps the recorded prefix (builder fix)."""
     data = write_jsonl(tmp_path / "r.jsonl", _rows())
