@@ -196,9 +196,11 @@ def _sae_md(res: EvalResult) -> list[str]:
             "q < 0.05 (label + length)", "replicate of top 10", "best replicated ρ (confirmation)"],
            _family_row("moment statistics", res.study.rows, res.study.replication),
            _family_row("SAE features + SAE statistics", sae["rows"], sae["replication"])]
-    tested = [["SAE", "hook", "layer", "mask", "pooling", "width", "ever active", f"tested (active in ≥ {sae['min_active']})"]]
+    tested = [["SAE", "hook", "layer", "mask", "pooling", "width", "ever active",
+               f"tested (active in ≥ {sae['min_active']})", "FVU reference mean"]]
     tested += [[t["sae"][:8], str(t.get("hook")), str(t.get("layer")), t["mask"], t["pooling"], str(t["d_sae"]),
-                str(t["ever_active"]), str(t["tested"])] for t in sae["saes"]]
+                str(t["ever_active"]), str(t["tested"]), t.get("fvu_reference") or "each span's own (older build)"]
+               for t in sae["saes"]]
     feats = [["feature", "active in", "raw ρ", "partial ρ (label + length)", "q", "confirmation ρ", "replicates",
               "most-activating pool examples (label, activation)"]]
     for f in sae["features"]:

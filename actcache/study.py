@@ -131,7 +131,9 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
             (N,) per candidate, as the moment study uses them.
 
     Returns None when the build holds no SAE features, else dict(min_active,
-    saes: one dict per SAE x mask x pooling with the features tested, rows:
+    saes: one dict per SAE x mask x pooling with the features tested and the FVU
+    reference its build recorded (None: a build from before per-example FVU
+    used one), rows:
     candidate_correlations rows plus sae, mask, pooling, feature ("l0", "fvu",
     "explained" for the statistics), summary, replication, features: the
     SAE_TOP features by |rho| on label + log length, each with its
@@ -162,7 +164,7 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
             tested.append({"sae": k16, "mask": mask, "pooling": pooling, "d_sae": int(C.shape[1]),
                            "ever_active": int((active > 0).sum()), "tested": int(len(feats)),
                            **{k: v for k, v in (store.provenance.get("saes") or {}).get(k16, {}).items()
-                              if k in ("hook", "layer", "kind")}})
+                              if k in ("hook", "layer", "kind", "fvu_reference")}})
     # p-values and BH over every signal; bootstrap CIs (n_boot resamples each, 60 ms per signal
     # at 1,000 candidates) only for the SAE statistics and the listed features: thousands of
     # features would take most of an hour for intervals nobody reads.

@@ -145,15 +145,65 @@ def test_pooled_codes_by_hand(tmp_path):
     h = np.random.default_rng(2).normal(size=(2, 6, 8)).astype(np.float32)
     spans = [(1, 4), (0, 6)]
     out = pooled_codes(sae, h, spans)
+    mu = np.concatenate([h[i, s:e] for i, (s, e) in enumerate(spans)]).mean(0)  # every span token
     for i, (s, e) in enumerate(spans):
         f = sae.encode(h[i, s:e])
         np.testing.assert_allclose(out["mean"][i], f.mean(0), rtol=1e-6)
         np.testing.assert_allclose(out["max"][i], f.max(0), rtol=1e-6)
         assert out["l0"][i] == pytest.approx((f > 0).sum(1).mean())
         r = h[i, s:e] - sae.decode(f)
-        assert out["fvu"][i] == pytest.approx((r ** 2).sum() / ((h[i, s:e] - h[i, s:e].mean(0)) ** 2).sum(), rel=1e-4)
+        assert out["fvu"][i] == pytest.approx((r ** 2).sum() / ((h[i, s:e] - mu) ** 2).sum(), rel=1e-4)
         assert out["explained"][i] == pytest.approx(1 - (r ** 2).sum() / (h[i, s:e] ** 2).sum(), rel=1e-4)
+    assert out["fvu_reference"] == "pass mean"
     assert isinstance(sae, SAE)
+
+
+def _fvu_reference(sae, h, spans, mu):
+    """Per-example FVU by the SAE libraries' convention, in float64 numpy: the span's
+    squared error over its squared distance to one dataset mean mu."""
+    out = []
+    for i, (s, e) in enumerate(spans):
+        x = h[i, s:e].astype(np.float64)
+        x_hat = sae.decode(sae.encode(h[i, s:e])).astype(np.float64)
+        out.append(((x - x_hat) ** 2).sum() / ((x - mu) ** 2).sum())
+    return np.array(out)
+
+
+def test_per_example_fvu_uses_one_dataset_mean_not_each_span_mean(tmp_path):
+    """Spans sitting at different offsets (as examples do) and a one-token span: the
+    span-mean ratio differs from the convention (and is undefined for one token)."""
+    _hand_layout(tmp_path, "relu")
+    sae = load_sae(tmp_path)
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(3, 7, 8)).astype(np.float32) * 0.3
+    h += np.array([-2.0, 0.5, 3.0], np.float32)[:, None, None] * rng.normal(size=8).astype(np.float32)
+    spans = [(0, 7), (2, 5), (4, 5)]
+    out = pooled_codes(sae, h, spans)
+    mu = np.concatenate([h[i, s:e] for i, (s, e) in enumerate(spans)]).astype(np.float64).mean(0)
+    want = _fvu_reference(sae, h, spans, mu)
+    np.testing.assert_allclose(out["fvu"], want, rtol=1e-6)
+    span_mean = [((h[i, s:e] - h[i, s:e].mean(0)) ** 2).sum() for i, (s, e) in enumerate(spans)]
+    assert span_mean[2] == 0 and np.isfinite(out["fvu"]).all()
+    own = np.array([_fvu_reference(sae, h[i:i + 1], [spans[i]], h[i, s:e].mean(0))[0] for i, (s, e) in
+                    enumerate(spans[:2])])
+    assert (np.abs(own - out["fvu"][:2]) > 0.05 * out["fvu"][:2]).all()  # the conventions differ here
+    # Summed over examples it is the libraries' batch FVU of all the tokens (evaluate_sae, sparsify's formula).
+    from actcache.sae import evaluate_sae
+
+    x = np.concatenate([h[i, s:e] for i, (s, e) in enumerate(spans)])
+    err = (want * [((h[i, s:e] - mu) ** 2).sum() for i, (s, e) in enumerate(spans)]).sum()
+    assert err / ((x - mu) ** 2).sum() == pytest.approx(evaluate_sae(sae, x)["fvu"], rel=1e-5)
+    # A given reference, and the SAE's own training mean (kept through save/load), take mu's place.
+    ref = rng.normal(size=8)
+    np.testing.assert_allclose(pooled_codes(sae, h, spans, reference=ref)["fvu"],
+                               _fvu_reference(sae, h, spans, ref), rtol=1e-6)
+    from dataclasses import replace
+
+    trained = load_sae(save_sae(replace(sae, data_mean=ref.astype(np.float32)), tmp_path / "with_mean"))
+    assert trained.key == sae.key  # a statistic, not the codes
+    got = pooled_codes(trained, h, spans)
+    assert got["fvu_reference"] == "sae training mean"
+    np.testing.assert_allclose(got["fvu"], _fvu_reference(sae, h, spans, ref.astype(np.float32)), rtol=1e-6)
 
 
 def test_train_lowers_error_below_the_mean_and_is_reproducible(tiny_model_dir, tmp_path):
@@ -217,18 +267,26 @@ def test_build_with_sae_adds_only_its_pass_and_equals_a_plain_forward(tiny_model
     mod = decoder_layers(lm.model)[1][1].post_feedforward_layernorm
     got = st.sae_codes(sae.key, "mean", "isolated")
     got_max = st.sae_codes(sae.key[:8], "max", "isolated")
-    for r in (0, 5):
+    xs = []
+    for r in range(len(st.ids)):
         seen = {}
         h = mod.register_forward_hook(lambda m, a, o: seen.__setitem__("x", o[0].detach().float().numpy()))
         with torch.no_grad():
             lm.model(torch.tensor([plan.seqs["isolated"][r]]))
         h.remove()
         s, e = plan.spans["isolated"][r]
-        f = sae.encode(seen["x"][s:e])
-        np.testing.assert_allclose(got[r], f.mean(0), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(got_max[r], f.max(0), rtol=1e-4, atol=1e-5)
+        xs.append(seen["x"][s:e])
+        if r in (0, 5):
+            f = sae.encode(xs[-1])
+            np.testing.assert_allclose(got[r], f.mean(0), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got_max[r], f.max(0), rtol=1e-4, atol=1e-5)
     stats = st.sae_stats(sae.key, "label-masked")
     assert stats.shape == (len(st.ids), 3) and (stats[:, 0] >= 0).all()
+    # FVU per example around the mean of every span token of the pass, though the pass ran in batches.
+    mu = np.concatenate(xs).astype(np.float64).mean(0)
+    want = [((x - sae.decode(sae.encode(x))) ** 2).sum() / ((x - mu) ** 2).sum() for x in xs]
+    np.testing.assert_allclose(st.sae_stats(sae.key, "isolated")[:, 1], want, rtol=1e-3)
+    assert st.provenance["saes"][sae.key[:16]]["fvu_reference"] == "pass mean"
 
 
 # --------------------------------------------------------------------------- other libraries' layouts
@@ -304,6 +362,13 @@ def test_an_sae_saved_by_sparsify_encodes_as_sparsify_does(tmp_path):
     f = sae.encode(x.numpy())
     np.testing.assert_allclose(f, ref.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sae.decode(f), recon.numpy(), rtol=1e-4, atol=1e-4)
+    # FVU as sparsify computes it (SparseCoder.forward: over the batch's tokens, around their mean).
+    from actcache.sae import evaluate_sae
+
+    with torch.no_grad():
+        fvu = float(coder(x).fvu)
+    assert evaluate_sae(sae, x.numpy())["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert pooled_codes(sae, x.numpy()[None], [(0, 25)])["fvu"][0] == pytest.approx(fvu, rel=1e-4)
 
 
 def test_gemma_scope_folder_and_config(tmp_path):
@@ -425,3 +490,4 @@ def test_sae_strategies_are_skipped_with_a_reason_without_sae_features(tiny_mode
     assert res.study.sae is None
     assert [s["strategy"] for s in res.selection.summary] == ["zero-shot", "random"]
     assert any(line.startswith("skipped sae-knn: build") and "--sae DIR" in line for line in summary_lines(res))
+
