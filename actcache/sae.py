@@ -53,8 +53,8 @@ class SAE:
     layer the decoder layer; key the sha256 of weights and config.
     data_mean (d_in,): the mean activation of the SAE's training tokens, where its
     directory records one (`train_sae` does; SAELens and Gemma Scope do not): the
-    reference mean of the per-example FVU (`pooled_codes`); a statistic, not part
-    of the key.
+    reference mean of the per-example FVU (`pooled_codes`). Like `training` (what
+    it trained on, see `training_overlap`), a statistic: neither enters the key.
     """
 
     W_enc: np.ndarray
@@ -70,6 +70,7 @@ class SAE:
     key: str = ""
     rescale_acts_by_decoder_norm: bool = False
     data_mean: np.ndarray | None = None
+    training: dict | None = None
 
     @property
     def d_in(self) -> int:
@@ -271,8 +272,26 @@ def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None
             raise ConfigError(f"{d}: cfg.json's data_mean has {data_mean.size} values, the SAE reads "
                               f"{W_enc.shape[0]}-dim activations; delete the entry or train the SAE again")
     sae = SAE(W_enc, b_enc, W_dec, b_dec, kind, hook, int(layer), threshold, int(k) if k else None,
-              b_dec_in, "", bool(cfg.get("rescale_acts_by_decoder_norm", False)), data_mean)
+              b_dec_in, "", bool(cfg.get("rescale_acts_by_decoder_norm", False)), data_mean,
+              _read_training(d, cfg))
     return replace(sae, key=sae_key(sae))
+
+
+def _read_training(d: Path, cfg: dict) -> dict | None:
+    """cfg.json's "training_texts" (written by `train_sae`) as SAE.training: source,
+    n_texts, and the digests as a sorted (m,) uint64 array; None where absent."""
+    tt = cfg.get("training_texts")
+    if not tt:
+        return None
+    if tt.get("rule") != TEXT_DIGEST_RULE:
+        raise ConfigError(f"{d}: cfg.json's training_texts were digested by another rule ({tt.get('rule')!r}); "
+                          f"train the SAE again with this actcache")
+    try:
+        digests = np.unique(np.array([int(x, 16) for x in tt.get("digests", [])], dtype=np.uint64))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{d}: cfg.json's training_texts digests are not 16-digit hex strings; "
+                          f"train the SAE again") from None
+    return {"source": cfg.get("source"), "n_texts": int(tt.get("n_texts", len(digests))), "digests": digests}
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
@@ -292,9 +311,65 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
            **({"rescale_acts_by_decoder_norm": True} if sae.rescale_acts_by_decoder_norm else {})}
     if sae.data_mean is not None:
         cfg["data_mean"] = [float(v) for v in np.asarray(sae.data_mean, dtype=np.float32)]
+    if sae.training is not None:
+        cfg["source"] = sae.training.get("source")
+        cfg["training_texts"] = _training_json(sae.training)
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in w.items()}, str(d / "sae_weights.safetensors"))
     (d / "cfg.json").write_text(json.dumps(cfg, indent=2))
     return d
+
+
+# ------------------------------------------------------------------ training text vs a build's rows
+
+TEXT_DIGEST_RULE = "sha256 of the text, whitespace runs collapsed to one space and ends stripped; first 16 hex"
+
+
+def text_digest(text: str) -> str:
+    """The 16-hex digest an SAE records of each text it trained on (TEXT_DIGEST_RULE)."""
+    return hashlib.sha256(" ".join(str(text).split()).encode("utf-8")).hexdigest()[:16]
+
+
+def _training_json(training: dict) -> dict:
+    return {"rule": TEXT_DIGEST_RULE, "n_texts": int(training["n_texts"]),
+            "digests": [f"{int(x):016x}" for x in np.asarray(training["digests"], dtype=np.uint64)]}
+
+
+def row_digests(store, rows) -> list[set[int]]:
+    """Per store row, the digests of the three texts an SAE could have seen it as:
+    its demonstration text (query + answer, what `train_sae` trains on), its query
+    text, and its own text without the template (`data.record_text`: a text file
+    of raw sentences, or an SAE trained under another template)."""
+    from .data import record_text
+
+    return [{int(text_digest(t), 16) for t in (store.demos[r], store.texts[r], record_text(store.records[r]))}
+            for r in np.asarray(rows, dtype=np.int64)]
+
+
+def training_overlap(store, sae: str, rows, sample: int = 10) -> dict:
+    """How many of a build's `rows` an SAE of the build trained on.
+
+    A row overlaps when the digest (`text_digest`) of its demonstration text, its
+    query text or its own text (`row_digests`) is among the SAE's training-text
+    digests, which the build keeps from the SAE's cfg.json (`train_sae` records
+    them; `Store.sae_training_digests`).
+
+    Args:
+        store: the build; sae: the SAE's key or key prefix; rows: int store rows.
+
+    Returns dict(sae (key16), status "checked" or "unknown" (the SAE records no
+    training texts: loaded from SAELens / Gemma Scope, or trained before
+    actcache recorded them), n_rows, n_overlap (None when unknown), ids: the
+    first `sample` overlapping rows' example ids).
+    """
+    k16, _ = store.sae_group(sae)
+    rows = np.asarray(rows, dtype=np.int64)
+    digests = store.sae_training_digests(k16)
+    if digests is None:
+        return {"sae": k16, "status": "unknown", "n_rows": int(len(rows)), "n_overlap": None, "ids": []}
+    seen = {int(x) for x in digests}
+    hit = [int(r) for r, ds in zip(rows, row_digests(store, rows)) if ds & seen]
+    return {"sae": k16, "status": "checked", "n_rows": int(len(rows)), "n_overlap": len(hit),
+            "ids": [str(store.ids[r]) for r in hit[:sample]]}
 
 
 def hook_module(layer, point: str):
@@ -473,6 +548,9 @@ class SAETrainConfig:
 
     Texts are the task's pool rows (query + answer, as demonstrations read) or the
     lines of `text_file`; a seeded 10 % of them is held out for FVU and L0.
+    `exclude_build` (a build key, prefix or "last") leaves out every text that is
+    one of that build's rows, pool and eval (`row_digests`), before the `limit`
+    texts are drawn, so the SAE never trains on what a study of the build uses.
     The trainer is eai-sparsify's `SparseCoder` (its TopK encoder, decoder and
     normalisation), driven by a seeded Adam loop over cached activations.
     """
@@ -494,6 +572,7 @@ class SAETrainConfig:
     heldout: float = 0.1
     seed: int = 0
     home: str | None = None
+    exclude_build: str | None = None
 
 
 class _Done(Exception):
@@ -528,10 +607,9 @@ def token_activations(lm, texts: list[str], layer: int, point: str, max_length: 
     return np.concatenate(out).astype(np.float32)
 
 
-def _split_texts(texts: list[str], heldout: float, seed: int) -> tuple[list[str], list[str]]:
-    rng = np.random.default_rng(seed)
-    held = rng.random(len(texts)) < heldout
-    return [t for t, h in zip(texts, held) if not h], [t for t, h in zip(texts, held) if h]
+def _held_out(n: int, heldout: float, seed: int) -> np.ndarray:
+    """(n,) bool: the seeded held-out share of n texts."""
+    return np.random.default_rng(seed).random(n) < heldout
 
 
 def evaluate_sae(sae: SAE, x: np.ndarray) -> dict:
@@ -551,10 +629,16 @@ def evaluate_sae(sae: SAE, x: np.ndarray) -> dict:
 def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     """Train, evaluate on held-out text and save (SAELens layout, under
     <home>/sae/<key>); returns (sae, report with train and held-out FVU and L0
-    (`evaluate_sae`), steps, seconds, path). cfg.json records, beside the SAELens
-    fields, the model, the data source, the trainer and its settings, and
-    `data_mean`, the mean training activation: the reference of a build's
-    per-example FVU.
+    (`evaluate_sae`), source, texts, steps, seconds, path).
+
+    cfg.json records, beside the SAELens fields: the model, the trainer and its
+    settings; `source` (the task and its data fingerprint, or the text file and
+    its sha256; with `exclude_build`, that build's key and how many texts it
+    left out); `training_texts` (TEXT_DIGEST_RULE, the number of training texts
+    and the sorted digests of every training text and, for task data, of each
+    training example's own text; held-out texts are not among them), which
+    `actcache build` copies into a build for `training_overlap`; and `data_mean`,
+    the mean training activation, the reference of a build's per-example FVU.
     """
     import time
 
@@ -566,7 +650,7 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
         raise ConfigError("`actcache sae train` needs eai-sparsify: pip install 'actcache[sae]' "
                           "(or pip install eai-sparsify==1.3.3)") from None
     from .capture import decoder_layers
-    from .data import DataSpec, load, read_text
+    from .data import DataSpec, load, read_text, record_text, subsample
     from .models import ModelSpec, load_model, set_threads
     from .store import default_home
 
@@ -578,17 +662,47 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     set_threads()
     torch.manual_seed(cfg.seed)
     home = default_home(cfg.home)
+    banned: set[int] = set()
+    if cfg.exclude_build:
+        from .store import Store
+
+        ex = Store.open(cfg.exclude_build, cfg.home)
+        banned = set().union(*row_digests(ex, np.arange(len(ex.ids))))
     if cfg.text_file:
-        texts = [ln for ln in read_text(Path(cfg.text_file)).splitlines() if ln.strip()]
-        source = {"text_file": str(cfg.text_file), "sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
+        lines = [ln for ln in read_text(Path(cfg.text_file)).splitlines() if ln.strip()]
+        source = {"text_file": str(cfg.text_file), "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
+        texts = [ln for ln in lines if int(text_digest(ln), 16) not in banned]
+        n_excluded = len(lines) - len(texts)
+        own = [[] for _ in texts]  # what else each text is recorded as (task data: the example's own text)
     else:
-        ds = load(DataSpec(task=cfg.task, data_dir=cfg.data_dir, pool_limit=cfg.limit, seed=cfg.seed),
-                  cache_dir=home / "data")
-        texts = [ds.task.demo_text(e) for e in ds.pool]
-        source = {"task": cfg.task, "fingerprint": ds.fingerprint()}
+        ds = load(DataSpec(task=cfg.task, data_dir=cfg.data_dir, pool_limit=None if cfg.exclude_build else cfg.limit,
+                           seed=cfg.seed), cache_dir=home / "data")
+        pool = ds.pool
+        if cfg.exclude_build:
+            forms = [(ds.task.demo_text(e), ds.task.query_text(e), record_text({"fields": dict(e.fields)}))
+                     for e in pool]
+            kept = [e for e, f in zip(pool, forms) if not {int(text_digest(t), 16) for t in f} & banned]
+            n_excluded = len(pool) - len(kept)
+            pool = subsample(kept, cfg.limit, cfg.seed)
+        else:
+            n_excluded = 0
+        texts = [ds.task.demo_text(e) for e in pool]
+        own = [[record_text({"fields": dict(e.fields)})] for e in pool]
+        source = {"task": cfg.task, "fingerprint": ds.fingerprint(), "limit": cfg.limit}
+    if cfg.exclude_build:
+        source.update(exclude_build=ex.key, n_excluded=n_excluded)
     if len(texts) < 10:
-        raise ConfigError(f"only {len(texts)} texts to train on; give at least 10")
-    train, held = _split_texts(texts, cfg.heldout, cfg.seed)
+        raise ConfigError(f"only {len(texts)} texts to train on"
+                          f"{f' ({n_excluded} left out as rows of build {ex.key[:12]})' if n_excluded else ''}; "
+                          f"give at least 10")
+    held_mask = _held_out(len(texts), cfg.heldout, cfg.seed)
+    train = [t for t, h in zip(texts, held_mask) if not h]
+    held = [t for t, h in zip(texts, held_mask) if h]
+    # What the SAE learnt from: the training texts (not the held-out ones) and, for task data, each
+    # training example's own text, so a build under another template is still matched.
+    learnt = [x for t, o, h in zip(texts, own, held_mask) if not h for x in (t, *o)]
+    digests = np.unique(np.array([int(text_digest(x), 16) for x in learnt], dtype=np.uint64))
+    training = {"source": source, "n_texts": len(train), "digests": digests}
     lm = load_model(ModelSpec(cfg.model, dtype=cfg.dtype), home)
     n_layers = len(decoder_layers(lm.model)[1])
     if not 0 <= cfg.layer < n_layers:
@@ -622,10 +736,10 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
         progress("sae train", cfg.epochs * n_batches, cfg.epochs * n_batches)
     W = {k: v.detach().float().numpy() for k, v in coder.state_dict().items()}
     tmp = SAE(W["encoder.weight"].T.copy(), W["encoder.bias"], W["W_dec"], W["b_dec"], "topk", cfg.hook,
-              cfg.layer, None, cfg.k, True, data_mean=X.mean(0, dtype=np.float64).astype(np.float32))
+              cfg.layer, None, cfg.k, True, data_mean=X.mean(0, dtype=np.float64).astype(np.float32),
+              training=training)
     cfg_json = {"model": lm.provenance.get("model"), "weights_sha256": lm.provenance.get("weights_sha256"),
-                "dtype": lm.provenance.get("dtype"), "source": source,
-                "trainer": "eai-sparsify 1.3.3 SparseCoder, Adam",
+                "dtype": lm.provenance.get("dtype"), "trainer": "eai-sparsify 1.3.3 SparseCoder, Adam",
                 "seed": cfg.seed, "epochs": cfg.epochs, "lr": lr, "tokens": int(len(X))}
     key = sae_key(tmp)
     sae = replace(tmp, key=key)
@@ -633,6 +747,7 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     meta = json.loads((path / "cfg.json").read_text())
     (path / "cfg.json").write_text(json.dumps({**meta, **cfg_json, "key": key}, indent=2))
     report = {"path": str(path), "key": key, "train": evaluate_sae(sae, X), "heldout": evaluate_sae(sae, Xh),
+              "source": source, "texts": {"train": len(train), "heldout": len(held), "digests": int(len(digests))},
               "steps": steps, "tokens_seen": steps * cfg.batch_tokens, "seconds": round(time.time() - t0, 1),
               "activation_seconds": round(t_act - t0, 1), "train_seconds": round(time.time() - t_act, 1),
               "hardware": lm.provenance.get("hardware")}

@@ -505,18 +505,26 @@ def sae_train(
     k: int = typer.Option(32, help="Active latents per token (TopK)."),
     epochs: int = typer.Option(10, help="Passes over the training tokens."),
     seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batch order."),
+    exclude_build: Optional[str] = typer.Option(None, "--exclude-build",
+                                                help="Leave out every row (pool and eval) of this build (key, "
+                                                     "prefix or 'last'), so its study can use the SAE."),
     store: Optional[str] = STORE,
 ):
     """Train a TopK SAE (eai-sparsify) on per-token activations; report held-out FVU and L0."""
     from actcache.sae import SAETrainConfig, train_sae
 
     cfg = SAETrainConfig(model=model, dtype=dtype, task=task, text_file=text_file, data_dir=data_dir, limit=limit,
-                         hook=hook, layer=layer, width=width, k=k, epochs=epochs, seed=seed, home=store)
+                         hook=hook, layer=layer, width=width, k=k, epochs=epochs, seed=seed, home=store,
+                         exclude_build=exclude_build)
     with progress_bar() as cb:
         _, r = train_sae(cfg, progress=cb)
+    src = r["source"]
+    left = (f", {src['n_excluded']:,} left out as rows of build {src['exclude_build'][:12]}"
+            if "n_excluded" in src else "")
     typer.echo(f"held-out FVU {r['heldout']['fvu']:.3f}, L0 {r['heldout']['l0']:.1f} on {r['heldout']['n_tokens']:,} "
                f"tokens (train FVU {r['train']['fvu']:.3f} on {r['train']['n_tokens']:,}); {r['steps']} steps, "
-               f"{r['seconds']} s\nsaved {r['path']} (key {r['key'][:16]})")
+               f"{r['seconds']} s; {r['texts']['train']:,} training texts{left}"
+               f"\nsaved {r['path']} (key {r['key'][:16]})")
 
 
 @app.command()

@@ -287,6 +287,7 @@ def test_build_with_sae_adds_only_its_pass_and_equals_a_plain_forward(tiny_model
     want = [((x - sae.decode(sae.encode(x))) ** 2).sum() / ((x - mu) ** 2).sum() for x in xs]
     np.testing.assert_allclose(st.sae_stats(sae.key, "isolated")[:, 1], want, rtol=1e-3)
     assert st.provenance["saes"][sae.key[:16]]["fvu_reference"] == "pass mean"
+    assert st.provenance["saes"][sae.key[:16]]["training"] is None
 
 
 # --------------------------------------------------------------------------- other libraries' layouts
@@ -491,3 +492,64 @@ def test_sae_strategies_are_skipped_with_a_reason_without_sae_features(tiny_mode
     assert [s["strategy"] for s in res.selection.summary] == ["zero-shot", "random"]
     assert any(line.startswith("skipped sae-knn: build") and "--sae DIR" in line for line in summary_lines(res))
 
+
+# --------------------------------------------------------------------------- training text vs the study's rows
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _train_on_lines(tiny_model_dir, tmp_path, home, lines, **kw):
+    from actcache.sae import SAETrainConfig, train_sae
+
+    f = tmp_path / f"lines{len(list(tmp_path.glob('lines*')))}.txt"
+    f.write_text("".join(ln + "\n" for ln in lines))
+    return train_sae(SAETrainConfig(model=str(tiny_model_dir["llama"]), dtype="float32", text_file=str(f), layer=1,
+                                    width=32, k=4, epochs=2, batch_tokens=64, lr=3e-3, home=str(home), **kw))
+
+
+def test_an_sae_without_recorded_training_texts_is_unknown(tiny_model_dir, jsonl, tmp_path):
+    from conftest import cfg_for, write_sae
+
+    from actcache.builder import build
+    from actcache.sae import training_overlap
+
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", components=("mlp",),
+                       masks=("isolated",), saes=(write_sae(tmp_path / "sae", layer=1),)))
+    k16 = st.sae_groups[0][0]
+    assert st.sae_training_digests(k16) is None and st.provenance["saes"][k16]["training"] is None
+    got = training_overlap(st, k16, st.pool_rows)
+    assert got["status"] == "unknown" and got["n_overlap"] is None and got["n_rows"] == len(st.pool_rows)
+
+
+def test_exclude_build_on_task_data(tiny_model_dir, tmp_path):
+    """SST-2's pool: an SAE on the build's own pool texts trained on every row it kept; with
+    --exclude-build it draws its --limit texts from the rest."""
+    pytest.importorskip("sparsify")
+    from conftest import shared_data_dir
+
+    d = shared_data_dir()
+    if d is None or not (d / "sst2").exists():
+        pytest.skip("the shared sst2 data is not here")
+    from actcache.builder import BuildConfig, build
+    from actcache.data import DataSpec
+    from actcache.models import ModelSpec
+    from actcache.sae import SAETrainConfig, train_sae, training_overlap
+
+    home = tmp_path / "s"
+    st = build(BuildConfig(model=ModelSpec(str(tiny_model_dir["llama"]), dtype="float32"),
+                           data=DataSpec(task="sst2", data_dir=str(d), pool_limit=30, eval_limit=10), layers="1",
+                           components=("mlp",), masks=("isolated",), context_k=1, batch_size=8, home=str(home)))
+    base = dict(model=str(tiny_model_dir["llama"]), dtype="float32", task="sst2", data_dir=str(d), limit=30, layer=1,
+                width=32, k=4, epochs=1, batch_tokens=64, home=str(home))
+    same, rep = train_sae(SAETrainConfig(**base))
+    apart, rep2 = train_sae(SAETrainConfig(**base, exclude_build=st.key))
+    assert rep2["source"]["n_excluded"] >= 30 and rep2["texts"]["train"] + rep2["texts"]["heldout"] == 30
+    st = build(BuildConfig(model=ModelSpec(str(tiny_model_dir["llama"]), dtype="float32"),
+                           data=DataSpec(task="sst2", data_dir=str(d), pool_limit=30, eval_limit=10), layers="1",
+                           components=("mlp",), masks=("isolated",), context_k=1, batch_size=8, home=str(home),
+                           saes=(rep["path"], rep2["path"])))
+    # The first SAE's training texts are the build's pool demonstrations (all but its held-out tenth).
+    assert training_overlap(st, same.key, st.pool_rows)["n_overlap"] == rep["texts"]["train"] > 20
+    assert training_overlap(st, apart.key, np.arange(len(st.ids)))["n_overlap"] == 0
