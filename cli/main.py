@@ -390,6 +390,9 @@ def evaluate(
     n_boot: int = typer.Option(EvalConfig.n_boot, help="Bootstrap resamples for CIs."),
     sae_min_active: int = typer.Option(EvalConfig.sae_min_active, help="An SAE feature enters the study when "
                                                                        "active in at least this many candidates."),
+    allow_overlap: bool = typer.Option(EvalConfig.allow_overlap, "--allow-overlap/--no-allow-overlap",
+                                       help="Run the SAE study even where an SAE trained on the text of candidates "
+                                            "or probes (reported); by default that is refused."),
     batch_size: int = typer.Option(EvalConfig.batch_size, help="Prompts per forward batch."),
     max_length: int = typer.Option(EvalConfig.max_length, help="Longest prompt; longer ones drop demonstrations (reported)."),
     demos: Optional[str] = typer.Option(None, help="A query JSONL (from `actcache query`) evaluated as one more strategy."),
@@ -405,6 +408,7 @@ def evaluate(
                      **({"strategies": _split(strategies)} if strategies else {}), knn_layers=knn_layers, knn_order=knn_order,
                      votek_budget=votek_budget, rank_balanced=rank_balanced, quality=quality,
                      quality_def=quality_def, dtype=dtype, n_boot=n_boot, sae_min_active=sae_min_active,
+                     allow_overlap=allow_overlap,
                      batch_size=batch_size, max_length=max_length, demos=demos, out=out)
     with progress_bar() as cb:
         res = run_eval(cfg, progress=cb)

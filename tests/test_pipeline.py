@@ -19,13 +19,13 @@ from cli.main import app
 
 # results.json as the dict-based evaluate wrote it before the typed results
 # (top-level keys in order, and the keys of the objects this project defines),
-# plus what issue 12 added: config.sae_min_active, config.rank_balanced and study.sae.
+# plus what the SAE study added since: config.sae_min_active, config.rank_balanced, config.allow_overlap and study.sae.
 RESULTS_KEYS = ["config", "build_key", "quality_key", "quality_tokens", "task", "model", "quality_probe_rows",
                 "quality_cand_rows", "versions", "sizes", "zero_shot_probe_acc", "hardware", "study", "selection",
                 "seconds"]
 NESTED_KEYS = {
-    "config": ["batch_size", "compare_fp32", "demos", "dtype", "home", "k", "key", "knn_layers", "knn_order",
-               "max_length", "n_boot", "n_candidates", "n_eval", "n_probes", "out", "pair_mask", "quality",
+    "config": ["allow_overlap", "batch_size", "compare_fp32", "demos", "dtype", "home", "k", "key", "knn_layers",
+               "knn_order", "max_length", "n_boot", "n_candidates", "n_eval", "n_probes", "out", "pair_mask", "quality",
                "quality_def", "rank_balanced", "sae_min_active", "seed", "seeds", "strategies", "votek_budget"],
     "quality_tokens": ["computed", "in_prompts", "saved"],
     "sizes": ["k", "n_candidates", "n_eval", "n_probes", "seeds"],

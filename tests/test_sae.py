@@ -509,6 +509,93 @@ def _train_on_lines(tiny_model_dir, tmp_path, home, lines, **kw):
                                     width=32, k=4, epochs=2, batch_tokens=64, lr=3e-3, home=str(home), **kw))
 
 
+def test_sae_study_refuses_an_sae_trained_on_its_candidates_and_reports_the_overlap_when_allowed(
+        tiny_model_dir, jsonl, tmp_path):
+    pytest.importorskip("sparsify")
+    from conftest import TEXTS, cfg_for
+
+    from actcache.builder import build
+    from actcache.errors import OverlapError
+    from actcache.pipeline import EvalConfig, evaluate
+    from actcache.sae import training_overlap
+
+    home = tmp_path / "s"
+    kw = dict(layers="1", components=("mlp",), masks=("isolated",))
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, home, **kw))
+    reviews = {f"x{i}": t for i, (t, _) in enumerate(TEXTS)}
+    # Raw texts of three pool rows and an eval row, and one pool row's demonstration on one line;
+    # three copies each, so the held-out tenth never takes every copy of one.
+    pool_ids = [str(i) for i in st.ids[st.pool_rows]]
+    demo_row = int(st.pool_rows[-1])
+    picked = [reviews[pool_ids[0]], reviews[pool_ids[1]], reviews[pool_ids[4]], reviews["x4"],
+              _norm(str(st.demos[demo_row]))]
+    filler = [f"{t} number {i}" for i in range(3) for t, _ in TEXTS]
+    sae, rep = _train_on_lines(tiny_model_dir, tmp_path, home, filler + picked * 3)
+    assert rep["texts"]["train"] + rep["texts"]["heldout"] == len(filler) + 3 * len(picked)
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, home, saes=(rep["path"],), **kw))
+    assert st.provenance["saes"][sae.key[:16]]["fvu_reference"] == "sae training mean"
+    assert st.provenance["saes"][sae.key[:16]]["training"]["n_texts"] == rep["texts"]["train"]
+
+    lines = {_norm(x) for x in picked}  # computed here, independently of sae.row_digests
+
+    def overlapping(rows):
+        return sorted(str(st.ids[r]) for r in rows
+                      if {_norm(str(st.demos[r])), _norm(str(st.texts[r])), _norm(reviews[str(st.ids[r])])} & lines)
+
+    cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=2, n_eval=1, k=2,
+                     seeds=(0,), strategies=("random",), n_boot=0, sae_min_active=1, out=str(tmp_path / "r"))
+    with pytest.raises(OverlapError, match=r"--exclude-build .*--allow-overlap") as e:
+        evaluate(cfg)
+    assert "trained on the text of" in str(e.value)
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    cli = CliRunner().invoke(app, ["evaluate", st.key, "--store", str(home), "--n-candidates", "8", "--n-probes", "2",
+                                   "--out", str(tmp_path / "cli")])
+    assert cli.exit_code == 2 and "--allow-overlap" in cli.output, cli.output  # refused before any scoring
+    from actcache.quality import study_rows
+    from actcache.study import sae_study
+
+    cand, probes, _ = study_rows(st, cfg)
+    want_c, want_p = overlapping(cand), overlapping(probes)
+    assert want_c, "the test needs a candidate the SAE trained on"
+    q = np.zeros(len(cand))
+    with pytest.raises(OverlapError):  # the study itself refuses, whoever calls it
+        sae_study(st, cand, q, st.labels[cand], q + 1, cfg, probes=probes)
+
+    from dataclasses import replace
+
+    res = evaluate(replace(cfg, allow_overlap=True))
+    (ov,) = res.study.sae["training_overlap"]
+    assert ov["status"] == "checked"
+    assert ov["candidates"]["n_overlap"] == len(want_c) and sorted(ov["candidates"]["ids"]) == want_c
+    assert ov["probes"]["n_overlap"] == len(want_p) and sorted(ov["probes"]["ids"]) == want_p
+    assert (ov["candidates"]["n_rows"], ov["probes"]["n_rows"]) == (len(cand), len(probes))
+    every = training_overlap(st, sae.key, np.arange(len(st.ids)))
+    assert every["n_overlap"] == len(overlapping(range(len(st.ids)))) == 5
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"trained on the text of {len(want_c)} of {len(cand)} candidates" in md
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["study"]["sae"]["training_overlap"] == \
+        res.study.sae["training_overlap"]
+
+    # Trained with --exclude-build: every row of the build left out, no overlap, the study runs.
+    sae2, rep2 = _train_on_lines(tiny_model_dir, tmp_path, home, filler + picked * 3, exclude_build=st.key[:8])
+    assert rep2["source"]["exclude_build"] == st.key and rep2["source"]["n_excluded"] == 3 * len(picked)
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, home, saes=(rep["path"], rep2["path"]), **kw))
+    clean = training_overlap(st, sae2.key, np.arange(len(st.ids)))
+    assert clean["status"] == "checked" and clean["n_overlap"] == 0
+    assert training_overlap(st, sae.key, np.arange(len(st.ids)))["n_overlap"] == 5  # the first SAE's kept
+    from actcache.store import verify
+
+    rep_v = verify(st.dir)
+    assert not rep_v.findings and rep_v.checked > 0
+    import h5py
+
+    with h5py.File(st.h5_path, "r") as f:
+        assert sorted(f["sae_training"]) == sorted([sae.key[:16], sae2.key[:16]])
+
+
 def test_an_sae_without_recorded_training_texts_is_unknown(tiny_model_dir, jsonl, tmp_path):
     from conftest import cfg_for, write_sae
 
