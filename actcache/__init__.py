@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
     ActcacheError, ConfigError, CorruptStoreError, DatasetError, LabelWordError, MismatchError,
-    ModelError, StoreError,
+    ModelError, OverlapError, StoreError,
 )
 
 
@@ -43,7 +43,7 @@ def __getattr__(name):
 
 __all__ = [
     "ActcacheError", "BuildConfig", "ConfigError", "CorruptStoreError", "DataSpec", "DatasetError",
-    "LabelWordError", "MismatchError", "ModelError", "ModelSpec", "Store", "StoreError", "TASKS",
+    "LabelWordError", "MismatchError", "ModelError", "ModelSpec", "OverlapError", "Store", "StoreError", "TASKS",
     "build", "canonical_key", "default_home", "list_builds", "EvalConfig", "evaluate", "RunConfig", "run",
     "PRESETS",
 ]

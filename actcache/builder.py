@@ -35,7 +35,7 @@ from .capture import (
 )
 from .data import DataSpec, load as load_data
 from .prompts import RowPlan, context_rotations, length_batches, plan_rows
-from .sae import load_sae, sae_pass
+from .sae import TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass
 from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
 from .store import (
@@ -368,11 +368,23 @@ def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan
     }
     if saes:
         prov["saes"] = {sae.key[:16]: {"key": sae.key, "hook": sae.hook, "layer": sae.layer, "kind": sae.kind,
-                                       "d_sae": sae.d_sae, "k": sae.k} for sae, _ in saes}
+                                       "d_sae": sae.d_sae, "k": sae.k, "fvu_reference": fvu_reference(sae),
+                                       "training": _training_prov(sae)} for sae, _ in saes}
     write_build(bdir, key, arrays=arrays, saes={(sae.key[:16], m): v for (sae, m), v in (saes or {}).items()},
+                sae_training={sae.key[:16]: sae.training["digests"] for sae, _ in (saes or {})
+                              if sae.training is not None},
                 stats={ArrayId(c, L, "mean", m): st for (m, c, L), st in stats.items()},
                 examples=examples, provenance=prov, config=_cfg_json(cfg), key_payload=payload,
                 store_dtype=cfg.store_dtype)
+
+
+def _training_prov(sae) -> dict | None:
+    """What an SAE records of its training texts, for the provenance (the digests
+    themselves go to sae_training/<key16>); None when it records nothing."""
+    if sae.training is None:
+        return None
+    return {"source": sae.training.get("source"), "n_texts": sae.training.get("n_texts"),
+            "n_digests": int(len(sae.training["digests"])), "rule": TEXT_DIGEST_RULE}
 
 
 def _cfg_json(cfg: BuildConfig) -> dict:

@@ -17,6 +17,10 @@ class ConfigError(ActcacheError, ValueError):
     exit_code = 2
 
 
+class OverlapError(ConfigError):
+    """An SAE of the build trained on the text of examples the study evaluates."""
+
+
 class DatasetError(ActcacheError, ValueError):
     """A dataset is missing, empty, or lacks a field."""
 

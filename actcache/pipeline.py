@@ -79,6 +79,9 @@ class EvalConfig:
         select._in_turns), "off" none does, "both" runs each both ways. Plain
         `random` and balanced `random+turns` always run: the latter is the
         baseline of every paired difference.
+    allow_overlap: False refuses (OverlapError) a build whose SAE trained on the
+        text of a candidate or probe (study.sae_training_overlap); True runs the
+        SAE study and reports the overlap.
     """
 
     key: str = "last"
@@ -101,6 +104,7 @@ class EvalConfig:
     batch_size: int = 16
     n_boot: int = 200
     sae_min_active: int = 10  # an SAE feature enters the study when active in this many candidates
+    allow_overlap: bool = False  # run the SAE study even where an SAE trained on candidates' or probes' text
     pair_mask: str = "label-masked"
     max_length: int = 2048
     demos: str | None = None  # a query JSONL (from `actcache query`) to evaluate as a strategy
@@ -196,14 +200,17 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     from . import report
     from .experiment import selection_experiment
     from .models import set_threads
-    from .quality import load_scoring_model, quality_matrix
+    from .quality import load_scoring_model, quality_matrix, study_rows
     from .store import Store
-    from .study import correlation_study
+    from .study import correlation_study, sae_training_overlap
 
     cfg.validate()
     t0 = time.time()
     set_threads()
     store = Store.open(cfg.key, cfg.home)
+    if store.sae_groups:  # the SAE study's overlap check, before minutes of scoring (it runs again there)
+        rows = study_rows(store, cfg)
+        sae_training_overlap(store, rows.cands, rows.probes, cfg)
     lm = load_scoring_model(store, cfg.dtype)
     q = quality_matrix(store, cfg, lm, progress)
     study = correlation_study(store, q, cfg, progress)

@@ -95,6 +95,7 @@ def summary_lines(res: EvalResult) -> list[str]:
         lines.append(f"SAE features ({len(sae['rows'])} signals): max |rho| raw = {_fmt(ss.get('raw_max_abs_rho'))}, "
                      f"label + log length = {_fmt(ss.get('len_max_abs_rho'))} at {ss.get('len_max_name')}; "
                      f"{sum(t['replicates'] for t in rep['top'])}/{len(rep['top'])} of the discovery top replicate")
+        lines += overlap_lines(sae.get("training_overlap") or [], clean=False)
     dr = res.selection.dropped_demonstrations
     if dr:
         lines.append(f"prompts over {res.selection.max_length} tokens dropped demonstrations: {dr}")
@@ -213,9 +214,11 @@ def _sae_md(res: EvalResult) -> list[str]:
             "q < 0.05 (label + length)", "replicate of top 10", "best replicated ρ (confirmation)"],
            _family_row("moment statistics", res.study.rows, res.study.replication),
            _family_row("SAE features + SAE statistics", sae["rows"], sae["replication"])]
-    tested = [["SAE", "hook", "layer", "mask", "pooling", "width", "ever active", f"tested (active in ≥ {sae['min_active']})"]]
+    tested = [["SAE", "hook", "layer", "mask", "pooling", "width", "ever active",
+               f"tested (active in ≥ {sae['min_active']})", "FVU reference mean"]]
     tested += [[t["sae"][:8], str(t.get("hook")), str(t.get("layer")), t["mask"], t["pooling"], str(t["d_sae"]),
-                str(t["ever_active"]), str(t["tested"])] for t in sae["saes"]]
+                str(t["ever_active"]), str(t["tested"]), t.get("fvu_reference") or "each span's own (older build)"]
+               for t in sae["saes"]]
     feats = [["feature", "active in", "raw ρ", "partial ρ (label + length)", "q", "confirmation ρ", "replicates",
               "most-activating pool examples (label, activation)"]]
     for f in sae["features"]:
@@ -227,10 +230,36 @@ def _sae_md(res: EvalResult) -> list[str]:
             "Each family has its own Benjamini–Hochberg correction and its own discovery/confirmation split "
             "(same halves). An SAE feature is tested when its pooled activation is non-zero in at least "
             f"{sae['min_active']} candidates (`--sae-min-active`).", "",
-            *_md_table(fam), "", *_md_table(tested), "",
+            *_md_table(fam), "", *_md_table(tested), "", *_overlap_md(sae.get("training_overlap") or []),
             f"### Top {len(sae['features'])} SAE features by |partial ρ| on label + log length", "",
             "Chosen on all candidates, so these ρ are biased upward; the confirmation ρ is the estimate.", "",
             *_md_table(feats), "", *_replication_md(sae["replication"], "SAE features: discovery and confirmation")]
+
+
+def overlap_lines(overlap: list[dict], clean: bool = True) -> list[str]:
+    """One line per SAE: how many candidates and probes it trained on
+    (study.sae_training_overlap); `clean` False leaves out SAEs that trained on none."""
+    lines = []
+    for o in overlap:
+        c, p = o["candidates"], o["probes"]
+        if o["status"] == "unknown":
+            lines.append(f"SAE {o['sae'][:8]} records no training texts (loaded from SAELens / Gemma Scope, or trained "
+                         f"before actcache recorded them): whether it trained on the candidates or probes is unknown")
+        elif c["n_overlap"] or p["n_overlap"]:
+            ids = ", ".join((c["ids"] + p["ids"])[:5])
+            lines.append(f"SAE {o['sae'][:8]} trained on the text of {c['n_overlap']} of {c['n_rows']} candidates and "
+                         f"{p['n_overlap']} of {p['n_rows']} probes (run with --allow-overlap; e.g. {ids})")
+        elif clean:
+            lines.append(f"SAE {o['sae'][:8]} trained on none of the {c['n_rows']} candidates and {p['n_rows']} probes")
+    return lines
+
+
+def _overlap_md(overlap: list[dict]) -> list[str]:
+    if not overlap:
+        return []
+    return ["**Training text.** An SAE's features read on the examples it learnt from are not a held-out "
+            "measurement; `actcache sae train --exclude-build KEY` trains one without a build's rows.", "",
+            *[f"- {_md_cell(line)}" for line in overlap_lines(overlap)], ""]
 
 
 def _md_cell(text: str) -> str:

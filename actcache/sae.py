@@ -51,6 +51,10 @@ class SAE:
     W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,),
     threshold (d_sae,) for jumprelu else None; k for topk; hook in HOOK_POINTS;
     layer the decoder layer; key the sha256 of weights and config.
+    data_mean (d_in,): the mean activation of the SAE's training tokens, where its
+    directory records one (`train_sae` does; SAELens and Gemma Scope do not): the
+    reference mean of the per-example FVU (`pooled_codes`). Like `training` (what
+    it trained on, see `training_overlap`), a statistic: neither enters the key.
     """
 
     W_enc: np.ndarray
@@ -65,6 +69,8 @@ class SAE:
     apply_b_dec_to_input: bool = False
     key: str = ""
     rescale_acts_by_decoder_norm: bool = False
+    data_mean: np.ndarray | None = None
+    training: dict | None = None
 
     @property
     def d_in(self) -> int:
@@ -259,9 +265,33 @@ def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None
     if W_enc.shape[0] != W_dec.shape[1] or W_enc.shape[1] != W_dec.shape[0]:
         raise ConfigError(f"{d}: W_enc {W_enc.shape} and W_dec {W_dec.shape} do not fit together")
     b_dec_in = bool(cfg.get("apply_b_dec_to_input", False)) or sparsify
+    data_mean = cfg.get("data_mean")
+    if data_mean is not None:
+        data_mean = np.asarray(data_mean, dtype=np.float32)
+        if data_mean.shape != (W_enc.shape[0],):
+            raise ConfigError(f"{d}: cfg.json's data_mean has {data_mean.size} values, the SAE reads "
+                              f"{W_enc.shape[0]}-dim activations; delete the entry or train the SAE again")
     sae = SAE(W_enc, b_enc, W_dec, b_dec, kind, hook, int(layer), threshold, int(k) if k else None,
-              b_dec_in, "", bool(cfg.get("rescale_acts_by_decoder_norm", False)))
+              b_dec_in, "", bool(cfg.get("rescale_acts_by_decoder_norm", False)), data_mean,
+              _read_training(d, cfg))
     return replace(sae, key=sae_key(sae))
+
+
+def _read_training(d: Path, cfg: dict) -> dict | None:
+    """cfg.json's "training_texts" (written by `train_sae`) as SAE.training: source,
+    n_texts, and the digests as a sorted (m,) uint64 array; None where absent."""
+    tt = cfg.get("training_texts")
+    if not tt:
+        return None
+    if tt.get("rule") != TEXT_DIGEST_RULE:
+        raise ConfigError(f"{d}: cfg.json's training_texts were digested by another rule ({tt.get('rule')!r}); "
+                          f"train the SAE again with this actcache")
+    try:
+        digests = np.unique(np.array([int(x, 16) for x in tt.get("digests", [])], dtype=np.uint64))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{d}: cfg.json's training_texts digests are not 16-digit hex strings; "
+                          f"train the SAE again") from None
+    return {"source": cfg.get("source"), "n_texts": int(tt.get("n_texts", len(digests))), "digests": digests}
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
@@ -279,9 +309,67 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
            "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
            **({"k": sae.k} if sae.k else {}),
            **({"rescale_acts_by_decoder_norm": True} if sae.rescale_acts_by_decoder_norm else {})}
+    if sae.data_mean is not None:
+        cfg["data_mean"] = [float(v) for v in np.asarray(sae.data_mean, dtype=np.float32)]
+    if sae.training is not None:
+        cfg["source"] = sae.training.get("source")
+        cfg["training_texts"] = _training_json(sae.training)
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in w.items()}, str(d / "sae_weights.safetensors"))
     (d / "cfg.json").write_text(json.dumps(cfg, indent=2))
     return d
+
+
+# ------------------------------------------------------------------ training text vs a build's rows
+
+TEXT_DIGEST_RULE = "sha256 of the text, whitespace runs collapsed to one space and ends stripped; first 16 hex"
+
+
+def text_digest(text: str) -> str:
+    """The 16-hex digest an SAE records of each text it trained on (TEXT_DIGEST_RULE)."""
+    return hashlib.sha256(" ".join(str(text).split()).encode("utf-8")).hexdigest()[:16]
+
+
+def _training_json(training: dict) -> dict:
+    return {"rule": TEXT_DIGEST_RULE, "n_texts": int(training["n_texts"]),
+            "digests": [f"{int(x):016x}" for x in np.asarray(training["digests"], dtype=np.uint64)]}
+
+
+def row_digests(store, rows) -> list[set[int]]:
+    """Per store row, the digests of the three texts an SAE could have seen it as:
+    its demonstration text (query + answer, what `train_sae` trains on), its query
+    text, and its own text without the template (`data.record_text`: a text file
+    of raw sentences, or an SAE trained under another template)."""
+    from .data import record_text
+
+    return [{int(text_digest(t), 16) for t in (store.demos[r], store.texts[r], record_text(store.records[r]))}
+            for r in np.asarray(rows, dtype=np.int64)]
+
+
+def training_overlap(store, sae: str, rows, sample: int = 10) -> dict:
+    """How many of a build's `rows` an SAE of the build trained on.
+
+    A row overlaps when the digest (`text_digest`) of its demonstration text, its
+    query text or its own text (`row_digests`) is among the SAE's training-text
+    digests, which the build keeps from the SAE's cfg.json (`train_sae` records
+    them; `Store.sae_training_digests`).
+
+    Args:
+        store: the build; sae: the SAE's key or key prefix; rows: int store rows.
+
+    Returns dict(sae (key16), status "checked" or "unknown" (the SAE records no
+    training texts: loaded from SAELens / Gemma Scope, or trained before
+    actcache recorded them), n_rows, n_overlap (None when unknown), ids: the
+    first `sample` overlapping rows' example ids).
+    """
+    k16, _ = store.sae_group(sae)
+    rows = np.asarray(rows, dtype=np.int64)
+    digests = store.sae_training_digests(k16)
+    if digests is None:
+        return {"sae": k16, "status": "unknown", "n_rows": int(len(rows)), "n_overlap": None, "ids": []}
+    seen = {int(x) for x in digests}
+    hit = [int(r) for r, ds in zip(rows, row_digests(store, rows)) if ds & seen]
+    return {"sae": k16, "status": "checked", "n_rows": int(len(rows)), "n_overlap": len(hit),
+            "ids": [str(store.ids[r]) for r in hit[:sample]]}
 
 
 def hook_module(layer, point: str):
@@ -338,33 +426,98 @@ def _forward_to(base, seen: dict, input_ids, attention_mask):
     return seen["h"]
 
 
-def pooled_codes(sae: SAE, h: np.ndarray, spans) -> dict:
+FVU_REFERENCES = ("sae training mean", "pass mean")
+
+
+def _pool_parts(sae: SAE, h: np.ndarray, spans, mu: np.ndarray | None) -> dict:
+    """Pooled codes and the per-example sums FVU is made of: err (squared
+    reconstruction error), n (tokens), and, with a reference mean `mu`, den
+    (squared distance to mu); without one, ss (squared distance to the span's own
+    mean) and span_mean (B, d_in), from which `_den_from_own_means` gets den once
+    mu is known."""
+    B = len(spans)
+    mean = np.zeros((B, sae.d_sae), np.float32)
+    mx = np.zeros((B, sae.d_sae), np.float32)
+    l0, expl, err, n = np.zeros(B), np.zeros(B), np.zeros(B), np.zeros(B)
+    den = np.zeros(B) if mu is not None else None
+    ss = np.zeros(B) if mu is None else None
+    span_mean = np.zeros((B, sae.d_in)) if mu is None else None
+    for i, (s, e) in enumerate(spans):
+        x = np.asarray(h[i, s:e], dtype=np.float32)
+        f = sae.encode(x)
+        r = (x - sae.decode(f)).astype(np.float64)
+        x64 = x.astype(np.float64)
+        mean[i], mx[i] = f.mean(0), f.max(0)
+        l0[i] = (f > 0).sum(1).mean()
+        err[i], n[i] = float((r ** 2).sum()), e - s
+        if mu is not None:
+            den[i] = float(((x64 - mu) ** 2).sum())
+        else:
+            span_mean[i] = x64.mean(0)
+            ss[i] = float(((x64 - span_mean[i]) ** 2).sum())
+        expl[i] = 1.0 - err[i] / float((x64 ** 2).sum())
+    return {"mean": mean, "max": mx, "l0": l0, "explained": expl, "err": err, "n": n, "den": den, "ss": ss,
+            "span_mean": span_mean}
+
+
+def fvu_reference(sae: SAE) -> str:
+    """The mean a build's per-example FVU of `sae` is measured from (see `sae_pass`)."""
+    return FVU_REFERENCES[0] if sae.data_mean is not None else FVU_REFERENCES[1]
+
+
+def _finish_fvu(err: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, err / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _den_from_own_means(ss: np.ndarray, n: np.ndarray, span_mean: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """sum over a span's tokens of |x - mu|^2 = (sum of |x - m|^2, m the span's mean) + n |m - mu|^2."""
+    return ss + n * ((np.asarray(span_mean, dtype=np.float64) - mu) ** 2).sum(1)
+
+
+def pooled_codes(sae: SAE, h: np.ndarray, spans, reference: np.ndarray | None = None) -> dict:
     """Per-example pooled SAE features over token spans, and per-example statistics.
+
+    FVU follows the convention of the SAE libraries: the squared reconstruction
+    error over the squared distance to a mean of the data, per dimension, taken
+    over a whole set of token activations, not over each example (eai-sparsify:
+    `SparseCoder.forward` in sparsify/sparse_coder.py, fvu = sum (y - y_hat)^2 /
+    sum (y - y.mean(0))^2 over the batch's tokens; SAELens:
+    `SAETrainer._build_train_step_log_dict` in sae_lens/training/sae_trainer.py,
+    explained_variance = 1 - mean |x - x_hat|^2 / mean |x - x.mean(0)|^2, where
+    sae_lens/evals.py calls the per-token ratio "old, incorrect"; read at sparsify
+    9d3b136 and SAELens 91ca16c). Per example i:
+
+        fvu[i] = sum_{t in span i} |x_t - x_hat_t|^2 / sum_{t in span i} |x_t - mu|^2
+
+    with one fixed mu for every example: `reference` when given, else the SAE's
+    training-data mean (`SAE.data_mean`) when it records one, else the mean over
+    every token of all `spans` here. A span's own mean would make its FVU grow as
+    its tokens get alike (a one-token span has no variance at all) whatever the
+    reconstruction does.
 
     Args:
         h: (B, T, d_in) float32 activations at the SAE's hook point.
         spans: B (start, end) token ranges, as the dense arrays pool.
+        reference: (d_in,) the mean to measure variance from (see above).
 
     Returns dict: mean, max ((B, d_sae) float32, mostly zeros: store with
-    `to_csr`), l0 (B,) mean active features per token, fvu (B,) the fraction of
-    the span's variance left unexplained by the reconstruction, explained (B,)
-    the fraction of the span's squared norm the reconstruction explains.
+    `to_csr`), l0 (B,) mean active features per token, fvu (B,) as above,
+    explained (B,) the fraction of the span's squared norm the reconstruction
+    explains, fvu_reference: which mean ("given", or one of FVU_REFERENCES).
     """
-    B = len(spans)
-    mean = np.zeros((B, sae.d_sae), np.float32)
-    mx = np.zeros((B, sae.d_sae), np.float32)
-    l0, fvu, expl = np.zeros(B), np.zeros(B), np.zeros(B)
-    for i, (s, e) in enumerate(spans):
-        x = np.asarray(h[i, s:e], dtype=np.float32)
-        f = sae.encode(x)
-        r = x - sae.decode(f)
-        mean[i], mx[i] = f.mean(0), f.max(0)
-        l0[i] = (f > 0).sum(1).mean()
-        err = float((r.astype(np.float64) ** 2).sum())
-        var = float(((x - x.mean(0)).astype(np.float64) ** 2).sum())
-        fvu[i] = err / var if var > 0 else np.nan
-        expl[i] = 1.0 - err / float((x.astype(np.float64) ** 2).sum())
-    return {"mean": mean, "max": mx, "l0": l0, "fvu": fvu, "explained": expl}
+    mu = reference if reference is not None else sae.data_mean
+    mu = None if mu is None else np.asarray(mu, dtype=np.float64)
+    out = _pool_parts(sae, h, spans, mu)
+    if mu is None:
+        n = out["n"]
+        mu = (out["span_mean"] * n[:, None]).sum(0) / max(n.sum(), 1)
+        den = _den_from_own_means(out["ss"], n, out["span_mean"], mu)
+        where = FVU_REFERENCES[1]
+    else:
+        den = out["den"]
+        where = "given" if reference is not None else FVU_REFERENCES[0]
+    return {"mean": out["mean"], "max": out["max"], "l0": out["l0"], "fvu": _finish_fvu(out["err"], den),
+            "explained": out["explained"], "fvu_reference": where}
 
 
 def to_csr(dense) -> dict:
@@ -395,6 +548,9 @@ class SAETrainConfig:
 
     Texts are the task's pool rows (query + answer, as demonstrations read) or the
     lines of `text_file`; a seeded 10 % of them is held out for FVU and L0.
+    `exclude_build` (a build key, prefix or "last") leaves out every text that is
+    one of that build's rows, pool and eval (`row_digests`), before the `limit`
+    texts are drawn, so the SAE never trains on what a study of the build uses.
     The trainer is eai-sparsify's `SparseCoder` (its TopK encoder, decoder and
     normalisation), driven by a seeded Adam loop over cached activations.
     """
@@ -416,6 +572,7 @@ class SAETrainConfig:
     heldout: float = 0.1
     seed: int = 0
     home: str | None = None
+    exclude_build: str | None = None
 
 
 class _Done(Exception):
@@ -450,14 +607,18 @@ def token_activations(lm, texts: list[str], layer: int, point: str, max_length: 
     return np.concatenate(out).astype(np.float32)
 
 
-def _split_texts(texts: list[str], heldout: float, seed: int) -> tuple[list[str], list[str]]:
-    rng = np.random.default_rng(seed)
-    held = rng.random(len(texts)) < heldout
-    return [t for t, h in zip(texts, held) if not h], [t for t, h in zip(texts, held) if h]
+def _held_out(n: int, heldout: float, seed: int) -> np.ndarray:
+    """(n,) bool: the seeded held-out share of n texts."""
+    return np.random.default_rng(seed).random(n) < heldout
 
 
 def evaluate_sae(sae: SAE, x: np.ndarray) -> dict:
-    """FVU (residual energy over variance) and mean L0 of `sae` on activations x (n, d)."""
+    """FVU and mean L0 of `sae` on activations x (n, d).
+
+    FVU = sum |x - x_hat|^2 / sum |x - mean(x)|^2, the mean per dimension over all
+    n tokens: the convention of eai-sparsify (`SparseCoder.forward`) and SAELens
+    (`explained_variance` in its trainer), with the evaluated set as the batch.
+    """
     f = sae.encode(x)
     r = x - sae.decode(f)
     var = float(((x - x.mean(0)).astype(np.float64) ** 2).sum())
@@ -467,7 +628,18 @@ def evaluate_sae(sae: SAE, x: np.ndarray) -> dict:
 
 def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     """Train, evaluate on held-out text and save (SAELens layout, under
-    <home>/sae/<key>); returns (sae, report with fvu, l0, tokens, seconds, path)."""
+    <home>/sae/<key>); returns (sae, report with train and held-out FVU and L0
+    (`evaluate_sae`), source, texts, steps, seconds, path).
+
+    cfg.json records, beside the SAELens fields: the model, the trainer and its
+    settings; `source` (the task and its data fingerprint, or the text file and
+    its sha256; with `exclude_build`, that build's key and how many texts it
+    left out); `training_texts` (TEXT_DIGEST_RULE, the number of training texts
+    and the sorted digests of every training text and, for task data, of each
+    training example's own text; held-out texts are not among them), which
+    `actcache build` copies into a build for `training_overlap`; and `data_mean`,
+    the mean training activation, the reference of a build's per-example FVU.
+    """
     import time
 
     import torch
@@ -478,7 +650,7 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
         raise ConfigError("`actcache sae train` needs eai-sparsify: pip install 'actcache[sae]' "
                           "(or pip install eai-sparsify==1.3.3)") from None
     from .capture import decoder_layers
-    from .data import DataSpec, load, read_text
+    from .data import DataSpec, load, read_text, record_text, subsample
     from .models import ModelSpec, load_model, set_threads
     from .store import default_home
 
@@ -490,17 +662,47 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     set_threads()
     torch.manual_seed(cfg.seed)
     home = default_home(cfg.home)
+    banned: set[int] = set()
+    if cfg.exclude_build:
+        from .store import Store
+
+        ex = Store.open(cfg.exclude_build, cfg.home)
+        banned = set().union(*row_digests(ex, np.arange(len(ex.ids))))
     if cfg.text_file:
-        texts = [ln for ln in read_text(Path(cfg.text_file)).splitlines() if ln.strip()]
-        source = {"text_file": str(cfg.text_file), "sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
+        lines = [ln for ln in read_text(Path(cfg.text_file)).splitlines() if ln.strip()]
+        source = {"text_file": str(cfg.text_file), "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
+        texts = [ln for ln in lines if int(text_digest(ln), 16) not in banned]
+        n_excluded = len(lines) - len(texts)
+        own = [[] for _ in texts]  # what else each text is recorded as (task data: the example's own text)
     else:
-        ds = load(DataSpec(task=cfg.task, data_dir=cfg.data_dir, pool_limit=cfg.limit, seed=cfg.seed),
-                  cache_dir=home / "data")
-        texts = [ds.task.demo_text(e) for e in ds.pool]
-        source = {"task": cfg.task, "fingerprint": ds.fingerprint()}
+        ds = load(DataSpec(task=cfg.task, data_dir=cfg.data_dir, pool_limit=None if cfg.exclude_build else cfg.limit,
+                           seed=cfg.seed), cache_dir=home / "data")
+        pool = ds.pool
+        if cfg.exclude_build:
+            forms = [(ds.task.demo_text(e), ds.task.query_text(e), record_text({"fields": dict(e.fields)}))
+                     for e in pool]
+            kept = [e for e, f in zip(pool, forms) if not {int(text_digest(t), 16) for t in f} & banned]
+            n_excluded = len(pool) - len(kept)
+            pool = subsample(kept, cfg.limit, cfg.seed)
+        else:
+            n_excluded = 0
+        texts = [ds.task.demo_text(e) for e in pool]
+        own = [[record_text({"fields": dict(e.fields)})] for e in pool]
+        source = {"task": cfg.task, "fingerprint": ds.fingerprint(), "limit": cfg.limit}
+    if cfg.exclude_build:
+        source.update(exclude_build=ex.key, n_excluded=n_excluded)
     if len(texts) < 10:
-        raise ConfigError(f"only {len(texts)} texts to train on; give at least 10")
-    train, held = _split_texts(texts, cfg.heldout, cfg.seed)
+        raise ConfigError(f"only {len(texts)} texts to train on"
+                          f"{f' ({n_excluded} left out as rows of build {ex.key[:12]})' if n_excluded else ''}; "
+                          f"give at least 10")
+    held_mask = _held_out(len(texts), cfg.heldout, cfg.seed)
+    train = [t for t, h in zip(texts, held_mask) if not h]
+    held = [t for t, h in zip(texts, held_mask) if h]
+    # What the SAE learnt from: the training texts (not the held-out ones) and, for task data, each
+    # training example's own text, so a build under another template is still matched.
+    learnt = [x for t, o, h in zip(texts, own, held_mask) if not h for x in (t, *o)]
+    digests = np.unique(np.array([int(text_digest(x), 16) for x in learnt], dtype=np.uint64))
+    training = {"source": source, "n_texts": len(train), "digests": digests}
     lm = load_model(ModelSpec(cfg.model, dtype=cfg.dtype), home)
     n_layers = len(decoder_layers(lm.model)[1])
     if not 0 <= cfg.layer < n_layers:
@@ -534,9 +736,10 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
         progress("sae train", cfg.epochs * n_batches, cfg.epochs * n_batches)
     W = {k: v.detach().float().numpy() for k, v in coder.state_dict().items()}
     tmp = SAE(W["encoder.weight"].T.copy(), W["encoder.bias"], W["W_dec"], W["b_dec"], "topk", cfg.hook,
-              cfg.layer, None, cfg.k, True)
+              cfg.layer, None, cfg.k, True, data_mean=X.mean(0, dtype=np.float64).astype(np.float32),
+              training=training)
     cfg_json = {"model": lm.provenance.get("model"), "weights_sha256": lm.provenance.get("weights_sha256"),
-                "dtype": lm.provenance.get("dtype"), "source": source, "trainer": "eai-sparsify 1.3.3 SparseCoder, Adam",
+                "dtype": lm.provenance.get("dtype"), "trainer": "eai-sparsify 1.3.3 SparseCoder, Adam",
                 "seed": cfg.seed, "epochs": cfg.epochs, "lr": lr, "tokens": int(len(X))}
     key = sae_key(tmp)
     sae = replace(tmp, key=key)
@@ -544,6 +747,7 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     meta = json.loads((path / "cfg.json").read_text())
     (path / "cfg.json").write_text(json.dumps({**meta, **cfg_json, "key": key}, indent=2))
     report = {"path": str(path), "key": key, "train": evaluate_sae(sae, X), "heldout": evaluate_sae(sae, Xh),
+              "source": source, "texts": {"train": len(train), "heldout": len(held), "digests": int(len(digests))},
               "steps": steps, "tokens_seen": steps * cfg.batch_tokens, "seconds": round(time.time() - t0, 1),
               "activation_seconds": round(t_act - t0, 1), "train_seconds": round(time.time() - t_act, 1),
               "hardware": lm.provenance.get("hardware")}
@@ -554,8 +758,15 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
     """One forward pass over a build's rows (token ids `seqs`, pooled `spans`) under
     `mask`, reading the SAE's hook point, stopping after its layer.
 
+    FVU per example is `pooled_codes`'s, with one reference mean for the whole
+    pass: the SAE's training-data mean when it records one, else the mean over
+    every span token of this pass, known only at its end. For the latter each
+    example's squared error, squared distance to its own span mean and that mean
+    (float32, N x d_in) are kept and FVU finished once the pass mean is known
+    (sum |x - mu|^2 = sum |x - m|^2 + n |m - mu|^2): one forward, no second pass.
+
     Returns ({"mean": CSR, "max": CSR (see `to_csr`), "stats": (N, 3) float64
-    l0, fvu, explained}, forward batches run).
+    l0, fvu, explained, "fvu_reference": one of FVU_REFERENCES}, forward batches run).
     """
     from scipy.sparse import csr_matrix, vstack
 
@@ -567,6 +778,10 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
     # Kept sparse batch by batch: dense (n, d_sae) pools would need 6.5 GB each for 100k rows x 16k features.
     means, maxes, order = [], [], []
     stats = np.zeros((n, 3))
+    mu = None if sae.data_mean is None else np.asarray(sae.data_mean, dtype=np.float64)
+    err, den, ss, n_tok = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    span_mean = np.zeros((n, sae.d_in), np.float32) if mu is None else None
+    total = np.zeros(sae.d_in)  # sum of every span token (float64), for the pass mean
     batches = length_batches([len(s) for s in seqs], batch_size)
     with _hook_reader(blocks[sae.layer], sae.hook) as seen:
         for bi, rows in enumerate(batches):
@@ -576,16 +791,26 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
                            next(model.parameters()).device)
             attn = sink_masks(model, b.attention_mask, model.dtype) if mask == "sink-masked" else b.attention_mask
             h = _forward_to(base, seen, b.input_ids, attn)
-            out = pooled_codes(sae, h.float().cpu().numpy(), [spans[i] for i in rows])
+            out = _pool_parts(sae, h.float().cpu().numpy(), [spans[i] for i in rows], mu)
             means.append(csr_matrix(out["mean"]))
             maxes.append(csr_matrix(out["max"]))
             order.extend(int(r) for r in rows)
-            stats[rows] = np.stack([out["l0"], out["fvu"], out["explained"]], axis=1)
+            stats[rows, 0], stats[rows, 2] = out["l0"], out["explained"]
+            err[rows], n_tok[rows] = out["err"], out["n"]
+            if mu is None:
+                ss[rows], span_mean[rows] = out["ss"], out["span_mean"]
+                total += (out["span_mean"] * out["n"][:, None]).sum(0)
+            else:
+                den[rows] = out["den"]
     if progress:
         progress(f"sae {mask}", len(batches), len(batches))
+    if mu is None:
+        den = _den_from_own_means(ss, n_tok, span_mean, total / max(n_tok.sum(), 1))
+    stats[:, 1] = _finish_fvu(err, den)
     back = np.argsort(order)  # batches run longest first: rows back in store order
 
     def rows_in_order(parts):
         return vstack(parts, format="csr")[back] if parts else csr_matrix((0, sae.d_sae), dtype=np.float32)
 
-    return {"mean": to_csr(rows_in_order(means)), "max": to_csr(rows_in_order(maxes)), "stats": stats}, len(batches)
+    return {"mean": to_csr(rows_in_order(means)), "max": to_csr(rows_in_order(maxes)), "stats": stats,
+            "fvu_reference": fvu_reference(sae)}, len(batches)

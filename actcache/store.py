@@ -339,7 +339,8 @@ def _pool_fingerprint(arr: np.ndarray, pool: np.ndarray) -> str:
 
 def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, examples: dict | None,
                 provenance: dict, config: dict, key_payload: dict, store_dtype: str = "float16",
-                versions: dict | None = None, saes: dict | None = None) -> None:
+                versions: dict | None = None, saes: dict | None = None,
+                sae_training: dict | None = None) -> None:
     """Write (or extend) a build's acts.h5 atomically: old + new arrays are
     assembled in memory, written to a temp file beside it, fsynced, then renamed
     into place (`atomic_write`). No space or a file-size limit: StoreError.
@@ -355,6 +356,8 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
         config: merged over the old config.
         saes: {(sae key16, mask): sae.sae_pass output}: pooled SAE features kept
             as CSR under sae/<key16>/<mask>/<pooling>/, statistics under .../stats.
+        sae_training: {sae key16: (m,) uint64 sorted digests of the SAE's training
+            texts (sae.training_overlap)}, under sae_training/<key16>.
         store_dtype: "float16" (float32 where float16 would overflow) or "float32".
     """
     import io
@@ -373,7 +376,7 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
             old_prov, old_cfg = {}, {}
             if final.exists():
                 with _open_h5(final) as old:
-                    for name in ("examples", "acts", "stats", "sae"):
+                    for name in ("examples", "acts", "stats", "sae", "sae_training"):
                         if name in old:
                             old.copy(old[name], f, name=name)
                     old_prov = json.loads(old.attrs["provenance"])
@@ -404,6 +407,15 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
                     for part, arr in v[pooling].items():
                         _h5_dataset(f, f"{g}/{pooling}/{part}", arr)
                 _h5_dataset(f, f"{g}/stats", v["stats"]).attrs["columns"] = json.dumps(SAE_STATS)
+            for k16, digests in (sae_training or {}).items():
+                name = f"sae_training/{k16}"
+                if name in f:
+                    del f[name]
+                arr = np.asarray(digests, dtype=np.uint64)
+                if arr.size:
+                    _h5_dataset(f, name, arr)
+                else:  # HDF5 cannot chunk an empty dataset
+                    f.create_dataset(name, data=arr)
             for a, st in stats.items():
                 if a.stats_name() not in f:
                     _h5_dataset(f, a.stats_name(), st.astype(np.float64)).attrs["columns"] = json.dumps(STATS)
@@ -651,6 +663,14 @@ class Store:
         with self._reading(f"SAE statistics {g}") as f:
             arr = f[f"{g}/stats"][:]
         return arr[self.rows(split)]
+
+    def sae_training_digests(self, sae: str) -> np.ndarray | None:
+        """The sorted (m,) uint64 digests of an SAE's training texts as its cfg.json
+        recorded them (`sae.training_overlap`); None when it recorded none."""
+        k16, _ = self.sae_group(sae)
+        with self._reading(f"SAE training digests of {k16}") as f:
+            name = f"sae_training/{k16}"
+            return f[name][:] if name in f else None
 
     def array_dtype(self, a: ArrayId) -> np.dtype:
         """The dtype an array is stored in (float16 or float32)."""
@@ -932,8 +952,9 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
         return rep
     names = [a.name() for a in st.arrays] + sorted({a.stats_name() for a in st.arrays})
     with _open_h5(st.h5_path) as f:
-        if "sae" in f:
-            f["sae"].visititems(lambda n, obj: names.append(f"sae/{n}") if hasattr(obj, "shape") else None)
+        for top in ("sae", "sae_training"):
+            if top in f:
+                f[top].visititems(lambda n, obj, t=top: names.append(f"{t}/{n}") if hasattr(obj, "shape") else None)
         for name in names:
             rep.checked += 1
             try:

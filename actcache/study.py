@@ -141,12 +141,45 @@ def correlation_study(store: Store, q: QualityMatrix, cfg: EvalConfig,
     return StudyResult(rows=rows, summary=summarize(rows, ref=STUDY_REF), pairs=pairs, label_rho=label_rho,
                        length_rho=spearman(lengths, quality)[0], replication=replication,
                        quality=quality.tolist(),
-                       sae=sae_study(store, cand, quality, labels, lengths, cfg, progress, halves),
+                       sae=sae_study(store, cand, quality, labels, lengths, cfg, progress, halves, probes=probes),
                        push=push_check(q, store, cfg, quality))
 
 
+def sae_training_overlap(store: Store, cand: np.ndarray, probes: np.ndarray | None, cfg: EvalConfig) -> list[dict]:
+    """Per SAE of the build, how many candidates and probes it trained on
+    (`sae.training_overlap`): dict(sae, status "checked" | "unknown",
+    candidates, probes: each dict(n_rows, n_overlap, ids)).
+
+    Raises OverlapError when an SAE trained on the text of any candidate or probe
+    and `cfg.allow_overlap` is False: its features would be read on the very
+    examples it learnt from.
+    """
+    from .errors import OverlapError
+    from .sae import training_overlap
+
+    out = []
+    for k16 in sorted({k for k, _ in store.sae_groups}):
+        parts = {"candidates": training_overlap(store, k16, cand),
+                 "probes": training_overlap(store, k16, probes if probes is not None else [])}
+        out.append({"sae": k16, "status": parts["candidates"]["status"],
+                    **{name: {k: v for k, v in o.items() if k in ("n_rows", "n_overlap", "ids")}
+                       for name, o in parts.items()}})
+    bad = [o for o in out if o["candidates"]["n_overlap"] or o["probes"]["n_overlap"]]
+    if bad and not cfg.allow_overlap:
+        what = "; ".join(f"SAE {o['sae'][:8]} trained on the text of {o['candidates']['n_overlap']} of "
+                         f"{o['candidates']['n_rows']} candidates and {o['probes']['n_overlap']} of "
+                         f"{o['probes']['n_rows']} probes (e.g. ids "
+                         f"{', '.join((o['candidates']['ids'] + o['probes']['ids'])[:3])})" for o in bad)
+        raise OverlapError(f"{what}: the SAE study would read its features on examples it learnt from. Train an "
+                           f"SAE without this build's rows (`actcache sae train ... --exclude-build "
+                           f"{store.key[:12]}`) and add it (`actcache build ... --sae DIR`), or pass "
+                           f"--allow-overlap (EvalConfig.allow_overlap=True) to run anyway with the overlap reported")
+    return out
+
+
 def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.ndarray, lengths: np.ndarray,
-              cfg: EvalConfig, progress: Progress | None = None, halves=None) -> dict | None:
+              cfg: EvalConfig, progress: Progress | None = None, halves=None,
+              probes: np.ndarray | None = None) -> dict | None:
     """The correlation study over the build's SAE features, as a family of its own.
 
     Signals, per SAE and mask: every feature whose pooled activation (mean and
@@ -158,12 +191,20 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
     features (nan for the rest); the discovery/confirmation split re-tests the
     discovery top 10 (`correlate.replicate`).
 
+    First each SAE's training texts are checked against the candidates and
+    probes (`sae_training_overlap`): an SAE that trained on any of them raises
+    OverlapError unless `cfg.allow_overlap`.
+
     Args:
         cand: (N,) int64 store rows of the candidates; quality, labels, lengths:
             (N,) per candidate, as the moment study uses them.
+        probes: int64 store rows of the quality matrix's probes (checked for
+            overlap only).
 
     Returns None when the build holds no SAE features, else dict(min_active,
-    saes: one dict per SAE x mask x pooling with the features tested, rows:
+    training_overlap (see `sae_training_overlap`), saes: one dict per SAE x mask
+    x pooling with the features tested and the FVU reference its build recorded
+    (None: a build from before per-example FVU used one), rows:
     candidate_correlations rows plus sae, mask, pooling, feature ("l0", "fvu",
     "explained" for the statistics), summary, replication, features: the
     SAE_TOP features by |rho| on label + log length, each with its
@@ -176,6 +217,7 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
 
     if not store.sae_groups:
         return None
+    overlap = sae_training_overlap(store, cand, probes, cfg)
     signals: dict[str, np.ndarray] = {}
     tested, codes = [], {}
     for k16, mask in store.sae_groups:
@@ -194,7 +236,7 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
             tested.append({"sae": k16, "mask": mask, "pooling": pooling, "d_sae": int(C.shape[1]),
                            "ever_active": int((active > 0).sum()), "tested": int(len(feats)),
                            **{k: v for k, v in (store.provenance.get("saes") or {}).get(k16, {}).items()
-                              if k in ("hook", "layer", "kind")}})
+                              if k in ("hook", "layer", "kind", "fvu_reference")}})
     # p-values and BH over every signal; bootstrap CIs (n_boot resamples each, 60 ms per signal
     # at 1,000 candidates) only for the SAE statistics and the listed features: thousands of
     # features would take most of an hour for intervals nobody reads.
@@ -233,7 +275,8 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
             "examples": [{"id": str(store.ids[pool[i]]), "label": int(store.labels[pool[i]]),
                           "activation": float(col[i]), "text": record_text(store.records[pool[i]])[:300]}
                          for i in top]})
-    return {"min_active": cfg.sae_min_active, "saes": tested, "rows": rows, "summary": summarize(rows, ref=STUDY_REF),
+    return {"min_active": cfg.sae_min_active, "training_overlap": overlap, "saes": tested, "rows": rows,
+            "summary": summarize(rows, ref=STUDY_REF),
             "replication": replication, "features": features}
 
 

@@ -396,6 +396,9 @@ def evaluate(
     n_boot: int = typer.Option(EvalConfig.n_boot, help="Bootstrap resamples for CIs."),
     sae_min_active: int = typer.Option(EvalConfig.sae_min_active, help="An SAE feature enters the study when "
                                                                        "active in at least this many candidates."),
+    allow_overlap: bool = typer.Option(EvalConfig.allow_overlap, "--allow-overlap/--no-allow-overlap",
+                                       help="Run the SAE study even where an SAE trained on the text of candidates "
+                                            "or probes (reported); by default that is refused."),
     batch_size: int = typer.Option(EvalConfig.batch_size, help="Prompts per forward batch."),
     max_length: int = typer.Option(EvalConfig.max_length, help="Longest prompt; longer ones drop demonstrations (reported)."),
     demos: Optional[str] = typer.Option(None, help="A query JSONL (from `actcache query`) evaluated as one more strategy."),
@@ -411,6 +414,7 @@ def evaluate(
                      **({"strategies": _split(strategies)} if strategies else {}), knn_layers=knn_layers, knn_order=knn_order,
                      votek_budget=votek_budget, turns=turns, quality=quality,
                      quality_def=quality_def, confirm_fraction=confirm_fraction, dtype=dtype, n_boot=n_boot, sae_min_active=sae_min_active,
+                     allow_overlap=allow_overlap,
                      batch_size=batch_size, max_length=max_length, demos=demos, out=out)
     with progress_bar() as cb:
         res = run_eval(cfg, progress=cb)
@@ -514,18 +518,26 @@ def sae_train(
     k: int = typer.Option(32, help="Active latents per token (TopK)."),
     epochs: int = typer.Option(10, help="Passes over the training tokens."),
     seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batch order."),
+    exclude_build: Optional[str] = typer.Option(None, "--exclude-build",
+                                                help="Leave out every row (pool and eval) of this build (key, "
+                                                     "prefix or 'last'), so its study can use the SAE."),
     store: Optional[str] = STORE,
 ):
     """Train a TopK SAE (eai-sparsify) on per-token activations; report held-out FVU and L0."""
     from actcache.sae import SAETrainConfig, train_sae
 
     cfg = SAETrainConfig(model=model, dtype=dtype, task=task, text_file=text_file, data_dir=data_dir, limit=limit,
-                         hook=hook, layer=layer, width=width, k=k, epochs=epochs, seed=seed, home=store)
+                         hook=hook, layer=layer, width=width, k=k, epochs=epochs, seed=seed, home=store,
+                         exclude_build=exclude_build)
     with progress_bar() as cb:
         _, r = train_sae(cfg, progress=cb)
+    src = r["source"]
+    left = (f", {src['n_excluded']:,} left out as rows of build {src['exclude_build'][:12]}"
+            if "n_excluded" in src else "")
     typer.echo(f"held-out FVU {r['heldout']['fvu']:.3f}, L0 {r['heldout']['l0']:.1f} on {r['heldout']['n_tokens']:,} "
                f"tokens (train FVU {r['train']['fvu']:.3f} on {r['train']['n_tokens']:,}); {r['steps']} steps, "
-               f"{r['seconds']} s\nsaved {r['path']} (key {r['key'][:16]})")
+               f"{r['seconds']} s; {r['texts']['train']:,} training texts{left}"
+               f"\nsaved {r['path']} (key {r['key'][:16]})")
 
 
 @app.command()

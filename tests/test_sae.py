@@ -145,15 +145,65 @@ def test_pooled_codes_by_hand(tmp_path):
     h = np.random.default_rng(2).normal(size=(2, 6, 8)).astype(np.float32)
     spans = [(1, 4), (0, 6)]
     out = pooled_codes(sae, h, spans)
+    mu = np.concatenate([h[i, s:e] for i, (s, e) in enumerate(spans)]).mean(0)  # every span token
     for i, (s, e) in enumerate(spans):
         f = sae.encode(h[i, s:e])
         np.testing.assert_allclose(out["mean"][i], f.mean(0), rtol=1e-6)
         np.testing.assert_allclose(out["max"][i], f.max(0), rtol=1e-6)
         assert out["l0"][i] == pytest.approx((f > 0).sum(1).mean())
         r = h[i, s:e] - sae.decode(f)
-        assert out["fvu"][i] == pytest.approx((r ** 2).sum() / ((h[i, s:e] - h[i, s:e].mean(0)) ** 2).sum(), rel=1e-4)
+        assert out["fvu"][i] == pytest.approx((r ** 2).sum() / ((h[i, s:e] - mu) ** 2).sum(), rel=1e-4)
         assert out["explained"][i] == pytest.approx(1 - (r ** 2).sum() / (h[i, s:e] ** 2).sum(), rel=1e-4)
+    assert out["fvu_reference"] == "pass mean"
     assert isinstance(sae, SAE)
+
+
+def _fvu_reference(sae, h, spans, mu):
+    """Per-example FVU by the SAE libraries' convention, in float64 numpy: the span's
+    squared error over its squared distance to one dataset mean mu."""
+    out = []
+    for i, (s, e) in enumerate(spans):
+        x = h[i, s:e].astype(np.float64)
+        x_hat = sae.decode(sae.encode(h[i, s:e])).astype(np.float64)
+        out.append(((x - x_hat) ** 2).sum() / ((x - mu) ** 2).sum())
+    return np.array(out)
+
+
+def test_per_example_fvu_uses_one_dataset_mean_not_each_span_mean(tmp_path):
+    """Spans sitting at different offsets (as examples do) and a one-token span: the
+    span-mean ratio differs from the convention (and is undefined for one token)."""
+    _hand_layout(tmp_path, "relu")
+    sae = load_sae(tmp_path)
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(3, 7, 8)).astype(np.float32) * 0.3
+    h += np.array([-2.0, 0.5, 3.0], np.float32)[:, None, None] * rng.normal(size=8).astype(np.float32)
+    spans = [(0, 7), (2, 5), (4, 5)]
+    out = pooled_codes(sae, h, spans)
+    mu = np.concatenate([h[i, s:e] for i, (s, e) in enumerate(spans)]).astype(np.float64).mean(0)
+    want = _fvu_reference(sae, h, spans, mu)
+    np.testing.assert_allclose(out["fvu"], want, rtol=1e-6)
+    span_mean = [((h[i, s:e] - h[i, s:e].mean(0)) ** 2).sum() for i, (s, e) in enumerate(spans)]
+    assert span_mean[2] == 0 and np.isfinite(out["fvu"]).all()
+    own = np.array([_fvu_reference(sae, h[i:i + 1], [spans[i]], h[i, s:e].mean(0))[0] for i, (s, e) in
+                    enumerate(spans[:2])])
+    assert (np.abs(own - out["fvu"][:2]) > 0.05 * out["fvu"][:2]).all()  # the conventions differ here
+    # Summed over examples it is the libraries' batch FVU of all the tokens (evaluate_sae, sparsify's formula).
+    from actcache.sae import evaluate_sae
+
+    x = np.concatenate([h[i, s:e] for i, (s, e) in enumerate(spans)])
+    err = (want * [((h[i, s:e] - mu) ** 2).sum() for i, (s, e) in enumerate(spans)]).sum()
+    assert err / ((x - mu) ** 2).sum() == pytest.approx(evaluate_sae(sae, x)["fvu"], rel=1e-5)
+    # A given reference, and the SAE's own training mean (kept through save/load), take mu's place.
+    ref = rng.normal(size=8)
+    np.testing.assert_allclose(pooled_codes(sae, h, spans, reference=ref)["fvu"],
+                               _fvu_reference(sae, h, spans, ref), rtol=1e-6)
+    from dataclasses import replace
+
+    trained = load_sae(save_sae(replace(sae, data_mean=ref.astype(np.float32)), tmp_path / "with_mean"))
+    assert trained.key == sae.key  # a statistic, not the codes
+    got = pooled_codes(trained, h, spans)
+    assert got["fvu_reference"] == "sae training mean"
+    np.testing.assert_allclose(got["fvu"], _fvu_reference(sae, h, spans, ref.astype(np.float32)), rtol=1e-6)
 
 
 def test_train_lowers_error_below_the_mean_and_is_reproducible(tiny_model_dir, tmp_path):
@@ -217,18 +267,27 @@ def test_build_with_sae_adds_only_its_pass_and_equals_a_plain_forward(tiny_model
     mod = decoder_layers(lm.model)[1][1].post_feedforward_layernorm
     got = st.sae_codes(sae.key, "mean", "isolated")
     got_max = st.sae_codes(sae.key[:8], "max", "isolated")
-    for r in (0, 5):
+    xs = []
+    for r in range(len(st.ids)):
         seen = {}
         h = mod.register_forward_hook(lambda m, a, o: seen.__setitem__("x", o[0].detach().float().numpy()))
         with torch.no_grad():
             lm.model(torch.tensor([plan.seqs["isolated"][r]]))
         h.remove()
         s, e = plan.spans["isolated"][r]
-        f = sae.encode(seen["x"][s:e])
-        np.testing.assert_allclose(got[r], f.mean(0), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(got_max[r], f.max(0), rtol=1e-4, atol=1e-5)
+        xs.append(seen["x"][s:e])
+        if r in (0, 5):
+            f = sae.encode(xs[-1])
+            np.testing.assert_allclose(got[r], f.mean(0), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got_max[r], f.max(0), rtol=1e-4, atol=1e-5)
     stats = st.sae_stats(sae.key, "label-masked")
     assert stats.shape == (len(st.ids), 3) and (stats[:, 0] >= 0).all()
+    # FVU per example around the mean of every span token of the pass, though the pass ran in batches.
+    mu = np.concatenate(xs).astype(np.float64).mean(0)
+    want = [((x - sae.decode(sae.encode(x))) ** 2).sum() / ((x - mu) ** 2).sum() for x in xs]
+    np.testing.assert_allclose(st.sae_stats(sae.key, "isolated")[:, 1], want, rtol=1e-3)
+    assert st.provenance["saes"][sae.key[:16]]["fvu_reference"] == "pass mean"
+    assert st.provenance["saes"][sae.key[:16]]["training"] is None
 
 
 # --------------------------------------------------------------------------- other libraries' layouts
@@ -304,6 +363,13 @@ def test_an_sae_saved_by_sparsify_encodes_as_sparsify_does(tmp_path):
     f = sae.encode(x.numpy())
     np.testing.assert_allclose(f, ref.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sae.decode(f), recon.numpy(), rtol=1e-4, atol=1e-4)
+    # FVU as sparsify computes it (SparseCoder.forward: over the batch's tokens, around their mean).
+    from actcache.sae import evaluate_sae
+
+    with torch.no_grad():
+        fvu = float(coder(x).fvu)
+    assert evaluate_sae(sae, x.numpy())["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert pooled_codes(sae, x.numpy()[None], [(0, 25)])["fvu"][0] == pytest.approx(fvu, rel=1e-4)
 
 
 def test_gemma_scope_folder_and_config(tmp_path):
@@ -425,3 +491,152 @@ def test_sae_strategies_are_skipped_with_a_reason_without_sae_features(tiny_mode
     assert res.study.sae is None
     assert [s["strategy"] for s in res.selection.summary] == ["zero-shot", "random", "random+turns"]
     assert any(line.startswith("skipped sae-knn: build") and "--sae DIR" in line for line in summary_lines(res))
+
+
+# --------------------------------------------------------------------------- training text vs the study's rows
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _train_on_lines(tiny_model_dir, tmp_path, home, lines, **kw):
+    from actcache.sae import SAETrainConfig, train_sae
+
+    f = tmp_path / f"lines{len(list(tmp_path.glob('lines*')))}.txt"
+    f.write_text("".join(ln + "\n" for ln in lines))
+    return train_sae(SAETrainConfig(model=str(tiny_model_dir["llama"]), dtype="float32", text_file=str(f), layer=1,
+                                    width=32, k=4, epochs=2, batch_tokens=64, lr=3e-3, home=str(home), **kw))
+
+
+def test_sae_study_refuses_an_sae_trained_on_its_candidates_and_reports_the_overlap_when_allowed(
+        tiny_model_dir, jsonl, tmp_path):
+    pytest.importorskip("sparsify")
+    from conftest import TEXTS, cfg_for
+
+    from actcache.builder import build
+    from actcache.errors import OverlapError
+    from actcache.pipeline import EvalConfig, evaluate
+    from actcache.sae import training_overlap
+
+    home = tmp_path / "s"
+    kw = dict(layers="1", components=("mlp",), masks=("isolated",))
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, home, **kw))
+    reviews = {f"x{i}": t for i, (t, _) in enumerate(TEXTS)}
+    # Raw texts of three pool rows and an eval row, and one pool row's demonstration on one line;
+    # three copies each, so the held-out tenth never takes every copy of one.
+    pool_ids = [str(i) for i in st.ids[st.pool_rows]]
+    demo_row = int(st.pool_rows[-1])
+    picked = [reviews[pool_ids[0]], reviews[pool_ids[1]], reviews[pool_ids[4]], reviews["x4"],
+              _norm(str(st.demos[demo_row]))]
+    filler = [f"{t} number {i}" for i in range(3) for t, _ in TEXTS]
+    sae, rep = _train_on_lines(tiny_model_dir, tmp_path, home, filler + picked * 3)
+    assert rep["texts"]["train"] + rep["texts"]["heldout"] == len(filler) + 3 * len(picked)
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, home, saes=(rep["path"],), **kw))
+    assert st.provenance["saes"][sae.key[:16]]["fvu_reference"] == "sae training mean"
+    assert st.provenance["saes"][sae.key[:16]]["training"]["n_texts"] == rep["texts"]["train"]
+
+    lines = {_norm(x) for x in picked}  # computed here, independently of sae.row_digests
+
+    def overlapping(rows):
+        return sorted(str(st.ids[r]) for r in rows
+                      if {_norm(str(st.demos[r])), _norm(str(st.texts[r])), _norm(reviews[str(st.ids[r])])} & lines)
+
+    cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=2, n_eval=1, k=2,
+                     seeds=(0,), strategies=("random",), n_boot=0, sae_min_active=1, out=str(tmp_path / "r"))
+    with pytest.raises(OverlapError, match=r"--exclude-build .*--allow-overlap") as e:
+        evaluate(cfg)
+    assert "trained on the text of" in str(e.value)
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    cli = CliRunner().invoke(app, ["evaluate", st.key, "--store", str(home), "--n-candidates", "8", "--n-probes", "2",
+                                   "--out", str(tmp_path / "cli")])
+    assert cli.exit_code == 2 and "--allow-overlap" in cli.output, cli.output  # refused before any scoring
+    from actcache.quality import study_rows
+    from actcache.study import sae_study
+
+    cand, probes, _ = study_rows(st, cfg)
+    want_c, want_p = overlapping(cand), overlapping(probes)
+    assert want_c, "the test needs a candidate the SAE trained on"
+    q = np.zeros(len(cand))
+    with pytest.raises(OverlapError):  # the study itself refuses, whoever calls it
+        sae_study(st, cand, q, st.labels[cand], q + 1, cfg, probes=probes)
+
+    from dataclasses import replace
+
+    res = evaluate(replace(cfg, allow_overlap=True))
+    (ov,) = res.study.sae["training_overlap"]
+    assert ov["status"] == "checked"
+    assert ov["candidates"]["n_overlap"] == len(want_c) and sorted(ov["candidates"]["ids"]) == want_c
+    assert ov["probes"]["n_overlap"] == len(want_p) and sorted(ov["probes"]["ids"]) == want_p
+    assert (ov["candidates"]["n_rows"], ov["probes"]["n_rows"]) == (len(cand), len(probes))
+    every = training_overlap(st, sae.key, np.arange(len(st.ids)))
+    assert every["n_overlap"] == len(overlapping(range(len(st.ids)))) == 5
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"trained on the text of {len(want_c)} of {len(cand)} candidates" in md
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["study"]["sae"]["training_overlap"] == \
+        res.study.sae["training_overlap"]
+
+    # Trained with --exclude-build: every row of the build left out, no overlap, the study runs.
+    sae2, rep2 = _train_on_lines(tiny_model_dir, tmp_path, home, filler + picked * 3, exclude_build=st.key[:8])
+    assert rep2["source"]["exclude_build"] == st.key and rep2["source"]["n_excluded"] == 3 * len(picked)
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, home, saes=(rep["path"], rep2["path"]), **kw))
+    clean = training_overlap(st, sae2.key, np.arange(len(st.ids)))
+    assert clean["status"] == "checked" and clean["n_overlap"] == 0
+    assert training_overlap(st, sae.key, np.arange(len(st.ids)))["n_overlap"] == 5  # the first SAE's kept
+    from actcache.store import verify
+
+    rep_v = verify(st.dir)
+    assert not rep_v.findings and rep_v.checked > 0
+    import h5py
+
+    with h5py.File(st.h5_path, "r") as f:
+        assert sorted(f["sae_training"]) == sorted([sae.key[:16], sae2.key[:16]])
+
+
+def test_an_sae_without_recorded_training_texts_is_unknown(tiny_model_dir, jsonl, tmp_path):
+    from conftest import cfg_for, write_sae
+
+    from actcache.builder import build
+    from actcache.sae import training_overlap
+
+    st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", components=("mlp",),
+                       masks=("isolated",), saes=(write_sae(tmp_path / "sae", layer=1),)))
+    k16 = st.sae_groups[0][0]
+    assert st.sae_training_digests(k16) is None and st.provenance["saes"][k16]["training"] is None
+    got = training_overlap(st, k16, st.pool_rows)
+    assert got["status"] == "unknown" and got["n_overlap"] is None and got["n_rows"] == len(st.pool_rows)
+
+
+def test_exclude_build_on_task_data(tiny_model_dir, tmp_path):
+    """SST-2's pool: an SAE on the build's own pool texts trained on every row it kept; with
+    --exclude-build it draws its --limit texts from the rest."""
+    pytest.importorskip("sparsify")
+    from conftest import shared_data_dir
+
+    d = shared_data_dir()
+    if d is None or not (d / "sst2").exists():
+        pytest.skip("the shared sst2 data is not here")
+    from actcache.builder import BuildConfig, build
+    from actcache.data import DataSpec
+    from actcache.models import ModelSpec
+    from actcache.sae import SAETrainConfig, train_sae, training_overlap
+
+    home = tmp_path / "s"
+    st = build(BuildConfig(model=ModelSpec(str(tiny_model_dir["llama"]), dtype="float32"),
+                           data=DataSpec(task="sst2", data_dir=str(d), pool_limit=30, eval_limit=10), layers="1",
+                           components=("mlp",), masks=("isolated",), context_k=1, batch_size=8, home=str(home)))
+    base = dict(model=str(tiny_model_dir["llama"]), dtype="float32", task="sst2", data_dir=str(d), limit=30, layer=1,
+                width=32, k=4, epochs=1, batch_tokens=64, home=str(home))
+    same, rep = train_sae(SAETrainConfig(**base))
+    apart, rep2 = train_sae(SAETrainConfig(**base, exclude_build=st.key))
+    assert rep2["source"]["n_excluded"] >= 30 and rep2["texts"]["train"] + rep2["texts"]["heldout"] == 30
+    st = build(BuildConfig(model=ModelSpec(str(tiny_model_dir["llama"]), dtype="float32"),
+                           data=DataSpec(task="sst2", data_dir=str(d), pool_limit=30, eval_limit=10), layers="1",
+                           components=("mlp",), masks=("isolated",), context_k=1, batch_size=8, home=str(home),
+                           saes=(rep["path"], rep2["path"])))
+    # The first SAE's training texts are the build's pool demonstrations (all but its held-out tenth).
+    assert training_overlap(st, same.key, st.pool_rows)["n_overlap"] == rep["texts"]["train"] > 20
+    assert training_overlap(st, apart.key, np.arange(len(st.ids)))["n_overlap"] == 0
