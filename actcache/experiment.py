@@ -124,7 +124,7 @@ def load_demos(path: str, store: Store) -> dict:
 
 # Strategies that give each eval input its own demonstrations; every other
 # strategy picks one subset of k shared by all inputs.
-PER_INPUT = ("knn", "embed-knn", "sae-knn", "vote-k", "file")
+PER_INPUT = ("knn", "embed-knn", "sae-knn", "vote-k-lm", "file")
 RETRIEVAL = ("knn", "embed-knn", "sae-knn")  # each input retrieves its own k from the whole pool
 
 
@@ -169,9 +169,9 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **op
         return {t: per[t] for t in test_ids}
     if opts.get("layer") is None:
         opts.pop("layer", None)
-    if name == "vote-k":
-        # As published: select an annotation set with vote-k's graph stage, then
-        # each input retrieves its k most similar examples from that set.
+    if name == "vote-k-lm":
+        # Vote-k's graph stage (degree 10) on the LM activations selects an annotation
+        # set; each input then retrieves its k most similar examples from that set.
         from .select import retrieve_within
 
         budget = min(opts.pop("votek_budget", 100), len(store.pool_rows))
@@ -253,7 +253,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
         elif name == "stat":
             jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}{tag}",
                       s, {"strategy": "stat", **best, "balanced": cfg.rank_balanced}) for s in cfg.seeds]
-        elif name == "vote-k":
+        elif name == "vote-k-lm":
             jobs += [(name, s, {"strategy": name, "votek_budget": cfg.votek_budget}) for s in cfg.seeds]
         else:
             jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 # sae-knn and sae-feature run where the build holds SAE features (`build --sae`), else are listed as skipped.
-DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "embed-knn", "sae-knn", "sae-feature")
+DEFAULT_STRATEGIES = ("random", "knn", "vote-k-lm", "k-center", "kmeans", "stat", "embed-knn", "sae-knn", "sae-feature")
 QUALITY_DEFS = ("mean", "gain", "balanced")
 # Order of retrieved demonstrations in the prompt. KATE (Liu et al. 2022) puts the
 # most similar one last, nearest the query; "shuffle" is a seeded permutation.

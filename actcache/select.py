@@ -1,13 +1,13 @@
 """Demonstration selection over a build's pool: a registry of seeded strategies.
 
     from actcache.select import select
-    sel = select(store, "vote-k", budget=32, seed=0)          # sel.ids: 32 pool ids, in pick order
+    sel = select(store, "vote-k-lm", budget=32, seed=0)       # sel.ids: 32 pool ids, in pick order
     sel = select(store, "knn", k=4)                           # sel.per_query: test id -> 4 pool ids
 
 Two kinds of strategy:
 
 * subset strategies pick `budget` pool examples once, for every test input
-  (`Selection.ids`, in pick order): `random`, `vote-k`, `k-center`, `kmeans`, `stat`,
+  (`Selection.ids`, in pick order): `random`, `vote-k-lm`, `k-center`, `kmeans`, `stat`,
   `sae-feature`;
 * retrieval strategies pick `k` pool examples per test input
   (`Selection.per_query`): `knn` (KATE, on cached activations), `sae-knn` (KATE
@@ -20,7 +20,7 @@ it, or FAISS's own seed). The array-level algorithms (`knn_graph`, `vote_k`,
 reused without a build. Vectors are compared by cosine unless said otherwise
 (k-center and k-means work on L2-normalised vectors), like the build's indexes.
 
-Memory: vote-k keeps the kNN graph as (n, k) index arrays plus its transpose in
+Memory: vote-k-lm keeps the kNN graph as (n, k) index arrays plus its transpose in
 CSR form, and k-center keeps one (n,) distance array: O(n*k) and O(n) beyond
 the (n, d) vectors themselves; neither ever forms an n x n matrix.
 """
@@ -100,7 +100,7 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
         store: an open build.
         name: a key of STRATEGIES.
         budget: how many pool examples subset strategies pick.
-        k: neighbours per test input (knn, embed-knn) or graph degree (vote-k).
+        k: neighbours per test input (knn, embed-knn) or graph degree (vote-k-lm).
         seed: seeds every random choice; same seed, same result.
         progress: optional (desc, done, total) callback.
         **opts: strategy options, e.g. component/layer/pooling/mask, stat/order.
@@ -115,7 +115,7 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
     if unknown:
         raise ConfigError(f"strategy {name!r} takes no option(s) {unknown}; its options are {allowed}")
     if k is not None and int(k) < 1:  # the strategies read k=0 as "use the default"
-        raise ConfigError(f"--k {k} must be at least 1 (neighbours per input; vote-k: graph degree), "
+        raise ConfigError(f"--k {k} must be at least 1 (neighbours per input; vote-k-lm: graph degree), "
                           f"or left out for the default")
     if not 0 <= int(seed) < 2**31:  # numpy refuses negative seeds, FAISS takes a C int
         raise ConfigError(f"--seed must be between 0 and {2**31 - 1}, got {seed}")
@@ -448,28 +448,32 @@ def _knn(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, 
     return Selection("knn", store.key, params, per_query=per)
 
 
-@strategy("vote-k")
-def _vote_k(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
-            mask="label-masked", rho=10.0):
-    """Vote-k graph stage over the build's index (see `vote_k`); seed is unused (deterministic)."""
-    a, b, X = _pool_vectors(store, "vote-k", budget, component, layer, pooling, mask)
+@strategy("vote-k-lm")
+def _vote_k_lm(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
+               mask="label-masked", rho=10.0):
+    """Vote-k's graph stage on the build's LM activations: a cosine kNN graph of
+    degree k (default 10) over one cached array, searched with the build's index,
+    then `vote_k`; no confidence stage. Not the published method (that is
+    `vote-k`, on sentence embeddings with degree 150 and an LM-confidence stage).
+    Seed is unused (deterministic)."""
+    a, b, X = _pool_vectors(store, "vote-k-lm", budget, component, layer, pooling, mask)
     n = len(X)
     kk = int(k or 10)
     if not 1 <= kk < n:
-        raise ConfigError(f"vote-k graph degree --k {kk} must be between 1 and {n - 1} (the pool has {n})")
+        raise ConfigError(f"vote-k-lm graph degree --k {kk} must be between 1 and {n - 1} (the pool has {n})")
     index = store.index(a.component, a.layer, a.pooling, a.mask)
     nbr = knn_graph(X, kk, index=index, progress=progress)
     pos = vote_k(nbr, b, rho)
-    return _subset(store, "vote-k", pos, {"budget": b, "k": kk, "rho": float(rho), "seed": seed,
-                                          "array": str(a), "stage": "graph"})
+    return _subset(store, "vote-k-lm", pos, {"budget": b, "k": kk, "rho": float(rho), "seed": seed,
+                                             "array": str(a), "stage": "graph"})
 
 
 def retrieve_within(store: Store, pool_ids, test_ids, k: int, component: str = "mlp", layer: int = -1,
                     pooling: str = "mean", mask: str = "label-masked") -> dict[str, list[str]]:
     """The k most cosine-similar of `pool_ids` for each eval id in `test_ids`,
     best first, never a near-duplicate of the input (same `dup` key). This is
-    the retrieval stage of vote-k (Su et al. 2022): inputs retrieve from the
-    selected annotation set. Returns {test id: [pool ids]}."""
+    the retrieval stage of vote-k-lm: inputs retrieve from the selected
+    annotation set. Returns {test id: [pool ids]}."""
     a = _array(store, component, layer, pooling, mask)
     X = store.acts(a.component, a.layer, a.pooling, a.mask)
     row = {i: r for r, i in enumerate(store.ids)}

@@ -504,7 +504,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
 
     @app.post("/builds/{key}/select")
     async def select_route(key: str, req: Select = Body(...)):
-        """Run a registered selection strategy (random, knn, vote-k, k-center, kmeans, stat, embed-knn,
+        """Run a registered selection strategy (random, knn, vote-k-lm, k-center, kmeans, stat, embed-knn,
         sae-knn, sae-feature)."""
         import inspect
 

@@ -37,7 +37,7 @@ def built(tiny_model_dir, tmp_path_factory):
 
 
 def _opts(name):
-    return {"random": dict(budget=5), "knn": dict(k=3), "vote-k": dict(budget=5, k=4),
+    return {"random": dict(budget=5), "knn": dict(k=3), "vote-k-lm": dict(budget=5, k=4),
             "k-center": dict(budget=5), "kmeans": dict(budget=4), "stat": dict(budget=5),
             "embed-knn": dict(k=3), "sae-knn": dict(k=3), "sae-feature": dict(budget=5, feature=3)}[name]
 
@@ -70,7 +70,7 @@ def test_different_seed_different_picks(built, name):
     assert len(picks) > 1
 
 
-# ----------------------------------------------------------------------------- vote-k
+# ----------------------------------------------------------------------------- vote-k graph stage, vote-k-lm
 
 
 def naive_vote_k(nbr, budget, rho=10):
@@ -140,7 +140,7 @@ def test_store_vote_k_equals_reference(built):
     S = Xn @ Xn.T
     np.fill_diagonal(S, -np.inf)
     graph = np.argsort(-S, axis=1, kind="stable")[:, :4]
-    sel = select(built, "vote-k", budget=6, k=4)
+    sel = select(built, "vote-k-lm", budget=6, k=4)
     assert list(sel.positions) == naive_vote_k(graph, 6)
     assert sel.params["stage"] == "graph" and sel.params["array"] == f"mlp/L{a}/mean/label-masked"
 
@@ -312,7 +312,7 @@ def test_selection_errors(built):
     with pytest.raises(ConfigError, match=rf"--budget {n + 1} is out of range: the pool has {n}"):
         select(built, "kmeans", budget=n + 1)
     with pytest.raises(ConfigError, match="graph degree"):
-        select(built, "vote-k", budget=2, k=n)
+        select(built, "vote-k-lm", budget=2, k=n)
 
 
 # ----------------------------------------------------------------------------- memory at scale

@@ -66,7 +66,7 @@ def test_evaluate_end_to_end(tiny_store, tmp_path):
     out = tmp_path / "report"
     res = evaluate(EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_candidates=6,
                               n_probes=2, n_eval=3, k=2, seeds=(0, 1),
-                              strategies=("random", "knn", "vote-k", "k-center", "kmeans", "stat"),
+                              strategies=("random", "knn", "vote-k-lm", "k-center", "kmeans", "stat"),
                               n_boot=20, out=str(out)))
     for f in ("report.md", "results.json", "correlations.csv", "pairs.csv", "selection.csv",
               "rho_vs_layer.png", "accuracy_by_strategy.png"):
