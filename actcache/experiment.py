@@ -124,7 +124,7 @@ def load_demos(path: str, store: Store) -> dict:
 
 # Strategies that give each eval input its own demonstrations; every other
 # strategy picks one subset of k shared by all inputs.
-PER_INPUT = ("knn", "embed-knn", "sae-knn", "vote-k-lm", "file")
+PER_INPUT = ("knn", "embed-knn", "sae-knn", "vote-k", "vote-k-lm", "file")
 RETRIEVAL = ("knn", "embed-knn", "sae-knn")  # each input retrieves its own k from the whole pool
 
 
@@ -156,9 +156,12 @@ def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order
     return out
 
 
-def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **opts) -> dict:
+def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], lm=None, **opts) -> dict:
     """Demonstration ids per test input: retrieval strategies give each input its
-    own k; subset strategies pick a budget of k used for every input."""
+    own k; subset strategies pick a budget of k used for every input; vote-k and
+    vote-k-lm select an annotation set of `votek_budget` from which each input
+    retrieves its k most similar. `lm`: the loaded model, for vote-k's confidence
+    stage (None: vote-k loads the build's)."""
     from .select import select
 
     if name in RETRIEVAL:
@@ -167,6 +170,14 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], **op
         if missing:
             raise MismatchError(f"{name} returned no neighbours for {len(missing)} eval inputs")
         return {t: per[t] for t in test_ids}
+    if name == "vote-k":
+        # As published (Su et al. 2022): the annotation set, then each input retrieves its k
+        # most similar examples from it by the same sentence embeddings.
+        from .select import retrieve_within, votek_vectors
+
+        budget = min(opts.pop("votek_budget", 100), len(store.pool_rows))
+        ann = list(select(store, name, budget=budget, seed=seed, lm=lm, **opts).ids)
+        return retrieve_within(store, ann, test_ids, k, vectors=votek_vectors(store))
     if opts.get("layer") is None:
         opts.pop("layer", None)
     if name == "vote-k-lm":
@@ -253,7 +264,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
         elif name == "stat":
             jobs += [(f"stat:{best['stat']}@{best['component']}/L{best['layer']}/{best['mask']}:{best['order']}{tag}",
                       s, {"strategy": "stat", **best, "balanced": cfg.rank_balanced}) for s in cfg.seeds]
-        elif name == "vote-k-lm":
+        elif name in ("vote-k", "vote-k-lm"):
             jobs += [(name, s, {"strategy": name, "votek_budget": cfg.votek_budget}) for s in cfg.seeds]
         else:
             jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]
@@ -283,7 +294,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
             name = opts.pop("strategy")
             try:
                 chosen = per if name == "file" else choose(store, name, k=cfg.k, seed=seed,
-                                                           test_ids=eval_ids, **opts)
+                                                           test_ids=eval_ids, lm=lm, **opts)
             except ModelError as e:  # an optional baseline whose package is absent
                 results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
                                 "macro_f1": float("nan"), "skipped": str(e)})
