@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 # sae-knn and sae-feature run where the build holds SAE features (`build --sae`), else are listed as skipped.
-DEFAULT_STRATEGIES = ("random", "knn", "vote-k-lm", "k-center", "kmeans", "stat", "embed-knn", "sae-knn", "sae-feature")
+# vote-k-lm (vote-k's graph stage alone, on LM activations) is registered but run only on request.
+DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "embed-knn", "sae-knn", "sae-feature")
 QUALITY_DEFS = ("mean", "gain", "balanced")
 # Order of retrieved demonstrations in the prompt. KATE (Liu et al. 2022) puts the
 # most similar one last, nearest the query; "shuffle" is a seeded permutation.
@@ -77,7 +78,7 @@ class EvalConfig:
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     knn_layers: str = "auto"
     knn_order: str = "similar-last"
-    votek_budget: int = 100
+    votek_budget: int = 100  # vote-k / vote-k-lm annotation set size (the paper's budgets: 18 and 100)
     rank_balanced: bool = True  # stat / sae-feature: labels take turns in the ranked pool
     quality: str = "margin"
     quality_def: str = "mean"
