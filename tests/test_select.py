@@ -323,6 +323,36 @@ def test_vote_k_confidence_is_the_mean_log_prob_of_the_prediction(built, lm):
     assert 0 < count.computed < count.in_prompts  # the demonstrations are one shared prefix
 
 
+def test_vote_k_confidence_for_generation_scores_the_greedy_answer(lm, monkeypatch):
+    import torch
+
+    import actcache.score as score_mod
+    from actcache.data import Example, Task
+    from actcache.prompts import encode_continuation, encode_segments, prompt_segments
+    from actcache.select import vote_k_confidence
+
+    task = Task("sums", "generation", "Question: {q}\nAnswer:", stop="\n\n")
+    demos = [Example(f"d{i}", (("q", f"{i} + 1"),), -1, (), f" {i + 1}") for i in range(2)]
+    queries = [Example(f"q{i}", (("q", f"{i} + 2"),), -1, (), "") for i in range(3)]
+    answers = [" 2", "", " the sky"]  # what the model "said"; the second said nothing
+    seen = []
+
+    def fake_generate(model, tok, prompts, **kw):
+        seen.append(prompts)
+        return answers[:len(prompts)]
+
+    monkeypatch.setattr(score_mod, "generate", fake_generate)
+    got = vote_k_confidence(lm, task, demos, queries)
+    assert seen == [[prompt_segments(task, demos, q) for q in queries]]
+    assert got[1] == -np.inf
+    for i in (0, 2):
+        ids = encode_segments(lm.tokenizer, prompt_segments(task, demos, queries[i]))
+        o = encode_continuation(lm.tokenizer, answers[i])
+        with torch.no_grad():
+            lp = torch.log_softmax(lm.model(torch.tensor([ids + o])).logits[0].double(), -1)
+        want = np.mean([lp[len(ids) - 1 + j, t].item() for j, t in enumerate(o)])
+        assert got[i] == pytest.approx(want, abs=1e-4)
+
 def test_vote_k_strategy_end_to_end(built, lm, monkeypatch):
     from actcache.quality import examples_at
     from actcache.select import vote_k_buckets, vote_k_confidence
@@ -356,6 +386,9 @@ def test_vote_k_in_the_experiment_retrieves_by_the_sentence_embeddings(built, lm
     for t in test_ids:
         ok = [a for a in ann if built.dups[row[a]] != built.dups[row[t]]]
         assert got[t] == sorted(ok, key=lambda a: -(V[row[t]] @ V[row[a]]))[:2]
+    from actcache.select import retrieve_within
+    with pytest.raises(ConfigError, match="one row per store row"):
+        retrieve_within(built, ann, test_ids, 2, vectors=V[:3])
 
 
 def test_vote_k_lm_is_the_former_vote_k(built):
