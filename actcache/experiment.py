@@ -156,12 +156,14 @@ def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order
     return out
 
 
-def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], lm=None, **opts) -> dict:
+def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], lm=None, memo: dict | None = None,
+           **opts) -> dict:
     """Demonstration ids per test input: retrieval strategies give each input its
     own k; subset strategies pick a budget of k used for every input; vote-k and
     vote-k-lm select an annotation set of `votek_budget` from which each input
     retrieves its k most similar. `lm`: the loaded model, for vote-k's confidence
-    stage (None: vote-k loads the build's)."""
+    stage (None: vote-k loads the build's). `memo`: a dict shared across seeds, in
+    which vote-k keeps its annotation set when no seed can change it."""
     from .select import select
 
     if name in RETRIEVAL:
@@ -176,7 +178,13 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], lm=N
         from .select import retrieve_within, votek_vectors
 
         budget = min(opts.pop("votek_budget", 100), len(store.pool_rows))
-        ann = list(select(store, name, budget=budget, seed=seed, lm=lm, **opts).ids)
+        key = (name, budget, tuple(sorted(opts.items())))
+        ann = memo.get(key) if memo is not None else None
+        if ann is None:
+            sel = select(store, name, budget=budget, seed=seed, lm=lm, **opts)
+            ann = list(sel.ids)
+            if memo is not None and not sel.params["random_fill"]:
+                memo[key] = ann  # the seed only draws a random fill, and none was needed
         return retrieve_within(store, ann, test_ids, k, vectors=votek_vectors(store))
     if opts.get("layer") is None:
         opts.pop("layer", None)
@@ -283,6 +291,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
                for n, why in skipped for s in cfg.seeds]
     samples: list[dict] = []  # per-item records, like lm-evaluation-harness's --log_samples
     done: dict = {}
+    memo: dict = {}  # vote-k's annotation set, selected once for every seed
     zs_pred = None
     for j, (label, seed, opts) in enumerate(jobs):
         if progress:
@@ -294,7 +303,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
             name = opts.pop("strategy")
             try:
                 chosen = per if name == "file" else choose(store, name, k=cfg.k, seed=seed,
-                                                           test_ids=eval_ids, lm=lm, **opts)
+                                                           test_ids=eval_ids, lm=lm, memo=memo, **opts)
             except ModelError as e:  # an optional baseline whose package is absent
                 results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
                                 "macro_f1": float("nan"), "skipped": str(e)})

@@ -389,6 +389,15 @@ def test_vote_k_in_the_experiment_retrieves_by_the_sentence_embeddings(built, lm
     from actcache.select import retrieve_within
     with pytest.raises(ConfigError, match="one row per store row"):
         retrieve_within(built, ann, test_ids, 2, vectors=V[:3])
+    # Across seeds the experiment selects the set once (the seed only draws a random fill).
+    import actcache.select as sel_mod
+    calls = []
+    real = sel_mod.vote_k_confidence
+    monkeypatch.setattr(sel_mod, "vote_k_confidence", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    memo = {}
+    runs = [choose(built, "vote-k", k=2, seed=s, test_ids=test_ids, votek_budget=6, lm=lm, memo=memo)
+            for s in (0, 1, 2)]
+    assert runs == [got] * 3 and len(calls) == 1
 
 
 def test_vote_k_lm_is_the_former_vote_k(built):
