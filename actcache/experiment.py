@@ -132,7 +132,7 @@ def load_demos(path: str, store: Store) -> dict:
 
 # Strategies that give each eval input its own demonstrations; every other
 # strategy picks one subset of k shared by all inputs.
-PER_INPUT = ("knn", "embed-knn", "sae-knn", "vote-k", "file")
+PER_INPUT = ("knn", "embed-knn", "sae-knn", "vote-k", "vote-k-lm", "file")
 RETRIEVAL = ("knn", "embed-knn", "sae-knn")  # each input retrieves its own k from the whole pool
 
 
@@ -169,12 +169,16 @@ BASELINE = "random+turns"  # the balanced random baseline of every paired differ
 N_BOOT = 2000  # resamples of the two-way bootstrap (eval inputs x seeds)
 
 
-def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], turns: bool = False,
-           **opts) -> dict:
+def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], turns: bool = False, lm=None,
+           memo: dict | None = None, **opts) -> dict:
     """Demonstration ids per test input: retrieval strategies give each input its
     own k; subset strategies pick a budget of k used for every input, from the
     pool less the near-duplicates of every eval input, with labels taking turns
-    when `turns` (select._in_turns)."""
+    when `turns` (select._in_turns); vote-k and vote-k-lm select an annotation
+    set of `votek_budget` from which each input retrieves its k most similar.
+    `lm`: the loaded model, for vote-k's confidence stage (None: vote-k loads the
+    build's). `memo`: a dict shared across seeds, in which vote-k keeps its
+    annotation set when no seed can change it."""
     from .select import select
 
     if name in RETRIEVAL:
@@ -183,11 +187,25 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], turn
         if missing:
             raise MismatchError(f"{name} returned no neighbours for {len(missing)} eval inputs")
         return {t: per[t] for t in test_ids}
+    if name == "vote-k":
+        # As published (Su et al. 2022): the annotation set, then each input retrieves its k
+        # most similar examples from it by the same sentence embeddings.
+        from .select import retrieve_within, votek_vectors
+
+        budget = min(opts.pop("votek_budget", 100), len(store.pool_rows))
+        key = (name, budget, tuple(sorted(opts.items())))
+        ann = memo.get(key) if memo is not None else None
+        if ann is None:
+            sel = select(store, name, budget=budget, seed=seed, lm=lm, **opts)
+            ann = list(sel.ids)
+            if memo is not None and not sel.params["random_fill"]:
+                memo[key] = ann  # the seed only draws a random fill, and none was needed
+        return retrieve_within(store, ann, test_ids, k, vectors=votek_vectors(store))
     if opts.get("layer") is None:
         opts.pop("layer", None)
-    if name == "vote-k":
-        # As published: select an annotation set with vote-k's graph stage, then
-        # each input retrieves its k most similar examples from that set.
+    if name == "vote-k-lm":
+        # Vote-k's graph stage (degree 10) on the LM activations selects an annotation
+        # set; each input then retrieves its k most similar examples from that set.
         from .select import retrieve_within
 
         budget = min(opts.pop("votek_budget", 100), len(store.pool_rows))
@@ -245,7 +263,7 @@ def _jobs(store: Store, cfg: EvalConfig, study: StudyResult | None) -> tuple[lis
                 chosen[f"knn@L{L}"] = (f"layer {L} of --knn-layers {cfg.knn_layers} (first/middle/last: fixed); "
                                        f"order {cfg.knn_order} (fixed)")
                 jobs += [(f"knn@L{L}", s, {"strategy": "knn", "layer": L}) for s in cfg.seeds]
-        elif name == "vote-k":
+        elif name in ("vote-k", "vote-k-lm"):
             chosen[name] = f"annotation set {cfg.votek_budget} (fixed), then per-input retrieval"
             jobs += [(name, s, {"strategy": name, "votek_budget": cfg.votek_budget}) for s in cfg.seeds]
         else:
@@ -385,6 +403,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
     samples: list[dict] = []  # per-item records, like lm-evaluation-harness's --log_samples
     done: dict = {}
     correct: dict[str, list] = {}  # strategy -> one (n_eval,) 0/1 row per distinct prompt set
+    memo: dict = {}  # vote-k's annotation set, selected once for every seed
     zs_pred = None
     for j, (label, seed, opts) in enumerate(jobs):
         if progress:
@@ -396,7 +415,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
             name = opts.pop("strategy")
             try:
                 chosen_ids = per if name == "file" else choose(store, name, k=cfg.k, seed=seed,
-                                                               test_ids=eval_ids, **opts)
+                                                               test_ids=eval_ids, lm=lm, memo=memo, **opts)
             except ModelError as e:  # an optional baseline whose package is absent
                 results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
                                 "macro_f1": float("nan"), "skipped": str(e)})

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 # sae-knn and sae-feature run where the build holds SAE features (`build --sae`), else are listed as skipped.
+# vote-k-lm (vote-k's graph stage alone, on LM activations) is registered but run only on request.
 DEFAULT_STRATEGIES = ("random", "knn", "vote-k", "k-center", "kmeans", "stat", "embed-knn", "sae-knn", "sae-feature")
 QUALITY_DEFS = ("balanced", "mean")
 # Subset strategies with labels taking turns ("on", the default, fixed before any data was seen:
@@ -94,7 +95,7 @@ class EvalConfig:
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     knn_layers: str = "auto"
     knn_order: str = "similar-last"
-    votek_budget: int = 100
+    votek_budget: int = 100  # vote-k / vote-k-lm annotation set size (the paper's budgets: 18 and 100)
     turns: str = "on"
     quality: str = "margin"
     quality_def: str = "balanced"

