@@ -510,9 +510,10 @@ def _train_on_lines(tiny_model_dir, tmp_path, home, lines, **kw):
 
 
 def test_sae_study_refuses_an_sae_trained_on_its_candidates_and_reports_the_overlap_when_allowed(
-        tiny_model_dir, jsonl, tmp_path):
+        tiny_model_dir, study_jsonl, tmp_path):
+    jsonl = study_jsonl
     pytest.importorskip("sparsify")
-    from conftest import TEXTS, cfg_for
+    from conftest import EXTRA_EVAL, TEXTS, cfg_for
 
     from actcache.builder import build
     from actcache.errors import OverlapError
@@ -522,7 +523,7 @@ def test_sae_study_refuses_an_sae_trained_on_its_candidates_and_reports_the_over
     home = tmp_path / "s"
     kw = dict(layers="1", components=("mlp",), masks=("isolated",))
     st = build(cfg_for(tiny_model_dir["llama"], jsonl, home, **kw))
-    reviews = {f"x{i}": t for i, (t, _) in enumerate(TEXTS)}
+    reviews = {f"x{i}": t for i, (t, _) in enumerate(TEXTS)} | {f"y{i}": t for i, (t, _) in enumerate(EXTRA_EVAL)}
     # Raw texts of three pool rows and an eval row, and one pool row's demonstration on one line;
     # three copies each, so the held-out tenth never takes every copy of one.
     pool_ids = [str(i) for i in st.ids[st.pool_rows]]
@@ -542,7 +543,7 @@ def test_sae_study_refuses_an_sae_trained_on_its_candidates_and_reports_the_over
         return sorted(str(st.ids[r]) for r in rows
                       if {_norm(str(st.demos[r])), _norm(str(st.texts[r])), _norm(reviews[str(st.ids[r])])} & lines)
 
-    cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=2, n_eval=1, k=2,
+    cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=4, n_eval=1, k=2,
                      seeds=(0,), strategies=("random",), n_boot=0, sae_min_active=1, out=str(tmp_path / "r"))
     with pytest.raises(OverlapError, match=r"--exclude-build .*--allow-overlap") as e:
         evaluate(cfg)
@@ -551,13 +552,14 @@ def test_sae_study_refuses_an_sae_trained_on_its_candidates_and_reports_the_over
 
     from cli.main import app
 
-    cli = CliRunner().invoke(app, ["evaluate", st.key, "--store", str(home), "--n-candidates", "8", "--n-probes", "2",
+    cli = CliRunner().invoke(app, ["evaluate", st.key, "--store", str(home), "--n-candidates", "8", "--n-probes", "4",
                                    "--out", str(tmp_path / "cli")])
     assert cli.exit_code == 2 and "--allow-overlap" in cli.output, cli.output  # refused before any scoring
     from actcache.quality import study_rows
     from actcache.study import sae_study
 
-    cand, probes, _ = study_rows(st, cfg)
+    rows = study_rows(st, cfg)
+    cand, probes = rows.cands, rows.probes
     want_c, want_p = overlapping(cand), overlapping(probes)
     assert want_c, "the test needs a candidate the SAE trained on"
     q = np.zeros(len(cand))

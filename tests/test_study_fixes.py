@@ -184,8 +184,9 @@ def test_multiple_choice_reports_acc_and_acc_norm_like_the_harness(tiny_model_di
     assert "acc_norm" in next(s for s in res.summary if s["strategy"] == "random")
 
 
-def test_a_build_from_a_data_file_is_evaluated_after_the_file_moves(tiny_model_dir, jsonl, tmp_path):
+def test_a_build_from_a_data_file_is_evaluated_after_the_file_moves(tiny_model_dir, study_jsonl, tmp_path):
     """Store.task comes from what the build stored, never from the original file."""
+    jsonl = study_jsonl
     from actcache.store import Store
     from actcache.pipeline import EvalConfig
     from actcache.quality import quality_matrix
