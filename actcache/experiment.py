@@ -241,8 +241,9 @@ def _jobs(store: Store, cfg: EvalConfig, study: StudyResult | None) -> tuple[lis
         if name.startswith("sae-") and not store.sae_groups:
             skipped.append((name, f"build {store.key[:12]} holds no SAE features (add them with "
                                   f"`actcache build ... --sae DIR`)"))
-        elif name == "random":
-            subset("random", {"strategy": "random"}, "uniform draw (seeded)", ways=(False, True))
+        elif name == "random":  # the balanced baseline runs whatever --turns says
+            subset("random", {"strategy": "random"}, "uniform draw (seeded)",
+                   ways=modes if True in modes else modes + (True,))
         elif name == "sae-feature":
             b = _best_sae_feature(study)
             if b is None:

@@ -77,9 +77,9 @@ class EvalConfig:
     seeds: seeds of the selection experiment (10 by default; deterministic
         strategies are scored once).
     turns: "on" every subset strategy takes labels in turns (see
-        select._in_turns), "off" none does, "both" runs each both ways. Plain
-        `random` and balanced `random+turns` always run: the latter is the
-        baseline of every paired difference.
+        select._in_turns), "off" none does, "both" runs each both ways.
+        Balanced `random+turns` always runs: it is the baseline of every
+        paired difference.
     allow_overlap: False refuses (OverlapError) a build whose SAE trained on the
         text of a candidate or probe (study.sae_training_overlap); True runs the
         SAE study and reports the overlap.

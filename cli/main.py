@@ -389,7 +389,7 @@ def evaluate(
                                                        "most similar nearest the query), similar-first, shuffle."),
     votek_budget: int = typer.Option(EvalConfig.votek_budget, help="vote-k and vote-k-lm annotation set size; each input retrieves --k from it."),
     turns: str = typer.Option(EvalConfig.turns, help="Subset strategies: labels take turns (on), not (off), or "
-                                                     "both. Plain random and random+turns always run."),
+                                                     "both. Balanced random (random+turns), the baseline, always runs."),
     quality: str = typer.Option(EvalConfig.quality, help="Pair score: margin (gold log-prob margin) or correct."),
     quality_def: str = typer.Option(EvalConfig.quality_def, help="Candidate quality: balanced (probe classes "
                                     "equally, relative to same-label candidates) or mean."),

@@ -207,7 +207,10 @@ def test_selection_rows_carry_intervals_and_balanced_random(store):
                      n_eval=8, k=2, seeds=(0, 1, 2), strategies=("random", "k-center"), compare_fp32=False)
     res = selection_experiment(store, cfg, load_scoring_model(store, None))
     names = {s["strategy"] for s in res.summary}
-    assert {"random", "random+turns", "k-center+turns", "zero-shot"} <= names
+    assert {"random+turns", "k-center+turns", "zero-shot"} <= names and "random" not in names
+    both = selection_experiment(store, EvalConfig(**{**cfg.__dict__, "turns": "both", "seeds": (0,)}),
+                                load_scoring_model(store, None))
+    assert {"random", "random+turns", "k-center", "k-center+turns"} <= {s["strategy"] for s in both.summary}
     for r in res.runs:
         n = r["n_eval"]
         z = 1.959963984540054

@@ -489,7 +489,7 @@ def test_sae_strategies_are_skipped_with_a_reason_without_sae_features(tiny_mode
                               k=1, seeds=(0,), strategies=("random", "sae-knn"), n_boot=0,
                               out=str(tmp_path / "r")))
     assert res.study.sae is None
-    assert [s["strategy"] for s in res.selection.summary] == ["zero-shot", "random", "random+turns"]
+    assert [s["strategy"] for s in res.selection.summary] == ["zero-shot", "random+turns"]
     assert any(line.startswith("skipped sae-knn: build") and "--sae DIR" in line for line in summary_lines(res))
 
 

@@ -175,7 +175,7 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
     lm = load_scoring_model(store, None)
     res = selection_experiment(store, cfg, lm)
     runs = res.runs
-    assert [r["strategy"] for r in runs] == ["zero-shot"] + ["random"] * 2 + ["random+turns"] * 2 + \
+    assert [r["strategy"] for r in runs] == ["zero-shot"] + ["random+turns"] * 2 + \
         ["k-center+turns"] * 2 + ["knn@L0"] * 2
     # knn is deterministic (KATE order): its second seed has the same prompts and is not scored again.
     assert runs[-1]["same_prompts_as_earlier_seed"] and runs[-1]["tokens_computed"] == 0
