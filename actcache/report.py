@@ -41,7 +41,7 @@ def headline(res: EvalResult) -> list[list[str]]:
         diff = "baseline" if s["strategy"] == base else (
             f"{s['diff_vs_baseline']:+.3f} [{s['diff_lo']:+.3f}, {s['diff_hi']:+.3f}]"
             if "diff_vs_baseline" in s else "—")
-        std = "deterministic" if s.get("n_distinct", 2) == 1 and s["n_seeds"] > 1 else _fmt(s["std"])
+        std = "—" if s["n_seeds"] == 1 else "deterministic" if s.get("n_distinct") == 1 else _fmt(s["std"])
         rows.append([s["strategy"], f"{_fmt(s['mean'])} [{_fmt(s.get('ci_lo'))}, {_fmt(s.get('ci_hi'))}]", std, diff]
                     + ([_fmt(s.get("acc_norm"))] if mc else []) + [f"{s['n_seeds']} ({s.get('n_distinct', '—')})"])
     return rows
