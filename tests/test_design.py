@@ -223,3 +223,18 @@ def test_selection_rows_carry_intervals_and_balanced_random(store):
         if s["strategy"] != "random+turns":
             assert s["diff_lo"] <= s["diff_vs_baseline"] <= s["diff_hi"]
         assert s["chosen"]
+
+
+def test_acc_norm_divides_by_the_choice_length_in_characters_as_lm_eval():
+    """lm-eval's process_results: lls / [float(len(c)) for c in doc_to_choice(doc)];
+    not the UTF-8 bytes of the scored continuation ' ' + choice."""
+    from actcache.data import Example, Task
+    from actcache.quality import length_normalized
+
+    task = Task(name="mc", kind="multiple_choice", template="{q}", label_words=())
+    ex = Example("a", (("q", "x"),), 0, ("ab", "été ou hiver"), None)
+    s = np.array([[-2.0, -11.0]])
+    got = length_normalized(task, [ex], s)
+    np.testing.assert_allclose(got, [[-2.0 / 2, -11.0 / 12]])
+    by_bytes = [-2.0 / len(" ab".encode()), -11.0 / len(" été ou hiver".encode())]
+    assert np.argmax(got[0]) != np.argmax(by_bytes)  # the rule changes the prediction here

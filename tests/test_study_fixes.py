@@ -171,17 +171,16 @@ def test_multiple_choice_reports_acc_and_acc_norm_like_the_harness(tiny_model_di
     cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_probes=0, n_eval=6, k=1, seeds=(0,),
                      strategies=("random",), compare_fp32=False)
     res = selection_experiment(st, cfg, load_scoring_model(st, None))
-    run = next(r for r in res.samples if r["strategy"] == "random")
+    run = next(r for r in res.samples if r["strategy"] == "random+turns")
     recs = {x["id"]: x for x in run["items"]}
     opts = {rec["id"]: rec["choices"] for rec in st.records}
     acc = np.mean([np.argmax(x["logprobs"]) == x["gold"] for x in recs.values()])
     # lm-eval's rule (process_results): the choice's length in characters, no target delimiter
     norm = np.mean([np.argmax([lp / float(len(c)) for lp, c in zip(x["logprobs"], opts[i])]) == x["gold"]
                     for i, x in recs.items()])
-
-    row = next(r for r in res.runs if r["strategy"] == "random")
+    row = next(r for r in res.runs if r["strategy"] == "random+turns")
     assert row["accuracy"] == pytest.approx(acc) and row["acc_norm"] == pytest.approx(norm)
-    assert "acc_norm" in next(s for s in res.summary if s["strategy"] == "random")
+    assert "acc_norm" in next(s for s in res.summary if s["strategy"] == "random+turns")
 
 
 def test_a_build_from_a_data_file_is_evaluated_after_the_file_moves(tiny_model_dir, study_jsonl, tmp_path):
