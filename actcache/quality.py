@@ -243,7 +243,8 @@ def study_rows(store: Store, cfg: EvalConfig) -> StudyRows:
     cands = sorted(rng.sample(pool, min(cfg.n_candidates, len(pool))))
     order = np.argsort(probes, kind="stable")
     probes_s = np.array(probes, dtype=np.int64)[order]
-    rest = sorted(int(r) for r in store.eval_rows if r not in set(probes) and store.dups[r] not in taken)
+    is_probe = set(probes)
+    rest = sorted(int(r) for r in store.eval_rows if r not in is_probe and store.dups[r] not in taken)
     evals = sorted(random.Random(cfg.seed + 7).sample(rest, min(cfg.n_eval, len(rest))))
     return StudyRows(np.array(cands, dtype=np.int64), _split_candidates(store, cands, cfg.confirm_fraction, rng),
                      probes_s, np.array(phalf, dtype=np.int8)[order], np.array(evals, dtype=np.int64), left_out)
