@@ -164,7 +164,6 @@ def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order
     return out
 
 
-SUBSET = ("random", "k-center", "kmeans", "stat", "sae-feature")  # one shared set of k for every input
 BASELINE = "random+turns"  # the balanced random baseline of every paired difference
 N_BOOT = 2000  # resamples of the two-way bootstrap (eval inputs x seeds)
 
