@@ -304,10 +304,11 @@ def two_way_interval(A: np.ndarray, B: np.ndarray | None = None, n_boot: int = N
     return est, float(lo), float(hi)
 
 
-def _summary(results: list[dict], correct: dict[str, list], seed: int, mc: bool) -> list[dict]:
+def _summary(results: list[dict], correct: dict[str, list], seed: int, mc: bool, chosen: dict) -> list[dict]:
     """One row per strategy: mean accuracy with its 95 % interval over eval inputs
     and seeds, the std over seeds (ddof 1; nan when the prompts never change with
-    the seed), and the paired difference from balanced random with its interval."""
+    the seed), the paired difference from balanced random with its interval, and
+    how its options were chosen (`chosen`)."""
     table: dict[str, list[dict]] = {}
     for r in results:
         if "skipped" not in r:  # skipped strategies are listed with their reason, not as a nan row
@@ -320,7 +321,7 @@ def _summary(results: list[dict], correct: dict[str, list], seed: int, mc: bool)
         acc = [r["accuracy"] for r in rs]
         row = {"strategy": name, "mean": est, "ci_lo": lo, "ci_hi": hi,
                "std": float(np.std(acc, ddof=1)) if len(A) > 1 else float("nan"),
-               "n_seeds": len(rs), "n_distinct": len(A), "n_eval": int(A.shape[1])}
+               "n_seeds": len(rs), "n_distinct": len(A), "n_eval": int(A.shape[1]), "chosen": chosen.get(name, "")}
         if mc:
             row["acc_norm"] = float(np.nanmean([r.get("acc_norm", float("nan")) for r in rs]))
         if base is not None and name not in (BASELINE,):
@@ -328,6 +329,60 @@ def _summary(results: list[dict], correct: dict[str, list], seed: int, mc: bool)
             row.update(diff_vs_baseline=d, diff_lo=dlo, diff_hi=dhi)
         out.append(row)
     return out
+
+
+def _file_demos(store: Store, path: str, evals: list[Example]) -> tuple[dict, list[Example]]:
+    """(demonstration ids per test id from `path`, the eval inputs to score): the
+    sampled inputs, or the file's own when it does not cover them."""
+    per = load_demos(path, store)
+    if all(e.id in per for e in evals):
+        return per, evals
+    evals = [e for e in examples_at(store, store.eval_rows) if e.id in per]
+    if not evals:
+        raise DatasetError(f"{path} names none of build {store.key[:12]}'s eval ids; "
+                           f"make it with `actcache query {store.key[:12]}`")
+    return per, evals
+
+
+def _exact_matches(lm, task, prompts, evals: list[Example], batch_size: int) -> np.ndarray:
+    """(n,) 0/1: the greedy answer's final number equals the gold one (generative tasks)."""
+    from .score import extract_number, generate
+
+    outs = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
+                    batch_size=max(1, batch_size // 4))
+    return np.array([extract_number(o) is not None and extract_number(o) == extract_number(e.answer)
+                     for o, e in zip(outs, evals)], dtype=np.float64)
+
+
+def _run_row(label: str, seed: int, m: dict, reused: bool) -> dict:
+    """One row of `SelectionResult.runs`: accuracy with its Wilson interval over the eval inputs."""
+    lo, hi = _wilson(m["correct"].sum(), len(m["correct"]))
+    return {"strategy": label, "seed": seed, "accuracy": m["accuracy"], "ci_lo": lo, "ci_hi": hi,
+            "n_eval": len(m["correct"]), "macro_f1": m["macro_f1"], "acc_norm": m.get("acc_norm", float("nan")),
+            "tokens_computed": 0 if reused else m["tokens"].computed, "tokens_in_prompts": m["tokens"].in_prompts,
+            "same_prompts_as_earlier_seed": reused}
+
+
+def _items(evals: list[Example], demos: list[list[Example]], m: dict, gold: np.ndarray) -> list[dict]:
+    """Per-item records of one run, like lm-evaluation-harness's --log_samples."""
+    return [{"id": e.id, "demo_ids": [x.id for x in d],
+             **({"logprobs": m["scores"][i].tolist()} if m.get("scores") is not None else {}),
+             "pred": int(m["pred"][i]) if len(m["pred"]) else None, "gold": int(gold[i])}
+            for i, (e, d) in enumerate(zip(evals, demos))]
+
+
+def _fp32_flips(store: Store, cfg: EvalConfig, lm, task, evals, gold, zs_pred, tokens) -> dict | None:
+    """The zero-shot predictions made again in float32 when scoring ran in another
+    dtype: how many flip (None for float32 runs and generative tasks)."""
+    from .score import classify
+
+    if not cfg.compare_fp32 or lm.provenance["dtype"] == "float32" or task.kind == "generation":
+        return None
+    lm32 = load_scoring_model(store, "float32")
+    m32 = classify(score_prompts(lm32, task, [prompt_segments(task, [], q) for q in evals], evals, cfg.batch_size,
+                                 counter=tokens), gold)
+    return {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()), "acc_fp32": m32["accuracy"],
+            "dtype": lm.provenance["dtype"]}
 
 
 def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult | None = None,
@@ -342,7 +397,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
     a strategy whose prompts repeat across seeds is scored once.
     """
     from .prompts import fit_demonstrations
-    from .score import TokenCount, classify, extract_number, generate
+    from .score import TokenCount, classify
 
     task = store_task(store)
     eval_rows = study_rows(store, cfg).evals  # never a probe, nor a probe's near-duplicate
@@ -368,10 +423,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
         prompts = [fit(label, prompt_segments(task, d, q)) for d, q in zip(demos_per_query, evals)]
         count = TokenCount()
         if task.kind == "generation":
-            outs = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
-                            batch_size=max(1, cfg.batch_size // 4))
-            hit = np.array([extract_number(o) is not None and extract_number(o) == extract_number(e.answer)
-                            for o, e in zip(outs, evals)], dtype=np.float64)
+            hit = _exact_matches(lm, task, prompts, evals, cfg.batch_size)
             return {"accuracy": float(hit.mean()), "macro_f1": float("nan"), "pred": [], "tokens": count,
                     "correct": hit}
         s = score_prompts(lm, task, prompts, evals, cfg.batch_size, counter=count)
@@ -386,15 +438,8 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
     jobs, skipped, chosen = _jobs(store, cfg, study)
     per = None
     if cfg.demos:
-        per = load_demos(cfg.demos, store)
-        missing = [t for t in eval_ids if t not in per]
-        if missing:
-            # Evaluate the file's own test inputs when it does not cover the sampled ones.
-            evals = [e for e in examples_at(store, store.eval_rows) if e.id in per]
-            eval_ids, gold = [e.id for e in evals], np.array([e.label for e in evals])
-            if not evals:
-                raise DatasetError(f"{cfg.demos} names none of build {store.key[:12]}'s eval ids; "
-                                   f"make it with `actcache query {store.key[:12]}`")
+        per, evals = _file_demos(store, cfg.demos, evals)
+        eval_ids, gold = [e.id for e in evals], np.array([e.label for e in evals])
         label = f"file:{Path(cfg.demos).name}"
         chosen[label] = "demonstrations from the given file"
         jobs += [(label, s, {"strategy": "file"}) for s in cfg.seeds]
@@ -430,29 +475,12 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
             correct.setdefault(label, []).append(m["correct"])
         if label == "zero-shot":
             zs_pred = np.asarray(m["pred"])
-        lo, hi = _wilson(m["correct"].sum(), len(m["correct"]))
-        results.append({"strategy": label, "seed": seed, "accuracy": m["accuracy"], "ci_lo": lo, "ci_hi": hi,
-                        "n_eval": len(m["correct"]), "macro_f1": m["macro_f1"],
-                        "acc_norm": m.get("acc_norm", float("nan")),
-                        "tokens_computed": 0 if reused else m["tokens"].computed,
-                        "tokens_in_prompts": m["tokens"].in_prompts, "same_prompts_as_earlier_seed": reused})
-        samples.append({"strategy": label, "seed": seed, "items": [
-            {"id": e.id, "demo_ids": [x.id for x in d], **({"logprobs": m["scores"][i].tolist()}
-                                                           if m.get("scores") is not None else {}),
-             "pred": int(m["pred"][i]) if len(m["pred"]) else None, "gold": int(gold[i])}
-            for i, (e, d) in enumerate(zip(evals, demos))]})
+        results.append(_run_row(label, seed, m, reused))
+        samples.append({"strategy": label, "seed": seed, "items": _items(evals, demos, m, gold)})
     if progress:
         progress("selection", len(jobs), len(jobs))
-    flips = None
-    if cfg.compare_fp32 and lm.provenance["dtype"] != "float32" and task.kind != "generation":
-        lm32 = load_scoring_model(store, "float32")
-        m32 = classify(score_prompts(lm32, task, [prompt_segments(task, [], q) for q in evals], evals, cfg.batch_size,
-                              counter=tokens), gold)
-        flips = {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()),
-                 "acc_fp32": m32["accuracy"], "dtype": lm.provenance["dtype"]}
-    summary = _summary(results, correct, cfg.seed, task.kind == "multiple_choice")
-    for row in summary:
-        row["chosen"] = chosen.get(row["strategy"], "")
+    flips = _fp32_flips(store, cfg, lm, task, evals, gold, zs_pred, tokens)
+    summary = _summary(results, correct, cfg.seed, task.kind == "multiple_choice", chosen)
     return SelectionResult(runs=results, summary=summary, eval_ids=eval_ids, flips=flips, k=cfg.k,
                            dropped_demonstrations=dropped, max_length=cfg.max_length, tokens=tokens.as_dict(),
                            samples=samples, baseline=BASELINE)

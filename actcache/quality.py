@@ -195,8 +195,8 @@ def _balanced_probes(store: Store, n_probes: int, rng: random.Random) -> tuple[l
     want = max(1, n_probes // max(1, len(usable)))
     kept = {g: v for g, v in usable.items() if len(v) >= max(2, want // 2)}
     if not kept:
-        raise DatasetError(f"the eval split has no label with 2 or more usable rows for probes; rebuild with a "
-                           f"larger --eval-limit")
+        raise DatasetError("the eval split has no label with 2 or more usable rows for probes; rebuild with a "
+                           "larger --eval-limit")
     m = min(n_probes // len(kept), *(len(v) for v in kept.values()))
     m -= m % 2  # each half gets m / 2 of every label
     if m < 2:

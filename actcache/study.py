@@ -177,6 +177,26 @@ def sae_training_overlap(store: Store, cand: np.ndarray, probes: np.ndarray | No
     return out
 
 
+def _feature_entry(store: Store, r: dict, C, cand: np.ndarray, rep: dict | None) -> dict:
+    """One listed SAE feature of `sae_study`: its correlations, its confirmation
+    result `rep` (None when it was not in the discovery top), and the SAE_EXAMPLES
+    pool examples whose pooled activation `C` ((rows, d_sae)) is highest."""
+    from .data import record_text
+
+    f = int(r["feature"])
+    pool = store.pool_rows
+    col = C[pool, f]
+    top = [i for i in np.argsort(-col, kind="stable")[:SAE_EXAMPLES] if col[i] > 0]
+    return {"name": r["name"], "sae": r["sae"], "mask": r["mask"], "pooling": r["pooling"], "feature": f,
+            "n_active": int((C[cand, f] > 0).sum()), "rho_raw": r["rho_raw"], "rho_partial": r["rho_partial"],
+            "rho_len": r["rho_len"], "q_len": r["q_len"],
+            "rho_confirmation": rep["rho_confirmation"] if rep else None,
+            "replicates": rep["replicates"] if rep else None,
+            "examples": [{"id": str(store.ids[pool[i]]), "label": int(store.labels[pool[i]]),
+                          "activation": float(col[i]), "text": record_text(store.records[pool[i]])[:300]}
+                         for i in top]}
+
+
 def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.ndarray, lengths: np.ndarray,
               cfg: EvalConfig, progress: Progress | None = None, halves=None,
               probes: np.ndarray | None = None) -> dict | None:
@@ -212,7 +232,6 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
     Names read "sae|<key8>|<mask>|<pooling or stat>|<feature>".
     """
     from .correlate import candidate_correlations, replicate, summarize
-    from .data import record_text
     from .store import SAE_STATS
 
     if not store.sae_groups:
@@ -258,23 +277,8 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
     by_name = {r["name"]: r for r in rows}
     for c in cis:
         by_name[c["name"]].update({k: v for k, v in c.items() if k.startswith("ci_")})
-    pool = store.pool_rows
-    features = []
-    for r in ranked:
-        f = int(r["feature"])
-        C = codes[(r["sae"], r["mask"], r["pooling"])]
-        col = C[pool, f]
-        top = [i for i in np.argsort(-col, kind="stable")[:SAE_EXAMPLES] if col[i] > 0]
-        rep = confirmed.get(r["name"])
-        features.append({
-            "name": r["name"], "sae": r["sae"], "mask": r["mask"], "pooling": r["pooling"], "feature": f,
-            "n_active": int((C[cand, f] > 0).sum()), "rho_raw": r["rho_raw"], "rho_partial": r["rho_partial"],
-            "rho_len": r["rho_len"], "q_len": r["q_len"],
-            "rho_confirmation": rep["rho_confirmation"] if rep else None,
-            "replicates": rep["replicates"] if rep else None,
-            "examples": [{"id": str(store.ids[pool[i]]), "label": int(store.labels[pool[i]]),
-                          "activation": float(col[i]), "text": record_text(store.records[pool[i]])[:300]}
-                         for i in top]})
+    features = [_feature_entry(store, r, codes[(r["sae"], r["mask"], r["pooling"])], cand, confirmed.get(r["name"]))
+                for r in ranked]
     return {"min_active": cfg.sae_min_active, "training_overlap": overlap, "saes": tested, "rows": rows,
             "summary": summarize(rows, ref=STUDY_REF),
             "replication": replication, "features": features}
