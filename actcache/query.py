@@ -282,7 +282,7 @@ def parse_inputs(store: Store, lines: list[str], is_jsonl: bool, name: str, text
 
 
 def _cache_path(store: Store, texts, a: ArrayId) -> Path:
-    return store.derived_path("queries", ".npz", array=str(a), texts=list(texts))
+    return store.derived_path("queries", array=str(a), texts=list(texts))
 
 
 def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, mask: str,

@@ -9,15 +9,13 @@ import math
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+
 
 import numpy as np
 
 from .capture import STATS
+from .config import EvalResult
 from .study import STUDY_REF
-
-if TYPE_CHECKING:
-    from .pipeline import EvalResult
 
 
 def _fmt(x, nd=3) -> str:

@@ -679,7 +679,7 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
                            seed=cfg.seed), cache_dir=home / "data")
         pool = ds.pool
         if cfg.exclude_build:
-            forms = [(ds.task.demo_text(e), ds.task.query_text(e), record_text({"fields": dict(e.fields)}))
+            forms = [(ds.task.demo_text(e), ds.task.query_text(e), record_text(e.to_record()))
                      for e in pool]
             kept = [e for e, f in zip(pool, forms) if not {int(text_digest(t), 16) for t in f} & banned]
             n_excluded = len(pool) - len(kept)
@@ -687,7 +687,7 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
         else:
             n_excluded = 0
         texts = [ds.task.demo_text(e) for e in pool]
-        own = [[record_text({"fields": dict(e.fields)})] for e in pool]
+        own = [[record_text(e.to_record())] for e in pool]
         source = {"task": cfg.task, "fingerprint": ds.fingerprint(), "limit": cfg.limit}
     if cfg.exclude_build:
         source.update(exclude_build=ex.key, n_excluded=n_excluded)

@@ -564,10 +564,10 @@ def embed_texts(texts, batch_size: int = 64, progress: Progress | None = None) -
 
 def store_embeddings(store: Store, progress: Progress | None = None) -> np.ndarray:
     """(N, 384) float32 embeddings of every row of the build (store order), cached in
-    `<build>/embed/<model>.npz` with the derive_key it was made for (recomputed when
-    it differs, is damaged, or the store is read-only and never kept it)."""
+    `<build>/embed/<derive_key>.npz`, which holds its key (recomputed when it
+    differs, is damaged, or the store is read-only and never kept it)."""
     key = derive_key(store.key, "embed", model=EMBED_MODEL, texts="records")
-    path = store.dir / "embed" / f"{EMBED_MODEL}.npz"
+    path = store.derived_path("embed", model=EMBED_MODEL, texts="records")
     z = load_npz(path)
     if z is not None and str(z.get("key")) == key and z["E"].shape[0] == len(store.ids):
         return z["E"]

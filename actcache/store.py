@@ -5,11 +5,12 @@ one that reads or writes the build format.
 Layout of `<home>/builds/<key>/`:
 
     acts.h5                  the finished build (only ever replaced atomically)
-    indexes/<array>.faiss    one FAISS index per pooled array, over the pool rows,
+    indexes/<key>.faiss      one FAISS index per pooled array, over the pool rows,
                              built on first use (derived; rebuilt when damaged)
     queries/<key>.npz        activations of new query texts (derived)
-    quality/<key>.npz        quality matrices of `evaluate` (derived)
-    embed/<model>.npz        sentence embeddings for embed-knn (derived; holds its derive_key)
+    quality/<key>.npz        quality matrices of `evaluate` (derived; streamed
+                             through quality/<key>.partial/<chunk key>.npz)
+    embed/<key>.npz          sentence embeddings for embed-knn (derived)
     partial/<pass>/*.npz     flushed batches of a build in progress (resume data)
     lock                     held while a process builds this key
 
@@ -24,20 +25,17 @@ damaged chunk fails to read instead of returning other numbers):
                                                   attrs: fingerprint of the pool rows
     /stats/<mask>/<component>/L<layer>            (N, 6) float64, columns = STATS
 
-Every derived artifact is named by `derive_key(build key, kind, **params)`.
+Every derived artifact is named by `derive_key(build key, kind, **params)`
+(`Store.derived_path`), and every kind is registered once in `DERIVED` (its
+folder and suffix), which is what `verify` checks and `info` counts.
 """
 
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
 import json
 import os
-import re
-import socket
-import sys
-import zipfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,78 +43,45 @@ from typing import Iterator
 
 import numpy as np
 
-from indexes import atomic_write, tmp_owner, vectors_fingerprint
+from indexes import tmp_owner, vectors_fingerprint
 from indexes.io import NO_SPACE
 
 from .capture import STATS
+from .config import DEFAULT_MASK
+from .data import Task
 from .errors import ConfigError, CorruptStoreError, MismatchError, StoreError
+from .models import ModelSpec, load_model
+from .files import (  # noqa: F401  (re-exported: the store's callers read them here)
+    FORMAT_VERSION, atomic_write, build_lock, canonical_key, check_home, default_home, derive_key, file_lock,
+    load_npz, lock_timeout, os_errno, read_only, save_npz, try_save_npz,
+)
 
 FORMAT = "actcache"
-# 2: no-BOS sink left out of spans; context rows never see themselves.
-# 3: fletcher32 on every dataset, an examples digest and per-array fingerprints, so damage is detected.
-FORMAT_VERSION = 3
 EXAMPLE_COLUMNS = ("id", "split", "label", "text", "demo", "dup", "n_tokens", "n_target", "truncated", "record")
 _TEXT_COLUMNS = ("id", "split", "text", "demo", "dup", "record")
-_DERIVED_DIRS = ("queries", "quality", "embed")
+# Derived artifacts: kind (its folder under the build) -> file suffix. A new
+# store-backed artifact registers here (`register_derived`) and is then named,
+# verified and counted like the others. Indexes are checked against their
+# array by `verify` besides.
+DERIVED: dict[str, str] = {"indexes": ".faiss", "queries": ".npz", "quality": ".npz", "embed": ".npz"}
+
+
+def register_derived(kind: str, suffix: str = ".npz") -> None:
+    """Register a kind of derived artifact (a folder name under each build)."""
+    if not kind.isidentifier() and not kind.replace("-", "_").isidentifier():
+        raise ConfigError(f"derived kind {kind!r} must be a plain folder name")
+    if DERIVED.get(kind, suffix) != suffix:
+        raise ConfigError(f"derived kind {kind!r} is registered with suffix {DERIVED[kind]!r}")
+    DERIVED[kind] = suffix
 SAE_STATS = ("l0", "fvu", "explained")
 
-__all__ = ["atomic_write"]  # re-exported: the one temp-fsync-rename helper (indexes.io)
-
-
-def default_home(explicit: str | os.PathLike | None = None) -> Path:
-    """The store root: `--store`, else $ACTCACHE_HOME, else ~/.cache/actcache."""
-    if explicit:
-        return Path(explicit).expanduser()
-    env = os.environ.get("ACTCACHE_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "actcache"
-
-
-def check_home(home: Path, writable: bool = False) -> Path:
-    """Raise a clear StoreError when the store root cannot be a directory (it or
-    a parent is a file) or, with `writable`, when builds cannot be written under
-    it (it is created if missing)."""
-    for p in (home, *home.parents):
-        if p.exists() and not p.is_dir():
-            at = "" if p == home else f" (its parent {p} is a file)"
-            raise StoreError(f"store {home} is a file, not a directory{at}; point --store (or ACTCACHE_HOME) "
-                             f"at a directory")
-    if writable:
-        import tempfile
-
-        try:
-            (home / "builds").mkdir(parents=True, exist_ok=True)
-            # root passes os.access whatever the mode; only a real write tells
-            with tempfile.TemporaryFile(dir=home / "builds"):
-                pass
-        except OSError as e:
-            raise StoreError(f"store {home} is not writable ({e.strerror or e}); point --store (or "
-                             f"ACTCACHE_HOME) at a directory you can write") from None
-    return home
-
-
-def canonical_key(payload: dict) -> str:
-    """sha256 of canonical JSON (sorted keys, no whitespace) plus the format version."""
-    blob = json.dumps({"format_version": FORMAT_VERSION, **payload}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def derive_key(parent_key: str, kind: str, **params) -> str:
-    """The key of an artifact derived from a build (an index, a query cache, a
-    quality matrix, embeddings, a build pass): sha256 of the canonical JSON of
-    the parent key, the kind and every parameter that changes its bytes, plus
-    the format version."""
-    return canonical_key({"parent": parent_key, "kind": kind, "params": params})
 
 
 @dataclass(frozen=True)
 class ArrayId:
     """One pooled array: (component, layer, pooling, mask). Its one spelling per
-    use: `name()` in HDF5 and shards, `index_filename()` on disk, `str()` for people
-    and JSON records; `parse()` reads back any of them."""
+    use: `name()` in HDF5 and shards, `str()` for people, JSON records and the
+    parameters of derived artifacts; `parse()` reads back either."""
 
     component: str
     layer: int
@@ -134,16 +99,11 @@ class ArrayId:
         """The HDF5 path of the statistics of this array's (mask, component, layer)."""
         return f"stats/{self.mask}/{self.component}/L{self.layer:02d}"
 
-    def index_filename(self) -> str:
-        return f"{self.mask}__{self.component}__L{self.layer:02d}__{self.pooling}.faiss"
-
     @classmethod
     def parse(cls, text: str) -> "ArrayId":
-        """Inverse of `str()`, `name()` and `index_filename()`; a stats name gives pooling "mean"."""
-        t = text.removesuffix(".faiss")
-        if "__" in t:
-            m, c, L, p = t.split("__")
-        elif t.startswith("acts/"):
+        """Inverse of `str()` and `name()`; a stats name gives pooling "mean"."""
+        t = text
+        if t.startswith("acts/"):
             _, m, c, L, p = t.split("/")
         elif t.startswith("stats/"):
             _, m, c, L = t.split("/")
@@ -153,111 +113,6 @@ class ArrayId:
         if not L.startswith("L") or not L[1:].lstrip("-").isdigit():
             raise ConfigError(f"{text!r} is not an array id (component/L<layer>/pooling/mask)")
         return cls(c, int(L[1:]), p, m)
-
-
-def save_npz(path: str | os.PathLike, arrays: dict) -> Path:
-    """np.savez through `atomic_write` (fsynced before its rename: a resume trusts it).
-    Out of space: StoreError naming the path and the size."""
-    from indexes import NoSpaceError
-
-    try:
-        return atomic_write(path, lambda f: np.savez(f, **arrays),
-                            nbytes=sum(np.asarray(v).nbytes for v in arrays.values()))
-    except NoSpaceError as e:
-        raise StoreError(e.strerror or str(e)) from None
-
-
-def load_npz(path: str | os.PathLike) -> dict | None:
-    """Every array of an .npz file, or None when it is missing or damaged (a
-    derived file: the caller recomputes it)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
-        return None
-
-
-_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def os_errno(e: BaseException) -> int | None:
-    """The errno behind `e`: its own, or the one HDF5 quotes in h5py's message
-    ("errno = 28"), since h5py raises write failures without setting it."""
-    n = getattr(e, "errno", None)
-    if n:
-        return int(n)
-    m = re.search(r"errno = (\d+)", str(e))
-    return int(m.group(1)) if m else None
-
-
-def read_only(e: BaseException) -> bool:
-    """True when `e` says the store cannot be written (a read-only mount, no permission)."""
-    return os_errno(e) in _READ_ONLY
-
-
-def try_save_npz(path: str | os.PathLike, arrays: dict) -> bool:
-    """`save_npz` for a cache that may live on a read-only store: False (and
-    nothing written) when the store cannot be written; out-of-space errors still raise."""
-    try:
-        save_npz(path, arrays)
-        return True
-    except OSError as e:
-        if read_only(e):
-            return False
-        raise
-
-
-def lock_timeout() -> float:
-    """Seconds to wait for a lock: $ACTCACHE_LOCK_TIMEOUT, default 600."""
-    return float(os.environ.get("ACTCACHE_LOCK_TIMEOUT", "600"))
-
-
-@contextmanager
-def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
-    """An exclusive lock on `path` (a `filelock.FileLock`: released when the holder
-    exits or dies). Waits up to `timeout` seconds (`lock_timeout()`), then raises a
-    StoreError naming the holder (pid, host, command), recorded in `<path>.holder`."""
-    from filelock import FileLock, Timeout
-
-    timeout = lock_timeout() if timeout is None else timeout
-    lock = FileLock(str(path), timeout=timeout)
-    holder = Path(f"{path}.holder")
-    try:
-        lock.acquire()
-    except Timeout:
-        try:
-            who = holder.read_text().strip()
-        except OSError:
-            who = "an unknown process"
-        raise StoreError(f"{path} has been locked for {timeout:.0f} s by {who}; wait for it to finish "
-                         f"(or stop it), or raise ACTCACHE_LOCK_TIMEOUT") from None
-    except OSError as e:
-        if not read_only(e):
-            raise StoreError(f"cannot lock {path} ({e.strerror or e}); check the store directory") from None
-        lock = None  # a read-only store has no writer to exclude; a write attempted here fails on its own
-    try:
-        if lock is not None:
-            try:
-                holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})\n")
-            except OSError:
-                pass
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-@contextmanager
-def build_lock(build_dir: Path) -> Iterator[None]:
-    """Exclusive lock on <build>/lock. A second builder of the same key waits,
-    then finds the first one's result and reuses it."""
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StoreError(f"cannot create {build_dir} ({e.strerror}); point --store (or ACTCACHE_HOME) "
-                         f"at a writable directory") from None
-    with file_lock(build_dir / "lock"):
-        yield
 
 
 def index_spec(kind: str | None):
@@ -630,7 +485,7 @@ class Store:
 
     def sae_group(self, sae: str | None = None, mask: str | None = None) -> tuple[str, str]:
         """(SAE key16, mask) of the build's SAE features: `sae` a key or prefix (None:
-        the build's only SAE), `mask` None for label-masked where captured, else the
+        the build's only SAE), `mask` None for DEFAULT_MASK where captured, else the
         first. Raises ConfigError naming what the build holds."""
         keys = sorted({k for k, _ in self.sae_groups if sae is None or k.startswith(sae[:16])})
         if not keys:
@@ -641,7 +496,7 @@ class Store:
                               f"pick one with sae=<key prefix>")
         masks = [m for k, m in self.sae_groups if k == keys[0]]
         if mask is None:
-            mask = "label-masked" if "label-masked" in masks else masks[0]
+            mask = DEFAULT_MASK if DEFAULT_MASK in masks else masks[0]
         if mask not in masks:
             raise ConfigError(f"SAE {keys[0][:8]} was captured under masks {masks}, not {mask!r}")
         return keys[0], mask
@@ -699,13 +554,17 @@ class Store:
     def layers(self) -> list[int]:
         return sorted({a.layer for a in self.arrays})
 
-    def derived_path(self, kind: str, suffix: str, **params) -> Path:
-        """Where a derived artifact of this build lives: <build>/<kind>/<derive_key>.<suffix>."""
-        return self.dir / kind / f"{derive_key(self.key, kind, **params)[:32]}{suffix}"
+    def derived_path(self, kind: str, **params) -> Path:
+        """Where a derived artifact of this build lives: <build>/<kind>/<derive_key>
+        plus the kind's suffix (`DERIVED`); `params` are everything that decides its bytes."""
+        if kind not in DERIVED:
+            raise ConfigError(f"unknown derived kind {kind!r}; register it with store.register_derived")
+        return self.dir / kind / f"{derive_key(self.key, kind, **params)[:32]}{DERIVED[kind]}"
 
     # ------------------------------------------------------------------ indexes
     def index_path(self, a: ArrayId) -> Path:
-        return self.dir / "indexes" / a.index_filename()
+        """The index of array `a` (its kind and parameters are in its sidecar, checked on load)."""
+        return self.derived_path("indexes", array=str(a))
 
     def index(self, component: str, layer: int, pooling: str = "mean", mask: str = "isolated",
               mmap: bool = True):
@@ -771,7 +630,7 @@ class Store:
                     pass
             vecs = self.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
             idx = VectorIndex.build(vecs, spec, meta={"key": self.key, "array": str(a),
-                                                      "file": a.index_filename()})
+                                                      "file": self.index_path(a).name})
             if not writable:
                 return idx
             try:
@@ -779,7 +638,7 @@ class Store:
             except OSError as e:
                 if read_only(e):
                     return idx  # unwritable store: serve from memory
-                raise StoreError(f"cannot save index {a.index_filename()} ({idx.ntotal} vectors of "
+                raise StoreError(f"cannot save index of {a} ({idx.ntotal} vectors of "
                                  f"{idx.d}): {_first_line(e)}; free space or point --store at a disk "
                                  f"with room") from None
             return self._load_index(a, mmap)
@@ -795,8 +654,6 @@ class Store:
     def load_model(self, dtype: str | None = None):
         """The build's model and tokenizer (a `models.LoadedModel`), in `dtype` (None:
         as the build asked), checked to have the weights and tokenizer the build was made with."""
-        from .models import ModelSpec, load_model
-
         m = dict(self.config["model"])
         if dtype:
             m["dtype"] = dtype
@@ -811,17 +668,12 @@ class Store:
         return lm
 
     # ------------------------------------------------------------------ task and summary
-    def task(self):
+    def task(self) -> Task:
         """The build's `data.Task`, rebuilt from what the build stored (never from
         the original data file, which may have moved)."""
-        from .data import TASKS, Task
-
         t = self.provenance["data"]["task"]
-        d = self.config.get("data", {})
-        base = None if d.get("path") else TASKS.get(str(d.get("task")))
         return Task(self.task_name, t["kind"], t["template"], tuple(t["label_words"]), t.get("instruction", ""),
-                    t.get("stop", base.stop if base else "\n\n"),
-                    dup_field=t.get("dup_field", base.dup_field if base else None))
+                    t.get("stop", "\n\n"), dup_field=t.get("dup_field"))
 
     @property
     def task_name(self) -> str:
@@ -845,6 +697,7 @@ class Store:
             "masks": sorted({a.mask for a in self.arrays}),
             "n_arrays": len(self.arrays),
             "n_indexes": len(list((self.dir / "indexes").glob("*.faiss"))),
+            "derived": {kind: len(list((self.dir / kind).glob(f"*{suffix}"))) for kind, suffix in DERIVED.items()},
             "size_mb": round(sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file()) / 2**20, 2),
             "provenance": self.provenance,
             "config": self.config,
@@ -982,7 +835,7 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
             st.build_index(a, spec)
             fd.repaired = True
         rep.findings.append(fd)
-    for sub in _DERIVED_DIRS:
+    for sub in (kind for kind in DERIVED if kind != "indexes"):  # indexes: checked against their arrays above
         for p in sorted((bdir / sub).rglob("*")) if (bdir / sub).exists() else []:
             if not p.is_file() or p.suffix not in (".npz", ".npy") or p.name.startswith("."):
                 continue

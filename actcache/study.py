@@ -5,16 +5,16 @@ pair-level similarity analyses."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .capture import STATS
+from .config import EvalConfig, StudyResult
 from .store import Store
 
 if TYPE_CHECKING:
-    from .pipeline import EvalConfig
     from .quality import QualityMatrix
 
 Progress = Callable[[str, int, int], None]
@@ -22,43 +22,6 @@ Progress = Callable[[str, int, int], None]
 STUDY_REF = 0.33  # the 2026 study's largest |Spearman rho|
 SAE_TOP = 10  # SAE features listed with their most-activating pool examples
 SAE_EXAMPLES = 5  # pool examples shown per listed feature
-
-
-@dataclass(frozen=True)
-class StudyResult:
-    """What `correlation_study` found.
-
-    rows: one dict per mask x component x layer x statistic (name, rho_raw,
-        ci_raw_lo/hi, q_raw, rho_strat, rho_partial, q_partial, rho_len, q_len,
-        mask, component, layer, stat; see correlate.candidate_correlations).
-    summary: the largest raw and controlled |rho| and where (correlate.summarize).
-    pairs: one dict per pair-level array and half (candidate-probe cosine vs
-        1-shot score within the half's block).
-    label_rho, length_rho: Spearman of the demonstration's label / length in
-        tokens with its quality.
-    replication: discovery and confirmation, each with its own candidates and
-        its own probes (correlate.replicate with the matrix's halves).
-    quality: (N,) candidate quality, as floats.
-    sae: the same study over SAE features (see `sae_study`), or None when the
-        build holds none.
-    push: the label-push check of the quality in use (see `push_check`).
-    """
-
-    rows: list[dict]
-    summary: dict
-    pairs: list[dict]
-    label_rho: float
-    length_rho: float
-    replication: dict | None
-    quality: list[float]
-    sae: dict | None = None
-    push: dict | None = None
-
-    def to_dict(self) -> dict:
-        """The "study" object of results.json."""
-        return {"rows": self.rows, "summary": self.summary, "pairs": self.pairs, "label_rho": self.label_rho,
-                "length_rho": self.length_rho, "replication": self.replication, "quality": self.quality,
-                "sae": self.sae, "push": self.push}
 
 
 def candidate_quality(q: QualityMatrix, store: Store, cfg: EvalConfig) -> np.ndarray:

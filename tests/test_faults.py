@@ -205,7 +205,8 @@ def test_disk_full_while_flushing_a_shard(tiny_model_dir, jsonl, tmp_path, monke
     def full(path, write, nbytes=None):
         raise indexes.io.no_space_error(OSError(errno.ENOSPC, "full"), path, nbytes)
 
-    monkeypatch.setattr("actcache.store.atomic_write", full)
+    for where in ("actcache.store", "actcache.files"):  # the build file; derived .npz files
+        monkeypatch.setattr(f"{where}.atomic_write", full)
     with pytest.raises(StoreError, match=r"b00000\.npz: the disk is full"):
         build(cfg_for(tiny_model_dir["llama"], jsonl, tmp_path / "s", layers="1", masks=("isolated",)))
 
@@ -218,7 +219,8 @@ def test_read_only_store_serves_and_computes_in_memory(built, monkeypatch):
     def ro(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("actcache.store.atomic_write", ro)
+    for where in ("actcache.store", "actcache.files"):  # the build file; derived .npz files
+        monkeypatch.setattr(f"{where}.atomic_write", ro)
     monkeypatch.setattr(VectorIndex, "save", ro)
     new = built.dir.parent.parent / "new.txt"
     new.write_text("a new review\n")
@@ -338,7 +340,8 @@ def test_read_only_store_cache_hit_build(tiny_model_dir, jsonl, built, pristine,
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(filelock.FileLock, "acquire", ro)
-    monkeypatch.setattr("actcache.store.atomic_write", ro)
+    for where in ("actcache.store", "actcache.files"):  # the build file; derived .npz files
+        monkeypatch.setattr(f"{where}.atomic_write", ro)
     monkeypatch.setattr(VectorIndex, "save", ro)
     kw = dict(layers=LAYERS, masks=("isolated", "label-masked"), components=("mlp", "resid"))
     again = build(cfg_for(tiny_model_dir["llama"], jsonl, built.home, **kw))

@@ -1,4 +1,6 @@
-"""Imports run one way: cli -> actcache -> indexes. Checked on the source with ast."""
+"""Imports run one way: cli -> actcache -> indexes, and no module of actcache
+imports, at any depth (inside functions and under TYPE_CHECKING included), a
+module that imports it back. Checked on the source with ast."""
 
 import ast
 from pathlib import Path
@@ -55,3 +57,78 @@ def test_help_is_fast_and_light():
     code = "import sys, cli.main; print(sorted(m for m in ('torch','transformers','faiss','h5py') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+PACKAGES = ("actcache", "cli", "indexes")
+
+
+def _module(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = REPO_ROOT) -> dict[str, set[str]]:
+    """{module: modules of the project it imports anywhere in its source}."""
+    files = {_module(p, root): p for pkg in PACKAGES for p in sorted((root / pkg).rglob("*.py"))}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    head = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    head = node.module or ""
+                names = [f"{head}.{a.name}" for a in node.names]
+            for n in names:
+                while n and n not in files:
+                    n = n.rpartition(".")[0]
+                if n and n != mod:
+                    graph[mod].add(n)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as [a, b, ..., a], or None (depth-first search, three colours)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_find_cycle_sees_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_package_has_no_import_circle():
+    graph = import_graph()
+    assert "actcache.store" in graph and "actcache.files" in graph["actcache.store"]
+    cycle = find_cycle({m: {n for n in ns if n.startswith("actcache")} for m, ns in graph.items()
+                        if m.startswith("actcache")})
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_the_ground_floor_imports_nothing_of_actcache_but_errors():
+    graph = import_graph()
+    for mod in ("actcache.files", "actcache.config", "actcache.errors"):
+        assert graph[mod] <= {"actcache.errors", "indexes"}, (mod, graph[mod])

