@@ -333,55 +333,65 @@ def partial_spearman(
     ya = _as_float_1d("y", y, n)
     cols = _covariate_columns(covariates, n)
     flags = _categorical_flags(cols, categorical)
-    num_cols: list[np.ndarray] = []
-    ok = np.isfinite(xa) & np.isfinite(ya)
-    for c, is_cat in zip(cols, flags):
-        if is_cat:
-            ok &= _isfinite_any(c)
-        else:
-            try:
-                cf = c.astype(np.float64)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(
-                    f"a numeric covariate has dtype {c.dtype}; mark it categorical=True."
-                ) from exc
-            ok &= np.isfinite(cf)
-    ab = None
-    if absorb is not None:
-        ab = _as_1d("absorb", absorb, n)
-        ok &= _isfinite_any(ab)
-
+    ab = None if absorb is None else _as_1d("absorb", absorb, n)
+    ok = _complete_rows(xa, ya, cols, flags, ab)
     m = int(ok.sum())
     if m < 3:
         return float("nan"), float("nan")
     rx = _st.rankdata(xa[ok])
     ry = _st.rankdata(ya[ok])
-    for c, is_cat in zip(cols, flags):
-        cs = c[ok]
-        if is_cat:
-            num_cols.append(_one_hot_drop_first(cs))
-        else:
-            num_cols.append(_st.rankdata(cs.astype(np.float64))[:, None])
-    cov = np.hstack(num_cols) if num_cols else np.zeros((m, 0))
+    cov = _ranked_covariates(cols, flags, ok)
+    resid, c_eff = _residuals(rx, ry, cov, None if ab is None else ab[ok])
+    return _residual_correlation(resid, rx, ry, m - 2 - c_eff)
 
-    if ab is None:
+
+def _complete_rows(xa: np.ndarray, ya: np.ndarray, cols: list, flags: list, ab) -> np.ndarray:
+    """(N,) bool: rows whose x, y, covariates and absorb group are all finite
+    (step 1 of `partial_spearman`)."""
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    for c, is_cat in zip(cols, flags):
+        if is_cat:
+            ok &= _isfinite_any(c)
+            continue
+        try:
+            cf = c.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"a numeric covariate has dtype {c.dtype}; mark it categorical=True.") from exc
+        ok &= np.isfinite(cf)
+    if ab is not None:
+        ok &= _isfinite_any(ab)
+    return ok
+
+
+def _ranked_covariates(cols: list, flags: list, ok: np.ndarray) -> np.ndarray:
+    """(m, c) design columns of the kept rows: ranks of numeric covariates,
+    one-hot (first level dropped) categorical ones (step 2)."""
+    num_cols = [_one_hot_drop_first(c[ok]) if is_cat else _st.rankdata(c[ok].astype(np.float64))[:, None]
+                for c, is_cat in zip(cols, flags)]
+    return np.hstack(num_cols) if num_cols else np.zeros((int(ok.sum()), 0))
+
+
+def _residuals(rx: np.ndarray, ry: np.ndarray, cov: np.ndarray, groups) -> tuple[np.ndarray, int]:
+    """((m, 2) residuals of rank(x), rank(y) on [1, cov], effective covariate
+    count); with `groups`, demeaned within them first (step 3)."""
+    if groups is None:
+        m = len(rx)
         design = np.hstack([np.ones((m, 1)), cov])
         coef, _, rank, _ = np.linalg.lstsq(design, np.column_stack([rx, ry]), rcond=None)
-        resid = np.column_stack([rx, ry]) - design @ coef
-        c_eff = int(rank) - 1
-    else:
-        _, inv = np.unique(ab[ok], return_inverse=True)
-        n_lev = int(inv.max()) + 1
-        rxy = _demean_within(np.column_stack([rx, ry]), inv, n_lev)
-        if cov.shape[1]:
-            cov_d = _demean_within(cov, inv, n_lev)
-            coef, _, rank, _ = np.linalg.lstsq(cov_d, rxy, rcond=None)
-            resid = rxy - cov_d @ coef
-        else:
-            resid, rank = rxy, 0
-        c_eff = (n_lev - 1) + int(rank)
+        return np.column_stack([rx, ry]) - design @ coef, int(rank) - 1
+    _, inv = np.unique(groups, return_inverse=True)
+    n_lev = int(inv.max()) + 1
+    rxy = _demean_within(np.column_stack([rx, ry]), inv, n_lev)
+    if not cov.shape[1]:
+        return rxy, n_lev - 1
+    cov_d = _demean_within(cov, inv, n_lev)
+    coef, _, rank, _ = np.linalg.lstsq(cov_d, rxy, rcond=None)
+    return rxy - cov_d @ coef, (n_lev - 1) + int(rank)
 
-    df = m - 2 - c_eff
+
+def _residual_correlation(resid: np.ndarray, rx: np.ndarray, ry: np.ndarray, df: int) -> tuple[float, float]:
+    """(rho, p) of the residuals with a Student t(df) test (step 4); nan where
+    df < 1 or a residual is numerically zero."""
     ex = resid[:, 0] - resid[:, 0].mean()
     ey = resid[:, 1] - resid[:, 1].mean()
     sxx, syy = float(ex @ ex), float(ey @ ey)
@@ -823,40 +833,8 @@ def candidate_correlations(
     for i, (name, vals) in enumerate(stats.items()):
         if progress and i % 500 == 0:
             progress("correlations", i, len(stats))
-        s = _as_float_1d(f"stats[{name!r}]", vals, n)
-        ok = np.isfinite(s) & np.isfinite(q) & _isfinite_any(lab)
-        if loglen is not None:
-            ok &= np.isfinite(loglen)
-        xs, ys, gs = s[ok], q[ok], lab[ok]
-        row: dict[str, Any] = {"name": str(name), "n": int(ok.sum())}
-        row["rho_raw"], row["p_raw"] = spearman(xs, ys)
-        row["rho_strat"], row["p_strat"] = stratified_spearman(xs, ys, gs)
-        row["rho_partial"], row["p_partial"] = partial_spearman(xs, ys, gs, categorical=True)
-        if loglen is not None:
-            ls = loglen[ok]
-            row["rho_len"], row["p_len"] = partial_spearman(xs, ys, [gs, ls], categorical=[True, False])
-        nan2 = (float("nan"), float("nan"))
-        if n_boot and xs.shape[0] >= 3:
-            # Batched statistics over all resamples at once instead of n_boot
-            # scipy calls (identical values to the scalar versions).  They get
-            # dense integer codes, which have the same ranks as the values and
-            # can be ranked by counting (see _rank_rows).
-            cx, cy, cg = _dense_codes(xs), _dense_codes(ys), _dense_codes(gs)
-            ci_raw = bootstrap_ci(_spearman_rows, cx, cy, n_boot=n_boot, seed=seed,
-                                  vectorized=True)
-            ci_strat = bootstrap_ci(_stratified_rows, cx, cy, cg, n_boot=n_boot, seed=seed,
-                                    strata=cg, vectorized=True)
-            ci_part = bootstrap_ci(_partial_label_rows, cx, cy, cg, n_boot=n_boot, seed=seed,
-                                   strata=cg, vectorized=True)
-            ci_len = bootstrap_ci(_partial_label_rows, cx, cy, cg, _dense_codes(ls), n_boot=n_boot, seed=seed,
-                                  strata=cg, vectorized=True) if loglen is not None else nan2
-        else:
-            ci_raw = ci_strat = ci_part = ci_len = nan2
-        row["ci_raw_lo"], row["ci_raw_hi"] = ci_raw
-        row["ci_strat_lo"], row["ci_strat_hi"] = ci_strat
-        row["ci_partial_lo"], row["ci_partial_hi"] = ci_part
-        row["ci_len_lo"], row["ci_len_hi"] = ci_len
-        rows.append(row)
+        rows.append(_statistic_row(str(name), _as_float_1d(f"stats[{name!r}]", vals, n), q, lab, loglen,
+                                   n_boot, seed))
 
     if progress:
         progress("correlations", len(stats), len(stats))
@@ -870,6 +848,43 @@ def candidate_correlations(
         f"{a}_{k}" for k in kinds for a in ("rho", "p", "q")
     ] + [f"ci_{k}_{e}" for k in kinds for e in ("lo", "hi")]
     return [{key: r[key] for key in order} for r in rows]
+
+
+def _statistic_row(name: str, s: np.ndarray, q: np.ndarray, lab: np.ndarray, loglen, n_boot: int,
+                   seed: int) -> dict[str, Any]:
+    """One row of `candidate_correlations` before BH: n, rho and p of each test,
+    and their bootstrap CIs, over the complete cases of statistic `s`."""
+    ok = np.isfinite(s) & np.isfinite(q) & _isfinite_any(lab)
+    if loglen is not None:
+        ok &= np.isfinite(loglen)
+    xs, ys, gs = s[ok], q[ok], lab[ok]
+    row: dict[str, Any] = {"name": name, "n": int(ok.sum())}
+    row["rho_raw"], row["p_raw"] = spearman(xs, ys)
+    row["rho_strat"], row["p_strat"] = stratified_spearman(xs, ys, gs)
+    row["rho_partial"], row["p_partial"] = partial_spearman(xs, ys, gs, categorical=True)
+    ls = None if loglen is None else loglen[ok]
+    if ls is not None:
+        row["rho_len"], row["p_len"] = partial_spearman(xs, ys, [gs, ls], categorical=[True, False])
+    nan2 = (float("nan"), float("nan"))
+    if n_boot and xs.shape[0] >= 3:
+        # Batched statistics over all resamples at once instead of n_boot
+        # scipy calls (identical values to the scalar versions).  They get
+        # dense integer codes, which have the same ranks as the values and
+        # can be ranked by counting (see _rank_rows).
+        cx, cy, cg = _dense_codes(xs), _dense_codes(ys), _dense_codes(gs)
+        ci_raw = bootstrap_ci(_spearman_rows, cx, cy, n_boot=n_boot, seed=seed, vectorized=True)
+        ci_strat = bootstrap_ci(_stratified_rows, cx, cy, cg, n_boot=n_boot, seed=seed, strata=cg, vectorized=True)
+        ci_part = bootstrap_ci(_partial_label_rows, cx, cy, cg, n_boot=n_boot, seed=seed, strata=cg,
+                               vectorized=True)
+        ci_len = bootstrap_ci(_partial_label_rows, cx, cy, cg, _dense_codes(ls), n_boot=n_boot, seed=seed,
+                              strata=cg, vectorized=True) if ls is not None else nan2
+    else:
+        ci_raw = ci_strat = ci_part = ci_len = nan2
+    row["ci_raw_lo"], row["ci_raw_hi"] = ci_raw
+    row["ci_strat_lo"], row["ci_strat_hi"] = ci_strat
+    row["ci_partial_lo"], row["ci_partial_hi"] = ci_part
+    row["ci_len_lo"], row["ci_len_hi"] = ci_len
+    return row
 
 
 # --------------------------------------------------------------------------

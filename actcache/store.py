@@ -221,73 +221,20 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
 
     final = build_dir / "acts.h5"
     nbytes = sum(a.nbytes for a in arrays.values()) // (2 if store_dtype == "float16" else 1)
-    str_dt = h5py.string_dtype("utf-8")
     # HDF5 is assembled in memory and written by plain file I/O: h5py crashes the
     # process (SIGSEGV in its dealloc) when HDF5's own write to a file fails on a
     # full disk or a file-size limit. The image costs the file's size in memory.
     image = io.BytesIO()
     try:
         with h5py.File(image, "w") as f:
-            old_prov, old_cfg = {}, {}
-            if final.exists():
-                with _open_h5(final) as old:
-                    for name in ("examples", "acts", "stats", "sae", "sae_training"):
-                        if name in old:
-                            old.copy(old[name], f, name=name)
-                    old_prov = json.loads(old.attrs["provenance"])
-                    old_cfg = json.loads(old.attrs["config"])
-                    digest = str(old.attrs["examples_sha256"])
-                    splits = old["examples/split"].asstr()[:]
-            else:
-                ex = f.create_group("examples")
-                for name in EXAMPLE_COLUMNS:
-                    if name in _TEXT_COLUMNS:
-                        ex.create_dataset(name, data=[str(v) for v in examples[name]], dtype=str_dt)
-                    else:
-                        _h5_dataset(ex, name, np.asarray(examples[name], dtype=np.int64))
-                digest = examples_digest(examples)
-                splits = np.asarray(examples["split"])
-            pool = np.flatnonzero(splits == "pool")
-            for a, arr in arrays.items():
-                dt = np.float16 if store_dtype == "float16" else np.float32
-                if dt == np.float16 and np.abs(arr).max() > np.finfo(np.float16).max:
-                    dt = np.float32  # massive activations would overflow float16 to inf
-                stored = arr.astype(dt)
-                ds = _h5_dataset(f, a.name(), stored, chunks=(min(len(arr), 4096), arr.shape[1]))
-                ds.attrs["key"] = derive_key(key, "array", array=str(a))
-                ds.attrs["fingerprint"] = _pool_fingerprint(stored, pool)
-            for (k16, mask), v in (saes or {}).items():
-                g = f"sae/{k16}/{mask}"
-                for pooling in ("mean", "max"):
-                    for part, arr in v[pooling].items():
-                        _h5_dataset(f, f"{g}/{pooling}/{part}", arr)
-                _h5_dataset(f, f"{g}/stats", v["stats"]).attrs["columns"] = json.dumps(SAE_STATS)
-            for k16, digests in (sae_training or {}).items():
-                name = f"sae_training/{k16}"
-                if name in f:
-                    del f[name]
-                arr = np.asarray(digests, dtype=np.uint64)
-                if arr.size:
-                    _h5_dataset(f, name, arr)
-                else:  # HDF5 cannot chunk an empty dataset
-                    f.create_dataset(name, data=arr)
-            for a, st in stats.items():
-                if a.stats_name() not in f:
-                    _h5_dataset(f, a.stats_name(), st.astype(np.float64)).attrs["columns"] = json.dumps(STATS)
-            prov = {**old_prov, **provenance}
-            if old_prov.get("saes") or provenance.get("saes"):  # an added SAE keeps the others
-                prov["saes"] = {**old_prov.get("saes", {}), **provenance.get("saes", {})}
-            for k in ("masks", "poolings"):
-                prov[k] = sorted(set(old_prov.get(k, [])) | set(provenance.get(k, [])))
-            if provenance.get("in_context") is None and "in_context" in old_prov:
-                prov["in_context"] = old_prov["in_context"]
-            prov["created"] = old_prov.get("created", provenance.get("updated"))
-            prov["format_version"] = FORMAT_VERSION
+            old_prov, old_cfg, digest, splits = _start_image(f, final, examples)
+            _write_arrays(f, key, arrays, stats, np.flatnonzero(splits == "pool"), store_dtype)
+            _write_saes(f, saes or {}, sae_training or {})
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["key"] = key
             f.attrs["examples_sha256"] = digest
-            f.attrs["provenance"] = json.dumps(prov, default=str)
+            f.attrs["provenance"] = json.dumps(_merged_provenance(old_prov, provenance), default=str)
             f.attrs["config"] = json.dumps({**old_cfg, **config}, default=str)
             f.attrs["key_payload"] = json.dumps(key_payload, sort_keys=True, default=str)
         buf = image.getbuffer()
@@ -302,6 +249,79 @@ def write_build(build_dir: Path, key: str, *, arrays: dict, stats: dict, example
             raise StoreError(f"cannot write {final}: the store is read-only; point --store at a "
                              f"writable directory") from None
         raise
+
+
+def _start_image(f, final: Path, examples: dict | None) -> tuple[dict, dict, str, np.ndarray]:
+    """Fill a new HDF5 image `f` with what `final` already holds (examples,
+    arrays, statistics, SAE groups), or with the new `examples` table.
+    Returns (old provenance, old config, examples digest, splits)."""
+    import h5py
+
+    if final.exists():
+        with _open_h5(final) as old:
+            for name in ("examples", "acts", "stats", "sae", "sae_training"):
+                if name in old:
+                    old.copy(old[name], f, name=name)
+            return (json.loads(old.attrs["provenance"]), json.loads(old.attrs["config"]),
+                    str(old.attrs["examples_sha256"]), old["examples/split"].asstr()[:])
+    ex = f.create_group("examples")
+    for name in EXAMPLE_COLUMNS:
+        if name in _TEXT_COLUMNS:
+            ex.create_dataset(name, data=[str(v) for v in examples[name]], dtype=h5py.string_dtype("utf-8"))
+        else:
+            _h5_dataset(ex, name, np.asarray(examples[name], dtype=np.int64))
+    return {}, {}, examples_digest(examples), np.asarray(examples["split"])
+
+
+def _write_arrays(f, key: str, arrays: dict, stats: dict, pool: np.ndarray, store_dtype: str) -> None:
+    """New pooled arrays (float16 unless that overflows, or float32), each with
+    its derive_key and the fingerprint of its pool rows, and their statistics."""
+    for a, arr in arrays.items():
+        dt = np.float16 if store_dtype == "float16" else np.float32
+        if dt == np.float16 and np.abs(arr).max() > np.finfo(np.float16).max:
+            dt = np.float32  # massive activations would overflow float16 to inf
+        stored = arr.astype(dt)
+        ds = _h5_dataset(f, a.name(), stored, chunks=(min(len(arr), 4096), arr.shape[1]))
+        ds.attrs["key"] = derive_key(key, "array", array=str(a))
+        ds.attrs["fingerprint"] = _pool_fingerprint(stored, pool)
+    for a, st in stats.items():
+        if a.stats_name() not in f:
+            _h5_dataset(f, a.stats_name(), st.astype(np.float64)).attrs["columns"] = json.dumps(STATS)
+
+
+def _write_saes(f, saes: dict, sae_training: dict) -> None:
+    """Pooled SAE features (CSR parts) and statistics per (key16, mask), and the
+    training-text digests per SAE."""
+    for (k16, mask), v in saes.items():
+        g = f"sae/{k16}/{mask}"
+        for pooling in ("mean", "max"):
+            for part, arr in v[pooling].items():
+                _h5_dataset(f, f"{g}/{pooling}/{part}", arr)
+        _h5_dataset(f, f"{g}/stats", v["stats"]).attrs["columns"] = json.dumps(SAE_STATS)
+    for k16, digests in sae_training.items():
+        name = f"sae_training/{k16}"
+        if name in f:
+            del f[name]
+        arr = np.asarray(digests, dtype=np.uint64)
+        if arr.size:
+            _h5_dataset(f, name, arr)
+        else:  # HDF5 cannot chunk an empty dataset
+            f.create_dataset(name, data=arr)
+
+
+def _merged_provenance(old_prov: dict, provenance: dict) -> dict:
+    """The new provenance over the old: SAEs, masks and poolings accumulate, an
+    in_context of None keeps the old one, "created" is the first build's."""
+    prov = {**old_prov, **provenance}
+    if old_prov.get("saes") or provenance.get("saes"):  # an added SAE keeps the others
+        prov["saes"] = {**old_prov.get("saes", {}), **provenance.get("saes", {})}
+    for k in ("masks", "poolings"):
+        prov[k] = sorted(set(old_prov.get(k, [])) | set(provenance.get(k, [])))
+    if provenance.get("in_context") is None and "in_context" in old_prov:
+        prov["in_context"] = old_prov["in_context"]
+    prov["created"] = old_prov.get("created", provenance.get("updated"))
+    prov["format_version"] = FORMAT_VERSION
+    return prov
 
 
 def stale_leftovers(build_dir: Path) -> list[Path]:
