@@ -581,27 +581,28 @@ class _Done(Exception):
 
 def token_activations(lm, texts: list[str], layer: int, point: str, max_length: int, batch_size: int = 16,
                       progress=None) -> np.ndarray:
-    """(n_tokens, d) float32 activations at `point` of `layer` for every token of
-    `texts` but the first (BOS, or the attention sink of a tokenizer without one).
-    The forward stops at the hook point: the later layers and the LM head (a third of
-    Gemma-3-270m's compute per token) never run."""
+    """(n_tokens, d) float32 activations at `point` of `layer` for every span token
+    of `texts`, each laid out by `prompts.text_rows` (a text over `max_length`
+    loses its start, as every row does; BOS, or the attention sink of a tokenizer
+    without one, is left out). The forward stops at the hook point: the later
+    layers and the LM head (a third of Gemma-3-270m's compute per token) never run."""
     from .capture import decoder_layers, make_batch
-    from .prompts import encode_segments, length_batches, pad_id
+    from .prompts import length_batches, pad_id, text_rows
 
     model, tok = lm.model, lm.tokenizer
     base, blocks = decoder_layers(model)
-    seqs = [encode_segments(tok, [t])[:max_length] for t in texts]
+    seqs, spans = text_rows(tok, texts, max_length)
     out = []
     batches = length_batches([len(s) for s in seqs], batch_size)
     with _hook_reader(blocks[layer], point) as seen:
         for bi, rows in enumerate(batches):
             if progress:
                 progress("sae activations", bi, len(batches))
-            b = make_batch([seqs[i] for i in rows], [(0, len(seqs[i])) for i in rows], pad_id(tok),
+            b = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(tok),
                            next(model.parameters()).device)
             h = _forward_to(base, seen, b.input_ids, b.attention_mask).float().cpu().numpy()
             for j, i in enumerate(rows):
-                out.append(h[j, 1:len(seqs[i])])
+                out.append(h[j, spans[i][0]:spans[i][1]])
     if progress:
         progress("sae activations", len(batches), len(batches))
     return np.concatenate(out).astype(np.float32)
