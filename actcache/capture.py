@@ -1,15 +1,21 @@
-"""Hooked forward passes: per-layer pooled activations and per-example statistics.
+"""Hooked forward passes: one runner (`run`) with pluggable readers.
 
-Components (per decoder layer), each taken where it joins the residual stream
-(see HOOKS, the one table of hook points per architecture):
+Every point a forward is read at, in every architecture, is in HOOKS, the one
+table of hook points: the components (per decoder layer), each taken where it
+joins the residual stream,
   resid  the block output (the residual stream after the layer)
   mlp    the MLP's contribution to the residual stream
   attn   the attention's contribution (after the output projection)
+and the SAE hook points (resid_post, mlp_out, attn_out; see `sae`).
 
-Hooks pool and summarise inside the forward pass, so only (batch, d_model)
-vectors and (batch, n_stats) statistics ever leave a hook; the (batch, tokens,
-d_model) activations are never copied. The forward stops right after the last
-requested layer and never reaches the LM head.
+`run` hooks each reader at the (layer, point)s it names and stops the forward
+once the last of them has been read, so the later layers and the LM head never
+run. Readers: `Capture` pools and summarises inside the hook, so only (batch,
+d_model) vectors and (batch, n_stats) statistics ever leave it and the (batch,
+tokens, d_model) activations are never copied; `Activations` keeps a point's
+activations (SAE codes pool them); `TokenActivations` keeps every span token's
+(SAE training). Poolings are a registry (`register_pooling`): a build, its
+store and a query accept every registered name.
 """
 
 from __future__ import annotations
