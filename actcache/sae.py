@@ -405,6 +405,26 @@ def _pool_parts(sae: SAE, h: np.ndarray, spans, mu: np.ndarray | None) -> dict:
             "span_mean": span_mean}
 
 
+class SAECodes(Activations):
+    """A `capture.run` reader of an SAE's hook point: after each batch, `parts`
+    holds `_pool_parts` of the batch's spans (pooled codes and FVU parts, with
+    reference mean `mu` or None)."""
+
+    def __init__(self, sae: SAE, mu: np.ndarray | None):
+        super().__init__(sae.layer, sae.hook)
+        self.sae, self.mu, self.parts = sae, mu, None
+
+    def start(self, batch) -> None:
+        super().start(batch)
+        self.parts = None
+        self._bounds = list(zip(batch.start.tolist(), batch.end.tolist()))
+
+    def finish(self) -> None:
+        super().finish()
+        self.parts = _pool_parts(self.sae, self.h, self._bounds, self.mu)
+        self.h = None
+
+
 def fvu_reference(sae: SAE) -> str:
     """The mean a build's per-example FVU of `sae` is measured from (see `sae_pass`)."""
     return FVU_REFERENCES[0] if sae.data_mean is not None else FVU_REFERENCES[1]
@@ -717,12 +737,12 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
     span_mean = np.zeros((n, sae.d_in), np.float32) if mu is None else None
     total = np.zeros(sae.d_in)  # sum of every span token (float64), for the pass mean
     batches = length_batches([len(s) for s in seqs], batch_size)
-    reader = Activations(sae.layer, sae.hook)
+    reader = SAECodes(sae, mu)
     for bi, rows in enumerate(batches):
         if progress:
             progress(f"sae {mask}", bi, len(batches))
         forward_rows(model, tokenizer, reader, seqs, spans, rows, mask)
-        out = _pool_parts(sae, reader.h, [spans[i] for i in rows], mu)
+        out = reader.parts
         means.append(csr_matrix(out["mean"]))
         maxes.append(csr_matrix(out["max"]))
         order.extend(int(r) for r in rows)
