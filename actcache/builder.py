@@ -31,11 +31,11 @@ from typing import Callable
 import numpy as np
 
 from .capture import (
-    COMPONENTS, MASKS, POOLINGS, Capture, decoder_layers, forward_rows, resolve_layers,
+    COMPONENTS, POOLINGS, Capture, decoder_layers, forward_rows, pooling_names, resolve_layers,
 )
 from .config import VERSION
 from .data import DataSpec, load as load_data
-from .prompts import RowPlan, context_rotations, length_batches, plan_rows
+from .prompts import MASKS, RowPlan, context_rotations, length_batches, plan_rows
 from .sae import TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass
 from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
@@ -88,7 +88,7 @@ class BuildConfig:
 
     def validate(self) -> None:
         for name, vals, allowed in (("component", self.components, COMPONENTS),
-                                    ("pooling", self.poolings, POOLINGS), ("mask", self.masks, MASKS)):
+                                    ("pooling", self.poolings, pooling_names()), ("mask", self.masks, MASKS)):
             if not vals:
                 raise ConfigError(f"no {name}s selected; pass at least one of {allowed}")
             for v in vals:

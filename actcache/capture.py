@@ -1,15 +1,21 @@
-"""Hooked forward passes: per-layer pooled activations and per-example statistics.
+"""Hooked forward passes: one runner (`run`) with pluggable readers.
 
-Components (per decoder layer), each taken where it joins the residual stream
-(see HOOKS, the one table of hook points per architecture):
+Every point a forward is read at, in every architecture, is in HOOKS, the one
+table of hook points: the components (per decoder layer), each taken where it
+joins the residual stream,
   resid  the block output (the residual stream after the layer)
   mlp    the MLP's contribution to the residual stream
   attn   the attention's contribution (after the output projection)
+and the SAE hook points (resid_post, mlp_out, attn_out; see `sae`).
 
-Hooks pool and summarise inside the forward pass, so only (batch, d_model)
-vectors and (batch, n_stats) statistics ever leave a hook; the (batch, tokens,
-d_model) activations are never copied. The forward stops right after the last
-requested layer and never reaches the LM head.
+`run` hooks each reader at the (layer, point)s it names and stops the forward
+once the last of them has been read, so the later layers and the LM head never
+run. Readers: `Capture` pools and summarises inside the hook, so only (batch,
+d_model) vectors and (batch, n_stats) statistics ever leave it and the (batch,
+tokens, d_model) activations are never copied; `Activations` keeps a point's
+activations (SAE codes pool them); `TokenActivations` keeps every span token's
+(SAE training). Poolings are a registry (`register_pooling`): a build, its
+store and a query accept every registered name.
 """
 
 from __future__ import annotations
@@ -22,28 +28,83 @@ import numpy as np
 from .errors import ConfigError
 
 COMPONENTS = ("resid", "mlp", "attn")
-POOLINGS = ("mean", "last")
-MASKS = ("isolated", "in-context", "label-masked", "sink-masked")
+POOLINGS = ("mean", "last")  # the poolings a build stores by default (any of `pooling_names()`)
 STATS = ("mean", "var", "skew", "kurt", "max_abs", "max_over_median")
 
-# Hook points: decoder-layer class prefix -> component -> submodule names tried
-# in order (the output of the first that exists is captured). Gemma 2/3 wrap
-# each sublayer in a "sandwich" norm, so their contribution to the residual
-# stream is the output of post_feedforward_layernorm / post_attention_layernorm
-# (Gemma Scope's mlp_out is the former). In Llama and Qwen2,
-# post_attention_layernorm is the *pre*-MLP norm and must not be used.
-HOOKS: dict[str, dict[str, tuple[str, ...]]] = {
-    "Gemma2": {"mlp": ("post_feedforward_layernorm",), "attn": ("post_attention_layernorm",)},
-    "Gemma3": {"mlp": ("post_feedforward_layernorm",), "attn": ("post_attention_layernorm",)},
-    "": {"mlp": ("mlp", "feed_forward", "ffn"), "attn": ("self_attn", "attn", "attention", "self_attention")},
+# Hook points: decoder-layer class prefix -> point -> (submodule paths tried in
+# order, "output" | "input": which of the first existing one's tensors is read).
+# A path is dotted ("self_attn.o_proj"); "" is the decoder layer itself. Points:
+# the components (resid, mlp, attn), each where it joins the residual stream,
+# and the SAE hook points (resid_post, mlp_out, attn_out). Gemma 2/3 wrap each
+# sublayer in a "sandwich" norm, so their contribution to the residual stream is
+# the output of post_feedforward_layernorm / post_attention_layernorm (Gemma
+# Scope's mlp_out is the former). In Llama and Qwen2, post_attention_layernorm is
+# the *pre*-MLP norm and must not be used. attn_out is the input of the
+# attention's output projection, in every architecture.
+_MLP = ("mlp", "feed_forward", "ffn")
+_ATTN = ("self_attn", "attn", "attention", "self_attention")
+_OUT_PROJ = ("o_proj", "c_proj", "out_proj", "dense")
+_DEFAULT_HOOKS = {
+    "resid": (("",), "output"),
+    "resid_post": (("",), "output"),
+    "mlp": (_MLP, "output"),
+    "mlp_out": (_MLP, "output"),
+    "attn": (_ATTN, "output"),
+    "attn_out": (tuple(f"{a}.{p}" for a in _ATTN for p in _OUT_PROJ), "input"),
 }
+_GEMMA_HOOKS = {
+    "mlp": (("post_feedforward_layernorm",), "output"),
+    "mlp_out": (("post_feedforward_layernorm",), "output"),
+    "attn": (("post_attention_layernorm",), "output"),
+}
+HOOKS: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
+    "Gemma2": {**_DEFAULT_HOOKS, **_GEMMA_HOOKS},
+    "Gemma3": {**_DEFAULT_HOOKS, **_GEMMA_HOOKS},
+    "": _DEFAULT_HOOKS,
+}
+READ_POINTS = tuple(_DEFAULT_HOOKS)
 
 
-def hook_names(layer, component: str) -> tuple[str, ...]:
-    """The submodule names HOOKS gives for this decoder layer's class."""
+def _hook_entry(layer, point: str) -> tuple[tuple[str, ...], str]:
     cls = type(layer).__name__
     prefix = max((p for p in HOOKS if cls.startswith(p)), key=len)
-    return HOOKS[prefix][component]
+    if point not in HOOKS[prefix]:
+        raise ConfigError(f"unknown hook point {point!r}; choose from {READ_POINTS}")
+    return HOOKS[prefix][point]
+
+
+def hook_names(layer, point: str) -> tuple[str, ...]:
+    """The submodule paths HOOKS gives for `point` of this decoder layer's class."""
+    return _hook_entry(layer, point)[0]
+
+
+def _submodule(layer, path: str):
+    mod = layer
+    for name in path.split(".") if path else ():
+        mod = getattr(mod, name, None)
+        if mod is None:
+            return None
+    return mod
+
+
+def hook_module(layer, point: str):
+    """(module, "output" | "input") where `point` (a component or an SAE hook
+    point, see HOOKS) is read in one decoder layer."""
+    paths, where = _hook_entry(layer, point)
+    for path in paths:
+        mod = _submodule(layer, path)
+        if mod is not None:
+            return mod, where
+    if point in COMPONENTS:
+        raise ConfigError(f"{type(layer).__name__} has no {point} submodule "
+                          f"(looked for {paths}); drop {point!r} from --components")
+    raise ConfigError(f"{type(layer).__name__} has no submodule for {point} (looked for {paths}); "
+                      f"this model's {point} cannot be read")
+
+
+def component_module(layer, component: str):
+    """The module whose output is `component` (see HOOKS) in one decoder layer."""
+    return hook_module(layer, component)[0]
 
 
 class _Stop(Exception):
@@ -59,18 +120,6 @@ def decoder_layers(model):
             return base, layers
     raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}; supported: "
                       f"models whose base model has .layers (Llama, Qwen2, Gemma3) or .h (GPT-2)")
-
-
-def component_module(layer, component: str):
-    if component == "resid":
-        return layer
-    names = hook_names(layer, component)
-    for n in names:
-        mod = getattr(layer, n, None)
-        if mod is not None:
-            return mod
-    raise ConfigError(f"{type(layer).__name__} has no {component} submodule "
-                      f"(looked for {names}); drop {component!r} from --components")
 
 
 def resolve_layers(spec: str | Iterable[int] | None, n_layers: int) -> tuple[int, ...]:
@@ -189,7 +238,9 @@ class _Spans:
         dev = start.device
         pos = torch.arange(T, device=dev)[None, :]
         span = (pos >= start[:, None]) & (pos < end[:, None])  # (B, T)
+        self.span = span  # (B, T) bool
         self.keep = span.double()  # (B, T) weights of the token partials
+        self.sums = None  # the current unit's (B, d) float32 span sums, set by `_summarise`
         self.tokens = span.sum(1)  # (B,) int64
         self.last = end - 1
         self.rows = torch.arange(len(start), device=dev)
@@ -252,6 +303,41 @@ def _middle_pair(a, K: int):
     return lo, (torch.kthvalue(a, K + 1, dim=1).values if K < N else lo)
 
 
+def _mean(x, sp: "_Spans"):
+    return sp.sums / sp.tokens[:, None]
+
+
+def _last(x, sp: "_Spans"):
+    return x[sp.rows, sp.last]
+
+
+# Pooling name -> fn(x, sp) -> (B, d) float32: x is the unit's (B, T, d) float32
+# activations (padding not zeroed; reused after the call, so the result must not
+# alias it), sp the batch's `_Spans` (span, tokens, last, rows, and sums: the
+# unit's (B, d) span sums). The one place a pooling is defined: a build, its
+# store and a query accept every name registered here.
+_POOLINGS: dict = {"mean": _mean, "last": _last}
+
+
+def register_pooling(name: str, fn) -> None:
+    """Make `name` a pooling every build, store and query accepts (see `_POOLINGS`)."""
+    if name in _POOLINGS:
+        raise ConfigError(f"pooling {name!r} is already registered; pick another name")
+    _POOLINGS[name] = fn
+
+
+def unregister_pooling(name: str) -> None:
+    """Remove a pooling `register_pooling` added (mean and last stay)."""
+    if name in POOLINGS:
+        raise ConfigError(f"pooling {name!r} is built in and cannot be removed")
+    _POOLINGS.pop(name, None)
+
+
+def pooling_names() -> tuple[str, ...]:
+    """Every registered pooling, built-ins first."""
+    return tuple(_POOLINGS)
+
+
 def _summarise(h, sp: _Spans, poolings, want_stats: bool, scratch: dict):
     """Pool one unit's activations and summarise them in whole-tensor passes.
 
@@ -280,11 +366,8 @@ def _summarise(h, sp: _Spans, poolings, want_stats: bool, scratch: dict):
     else:  # one float32 copy, centred in place below
         x = _buffer(scratch, "x", (B, T, d), torch.float32, dev).copy_(h)
     s1 = torch.bmm(sp.keep.float()[:, None, :], x)[:, 0]  # (B, d) span sums
-    pooled = {}
-    if "mean" in poolings:
-        pooled["mean"] = s1 / sp.tokens[:, None]
-    if "last" in poolings:
-        pooled["last"] = x[sp.rows, sp.last]
+    sp.sums = s1
+    pooled = {p: _POOLINGS[p](x, sp) for p in poolings}
     if not want_stats:
         return pooled, None
     mean = s1.double().sum(1) / sp.n  # (B,)
@@ -331,14 +414,97 @@ def _summarise(h, sp: _Spans, poolings, want_stats: bool, scratch: dict):
     return pooled, torch.stack([mean, m2, skew, kurt, max_abs, ratio], 1)
 
 
-class Capture:
-    """Registers hooks that pool activations and compute statistics in the forward.
+class Reader:
+    """What `run` drives: a reader names the (layer, point)s it reads (`points`,
+    see HOOKS), is told of each batch (`start`), is handed the activations at
+    each of its points inside the forward (`read`), and ends the batch once the
+    forward stops (`finish`, still in inference mode); `release` frees what it
+    holds whether the forward succeeded or not."""
+
+    def points(self) -> list[tuple[int, str]]:
+        raise NotImplementedError
+
+    def start(self, batch: Batch) -> None:
+        pass
+
+    def read(self, layer: int, point: str, h) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+def attention_for(model, batch: Batch, rule: str):
+    """The attention mask argument of a forward of `batch` under an attention
+    rule (`prompts.attention_rule`): the padding mask for "causal", `sink_masks`
+    for "sink"."""
+    if rule == "causal":
+        return batch.attention_mask
+    if rule == "sink":
+        return sink_masks(model, batch.attention_mask, model.dtype)
+    raise ConfigError(f"unknown attention rule {rule!r}; choose 'causal' or 'sink'")
+
+
+def _register(mod, where: str, on):
+    if where == "input":
+        return mod.register_forward_pre_hook(lambda _m, args: on(args[0]))
+    return mod.register_forward_hook(lambda _m, _a, out: on(out[0] if isinstance(out, tuple) else out))
+
+
+def run(model, batch: Batch, readers, attention: str = "causal", attention_mask=None) -> None:
+    """Forward `batch` through the base model with every reader's hooks in place,
+    stopping as soon as the last hook has read (one `_Stop`): the layers after it
+    and the LM head never run. `attention` is an attention rule (see
+    `attention_for`); an explicit `attention_mask` overrides it."""
+    import torch
+
+    base, blocks = decoder_layers(model)
+    reads = [(r, L, p) for r in readers for L, p in r.points()]
+    if not reads:
+        raise ConfigError("no reader asks for a layer; name at least one layer and component to read")
+    mods = [hook_module(blocks[L], p) for _, L, p in reads]
+    mask = attention_for(model, batch, attention) if attention_mask is None else attention_mask
+    pending = [len(reads)]
+
+    def hook(reader, layer, point):
+        def on(h):
+            reader.read(layer, point, h)
+            pending[0] -= 1
+            if pending[0] == 0:
+                raise _Stop
+        return on
+
+    handles = []
+    try:
+        for r in readers:
+            r.start(batch)
+        for (r, L, p), (mod, where) in zip(reads, mods):
+            handles.append(_register(mod, where, hook(r, L, p)))
+        with torch.inference_mode():
+            try:
+                base(input_ids=batch.input_ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+            for r in readers:
+                r.finish()
+    finally:
+        for h in handles:
+            h.remove()
+        for r in readers:
+            r.release()
+
+
+class Capture(Reader):
+    """Pools activations and computes statistics inside the forward.
 
     Args:
         model: a transformers causal LM.
         layers: decoder layer indices (non-negative, sorted).
         components: subset of COMPONENTS.
-        poolings: subset of POOLINGS.
+        poolings: registered poolings (`pooling_names()`).
         stats: compute STATS per captured (component, layer) when True.
         units: the (component, layer) pairs to capture; default every pair of
             `layers` x `components`.
@@ -361,8 +527,8 @@ class Capture:
             if c not in COMPONENTS:
                 raise ConfigError(f"unknown component {c!r}; choose from {COMPONENTS}")
         for p in poolings:
-            if p not in POOLINGS:
-                raise ConfigError(f"unknown pooling {p!r}; choose from {POOLINGS}")
+            if p not in _POOLINGS:
+                raise ConfigError(f"unknown pooling {p!r}; choose from {pooling_names()}")
         units = {(c, L) for L in layers for c in components} if units is None else set(units)
         for c, L in units:
             if c not in components or L not in layers:
@@ -380,46 +546,19 @@ class Capture:
         self._scratch: dict = {}
         self._out: list = []
 
-    def _hook(self, component, layer):
-        def fn(_module, _inputs, output):
-            h = output[0] if isinstance(output, tuple) else output
-            if self._spans is None:
-                self._spans = _spans_for(h, self._batch.start, self._batch.end)
-            self._out.append((component, layer, *_summarise(h, self._spans, self.poolings, self.want_stats,
-                                                            self._scratch)))
-        return fn
+    def points(self) -> list[tuple[int, str]]:
+        return [(L, c) for L in self.layers for c in self.units[L]]
 
-    def run(self, batch: Batch, attention_mask=None) -> None:
-        """Forward `batch` through the base model up to the last requested layer."""
-        import torch
-
+    def start(self, batch: Batch) -> None:
         self.pooled, self.stats, self._batch, self._spans, self._out = {}, {}, batch, None, []
-        handles = []
-        try:
-            for layer in self.layers:
-                for comp in self.units[layer]:
-                    mod = component_module(self.blocks[layer], comp)
-                    handles.append(mod.register_forward_hook(self._hook(comp, layer)))
 
-            def stop(_m, _i, _o):
-                raise _Stop
+    def read(self, layer: int, component: str, h) -> None:
+        if self._spans is None:
+            self._spans = _spans_for(h, self._batch.start, self._batch.end)
+        self._out.append((component, layer, *_summarise(h, self._spans, self.poolings, self.want_stats,
+                                                        self._scratch)))
 
-            handles.append(self.blocks[self.layers[-1]].register_forward_hook(stop))
-            with torch.inference_mode():
-                try:
-                    self.base(input_ids=batch.input_ids,
-                              attention_mask=batch.attention_mask if attention_mask is None else attention_mask,
-                              use_cache=False)
-                except _Stop:
-                    pass
-                self._collect()
-        finally:
-            for h in handles:
-                h.remove()
-            self._batch, self._spans, self._out = None, None, []
-            self._scratch = {}  # a long-lived Capture should not pin a large batch's buffers
-
-    def _collect(self) -> None:
+    def finish(self) -> None:
         """Move every result to the host in one transfer per kind."""
         import torch
 
@@ -431,16 +570,64 @@ class Capture:
             host = torch.stack([st for *_, st in self._out]).cpu().numpy()
             self.stats.update({k: host[i] for i, k in enumerate(keys)})
 
+    def release(self) -> None:
+        self._batch, self._spans, self._out = None, None, []
+        self._scratch = {}  # a long-lived Capture should not pin a large batch's buffers
 
-def forward_rows(model, tokenizer, cap: "Capture", seqs, spans, rows, mask: str) -> None:
-    """Run `cap` on the given rows (indices into `seqs`/`spans`) as one
-    right-padded batch, under the attention of `mask`."""
-    from .prompts import pad_id
+    def run(self, batch: Batch, attention_mask=None) -> None:
+        """Forward `batch` through the base model up to the last requested unit."""
+        run(self.model, batch, [self], attention_mask=attention_mask)
+
+
+class Activations(Reader):
+    """The (B, T, d) activations at one (layer, point), as float32 numpy on the
+    host in `h` after each batch."""
+
+    def __init__(self, layer: int, point: str):
+        self.layer, self.point = int(layer), point
+        self.h = None
+        self._seen = None
+
+    def points(self) -> list[tuple[int, str]]:
+        return [(self.layer, self.point)]
+
+    def start(self, batch: Batch) -> None:
+        self.h, self._seen = None, None
+
+    def read(self, layer: int, point: str, h) -> None:
+        self._seen = h
+
+    def finish(self) -> None:
+        self.h = self._seen.float().cpu().numpy()
+
+    def release(self) -> None:
+        self._seen = None
+
+
+class TokenActivations(Activations):
+    """Every span token's activations at one (layer, point): after each batch,
+    `tokens` holds one (tokens_i, d) float32 array per row of the batch."""
+
+    def start(self, batch: Batch) -> None:
+        super().start(batch)
+        self.tokens: list = []
+        self._bounds = list(zip(batch.start.tolist(), batch.end.tolist()))
+
+    def finish(self) -> None:
+        super().finish()
+        self.tokens = [self.h[j, s:e] for j, (s, e) in enumerate(self._bounds)]
+        self.h = None
+
+
+def forward_rows(model, tokenizer, readers, seqs, spans, rows, mask: str) -> None:
+    """Run `readers` (one Reader or a list) on the given rows (indices into
+    `seqs`/`spans`) as one right-padded batch, under the attention of `mask`
+    (`prompts.attention_rule`)."""
+    from .prompts import attention_rule, pad_id
 
     batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(tokenizer),
                        next(model.parameters()).device)
-    attn = sink_masks(model, batch.attention_mask, model.dtype) if mask == "sink-masked" else None
-    cap.run(batch, attention_mask=attn)
+    run(model, batch, readers if isinstance(readers, (list, tuple)) else [readers], attention_rule(mask))
 
 
 def span_stats(h, start, end) -> np.ndarray:

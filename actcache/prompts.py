@@ -27,9 +27,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .data import Dataset, Example, Task
-from .errors import ConfigError, MismatchError
+from .errors import ConfigError, LabelWordError, MismatchError
 
 MASKS = ("isolated", "in-context", "label-masked", "sink-masked")
+DEFAULT_MASK = "label-masked"  # the mask retrieval compares in unless told otherwise
+ATTENTION_RULES = ("causal", "sink")
+
+
+def attention_rule(mask: str) -> str:
+    """How a row laid out under `mask` attends: "sink" (causal, with attention to
+    position 0 removed from every later position) for the sink-masked mask, else
+    "causal". The one place that says what a mask means to the forward pass."""
+    if mask not in MASKS:
+        raise ConfigError(f"unknown mask {mask!r}; choose from {MASKS}")
+    return "sink" if mask == "sink-masked" else "causal"
 
 
 def prefix_segments(instruction: str, demo_texts: Sequence[str]) -> list[str]:
@@ -79,6 +90,58 @@ def encode_segments(tokenizer, segments: Sequence[str]) -> list[int]:
 def encode_continuation(tokenizer, text: str) -> list[int]:
     """Token ids of an option / continuation (no special tokens), list[int]."""
     return encode_text(tokenizer, text)
+
+
+def option_ids(tokenizer, word: str) -> list[int]:
+    """Token ids of one answer option (contract above), checked: raises
+    LabelWordError if it encodes to no token or to the tokenizer's unknown token."""
+    ids = encode_continuation(tokenizer, word)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if len(ids) == 0:
+        raise LabelWordError(
+            f"label word {word!r} encodes to zero tokens; pass a non-empty label word "
+            "(usually with a leading space, e.g. ' positive')"
+        )
+    if unk is not None and unk in ids:
+        raise LabelWordError(
+            f"label word {word!r} contains characters the tokenizer maps to its unknown token "
+            f"{getattr(tokenizer, 'unk_token', None)!r}; pass a label word made of characters in its vocabulary"
+        )
+    return ids
+
+
+def prompt_rows(tokenizer, prompts: Sequence[Sequence[str]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(prefix ids, suffix ids) of each prompt given as segments: the prefix is
+    BOS (if any) and every segment but the last, the suffix the last segment
+    (empty for a prompt of no segments); prefix + suffix is `encode_segments`.
+    Segments repeat a lot (the same demonstrations in many prompts), so each
+    distinct one is tokenized once."""
+    cache: dict[str, list[int]] = {}
+
+    def enc(seg: str) -> list[int]:
+        if seg not in cache:
+            cache[seg] = encode_text(tokenizer, seg)
+        return cache[seg]
+
+    bos = bos_ids(tokenizer)
+    prefixes: list[list[int]] = []
+    suffixes: list[list[int]] = []
+    for p in prompts:
+        if isinstance(p, str):
+            raise ConfigError("a prompt is a sequence of text segments, not a str; wrap it: [text]")
+        segs = list(p)
+        pre = list(bos)
+        for seg in segs[:-1]:
+            pre.extend(enc(seg))
+        prefixes.append(pre)
+        suffixes.append(list(enc(segs[-1])) if segs else [])
+    return prefixes, suffixes
+
+
+def prompt_ids(tokenizer, prompts: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Token ids of each prompt given as segments (`encode_segments` of each)."""
+    prefixes, suffixes = prompt_rows(tokenizer, prompts)
+    return [p + s for p, s in zip(prefixes, suffixes)]
 
 
 def fit_demonstrations(
@@ -279,6 +342,39 @@ def row_layout(pre: list[int], q: list[int], t: list[int], max_length: int, full
     if s == 0 and e > 1:
         s = 1
     return pre + qq + t, (s, e), len(q) - len(qq)
+
+
+def text_rows(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list, list]:
+    """(seqs, spans) of plain texts, each laid out as a row with no prefix but BOS
+    and no target (`row_layout`): a text too long loses its start, and the span
+    leaves out BOS (or, without one, the attention sink of the first token)."""
+    bos = bos_ids(tokenizer)
+    seqs, spans = [], []
+    for t in texts:
+        seq, span, _ = row_layout(bos, encode_text(tokenizer, t), [], max_length, False)
+        seqs.append(seq)
+        spans.append(span)
+    return seqs, spans
+
+
+def query_layouts(tokenizer, store, task, texts: Sequence[str], mask: str, max_length: int) -> list[tuple[list, list]]:
+    """(seqs, spans) of new query texts under `mask` of a stored build, one per
+    forward pass it needs: one per label rotation of the in-context mask (its
+    prefixes rebuilt by `stored_context_segments`), else one. Each row is laid
+    out exactly as `plan_rows` lays out an eval row (no target)."""
+    bos = encode_segments(tokenizer, [])
+    prefixes = [encode_segments(tokenizer, segs) if segs else bos
+                for segs in stored_context_segments(store, task)] if mask == "in-context" else [bos]
+    ids = [encode_continuation(tokenizer, t) for t in texts]
+    out = []
+    for pre in prefixes:
+        seqs, spans = [], []
+        for q in ids:
+            seq, span, _ = row_layout(pre, q, [], max_length, False)
+            seqs.append(seq)
+            spans.append(span)
+        out.append((seqs, spans))
+    return out
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:

@@ -315,32 +315,23 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     if cached is not None and "acts" in cached and cached["acts"].shape[0] == len(texts):
         return cached["acts"].astype(np.float32, copy=False), {"forward_batches": 0, "cache_hit": True,
                                                                "cache": str(path)}
-    from .capture import forward_rows
-    from .prompts import encode_continuation, encode_segments, length_batches, row_layout, stored_context_segments
-    from .capture import Capture
+    from .capture import Capture, forward_rows
+    from .prompts import length_batches, query_layouts
 
     lm = lm or store.load_model()
     tok, model = lm.tokenizer, lm.model
     task = store.task()
     max_length = int(store.config.get("max_length", store.provenance.get("max_length", 256)))
     batch_size = int(batch_size or store.config.get("batch_size", 16))
-    bos = encode_segments(tok, [])
-    # One prefix per label rotation of the in-context mask (one for every other mask),
-    # each row laid out exactly as prompts.plan_rows lays out an eval row (no target);
+    # One layout per label rotation of the in-context mask (one for every other mask);
     # the vectors are the mean over rotations, summed in float64 as the build does.
-    prefixes = [encode_segments(tok, segs) if segs else bos for segs in stored_context_segments(store, task)] \
-        if mask == "in-context" else [bos]
+    layouts = query_layouts(tok, store, task, texts, mask, max_length)
     cap = Capture(model, [int(layer)], [component], [pooling], stats=False)
     total, n_batches = None, 0
-    for r, pre in enumerate(prefixes):
-        seqs, spans = [], []
-        for t in texts:
-            seq, span, _ = row_layout(pre, encode_continuation(tok, t), [], max_length, False)
-            seqs.append(seq)
-            spans.append(span)
+    for r, (seqs, spans) in enumerate(layouts):
         batches = length_batches([len(s) for s in seqs], batch_size)
         n_batches += len(batches)
-        desc = "query encode" if len(prefixes) == 1 else f"query encode (rotation {r + 1}/{len(prefixes)})"
+        desc = "query encode" if len(layouts) == 1 else f"query encode (rotation {r + 1}/{len(layouts)})"
         out = None
         for bi, rows in enumerate(batches):
             if progress:
@@ -352,10 +343,10 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
             out[rows] = v
         if progress:
             progress(desc, len(batches), len(batches))
-        if len(prefixes) > 1:
+        if len(layouts) > 1:
             total = out.astype(np.float64) if total is None else total + out
     if total is not None:
-        out = (total / len(prefixes)).astype(np.float32)
+        out = (total / len(layouts)).astype(np.float32)
     stored_dt = store.array_dtype(a)
     if stored_dt == np.float16 and np.abs(out).max() <= np.finfo(np.float16).max:
         out = out.astype(np.float16).astype(np.float32)  # compare like the stored rows

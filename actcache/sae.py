@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from .capture import Activations, TokenActivations, forward_rows
 from .errors import ConfigError
 
 KINDS = ("relu", "jumprelu", "topk")
 HOOK_POINTS = ("resid_post", "mlp_out", "attn_out")
-_OUT_PROJ = ("o_proj", "c_proj", "out_proj", "dense")
 
 
 @dataclass(frozen=True, eq=False)
@@ -372,60 +371,6 @@ def training_overlap(store, sae: str, rows, sample: int = 10) -> dict:
             "ids": [str(store.ids[r]) for r in hit[:sample]]}
 
 
-def hook_module(layer, point: str):
-    """(module, "output" | "input") where `point` is read in one decoder layer."""
-    from .capture import component_module
-
-    if point == "resid_post":
-        return layer, "output"
-    if point == "mlp_out":
-        return component_module(layer, "mlp"), "output"
-    if point == "attn_out":
-        # The attention module itself (capture's "attn" is Gemma's post-attention norm).
-        attn = next((getattr(layer, n) for n in ("self_attn", "attn", "attention", "self_attention")
-                     if getattr(layer, n, None) is not None), None)
-        for n in _OUT_PROJ:
-            mod = getattr(attn, n, None)
-            if mod is not None:
-                return mod, "input"
-        raise ConfigError(f"{type(attn).__name__} has no output projection ({_OUT_PROJ}); attn_out cannot be read")
-    raise ConfigError(f"unknown hook point {point!r}; choose from {HOOK_POINTS}")
-
-
-@contextmanager
-def _hook_reader(block, point: str):
-    """Within it, a forward of the model leaves the activations at `point` of
-    decoder layer `block` in the yielded dict under "h" and stops there (nothing
-    after the hook point is needed); run it with `_forward_to`."""
-    mod, where = hook_module(block, point)
-    seen: dict = {}
-
-    def keep(h):
-        seen["h"] = h
-        raise _Done
-
-    if where == "input":
-        handle = mod.register_forward_pre_hook(lambda m, a: keep(a[0]))
-    else:
-        handle = mod.register_forward_hook(lambda m, a, o: keep(o[0] if isinstance(o, tuple) else o))
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def _forward_to(base, seen: dict, input_ids, attention_mask):
-    """Run the base model under `_hook_reader` until its hook point; the (B, T, d) activations there."""
-    import torch
-
-    with torch.inference_mode():
-        try:
-            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _Done:
-            pass
-    return seen["h"]
-
-
 FVU_REFERENCES = ("sae training mean", "pass mean")
 
 
@@ -458,6 +403,26 @@ def _pool_parts(sae: SAE, h: np.ndarray, spans, mu: np.ndarray | None) -> dict:
         expl[i] = 1.0 - err[i] / float((x64 ** 2).sum())
     return {"mean": mean, "max": mx, "l0": l0, "explained": expl, "err": err, "n": n, "den": den, "ss": ss,
             "span_mean": span_mean}
+
+
+class SAECodes(Activations):
+    """A `capture.run` reader of an SAE's hook point: after each batch, `parts`
+    holds `_pool_parts` of the batch's spans (pooled codes and FVU parts, with
+    reference mean `mu` or None)."""
+
+    def __init__(self, sae: SAE, mu: np.ndarray | None):
+        super().__init__(sae.layer, sae.hook)
+        self.sae, self.mu, self.parts = sae, mu, None
+
+    def start(self, batch) -> None:
+        super().start(batch)
+        self.parts = None
+        self._bounds = list(zip(batch.start.tolist(), batch.end.tolist()))
+
+    def finish(self) -> None:
+        super().finish()
+        self.parts = _pool_parts(self.sae, self.h, self._bounds, self.mu)
+        self.h = None
 
 
 def fvu_reference(sae: SAE) -> str:
@@ -575,33 +540,24 @@ class SAETrainConfig:
     exclude_build: str | None = None
 
 
-class _Done(Exception):
-    """Raised by a hook once the SAE's layer has run: nothing later is needed."""
-
-
 def token_activations(lm, texts: list[str], layer: int, point: str, max_length: int, batch_size: int = 16,
                       progress=None) -> np.ndarray:
-    """(n_tokens, d) float32 activations at `point` of `layer` for every token of
-    `texts` but the first (BOS, or the attention sink of a tokenizer without one).
-    The forward stops at the hook point: the later layers and the LM head (a third of
-    Gemma-3-270m's compute per token) never run."""
-    from .capture import decoder_layers, make_batch
-    from .prompts import encode_segments, length_batches, pad_id
+    """(n_tokens, d) float32 activations at `point` of `layer` for every span token
+    of `texts`, each laid out by `prompts.text_rows` (a text over `max_length`
+    loses its start, as every row does; BOS, or the attention sink of a tokenizer
+    without one, is left out). The forward stops at the hook point: the later
+    layers and the LM head (a third of Gemma-3-270m's compute per token) never run."""
+    from .prompts import length_batches, text_rows
 
-    model, tok = lm.model, lm.tokenizer
-    base, blocks = decoder_layers(model)
-    seqs = [encode_segments(tok, [t])[:max_length] for t in texts]
+    seqs, spans = text_rows(lm.tokenizer, texts, max_length)
+    reader = TokenActivations(layer, point)
     out = []
     batches = length_batches([len(s) for s in seqs], batch_size)
-    with _hook_reader(blocks[layer], point) as seen:
-        for bi, rows in enumerate(batches):
-            if progress:
-                progress("sae activations", bi, len(batches))
-            b = make_batch([seqs[i] for i in rows], [(0, len(seqs[i])) for i in rows], pad_id(tok),
-                           next(model.parameters()).device)
-            h = _forward_to(base, seen, b.input_ids, b.attention_mask).float().cpu().numpy()
-            for j, i in enumerate(rows):
-                out.append(h[j, 1:len(seqs[i])])
+    for bi, rows in enumerate(batches):
+        if progress:
+            progress("sae activations", bi, len(batches))
+        forward_rows(lm.model, lm.tokenizer, reader, seqs, spans, rows, "isolated")
+        out.extend(reader.tokens)
     if progress:
         progress("sae activations", len(batches), len(batches))
     return np.concatenate(out).astype(np.float32)
@@ -770,10 +726,8 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
     """
     from scipy.sparse import csr_matrix, vstack
 
-    from .capture import decoder_layers, make_batch, sink_masks
-    from .prompts import length_batches, pad_id
+    from .prompts import length_batches
 
-    base, blocks = decoder_layers(model)
     n = len(seqs)
     # Kept sparse batch by batch: dense (n, d_sae) pools would need 6.5 GB each for 100k rows x 16k features.
     means, maxes, order = [], [], []
@@ -783,25 +737,22 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
     span_mean = np.zeros((n, sae.d_in), np.float32) if mu is None else None
     total = np.zeros(sae.d_in)  # sum of every span token (float64), for the pass mean
     batches = length_batches([len(s) for s in seqs], batch_size)
-    with _hook_reader(blocks[sae.layer], sae.hook) as seen:
-        for bi, rows in enumerate(batches):
-            if progress:
-                progress(f"sae {mask}", bi, len(batches))
-            b = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(tokenizer),
-                           next(model.parameters()).device)
-            attn = sink_masks(model, b.attention_mask, model.dtype) if mask == "sink-masked" else b.attention_mask
-            h = _forward_to(base, seen, b.input_ids, attn)
-            out = _pool_parts(sae, h.float().cpu().numpy(), [spans[i] for i in rows], mu)
-            means.append(csr_matrix(out["mean"]))
-            maxes.append(csr_matrix(out["max"]))
-            order.extend(int(r) for r in rows)
-            stats[rows, 0], stats[rows, 2] = out["l0"], out["explained"]
-            err[rows], n_tok[rows] = out["err"], out["n"]
-            if mu is None:
-                ss[rows], span_mean[rows] = out["ss"], out["span_mean"]
-                total += (out["span_mean"] * out["n"][:, None]).sum(0)
-            else:
-                den[rows] = out["den"]
+    reader = SAECodes(sae, mu)
+    for bi, rows in enumerate(batches):
+        if progress:
+            progress(f"sae {mask}", bi, len(batches))
+        forward_rows(model, tokenizer, reader, seqs, spans, rows, mask)
+        out = reader.parts
+        means.append(csr_matrix(out["mean"]))
+        maxes.append(csr_matrix(out["max"]))
+        order.extend(int(r) for r in rows)
+        stats[rows, 0], stats[rows, 2] = out["l0"], out["explained"]
+        err[rows], n_tok[rows] = out["err"], out["n"]
+        if mu is None:
+            ss[rows], span_mean[rows] = out["ss"], out["span_mean"]
+            total += (out["span_mean"] * out["n"][:, None]).sum(0)
+        else:
+            den[rows] = out["den"]
     if progress:
         progress(f"sae {mask}", len(batches), len(batches))
     if mu is None:

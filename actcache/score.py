@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria
 
-from actcache.errors import ConfigError, LabelWordError
+from actcache.errors import ConfigError
 
-from .prompts import bos_ids, encode_continuation, encode_segments, encode_text, pad_id
+from .prompts import option_ids, pad_id, prompt_ids, prompt_rows
 
 __all__ = [
     "score_options",
@@ -259,20 +259,6 @@ class TokenCount:
                 "saved": self.in_prompts - self.computed}
 
 
-def _check_label(tokenizer, word: str, ids: list[int]) -> None:
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if len(ids) == 0:
-        raise LabelWordError(
-            f"label word {word!r} encodes to zero tokens; pass a non-empty label word "
-            "(usually with a leading space, e.g. ' positive')"
-        )
-    if unk is not None and unk in ids:
-        raise LabelWordError(
-            f"label word {word!r} contains characters the tokenizer maps to its unknown token "
-            f"{getattr(tokenizer, 'unk_token', None)!r}; pass a label word made of characters in its vocabulary"
-        )
-
-
 def _default_max_length(model) -> int:
     cfg = _text_config(model)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -392,9 +378,7 @@ def build_requests(tokenizer, prompts, options, max_len: int) -> Requests:
 
     def enc_opt(word: str) -> list[int]:
         if word not in opt_cache:
-            ids = encode_continuation(tokenizer, word)
-            _check_label(tokenizer, word, ids)
-            opt_cache[word] = ids
+            opt_cache[word] = option_ids(tokenizer, word)
         return opt_cache[word]
 
     if shared:
@@ -411,24 +395,7 @@ def build_requests(tokenizer, prompts, options, max_len: int) -> Requests:
     if not prompts:
         return Requests(prompts, per_prompt_opts, n_opt, [], [], False, [])
 
-    # Segments repeat a lot (same demos in many prompts), so each is tokenized once.
-    seg_cache: dict[str, list[int]] = {}
-
-    def enc_seg(s: str) -> list[int]:
-        if s not in seg_cache:
-            seg_cache[s] = encode_text(tokenizer, s)
-        return seg_cache[s]
-
-    bos = bos_ids(tokenizer)
-    prefixes: list[list[int]] = []
-    suffixes: list[list[int]] = []
-    for p in prompts:
-        segs = list(p)
-        pre = list(bos)
-        for s in segs[:-1]:
-            pre.extend(enc_seg(s))
-        prefixes.append(pre)
-        suffixes.append(list(enc_seg(segs[-1])) if segs else [])
+    prefixes, suffixes = prompt_rows(tokenizer, prompts)
 
     for i in range(len(prompts)):
         n = len(prefixes[i]) + len(suffixes[i])
@@ -636,7 +603,7 @@ def generate(
         stop = (stop,)
     stop = [s for s in stop if s]
     device = model.get_input_embeddings().weight.device
-    enc = [encode_segments(tokenizer, p) for p in prompts]
+    enc = prompt_ids(tokenizer, prompts)
     pad = pad_id(tokenizer)
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:

@@ -38,14 +38,13 @@ import torch
 
 def naive_scores(model, tok, prompts, words) -> np.ndarray:
     """(n, c) log p(word | prompt): one full forward per prompt per word."""
-    from actcache.prompts import encode_continuation, encode_segments
+    from actcache.prompts import option_ids, prompt_ids
 
     out = np.empty((len(prompts), len(words)))
+    conts = [option_ids(tok, w) for w in words]
     with torch.inference_mode():
-        for i, segs in enumerate(prompts):
-            ctx = encode_segments(tok, segs)
-            for j, w in enumerate(words):
-                cont = encode_continuation(tok, w)
+        for i, ctx in enumerate(prompt_ids(tok, prompts)):
+            for j, cont in enumerate(conts):
                 ids = torch.tensor([ctx + cont])
                 logp = torch.log_softmax(model(ids).logits[0].float(), -1)
                 out[i, j] = sum(float(logp[len(ctx) - 1 + t, c]) for t, c in enumerate(cont))

@@ -19,6 +19,7 @@ from typing import Optional
 
 import typer
 
+from actcache.capture import pooling_names
 from actcache.data import DataSpec
 from actcache.models import ModelSpec
 from actcache.pipeline import EvalConfig, RunConfig
@@ -158,7 +159,7 @@ def build(
     seed: int = typer.Option(DataSpec.seed, help="Seed for subsampling."),
     layers: str = typer.Option("all", help="'all', '0,6,-1' or a slice '2:10'."),
     components: str = typer.Option("resid,mlp,attn", help="Any of resid, mlp, attn."),
-    pooling: str = typer.Option("mean,last", help="Any of mean, last."),
+    pooling: str = typer.Option("mean,last", help=f"Any of {', '.join(pooling_names())}."),
     masks: str = typer.Option("isolated,in-context,label-masked,sink-masked", help="Masking strategies (see README)."),
     span: str = typer.Option("full", help="Pool over 'full' (input plus label) or 'input' only."),
     max_length: int = typer.Option(384, help="Maximum tokens per sequence; longer inputs lose their start, recorded per example."),
@@ -284,7 +285,7 @@ def query_cmd(
     key: str = typer.Argument(..., help="Build key or unique prefix."),
     component: str = typer.Option("mlp", help="resid, mlp or attn."),
     layer: int = typer.Option(-1, help="Model layer; negatives count from the end of the build's layers."),
-    pooling: str = typer.Option("mean", help="mean or last."),
+    pooling: str = typer.Option("mean", help=f"One of {', '.join(pooling_names())}."),
     mask: str = typer.Option("label-masked", help="isolated, in-context, label-masked or sink-masked."),
     k: Optional[int] = typer.Option(None, "--k", help="Neighbours per input (default 4; per class with --balanced). "
                                                       "With --strategy vote-k: graph degree (default min(150, pool - 1)); "

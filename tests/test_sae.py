@@ -13,7 +13,8 @@ import torch
 from conftest import make_model, make_tokenizer
 
 from actcache.errors import ConfigError
-from actcache.sae import HOOK_POINTS, SAE, from_csr, hook_module, load_sae, pooled_codes, save_sae, to_csr
+from actcache.capture import hook_module
+from actcache.sae import HOOK_POINTS, SAE, from_csr, load_sae, pooled_codes, save_sae, to_csr
 
 
 def _hand_layout(d, kind, d_in=8, d_sae=32, k=None, seed=0, lower=False, b_dec_in=False):
