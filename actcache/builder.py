@@ -33,9 +33,9 @@ import numpy as np
 from .capture import (
     COMPONENTS, POOLINGS, Capture, decoder_layers, forward_rows, pooling_names, resolve_layers,
 )
-from .config import VERSION
+from .config import MASKS, VERSION
 from .data import DataSpec, load as load_data
-from .prompts import MASKS, RowPlan, context_rotations, length_batches, plan_rows
+from .prompts import RowPlan, context_rotations, length_batches, plan_rows
 from .sae import TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass
 from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads

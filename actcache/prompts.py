@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import DEFAULT_MASK, MASKS  # noqa: F401  (the names; what each mask means is here)
 from .data import Dataset, Example, Task
 from .errors import ConfigError, LabelWordError, MismatchError
 
-MASKS = ("isolated", "in-context", "label-masked", "sink-masked")
-DEFAULT_MASK = "label-masked"  # the mask retrieval compares in unless told otherwise
 ATTENTION_RULES = ("causal", "sink")
 
 
@@ -311,6 +310,7 @@ def plan_rows(ds: Dataset, tok, cfg) -> RowPlan:
                 if cfg.max_length - len(pre) - len(t) < 1:
                     raise ConfigError(f"example {ex.id}: its target alone is {len(t)} tokens, over "
                                       f"--max-length {cfg.max_length}; raise --max-length")
+                # the label-masked mask's span never holds the label, whatever the span rule
                 seq, span, dropped = row_layout(pre, q, t, cfg.max_length, full and mask != "label-masked")
                 if mask == "in-context":
                     rots[r].seqs.append(seq)

@@ -49,6 +49,7 @@ from typing import Callable
 
 import numpy as np
 
+from .config import DEFAULT_MASK
 from .errors import ConfigError, DatasetError, StoreError
 from .store import ArrayId, Store, atomic_write, load_npz, try_save_npz
 
@@ -83,7 +84,7 @@ class QueryConfig:
     component: str = "mlp"
     layer: int = -1
     pooling: str = "mean"
-    mask: str = "label-masked"
+    mask: str = DEFAULT_MASK
     k: int = 4
     balanced: bool = False
     exclude_self: bool = True
