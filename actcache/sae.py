@@ -582,42 +582,11 @@ def evaluate_sae(sae: SAE, x: np.ndarray) -> dict:
             "n_tokens": int(len(x))}
 
 
-def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
-    """Train, evaluate on held-out text and save (SAELens layout, under
-    <home>/sae/<key>); returns (sae, report with train and held-out FVU and L0
-    (`evaluate_sae`), source, texts, steps, seconds, path).
-
-    cfg.json records, beside the SAELens fields: the model, the trainer and its
-    settings; `source` (the task and its data fingerprint, or the text file and
-    its sha256; with `exclude_build`, that build's key and how many texts it
-    left out); `training_texts` (TEXT_DIGEST_RULE, the number of training texts
-    and the sorted digests of every training text and, for task data, of each
-    training example's own text; held-out texts are not among them), which
-    `actcache build` copies into a build for `training_overlap`; and `data_mean`,
-    the mean training activation, the reference of a build's per-example FVU.
-    """
-    import time
-
-    import torch
-
-    try:
-        from sparsify import SparseCoder, SparseCoderConfig
-    except ImportError:
-        raise ConfigError("`actcache sae train` needs eai-sparsify: pip install 'actcache[sae]' "
-                          "(or pip install eai-sparsify==1.3.3)") from None
-    from .capture import decoder_layers
+def _training_texts(cfg: SAETrainConfig, home: Path) -> tuple[list[str], list[str], dict]:
+    """(training texts, held-out texts, the training record: source, n_texts and
+    digests) of `train_sae`, with the texts of `cfg.exclude_build` left out."""
     from .data import DataSpec, load, read_text, record_text, subsample
-    from .models import ModelSpec, load_model, set_threads
-    from .store import default_home
 
-    if cfg.hook not in HOOK_POINTS:
-        raise ConfigError(f"--hook must be one of {HOOK_POINTS}, not {cfg.hook!r}")
-    if cfg.k < 1 or cfg.width < cfg.k:
-        raise ConfigError(f"need 1 <= --k <= --width, got k={cfg.k}, width={cfg.width}")
-    t0 = time.time()
-    set_threads()
-    torch.manual_seed(cfg.seed)
-    home = default_home(cfg.home)
     banned: set[int] = set()
     if cfg.exclude_build:
         from .store import Store
@@ -658,14 +627,15 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     # training example's own text, so a build under another template is still matched.
     learnt = [x for t, o, h in zip(texts, own, held_mask) if not h for x in (t, *o)]
     digests = np.unique(np.array([int(text_digest(x), 16) for x in learnt], dtype=np.uint64))
-    training = {"source": source, "n_texts": len(train), "digests": digests}
-    lm = load_model(ModelSpec(cfg.model, dtype=cfg.dtype), home)
-    n_layers = len(decoder_layers(lm.model)[1])
-    if not 0 <= cfg.layer < n_layers:
-        raise ConfigError(f"--layer {cfg.layer} is out of range: the model has {n_layers} layers")
-    X = token_activations(lm, train, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
-    Xh = token_activations(lm, held, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
-    t_act = time.time()
+    return train, held, {"source": source, "n_texts": len(train), "digests": digests}
+
+
+def _fit_topk(X: np.ndarray, cfg: SAETrainConfig, progress=None) -> tuple[dict, float, int]:
+    """Fit eai-sparsify's TopK SparseCoder on token activations X (seeded Adam,
+    decoder kept at unit norm). Returns (weights as numpy, learning rate, steps)."""
+    import torch
+    from sparsify import SparseCoder, SparseCoderConfig
+
     coder = SparseCoder(X.shape[1], SparseCoderConfig(k=cfg.k, num_latents=cfg.width))
     lr = cfg.lr or 2e-4 / (cfg.width / 2 ** 14) ** 0.5  # eai-sparsify's default scaling
     opt = torch.optim.Adam(coder.parameters(), lr=lr)
@@ -690,20 +660,69 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
             steps += 1
     if progress:
         progress("sae train", cfg.epochs * n_batches, cfg.epochs * n_batches)
-    W = {k: v.detach().float().numpy() for k, v in coder.state_dict().items()}
+    return {k: v.detach().float().numpy() for k, v in coder.state_dict().items()}, lr, steps
+
+
+def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
+    """Train, evaluate on held-out text and save (SAELens layout, under
+    <home>/sae/<key>); returns (sae, report with train and held-out FVU and L0
+    (`evaluate_sae`), source, texts, steps, seconds, path).
+
+    cfg.json records, beside the SAELens fields: the model, the trainer and its
+    settings; `source` (the task and its data fingerprint, or the text file and
+    its sha256; with `exclude_build`, that build's key and how many texts it
+    left out); `training_texts` (TEXT_DIGEST_RULE, the number of training texts
+    and the sorted digests of every training text and, for task data, of each
+    training example's own text; held-out texts are not among them), which
+    `actcache build` copies into a build for `training_overlap`; and `data_mean`,
+    the mean training activation, the reference of a build's per-example FVU.
+    """
+    import time
+
+    import torch
+
+    try:
+        import sparsify  # noqa: F401
+    except ImportError:
+        raise ConfigError("`actcache sae train` needs eai-sparsify: pip install 'actcache[sae]' "
+                          "(or pip install eai-sparsify==1.3.3)") from None
+    from .capture import decoder_layers
+    from .models import ModelSpec, load_model, set_threads
+    from .store import default_home
+
+    if cfg.hook not in HOOK_POINTS:
+        raise ConfigError(f"--hook must be one of {HOOK_POINTS}, not {cfg.hook!r}")
+    if cfg.k < 1 or cfg.width < cfg.k:
+        raise ConfigError(f"need 1 <= --k <= --width, got k={cfg.k}, width={cfg.width}")
+    t0 = time.time()
+    set_threads()
+    torch.manual_seed(cfg.seed)
+    home = default_home(cfg.home)
+    train, held, training = _training_texts(cfg, home)
+    source = training["source"]
+    lm = load_model(ModelSpec(cfg.model, dtype=cfg.dtype), home)
+    n_layers = len(decoder_layers(lm.model)[1])
+    if not 0 <= cfg.layer < n_layers:
+        raise ConfigError(f"--layer {cfg.layer} is out of range: the model has {n_layers} layers")
+    X = token_activations(lm, train, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
+    Xh = token_activations(lm, held, cfg.layer, cfg.hook, cfg.max_length, progress=progress)
+    t_act = time.time()
+    W, lr, steps = _fit_topk(X, cfg, progress)
     tmp = SAE(W["encoder.weight"].T.copy(), W["encoder.bias"], W["W_dec"], W["b_dec"], "topk", cfg.hook,
               cfg.layer, None, cfg.k, True, data_mean=X.mean(0, dtype=np.float64).astype(np.float32),
               training=training)
     cfg_json = {"model": lm.provenance.get("model"), "weights_sha256": lm.provenance.get("weights_sha256"),
                 "dtype": lm.provenance.get("dtype"), "trainer": "eai-sparsify 1.3.3 SparseCoder, Adam",
-                "seed": cfg.seed, "epochs": cfg.epochs, "lr": lr, "tokens": int(len(X))}
+                "seed": cfg.seed, "epochs": cfg.epochs, "lr": lr, "tokens": int(len(X)),
+                "rows": f"prompts.text_rows: BOS + text, its start dropped past max_length {cfg.max_length}"}
     key = sae_key(tmp)
     sae = replace(tmp, key=key)
     path = save_sae(sae, home / "sae" / key[:16])
     meta = json.loads((path / "cfg.json").read_text())
     (path / "cfg.json").write_text(json.dumps({**meta, **cfg_json, "key": key}, indent=2))
     report = {"path": str(path), "key": key, "train": evaluate_sae(sae, X), "heldout": evaluate_sae(sae, Xh),
-              "source": source, "texts": {"train": len(train), "heldout": len(held), "digests": int(len(digests))},
+              "source": source,
+              "texts": {"train": len(train), "heldout": len(held), "digests": int(len(training["digests"]))},
               "steps": steps, "tokens_seen": steps * cfg.batch_tokens, "seconds": round(time.time() - t0, 1),
               "activation_seconds": round(t_act - t0, 1), "train_seconds": round(time.time() - t_act, 1),
               "hardware": lm.provenance.get("hardware")}
