@@ -18,7 +18,6 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -339,12 +338,7 @@ def _sae_pass(lm, sae, plan: RowPlan, mask, cfg, progress) -> tuple[dict, int]:
 def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan, arrays, stats, task,
            extend: bool, saes: dict | None = None) -> None:
     """Hand the new arrays, the examples (new builds) and the provenance to `store.write_build`."""
-    examples = None if extend else {
-        "id": [e.id for e in plan.rows], "split": plan.splits, "label": [e.label for e in plan.rows],
-        "text": [task.query_text(e) for e in plan.rows], "demo": [task.demo_text(e) for e in plan.rows],
-        "dup": [task.dup_key(e) for e in plan.rows], "n_tokens": plan.n_tokens, "n_target": plan.n_target,
-        "truncated": plan.truncated,
-        "record": [json.dumps(e.to_record(), ensure_ascii=False) for e in plan.rows]}
+    examples = None if extend else plan.examples(task)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     prov = {
         "model": model_prov,

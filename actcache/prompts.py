@@ -20,6 +20,7 @@ exactly as the builder encoded an eval row.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -210,6 +211,18 @@ class RowPlan:
     context_text: str
     sink: str  # "bos", or "first token" for tokenizers without BOS (left out of every span)
     rotations: list[Rotation] = field(default_factory=list)
+
+    def examples(self, task: Task) -> dict:
+        """The build's examples table (`store.EXAMPLE_COLUMNS`), one entry per row:
+        id, split, label, the query text and demonstration text as laid out here,
+        the near-duplicate key, token counts, whether the input was cut, and the
+        example's record (`data.Example.to_record`)."""
+        rows = self.rows
+        return {"id": [e.id for e in rows], "split": self.splits, "label": [e.label for e in rows],
+                "text": [task.query_text(e) for e in rows], "demo": [task.demo_text(e) for e in rows],
+                "dup": [task.dup_key(e) for e in rows], "n_tokens": self.n_tokens, "n_target": self.n_target,
+                "truncated": self.truncated,
+                "record": [json.dumps(e.to_record(), ensure_ascii=False) for e in rows]}
 
     def layouts(self, mask: str) -> list[tuple[list, list]]:
         """(seqs, spans) of each forward pass `mask` needs: one per rotation for
