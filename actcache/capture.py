@@ -26,6 +26,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import ConfigError
+from .prompts import attention_rule, pad_id
 
 COMPONENTS = ("resid", "mlp", "attn")
 POOLINGS = ("mean", "last")  # the poolings a build stores by default (any of `pooling_names()`)
@@ -623,8 +624,6 @@ def forward_rows(model, tokenizer, readers, seqs, spans, rows, mask: str) -> Non
     """Run `readers` (one Reader or a list) on the given rows (indices into
     `seqs`/`spans`) as one right-padded batch, under the attention of `mask`
     (`prompts.attention_rule`)."""
-    from .prompts import attention_rule, pad_id
-
     batch = make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(tokenizer),
                        next(model.parameters()).device)
     run(model, batch, readers if isinstance(readers, (list, tuple)) else [readers], attention_rule(mask))

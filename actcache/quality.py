@@ -29,7 +29,9 @@ import numpy as np
 from .config import EvalConfig
 from .data import Example, Task
 from .errors import DatasetError, MismatchError
+from .models import resolve_device, resolve_dtype
 from .prompts import prompt_segments
+from .score import TokenCount, classify, margins, score_options
 from .store import Store, derive_key, load_npz, save_npz
 
 Progress = Callable[[str, int, int], None]
@@ -97,8 +99,6 @@ def score_prompts(lm, task: Task, prompts, queries: list[Example], batch_size: i
     """(n, c) option log-probs (classification / multiple choice), summed over each
     option's tokens (averaged with `length_normalize`); ``counter`` (a
     score.TokenCount) accumulates tokens computed and in the prompts."""
-    from .score import score_options
-
     opts = options if options is not None else (
         list(task.label_words) if task.kind == "classification" else [list(task.options(q)) for q in queries])
     return score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size, counter=counter,
@@ -123,8 +123,6 @@ def length_normalized(task: Task, queries: list[Example], s: np.ndarray) -> np.n
 def pair_scores(lm, task: Task, prompts, queries, batch_size, counter=None) -> tuple[np.ndarray, np.ndarray]:
     """(correct (n,), margin (n,)) for classification/MC; for generation the
     per-token log-likelihood of the gold answer and its sign-free value."""
-    from .score import classify, margins, score_options
-
     if task.kind == "generation":
         ll = score_options(lm.model, lm.tokenizer, prompts, [[task.target(q)] for q in queries],
                            batch_size=batch_size, length_normalize=True, counter=counter)[:, 0]
@@ -248,7 +246,6 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     cached next to the build under its derive_key and reused; see `QualityMatrix`."""
     task = store_task(store)
     rows = study_rows(store, cfg)
-    from .models import resolve_device, resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype or "auto", resolve_device(store.config["model"].get("device", "cpu")))
     params = {"cands": rows.cands.tolist(), "cand_half": rows.cand_half.tolist(), "probes": rows.probes.tolist(),
@@ -261,7 +258,6 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
             return q
         warnings.warn(f"quality matrix {path.name} was damaged; recomputing it", stacklevel=2)
     lm = lm or load_scoring_model(store, cfg.dtype)
-    from .score import TokenCount
 
     t0 = time.time()
     # Streamed: chunks of candidates are flushed (fsync + rename) to a partial

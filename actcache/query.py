@@ -52,6 +52,11 @@ import numpy as np
 from .config import DEFAULT_MASK
 from .errors import ConfigError, DatasetError, StoreError
 from .store import ArrayId, Store, atomic_write, load_npz, try_save_npz
+from .data import Example, field_value, normalize_text, read_text
+from .capture import Capture, forward_rows
+from .prompts import length_batches, query_layouts
+from indexes import IndexSpec, VectorIndex
+from .models import set_threads
 
 Progress = Callable[[str, int, int], None]
 
@@ -179,7 +184,6 @@ def read_source(source: str) -> tuple[list[str], bool, str]:
     if not path.is_file():
         raise DatasetError(f"input file {path} does not exist; pass --input FILE (.txt or .jsonl), "
                            f"'-' for stdin, or leave it out to query the build's eval rows")
-    from .data import read_text
 
     lines = read_text(path).splitlines()
     first = next((ln for ln in lines if ln.strip()), "")
@@ -222,8 +226,6 @@ def eval_inputs(store: Store, ids=None) -> Inputs:
 def parse_inputs(store: Store, lines: list[str], is_jsonl: bool, name: str, text_field: str = "text") -> Inputs:
     """New test inputs from text lines (plain, or JSONL objects), templated with the
     build's template (see `load_inputs`)."""
-    from .data import Example, field_value
-
     task = store.task()
     fields = template_fields(task.template)
     ids, texts, given = [], [], False
@@ -316,8 +318,6 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
     if cached is not None and "acts" in cached and cached["acts"].shape[0] == len(texts):
         return cached["acts"].astype(np.float32, copy=False), {"forward_batches": 0, "cache_hit": True,
                                                                "cache": str(path)}
-    from .capture import Capture, forward_rows
-    from .prompts import length_batches, query_layouts
 
     lm = lm or store.load_model()
     tok, model = lm.tokenizer, lm.model
@@ -388,8 +388,6 @@ def exclusion_matrix(store: Store, inputs: Inputs) -> np.ndarray:
     """(q, m) int64 pool positions (indices into `store.pool_rows`) to exclude per
     input: same id (when ids are given), identical templated text, or the same
     near-duplicate key (an eval row's stored key; a new text's normalised text); -1 padded."""
-    from .data import normalize_text
-
     rows = store.pool_rows
     pos = {i: r for r, i in enumerate(store.ids)}
     keys = [store.dups[pos[i]] if inputs.ids_given and i in pos else normalize_text(t)
@@ -421,7 +419,6 @@ def knn_search(index, queries: np.ndarray, k: int, exclude: np.ndarray | None = 
     """
     if labels is None:
         return index.search(queries, k, exclude=exclude)
-    from indexes import IndexSpec, VectorIndex
 
     classes = np.unique(labels)
     n = len(labels)
@@ -489,8 +486,6 @@ def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
     (index or model not of this build), ConfigError (k too large, bad option),
     DatasetError (missing/empty input).
     """
-    from .models import set_threads
-
     t0 = time.time()
     set_threads()
     store = Store.open(cfg.key, cfg.home)
