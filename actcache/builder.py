@@ -40,7 +40,7 @@ from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
 from .store import (
     ArrayId, Store, build_lock, canonical_key, check_home, clean_leftovers, default_home, derive_key,
-    index_spec, load_npz, save_npz, write_build,
+    index_spec, load_npz, save_npz, short_sae_key, write_build,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -193,7 +193,8 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
                 warnings.warn(f"{e}; building it again from scratch", stacklevel=2)
                 (bdir / "acts.h5").unlink()
         missing = [a for a in wanted if a not in have]
-        sae_todo = [(sae, m) for sae in saes for m in cfg.masks if (sae.key[:16], m) not in have_sae]
+        sae_todo = [(sae, m) for sae in saes for m in cfg.masks
+                    if (short_sae_key(sae.key), m) not in have_sae]
         if (missing or sae_todo) and not os.access(bdir, os.W_OK):
             raise StoreError(f"build {key[:12]} lacks {len(missing) + len(sae_todo)} of the arrays asked for, "
                              f"but the store {home} is read-only; point --store at a writable directory "
@@ -228,7 +229,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
         "key": key, "path": str(bdir), "cache_hit": not missing and not made_idx and not sae_todo,
         "dtype": lm.provenance["dtype"], "dtype_requested": lm.provenance["dtype_requested"], "hardware": here,
         "built_on": built_on.get("class"),
-        "computed": [str(a) for a in missing] + [f"sae/{sae.key[:16]}/{m}" for sae, m in sae_todo],
+        "computed": [str(a) for a in missing] + [f"sae/{short_sae_key(sae.key)}/{m}" for sae, m in sae_todo],
         "reused": [str(a) for a in wanted if a not in missing],
         "indexes_built": made_idx, "forward_batches": forward_batches,
         "seconds": round(time.time() - t0, 2),
@@ -359,11 +360,13 @@ def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan
         "versions": _versions(), "updated": now,
     }
     if saes:
-        prov["saes"] = {sae.key[:16]: {"key": sae.key, "hook": sae.hook, "layer": sae.layer, "kind": sae.kind,
-                                       "d_sae": sae.d_sae, "k": sae.k, "fvu_reference": fvu_reference(sae),
-                                       "training": _training_prov(sae)} for sae, _ in saes}
-    write_build(bdir, key, arrays=arrays, saes={(sae.key[:16], m): v for (sae, m), v in (saes or {}).items()},
-                sae_training={sae.key[:16]: sae.training["digests"] for sae, _ in (saes or {})
+        prov["saes"] = {short_sae_key(sae.key): {"key": sae.key, "hook": sae.hook, "layer": sae.layer,
+                                                 "kind": sae.kind, "d_sae": sae.d_sae, "k": sae.k,
+                                                 "fvu_reference": fvu_reference(sae),
+                                                 "training": _training_prov(sae)} for sae, _ in saes}
+    write_build(bdir, key, arrays=arrays,
+                saes={(short_sae_key(sae.key), m): v for (sae, m), v in (saes or {}).items()},
+                sae_training={short_sae_key(sae.key): sae.training["digests"] for sae, _ in (saes or {})
                               if sae.training is not None},
                 stats={ArrayId(c, L, "mean", m): st for (m, c, L), st in stats.items()},
                 examples=examples, provenance=prov, config=_cfg_json(cfg), key_payload=payload,

@@ -18,6 +18,7 @@ from .errors import ConfigError, DatasetError, MismatchError, ModelError
 from .prompts import prompt_segments
 from .quality import examples_at, length_normalized, load_scoring_model, score_prompts, store_task, study_rows
 from .store import Store
+from .study import Signal
 
 Progress = Callable[[str, int, int], None]
 
@@ -37,8 +38,8 @@ def _best_stat(study: StudyResult | None) -> dict:
     if not top:
         return {"stat": "kurt", "component": "mlp", "layer": None, "mask": "isolated", "order": "high"}
     best = top[0]
-    mask, comp, layer, stat = best["name"].split("|")
-    return {"stat": stat, "component": comp, "layer": int(layer), "mask": mask,
+    s = Signal.parse(best["name"])
+    return {"stat": s.stat, "component": s.component, "layer": s.layer, "mask": s.mask,
             "order": "high" if best["rho_discovery"] >= 0 else "low"}
 
 def _best_sae_feature(study: StudyResult | None) -> dict | None:
@@ -47,14 +48,13 @@ def _best_sae_feature(study: StudyResult | None) -> dict | None:
     its sign; when no discovery ranking exists (too few candidates) the study's
     best feature on all candidates. None without SAE features."""
     sae = (study.sae if study else None) or {}
-    top = [(t["name"], t["rho_discovery"]) for t in (sae.get("replication") or {}).get("top", [])
-           if t["name"].split("|")[3] != "stat"]
-    top += [(f["name"], f["rho_len"]) for f in sae.get("features", [])]
+    top = [(s, t["rho_discovery"]) for t in (sae.get("replication") or {}).get("top", [])
+           if (s := Signal.parse(t["name"])).is_sae_feature]
+    top += [(Signal.parse(f["name"]), f["rho_len"]) for f in sae.get("features", [])]
     if not top:
         return None
-    name, rho = top[0]
-    _, key, mask, pooling, feature = name.split("|")
-    return {"sae": key, "mask": mask, "pooling": pooling, "feature": int(feature),
+    s, rho = top[0]
+    return {"sae": s.sae, "mask": s.mask, "pooling": s.pooling, "feature": s.feature,
             "order": "high" if rho >= 0 else "low"}
 
 def load_demos(path: str, store: Store) -> dict:

@@ -15,7 +15,8 @@ import numpy as np
 
 from .capture import STATS
 from .config import EvalResult
-from .study import STUDY_REF
+from .store import shown_sae_key
+from .study import STUDY_REF, Signal
 
 
 def _fmt(x, nd=3) -> str:
@@ -214,15 +215,17 @@ def _sae_md(res: EvalResult) -> list[str]:
            _family_row("SAE features + SAE statistics", sae["rows"], sae["replication"])]
     tested = [["SAE", "hook", "layer", "mask", "pooling", "width", "ever active",
                f"tested (active in ≥ {sae['min_active']})", "FVU reference mean"]]
-    tested += [[t["sae"][:8], str(t.get("hook")), str(t.get("layer")), t["mask"], t["pooling"], str(t["d_sae"]),
-                str(t["ever_active"]), str(t["tested"]), t.get("fvu_reference") or "each span's own (older build)"]
+    tested += [[shown_sae_key(t["sae"]), str(t.get("hook")), str(t.get("layer")), t["mask"], t["pooling"],
+                str(t["d_sae"]), str(t["ever_active"]), str(t["tested"]),
+                t.get("fvu_reference") or "each span's own (older build)"]
                for t in sae["saes"]]
     feats = [["feature", "active in", "raw ρ", "partial ρ (label + length)", "q", "confirmation ρ", "replicates",
               "most-activating pool examples (label, activation)"]]
     for f in sae["features"]:
         ex = "<br>".join(f"{e['label']}, {e['activation']:.2f}: {_md_cell(e['text'][:120])}" for e in f["examples"])
-        feats.append([f"{f['sae'][:8]}/{f['mask']}/{f['pooling']}/**{f['feature']}**", str(f["n_active"]),
-                      _fmt(f["rho_raw"]), _fmt(f["rho_len"]), _fmt(f["q_len"]), _fmt(f["rho_confirmation"]),
+        feats.append([f"{shown_sae_key(f['sae'])}/{f['mask']}/{f['pooling']}/**{f['feature']}**",
+                      str(f["n_active"]), _fmt(f["rho_raw"]), _fmt(f["rho_len"]), _fmt(f["q_len"]),
+                      _fmt(f["rho_confirmation"]),
                       {True: "yes", False: "no", None: "—"}[f["replicates"]], ex])
     return ["## SAE features beside the moment statistics", "",
             "Each family has its own Benjamini–Hochberg correction and its own discovery/confirmation split "
@@ -239,16 +242,16 @@ def overlap_lines(overlap: list[dict], clean: bool = True) -> list[str]:
     (study.sae_training_overlap); `clean` False leaves out SAEs that trained on none."""
     lines = []
     for o in overlap:
-        c, p = o["candidates"], o["probes"]
+        c, p, key = o["candidates"], o["probes"], shown_sae_key(o["sae"])
         if o["status"] == "unknown":
-            lines.append(f"SAE {o['sae'][:8]} records no training texts (loaded from SAELens / Gemma Scope, or trained "
+            lines.append(f"SAE {key} records no training texts (loaded from SAELens / Gemma Scope, or trained "
                          f"before actcache recorded them): whether it trained on the candidates or probes is unknown")
         elif c["n_overlap"] or p["n_overlap"]:
             ids = ", ".join((c["ids"] + p["ids"])[:5])
-            lines.append(f"SAE {o['sae'][:8]} trained on the text of {c['n_overlap']} of {c['n_rows']} candidates and "
+            lines.append(f"SAE {key} trained on the text of {c['n_overlap']} of {c['n_rows']} candidates and "
                          f"{p['n_overlap']} of {p['n_rows']} probes (run with --allow-overlap; e.g. {ids})")
         elif clean:
-            lines.append(f"SAE {o['sae'][:8]} trained on none of the {c['n_rows']} candidates and {p['n_rows']} probes")
+            lines.append(f"SAE {key} trained on none of the {c['n_rows']} candidates and {p['n_rows']} probes")
     return lines
 
 
@@ -280,7 +283,7 @@ def _replication_md(rep: dict | None, title: str = "Discovery and confirmation")
             "re-tested on confirmation: they *replicate* with the same sign, a 95 % bootstrap CI excluding 0, "
             "and BH q < 0.05 within the confirmation family." + power, "",
             *_md_table([["statistic", "ρ discovery", "ρ confirmation", "95% CI", "q", "replicates", "powered"]] + [
-                [t["name"].replace("|", "/"), _fmt(t["rho_discovery"]), _fmt(t["rho_confirmation"]),
+                [Signal.parse(t["name"]).format("/"), _fmt(t["rho_discovery"]), _fmt(t["rho_confirmation"]),
                  f"[{_fmt(t['ci_lo'])}, {_fmt(t['ci_hi'])}]", _fmt(t["q"]), "yes" if t["replicates"] else "no",
                  {True: "yes", False: "no", None: "—"}[t.get("powered")]]
                 for t in rep["top"]]), ""]
@@ -366,7 +369,8 @@ def write(res: EvalResult, out: Path) -> dict:
           "## Top 10 statistics by raw |ρ|: raw, label-controlled, label + length-controlled", "",
           *_md_table([["statistic", "raw ρ", "95% CI", "q", "within-label ρ", "partial ρ (label)", "q",
                        "partial ρ (label + log length)", "q"]] + [
-              [r["name"].replace("|", "/"), _fmt(r["rho_raw"]), f"[{_fmt(r['ci_raw_lo'])}, {_fmt(r['ci_raw_hi'])}]",
+              [Signal.parse(r["name"]).format("/"), _fmt(r["rho_raw"]),
+               f"[{_fmt(r['ci_raw_lo'])}, {_fmt(r['ci_raw_hi'])}]",
                _fmt(r["q_raw"]), _fmt(r["rho_strat"]), _fmt(r["rho_partial"]), _fmt(r["q_partial"]),
                _fmt(r.get("rho_len")), _fmt(r.get("q_len"))] for r in top]),
           "", *_replication_md(res.study.replication), *_sae_md(res),

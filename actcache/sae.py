@@ -688,7 +688,7 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
                           "(or pip install eai-sparsify==1.3.3)") from None
     from .capture import decoder_layers
     from .models import ModelSpec, load_model, set_threads
-    from .store import default_home
+    from .store import default_home, short_sae_key
 
     if cfg.hook not in HOOK_POINTS:
         raise ConfigError(f"--hook must be one of {HOOK_POINTS}, not {cfg.hook!r}")
@@ -717,7 +717,7 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
                 "rows": f"prompts.text_rows: BOS + text, its start dropped past max_length {cfg.max_length}"}
     key = sae_key(tmp)
     sae = replace(tmp, key=key)
-    path = save_sae(sae, home / "sae" / key[:16])
+    path = save_sae(sae, home / "sae" / short_sae_key(key))
     meta = json.loads((path / "cfg.json").read_text())
     (path / "cfg.json").write_text(json.dumps({**meta, **cfg_json, "key": key}, indent=2))
     report = {"path": str(path), "key": key, "train": evaluate_sae(sae, X), "heldout": evaluate_sae(sae, Xh),

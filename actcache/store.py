@@ -74,6 +74,18 @@ def register_derived(kind: str, suffix: str = ".npz") -> None:
         raise ConfigError(f"derived kind {kind!r} is registered with suffix {DERIVED[kind]!r}")
     DERIVED[kind] = suffix
 SAE_STATS = ("l0", "fvu", "explained")
+SAE_KEY_LEN = 16  # characters of an SAE's key that name it in a build and in the store's sae/ folder
+SAE_KEY_SHOWN = 8  # characters of an SAE's key in study signal names, reports and messages
+
+
+def short_sae_key(key: str) -> str:
+    """The SAE's stored id: the first SAE_KEY_LEN characters of its key (or of a prefix)."""
+    return key[:SAE_KEY_LEN]
+
+
+def shown_sae_key(key: str) -> str:
+    """The SAE's key as signal names, reports and messages show it (SAE_KEY_SHOWN characters)."""
+    return key[:SAE_KEY_SHOWN]
 
 
 
@@ -507,18 +519,18 @@ class Store:
         """(SAE key16, mask) of the build's SAE features: `sae` a key or prefix (None:
         the build's only SAE), `mask` None for DEFAULT_MASK where captured, else the
         first. Raises ConfigError naming what the build holds."""
-        keys = sorted({k for k, _ in self.sae_groups if sae is None or k.startswith(sae[:16])})
+        keys = sorted({k for k, _ in self.sae_groups if sae is None or k.startswith(short_sae_key(sae))})
         if not keys:
             raise ConfigError(f"build {self.key[:12]} holds no SAE features{'' if sae is None else f' for {sae!r}'}; "
                               f"add them with `actcache build ... --sae DIR`")
         if len(keys) > 1:
-            raise ConfigError(f"build {self.key[:12]} holds {len(keys)} SAEs ({[k[:8] for k in keys]}); "
+            raise ConfigError(f"build {self.key[:12]} holds {len(keys)} SAEs ({[shown_sae_key(k) for k in keys]}); "
                               f"pick one with sae=<key prefix>")
         masks = [m for k, m in self.sae_groups if k == keys[0]]
         if mask is None:
             mask = DEFAULT_MASK if DEFAULT_MASK in masks else masks[0]
         if mask not in masks:
-            raise ConfigError(f"SAE {keys[0][:8]} was captured under masks {masks}, not {mask!r}")
+            raise ConfigError(f"SAE {shown_sae_key(keys[0])} was captured under masks {masks}, not {mask!r}")
         return keys[0], mask
 
     def sae_codes(self, sae: str, pooling: str = "mean", mask: str = "isolated",

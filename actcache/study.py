@@ -6,13 +6,15 @@ pair-level similarity analyses."""
 from __future__ import annotations
 
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .capture import STATS
 from .config import EvalConfig, StudyResult
-from .store import Store
+from .errors import ConfigError
+from .store import SAE_STATS, Store, shown_sae_key
 
 if TYPE_CHECKING:
     from .quality import QualityMatrix
@@ -22,6 +24,127 @@ Progress = Callable[[str, int, int], None]
 STUDY_REF = 0.33  # the 2026 study's largest |Spearman rho|
 SAE_TOP = 10  # SAE features listed with their most-activating pool examples
 SAE_EXAMPLES = 5  # pool examples shown per listed feature
+
+
+SIGNAL_KINDS = ("stat", "sae-feature", "sae-stat")
+_SIGNAL_FORMS = ("'<mask>|<component>|<layer>|<stat>' (a moment statistic), "
+                 "'sae|<key>|<mask>|<pooling>|<feature>' (an SAE feature) or "
+                 "'sae|<key>|<mask>|stat|<l0, fvu or explained>' (an SAE statistic)")
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One signal of the correlation study, named as its rows name it.
+
+    kind: "stat" (a moment statistic of one stored array), "sae-feature" (one
+        SAE feature's pooled activation) or "sae-stat" (a per-example SAE
+        statistic, one of store.SAE_STATS).
+    mask: the capture mask.
+    component, layer: the array of a moment statistic (None for SAE signals).
+    stat: the statistic's name (capture.STATS, or SAE_STATS for "sae-stat").
+    sae: the SAE's key as names show it (store.shown_sae_key; SAE signals only).
+    pooling: "mean" or "max" (SAE features only).
+    feature: the SAE feature's index (SAE features only).
+
+    `str(signal)` is the name: "<mask>|<component>|<layer>|<stat>",
+    "sae|<key>|<mask>|<pooling>|<feature>" or "sae|<key>|<mask>|stat|<stat>";
+    `Signal.parse` reads one back.
+    """
+
+    kind: str
+    mask: str
+    component: str | None = None
+    layer: int | None = None
+    stat: str | None = None
+    sae: str | None = None
+    pooling: str | None = None
+    feature: int | None = None
+
+    @classmethod
+    def moment(cls, mask: str, component: str, layer: int, stat: str) -> Signal:
+        """A moment statistic of the array (component, layer) under `mask`."""
+        return cls("stat", mask, component=component, layer=int(layer), stat=stat)
+
+    @classmethod
+    def sae_feature(cls, sae: str, mask: str, pooling: str, feature: int) -> Signal:
+        """SAE `sae`'s feature `feature`, pooled by `pooling`, under `mask`."""
+        return cls("sae-feature", mask, sae=shown_sae_key(sae), pooling=pooling, feature=int(feature))
+
+    @classmethod
+    def sae_stat(cls, sae: str, mask: str, stat: str) -> Signal:
+        """A per-example statistic of SAE `sae` (one of SAE_STATS) under `mask`."""
+        return cls("sae-stat", mask, sae=shown_sae_key(sae), stat=stat)
+
+    @property
+    def is_stat(self) -> bool:
+        """A moment statistic of a stored array."""
+        return self.kind == "stat"
+
+    @property
+    def is_sae(self) -> bool:
+        """An SAE signal: a feature or a per-example SAE statistic."""
+        return self.kind in ("sae-feature", "sae-stat")
+
+    @property
+    def is_sae_feature(self) -> bool:
+        return self.kind == "sae-feature"
+
+    @property
+    def is_sae_stat(self) -> bool:
+        return self.kind == "sae-stat"
+
+    def format(self, sep: str = "|") -> str:
+        """The signal's name, its parts joined by `sep` (reports show them with "/")."""
+        if self.kind == "stat":
+            parts = (self.mask, self.component, self.layer, self.stat)
+        elif self.kind == "sae-feature":
+            parts = ("sae", self.sae, self.mask, self.pooling, self.feature)
+        else:
+            parts = ("sae", self.sae, self.mask, "stat", self.stat)
+        return sep.join(str(p) for p in parts)
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def columns(self) -> dict:
+        """The columns a study row carries beside its name: mask, component, stat,
+        layer for a moment statistic; sae, mask, pooling, feature for an SAE
+        signal (pooling "stat" and the statistic's name as feature for an SAE
+        statistic; the feature as text)."""
+        if self.kind == "stat":
+            return {"mask": self.mask, "component": self.component, "stat": self.stat, "layer": self.layer}
+        if self.kind == "sae-feature":
+            return {"sae": self.sae, "mask": self.mask, "pooling": self.pooling, "feature": str(self.feature)}
+        return {"sae": self.sae, "mask": self.mask, "pooling": "stat", "feature": self.stat}
+
+    @classmethod
+    def parse(cls, text: str) -> Signal:
+        """The signal a study row's name stands for. Raises ConfigError for a name
+        of no known form."""
+        parts = str(text).split("|")
+
+        def bad(why: str) -> ConfigError:
+            return ConfigError(f"signal name {text!r} {why}; a signal name reads {_SIGNAL_FORMS}, as the "
+                               f"correlation study's rows name them (results.json study.rows[].name)")
+
+        if any(not p for p in parts):
+            raise bad("has an empty part")
+        if len(parts) == 5 and parts[0] == "sae":
+            _, key, mask, pooling, last = parts
+            if pooling == "stat":
+                if last not in SAE_STATS:
+                    raise bad(f"names no SAE statistic ({last!r} is not one of {SAE_STATS})")
+                return cls("sae-stat", mask, sae=key, stat=last)
+            if not last.isdigit():
+                raise bad(f"names no SAE feature ({last!r} is not a feature index)")
+            return cls("sae-feature", mask, sae=key, pooling=pooling, feature=int(last))
+        if len(parts) == 4:
+            mask, component, layer, stat = parts
+            try:
+                return cls("stat", mask, component=component, layer=int(layer), stat=stat)
+            except ValueError:
+                raise bad(f"has no integer layer ({layer!r})") from None
+        raise bad(f"has {len(parts)} parts")
 
 
 def candidate_quality(q: QualityMatrix, store: Store, cfg: EvalConfig) -> np.ndarray:
@@ -73,14 +196,13 @@ def correlation_study(store: Store, q: QualityMatrix, cfg: EvalConfig,
     for mask, comp, layer in units:
         st = store.stats(comp, layer, mask)[cand]
         for j, name in enumerate(STATS):
-            stats[f"{mask}|{comp}|{layer}|{name}"] = st[:, j]
+            stats[str(Signal.moment(mask, comp, layer, name))] = st[:, j]
     rows = candidate_correlations(stats, quality, labels, n_boot=cfg.n_boot, seed=cfg.seed, lengths=lengths)
     halves = (np.flatnonzero(q.cand_half == 0), np.flatnonzero(q.cand_half == 1))
     replication = replicate(stats, quality, labels, lengths, top=10, n_boot=cfg.n_boot, seed=cfg.seed,
                             halves=halves)
     for r in rows:
-        r["mask"], r["component"], layer, r["stat"] = r["name"].split("|")
-        r["layer"] = int(layer)
+        r.update(Signal.parse(r["name"]).columns())
     label_rho = spearman(labels, quality)[0]  # how much the demonstration's label alone explains
     # Pair level: does the candidate-probe similarity at a layer predict the 1-shot score?
     # Each half's block on its own (pairs across halves are not scored).
@@ -129,7 +251,7 @@ def sae_training_overlap(store: Store, cand: np.ndarray, probes: np.ndarray | No
                        for name, o in parts.items()}})
     bad = [o for o in out if o["candidates"]["n_overlap"] or o["probes"]["n_overlap"]]
     if bad and not cfg.allow_overlap:
-        what = "; ".join(f"SAE {o['sae'][:8]} trained on the text of {o['candidates']['n_overlap']} of "
+        what = "; ".join(f"SAE {shown_sae_key(o['sae'])} trained on the text of {o['candidates']['n_overlap']} of "
                          f"{o['candidates']['n_rows']} candidates and {o['probes']['n_overlap']} of "
                          f"{o['probes']['n_rows']} probes (e.g. ids "
                          f"{', '.join((o['candidates']['ids'] + o['probes']['ids'])[:3])})" for o in bad)
@@ -192,10 +314,9 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
     "explained" for the statistics), summary, replication, features: the
     SAE_TOP features by |rho| on label + log length, each with its
     SAE_EXAMPLES most-activating pool examples (id, label, activation, text)).
-    Names read "sae|<key8>|<mask>|<pooling or stat>|<feature>".
+    Names read "sae|<key>|<mask>|<pooling or stat>|<feature>" (see `Signal`).
     """
     from .correlate import candidate_correlations, replicate, summarize
-    from .store import SAE_STATS
 
     if not store.sae_groups:
         return None
@@ -203,18 +324,17 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
     signals: dict[str, np.ndarray] = {}
     tested, codes = [], {}
     for k16, mask in store.sae_groups:
-        k8 = k16[:8]
         st = store.sae_stats(k16, mask)[cand]
         for j, name in enumerate(SAE_STATS):
-            signals[f"sae|{k8}|{mask}|stat|{name}"] = st[:, j]
+            signals[str(Signal.sae_stat(k16, mask, name))] = st[:, j]
         for pooling in ("mean", "max"):
             C = store.sae_codes(k16, pooling, mask)  # (rows, d_sae) float32
             Cc = C[cand]
             active = (Cc > 0).sum(0)
             feats = np.flatnonzero(active >= cfg.sae_min_active)
             for f in feats:
-                signals[f"sae|{k8}|{mask}|{pooling}|{f}"] = Cc[:, f].astype(np.float64)
-            codes[(k8, mask, pooling)] = C
+                signals[str(Signal.sae_feature(k16, mask, pooling, f))] = Cc[:, f].astype(np.float64)
+            codes[(shown_sae_key(k16), mask, pooling)] = C
             tested.append({"sae": k16, "mask": mask, "pooling": pooling, "d_sae": int(C.shape[1]),
                            "ever_active": int((active > 0).sum()), "tested": int(len(feats)),
                            **{k: v for k, v in (store.provenance.get("saes") or {}).get(k16, {}).items()
@@ -228,7 +348,7 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
     rows = candidate_correlations(signals, quality, labels, n_boot=0, seed=cfg.seed, lengths=lengths,
                                   progress=stage("SAE study"))
     for r in rows:
-        _, r["sae"], r["mask"], r["pooling"], r["feature"] = r["name"].split("|")
+        r.update(Signal.parse(r["name"]).columns())
     replication = replicate(signals, quality, labels, lengths, top=10, n_boot=cfg.n_boot, seed=cfg.seed,
                             progress=stage("SAE discovery half"), halves=halves)
     confirmed = {t["name"]: t for t in replication["top"]}
