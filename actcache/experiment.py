@@ -78,10 +78,22 @@ def load_demos(path: str, store: Store) -> dict:
         raise DatasetError(f"{path} holds no records; make it with `actcache query`")
     return per
 
-# Strategies that give each eval input its own demonstrations; every other
-# strategy picks one subset of k shared by all inputs.
-PER_INPUT = ("knn", "embed-knn", "sae-knn", "vote-k", "vote-k-lm", "file")
-RETRIEVAL = ("knn", "embed-knn", "sae-knn")  # each input retrieves its own k from the whole pool
+
+def _kind(name: str) -> str:
+    """A strategy's kind (`select.STRATEGIES`); "per-input" for a file of demonstrations."""
+    from .select import STRATEGIES
+
+    if name == "file":
+        return "per-input"
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
+    return STRATEGIES[name].kind
+
+
+def per_input(name: str) -> bool:
+    """Whether each eval input gets its own demonstrations (retrieval, or retrieval
+    from an annotation set); else one subset of k is shared by all inputs."""
+    return _kind(name) in ("per-input", "annotation")
 
 def demo_order(chosen: dict, test_ids: list[str], seed: int, shared: bool, order: str = "shuffle"
                ) -> list[list[str]]:
@@ -125,7 +137,7 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], turn
     annotation set when no seed can change it."""
     from .select import select
 
-    if name in RETRIEVAL:
+    if _kind(name) == "per-input":
         per = select(store, name, k=k, seed=seed, **opts).per_query
         missing = [t for t in test_ids if t not in per]
         if missing:
@@ -210,6 +222,8 @@ def _jobs(store: Store, cfg: EvalConfig, study: StudyResult | None) -> tuple[lis
         elif name in ("vote-k", "vote-k-lm"):
             chosen[name] = f"annotation set {cfg.votek_budget} (fixed), then per-input retrieval"
             jobs += [(name, s, {"strategy": name, "votek_budget": cfg.votek_budget}) for s in cfg.seeds]
+        elif _kind(name) == "subset":
+            subset(name, {"strategy": name}, "the strategy's defaults (fixed)")
         else:
             chosen[name] = "the strategy's defaults (fixed)"
             jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]
@@ -400,7 +414,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
                 results.append({"strategy": label, "seed": seed, "accuracy": float("nan"),
                                 "macro_f1": float("nan"), "skipped": str(e)})
                 continue
-            order = demo_order(chosen_ids, eval_ids, seed, shared=name not in PER_INPUT, order=cfg.knn_order)
+            order = demo_order(chosen_ids, eval_ids, seed, shared=not per_input(name), order=cfg.knn_order)
             demos = [[pool_by_id[i] for i in ids] for ids in order]
         key = (label, tuple(tuple(e.id for e in d) for d in demos))
         reused = key in done  # a deterministic strategy gives every seed the same prompts: score them once

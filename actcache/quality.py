@@ -31,7 +31,8 @@ from .data import Example, Task
 from .errors import DatasetError, MismatchError
 from .models import resolve_device, resolve_dtype
 from .prompts import prompt_segments
-from .score import TokenCount, classify, margins, score_options
+from . import score
+from .score import TokenCount, classify, margins
 from .store import Store, derive_key, load_npz, save_npz
 
 Progress = Callable[[str, int, int], None]
@@ -101,7 +102,7 @@ def score_prompts(lm, task: Task, prompts, queries: list[Example], batch_size: i
     score.TokenCount) accumulates tokens computed and in the prompts."""
     opts = options if options is not None else (
         list(task.label_words) if task.kind == "classification" else [list(task.options(q)) for q in queries])
-    return score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size, counter=counter,
+    return score.score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size, counter=counter,
                          length_normalize=length_normalize)
 
 
@@ -124,7 +125,7 @@ def pair_scores(lm, task: Task, prompts, queries, batch_size, counter=None) -> t
     """(correct (n,), margin (n,)) for classification/MC; for generation the
     per-token log-likelihood of the gold answer and its sign-free value."""
     if task.kind == "generation":
-        ll = score_options(lm.model, lm.tokenizer, prompts, [[task.target(q)] for q in queries],
+        ll = score.score_options(lm.model, lm.tokenizer, prompts, [[task.target(q)] for q in queries],
                            batch_size=batch_size, length_normalize=True, counter=counter)[:, 0]
         return np.full(len(ll), np.nan), ll
     s = length_normalized(task, queries, score_prompts(lm, task, prompts, queries, batch_size, counter=counter))

@@ -30,7 +30,6 @@ O(n) beyond the (n, d) vectors themselves; neither ever forms an n x n matrix.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
@@ -84,16 +83,97 @@ class Selection:
                 for i, (x, p) in enumerate(zip(self.ids, self.positions))]
 
 
-STRATEGIES: dict[str, Callable[..., Selection]] = {}
+KINDS = ("per-input", "subset", "annotation")
+_RUNTIME = ("store", "budget", "k", "seed", "progress", "lm")  # what `select` passes; never an option
 
 
-def strategy(name: str):
-    """Register `fn(store, *, budget, k, seed, progress, **opts) -> Selection` under `name`."""
+@dataclass(frozen=True)
+class Option:
+    """One option of a strategy: its name, type (int, float, str or bool) and default."""
+
+    name: str
+    type: type
+    default: object = None
+
+    def check(self, strategy: str, value):
+        """`value` as this option's type; ConfigError when it is not one (no coercion
+        from strings or between bool and numbers)."""
+        if value is None:
+            return None
+        if isinstance(value, (bool, np.bool_)):
+            ok = self.type is bool
+        elif self.type is int:
+            ok = isinstance(value, (int, np.integer))
+        elif self.type is float:
+            ok = isinstance(value, (int, float, np.integer, np.floating))
+        else:
+            ok = isinstance(value, self.type)
+        if ok:
+            return self.type(value)
+        raise ConfigError(f"strategy {strategy!r}: option {self.name} must be {self.type.__name__}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered selection strategy.
+
+    kind: "per-input" (each test input retrieves its own k: knn, embed-knn,
+        sae-knn), "subset" (one set of `budget` pool examples shared by every
+        input; labels can take turns) or "annotation" (a subset from which each
+        input then retrieves its k: vote-k, vote-k-lm).
+    options: its typed options, read once from the function's keyword defaults
+        at registration (types given where a default is None).
+    needs_model: it runs the build's LM (it takes an `lm`).
+    """
+
+    name: str
+    fn: Callable[..., Selection]
+    kind: str
+    options: tuple[Option, ...]
+    needs_model: bool
+
+    def check(self, opts: dict) -> dict:
+        """The options, each checked against its type; ConfigError naming the
+        strategy's options for an unknown one."""
+        known = {o.name: o for o in self.options}
+        unknown = sorted(set(opts) - set(known))
+        if unknown:
+            raise ConfigError(f"strategy {self.name!r} takes no option(s) {unknown}; its options are "
+                              f"{list(known)}")
+        return {n: known[n].check(self.name, v) for n, v in opts.items()}
+
+    def pick(self, wanted: dict) -> dict:
+        """The entries of `wanted` (e.g. every option a CLI or request offers) that are
+        options of this strategy and not None."""
+        names = {o.name for o in self.options}
+        return {n: v for n, v in wanted.items() if n in names and v is not None}
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def strategy(name: str, kind: str, types: dict | None = None):
+    """Register `fn(store, *, budget, k, seed, progress, **opts) -> Selection` under
+    `name`, of `kind` (KINDS). Its options are its keyword parameters beyond
+    `_RUNTIME`, typed by their defaults or by `types` (for a default of None)."""
+    import inspect  # at registration only: the registry is what everyone reads later
+
+    if kind not in KINDS:
+        raise ValueError(f"strategy kind must be one of {KINDS}, not {kind!r}")
 
     def deco(fn):
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is registered twice")
-        STRATEGIES[name] = fn
+        params = inspect.signature(fn).parameters
+        opts = []
+        for p in params.values():
+            if p.name in _RUNTIME:
+                continue
+            t = (types or {}).get(p.name) or (type(p.default) if p.default not in (None, p.empty) else None)
+            if t not in (int, float, str, bool):
+                raise ValueError(f"strategy {name!r}: give the type of option {p.name!r} in types=")
+            opts.append(Option(p.name, t, None if p.default is p.empty else p.default))
+        STRATEGIES[name] = Strategy(name, fn, kind, tuple(opts), "lm" in params)
         fn.strategy_name = name
         return fn
 
@@ -102,8 +182,7 @@ def strategy(name: str):
 
 def needs_model(name: str) -> bool:
     """Whether strategy `name` runs the build's LM (it takes an `lm`): vote-k's confidence stage."""
-    fn = STRATEGIES.get(name)
-    return fn is not None and "lm" in inspect.signature(fn).parameters
+    return name in STRATEGIES and STRATEGIES[name].needs_model
 
 
 def select(store: Store, name: str, budget: int | None = None, k: int | None = None, seed: int = 0,
@@ -127,12 +206,9 @@ def select(store: Store, name: str, budget: int | None = None, k: int | None = N
     """
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
-    fn = STRATEGIES[name]
-    fixed = ("store", "budget", "k", "seed", "progress", "lm")
-    allowed = [p for p in inspect.signature(fn).parameters if p not in fixed]
-    unknown = sorted(set(opts) - set(allowed))
-    if unknown:
-        raise ConfigError(f"strategy {name!r} takes no option(s) {unknown}; its options are {allowed}")
+    st = STRATEGIES[name]
+    fn = st.fn
+    opts = st.check(opts)
     if k is not None and int(k) < 1:  # the strategies read k=0 as "use the default"
         raise ConfigError(f"--k {k} must be at least 1 (neighbours per input; vote-k-lm: graph degree), "
                           f"or left out for the default")
@@ -642,7 +718,7 @@ def vote_k_confidence(lm, task, demos, queries, batch_size: int = 16, max_length
 # --------------------------------------------------------------------------- strategies
 
 
-@strategy("random")
+@strategy("random", "subset")
 def _random(store: Store, *, budget, k, seed, progress):
     """`budget` pool examples uniformly without replacement."""
     n = len(store.pool_rows)
@@ -651,7 +727,7 @@ def _random(store: Store, *, budget, k, seed, progress):
     return _subset(store, "random", pos, {"budget": b, "seed": seed})
 
 
-@strategy("knn")
+@strategy("knn", "per-input")
 def _knn(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
          mask="label-masked", balanced=False, exclude_self=True, source="eval", text_field="text"):
     """KATE: the k nearest pool examples of each test input in one cached array."""
@@ -669,7 +745,7 @@ def _knn(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, 
     return Selection("knn", store.key, params, per_query=per)
 
 
-@strategy("vote-k")
+@strategy("vote-k", "annotation", types={"first": int})
 def _vote_k(store: Store, *, budget, k, seed, progress, lm=None, rho=VOTEK_RHO, first=None, center=True,
             batch_size=16, max_length=2048):
     """Vote-k as published: Su et al. 2022, "Selective Annotation Makes Language
@@ -735,7 +811,7 @@ def _vote_k(store: Store, *, budget, k, seed, progress, lm=None, rho=VOTEK_RHO, 
         "max_length": int(max_length), "confidence_tokens": tokens.as_dict()})
 
 
-@strategy("vote-k-lm")
+@strategy("vote-k-lm", "annotation")
 def _vote_k_lm(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
                mask="label-masked", rho=10.0):
     """Vote-k's graph stage on the build's LM activations: a cosine kNN graph of
@@ -781,7 +857,7 @@ def retrieve_within(store: Store, pool_ids, test_ids, k: int, component: str = "
     return {t: [str(store.ids[P[j]]) for j in o if np.isfinite(S[i, j])] for i, (t, o) in enumerate(zip(test_ids, order))}
 
 
-@strategy("k-center")
+@strategy("k-center", "subset")
 def _k_center(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
               mask="label-masked"):
     """Greedy farthest-point core-set (see `k_center`)."""
@@ -789,7 +865,7 @@ def _k_center(store: Store, *, budget, k, seed, progress, component="mlp", layer
     return _subset(store, "k-center", k_center(X, b, seed), {"budget": b, "seed": seed, "array": str(a)})
 
 
-@strategy("kmeans")
+@strategy("kmeans", "subset")
 def _kmeans(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
             mask="label-masked", niter=20):
     """Pool examples nearest the centroids of a seeded k-means (see `kmeans_select`)."""
@@ -813,7 +889,7 @@ def _ranked(store: Store, values: np.ndarray, order: str, balanced: bool) -> np.
     return np.array([r for group in zip_longest(*turns) for r in group if r is not None], dtype=np.int64)
 
 
-@strategy("stat")
+@strategy("stat", "subset")
 def _stat(store: Store, *, budget, k, seed, progress, stat="kurt", order="high", component="mlp", layer=-1,
           mask="label-masked", balanced=False):
     """Pool examples ranked by a stored statistic (e.g. MLP kurtosis), highest or lowest
@@ -847,7 +923,7 @@ def _retrieve(store: Store, V: np.ndarray, k, exclude_self: bool) -> tuple[int, 
     return kk, {str(t): [str(store.ids[store.pool_rows[p]]) for p in row if p >= 0] for t, row in zip(inputs.ids, I)}
 
 
-@strategy("embed-knn")
+@strategy("embed-knn", "per-input")
 def _embed_knn(store: Store, *, budget, k, seed, progress, exclude_self=True):
     """KATE with an external sentence encoder (all-MiniLM-L6-v2) instead of the LM's activations."""
     kk, per = _retrieve(store, store_embeddings(store, progress), k, exclude_self)
@@ -855,7 +931,7 @@ def _embed_knn(store: Store, *, budget, k, seed, progress, exclude_self=True):
                                               "exclude_self": bool(exclude_self)}, per_query=per)
 
 
-@strategy("sae-knn")
+@strategy("sae-knn", "per-input", types={"sae": str, "mask": str})
 def _sae_knn(store: Store, *, budget, k, seed, progress, sae=None, pooling="mean", mask=None, exclude_self=True):
     """KATE on pooled SAE features (cosine over the (rows, d_sae) codes) instead of dense activations."""
     key16, mask = store.sae_group(sae, mask)
@@ -864,7 +940,7 @@ def _sae_knn(store: Store, *, budget, k, seed, progress, sae=None, pooling="mean
                                             "exclude_self": bool(exclude_self)}, per_query=per)
 
 
-@strategy("sae-feature")
+@strategy("sae-feature", "subset", types={"feature": int, "sae": str, "mask": str})
 def _sae_feature(store: Store, *, budget, k, seed, progress, feature=None, sae=None, pooling="max", mask=None,
                  order="high", balanced=False):
     """Pool examples ranked by one SAE feature's pooled activation, highest (or lowest)

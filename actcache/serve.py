@@ -508,16 +508,13 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
     async def select_route(key: str, req: Select = Body(...)):
         """Run a registered selection strategy (random, knn, vote-k, vote-k-lm, k-center, kmeans, stat,
         embed-knn, sae-knn, sae-feature). vote-k runs the build's model (loaded once and kept)."""
-        import inspect
-
         from .select import STRATEGIES
 
-        fn = STRATEGIES.get(req.strategy)
-        if fn is None:
+        st = STRATEGIES.get(req.strategy)
+        if st is None:
             raise ConfigError(f"unknown strategy {req.strategy!r}; choose from {sorted(STRATEGIES)}")
-        wanted = {n: getattr(req, n) for n in ("component", "layer", "pooling", "mask", "stat", "order", "feature", "sae")
-                  if getattr(req, n) is not None}
-        opts = {n: v for n, v in wanted.items() if n in inspect.signature(fn).parameters}
+        opts = st.pick({n: getattr(req, n) for n in ("component", "layer", "pooling", "mask", "stat", "order",
+                                                       "feature", "sae")})
         fut = await asyncio.to_thread(svc.submit, key, "select",
                                       {"strategy": req.strategy, "budget": req.budget, "k": req.k,
                                        "seed": req.seed, "opts": opts})

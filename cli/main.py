@@ -314,8 +314,6 @@ def query_cmd(
     store: Optional[str] = STORE,
 ):
     """Nearest pool examples of each eval row or new text (JSONL), or a demonstration-selection strategy."""
-    import inspect
-
     from actcache.query import QueryConfig, query, write_jsonl
 
     to_stdout = out == "-"
@@ -362,8 +360,7 @@ def query_cmd(
     wanted = {"component": component, "layer": layer, "pooling": pooling, "mask": mask, "balanced": balanced,
               "exclude_self": exclude_self, "source": input_ or "eval", "text_field": text_field,
               "stat": stat, "order": order, "feature": feature, "sae": sae}
-    fn = STRATEGIES.get(strategy)
-    opts = {n: v for n, v in wanted.items() if fn is not None and n in inspect.signature(fn).parameters}
+    opts = STRATEGIES[strategy].pick(wanted) if strategy in STRATEGIES else {}
     with progress_bar() as cb:
         sel = select(st, strategy, budget=budget, k=k, seed=seed, progress=cb, **opts)
     recs = sel.to_records()
