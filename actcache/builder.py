@@ -34,10 +34,12 @@ from .capture import (
 )
 from .config import MASKS, VERSION
 from .data import DataSpec, load as load_data
-from .prompts import RowPlan, context_rotations, length_batches, plan_rows
-from .sae import TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass
 from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
+from .prompts import RowPlan, context_rotations, length_batches, plan_rows
+from .sae import TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass, to_csr
+from indexes import min_vectors
+
 from .store import (
     ArrayId, Store, build_lock, canonical_key, check_home, clean_leftovers, default_home, derive_key,
     index_spec, load_npz, save_npz, short_sae_key, write_build,
@@ -165,8 +167,6 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     set_threads()
     ds, lm, key, payload = identify(cfg)
     if cfg.index:
-        from indexes import min_vectors
-
         need = min_vectors(index_spec(cfg.index), lm.model.config.get_text_config().hidden_size)
         if len(ds.pool) < need:  # FAISS would fail to train only after the forward passes
             raise ConfigError(f"--index {cfg.index!r} needs at least {need} pool examples to train, but the pool "
@@ -312,7 +312,6 @@ def _sae_pass(lm, sae, plan: RowPlan, mask, cfg, progress) -> tuple[dict, int]:
     and the l0 / fvu / explained statistics (mean over rotations)."""
     from scipy.sparse import csr_matrix
 
-    from .sae import to_csr
 
     layouts = plan.layouts(mask)
     outs, ran = [], 0

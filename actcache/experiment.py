@@ -12,11 +12,14 @@ from typing import Callable
 
 import numpy as np
 
+from .capture import resolve_layers
 from .config import EvalConfig, SelectionResult, StudyResult
 from .data import Example
 from .errors import ConfigError, DatasetError, MismatchError, ModelError
-from .prompts import prompt_segments
+from .prompts import fit_demonstrations, prompt_segments
 from .quality import examples_at, length_normalized, load_scoring_model, score_prompts, store_task, study_rows
+from .score import TokenCount, classify, extract_number, generate
+from .select import STRATEGIES, retrieve_within, select, votek_vectors
 from .store import Store
 from .study import Signal
 
@@ -26,7 +29,6 @@ def _knn_layers(store: Store, spec: str) -> list[int]:
     layers = store.layers
     if spec == "auto":
         return sorted({layers[0], layers[len(layers) // 2], layers[-1]})
-    from .capture import resolve_layers
 
     return [layers[i] if i < len(layers) else i for i in resolve_layers(spec, len(layers))]
 
@@ -81,8 +83,6 @@ def load_demos(path: str, store: Store) -> dict:
 
 def _kind(name: str) -> str:
     """A strategy's kind (`select.STRATEGIES`); "per-input" for a file of demonstrations."""
-    from .select import STRATEGIES
-
     if name == "file":
         return "per-input"
     if name not in STRATEGIES:
@@ -135,8 +135,6 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], turn
     `lm`: the loaded model, for vote-k's confidence stage (None: vote-k loads the
     build's). `memo`: a dict shared across seeds, in which vote-k keeps its
     annotation set when no seed can change it."""
-    from .select import select
-
     if _kind(name) == "per-input":
         per = select(store, name, k=k, seed=seed, **opts).per_query
         missing = [t for t in test_ids if t not in per]
@@ -146,8 +144,6 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], turn
     if name == "vote-k":
         # As published (Su et al. 2022): the annotation set, then each input retrieves its k
         # most similar examples from it by the same sentence embeddings.
-        from .select import retrieve_within, votek_vectors
-
         budget = min(opts.pop("votek_budget", 100), len(store.pool_rows))
         key = (name, budget, tuple(sorted(opts.items())))
         ann = memo.get(key) if memo is not None else None
@@ -162,8 +158,6 @@ def choose(store: Store, name: str, k: int, seed: int, test_ids: list[str], turn
     if name == "vote-k-lm":
         # Vote-k's graph stage (degree 10) on the LM activations selects an annotation
         # set; each input then retrieves its k most similar examples from that set.
-        from .select import retrieve_within
-
         budget = min(opts.pop("votek_budget", 100), len(store.pool_rows))
         ann = list(select(store, name, budget=budget, seed=seed, k=min(10, len(store.pool_rows) - 1), **opts).ids)
         return retrieve_within(store, ann, test_ids, k, **opts)
@@ -299,8 +293,6 @@ def _file_demos(store: Store, path: str, evals: list[Example]) -> tuple[dict, li
 
 def _exact_matches(lm, task, prompts, evals: list[Example], batch_size: int) -> np.ndarray:
     """(n,) 0/1: the greedy answer's final number equals the gold one (generative tasks)."""
-    from .score import extract_number, generate
-
     outs = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
                     batch_size=max(1, batch_size // 4))
     return np.array([extract_number(o) is not None and extract_number(o) == extract_number(e.answer)
@@ -324,8 +316,6 @@ def _items(evals: list[Example], demos: list[list[Example]], m: dict, gold: np.n
 def _fp32_flips(store: Store, cfg: EvalConfig, lm, task, evals, gold, zs_pred, tokens) -> dict | None:
     """The zero-shot predictions made again in float32 when scoring ran in another
     dtype: how many flip (None for float32 runs and generative tasks)."""
-    from .score import classify
-
     if not cfg.compare_fp32 or lm.provenance["dtype"] == "float32" or task.kind == "generation":
         return None
     lm32 = load_scoring_model(store, "float32")
@@ -345,9 +335,6 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
     their prompts share a prefix that is computed once per run (see demo_order);
     a strategy whose prompts repeat across seeds is scored once.
     """
-    from .prompts import fit_demonstrations
-    from .score import TokenCount, classify
-
     task = store_task(store)
     eval_rows = study_rows(store, cfg).evals  # never a probe, nor a probe's near-duplicate
     if len(eval_rows) == 0:

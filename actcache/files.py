@@ -44,7 +44,7 @@ def atomic_write(path: str | os.PathLike, write, nbytes: int | None = None) -> P
     """`indexes.io.atomic_write`: `write(f)` into a temp file beside `path`, fsync,
     rename, fsync the directory. Imported on first use because `indexes` loads
     FAISS, and this module is imported by `actcache --help`."""
-    from indexes.io import atomic_write as write_atomically
+    from indexes.io import atomic_write as write_atomically  # loads FAISS: kept out of `actcache --help`
 
     return write_atomically(path, write, nbytes=nbytes)
 

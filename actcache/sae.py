@@ -36,8 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .capture import Activations, TokenActivations, forward_rows
+from .capture import Activations, TokenActivations, decoder_layers, forward_rows
+from .data import DataSpec, load, read_text, record_text, subsample
 from .errors import ConfigError
+from .models import ModelSpec, load_model, set_threads
+from .prompts import length_batches, text_rows
+from .store import Store, default_home, short_sae_key
 
 KINDS = ("relu", "jumprelu", "topk")
 HOOK_POINTS = ("resid_post", "mlp_out", "attn_out")
@@ -338,8 +342,6 @@ def row_digests(store, rows) -> list[set[int]]:
     its demonstration text (query + answer, what `train_sae` trains on), its query
     text, and its own text without the template (`data.record_text`: a text file
     of raw sentences, or an SAE trained under another template)."""
-    from .data import record_text
-
     return [{int(text_digest(t), 16) for t in (store.demos[r], store.texts[r], record_text(store.records[r]))}
             for r in np.asarray(rows, dtype=np.int64)]
 
@@ -547,8 +549,6 @@ def token_activations(lm, texts: list[str], layer: int, point: str, max_length: 
     loses its start, as every row does; BOS, or the attention sink of a tokenizer
     without one, is left out). The forward stops at the hook point: the later
     layers and the LM head (a third of Gemma-3-270m's compute per token) never run."""
-    from .prompts import length_batches, text_rows
-
     seqs, spans = text_rows(lm.tokenizer, texts, max_length)
     reader = TokenActivations(layer, point)
     out = []
@@ -585,12 +585,8 @@ def evaluate_sae(sae: SAE, x: np.ndarray) -> dict:
 def _training_texts(cfg: SAETrainConfig, home: Path) -> tuple[list[str], list[str], dict]:
     """(training texts, held-out texts, the training record: source, n_texts and
     digests) of `train_sae`, with the texts of `cfg.exclude_build` left out."""
-    from .data import DataSpec, load, read_text, record_text, subsample
-
     banned: set[int] = set()
     if cfg.exclude_build:
-        from .store import Store
-
         ex = Store.open(cfg.exclude_build, cfg.home)
         banned = set().union(*row_digests(ex, np.arange(len(ex.ids))))
     if cfg.text_file:
@@ -686,9 +682,6 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     except ImportError:
         raise ConfigError("`actcache sae train` needs eai-sparsify: pip install 'actcache[sae]' "
                           "(or pip install eai-sparsify==1.3.3)") from None
-    from .capture import decoder_layers
-    from .models import ModelSpec, load_model, set_threads
-    from .store import default_home, short_sae_key
 
     if cfg.hook not in HOOK_POINTS:
         raise ConfigError(f"--hook must be one of {HOOK_POINTS}, not {cfg.hook!r}")
@@ -745,7 +738,6 @@ def sae_pass(model, tokenizer, sae: SAE, seqs, spans, mask: str, batch_size: int
     """
     from scipy.sparse import csr_matrix, vstack
 
-    from .prompts import length_batches
 
     n = len(seqs)
     # Kept sparse batch by batch: dense (n, d_sae) pools would need 6.5 GB each for 100k rows x 16k features.

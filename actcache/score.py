@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria
 
-from actcache.errors import ConfigError
-
+from .capture import right_pad
+from .errors import ConfigError
 from .prompts import option_ids, pad_id, prompt_ids, prompt_rows
 
 __all__ = [
@@ -166,8 +166,6 @@ def _supports_prefix_reuse(model, body) -> bool:
 
 def _right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad ``seqs`` -> (input_ids (B, L) long, mask (B, L) long)."""
-    from actcache.capture import right_pad
-
     return right_pad(seqs, pad_id)
 
 

@@ -39,7 +39,14 @@ import numpy as np
 
 from .data import record_text
 from .errors import ConfigError, ModelError
+from . import score
+from .score import TokenCount
 from .store import ArrayId, Store, derive_key, load_npz, try_save_npz
+from .query import QueryConfig, exclusion_matrix, load_inputs, query, resolve_layer, write_jsonl
+from indexes import VectorIndex
+from .models import quiet_transformers
+from .prompts import fit_demonstrations, prompt_segments
+from .quality import examples_at, score_prompts
 
 Progress = Callable[[str, int, int], None]
 
@@ -257,8 +264,6 @@ def _need_budget(budget, n: int, name: str) -> int:
 
 
 def _array(store: Store, component: str, layer: int, pooling: str, mask: str) -> ArrayId:
-    from .query import resolve_layer
-
     a = ArrayId(component, resolve_layer(store, layer), pooling, mask)
     store.check(a)
     return a
@@ -303,8 +308,6 @@ def knn_graph(X: np.ndarray, k: int, index=None, chunk: int = 16384,
     Returns:
         (n, k) int64 neighbour ids, best first; -1 where the index found fewer.
     """
-    from indexes import VectorIndex
-
     n = len(X)
     if not 1 <= k < n:
         raise ConfigError(f"graph degree k={k} must be between 1 and n-1={n - 1}")
@@ -613,7 +616,6 @@ def embed_texts(texts, batch_size: int = 64, progress: Progress | None = None) -
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from .models import quiet_transformers
 
     quiet_transformers()
     path = _embed_model_dir()
@@ -681,11 +683,7 @@ def vote_k_confidence(lm, task, demos, queries, batch_size: int = 16, max_length
 
     Returns (len(queries),) float64.
     """
-    from .prompts import fit_demonstrations, prompt_segments
-    from .quality import score_prompts
-    from .score import _default_max_length, generate, score_options
-
-    max_length = min(int(max_length), _default_max_length(lm.model))
+    max_length = min(int(max_length), score._default_max_length(lm.model))
 
     def fit(segs):
         kept, _ = fit_demonstrations(lm.tokenizer, segs[:-1], segs[-1], max_length, reserve=64)
@@ -698,12 +696,12 @@ def vote_k_confidence(lm, task, demos, queries, batch_size: int = 16, max_length
         qs = queries[s:s + CONFIDENCE_CHUNK]
         prompts = [fit(prompt_segments(task, demos, q)) for q in qs]
         if task.kind == "generation":
-            answers = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
+            answers = score.generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
                                batch_size=max(1, batch_size // 4))
             conf = np.full(len(qs), -np.inf)
             said = [i for i, a in enumerate(answers) if a.strip()]
             if said:
-                conf[said] = score_options(lm.model, lm.tokenizer, [prompts[i] for i in said],
+                conf[said] = score.score_options(lm.model, lm.tokenizer, [prompts[i] for i in said],
                                            [[answers[i]] for i in said], batch_size=batch_size,
                                            length_normalize=True, max_length=max_length, counter=counter)[:, 0]
         else:
@@ -731,8 +729,6 @@ def _random(store: Store, *, budget, k, seed, progress):
 def _knn(store: Store, *, budget, k, seed, progress, component="mlp", layer=-1, pooling="mean",
          mask="label-masked", balanced=False, exclude_self=True, source="eval", text_field="text"):
     """KATE: the k nearest pool examples of each test input in one cached array."""
-    from .query import QueryConfig, query
-
     cfg = QueryConfig(key=store.key, home=str(store.home), component=component, layer=layer,
                       pooling=pooling, mask=mask, k=int(k or 4), balanced=balanced,
                       exclude_self=exclude_self, source=source, text_field=text_field)
@@ -775,9 +771,6 @@ def _vote_k(store: Store, *, budget, k, seed, progress, lm=None, rho=VOTEK_RHO, 
     with `vectors=votek_vectors(store)` does it for any inputs. The seed only
     matters if the buckets run out (a seeded random fill).
     """
-    from .quality import examples_at
-    from .score import TokenCount
-
     n = len(store.pool_rows)
     if n < 2:
         raise ConfigError(f"vote-k needs a pool of at least 2 examples, the build has {n}; "
@@ -894,8 +887,6 @@ def _stat(store: Store, *, budget, k, seed, progress, stat="kurt", order="high",
           mask="label-masked", balanced=False):
     """Pool examples ranked by a stored statistic (e.g. MLP kurtosis), highest or lowest
     first; `balanced`: labels take turns (see `_ranked`)."""
-    from .query import resolve_layer
-
     L = resolve_layer(store, layer)
     s = store.stat(stat, component, L, mask, split="pool")
     b = _need_budget(budget, len(s), "stat")
@@ -908,10 +899,6 @@ def _stat(store: Store, *, budget, k, seed, progress, stat="kurt", order="high",
 def _retrieve(store: Store, V: np.ndarray, k, exclude_self: bool) -> tuple[int, dict]:
     """(k, {eval id: k pool ids, best first}): cosine kNN of every eval row among
     the pool rows of `V` ((rows, d) float32, one per store row)."""
-    from indexes import VectorIndex
-
-    from .query import exclusion_matrix, load_inputs
-
     kk = int(k or 4)
     n = len(store.pool_rows)
     if not 1 <= kk <= n:
@@ -960,8 +947,6 @@ def _sae_feature(store: Store, *, budget, k, seed, progress, feature=None, sae=N
 
 def write_selection(sel: Selection, path) -> int:
     """Write `sel.to_records()` as JSONL (atomic for a path); returns the line count."""
-    from .query import write_jsonl
-
     recs = sel.to_records()
     write_jsonl(recs, path)
     return len(recs)

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ActcacheError, ConfigError, CorruptStoreError, DatasetError, MismatchError, StoreError
+from .query import QueryConfig, check_query, encode_texts, eval_inputs, parse_inputs, search_records
+from .select import STRATEGIES, needs_model, select
+from .store import Store, find_build, list_builds
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_BODY = 1 << 20  # bytes per request
@@ -210,8 +213,6 @@ class Service:
     # ---------------------------------------------------------------- state
     def store(self, key: str):
         """The build for a key, unique prefix or "last" (opened once and kept)."""
-        from .store import Store, find_build
-
         if not KEY_RE.match(key or ""):
             raise StoreError(f"no build {key!r}: a key is 6 to 64 hex characters or 'last'")
         d = find_build(key, self.home)
@@ -297,8 +298,6 @@ class Service:
                     j.future.set_exception(e)
 
     def _neighbors(self, key: str, jobs: list[_Job]) -> None:
-        from .query import check_query, eval_inputs, parse_inputs, search_records
-
         st = self._stores[key][1]
         ok = []
         for j in jobs:
@@ -330,8 +329,6 @@ class Service:
     def _query_vectors(self, st, a, jobs: list[_Job]) -> list[np.ndarray]:
         """(q, d) float32 per job: eval rows from the store, new texts from the
         per-text memory, then the CLI's cache, then one forward batch for all misses."""
-        from .query import encode_texts
-
         mem = self._vecs.setdefault((st.key, a), {})
         if len(mem) > MAX_REMEMBERED:
             mem.clear()  # bounded: a client sending endless new texts must not grow the server
@@ -360,8 +357,6 @@ class Service:
         return out
 
     def _select(self, j: _Job) -> None:
-        from .select import needs_model, select
-
         st = self._stores[j.key][1]
         p = j.payload
         lm = self._model(st) if needs_model(p["strategy"]) else None  # vote-k's confidence stage
@@ -381,8 +376,6 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
     from pydantic import BaseModel, Field, model_validator
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from .query import QueryConfig
-    from .store import list_builds
 
     svc = Service(home, window_s=window_s)
     app = FastAPI(title="actcache", version="1",
@@ -508,8 +501,6 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
     async def select_route(key: str, req: Select = Body(...)):
         """Run a registered selection strategy (random, knn, vote-k, vote-k-lm, k-center, kmeans, stat,
         embed-knn, sae-knn, sae-feature). vote-k runs the build's model (loaded once and kept)."""
-        from .select import STRATEGIES
-
         st = STRATEGIES.get(req.strategy)
         if st is None:
             raise ConfigError(f"unknown strategy {req.strategy!r}; choose from {sorted(STRATEGIES)}")

@@ -43,18 +43,20 @@ from typing import Iterator
 
 import numpy as np
 
-from indexes import tmp_owner, vectors_fingerprint
+from indexes import (
+    IndexFileError, IndexMismatchError, IndexSpec, VectorIndex, check_factory, tmp_owner, vectors_fingerprint,
+)
 from indexes.io import NO_SPACE
 
 from .capture import STATS
 from .config import DEFAULT_MASK
 from .data import Task
 from .errors import ConfigError, CorruptStoreError, MismatchError, StoreError
-from .models import ModelSpec, load_model
 from .files import (  # noqa: F401  (re-exported: the store's callers read them here)
     FORMAT_VERSION, atomic_write, build_lock, canonical_key, check_home, default_home, derive_key, file_lock,
     load_npz, lock_timeout, os_errno, read_only, save_npz, try_save_npz,
 )
+from .models import ModelSpec, load_model
 
 FORMAT = "actcache"
 EXAMPLE_COLUMNS = ("id", "split", "label", "text", "demo", "dup", "n_tokens", "n_target", "truncated", "record")
@@ -131,8 +133,6 @@ def index_spec(kind: str | None):
     """An `indexes.IndexSpec` for --index: flat (exact cosine; also for None),
     ivf, hnsw, or a FAISS factory string (checked now, so a bad one fails
     before any work)."""
-    from indexes import IndexSpec, check_factory
-
     kind = kind or "flat"
     spec = IndexSpec(kind=kind) if kind in ("flat", "ivf", "hnsw") else IndexSpec(kind="factory", factory=kind)
     try:
@@ -616,8 +616,6 @@ class Store:
             return self.build_index(a, mmap=mmap)
 
     def _load_index(self, a: ArrayId, mmap: bool = True, spec=None):
-        from indexes import IndexFileError, IndexMismatchError, VectorIndex
-
         path = self.index_path(a)
         expect = {"d": self.dim(a), "ntotal": len(self.pool_rows), "key": self.key, "array": str(a),
                   "source_fingerprint": self.fingerprint(a)}
@@ -644,8 +642,6 @@ class Store:
         `spec` defaults to the kind the build asked for (`--index`, else flat).
         A store that cannot be written (read-only) gets the index in memory.
         """
-        from indexes import VectorIndex
-
         spec = spec or index_spec(self.config.get("index"))
         idir = self.dir / "indexes"
         with ExitStack() as stack:

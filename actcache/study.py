@@ -13,7 +13,13 @@ import numpy as np
 
 from .capture import STATS
 from .config import EvalConfig, StudyResult
-from .errors import ConfigError
+from .correlate import (
+    candidate_correlations, label_balanced_quality, label_push, mean_quality, pair_correlations, replicate, spearman,
+    stratified_spearman, summarize,
+)
+from .data import record_text
+from .errors import ConfigError, OverlapError
+from .sae import training_overlap
 from .store import SAE_STATS, Store, shown_sae_key
 
 if TYPE_CHECKING:
@@ -150,8 +156,6 @@ class Signal:
 def candidate_quality(q: QualityMatrix, store: Store, cfg: EvalConfig) -> np.ndarray:
     """(N,) float64 quality per candidate under cfg.quality and cfg.quality_def,
     each candidate scored on the probes of its own half (see quality.StudyRows)."""
-    from .correlate import label_balanced_quality, mean_quality
-
     out = np.full(len(q.cand_rows), np.nan)
     for h in (0, 1):
         ci, pj, s = q.block(h, cfg.quality)
@@ -167,8 +171,6 @@ def push_check(q: QualityMatrix, store: Store, cfg: EvalConfig, quality: np.ndar
     score, on the candidate's own half's probes) with quality, and the probe
     label counts of each half. Near 0 means the quality no longer rewards a
     demonstration for pushing the model toward its own label."""
-    from .correlate import label_push, stratified_spearman
-
     push = np.full(len(q.cand_rows), np.nan)
     counts = {}
     for h in (0, 1):
@@ -185,8 +187,6 @@ def correlation_study(store: Store, q: QualityMatrix, cfg: EvalConfig,
                       progress: Progress | None = None) -> StudyResult:
     """Spearman (raw, within-label, partial on label) of every stored statistic
     with candidate quality, plus pair-level similarity analyses."""
-    from .correlate import candidate_correlations, pair_correlations, replicate, spearman, summarize
-
     cand, probes = q.cand_rows, q.probe_rows
     quality = candidate_quality(q, store, cfg)
     labels = store.labels[cand]
@@ -239,9 +239,6 @@ def sae_training_overlap(store: Store, cand: np.ndarray, probes: np.ndarray | No
     and `cfg.allow_overlap` is False: its features would be read on the very
     examples it learnt from.
     """
-    from .errors import OverlapError
-    from .sae import training_overlap
-
     out = []
     for k16 in sorted({k for k, _ in store.sae_groups}):
         parts = {"candidates": training_overlap(store, k16, cand),
@@ -266,8 +263,6 @@ def _feature_entry(store: Store, r: dict, C, cand: np.ndarray, rep: dict | None)
     """One listed SAE feature of `sae_study`: its correlations, its confirmation
     result `rep` (None when it was not in the discovery top), and the SAE_EXAMPLES
     pool examples whose pooled activation `C` ((rows, d_sae)) is highest."""
-    from .data import record_text
-
     f = int(r["feature"])
     pool = store.pool_rows
     col = C[pool, f]
@@ -316,8 +311,6 @@ def sae_study(store: Store, cand: np.ndarray, quality: np.ndarray, labels: np.nd
     SAE_EXAMPLES most-activating pool examples (id, label, activation, text)).
     Names read "sae|<key>|<mask>|<pooling or stat>|<feature>" (see `Signal`).
     """
-    from .correlate import candidate_correlations, replicate, summarize
-
     if not store.sae_groups:
         return None
     overlap = sae_training_overlap(store, cand, probes, cfg)

@@ -132,3 +132,27 @@ def test_the_ground_floor_imports_nothing_of_actcache_but_errors():
     graph = import_graph()
     for mod in ("actcache.files", "actcache.config", "actcache.errors"):
         assert graph[mod] <= {"actcache.errors", "indexes.io"}, (mod, graph[mod])
+
+
+# Modules imported by `actcache --help` (or `import actcache`), whose imports of the
+# rest of the package are made inside functions on purpose, as their docstrings say.
+LIGHT = {"cli.main", "actcache", "actcache.pipeline"}
+
+
+def test_imports_inside_functions_say_why():
+    """Elsewhere an import of the package inside a function is allowed only with a
+    comment on its line saying why (it loads FAISS or torch, kept out of --help)."""
+    bare = []
+    for pkg in PACKAGES:
+        for path in sorted((REPO_ROOT / pkg).rglob("*.py")):
+            if _module(path, REPO_ROOT) in LIGHT:
+                continue
+            lines = path.read_text().splitlines()
+            for fn in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0]
+                                                             in PACKAGES) and "#" not in lines[node.lineno - 1]:
+                        bare.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert not bare, bare
