@@ -365,23 +365,10 @@ class Service:
         j.future.set_result(sel.to_records())
 
 
-def create_app(home: str | None = None, token: str | None = None, window_s: float = 0.01):
-    """The FastAPI app over the store at `home`. With `token`, every route but
-    /healthz needs `Authorization: Bearer <token>`."""
-    import json
-
-    from fastapi import Body, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+def _request_models():
+    """(Neighbors, Select): the request bodies, made on first use so that importing
+    this module does not load pydantic."""
     from pydantic import BaseModel, Field, model_validator
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-
-    svc = Service(home, window_s=window_s)
-    app = FastAPI(title="actcache", version="1",
-                  description="Nearest demonstrations and selection strategies over cached activation builds. "
-                              "Records are those of `actcache query` (JSONL), one per input.")
-    app.state.service = svc
 
     class Checked(BaseModel):
         @model_validator(mode="after")
@@ -425,8 +412,14 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         feature: int | None = Field(None, ge=0, description="sae-feature: the feature to rank by.")
         sae: str | None = Field(None, max_length=64, description="sae-knn / sae-feature: the SAE's key prefix.")
 
-    def err(status: int, msg: str) -> Response:
-        return Response(error_body(msg), status_code=status, media_type="application/json")
+    return Neighbors, Select
+
+
+def _error_handlers(app, err) -> None:
+    """Every error becomes one JSON line (`error_body`) with its status: library
+    errors by `status_of`, HTTP and validation errors by theirs, anything else 500."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(Exception)
     async def last_resort(request, e: Exception):  # pragma: no cover - never expected; one line, no traceback
@@ -445,6 +438,44 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return err(422, f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed JSON')}")
+
+
+def _texts_payload(req, cfg: QueryConfig) -> dict:
+    """The service job for new inputs of a neighbors request: its lines, as the
+    CLI's --input would give them, whether they are JSONL, and the name messages use."""
+    import json
+
+    if req.texts is not None:
+        if any(len(t) > MAX_TEXT_CHARS or not t.strip() for t in req.texts):
+            raise DatasetError(f"every text must be non-empty and at most {MAX_TEXT_CHARS} characters")
+        return {"cfg": cfg, "lines": [t.replace("\n", " ") for t in req.texts], "jsonl": False,
+                "name": "the request"}
+    if req.inputs is not None:
+        return {"cfg": cfg, "lines": [json.dumps(o, ensure_ascii=False) for o in req.inputs], "jsonl": True,
+                "name": "the request"}
+    return {"cfg": cfg, "lines": req.jsonl, "jsonl": True, "name": req.source}
+
+
+def create_app(home: str | None = None, token: str | None = None, window_s: float = 0.01):
+    """The FastAPI app over the store at `home`. With `token`, every route but
+    /healthz needs `Authorization: Bearer <token>`."""
+    import json
+
+    from fastapi import Body, FastAPI
+    from fastapi.responses import Response
+
+    svc = Service(home, window_s=window_s)
+    app = FastAPI(title="actcache", version="1",
+                  description="Nearest demonstrations and selection strategies over cached activation builds. "
+                              "Records are those of `actcache query` (JSONL), one per input.")
+    app.state.service = svc
+
+    Neighbors, Select = _request_models()
+
+    def err(status: int, msg: str) -> Response:
+        return Response(error_body(msg), status_code=status, media_type="application/json")
+
+    _error_handlers(app, err)
 
     def raw_json(obj) -> Response:
         # The records are plain JSON already; skip FastAPI's per-field encoder.
@@ -482,17 +513,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         if new:
             if not new[0]:
                 raise DatasetError("the input list is empty; give at least one text")
-            if req.texts is not None:
-                if any(len(t) > MAX_TEXT_CHARS or not t.strip() for t in req.texts):
-                    raise DatasetError(f"every text must be non-empty and at most {MAX_TEXT_CHARS} characters")
-                payload = {"cfg": cfg, "lines": [t.replace("\n", " ") for t in req.texts], "jsonl": False,
-                           "name": "the request"}
-            elif req.inputs is not None:
-                payload = {"cfg": cfg, "lines": [json.dumps(o, ensure_ascii=False) for o in req.inputs],
-                           "jsonl": True, "name": "the request"}
-            else:
-                payload = {"cfg": cfg, "lines": req.jsonl, "jsonl": True, "name": req.source}
-            fut = svc.submit(key, "texts", payload)  # cheap once the build is open: no thread hop
+            fut = svc.submit(key, "texts", _texts_payload(req, cfg))  # cheap once the build is open: no thread hop
         else:
             fut = svc.submit(key, "ids", {"cfg": cfg, "ids": req.ids})
         return raw_json(await wait(fut))

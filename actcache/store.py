@@ -70,7 +70,7 @@ DERIVED: dict[str, str] = {"indexes": ".faiss", "queries": ".npz", "quality": ".
 
 def register_derived(kind: str, suffix: str = ".npz") -> None:
     """Register a kind of derived artifact (a folder name under each build)."""
-    if not kind.isidentifier() and not kind.replace("-", "_").isidentifier():
+    if not kind.replace("-", "_").isidentifier():
         raise ConfigError(f"derived kind {kind!r} must be a plain folder name")
     if DERIVED.get(kind, suffix) != suffix:
         raise ConfigError(f"derived kind {kind!r} is registered with suffix {DERIVED[kind]!r}")
@@ -709,7 +709,8 @@ class Store:
         return Path(d["path"]).stem if d.get("path") else str(d.get("task"))
 
     def info(self) -> dict:
-        """A JSON-able summary: key, task, model, sizes, arrays and provenance."""
+        """A JSON-able summary: key, task, model, sizes, arrays, derived files per kind and provenance."""
+        derived = {kind: len(list((self.dir / kind).glob(f"*{suffix}"))) for kind, suffix in DERIVED.items()}
         return {
             "key": self.key,
             "path": str(self.dir),
@@ -724,8 +725,8 @@ class Store:
             "poolings": sorted({a.pooling for a in self.arrays}),
             "masks": sorted({a.mask for a in self.arrays}),
             "n_arrays": len(self.arrays),
-            "n_indexes": len(list((self.dir / "indexes").glob("*.faiss"))),
-            "derived": {kind: len(list((self.dir / kind).glob(f"*{suffix}"))) for kind, suffix in DERIVED.items()},
+            "n_indexes": derived["indexes"],
+            "derived": derived,
             "size_mb": round(sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file()) / 2**20, 2),
             "provenance": self.provenance,
             "config": self.config,
