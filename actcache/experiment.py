@@ -17,8 +17,8 @@ from .config import EvalConfig, SelectionResult, StudyResult
 from .data import Example
 from .errors import ConfigError, DatasetError, MismatchError, ModelError
 from .prompts import fit_demonstrations, prompt_segments
-from .quality import examples_at, length_normalized, load_scoring_model, score_prompts, store_task, study_rows
-from .score import TokenCount, classify, extract_number, generate
+from .quality import study_rows
+from .score import TokenCount, classify, extract_number, generate, length_normalized, score_prompts
 from .select import STRATEGIES, retrieve_within, select, votek_vectors
 from .store import Store
 from .study import Signal
@@ -285,7 +285,7 @@ def _file_demos(store: Store, path: str, evals: list[Example]) -> tuple[dict, li
     per = load_demos(path, store)
     if all(e.id in per for e in evals):
         return per, evals
-    evals = [e for e in examples_at(store, store.eval_rows) if e.id in per]
+    evals = [e for e in store.examples(store.eval_rows) if e.id in per]
     if not evals:
         raise DatasetError(f"{path} names none of build {store.key[:12]}'s eval ids; "
                            f"make it with `actcache query {store.key[:12]}`")
@@ -318,7 +318,7 @@ def _fp32_flips(store: Store, cfg: EvalConfig, lm, task, evals, gold, zs_pred, t
     dtype: how many flip (None for float32 runs and generative tasks)."""
     if not cfg.compare_fp32 or lm.provenance["dtype"] == "float32" or task.kind == "generation":
         return None
-    lm32 = load_scoring_model(store, "float32")
+    lm32 = store.load_model("float32")
     m32 = classify(score_prompts(lm32, task, [prompt_segments(task, [], q) for q in evals], evals, cfg.batch_size,
                                  counter=tokens), gold)
     return {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()), "acc_fp32": m32["accuracy"],
@@ -335,14 +335,14 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
     their prompts share a prefix that is computed once per run (see demo_order);
     a strategy whose prompts repeat across seeds is scored once.
     """
-    task = store_task(store)
+    task = store.task()
     eval_rows = study_rows(store, cfg).evals  # never a probe, nor a probe's near-duplicate
     if len(eval_rows) == 0:
         raise DatasetError(f"the build's {len(store.eval_rows)} eval rows are all quality-matrix probes; "
                            f"rebuild with a larger --eval-limit or lower --n-probes")
-    evals = examples_at(store, eval_rows)
+    evals = store.examples(eval_rows)
     eval_ids = [e.id for e in evals]
-    pool_by_id = {store.ids[r]: ex for r, ex in zip(store.pool_rows, examples_at(store, store.pool_rows))}
+    pool_by_id = {store.ids[r]: ex for r, ex in zip(store.pool_rows, store.examples(store.pool_rows))}
     gold = np.array([e.label for e in evals])
 
     dropped: dict[str, int] = {}

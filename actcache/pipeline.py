@@ -29,7 +29,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     from . import report
     from .experiment import selection_experiment
     from .models import set_threads
-    from .quality import load_scoring_model, quality_matrix, study_rows
+    from .quality import quality_matrix, study_rows
     from .store import Store
     from .study import correlation_study, sae_training_overlap
 
@@ -40,7 +40,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     if store.sae_groups:  # the SAE study's overlap check, before minutes of scoring (it runs again there)
         rows = study_rows(store, cfg)
         sae_training_overlap(store, rows.cands, rows.probes, cfg)
-    lm = load_scoring_model(store, cfg.dtype)
+    lm = store.load_model(cfg.dtype)
     q = quality_matrix(store, cfg, lm, progress)
     study = correlation_study(store, q, cfg, progress)
     selection = selection_experiment(store, cfg, lm, study, progress)

@@ -1,4 +1,4 @@
-"""The 1-shot quality matrix and its cache, and the scoring helpers of `evaluate`.
+"""The 1-shot quality matrix and its cache.
 
 For N pool candidates and P eval probes, the 1-shot prompt
 `demo(candidate) + "\\n\\n" + query(probe)` is scored for every pair (the
@@ -27,12 +27,11 @@ from typing import Callable
 import numpy as np
 
 from .config import EvalConfig
-from .data import Example, Task
 from .errors import DatasetError, MismatchError
 from .models import resolve_device, resolve_dtype
 from .prompts import prompt_segments
 from . import score
-from .score import TokenCount, classify, margins
+from .score import TokenCount
 from .store import Store, derive_key, load_npz, save_npz
 
 Progress = Callable[[str, int, int], None]
@@ -78,59 +77,6 @@ class QualityMatrix:
         if quality == "correct":
             return self.correct, self.zs_correct
         return self.margin, self.zs_margin
-
-
-def examples_at(store: Store, rows) -> list[Example]:
-    """The build's examples at store rows `rows`, rebuilt from the stored records."""
-    return [Example.from_record(store.records[int(r)]) for r in rows]
-
-
-def store_task(store: Store) -> Task:
-    """The build's Task, as the build stored it (see Store.task)."""
-    return store.task()
-
-
-def load_scoring_model(store: Store, dtype: str | None):
-    """The build's model for scoring, in `dtype` (None: the build's); see `Store.load_model`."""
-    return store.load_model(dtype)
-
-
-def score_prompts(lm, task: Task, prompts, queries: list[Example], batch_size: int, options=None,
-           counter=None, length_normalize: bool = False) -> np.ndarray:
-    """(n, c) option log-probs (classification / multiple choice), summed over each
-    option's tokens (averaged with `length_normalize`); ``counter`` (a
-    score.TokenCount) accumulates tokens computed and in the prompts."""
-    opts = options if options is not None else (
-        list(task.label_words) if task.kind == "classification" else [list(task.options(q)) for q in queries])
-    return score.score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size, counter=counter,
-                         length_normalize=length_normalize)
-
-
-def length_normalized(task: Task, queries: list[Example], s: np.ndarray) -> np.ndarray:
-    """lm-evaluation-harness's acc_norm scores: each option's summed log-prob
-    divided by the length in characters of the choice as `doc_to_choice` gives
-    it, without the target delimiter (lm-eval's `process_results`:
-    ``completion_len = np.array([float(len(i)) for i in choices])``), for
-    multiple choice; other tasks as is. (n, c) float64; padded option slots stay -inf."""
-    if task.kind != "multiple_choice":
-        return s
-    out = np.array(s, dtype=np.float64, copy=True)
-    for i, q in enumerate(queries):
-        for j, c in enumerate(q.choices):
-            out[i, j] /= max(1, len(c))
-    return out
-
-
-def pair_scores(lm, task: Task, prompts, queries, batch_size, counter=None) -> tuple[np.ndarray, np.ndarray]:
-    """(correct (n,), margin (n,)) for classification/MC; for generation the
-    per-token log-likelihood of the gold answer and its sign-free value."""
-    if task.kind == "generation":
-        ll = score.score_options(lm.model, lm.tokenizer, prompts, [[task.target(q)] for q in queries],
-                           batch_size=batch_size, length_normalize=True, counter=counter)[:, 0]
-        return np.full(len(ll), np.nan), ll
-    s = length_normalized(task, queries, score_prompts(lm, task, prompts, queries, batch_size, counter=counter))
-    gold = np.array([q.label for q in queries])
-    return (classify(s, gold)["pred"] == gold).astype(np.float64), margins(s, gold)
 
 
 @dataclass(frozen=True)
@@ -245,7 +191,7 @@ def study_rows(store: Store, cfg: EvalConfig) -> StudyRows:
 def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | None = None) -> QualityMatrix:
     """The 1-shot score of every candidate on every probe of its own half,
     cached next to the build under its derive_key and reused; see `QualityMatrix`."""
-    task = store_task(store)
+    task = store.task()
     rows = study_rows(store, cfg)
 
     dtype = resolve_dtype(cfg.dtype or "auto", resolve_device(store.config["model"].get("device", "cpu")))
@@ -258,18 +204,18 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
         if q is not None:
             return q
         warnings.warn(f"quality matrix {path.name} was damaged; recomputing it", stacklevel=2)
-    lm = lm or load_scoring_model(store, cfg.dtype)
+    lm = lm or store.load_model(cfg.dtype)
 
     t0 = time.time()
     # Streamed: chunks of candidates are flushed (fsync + rename) to a partial
     # directory, so a run killed at any point resumes where it stopped.
     tokens = TokenCount()  # what this run computes (a resumed run skips flushed chunks)
     pdir = path.with_suffix(".partial")
-    probes_all = examples_at(store, rows.probes)
+    probes_all = store.examples(rows.probes)
     zs_path = pdir / f"{derive_key(qkey, 'quality-part', part='zero-shot')[:32]}.npz"
     zs = load_npz(zs_path)
     if zs is None or zs["margin"].shape != (len(probes_all),):
-        c_, m_ = pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes_all], probes_all,
+        c_, m_ = score.pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes_all], probes_all,
                              cfg.batch_size, counter=tokens)
         zs = {"correct": c_, "margin": m_}
         save_npz(zs_path, zs)
@@ -279,7 +225,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     for h in (0, 1):
         ci_rows = np.flatnonzero(rows.cand_half == h)
         pj = np.flatnonzero(rows.probe_half == h)
-        cands, probes = examples_at(store, rows.cands[ci_rows]), [probes_all[j] for j in pj]
+        cands, probes = store.examples(rows.cands[ci_rows]), [probes_all[j] for j in pj]
         per_chunk = max(1, QUALITY_CHUNK_PROMPTS // len(probes))
         # One candidate's prompts share its demonstration as a prefix: a few
         # candidates per call keep batches full while the prefix KV is reused.
@@ -295,7 +241,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
                 for j in range(0, len(sub), step):
                     chunk = sub[j:j + step]
                     prompts = [prompt_segments(task, [c], p) for c in chunk for p in probes]
-                    c_, m_ = pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size, counter=tokens)
+                    c_, m_ = score.pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size, counter=tokens)
                     part["correct"][j:j + len(chunk)] = c_.reshape(len(chunk), len(probes))
                     part["margin"][j:j + len(chunk)] = m_.reshape(len(chunk), len(probes))
                 save_npz(part_path, part)

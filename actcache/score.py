@@ -34,6 +34,7 @@ import torch
 from transformers import StoppingCriteria
 
 from .capture import right_pad
+from .data import Example, Task
 from .errors import ConfigError
 from .prompts import option_ids, pad_id, prompt_ids, prompt_rows
 
@@ -42,6 +43,9 @@ __all__ = [
     "TokenCount",
     "classify",
     "margins",
+    "score_prompts",
+    "length_normalized",
+    "pair_scores",
     "generate",
     "extract_number",
     "exact_match",
@@ -551,6 +555,49 @@ def margins(scores: np.ndarray, gold: Sequence[int] | np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # Generation
 # --------------------------------------------------------------------------- #
+
+
+# --------------------------------------------------------------------------- #
+# A task's prompts scored
+# --------------------------------------------------------------------------- #
+
+
+def score_prompts(lm, task: Task, prompts, queries: list[Example], batch_size: int, options=None,
+           counter=None, length_normalize: bool = False) -> np.ndarray:
+    """(n, c) option log-probs (classification / multiple choice), summed over each
+    option's tokens (averaged with `length_normalize`); ``counter`` (a
+    score.TokenCount) accumulates tokens computed and in the prompts."""
+    opts = options if options is not None else (
+        list(task.label_words) if task.kind == "classification" else [list(task.options(q)) for q in queries])
+    return score_options(lm.model, lm.tokenizer, prompts, opts, batch_size=batch_size, counter=counter,
+                         length_normalize=length_normalize)
+
+
+def length_normalized(task: Task, queries: list[Example], s: np.ndarray) -> np.ndarray:
+    """lm-evaluation-harness's acc_norm scores: each option's summed log-prob
+    divided by the length in characters of the choice as `doc_to_choice` gives
+    it, without the target delimiter (lm-eval's `process_results`:
+    ``completion_len = np.array([float(len(i)) for i in choices])``), for
+    multiple choice; other tasks as is. (n, c) float64; padded option slots stay -inf."""
+    if task.kind != "multiple_choice":
+        return s
+    out = np.array(s, dtype=np.float64, copy=True)
+    for i, q in enumerate(queries):
+        for j, c in enumerate(q.choices):
+            out[i, j] /= max(1, len(c))
+    return out
+
+
+def pair_scores(lm, task: Task, prompts, queries, batch_size, counter=None) -> tuple[np.ndarray, np.ndarray]:
+    """(correct (n,), margin (n,)) for classification/MC; for generation the
+    per-token log-likelihood of the gold answer and its sign-free value."""
+    if task.kind == "generation":
+        ll = score_options(lm.model, lm.tokenizer, prompts, [[task.target(q)] for q in queries],
+                           batch_size=batch_size, length_normalize=True, counter=counter)[:, 0]
+        return np.full(len(ll), np.nan), ll
+    s = length_normalized(task, queries, score_prompts(lm, task, prompts, queries, batch_size, counter=counter))
+    gold = np.array([q.label for q in queries])
+    return (classify(s, gold)["pred"] == gold).astype(np.float64), margins(s, gold)
 
 
 class _StopInGenerated(StoppingCriteria):

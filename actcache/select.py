@@ -46,7 +46,6 @@ from .query import QueryConfig, exclusion_matrix, load_inputs, query, resolve_la
 from indexes import VectorIndex
 from .models import quiet_transformers
 from .prompts import fit_demonstrations, prompt_segments
-from .quality import examples_at, score_prompts
 
 Progress = Callable[[str, int, int], None]
 
@@ -705,7 +704,7 @@ def vote_k_confidence(lm, task, demos, queries, batch_size: int = 16, max_length
                                            [[answers[i]] for i in said], batch_size=batch_size,
                                            length_normalize=True, max_length=max_length, counter=counter)[:, 0]
         else:
-            conf = score_prompts(lm, task, prompts, qs, batch_size, counter=counter,
+            conf = score.score_prompts(lm, task, prompts, qs, batch_size, counter=counter,
                                  length_normalize=True).max(axis=1)
         out[s:s + len(qs)] = conf
     if progress:
@@ -793,8 +792,8 @@ def _vote_k(store: Store, *, budget, k, seed, progress, lm=None, rho=VOTEK_RHO, 
             lm = store.load_model()
         dtype = lm.provenance.get("dtype")
         rest = np.setdiff1d(np.arange(n), stage1)
-        conf[rest] = vote_k_confidence(lm, store.task(), examples_at(store, store.pool_rows[stage1]),
-                                       examples_at(store, store.pool_rows[rest]), batch_size, max_length,
+        conf[rest] = vote_k_confidence(lm, store.task(), store.examples(store.pool_rows[stage1]),
+                                       store.examples(store.pool_rows[rest]), batch_size, max_length,
                                        counter=tokens, progress=progress)
     pos, filled = vote_k_buckets(nbr, conf, stage1, b, rho, seed)
     return _subset(store, "vote-k", pos, {

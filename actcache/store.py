@@ -50,7 +50,7 @@ from indexes.io import NO_SPACE
 
 from .capture import STATS
 from .config import DEFAULT_MASK
-from .data import Task
+from .data import Example, Task
 from .errors import ConfigError, CorruptStoreError, MismatchError, StoreError
 from .files import (  # noqa: F401  (re-exported: the store's callers read them here)
     FORMAT_VERSION, atomic_write, build_lock, canonical_key, check_home, default_home, derive_key, file_lock,
@@ -702,6 +702,10 @@ class Store:
         t = self.provenance["data"]["task"]
         return Task(self.task_name, t["kind"], t["template"], tuple(t["label_words"]), t.get("instruction", ""),
                     t.get("stop", "\n\n"), dup_field=t.get("dup_field"))
+
+    def examples(self, rows) -> list[Example]:
+        """The build's examples at store rows `rows`, rebuilt from the stored records."""
+        return [Example.from_record(self.records[int(r)]) for r in rows]
 
     @property
     def task_name(self) -> str:

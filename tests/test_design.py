@@ -201,15 +201,14 @@ def test_two_way_interval_is_the_item_bootstrap_for_one_seed():
 
 def test_selection_rows_carry_intervals_and_balanced_random(store):
     from actcache.experiment import selection_experiment
-    from actcache.quality import load_scoring_model
 
     cfg = EvalConfig(key=store.key, home=str(store.home), dtype="float32", n_candidates=12, n_probes=8,
                      n_eval=8, k=2, seeds=(0, 1, 2), strategies=("random", "k-center"), compare_fp32=False)
-    res = selection_experiment(store, cfg, load_scoring_model(store, None))
+    res = selection_experiment(store, cfg, store.load_model(None))
     names = {s["strategy"] for s in res.summary}
     assert {"random+turns", "k-center+turns", "zero-shot"} <= names and "random" not in names
     both = selection_experiment(store, EvalConfig(**{**cfg.__dict__, "turns": "both", "seeds": (0,)}),
-                                load_scoring_model(store, None))
+                                store.load_model(None))
     assert {"random", "random+turns", "k-center", "k-center+turns"} <= {s["strategy"] for s in both.summary}
     for r in res.runs:
         n = r["n_eval"]
@@ -229,7 +228,7 @@ def test_acc_norm_divides_by_the_choice_length_in_characters_as_lm_eval():
     """lm-eval's process_results: lls / [float(len(c)) for c in doc_to_choice(doc)];
     not the UTF-8 bytes of the scored continuation ' ' + choice."""
     from actcache.data import Example, Task
-    from actcache.quality import length_normalized
+    from actcache.score import length_normalized
 
     task = Task(name="mc", kind="multiple_choice", template="{q}", label_words=())
     ex = Example("a", (("q", "x"),), 0, ("ab", "été ou hiver"), None)

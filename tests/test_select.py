@@ -309,12 +309,11 @@ def _manual_confidence(lm, task, demos, q):
 
 
 def test_vote_k_confidence_is_the_mean_log_prob_of_the_prediction(built, lm):
-    from actcache.quality import examples_at
     from actcache.score import TokenCount
     from actcache.select import vote_k_confidence
 
     task = built.task()
-    pool = examples_at(built, built.pool_rows)
+    pool = built.examples(built.pool_rows)
     demos, queries = pool[:3], pool[3:9]
     count = TokenCount()
     got = vote_k_confidence(lm, task, demos, queries, batch_size=4, counter=count)
@@ -354,7 +353,6 @@ def test_vote_k_confidence_for_generation_scores_the_greedy_answer(lm, monkeypat
         assert got[i] == pytest.approx(want, abs=1e-4)
 
 def test_vote_k_strategy_end_to_end(built, lm, monkeypatch):
-    from actcache.quality import examples_at
     from actcache.select import vote_k_buckets, vote_k_confidence
 
     E = _fake_embeddings(monkeypatch, built, seed=3)
@@ -364,8 +362,8 @@ def test_vote_k_strategy_end_to_end(built, lm, monkeypatch):
     first = naive_vote_k(graph, 2)
     rest = [p for p in range(n) if p not in first]
     conf = np.full(n, np.nan)
-    conf[rest] = vote_k_confidence(lm, built.task(), examples_at(built, built.pool_rows[first]),
-                                   examples_at(built, built.pool_rows[rest]))
+    conf[rest] = vote_k_confidence(lm, built.task(), built.examples(built.pool_rows[first]),
+                                   built.examples(built.pool_rows[rest]))
     want, _ = vote_k_buckets(graph, conf, first, 10)
     assert list(sel.positions) == list(want) and len(set(sel.ids)) == 10
     assert sel.params["bucket"] == (9 * n) // (10 * 8) and sel.params["random_fill"] == 0

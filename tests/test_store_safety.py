@@ -154,8 +154,9 @@ def test_quality_matrix_resumes_after_sigkill_and_recomputes_damage(tiny_model_d
     assert not list((st.dir / "quality").glob("*.npz"))  # nothing final before the end
     cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=8, n_probes=4)
     calls = []
-    real = study.pair_scores
-    monkeypatch.setattr(study, "pair_scores", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    import actcache.score as score
+    real = score.pair_scores
+    monkeypatch.setattr(score, "pair_scores", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     resumed = study.quality_matrix(st, cfg)
     assert calls == [6, 2]  # only the confirmation half's two chunks (3 and 1 candidates), never flushed
     assert not pdir.exists()

@@ -16,7 +16,7 @@ from actcache.errors import DatasetError, MismatchError
 from actcache import prompts as prompts_mod
 from actcache.store import Store
 from actcache.pipeline import EvalConfig, evaluate
-from actcache.quality import load_quality, quality_matrix, store_task
+from actcache.quality import load_quality, quality_matrix
 
 
 @pytest.fixture()
@@ -35,7 +35,7 @@ def test_quality_matrix_matches_plain_forward(tiny_store, tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir["llama"]).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir["llama"])
-    task = store_task(tiny_store)
+    task = tiny_store.task()
     words = [tok(w, add_special_tokens=False)["input_ids"] for w in task.label_words]
     for i, c in enumerate(q.cand_rows[:3]):
         for j, p in enumerate(q.probe_rows):
@@ -121,21 +121,19 @@ def test_empty_pool_is_a_clear_error(tiny_model_dir, tmp_path):
 
 def test_overlong_prompts_drop_demonstrations_and_say_so(tiny_store):
     from actcache.experiment import selection_experiment
-    from actcache.quality import load_scoring_model
 
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=str(tiny_store.dir.parent.parent), n_probes=0, n_eval=3, k=4, seeds=(0,),
                      strategies=("random",), max_length=100, compare_fp32=False)
-    res = selection_experiment(tiny_store, cfg, load_scoring_model(tiny_store, None))
+    res = selection_experiment(tiny_store, cfg, tiny_store.load_model(None))
     assert res.dropped_demonstrations.get("random+turns", 0) > 0
     full = selection_experiment(tiny_store, EvalConfig(**{**cfg.__dict__, "max_length": 2048}),
-                                load_scoring_model(tiny_store, None))
+                                tiny_store.load_model(None))
     assert full.dropped_demonstrations == {}
 
 
 def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
     from actcache.query import QueryConfig, query, write_jsonl
     from actcache.experiment import selection_experiment
-    from actcache.quality import load_scoring_model
 
     home = str(tiny_store.dir.parent.parent)
     recs = query(QueryConfig(key=tiny_store.key, home=home, component="resid", k=2))
@@ -143,7 +141,7 @@ def test_demonstrations_from_a_query_file(tiny_store, tmp_path):
     write_jsonl(recs, str(path))
     cfg = EvalConfig(key=tiny_store.key, dtype="float32", home=home, n_probes=0, n_eval=3, k=2, seeds=(0, 1), strategies=(),
                      demos=str(path), compare_fp32=False)
-    res = selection_experiment(tiny_store, cfg, load_scoring_model(tiny_store, None))
+    res = selection_experiment(tiny_store, cfg, tiny_store.load_model(None))
     assert [s["strategy"] for s in res.summary] == ["zero-shot", "file:neighbors.jsonl"]
     assert res.summary[1]["n_seeds"] == 2
 
@@ -158,7 +156,6 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
 
     from actcache import score as S
     from actcache.experiment import selection_experiment
-    from actcache.quality import load_scoring_model
 
     store = build(cfg_for(tiny_model_dir[arch], jsonl, tmp_path / "store", layers="0,-1", store_dtype="float32"))
     calls = []
@@ -172,7 +169,7 @@ def test_selection_shares_one_prefix_per_seed_and_matches_plain_forward(arch, ti
     monkeypatch.setattr(S, "score_options", spy)
     cfg = EvalConfig(key=store.key, dtype="float32", home=str(store.dir.parent.parent), n_probes=0, n_eval=3, k=3,
                      seeds=(0, 1), strategies=("random", "k-center", "knn"), knn_layers="0", compare_fp32=False)
-    lm = load_scoring_model(store, None)
+    lm = store.load_model(None)
     res = selection_experiment(store, cfg, lm)
     runs = res.runs
     assert [r["strategy"] for r in runs] == ["zero-shot"] + ["random+turns"] * 2 + \
@@ -202,7 +199,6 @@ def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
 
     from actcache import score as S
     from actcache.experiment import selection_experiment
-    from actcache.quality import load_scoring_model
 
     calls = []
     real = S.score_options
@@ -215,7 +211,7 @@ def test_zero_shot_fp32_comparison_matches_reference(tiny_store, monkeypatch):
     monkeypatch.setattr(S, "score_options", spy)
     cfg = EvalConfig(key=tiny_store.key, dtype="bfloat16", home=str(tiny_store.dir.parent.parent), n_probes=0, n_eval=3,
                      k=2, seeds=(0,), strategies=("random",), compare_fp32=True)
-    lm = load_scoring_model(tiny_store, "bfloat16")
+    lm = tiny_store.load_model("bfloat16")
     res = selection_experiment(tiny_store, cfg, lm)
     assert res.flips is not None and res.flips["dtype"] == "bfloat16" and res.flips["n"] == 3
     model, tok, prompts, options, out = calls[-1]

@@ -159,7 +159,6 @@ def test_multiple_choice_reports_acc_and_acc_norm_like_the_harness(tiny_model_di
     from actcache.models import ModelSpec
     from actcache.experiment import selection_experiment
     from actcache.pipeline import EvalConfig
-    from actcache.quality import load_scoring_model
 
     d = shared_data_dir()
     if d is None or not (d / "arc").exists():
@@ -170,7 +169,7 @@ def test_multiple_choice_reports_acc_and_acc_norm_like_the_harness(tiny_model_di
                            context_k=0))
     cfg = EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_probes=0, n_eval=6, k=1, seeds=(0,),
                      strategies=("random",), compare_fp32=False)
-    res = selection_experiment(st, cfg, load_scoring_model(st, None))
+    res = selection_experiment(st, cfg, st.load_model(None))
     run = next(r for r in res.samples if r["strategy"] == "random+turns")
     recs = {x["id"]: x for x in run["items"]}
     opts = {rec["id"]: rec["choices"] for rec in st.records}
