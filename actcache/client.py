@@ -11,7 +11,7 @@ import json
 import urllib.error
 import urllib.request
 
-from .errors import ActcacheError, ConfigError, StoreError
+from .errors import ActcacheError, BusyError, ConfigError, StoreError
 
 
 class ServerError(ActcacheError):
@@ -40,8 +40,11 @@ class Client:
                 msg = json.loads(e.read()).get("error", e.reason)
             except ValueError:
                 msg = e.reason
+            where = f"{msg} (server {self.url}, HTTP {e.code})"
+            if e.headers.get("Retry-After"):
+                raise BusyError(where, retry_after=int(e.headers["Retry-After"]), queue_full=e.code == 429) from None
             cls = StoreError if e.code in (404, 503) else ConfigError if e.code in (400, 413, 422) else ServerError
-            raise cls(f"{msg} (server {self.url}, HTTP {e.code})") from None
+            raise cls(where) from None
         except (urllib.error.URLError, OSError) as e:
             raise ServerError(f"cannot reach {self.url} ({getattr(e, 'reason', e)}); start it with "
                               f"`actcache serve`") from None
@@ -50,10 +53,10 @@ class Client:
         return bool(self._call("GET", "/healthz").get("ok"))
 
     def builds(self) -> list[dict]:
-        return self._call("GET", "/builds")
+        return self._call("GET", "/v1/builds")
 
     def info(self, key: str) -> dict:
-        return self._call("GET", f"/builds/{key}")
+        return self._call("GET", f"/v1/builds/{key}")
 
     def neighbors(self, key: str, ids=None, texts=None, inputs=None, jsonl=None, **opts) -> list[dict]:
         """Query records (as `actcache query` writes them) for eval ids, new texts,
@@ -62,8 +65,8 @@ class Client:
         text_field, source."""
         body = {k: v for k, v in dict(ids=ids, texts=texts, inputs=inputs, jsonl=jsonl, **opts).items()
                 if v is not None}
-        return self._call("POST", f"/builds/{key}/neighbors", body)
+        return self._call("POST", f"/v1/builds/{key}/neighbors", body)
 
     def select(self, key: str, strategy: str, **opts) -> list[dict]:
         """Records of a selection strategy (as `actcache query --strategy`)."""
-        return self._call("POST", f"/builds/{key}/select", {"strategy": strategy, **opts})
+        return self._call("POST", f"/v1/builds/{key}/select", {"strategy": strategy, **opts})

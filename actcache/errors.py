@@ -49,3 +49,15 @@ class MismatchError(StoreError):
 
 class LabelWordError(ModelError, ValueError):
     """A label word cannot be represented by the tokenizer as required."""
+
+
+class BusyError(ActcacheError):
+    """A service is at capacity (its queue is full, or a request ran past its
+    deadline); `retry_after` says how many seconds to wait before trying again."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, retry_after: int = 1, queue_full: bool = False):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.queue_full = queue_full

@@ -239,6 +239,9 @@ def parse_inputs(store: Store, lines: list[str], is_jsonl: bool, name: str, text
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{name} line {lineno + 1} is not valid JSON ({e.msg}); "
                                    f"give one JSON object per line") from None
+            except RecursionError:
+                raise DatasetError(f"{name} line {lineno + 1} is nested too deeply to read; give flat "
+                                   f"JSON objects (template fields holding text)") from None
             if isinstance(obj, str):
                 obj = {text_field: obj}
             if not isinstance(obj, dict):

@@ -1,46 +1,56 @@
 """`actcache serve`: the retrieval of `actcache query` and `select` as a local
 HTTP service (FastAPI + uvicorn), for harnesses and notebooks that want
 demonstrations per input without paying a process start, a model load and an
-index load each time.
+index load each time. The work itself is `service.Service`; this module is
+the HTTP around it: routes under `/v1/`, request and response models (the
+OpenAPI schema at /openapi.json, docs at /docs served from local files), and
+a gate in front of every request (allowed Host names, the bearer token, the
+body cap, a request id, the access log and the metrics at /metrics).
 
-One worker thread does all the work: requests are queued, and those that
-arrive within a short window are coalesced, so new texts for one build and
-array are encoded in one forward batch (each then searched as the local command
-would), and two forward passes never compete for the same cores. Builds, indexes and
-models stay loaded (models in a small LRU); query vectors of new texts are kept
-per text, and the store's query cache is used as the CLI uses it. The store is
-never written except that cache.
+What the service writes to the store: an index the first time an array is
+queried (or when its file is damaged or stale, rebuilt as `query` would), the
+query cache of new texts' vectors, and lock files beside both. Nothing else.
 """
 
 
 import asyncio
 import hmac
-import queue
+import logging
 import re
-import threading
+import secrets
 import time
-from collections import OrderedDict
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+import uuid
 
-import numpy as np
-
-from .errors import ActcacheError, ConfigError, CorruptStoreError, DatasetError, MismatchError, StoreError
-from .query import QueryConfig, check_query, encode_texts, eval_inputs, parse_inputs, search_records
-from .select import STRATEGIES, needs_model, select
-from .store import Store, find_build, list_builds
+from .errors import ActcacheError, BusyError, ConfigError, CorruptStoreError, DatasetError, MismatchError, StoreError
+from .api import Error, Health, Ready, BuildRow, NeighborsRecord, SelectRecord, check_text, request_models
+from .query import QueryConfig
+from .select import STRATEGIES
+from .service import Service, ServeLimits
+from .store import list_builds
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-MAX_BODY = 1 << 20  # bytes per request
-MAX_TEXTS = 1024  # inputs per request
-MAX_TEXT_CHARS = 20_000
-MAX_REMEMBERED = 200_000  # new-text vectors kept per (build, array)
-FORWARD_ROWS = 64  # texts per forward batch of coalesced requests
-KEY_RE = re.compile(r"^(last|[0-9a-f]{6,64})$")
+MAX_BODY = 1 << 20  # bytes per request (body, and separately the request head)
+MIN_TOKEN = 16  # characters of a bearer token
+OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json")  # no token needed
+DOCS_ASSETS = "/docs-assets"
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ACCESS_LOG = logging.getLogger("actcache.serve.access")
+ERROR_STATUSES = {400: "Bad request: an option or input the build cannot take (the message says which), "
+                       "or a Host header the server does not answer for.",
+                  401: "Missing or wrong bearer token.",
+                  404: "No such build or route.",
+                  409: "An artifact does not belong to the build (e.g. an index of other vectors).",
+                  413: "Request body over the server's cap.",
+                  422: "Invalid request: unknown field, wrong type, or over a per-request limit.",
+                  429: "The lane's queue is full; retry after `Retry-After` seconds.",
+                  503: "Damaged store file, or the request ran past the server's deadline; `Retry-After` "
+                       "is set for the latter."}
 
 
 def status_of(e: BaseException) -> int:
     """The HTTP status of a library error: the one place errors map to codes."""
+    if isinstance(e, BusyError):
+        return 429 if e.queue_full else 503
     if isinstance(e, CorruptStoreError):
         return 503
     if isinstance(e, MismatchError):
@@ -53,63 +63,108 @@ def status_of(e: BaseException) -> int:
     return 400 if isinstance(e, ActcacheError) else 500
 
 
-def error_body(msg: str) -> bytes:
-    """The JSON error document, ASCII-escaped so that any message can be sent."""
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"():,/]+/)+([^\s'\"():,/]+)")
+
+
+def redact(value):
+    """`value` with every absolute path cut to its last component: answers and
+    error messages never show where the store, models or data live."""
+    if isinstance(value, str):
+        return _ABS_PATH.sub(r"\1", value)
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    return value
+
+
+def error_body(msg: str, request_id: str | None = None) -> bytes:
+    """The JSON error document (`Error`), ASCII-escaped so that any message can be sent."""
     import json
 
-    return json.dumps({"error": msg}).encode()
+    doc = {"error": redact(msg)}
+    if request_id:
+        doc["request_id"] = request_id
+    return json.dumps(doc).encode()
 
 
-def check_text(value) -> None:
-    """Raise ValueError if a request string (nested in lists/dicts) holds a lone
-    surrogate: JSON can escape one ("\\ud800"), but it is no text, and it cannot
-    be hashed for the query cache, encoded or written back."""
-    if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                raise ValueError("a string holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
-                                 "send valid Unicode") from None
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            check_text(v)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_text(k)
-            check_text(v)
+def check_token(host: str, token: str | None) -> None:
+    """ConfigError unless `token` is usable: at least MIN_TOKEN characters with
+    no whitespace, and given whenever `host` is not loopback."""
+    offer = f"e.g. --token {secrets.token_urlsafe(24)} (clients send Authorization: Bearer <token>)"
+    if token is not None and (len(token) < MIN_TOKEN or any(c.isspace() for c in token)):
+        raise ConfigError(f"--token must be at least {MIN_TOKEN} characters with no whitespace; {offer}")
+    if host not in LOOPBACK and not token:
+        raise ConfigError(f"--host {host} exposes the store beyond this machine; pass a --token, {offer}, "
+                          f"or keep --host 127.0.0.1")
 
 
-class Limits:
-    """ASGI wrapper in front of the app: the bearer token (every route but
-    /healthz) and the body cap, counted on the bytes actually received, so a
-    chunked upload with no Content-Length is cut off at `max_body` as well."""
+def host_name(header: bytes) -> str:
+    """The name in a Host header, without its port ("[::1]:80" -> "::1")."""
+    h = header.decode("latin-1").strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
-    def __init__(self, app, token: str | None = None, max_body: int = MAX_BODY):
-        self.app = app
+
+class Gate:
+    """ASGI wrapper in front of the app, for every request: a request id (the
+    client's `X-Request-ID` if well formed, else a new one; echoed), the Host
+    check (DNS rebinding), the bearer token (every route but OPEN_PATHS), the
+    body cap counted on the bytes actually received (a chunked upload with no
+    Content-Length is cut off at `max_body` too), metrics and the access log."""
+
+    def __init__(self, app, metrics, token: str | None = None, hosts=LOOPBACK, max_body: int = MAX_BODY):
+        self.app, self.metrics, self.token = app, metrics, token
         self.state = app.state
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.hosts = None if "*" in hosts else {h.lower() for h in hosts}
         self.max_body = max_body
 
-    async def _refuse(self, send, status: int, msg: str) -> None:
-        body = error_body(msg)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    def _refusal(self, scope, headers: dict) -> tuple[int, str, list] | None:
+        if self.hosts is not None and host_name(headers.get(b"host", b"")) not in self.hosts:
+            return 400, ("the Host header names no host this server answers for; use http://127.0.0.1:<port>, "
+                         "or start it with --allow-host NAME"), []
+        path = scope.get("path", "")
+        if self.token is not None and path not in OPEN_PATHS and not path.startswith(DOCS_ASSETS):
+            scheme, _, cred = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(cred.strip().encode(), self.token.encode()):
+                return 401, "missing or wrong bearer token; send Authorization: Bearer <token>", \
+                    [(b"www-authenticate", b'Bearer realm="actcache"')]
+        n = headers.get(b"content-length")
+        if n is not None and (not n.isdigit() or int(n) > self.max_body):
+            return 413, f"request body over {self.max_body} bytes; send fewer or shorter inputs", []
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
         headers = dict(scope.get("headers") or ())
-        if self.expected is not None and scope.get("path") != "/healthz":
-            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-                return await self._refuse(send, 401, "missing or wrong bearer token; send "
-                                                     "Authorization: Bearer <token>")
-        n = headers.get(b"content-length")
-        too_big = f"request body over {self.max_body} bytes; send fewer or shorter inputs"
-        if n is not None and (not n.isdigit() or int(n) > self.max_body):
-            return await self._refuse(send, 413, too_big)
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+        status = [500]
+
+        async def tagged(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+                msg["headers"] = [*msg.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(msg)
+
+        refusal = self._refusal(scope, headers)
+        try:
+            if refusal is not None:
+                await self._refuse(tagged, *refusal, rid)
+            else:
+                await self.app(scope, self._counted(receive), tagged)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched" if refusal is None else "refused")
+            dt = time.perf_counter() - t0
+            self.metrics.observe(route, scope.get("method", ""), status[0], dt)
+            ACCESS_LOG.info("%s %s %s %s %d %.1fms", rid, (scope.get("client") or ("-",))[0], scope.get("method"),
+                            scope.get("path"), status[0], dt * 1000)
+
+    def _counted(self, receive):
         from starlette.exceptions import HTTPException
 
         got = 0
@@ -121,10 +176,48 @@ class Limits:
                 got += len(msg.get("body", b""))
                 if got > self.max_body:
                     # An HTTPException is what FastAPI lets through from reading the body.
-                    raise HTTPException(413, too_big)
+                    raise HTTPException(413, f"request body over {self.max_body} bytes; send fewer or "
+                                             f"shorter inputs")
             return msg
 
-        return await self.app(scope, counted, send)
+        return counted
+
+    @staticmethod
+    async def _refuse(send, status: int, msg: str, extra: list, rid: str) -> None:
+        body = error_body(msg, rid)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"), *extra]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry): requests by route,
+    method and status, latency by route, each lane's queue depth, forward batches."""
+
+    def __init__(self, svc: Service):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("actcache_requests", "HTTP requests by route, method and status",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("actcache_request_seconds", "Seconds from request to answer, by route", ["route"],
+                                 registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        depth = Gauge("actcache_queue_depth", "Jobs waiting per lane", ["lane"], registry=self.registry)
+        for name, lane in svc.lanes.items():
+            depth.labels(name).set_function(lane.q.qsize)
+        Gauge("actcache_forward_batches", "Forward batches run since start", registry=self.registry) \
+            .set_function(lambda: svc.forward_batches)
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def text(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 def deadline_protocol(read_timeout_s: float):
@@ -180,264 +273,35 @@ def deadline_protocol(read_timeout_s: float):
     return DeadlineProtocol
 
 
-@dataclass
-class _Job:
-    key: str  # resolved build key
-    kind: str  # "ids" or "texts" or "select"
-    payload: dict
-    future: Future = field(default_factory=Future)
-
-
-class Service:
-    """The loaded state and the single worker. `neighbors(...)` and `select(...)`
-    may be called from any thread; the work runs on the worker thread."""
-
-    def __init__(self, home: str | None = None, window_s: float = 0.01, max_models: int = 2,
-                 max_wait_s: float = 0.1):
-        self.home = home
-        self.window_s = window_s
-        self.max_wait_s = max_wait_s
-        self.max_models = max_models
-        self.q: queue.Queue = queue.Queue()
-        self._stores: dict = {}
-        self._indexes: dict = {}
-        self._models: OrderedDict = OrderedDict()
-        self._vecs: dict = {}  # (key, array) -> {text: (d,) float32}
-        self._checked: dict = {}  # (key, query options) -> ArrayId, validated once
-        self._evals: dict = {}  # (key, array) -> {eval id: (d,) float32}
-        self.forward_batches = 0
-        self._lock = threading.Lock()
-        self._worker = threading.Thread(target=self._loop, name="actcache-serve-worker", daemon=True)
-        self._worker.start()
-
-    # ---------------------------------------------------------------- state
-    def store(self, key: str):
-        """The build for a key, unique prefix or "last" (opened once and kept)."""
-        if not KEY_RE.match(key or ""):
-            raise StoreError(f"no build {key!r}: a key is 6 to 64 hex characters or 'last'")
-        d = find_build(key, self.home)
-        mtime = (d / "acts.h5").stat().st_mtime_ns if (d / "acts.h5").exists() else None
-        with self._lock:
-            cached = self._stores.get(d.name)
-            if cached is not None and cached[0] == mtime:
-                return cached[1]
-        st = Store(d)  # opened (and its examples checked) once per file version
-        with self._lock:
-            self._stores[st.key] = (mtime, st)
-            self._checked.clear()
-            self._evals.clear()
-        return st
-
-    def _index(self, st, a):
-        k = (st.key, a)
-        if k not in self._indexes:
-            self._indexes[k] = st.index(a.component, a.layer, a.pooling, a.mask)
-        return self._indexes[k]
-
-    def _model(self, st):
-        if st.key in self._models:
-            self._models.move_to_end(st.key)
-        else:
-            self._models[st.key] = st.load_model()
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
-        return self._models[st.key]
-
-    # ---------------------------------------------------------------- public calls
-    def submit(self, key: str, kind: str, payload: dict) -> Future:
-        st = self.store(key)
-        job = _Job(st.key, kind, payload)
-        self.q.put(job)
-        return job.future
-
-    # ---------------------------------------------------------------- worker
-    def _loop(self) -> None:
-        while True:
-            jobs = [self.q.get()]
-            # Take whatever is queued already. When a forward pass is coming (new texts), keep
-            # collecting while requests keep arriving (a gap of `window_s` ends it, `max_wait_s`
-            # caps it), since a bigger forward batch is the work coalescing saves.
-            start = last = time.monotonic()
-            while len(jobs) < 256:
-                try:
-                    jobs.append(self.q.get_nowait())
-                    last = time.monotonic()
-                    continue
-                except queue.Empty:
-                    pass
-                now = time.monotonic()
-                left = min(last + self.window_s, start + self.max_wait_s) - now
-                if left <= 0 or not any(j.kind == "texts" for j in jobs):
-                    break
-                try:
-                    jobs.append(self.q.get(timeout=left))
-                    last = time.monotonic()
-                except queue.Empty:
-                    break
-            groups: dict = {}
-            for j in jobs:
-                if j.kind == "select":
-                    self._run(lambda j=j: self._select(j), [j])
-                else:
-                    groups.setdefault((j.key, self._array_key(j)), []).append(j)
-            for (key, _), js in groups.items():
-                self._run(lambda key=key, js=js: self._neighbors(key, js), js)
-
-    @staticmethod
-    def _array_key(j: _Job) -> tuple:
-        c = j.payload["cfg"]
-        return (c.component, c.layer, c.pooling, c.mask)
-
-    @staticmethod
-    def _run(fn, jobs) -> None:
-        try:
-            fn()
-        except BaseException as e:  # every error goes back to its request; the worker lives on
-            for j in jobs:
-                if not j.future.done():
-                    j.future.set_exception(e)
-
-    def _neighbors(self, key: str, jobs: list[_Job]) -> None:
-        st = self._stores[key][1]
-        ok = []
-        for j in jobs:
-            try:
-                cfg = j.payload["cfg"]
-                ck = (key, cfg.component, cfg.layer, cfg.pooling, cfg.mask, cfg.k, cfg.balanced)
-                if ck not in self._checked:
-                    self._checked[ck] = check_query(st, cfg)
-                j.payload["a"] = self._checked[ck]
-                if j.kind == "ids":
-                    j.payload["inputs"] = eval_inputs(st, j.payload.get("ids"))
-                else:
-                    lines, is_jsonl = j.payload["lines"], j.payload["jsonl"]
-                    j.payload["inputs"] = parse_inputs(st, lines, is_jsonl, j.payload["name"], cfg.text_field)
-                ok.append(j)
-            except BaseException as e:
-                j.future.set_exception(e)
-        if not ok:
-            return
-        a = ok[0].payload["a"]
-        index = self._index(st, a)
-        vec = self._query_vectors(st, a, ok)
-        # Each request is searched as its own batch, exactly as the local command would: BLAS
-        # kernels differ in the last bit with the batch shape, and answers must not depend on
-        # which other requests arrived in the same window. The search is the cheap part.
-        for j, Q in zip(ok, vec):
-            j.future.set_result(search_records(st, j.payload["inputs"], Q, j.payload["cfg"], a, index))
-
-    def _query_vectors(self, st, a, jobs: list[_Job]) -> list[np.ndarray]:
-        """(q, d) float32 per job: eval rows from the store, new texts from the
-        per-text memory, then the CLI's cache, then one forward batch for all misses."""
-        mem = self._vecs.setdefault((st.key, a), {})
-        if len(mem) > MAX_REMEMBERED:
-            mem.clear()  # bounded: a client sending endless new texts must not grow the server
-        missing = []
-        for j in jobs:
-            if j.kind == "texts":
-                missing += [t for t in j.payload["inputs"].texts if t not in mem and t not in missing]
-        if missing:
-            lm = self._model(st)
-            V, rep = encode_texts(st, missing, a.component, a.layer, a.pooling, a.mask, lm=lm,
-                                  batch_size=max(FORWARD_ROWS, int(st.config.get("batch_size", 16))))
-            self.forward_batches += rep["forward_batches"]
-            for t, v in zip(missing, V):
-                mem[t] = v
-        out = []
-        for j in jobs:
-            inp = j.payload["inputs"]
-            if j.kind == "texts":
-                out.append(np.stack([mem[t] for t in inp.texts]).astype(np.float32))
-            else:
-                if (st.key, a) not in self._evals:
-                    self._evals[(st.key, a)] = dict(zip(st.ids[st.eval_rows],
-                                                        st.acts(a.component, a.layer, a.pooling, a.mask, "eval")))
-                E = self._evals[(st.key, a)]
-                out.append(np.stack([E[i] for i in inp.ids]).astype(np.float32))
-        return out
-
-    def _select(self, j: _Job) -> None:
-        st = self._stores[j.key][1]
-        p = j.payload
-        lm = self._model(st) if needs_model(p["strategy"]) else None  # vote-k's confidence stage
-        sel = select(st, p["strategy"], budget=p.get("budget"), k=p.get("k"), seed=p.get("seed", 0), lm=lm,
-                     **p["opts"])
-        j.future.set_result(sel.to_records())
-
-
-def _request_models():
-    """(Neighbors, Select): the request bodies, made on first use so that importing
-    this module does not load pydantic."""
-    from pydantic import BaseModel, Field, model_validator
-
-    class Checked(BaseModel):
-        @model_validator(mode="after")
-        def _text(self):
-            check_text(self.__dict__)
-            return self
-
-    class Neighbors(Checked):
-        ids: list[str] | None = Field(None, description="Eval-row ids of the build (default: every eval row).")
-        texts: list[str] | None = Field(None, description="New input texts (filled into the build's template).",
-                                        max_length=MAX_TEXTS)
-        inputs: list[dict] | None = Field(None, description="New inputs as JSON objects (template fields, "
-                                                             "optional id), as lines of a JSONL --input.",
-                                          max_length=MAX_TEXTS)
-        jsonl: list[str] | None = Field(None, description="Lines of a JSONL input file, parsed as `actcache "
-                                                          "query --input` parses them (messages name `source`).",
-                                        max_length=MAX_TEXTS)
-        component: str = QueryConfig.component
-        layer: int = QueryConfig.layer
-        pooling: str = QueryConfig.pooling
-        mask: str = QueryConfig.mask
-        k: int = Field(QueryConfig.k, ge=1, le=10_000)
-        balanced: bool = QueryConfig.balanced
-        exclude_self: bool = QueryConfig.exclude_self
-        text_field: str = QueryConfig.text_field
-        source: str = Field("request", description="Echoed in each record's config (the CLI client sends "
-                                                   "its --input name, so records equal the local command's).")
-
-    class Select(Checked):
-        strategy: str
-        budget: int | None = Field(None, ge=1, le=1_000_000)
-        k: int | None = Field(None, ge=1, le=10_000)
-        seed: int = 0
-        # None: the strategy's own default (as `actcache.select.select`)
-        component: str | None = None
-        layer: int | None = None
-        pooling: str | None = None
-        mask: str | None = None
-        stat: str | None = None
-        order: str | None = None
-        feature: int | None = Field(None, ge=0, description="sae-feature: the feature to rank by.")
-        sae: str | None = Field(None, max_length=64, description="sae-knn / sae-feature: the SAE's key prefix.")
-
-    return Neighbors, Select
-
-
 def _error_handlers(app, err) -> None:
-    """Every error becomes one JSON line (`error_body`) with its status: library
+    """Every error becomes one JSON line (`Error`) with its status: library
     errors by `status_of`, HTTP and validation errors by theirs, anything else 500."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(Exception)
     async def last_resort(request, e: Exception):  # pragma: no cover - never expected; one line, no traceback
-        return err(500, f"internal error: {type(e).__name__}: {str(e)[:200]}")
+        return err(request, 500, f"internal error: {type(e).__name__}: {str(e)[:200]}")
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request, e: RecursionError):
+        return err(request, 422, "invalid request: JSON nested too deeply; send flat objects")
 
     @app.exception_handler(ActcacheError)
     async def actcache_error(request, e: ActcacheError):
-        return err(status_of(e), str(e))
+        extra = {"Retry-After": str(e.retry_after)} if isinstance(e, BusyError) else None
+        return err(request, status_of(e), str(e), extra)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
-        return err(e.status_code, f"{e.detail}: {request.method} {request.url.path}")
+        return err(request, e.status_code, f"{e.detail}: {request.method} {request.url.path}")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return err(422, f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed JSON')}")
+        return err(request, 422, f"invalid request: {where + ': ' if where else ''}"
+                                 f"{first.get('msg', 'malformed JSON')}")
 
 
 def _texts_payload(req, cfg: QueryConfig) -> dict:
@@ -446,8 +310,8 @@ def _texts_payload(req, cfg: QueryConfig) -> dict:
     import json
 
     if req.texts is not None:
-        if any(len(t) > MAX_TEXT_CHARS or not t.strip() for t in req.texts):
-            raise DatasetError(f"every text must be non-empty and at most {MAX_TEXT_CHARS} characters")
+        if any(not t.strip() for t in req.texts):
+            raise DatasetError("every text must be non-empty")
         return {"cfg": cfg, "lines": [t.replace("\n", " ") for t in req.texts], "jsonl": False,
                 "name": "the request"}
     if req.inputs is not None:
@@ -456,52 +320,65 @@ def _texts_payload(req, cfg: QueryConfig) -> dict:
     return {"cfg": cfg, "lines": req.jsonl, "jsonl": True, "name": req.source}
 
 
-def create_app(home: str | None = None, token: str | None = None, window_s: float = 0.01):
-    """The FastAPI app over the store at `home`. With `token`, every route but
-    /healthz needs `Authorization: Bearer <token>`."""
+def _openapi(app, token: bool):
+    """The app's OpenAPI document, with the bearer scheme declared when a token is required."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            if token:
+                doc.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, ops in doc["paths"].items():
+                    if path not in OPEN_PATHS:
+                        for op in ops.values():
+                            op["security"] = [{"bearer": []}]
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    return openapi
+
+
+def _responses(*codes: int) -> dict:
+    return {c: {"model": Error, "description": ERROR_STATUSES[c]} for c in codes}
+
+
+def _routes(svc: Service, limits: ServeLimits, home: str | None):
+    """The API's routes, on one router (mounted at /v1 and, hidden from the schema, at /)."""
     import json
 
-    from fastapi import Body, FastAPI
+    from fastapi import APIRouter, Body
     from fastapi.responses import Response
 
-    svc = Service(home, window_s=window_s)
-    app = FastAPI(title="actcache", version="1",
-                  description="Nearest demonstrations and selection strategies over cached activation builds. "
-                              "Records are those of `actcache query` (JSONL), one per input.")
-    app.state.service = svc
-
-    Neighbors, Select = _request_models()
-
-    def err(status: int, msg: str) -> Response:
-        return Response(error_body(msg), status_code=status, media_type="application/json")
-
-    _error_handlers(app, err)
+    Neighbors, Select = request_models(limits)
+    router = APIRouter()
+    common = (400, 401, 404, 409, 413, 422, 429, 503)
 
     def raw_json(obj) -> Response:
         # The records are plain JSON already; skip FastAPI's per-field encoder.
         return Response(json.dumps(obj, ensure_ascii=False).encode(), media_type="application/json")
 
-    async def wait(fut: Future):
-        return await asyncio.wrap_future(fut)
+    async def answer(job):
+        try:
+            return raw_json(await asyncio.wait_for(asyncio.wrap_future(job.future),
+                                                   max(0.0, job.deadline - time.monotonic())))
+        except asyncio.TimeoutError:
+            raise BusyError(f"the request did not finish within the server's deadline of {limits.deadline_s:g} s; "
+                            f"send less work per request or retry later", retry_after=5) from None
 
-    @app.get("/healthz")
-    async def healthz():
-        """Liveness, and the forward batches this server has run (0 while every text is cached)."""
-        return {"ok": True, "forward_batches": svc.forward_batches}
-
-    @app.get("/builds")
+    @router.get("/builds", response_model=list[BuildRow], responses=_responses(401))
     async def builds():
         """Every build of the store (as `actcache ls --json`)."""
         rows = await asyncio.to_thread(list_builds, home)
-        return [{k: v for k, v in r.items() if k not in ("provenance", "config")} for r in rows]
+        return raw_json(redact([{k: v for k, v in r.items() if k not in ("provenance", "config")} for r in rows]))
 
-    @app.get("/builds/{key}")
+    @router.get("/builds/{key}", response_model=dict, responses=_responses(400, 401, 404, 503))
     async def build_info(key: str):
         """One build (as `actcache info`): key, unique prefix or 'last'."""
         st = await asyncio.to_thread(svc.store, key)
-        return json.loads(json.dumps(st.info(), default=str))
+        return raw_json(redact(json.loads(json.dumps(st.info(), default=str))))
 
-    @app.post("/builds/{key}/neighbors")
+    @router.post("/builds/{key}/neighbors", response_model=list[NeighborsRecord], responses=_responses(*common))
     async def neighbors(key: str, req: Neighbors = Body(...)):
         """The k nearest pool examples of each input: eval ids, new texts or JSON inputs."""
         new = [x for x in (req.texts, req.inputs, req.jsonl) if x is not None]
@@ -513,44 +390,112 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         if new:
             if not new[0]:
                 raise DatasetError("the input list is empty; give at least one text")
-            fut = svc.submit(key, "texts", _texts_payload(req, cfg))  # cheap once the build is open: no thread hop
+            job = svc.submit(key, "texts", _texts_payload(req, cfg))  # cheap once the build is open: no thread hop
         else:
-            fut = svc.submit(key, "ids", {"cfg": cfg, "ids": req.ids})
-        return raw_json(await wait(fut))
+            job = svc.submit(key, "ids", {"cfg": cfg, "ids": req.ids})
+        return await answer(job)
 
-    @app.post("/builds/{key}/select")
+    @router.post("/builds/{key}/select", response_model=list[SelectRecord], responses=_responses(*common))
     async def select_route(key: str, req: Select = Body(...)):
-        """Run a registered selection strategy (random, knn, vote-k, vote-k-lm, k-center, kmeans, stat,
-        embed-knn, sae-knn, sae-feature). vote-k runs the build's model (loaded once and kept)."""
+        """Run a registered selection strategy (the options of `actcache query --strategy`); strategies
+        that run the build's model (vote-k) use the model lane."""
         st = STRATEGIES.get(req.strategy)
         if st is None:
             raise ConfigError(f"unknown strategy {req.strategy!r}; choose from {sorted(STRATEGIES)}")
         opts = st.pick({n: getattr(req, n) for n in ("component", "layer", "pooling", "mask", "stat", "order",
                                                        "feature", "sae")})
-        fut = await asyncio.to_thread(svc.submit, key, "select",
-                                      {"strategy": req.strategy, "budget": req.budget, "k": req.k,
-                                       "seed": req.seed, "opts": opts})
-        return raw_json(await wait(fut))
+        job = await asyncio.to_thread(svc.submit, key, "select", {"strategy": req.strategy, "budget": req.budget,
+                                                                   "k": req.k, "seed": req.seed, "opts": opts})
+        return await answer(job)
 
-    return Limits(app, token)
+    return router
+
+
+def create_app(home: str | None = None, token: str | None = None, window_s: float = 0.01,
+               limits: ServeLimits | None = None, hosts=LOOPBACK):
+    """The ASGI app over the store at `home`: the API under /v1 (and at the same
+    paths without it, kept as aliases), /healthz, /readyz, /metrics, /docs. With
+    `token`, every route but OPEN_PATHS needs `Authorization: Bearer <token>`;
+    requests whose Host header names none of `hosts` ("*": any) are refused."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response
+    from fastapi_offline import FastAPIOffline
+    from starlette.middleware.gzip import GZipMiddleware
+
+    limits = (limits or ServeLimits()).check()
+    svc = Service(home, limits, window_s=window_s)
+    app: FastAPI = FastAPIOffline(
+        title="actcache", version="1", redoc_url=None, static_url=DOCS_ASSETS,
+        description="Nearest demonstrations and selection strategies over cached activation builds. Records are "
+                    "those of `actcache query` (JSONL), one per input. Every error is one JSON object `Error`.")
+    app.state.service = svc
+    metrics = Metrics(svc)
+
+    def err(request, status: int, msg: str, headers: dict | None = None) -> Response:
+        rid = request.scope.get("state", {}).get("request_id")
+        return Response(error_body(msg, rid), status_code=status, media_type="application/json", headers=headers)
+
+    _error_handlers(app, err)
+    router = _routes(svc, limits, home)
+    app.include_router(router, prefix="/v1")
+    app.include_router(router, include_in_schema=False)
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz():
+        """Liveness, and the forward batches this server has run (0 while every text is cached)."""
+        return {"ok": True, "forward_batches": svc.forward_batches}
+
+    @app.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "A lane is full."}})
+    async def readyz(request: Request):
+        """Whether each lane (lookup: ids and stored arrays; model: new texts and vote-k) can take a request now."""
+        lanes = svc.ready()
+        ok = all(v["ready"] for v in lanes.values())
+        return Response(Ready(ready=ok, lanes=lanes).model_dump_json(), status_code=200 if ok else 503,
+                        media_type="application/json")
+
+    @app.get("/metrics", response_class=Response, responses=_responses(401))
+    async def metrics_route():
+        """Prometheus metrics: requests by route and status, latency, queue depth per lane, forward batches."""
+        body, ctype = metrics.text()
+        return Response(body, media_type=ctype)
+
+    app.openapi = _openapi(app, token is not None)
+    app.add_middleware(GZipMiddleware, minimum_size=1024)
+    return Gate(app, metrics, token, hosts)
 
 
 def serve(home: str | None = None, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          read_timeout_s: float = 10.0) -> None:
-    """Run the service until interrupted. Off loopback a bearer `token` is required.
-    A client gets `read_timeout_s` seconds to send each whole request."""
+          read_timeout_s: float = 10.0, limits: ServeLimits | None = None, allow_hosts=(),
+          on_ready=None) -> None:
+    """Run the service until interrupted. Off loopback a bearer `token` is
+    required. A client gets `read_timeout_s` seconds to send each whole request.
+    Requests must name this server in their Host header: a loopback name, `host`,
+    or one of `allow_hosts` ("*": any). `on_ready(url)` is called once the port is bound."""
+    import socket
+
     import uvicorn
 
-    if host not in LOOPBACK and not token:
-        raise ConfigError(f"--host {host} exposes the store beyond this machine; pass --token SECRET "
-                          f"(clients send Authorization: Bearer SECRET), or keep --host 127.0.0.1")
+    check_token(host, token)
     if not read_timeout_s > 0:
         raise ConfigError(f"--read-timeout must be positive, got {read_timeout_s}")
+    hosts = (*LOOPBACK, *([host] if host not in ("0.0.0.0", "::") else []), *allow_hosts)
+    app = create_app(home, token, limits=limits, hosts=hosts)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
     # No limit_concurrency: over it uvicorn answers 503 even to /healthz, and idle or stalled
     # connections cost an asyncio loop little; the read deadline closes stalled ones.
-    uvicorn.run(create_app(home, token), host=host, port=port, log_level="warning",
-                http=deadline_protocol(read_timeout_s), timeout_keep_alive=5,
-                h11_max_incomplete_event_size=64 * 1024)
+    config = uvicorn.Config(app, log_level="warning", http=deadline_protocol(read_timeout_s), timeout_keep_alive=5,
+                            h11_max_incomplete_event_size=64 * 1024)
+    if on_ready is not None:
+        on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}")
+    uvicorn.Server(config).run(sockets=[sock])
 
 
-__all__ = ["Service", "Limits", "create_app", "serve", "status_of", "check_text", "deadline_protocol"]
+__all__ = ["Gate", "Metrics", "create_app", "serve", "status_of", "check_text", "check_token", "redact",
+           "deadline_protocol", "MAX_BODY"]

@@ -138,7 +138,7 @@ def forward_ceiling(home: Path, key: str, n: int = 32, reps: int = 3) -> dict:
     size), same model and array, median of `reps`. The service's coalescing
     ratio cannot exceed this ratio by more than its per-request overheads."""
     from actcache.query import QueryConfig, encode_texts
-    from actcache.serve import FORWARD_ROWS
+    from actcache.service import FORWARD_ROWS
     from actcache.store import ArrayId, Store, find_build
 
     st = Store(find_build(key, str(home)))
@@ -178,9 +178,9 @@ def faults(port: int, n: int, key: str, stalled: int = 50, read_timeout_s: float
     /healthz answered throughout and after, and whether the stalled connections
     were closed once their read deadline passed."""
     rng = random.Random(0)
-    nb = f"/builds/{key}/neighbors"
+    nb = f"/v1/builds/{key}/neighbors"
     mb = b"x" * (1 << 20)
-    chunked = (f"POST {nb} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    chunked = (f"POST {nb} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                f"Transfer-Encoding: chunked\r\n\r\n").encode()
     bad = [
         lambda: ("POST", nb, b"{not json"),
@@ -190,19 +190,27 @@ def faults(port: int, n: int, key: str, stalled: int = 50, read_timeout_s: float
         lambda: ("POST", nb, b"x" * (10 << 20)),
         lambda: ("POST", nb, json.dumps({"texts": [""] * 3}).encode()),
         lambda: ("POST", nb, json.dumps({"layer": 10**6}).encode()),
-        lambda: ("POST", f"/builds/{key}/select", json.dumps({"strategy": "rm -rf /"}).encode()),
+        lambda: ("POST", f"/v1/builds/{key}/select", json.dumps({"strategy": "rm -rf /"}).encode()),
         lambda: ("GET", "/builds/%00", b""),
         lambda: ("POST", nb, bytes(rng.getrandbits(8) for _ in range(256))),
         lambda: ("POST", nb, b'{"texts": ["\\ud800"]}'),
-        lambda: ("POST", f"/builds/{key}/select", json.dumps({"strategy": "random", "budget": 2, "seed": -1}).encode()),
+        lambda: ("POST", f"/v1/builds/{key}/select", json.dumps({"strategy": "random", "budget": 2, "seed": -1}).encode()),
         lambda: ("POST", nb, json.dumps({"jsonl": ["{bad"]}).encode()),
         lambda: ("RAW", chunked, [b"%x\r\n" % len(mb) + mb + b"\r\n"] * 10 + [b"0\r\n\r\n"]),
-        lambda: ("RAW", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (4 << 20) + b"\r\n\r\n", []),
+        lambda: ("RAW", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * (4 << 20) + b"\r\n\r\n", []),
+        lambda: ("POST", nb, json.dumps({"jsonl": ["[" * 1000 + "]" * 1000]}).encode()),
+        lambda: ("POST", nb, ('{"inputs": [' + '{"a":' * 2000 + '1' + '}' * 2000 + ']}').encode()),
+        lambda: ("POST", nb, b'{"ids": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        lambda: ("POST", nb, json.dumps({"ids": ["0"], "filter": {"label": 1}, "top_k": 3}).encode()),
+        lambda: ("POST", nb, json.dumps({"k": "4"}).encode()),
+        lambda: ("POST", nb, json.dumps({"k": True}).encode()),
+        lambda: ("POST", nb, json.dumps({"ids": [str(i) for i in range(5000)]}).encode()),
+        lambda: ("RAW", f"GET /v1/builds HTTP/1.1\r\nHost: evil.example\r\n\r\n".encode(), []),
     ]
     held = []
     for _ in range(stalled):  # slow clients: half a request each, then nothing
         c = socket.create_connection(("127.0.0.1", port))
-        c.sendall(f"POST {nb} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+        c.sendall(f"POST {nb} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{{".encode())
         held.append(c)
     t_held = time.monotonic()
     codes: dict = {}

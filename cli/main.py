@@ -484,9 +484,20 @@ def run(
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind; off loopback --token is required."),
     port: int = typer.Option(8765, help="TCP port."),
-    token: Optional[str] = typer.Option(None, envvar="ACTCACHE_TOKEN", help="Bearer token clients must send."),
+    token: Optional[str] = typer.Option(None, envvar="ACTCACHE_TOKEN",
+                                        help="Bearer token clients must send (at least 16 characters)."),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="Also answer requests whose Host header names "
+                                                                  "this (repeatable; '*' for any). Loopback names "
+                                                                  "and --host are always allowed."),
     read_timeout: float = typer.Option(10.0, help="Seconds a client has to send each whole request; "
                                                   "slower connections are closed."),
+    deadline: float = typer.Option(60.0, help="Seconds a request may take; past it the answer is 503."),
+    queue: int = typer.Option(64, help="Requests that may wait per lane (lookup, model); more get 429."),
+    max_ids: int = typer.Option(1024, help="Eval ids per request."),
+    max_texts: int = typer.Option(256, help="New texts (or inputs, or JSONL lines) per request."),
+    max_request_chars: int = typer.Option(200_000, help="Characters of new inputs per request."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log one line per request to stderr (request id, "
+                                                                "client, method, path, status, milliseconds)."),
     store: Optional[str] = STORE,
 ):
     """Serve the store's finished builds over HTTP: neighbours and selection strategies (docs at /docs)."""
@@ -494,10 +505,20 @@ def serve(
     # end starved the event loop on 2 cores (new texts 1.9 requests/s), and sleeping at
     # once (OMP_WAIT_POLICY=PASSIVE) made every forward 40% slower (10 vs 16 requests/s).
     os.environ.setdefault("GOMP_SPINCOUNT", "20000")
-    from actcache.serve import serve as run_server
+    import logging
 
-    typer.echo(f"actcache serve on http://{host}:{port} (OpenAPI docs at /docs); Ctrl-C stops it", err=True)
-    run_server(store, host, port, token, read_timeout_s=read_timeout)
+    from actcache.serve import serve as run_server
+    from actcache.service import ServeLimits
+
+    if access_log:
+        log = logging.getLogger("actcache.serve.access")
+        log.setLevel(logging.INFO)
+        log.addHandler(logging.StreamHandler(sys.stderr))
+    limits = ServeLimits(max_ids=max_ids, max_texts=max_texts, max_request_chars=max_request_chars, queue=queue,
+                         deadline_s=deadline)
+    run_server(store, host, port, token, read_timeout_s=read_timeout, limits=limits, allow_hosts=tuple(allow_host),
+               on_ready=lambda url: typer.echo(f"actcache serve on {url} (OpenAPI docs at {url}/docs); "
+                                               f"Ctrl-C stops it", err=True))
 
 
 sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders over the model's activations.")

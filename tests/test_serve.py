@@ -159,7 +159,7 @@ def test_concurrent_requests_are_coalesced_and_correct(served):
     ("/builds/{key}/neighbors", None, b'{"texts": ["\\ud800"], "layer": 2, "mask": "isolated"}', 422, "surrogate"),
     ("/builds/{key}/neighbors", {"jsonl": ["", "{bad"], "source": "f.jsonl", "layer": 2, "mask": "isolated"},
      None, 400, "f.jsonl line 2 is not valid JSON"),
-    ("/builds/{key}/neighbors", {"texts": ["a"] * 1025, "layer": 2, "mask": "isolated"}, None, 422, "at most 1024"),
+    ("/builds/{key}/neighbors", {"texts": ["a"] * 257, "layer": 2, "mask": "isolated"}, None, 422, "at most 256"),
 ])
 def test_bad_requests_get_4xx_and_the_server_lives(served, path, body, raw, code, msg):
     st, url, _ = served
@@ -196,12 +196,12 @@ def test_token_required_off_loopback_and_checked(served):
     r = subprocess.run([sys.executable, "-m", "actcache", "serve", "--host", "0.0.0.0", "--store", str(st.home)],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--token" in r.stderr and "Traceback" not in r.stderr
-    proc, url = _start(st.home, "--token", "s3cret")
+    proc, url = _start(st.home, "--token", "s3cret-s3cret-s3cret")
     try:
         code, doc = _post(url, f"/builds/{st.key}/neighbors", {"layer": 2})
         assert code == 401 and "bearer" in doc["error"]
         code, doc = _post(url, f"/builds/{st.key}/neighbors", {"layer": 2, "mask": "isolated"},
-                          headers={"Authorization": "Bearer s3cret"})
+                          headers={"Authorization": "Bearer s3cret-s3cret-s3cret"})
         assert code == 200 and len(doc) == len(st.eval_rows)
     finally:
         _stop(proc)
@@ -238,7 +238,10 @@ def test_jsonl_input_via_server_equals_local_and_fails_alike(served):
         assert r.returncode != 0 and "Traceback" not in r.stderr
         errs.append(r.stderr.strip().splitlines()[-1])
     assert "line 3 is not valid JSON" in errs[0]
-    assert errs[1].startswith(errs[0])  # the client adds the server's address
+    from actcache.serve import redact
+
+    assert "bad.jsonl" in errs[1] and str(tmp) not in errs[1]  # the server never shows absolute paths
+    assert errs[1].startswith(redact(errs[0]))  # the client adds the server's address
 
 
 def test_bounded_fault_run(served):
@@ -283,7 +286,8 @@ def test_body_cap_counts_bytes_received_without_content_length(served):
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": f"/builds/{st.key}/neighbors", "raw_path": b"", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                         (b"transfer-encoding", b"chunked")],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 413 and b"over" in sent[-1]["body"]
