@@ -279,6 +279,19 @@ def main() -> None:  # pragma: no cover
     app()
 
 
+def _search_options(label, ids, exclude_id, min_score, offset, fields, other: str | None) -> dict:
+    """The QueryConfig search options of `query`'s flags; refused with `other` (--server, --strategy)."""
+    given = [n for n, v in (("--label", bool(label)), ("--id", bool(ids)), ("--exclude-id", bool(exclude_id)),
+                            ("--min-score", min_score is not None), ("--offset", offset != 0),
+                            ("--fields", fields is not None)) if v]
+    if given and other:
+        from actcache.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(given)} apply to a local neighbour query only; drop them, or {other}")
+    return dict(labels=label or None, ids=ids or None, exclude_ids=tuple(exclude_id or ()), min_score=min_score,
+                offset=offset, fields=None if fields is None else tuple(f.strip() for f in fields.split(",")))
+
+
 @app.command("query")
 @handle_errors
 def query_cmd(
@@ -329,14 +342,8 @@ def query_cmd(
 
     to_stdout = out == "-"
     say = functools.partial(typer.echo, err=to_stdout)
-    searched = [n for n, v in (("--label", bool(label)), ("--id", bool(ids)), ("--exclude-id", bool(exclude_id)),
-                               ("--min-score", min_score is not None), ("--offset", offset != 0),
-                               ("--fields", fields is not None)) if v]
-    if searched and (server or strategy is not None):
-        from actcache.errors import ConfigError
-
-        raise ConfigError(f"{', '.join(searched)} apply to a local neighbour query only; drop them, or "
-                          f"{'--server' if server else '--strategy'}")
+    search = _search_options(label, ids, exclude_id, min_score, offset, fields,
+                             "--server" if server else "--strategy" if strategy is not None else None)
     if server:
         from actcache.client import Client
 
@@ -363,9 +370,7 @@ def query_cmd(
     if strategy is None:
         cfg = QueryConfig(key=key, home=store, component=component, layer=layer, pooling=pooling, mask=mask,
                           **({} if k is None else {"k": k}), balanced=balanced, exclude_self=exclude_self,
-                          source=input_ or "eval", text_field=text_field, labels=label or None, ids=ids or None,
-                          exclude_ids=tuple(exclude_id or ()), min_score=min_score, offset=offset,
-                          fields=None if fields is None else tuple(f.strip() for f in fields.split(",")))
+                          source=input_ or "eval", text_field=text_field, **search)
         with progress_bar() as cb:
             recs = query(cfg, progress=cb)
         write_jsonl(recs, sys.stdout if to_stdout else (out or "neighbors.jsonl"))

@@ -229,3 +229,6 @@ def test_cli_search_options(built, tmp_path):
     assert res.exit_code == 2 and "--label 5" in res.output
     res = CliRunner().invoke(app, base + ["--exclude-id", "x1", "--id", "x1"])
     assert res.exit_code == 2 and "leave no pool example" in res.output
+    res = CliRunner().invoke(app, ["query", st.key[:8], "--store", str(home), "--strategy", "random", "--budget", "3",
+                                   "--label", "1", "--out", str(tmp_path / "s.jsonl")])
+    assert res.exit_code == 2 and "local neighbour query only" in res.output
