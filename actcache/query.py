@@ -34,6 +34,15 @@ whose id, or whose exact templated text, equals the test input's is never
 returned (eval and pool can share texts under different ids; a new-text file
 may repeat pool texts). Fewer than k neighbours are listed only when
 exclusion leaves fewer than k candidates.
+
+Options of a vector-search API (all off by default; a record's `config` names
+only those that are set): `labels`, `ids` and `exclude_ids` restrict which pool
+examples may be returned, exactly (the k best among the rows that pass, not a
+filtered fixed top-k); `min_score` drops neighbours scoring below it; `offset`
+pages (ranks offset..offset+k-1); `fields` keeps only the named record keys.
+`search_vectors` queries with raw vectors instead of texts. The build keeps no
+source split of its examples (every pool row is split "pool"), so there is no
+split filter.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ import json
 import string
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Callable
 
@@ -61,7 +70,11 @@ from .models import set_threads
 Progress = Callable[[str, int, int], None]
 
 __all__ = ["QueryConfig", "QueryRecords", "Inputs", "query", "write_jsonl", "resolve_layer",
-           "load_inputs", "encode_texts", "exclusion_matrix", "knn_search"]
+           "load_inputs", "encode_texts", "exclusion_matrix", "knn_search", "search_vectors", "select_fields",
+           "pool_filter", "RECORD_FIELDS"]
+
+# The top-level keys of a query record, in order (see the module docstring).
+RECORD_FIELDS = ("test_id", "test_text", "test_label", "neighbors", "metric", "array", "build_key", "config", "k")
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,16 @@ class QueryConfig:
     text_field: JSONL field holding the text, for a single-field template.
         Multi-field templates need every template field in each JSONL object.
     out: where `query` writes the JSONL records (None: only return them).
+    labels: pool classes that may be returned (None: every class).
+    ids: pool ids that may be returned (None: every pool example).
+    exclude_ids: pool ids that are never returned.
+    min_score: drop neighbours whose score is below it; scores are higher-is-better
+        in every metric (cosine, inner product, negative squared L2 distance), so
+        this keeps neighbours at least this similar.
+    offset: skip the first `offset` ranked neighbours (per class when `balanced`):
+        k is the page size, ranks offset..offset+k-1 are returned, and `rank`
+        counts from offset.
+    fields: the record keys to keep (None: all, see RECORD_FIELDS).
     """
 
     key: str
@@ -96,11 +119,37 @@ class QueryConfig:
     source: str = "eval"
     text_field: str = "text"
     out: str | None = None
+    labels: tuple[int, ...] | None = None
+    ids: tuple[str, ...] | None = None
+    exclude_ids: tuple[str, ...] = ()
+    min_score: float | None = None
+    offset: int = 0
+    fields: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        # Lists (JSON, CLI) become tuples so the config stays hashable; a lone string is one item.
+        for name in ("labels", "ids", "exclude_ids", "fields"):
+            v = getattr(self, name)
+            if isinstance(v, (str, int, np.integer)):
+                object.__setattr__(self, name, (v,))
+            elif isinstance(v, np.ndarray):
+                object.__setattr__(self, name, tuple(v.tolist()))
+            elif v is not None and not isinstance(v, tuple):
+                object.__setattr__(self, name, tuple(v))
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("home", None)  # machine-specific; the build key identifies the data
+        for name in _SEARCH_OPTIONS:  # named only when set, so records without them stay as they were
+            if d[name] == _DEFAULTS[name]:
+                d.pop(name)
+            elif isinstance(d[name], tuple):
+                d[name] = list(d[name])
         return d
+
+
+_SEARCH_OPTIONS = ("labels", "ids", "exclude_ids", "min_score", "offset", "fields")
+_DEFAULTS = {f.name: f.default for f in dataclass_fields(QueryConfig)}
 
 
 class QueryRecords(list):
@@ -119,6 +168,7 @@ class Inputs:
     labels: list  # int or None per input
     ids_given: bool  # whether ids came from the user/build (then they take part in exclusion)
     new: bool  # True: texts not in the build, they must be encoded
+    vectors: bool = False  # True: raw query vectors, no texts (texts are None; nothing to exclude)
 
 
 # --------------------------------------------------------------------------- layers, inputs
@@ -402,9 +452,9 @@ def exclusion_matrix(store: Store, inputs: Inputs) -> np.ndarray:
 
 
 def knn_search(index, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
-               labels: np.ndarray | None = None, pool_vectors: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Batched top-k over the pool, optionally k per class.
+               labels: np.ndarray | None = None, pool_vectors: np.ndarray | None = None,
+               allowed: np.ndarray | None = None, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Batched top-k over the pool, optionally k per class, among allowed rows, paged.
 
     Args:
         index: a `indexes.VectorIndex` over the pool (ids = pool positions).
@@ -414,29 +464,31 @@ def knn_search(index, queries: np.ndarray, k: int, exclude: np.ndarray | None = 
         labels: (n_pool,) int; when given, search each class's pool subset
             exactly (a flat sub-index per class, one batched search each) and
             merge best first.
-        pool_vectors: (n_pool, d) vectors for the per-class sub-indexes.
+        pool_vectors: (n_pool, d) vectors for the per-class and filtered sub-indexes.
+        allowed: (n_pool,) bool; only these pool positions may be returned. The
+            search runs exactly over the allowed rows (a flat sub-index of them),
+            so the k returned are the k best that pass.
+        offset: skip the first `offset` ranks (per class): ranks offset..offset+k-1
+            of the search with k + offset.
 
     Returns:
         (scores (q, K) float32, positions (q, K) int64), best first; -1 / -inf
-        where exclusion left fewer candidates. K = k, or k * n_classes.
+        where exclusion, the filter or the offset left fewer candidates.
+        K = k, or k * (classes searched).
     """
-    if labels is None:
-        return index.search(queries, k, exclude=exclude)
-
-    classes = np.unique(labels)
-    n = len(labels)
+    if labels is None and allowed is None:
+        S, I = index.search(queries, min(k + offset, index.ntotal), exclude=exclude)
+        return _page(S, I, offset, k)
+    n = index.ntotal if pool_vectors is None else len(pool_vectors)
+    ok = np.ones(n, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    groups = [np.flatnonzero(ok)] if labels is None else \
+        [np.flatnonzero(ok & (labels == c)) for c in np.unique(labels[ok])]
     all_s, all_i = [], []
-    for c in classes:
-        sub = np.flatnonzero(labels == c)
-        sub_idx = VectorIndex.build(pool_vectors[sub], IndexSpec(kind="flat", metric=index.spec.metric))
-        ex = None
-        if exclude is not None and exclude.size:
-            g2l = np.full(n + 1, -1, dtype=np.int64)  # slot n absorbs the -1 padding
-            g2l[sub] = np.arange(len(sub))
-            ex = g2l[np.where(exclude >= 0, exclude, n)]
-        s, i = sub_idx.search(queries, k, exclude=ex)
+    for sub in groups:
+        s, i = _subset_search(queries, sub, pool_vectors, index.spec.metric, k + offset, exclude, n)
+        s, i = _page(s, i, offset, k)
         all_s.append(s)
-        all_i.append(np.where(i >= 0, sub[np.maximum(i, 0)], -1))
+        all_i.append(i)
     S = np.concatenate(all_s, axis=1)
     I = np.concatenate(all_i, axis=1)
     # Best first across classes; ties keep class order (stable).
@@ -444,38 +496,175 @@ def knn_search(index, queries: np.ndarray, k: int, exclude: np.ndarray | None = 
     return np.take_along_axis(S, order, axis=1), np.take_along_axis(I, order, axis=1)
 
 
+def _subset_search(queries, sub: np.ndarray, pool_vectors: np.ndarray, metric: str, k: int,
+                   exclude: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over the pool positions `sub` (a flat sub-index); positions are pool positions."""
+    nq = len(queries)
+    if len(sub) == 0:
+        return np.full((nq, 0), -np.inf, np.float32), np.full((nq, 0), -1, np.int64)
+    sub_idx = VectorIndex.build(pool_vectors[sub], IndexSpec(kind="flat", metric=metric))
+    ex = None
+    if exclude is not None and exclude.size:
+        g2l = np.full(n + 1, -1, dtype=np.int64)  # slot n absorbs the -1 padding
+        g2l[sub] = np.arange(len(sub))
+        ex = g2l[np.where(exclude >= 0, exclude, n)]
+    s, i = sub_idx.search(queries, min(k, len(sub)), exclude=ex)
+    return s, np.where(i >= 0, sub[np.maximum(i, 0)], -1)
+
+
+def _page(S: np.ndarray, I: np.ndarray, offset: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Columns offset..offset+k-1 of best-first results, padded to k with -inf / -1."""
+    S, I = S[:, offset:offset + k], I[:, offset:offset + k]
+    if S.shape[1] < k:
+        pad = k - S.shape[1]
+        S = np.concatenate([S, np.full((len(S), pad), -np.inf, np.float32)], axis=1)
+        I = np.concatenate([I, np.full((len(I), pad), -1, np.int64)], axis=1)
+    return np.ascontiguousarray(S), np.ascontiguousarray(I)
+
+
 # --------------------------------------------------------------------------- query
 
 
 def check_query(store: Store, cfg: QueryConfig) -> ArrayId:
     """Validate a query against its build (array present, k within the pool or
-    each class); the array id with its layer resolved."""
+    each class, the search options); the array id with its layer resolved."""
     if int(cfg.k) < 1:
         raise ConfigError(f"--k must be at least 1, got {cfg.k}")
     a = ArrayId(cfg.component, resolve_layer(store, cfg.layer), cfg.pooling, cfg.mask)
     store.check(a)
+    allowed = check_search_options(store, cfg)
+    labels = store.labels[store.pool_rows]
     n_pool = len(store.pool_rows)
     if cfg.balanced:
-        classes, counts = np.unique(store.labels[store.pool_rows], return_counts=True)
+        classes, counts = np.unique(labels if cfg.labels is None else labels[np.isin(labels, cfg.labels)],
+                                    return_counts=True)
         if cfg.k > counts.min():
             c = int(classes[np.argmin(counts)])
             raise ConfigError(f"--k {cfg.k} per class is larger than class {c}'s {int(counts.min())} pool "
                               f"examples; use --k {int(counts.min())} or less, or drop --balanced")
     elif cfg.k > n_pool:
         raise ConfigError(f"--k {cfg.k} is larger than the pool of {n_pool} examples; use --k {n_pool} or less")
+    if allowed is not None and not allowed.any():
+        raise ConfigError("the label and id filters leave no pool example to return; loosen --label, --id "
+                          "or --exclude-id")
     return a
+
+
+def check_search_options(store: Store, cfg: QueryConfig) -> np.ndarray | None:
+    """Validate labels, ids, exclude_ids, min_score, offset and fields; the pool filter (`pool_filter`)."""
+    if isinstance(cfg.offset, bool) or not isinstance(cfg.offset, (int, np.integer)) or cfg.offset < 0:
+        raise ConfigError(f"--offset must be a whole number >= 0 (ranks to skip), got {cfg.offset!r}")
+    if cfg.min_score is not None:
+        ok = isinstance(cfg.min_score, (int, float, np.floating)) and not isinstance(cfg.min_score, bool)
+        if not ok or not np.isfinite(cfg.min_score):
+            raise ConfigError(f"--min-score must be a finite number (scores are higher-is-better), "
+                              f"got {cfg.min_score!r}")
+    if cfg.fields is not None:
+        _check_fields(cfg.fields)
+    labels = store.labels[store.pool_rows]
+    if cfg.labels is not None:
+        have = sorted({int(x) for x in labels})
+        bad = [x for x in cfg.labels if isinstance(x, bool) or not isinstance(x, (int, np.integer))
+               or int(x) not in have]
+        if bad or not cfg.labels:
+            raise ConfigError(f"--label {bad[0] if bad else '(none)'!r} is not a pool class of build "
+                              f"{store.key[:12]}; give one or more of {have}, or leave --label out")
+    pool_ids = {str(i) for i in store.ids[store.pool_rows]}
+    for opt, vals in (("--id", cfg.ids), ("--exclude-id", cfg.exclude_ids)):
+        if vals is None:
+            continue
+        if opt == "--id" and not vals:
+            raise ConfigError("--id list is empty; give at least one pool id, or leave --id out")
+        bad = [v for v in vals if not isinstance(v, str) or v not in pool_ids]
+        if bad:
+            raise ConfigError(f"{opt} {bad[0]!r} is not a pool example id of build {store.key[:12]} "
+                              f"({len(bad)} such); give ids of pool rows (eval rows are never returned)")
+    return pool_filter(store, cfg)
+
+
+def pool_filter(store: Store, cfg: QueryConfig) -> np.ndarray | None:
+    """(n_pool,) bool: the pool positions that `labels`, `ids` and `exclude_ids`
+    allow; None when no filter is set."""
+    if cfg.labels is None and cfg.ids is None and not cfg.exclude_ids:
+        return None
+    rows = store.pool_rows
+    ok = np.ones(len(rows), dtype=bool)
+    if cfg.labels is not None:
+        ok &= np.isin(store.labels[rows], np.asarray([int(x) for x in cfg.labels]))
+    pool_ids = np.asarray([str(i) for i in store.ids[rows]], dtype=object)
+    if cfg.ids is not None:
+        ok &= np.isin(pool_ids, np.asarray(cfg.ids, dtype=object))
+    if cfg.exclude_ids:
+        ok &= ~np.isin(pool_ids, np.asarray(cfg.exclude_ids, dtype=object))
+    return ok
+
+
+def _check_fields(names) -> None:
+    bad = [f for f in names if f not in RECORD_FIELDS]
+    if bad or not names:
+        raise ConfigError(f"unknown record field {bad[0] if bad else '(none)'!r}; --fields takes one or more "
+                          f"of {', '.join(RECORD_FIELDS)}")
+
+
+def select_fields(records: list[dict], fields) -> list[dict]:
+    """Each record with only the top-level keys `fields` (in RECORD_FIELDS order);
+    None keeps records as they are. Raises ConfigError for an unknown name."""
+    if fields is None:
+        return records
+    if isinstance(fields, str):
+        fields = (fields,)
+    _check_fields(list(fields))
+    keep = [f for f in RECORD_FIELDS if f in set(fields)]
+    return [{f: r[f] for f in keep if f in r} for r in records]
 
 
 def search_records(store: Store, inputs: Inputs, Q: np.ndarray, cfg: QueryConfig, a: ArrayId, index) -> list[dict]:
     """The output records of `inputs` with query vectors `Q` ((q, d) float32):
-    one batched search (one per class when balanced), self/duplicate exclusion."""
-    ex = exclusion_matrix(store, inputs) if cfg.exclude_self else None
-    if cfg.balanced:
+    one batched search (one per class when balanced), self/duplicate exclusion,
+    the pool filter, paging, the score threshold and the field selection."""
+    ex = exclusion_matrix(store, inputs) if cfg.exclude_self and not inputs.vectors else None
+    allowed = pool_filter(store, cfg)
+    P = None
+    if cfg.balanced or allowed is not None:
         P = store.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
-        S, I = knn_search(index, Q, cfg.k, ex, labels=store.labels[store.pool_rows], pool_vectors=P)
-    else:
-        S, I = knn_search(index, Q, cfg.k, ex)
-    return records(store, inputs, S, I, a, cfg, index.spec.metric)
+    labels = store.labels[store.pool_rows] if cfg.balanced else None
+    S, I = knn_search(index, Q, cfg.k, ex, labels=labels, pool_vectors=P, allowed=allowed, offset=int(cfg.offset))
+    if cfg.min_score is not None:
+        I = np.where(S >= cfg.min_score, I, -1)
+    return select_fields(records(store, inputs, S, I, a, cfg, index.spec.metric), cfg.fields)
+
+
+def search_vectors(store: Store, vectors, cfg: QueryConfig, index=None) -> list[dict]:
+    """Records for raw query vectors, one per row of `vectors`.
+
+    `vectors` is (n, d) float in the space of cfg's array (d = the array's width,
+    e.g. rows of `store.acts(...)`), unnormalised: the index normalises queries
+    exactly as it does stored rows (L2, for cosine). Test ids are "vector-<row>",
+    `test_text` and `test_label` are null, and nothing is excluded as "self"
+    (a vector has no id or text); every other option applies.
+
+    Raises DatasetError for a wrong shape or width or non-finite values, and
+    what `check_query` raises for the options.
+    """
+    a = check_query(store, cfg)
+    index = index or store.index(a.component, a.layer, a.pooling, a.mask)
+    Q = np.asarray(vectors)
+    if Q.ndim != 2 or Q.shape[0] == 0:
+        raise DatasetError(f"query vectors must be a non-empty 2-D array (n, {index.d}), got shape {Q.shape}; "
+                           f"wrap one vector as [vector]")
+    if not (np.issubdtype(Q.dtype, np.floating) or np.issubdtype(Q.dtype, np.integer)):
+        raise DatasetError(f"query vectors must be numbers, got dtype {Q.dtype}")
+    if Q.shape[1] != index.d:
+        raise DatasetError(f"query vectors have d={Q.shape[1]} but array {a} has d={index.d}; give vectors "
+                           f"of that array (same component, layer, pooling and mask)")
+    Q = np.ascontiguousarray(Q, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(Q).all(axis=1))
+    if bad.size:
+        raise DatasetError(f"query vector row(s) {bad[:5].tolist()} hold NaN or inf; give finite values")
+    n = len(Q)
+    inputs = Inputs(np.asarray([f"vector-{i}" for i in range(n)], dtype=object), np.full(n, None, dtype=object),
+                    [None] * n, False, False, vectors=True)
+    return search_records(store, inputs, Q, cfg, a, index)
 
 
 def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
@@ -516,10 +705,12 @@ def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
 
 
 def records(store: Store, inputs: Inputs, S, I, a: ArrayId, cfg: QueryConfig, metric: str) -> list[dict]:
-    """One JSON record per input: its neighbours (id, score, text, label, rank), the
-    metric, the array, the build key and the query config."""
+    """One JSON record per input: its neighbours (id, score, text, label, rank from
+    cfg.offset; positions -1 are skipped), the metric, the array, the build key and
+    the query config."""
     rows = store.pool_rows
     conf = cfg.to_json()
+    offset = int(cfg.offset)
     out = []
     for qi in range(len(inputs.texts)):
         nb = []
@@ -528,8 +719,9 @@ def records(store: Store, inputs: Inputs, S, I, a: ArrayId, cfg: QueryConfig, me
                 continue
             r = int(rows[pos])
             nb.append({"id": str(store.ids[r]), "score": float(sc), "text": str(store.texts[r]),
-                       "label": int(store.labels[r]), "rank": len(nb)})
-        out.append({"test_id": str(inputs.ids[qi]), "test_text": str(inputs.texts[qi]),
+                       "label": int(store.labels[r]), "rank": offset + len(nb)})
+        text = inputs.texts[qi]
+        out.append({"test_id": str(inputs.ids[qi]), "test_text": None if text is None else str(text),
                     "test_label": inputs.labels[qi], "neighbors": nb, "metric": metric,
                     "array": str(a), "build_key": store.key, "config": conf, "k": int(cfg.k)})
     return out

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -279,6 +279,19 @@ def main() -> None:  # pragma: no cover
     app()
 
 
+def _search_options(label, ids, exclude_id, min_score, offset, fields, other: str | None) -> dict:
+    """The QueryConfig search options of `query`'s flags; refused with `other` (--server, --strategy)."""
+    given = [n for n, v in (("--label", bool(label)), ("--id", bool(ids)), ("--exclude-id", bool(exclude_id)),
+                            ("--min-score", min_score is not None), ("--offset", offset != 0),
+                            ("--fields", fields is not None)) if v]
+    if given and other:
+        from actcache.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(given)} apply to a local neighbour query only; drop them, or {other}")
+    return dict(labels=label or None, ids=ids or None, exclude_ids=tuple(exclude_id or ()), min_score=min_score,
+                offset=offset, fields=None if fields is None else tuple(f.strip() for f in fields.split(",")))
+
+
 @app.command("query")
 @handle_errors
 def query_cmd(
@@ -298,6 +311,17 @@ def query_cmd(
     text_field: str = typer.Option("text", help="JSONL field holding the text (one-field templates)."),
     out: Optional[str] = typer.Option(None, help="Output JSONL; - for stdout. Default neighbors.jsonl "
                                                  "(selection.jsonl with --strategy)."),
+    label: Optional[List[int]] = typer.Option(None, "--label", help="Only return pool examples of this class "
+                                                                    "(repeatable)."),
+    ids: Optional[List[str]] = typer.Option(None, "--id", help="Only return this pool example (repeatable)."),
+    exclude_id: Optional[List[str]] = typer.Option(None, "--exclude-id", help="Never return this pool example "
+                                                                              "(repeatable)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop neighbours scoring below this "
+                                                                        "(scores are higher-is-better)."),
+    offset: int = typer.Option(0, "--offset", help="Skip this many ranked neighbours (per class with "
+                                                   "--balanced); --k is the page size."),
+    fields: Optional[str] = typer.Option(None, "--fields", help="Comma-separated record keys to keep, e.g. "
+                                                                "test_id,neighbors."),
     strategy: Optional[str] = typer.Option(None, help="Run a selection strategy instead: random, knn, vote-k (loads the "
                                                       "build's model for its confidence stage), vote-k-lm, "
                                                       "k-center, kmeans, stat, embed-knn, sae-knn, sae-feature."),
@@ -318,6 +342,8 @@ def query_cmd(
 
     to_stdout = out == "-"
     say = functools.partial(typer.echo, err=to_stdout)
+    search = _search_options(label, ids, exclude_id, min_score, offset, fields,
+                             "--server" if server else "--strategy" if strategy is not None else None)
     if server:
         from actcache.client import Client
 
@@ -344,7 +370,7 @@ def query_cmd(
     if strategy is None:
         cfg = QueryConfig(key=key, home=store, component=component, layer=layer, pooling=pooling, mask=mask,
                           **({} if k is None else {"k": k}), balanced=balanced, exclude_self=exclude_self,
-                          source=input_ or "eval", text_field=text_field)
+                          source=input_ or "eval", text_field=text_field, **search)
         with progress_bar() as cb:
             recs = query(cfg, progress=cb)
         write_jsonl(recs, sys.stdout if to_stdout else (out or "neighbors.jsonl"))
