@@ -115,6 +115,14 @@ class Ready(BaseModel):
     lanes: dict[str, LaneState]
 
 
+class Filter(Strict):
+    """Which pool examples may be returned (all given conditions hold)."""
+
+    labels: list[int] | None = Field(None, description="Pool classes that may be returned.")
+    ids: list[str] | None = Field(None, description="Pool ids that may be returned.", max_length=100_000)
+    exclude_ids: list[str] | None = Field(None, description="Pool ids never returned.", max_length=100_000)
+
+
 def request_models(limits: ServeLimits):
     """(Neighbors, Select): the request bodies under `limits`."""
 
@@ -129,6 +137,14 @@ def request_models(limits: ServeLimits):
         jsonl: list[str] | None = Field(None, description="Lines of a JSONL input file, parsed as `actcache "
                                                           "query --input` parses them (messages name `source`).",
                                         max_length=limits.max_texts)
+        vectors: list[list[float]] | None = Field(None, description="Raw query vectors in the array's space "
+                                                                    "(its width; normalised as stored rows are).",
+                                                  max_length=limits.max_vectors)
+        filter: Filter | None = None
+        min_score: float | None = Field(None, description="Drop neighbours scoring below this (higher is "
+                                                           "more similar for every metric).")
+        offset: int = Field(0, ge=0, le=1_000_000, description="Skip this many ranked neighbours (k is the page).")
+        fields: list[str] | None = Field(None, description="Keep only these keys of each record.")
         component: str = QueryConfig.component
         layer: int = QueryConfig.layer
         pooling: str = QueryConfig.pooling
@@ -168,5 +184,5 @@ def request_models(limits: ServeLimits):
     return Neighbors, Select
 
 
-__all__ = ["check_text", "Error", "Neighbor", "NeighborsRecord", "SelectRecord", "BuildRow", "Health", "LaneState", "Ready",
+__all__ = ["check_text", "Filter", "Error", "Neighbor", "NeighborsRecord", "SelectRecord", "BuildRow", "Health", "LaneState", "Ready",
            "request_models"]

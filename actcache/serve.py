@@ -380,17 +380,23 @@ def _routes(svc: Service, limits: ServeLimits, home: str | None):
 
     @router.post("/builds/{key}/neighbors", response_model=list[NeighborsRecord], responses=_responses(*common))
     async def neighbors(key: str, req: Neighbors = Body(...)):
-        """The k nearest pool examples of each input: eval ids, new texts or JSON inputs."""
+        """The k nearest pool examples of each input: eval ids, new texts, JSON inputs or raw vectors;
+        optionally filtered, paged (offset), thresholded (min_score) and cut to some fields."""
         new = [x for x in (req.texts, req.inputs, req.jsonl) if x is not None]
-        if len(new) + (req.ids is not None) > 1:
-            raise ConfigError("give one of ids, texts, inputs or jsonl")
+        if len(new) + (req.ids is not None) + (req.vectors is not None) > 1:
+            raise ConfigError("give one of ids, texts, inputs, jsonl or vectors")
+        f = req.filter
         cfg = QueryConfig(key=key, component=req.component, layer=req.layer, pooling=req.pooling, mask=req.mask,
                           k=req.k, balanced=req.balanced, exclude_self=req.exclude_self,
-                          source=req.source if new else "eval", text_field=req.text_field)
+                          source=req.source if new else "eval", text_field=req.text_field,
+                          labels=f and f.labels, ids=f and f.ids, exclude_ids=tuple(f.exclude_ids or ()) if f else (),
+                          min_score=req.min_score, offset=req.offset, fields=req.fields)
         if new:
             if not new[0]:
                 raise DatasetError("the input list is empty; give at least one text")
             job = svc.submit(key, "texts", _texts_payload(req, cfg))  # cheap once the build is open: no thread hop
+        elif req.vectors is not None:
+            job = svc.submit(key, "vectors", {"cfg": cfg, "vectors": req.vectors})
         else:
             job = svc.submit(key, "ids", {"cfg": cfg, "ids": req.ids})
         return await answer(job)

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import BusyError, ConfigError
-from .query import check_query, encode_texts, eval_inputs, parse_inputs, search_records
+from .query import check_query, encode_texts, eval_inputs, parse_inputs, search_records, search_vectors
 from .select import STRATEGIES, select
 from .store import Store, find_build
 
@@ -273,8 +273,10 @@ class Service:
 
     def _prepare(self, st: Store, j: Job) -> None:
         cfg = j.payload["cfg"]
-        ck = (st.key, cfg.component, cfg.layer, cfg.pooling, cfg.mask, cfg.k, cfg.balanced)
+        ck = (st.key, cfg)
         if ck not in self._checked:
+            if len(self._checked) > 10_000:
+                self._checked.clear()  # bounded: every distinct filter is a new entry
             self._checked[ck] = check_query(st, cfg)
         j.payload["a"] = self._checked[ck]
         if j.kind == "ids":
@@ -306,6 +308,12 @@ class Service:
         for j in ok:
             if j.expired():
                 j.settle(error=_too_late(j))
+            elif j.kind == "vectors":
+                try:
+                    j.settle(search_vectors(st, np.asarray(j.payload["vectors"], dtype=np.float64),
+                                            j.payload["cfg"], index))
+                except BaseException as e:
+                    j.settle(error=e)
             else:
                 j.settle(search_records(st, j.payload["inputs"], vecs[id(j)], j.payload["cfg"], a, index))
 
@@ -334,6 +342,8 @@ class Service:
         self._encode_missing(st, a, jobs, mem)
         out = {}
         for j in jobs:
+            if j.kind == "vectors":
+                continue
             inp = j.payload["inputs"]
             if j.kind == "texts":
                 if not j.expired():
