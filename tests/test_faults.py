@@ -448,3 +448,81 @@ def test_embeddings_cache_is_keyed(built, monkeypatch):
     np.savez(path, E=E1, key=np.array("another build"))
     E2 = select_mod.store_embeddings(built)
     assert len(calls) == 2 and not np.array_equal(E2, E1)
+
+
+# --------------------------------------------------------------------------- damaged SAE directories
+
+
+def _sae_dir(d, **change):
+    """A tiny ReLU SAE by hand in the SAELens layout; `change` replaces weights by name."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    w = {"W_enc": rng.normal(size=(8, 16)).astype(np.float32), "b_enc": rng.normal(size=16).astype(np.float32),
+         "W_dec": rng.normal(size=(16, 8)).astype(np.float32), "b_dec": rng.normal(size=8).astype(np.float32)}
+    d.mkdir()
+    save_file({**w, **change}, str(d / "sae_weights.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 8, "d_sae": 16,
+                                            "hook_name": "blocks.1.hook_mlp_out"}))
+    return d
+
+
+def _garble_header(p):
+    data = bytearray(p.read_bytes())
+    data[8:24] = b"#" * 16  # the JSON header follows its 8-byte length
+    p.write_bytes(bytes(data))
+
+
+SAE_DAMAGE = {
+    "cfg-not-json": (lambda d: (d / "cfg.json").write_text('{"architecture": "standard", "d_in": '),
+                     r"cfg\.json is damaged .*copy or download"),
+    "cfg-a-list": (lambda d: (d / "cfg.json").write_text("[1, 2]"), r"cfg\.json holds a JSON list, not an object"),
+    "weights-truncated": (lambda d: (d / "sae_weights.safetensors").write_bytes(
+        (d / "sae_weights.safetensors").read_bytes()[:300]), r"sae_weights\.safetensors is damaged.*copy or download"),
+    "weights-header": (lambda d: _garble_header(d / "sae_weights.safetensors"),
+                       r"sae_weights\.safetensors is damaged.*copy or download"),
+    "weights-empty": (lambda d: (d / "sae_weights.safetensors").write_bytes(b""),
+                      r"sae_weights\.safetensors is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAE_DAMAGE))
+def test_damaged_sae_directory_is_one_clear_error(tmp_path, case):
+    from actcache.sae import load_sae
+
+    d = _sae_dir(tmp_path / "sae")
+    assert load_sae(d).d_sae == 16  # undamaged: loads
+    damage, msg = SAE_DAMAGE[case]
+    damage(d)
+    with pytest.raises(ConfigError, match=msg):
+        load_sae(d)
+
+
+@pytest.mark.parametrize("name,value", [("W_enc", np.nan), ("b_enc", np.inf), ("W_dec", -np.inf), ("b_dec", np.nan)])
+def test_sae_with_nan_or_inf_weights_is_refused(tmp_path, name, value):
+    from actcache.sae import load_sae
+
+    shapes = {"W_enc": (8, 16), "b_enc": (16,), "W_dec": (16, 8), "b_dec": (8,)}
+    bad = np.zeros(shapes[name], np.float32)
+    bad.flat[3] = value
+    d = _sae_dir(tmp_path / "sae", **{name: bad})
+    with pytest.raises(ConfigError, match=rf"the SAE's {name} holds 1 NaN or infinite values.*train or download"):
+        load_sae(d)
+
+
+def test_sae_with_a_nan_data_mean_is_refused(tmp_path):
+    from actcache.sae import load_sae
+
+    d = _sae_dir(tmp_path / "sae")
+    cfg = json.loads((d / "cfg.json").read_text())
+    (d / "cfg.json").write_text(json.dumps({**cfg, "data_mean": [0.0] * 7 + [float("nan")]}))
+    with pytest.raises(ConfigError, match=r"data_mean holds 1 NaN"):
+        load_sae(d)
+
+
+def test_cli_build_with_a_damaged_sae_is_one_clear_line(tmp_path):
+    d = _sae_dir(tmp_path / "sae")
+    (d / "cfg.json").write_text("{oops")
+    bad = write_jsonl(tmp_path / "d.jsonl", [{"review": "ok", "label": 1}])
+    r = _cli("build", "--data", str(bad), "--text-field", "review", "--sae", str(d), "--store", str(tmp_path / "s"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cfg.json is damaged" in r.stderr, r.stderr
