@@ -758,6 +758,20 @@ def find_build(key: str, home: str | os.PathLike | None = None) -> Path:
     raise StoreError(f"no build {key!r} in {root}; `actcache ls` lists the builds there")
 
 
+def build_dirs(home: str | os.PathLike | None = None) -> list[Path]:
+    """The directory of every build under the store root, for `verify --all`.
+    StoreError when the root is a file, does not exist, or holds no build."""
+    home = default_home(home)
+    root = check_home(home) / "builds"
+    if not home.exists():
+        raise StoreError(f"store {home} does not exist; point --store (or ACTCACHE_HOME) at the store to check")
+    dirs = sorted(d for d in root.glob("*") if d.is_dir()) if root.is_dir() else []
+    if not dirs:
+        raise StoreError(f"store {home} holds no builds (nothing under {root}); point --store (or "
+                         f"ACTCACHE_HOME) at the store to check")
+    return dirs
+
+
 def list_builds(home: str | os.PathLike | None = None) -> list[dict]:
     """Every build under the store root with its status: "done", "done, N indexes
     to rebuild" (an `--index` build whose indexes are missing or damaged),

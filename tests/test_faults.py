@@ -301,13 +301,18 @@ def _cli(*args, env_home=None):
     (["evaluate", "last", "--seeds", "a,b", "--store", "{dir}"], "comma-separated list of integers"),
     (["build", "--data", "{bad}", "--text-field", "review", "--store", "{dir}"], "line 2 is not valid JSON"),
     (["verify", "--store", "{dir}"], "give a build key or --all"),
+    (["verify", "--all", "--store", "{file}"], "is a file, not a directory"),
+    (["verify", "--all", "--store", "{dir}"], "does not exist; point --store"),
+    (["verify", "--all", "--store", "{empty}"], "holds no builds"),
+    (["verify", "abcdef123", "--store", "{dir}"], "no build 'abcdef123'"),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, msg):
     f = tmp_path / "f"
     f.write_text("x")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"review": "ok", "label": 1}\n{oops\n')
-    args = [a.format(file=f, dir=tmp_path / "s", bad=bad) for a in args]
+    (tmp_path / "empty").mkdir()
+    args = [a.format(file=f, dir=tmp_path / "s", bad=bad, empty=tmp_path / "empty") for a in args]
     r = _cli(*args)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and msg in " ".join(r.stderr.split()), r.stderr
