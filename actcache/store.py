@@ -882,19 +882,7 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
             st.build_index(a, spec)
             fd.repaired = True
         rep.findings.append(fd)
-    for sub in (kind for kind in DERIVED if kind != "indexes"):  # indexes: checked against their arrays above
-        for p in sorted((bdir / sub).rglob("*")) if (bdir / sub).exists() else []:
-            if not p.is_file() or p.suffix not in (".npz", ".npy") or p.name.startswith("."):
-                continue
-            rep.checked += 1
-            ok = (load_npz(p) is not None) if p.suffix == ".npz" else _npy_ok(p)
-            if not ok:
-                fd = Finding("cache", str(p), f"{p.relative_to(bdir)} is damaged (it is recomputed on next use)",
-                             repairable=True)
-                if repair:
-                    p.unlink(missing_ok=True)
-                    fd.repaired = True
-                rep.findings.append(fd)
+    _verify_derived(st, rep, repair)
     for p in stale_leftovers(bdir):
         fd = Finding("leftover", str(p), f"{p.relative_to(bdir)} is left over from an interrupted writer",
                      repairable=True)
@@ -905,6 +893,53 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
             fd.repaired = True
         rep.findings.append(fd)
     return rep
+
+
+def _verify_derived(st: Store, rep: VerifyReport, repair: bool) -> None:
+    """Every derived cache file but indexes (checked against their arrays): damaged
+    ones, and ones whose recorded key says they belong to another build or other
+    parameters (a file copied from elsewhere), are findings; `repair` deletes them."""
+    bdir = st.dir
+    for sub in (kind for kind in DERIVED if kind != "indexes"):
+        for p in sorted((bdir / sub).rglob("*")) if (bdir / sub).exists() else []:
+            if not p.is_file() or p.suffix not in (".npz", ".npy") or p.name.startswith("."):
+                continue
+            rep.checked += 1
+            z = load_npz(p) if p.suffix == ".npz" else None
+            if (z is None) if p.suffix == ".npz" else not _npy_ok(p):
+                why = "is damaged"
+            else:
+                why = _derived_mismatch(st, p, z) if z is not None else None
+                if why is None:
+                    continue
+            fd = Finding("cache", str(p), f"{p.relative_to(bdir)} {why}; delete it (verify --repair does) and "
+                                          f"it is recomputed on next use", repairable=True)
+            if repair:
+                p.unlink(missing_ok=True)
+                fd.repaired = True
+            rep.findings.append(fd)
+
+
+def _derived_mismatch(st: Store, p: Path, z: dict) -> str | None:
+    """Why a readable derived file does not belong at `p` of this build, from the
+    provenance it records (a quality matrix's meta, an embeddings file's key);
+    None when it fits or records nothing to check."""
+    if "meta" in z:
+        try:
+            meta = json.loads(str(z["meta"]))
+        except ValueError:
+            return "has unreadable provenance"
+        if not isinstance(meta, dict):
+            return "has unreadable provenance"
+        built_for = meta.get("build_key")
+        if built_for is not None and built_for != st.key:
+            return f"was computed for build {str(built_for)[:12]}, not {st.key[:12]} (copied from another build)"
+        key = meta.get("key")
+    else:
+        key = str(z["key"]) if "key" in z and z["key"].ndim == 0 else None
+    if key is not None and not p.name.startswith(str(key)[:32]):
+        return f"records key {str(key)[:12]}, not the one its name says (copied from another build or file)"
+    return None
 
 
 def build_command(store: "Store") -> str:

@@ -531,3 +531,71 @@ def test_cli_build_with_a_damaged_sae_is_one_clear_line(tmp_path):
     bad = write_jsonl(tmp_path / "d.jsonl", [{"review": "ok", "label": 1}])
     r = _cli("build", "--data", str(bad), "--text-field", "review", "--sae", str(d), "--store", str(tmp_path / "s"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "cfg.json is damaged" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- quality matrices
+
+
+def _qcfg(st):
+    from actcache.config import EvalConfig
+
+    return EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=4, n_probes=2)
+
+
+def _same_matrix(got, want):
+    for name in ("cand_rows", "probe_rows", "cand_half", "probe_half", "correct", "margin", "zs_correct",
+                 "zs_margin"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert got.key == want.key
+
+
+def test_read_only_store_computes_the_quality_matrix_in_memory(built, pristine, monkeypatch):
+    """Nothing is written (no matrix, no partial chunks) and the numbers are those
+    a writable store computes and keeps."""
+    from actcache.quality import quality_matrix
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        for where in ("actcache.store", "actcache.files"):
+            m.setattr(f"{where}.atomic_write", ro)
+        got = quality_matrix(built, _qcfg(built))
+    assert got.path == "" and not (built.dir / "quality").exists()
+    want = quality_matrix(pristine, _qcfg(pristine))
+    assert want.path and (pristine.dir / "quality").exists()
+    assert np.isfinite(want.margin).sum() > 0
+    _same_matrix(got, want)
+
+
+def test_verify_finds_a_quality_matrix_of_another_build(tiny_model_dir, jsonl, built, tmp_path):
+    from actcache.errors import MismatchError
+    from actcache.quality import quality_matrix
+
+    other = build(cfg_for(tiny_model_dir["qwen2"], jsonl, tmp_path / "o", layers="1", masks=("isolated",),
+                          components=("mlp",)))
+    mine = quality_matrix(built, _qcfg(built))
+    theirs = quality_matrix(other, _qcfg(other))
+    assert verify(built.dir).ok
+    shutil.copy(theirs.path, mine.path)  # copied over this build's matrix
+    with pytest.raises(MismatchError, match="computed for build"):
+        quality_matrix(built, _qcfg(built))
+    (fd,) = verify(built.dir).findings
+    assert fd.what == "cache" and fd.path == mine.path and fd.repairable
+    assert re.search(rf"quality/\S+\.npz was computed for build {other.key[:12]}, not {built.key[:12]}.*"
+                     r"verify --repair", fd.message), fd.message
+    r = _cli("verify", built.key[:12], "--store", str(built.home))
+    assert r.returncode == 1 and "cache damaged" in r.stdout and "computed for build" in r.stdout, r.stdout
+    assert verify(built.dir, repair=True).ok and verify(built.dir).ok
+    _same_matrix(quality_matrix(built, _qcfg(built)), mine)  # recomputed: the build's own numbers
+
+
+def test_verify_finds_a_quality_matrix_under_another_name(built):
+    """A matrix of this build moved to a name its parameters do not give."""
+    from actcache.quality import quality_matrix
+
+    q = quality_matrix(built, _qcfg(built))
+    moved = built.dir / "quality" / ("0" * 32 + ".npz")
+    shutil.copy(q.path, moved)
+    (fd,) = verify(built.dir).findings
+    assert fd.path == str(moved) and "not the one its name says" in fd.message
