@@ -943,9 +943,10 @@ def _derived_mismatch(st: Store, p: Path, z: dict) -> str | None:
 
 
 def build_command(store: "Store") -> str:
-    """The `actcache build` command line that makes this build again: its model,
-    data and every array it holds (other options as the build recorded them in
-    its config; `...` stands for the --data field options)."""
+    """The `actcache build` command line that makes this build again (the same key
+    and every array it holds): its model (in the dtype the build resolved), data
+    and data options, capture options, index kind, SAEs and store root, from the
+    config and provenance the build recorded."""
     import shlex
 
     cfg = store.config
@@ -955,12 +956,31 @@ def build_command(store: "Store") -> str:
     for flag, attr in (("--components", "component"), ("--layers", "layer"), ("--pooling", "pooling"),
                        ("--masks", "mask")):
         parts += [flag, ",".join(str(v) for v in sorted({getattr(a, attr) for a in store.arrays}))]
-    for flag, name in (("--limit", "pool_limit"), ("--eval-limit", "eval_limit")):
-        if d.get(name) is not None:
-            parts += [flag, str(d[name])]
-    if cfg.get("index"):
-        parts += ["--index", str(cfg["index"])]
-    return " ".join(shlex.quote(x) for x in parts) + (" ..." if d.get("path") else "")
+    parts += ["--dtype", str(store.provenance.get("model", {}).get("dtype") or m.get("dtype", "auto"))]
+    parts += _options(m, ("revision", "device"))
+    if d.get("path"):
+        words = [str(w).strip() for w in d.get("label_words") or ()]
+        template = d.get("template")
+        parts += _options({**d, "label_words": words, "template": template and template.replace("\n", "\\n")},
+                          ("text_fields", "label_field", "label_values", "label_words", "template", "split_field",
+                           "id_field"), {"text_fields": "--text-field"})
+    parts += _options(d, ("data_dir", "pool_limit", "eval_limit", "seed"), {"pool_limit": "--limit"})
+    parts += _options(cfg, ("span", "max_length", "batch_size", "store_dtype", "context_k", "context_seed",
+                            "index", "saes"), {"saes": "--sae"})
+    parts += ["--store", str(store.home)]
+    return " ".join(shlex.quote(x) for x in parts)
+
+
+def _options(values: dict, names: tuple, flags: dict | None = None) -> list[str]:
+    """`--flag value` for each of `names` set in `values` (lists comma-joined)."""
+    out = []
+    for n in names:
+        v = values.get(n)
+        if v is None or v == [] or v == () or v == "":
+            continue
+        flag = (flags or {}).get(n, "--" + n.replace("_", "-"))
+        out += [flag, ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
+    return out
 
 
 def _npy_ok(path: Path) -> bool:

@@ -599,3 +599,28 @@ def test_verify_finds_a_quality_matrix_under_another_name(built):
     shutil.copy(q.path, moved)
     (fd,) = verify(built.dir).findings
     assert fd.path == str(moved) and "not the one its name says" in fd.message
+
+
+def test_the_rebuild_command_verify_prints_makes_the_build_again(built, pristine):
+    """Following a damaged array's finding literally (delete the build, run the
+    printed command) makes the same build: same key, same arrays, verify passes."""
+    import shlex
+
+    a = ArrayId("mlp", 1, "last", "isolated")
+    off = _array_offset(built, a)
+    with open(built.h5_path, "r+b") as f:
+        f.seek(off + 16)
+        f.write(np.full(64, 0.25, dtype=np.float16).tobytes())
+    r = _cli("verify", built.key[:12], "--store", str(built.home))
+    assert r.returncode == 1, r.stdout + r.stderr
+    m = re.search(r"delete (\S+) and run `([^`]+)` again", r.stdout)
+    assert m and m.group(1) == str(built.dir), r.stdout
+    shutil.rmtree(m.group(1))
+    argv = shlex.split(m.group(2))
+    assert argv[:2] == ["actcache", "build"]
+    rb = _cli(*argv[1:])
+    assert rb.returncode == 0, rb.stdout + rb.stderr
+    assert f"key  {built.key}" in rb.stdout
+    r = _cli("verify", built.key[:12], "--store", str(built.home))
+    assert r.returncode == 0 and " ok:" in r.stdout, r.stdout + r.stderr
+    assert_same_arrays(Store(built.dir), pristine)
