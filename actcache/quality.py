@@ -32,7 +32,7 @@ from .models import resolve_device, resolve_dtype
 from .prompts import prompt_segments
 from . import score
 from .score import TokenCount
-from .store import Store, derive_key, load_npz, save_npz
+from .store import Store, derive_key, load_npz, try_save_npz
 
 Progress = Callable[[str, int, int], None]
 
@@ -50,8 +50,9 @@ class QualityMatrix:
         log-likelihood, and correct is NaN). Pairs across halves are not
         scored and hold NaN.
     zs_correct (P,), zs_margin (P,): float64 zero-shot scores of the probes.
-    key: the matrix's derive_key; path: its file; meta: its provenance
-        (meta["tokens"] holds the tokens computed vs in the prompts).
+    key: the matrix's derive_key; path: its file ("" when a read-only store
+        could not keep it); meta: its provenance (meta["tokens"] holds the
+        tokens computed vs in the prompts).
     """
 
     cand_rows: np.ndarray
@@ -190,7 +191,8 @@ def study_rows(store: Store, cfg: EvalConfig) -> StudyRows:
 
 def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | None = None) -> QualityMatrix:
     """The 1-shot score of every candidate on every probe of its own half,
-    cached next to the build under its derive_key and reused; see `QualityMatrix`."""
+    cached next to the build under its derive_key and reused; see `QualityMatrix`.
+    A store that cannot be written (read-only) gets the matrix computed in memory."""
     task = store.task()
     rows = study_rows(store, cfg)
 
@@ -218,7 +220,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
         c_, m_ = score.pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes_all], probes_all,
                              cfg.batch_size, counter=tokens)
         zs = {"correct": c_, "margin": m_}
-        save_npz(zs_path, zs)
+        try_save_npz(zs_path, zs)
     correct = np.full((len(rows.cands), len(rows.probes)), np.nan)
     margin = np.full_like(correct, np.nan)
     total, done = len(rows.cands), 0
@@ -244,7 +246,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
                     c_, m_ = score.pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size, counter=tokens)
                     part["correct"][j:j + len(chunk)] = c_.reshape(len(chunk), len(probes))
                     part["margin"][j:j + len(chunk)] = m_.reshape(len(chunk), len(probes))
-                save_npz(part_path, part)
+                try_save_npz(part_path, part)
             correct[np.ix_(ci_rows[i:i + len(sub)], pj)] = part["correct"]
             margin[np.ix_(ci_rows[i:i + len(sub)], pj)] = part["margin"]
         done += len(cands)
@@ -256,9 +258,11 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
             "seconds": round(time.time() - t0, 2), "n_prompts": n_prompts, "tokens": tokens.as_dict(),
             "labels_left_out": list(rows.labels_left_out),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    save_npz(path, dict(cand_rows=rows.cands, probe_rows=rows.probes, cand_half=rows.cand_half,
-                        probe_half=rows.probe_half, correct=correct, margin=margin,
-                        zs_correct=zs["correct"], zs_margin=zs["margin"], meta=np.array(json.dumps(meta))))
+    arrays = dict(cand_rows=rows.cands, probe_rows=rows.probes, cand_half=rows.cand_half,
+                  probe_half=rows.probe_half, correct=correct, margin=margin,
+                  zs_correct=zs["correct"], zs_margin=zs["margin"])
+    if not try_save_npz(path, {**arrays, "meta": np.array(json.dumps(meta))}):
+        return _matrix(arrays, meta, "")  # a read-only store: in memory only
     shutil.rmtree(pdir, ignore_errors=True)
     return load_quality(store, path)
 
@@ -282,8 +286,12 @@ def load_quality(store: Store, path: Path) -> QualityMatrix | None:
     if q["cand_rows"].max(initial=0) >= n or q["probe_rows"].max(initial=0) >= n or \
             q["margin"].shape != (len(q["cand_rows"]), len(q["probe_rows"])):
         raise MismatchError(f"quality matrix {path.name} does not fit build {store.key[:12]}; recompute it")
+    return _matrix(q, meta, str(path))
+
+
+def _matrix(q: dict, meta: dict, path: str) -> QualityMatrix:
     return QualityMatrix(q["cand_rows"], q["probe_rows"], q["correct"], q["margin"], q["zs_correct"],
-                         q["zs_margin"], key=meta["key"], path=str(path), meta=meta,
+                         q["zs_margin"], key=meta["key"], path=path, meta=meta,
                          cand_half=q["cand_half"].astype(np.int8), probe_half=q["probe_half"].astype(np.int8))
 
 

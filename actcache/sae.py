@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -122,15 +123,57 @@ def _pick(weights: dict, *names: str) -> np.ndarray | None:
     return None
 
 
+def _damaged(path: Path, e: BaseException) -> ConfigError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return ConfigError(f"SAE file {path} is damaged or not what its name says ({first}); copy or download "
+                       f"the SAE directory again")
+
+
+def _read_cfg(d: Path) -> dict:
+    """cfg.json (SAELens, sparsify), else Gemma Scope's config.json, else {}; a file
+    that is not a JSON object is a ConfigError naming it."""
+    for name in ("cfg.json", "config.json"):
+        p = d / name
+        if not p.exists():
+            continue
+        try:
+            cfg = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise _damaged(p, e) from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"SAE file {p} holds a JSON {type(cfg).__name__}, not an object; copy or "
+                              f"download the SAE directory again")
+        if cfg:
+            return cfg
+    return {}
+
+
+def _check_finite(d: Path, arrays: dict) -> None:
+    """ConfigError naming the first weight with a NaN or an infinity."""
+    for name, a in arrays.items():
+        if a is not None and not np.isfinite(a).all():
+            bad = int(np.size(a) - np.isfinite(a).sum())
+            raise ConfigError(f"{d}: the SAE's {name} holds {bad} NaN or infinite values; the SAE is broken "
+                              f"(diverged training or a damaged file): train or download it again")
+
+
 def _read_weights(d: Path) -> dict:
+    """The SAE's weights by name; ConfigError naming the file when it cannot be read."""
     for name in ("sae_weights.safetensors", "params.safetensors", "sae.safetensors", "model.safetensors"):
         if (d / name).exists():
+            from safetensors import SafetensorError
             from safetensors.numpy import load_file
 
-            return load_file(str(d / name))
+            try:
+                return load_file(str(d / name))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise _damaged(d / name, e) from None
     if (d / "params.npz").exists():
-        with np.load(d / "params.npz") as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(d / "params.npz", allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise _damaged(d / "params.npz", e) from None
     raise ConfigError(f"{d} holds no SAE weights (sae_weights.safetensors, params.safetensors, sae.safetensors "
                       f"or params.npz); point --sae at a SAELens, Gemma Scope or sparsify directory")
 
@@ -220,9 +263,7 @@ def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None
     d = Path(path).expanduser()
     if not d.is_dir():
         raise ConfigError(f"SAE directory {d} does not exist")
-    cfg = json.loads((d / "cfg.json").read_text()) if (d / "cfg.json").exists() else {}
-    if not cfg and (d / "config.json").exists():  # Gemma Scope's own config
-        cfg = json.loads((d / "config.json").read_text())
+    cfg = _read_cfg(d)
     w = _read_weights(d)
     sparsify = "encoder.weight" in w
     named = _sparsify_weights(d, cfg, w) if sparsify else w
@@ -233,6 +274,7 @@ def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None
     threshold = _pick(w, "threshold", "log_threshold")
     if threshold is not None and "log_threshold" in {k.lower() for k in w} and "threshold" not in {k.lower() for k in w}:
         threshold = np.exp(threshold)
+    _check_finite(d, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold})
     for opt, ok in (("normalize_activations", ("none",)), ("reshape_activations", ("none", "hook_z"))):
         if (cfg.get(opt) or "none") not in ok:
             raise ConfigError(f"{d}: {opt}={cfg[opt]!r} is not supported; fold it into the weights with "
@@ -274,6 +316,7 @@ def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None
         if data_mean.shape != (W_enc.shape[0],):
             raise ConfigError(f"{d}: cfg.json's data_mean has {data_mean.size} values, the SAE reads "
                               f"{W_enc.shape[0]}-dim activations; delete the entry or train the SAE again")
+        _check_finite(d, {"cfg.json's data_mean": data_mean})
     sae = SAE(W_enc, b_enc, W_dec, b_dec, kind, hook, int(layer), threshold, int(k) if k else None,
               b_dec_in, "", bool(cfg.get("rescale_acts_by_decoder_norm", False)), data_mean,
               _read_training(d, cfg))

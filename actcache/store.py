@@ -758,6 +758,20 @@ def find_build(key: str, home: str | os.PathLike | None = None) -> Path:
     raise StoreError(f"no build {key!r} in {root}; `actcache ls` lists the builds there")
 
 
+def build_dirs(home: str | os.PathLike | None = None) -> list[Path]:
+    """The directory of every build under the store root, for `verify --all`.
+    StoreError when the root is a file, does not exist, or holds no build."""
+    home = default_home(home)
+    root = check_home(home) / "builds"
+    if not home.exists():
+        raise StoreError(f"store {home} does not exist; point --store (or ACTCACHE_HOME) at the store to check")
+    dirs = sorted(d for d in root.glob("*") if d.is_dir()) if root.is_dir() else []
+    if not dirs:
+        raise StoreError(f"store {home} holds no builds (nothing under {root}); point --store (or "
+                         f"ACTCACHE_HOME) at the store to check")
+    return dirs
+
+
 def list_builds(home: str | os.PathLike | None = None) -> list[dict]:
     """Every build under the store root with its status: "done", "done, N indexes
     to rebuild" (an `--index` build whose indexes are missing or damaged),
@@ -868,19 +882,7 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
             st.build_index(a, spec)
             fd.repaired = True
         rep.findings.append(fd)
-    for sub in (kind for kind in DERIVED if kind != "indexes"):  # indexes: checked against their arrays above
-        for p in sorted((bdir / sub).rglob("*")) if (bdir / sub).exists() else []:
-            if not p.is_file() or p.suffix not in (".npz", ".npy") or p.name.startswith("."):
-                continue
-            rep.checked += 1
-            ok = (load_npz(p) is not None) if p.suffix == ".npz" else _npy_ok(p)
-            if not ok:
-                fd = Finding("cache", str(p), f"{p.relative_to(bdir)} is damaged (it is recomputed on next use)",
-                             repairable=True)
-                if repair:
-                    p.unlink(missing_ok=True)
-                    fd.repaired = True
-                rep.findings.append(fd)
+    _verify_derived(st, rep, repair)
     for p in stale_leftovers(bdir):
         fd = Finding("leftover", str(p), f"{p.relative_to(bdir)} is left over from an interrupted writer",
                      repairable=True)
@@ -893,10 +895,58 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
     return rep
 
 
+def _verify_derived(st: Store, rep: VerifyReport, repair: bool) -> None:
+    """Every derived cache file but indexes (checked against their arrays): damaged
+    ones, and ones whose recorded key says they belong to another build or other
+    parameters (a file copied from elsewhere), are findings; `repair` deletes them."""
+    bdir = st.dir
+    for sub in (kind for kind in DERIVED if kind != "indexes"):
+        for p in sorted((bdir / sub).rglob("*")) if (bdir / sub).exists() else []:
+            if not p.is_file() or p.suffix not in (".npz", ".npy") or p.name.startswith("."):
+                continue
+            rep.checked += 1
+            z = load_npz(p) if p.suffix == ".npz" else None
+            if (z is None) if p.suffix == ".npz" else not _npy_ok(p):
+                why = "is damaged"
+            else:
+                why = _derived_mismatch(st, p, z) if z is not None else None
+                if why is None:
+                    continue
+            fd = Finding("cache", str(p), f"{p.relative_to(bdir)} {why}; delete it (verify --repair does) and "
+                                          f"it is recomputed on next use", repairable=True)
+            if repair:
+                p.unlink(missing_ok=True)
+                fd.repaired = True
+            rep.findings.append(fd)
+
+
+def _derived_mismatch(st: Store, p: Path, z: dict) -> str | None:
+    """Why a readable derived file does not belong at `p` of this build, from the
+    provenance it records (a quality matrix's meta, an embeddings file's key);
+    None when it fits or records nothing to check."""
+    if "meta" in z:
+        try:
+            meta = json.loads(str(z["meta"]))
+        except ValueError:
+            return "has unreadable provenance"
+        if not isinstance(meta, dict):
+            return "has unreadable provenance"
+        built_for = meta.get("build_key")
+        if built_for is not None and built_for != st.key:
+            return f"was computed for build {str(built_for)[:12]}, not {st.key[:12]} (copied from another build)"
+        key = meta.get("key")
+    else:
+        key = str(z["key"]) if "key" in z and z["key"].ndim == 0 else None
+    if key is not None and not p.name.startswith(str(key)[:32]):
+        return f"records key {str(key)[:12]}, not the one its name says (copied from another build or file)"
+    return None
+
+
 def build_command(store: "Store") -> str:
-    """The `actcache build` command line that makes this build again: its model,
-    data and every array it holds (other options as the build recorded them in
-    its config; `...` stands for the --data field options)."""
+    """The `actcache build` command line that makes this build again (the same key
+    and every array it holds): its model (in the dtype the build resolved), data
+    and data options, capture options, index kind, SAEs and store root, from the
+    config and provenance the build recorded."""
     import shlex
 
     cfg = store.config
@@ -906,12 +956,31 @@ def build_command(store: "Store") -> str:
     for flag, attr in (("--components", "component"), ("--layers", "layer"), ("--pooling", "pooling"),
                        ("--masks", "mask")):
         parts += [flag, ",".join(str(v) for v in sorted({getattr(a, attr) for a in store.arrays}))]
-    for flag, name in (("--limit", "pool_limit"), ("--eval-limit", "eval_limit")):
-        if d.get(name) is not None:
-            parts += [flag, str(d[name])]
-    if cfg.get("index"):
-        parts += ["--index", str(cfg["index"])]
-    return " ".join(shlex.quote(x) for x in parts) + (" ..." if d.get("path") else "")
+    parts += ["--dtype", str(store.provenance.get("model", {}).get("dtype") or m.get("dtype", "auto"))]
+    parts += _options(m, ("revision", "device"))
+    if d.get("path"):
+        words = [str(w).strip() for w in d.get("label_words") or ()]
+        template = d.get("template")
+        parts += _options({**d, "label_words": words, "template": template and template.replace("\n", "\\n")},
+                          ("text_fields", "label_field", "label_values", "label_words", "template", "split_field",
+                           "id_field"), {"text_fields": "--text-field"})
+    parts += _options(d, ("data_dir", "pool_limit", "eval_limit", "seed"), {"pool_limit": "--limit"})
+    parts += _options(cfg, ("span", "max_length", "batch_size", "store_dtype", "context_k", "context_seed",
+                            "index", "saes"), {"saes": "--sae"})
+    parts += ["--store", str(store.home)]
+    return " ".join(shlex.quote(x) for x in parts)
+
+
+def _options(values: dict, names: tuple, flags: dict | None = None) -> list[str]:
+    """`--flag value` for each of `names` set in `values` (lists comma-joined)."""
+    out = []
+    for n in names:
+        v = values.get(n)
+        if v is None or v == [] or v == () or v == "":
+            continue
+        flag = (flags or {}).get(n, "--" + n.replace("_", "-"))
+        out += [flag, ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
+    return out
 
 
 def _npy_ok(path: Path) -> bool:

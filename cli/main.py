@@ -244,13 +244,12 @@ def verify(key: Optional[str] = typer.Argument(None, help="Build key, unique pre
            store: Optional[str] = STORE):
     """Check every array (checksums), index and cached file of a build; optionally repair what can be derived."""
     from actcache.errors import ConfigError
-    from actcache.store import default_home, find_build, verify as check
+    from actcache.store import build_dirs, find_build, verify as check
 
     if bool(key) == all_:
         raise ConfigError("give a build key or --all (not both)")
     if all_:
-        root = default_home(store) / "builds"
-        dirs = sorted(d for d in root.glob("*") if d.is_dir()) if root.exists() else []
+        dirs = build_dirs(store)
     else:
         dirs = [find_build(key, store)]  # without opening: a damaged build is what verify reports
     bad = 0

@@ -301,13 +301,18 @@ def _cli(*args, env_home=None):
     (["evaluate", "last", "--seeds", "a,b", "--store", "{dir}"], "comma-separated list of integers"),
     (["build", "--data", "{bad}", "--text-field", "review", "--store", "{dir}"], "line 2 is not valid JSON"),
     (["verify", "--store", "{dir}"], "give a build key or --all"),
+    (["verify", "--all", "--store", "{file}"], "is a file, not a directory"),
+    (["verify", "--all", "--store", "{dir}"], "does not exist; point --store"),
+    (["verify", "--all", "--store", "{empty}"], "holds no builds"),
+    (["verify", "abcdef123", "--store", "{dir}"], "no build 'abcdef123'"),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, msg):
     f = tmp_path / "f"
     f.write_text("x")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"review": "ok", "label": 1}\n{oops\n')
-    args = [a.format(file=f, dir=tmp_path / "s", bad=bad) for a in args]
+    (tmp_path / "empty").mkdir()
+    args = [a.format(file=f, dir=tmp_path / "s", bad=bad, empty=tmp_path / "empty") for a in args]
     r = _cli(*args)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and msg in " ".join(r.stderr.split()), r.stderr
@@ -448,3 +453,174 @@ def test_embeddings_cache_is_keyed(built, monkeypatch):
     np.savez(path, E=E1, key=np.array("another build"))
     E2 = select_mod.store_embeddings(built)
     assert len(calls) == 2 and not np.array_equal(E2, E1)
+
+
+# --------------------------------------------------------------------------- damaged SAE directories
+
+
+def _sae_dir(d, **change):
+    """A tiny ReLU SAE by hand in the SAELens layout; `change` replaces weights by name."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    w = {"W_enc": rng.normal(size=(8, 16)).astype(np.float32), "b_enc": rng.normal(size=16).astype(np.float32),
+         "W_dec": rng.normal(size=(16, 8)).astype(np.float32), "b_dec": rng.normal(size=8).astype(np.float32)}
+    d.mkdir()
+    save_file({**w, **change}, str(d / "sae_weights.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 8, "d_sae": 16,
+                                            "hook_name": "blocks.1.hook_mlp_out"}))
+    return d
+
+
+def _garble_header(p):
+    data = bytearray(p.read_bytes())
+    data[8:24] = b"#" * 16  # the JSON header follows its 8-byte length
+    p.write_bytes(bytes(data))
+
+
+SAE_DAMAGE = {
+    "cfg-not-json": (lambda d: (d / "cfg.json").write_text('{"architecture": "standard", "d_in": '),
+                     r"cfg\.json is damaged .*copy or download"),
+    "cfg-a-list": (lambda d: (d / "cfg.json").write_text("[1, 2]"), r"cfg\.json holds a JSON list, not an object"),
+    "weights-truncated": (lambda d: (d / "sae_weights.safetensors").write_bytes(
+        (d / "sae_weights.safetensors").read_bytes()[:300]), r"sae_weights\.safetensors is damaged.*copy or download"),
+    "weights-header": (lambda d: _garble_header(d / "sae_weights.safetensors"),
+                       r"sae_weights\.safetensors is damaged.*copy or download"),
+    "weights-empty": (lambda d: (d / "sae_weights.safetensors").write_bytes(b""),
+                      r"sae_weights\.safetensors is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAE_DAMAGE))
+def test_damaged_sae_directory_is_one_clear_error(tmp_path, case):
+    from actcache.sae import load_sae
+
+    d = _sae_dir(tmp_path / "sae")
+    assert load_sae(d).d_sae == 16  # undamaged: loads
+    damage, msg = SAE_DAMAGE[case]
+    damage(d)
+    with pytest.raises(ConfigError, match=msg):
+        load_sae(d)
+
+
+@pytest.mark.parametrize("name,value", [("W_enc", np.nan), ("b_enc", np.inf), ("W_dec", -np.inf), ("b_dec", np.nan)])
+def test_sae_with_nan_or_inf_weights_is_refused(tmp_path, name, value):
+    from actcache.sae import load_sae
+
+    shapes = {"W_enc": (8, 16), "b_enc": (16,), "W_dec": (16, 8), "b_dec": (8,)}
+    bad = np.zeros(shapes[name], np.float32)
+    bad.flat[3] = value
+    d = _sae_dir(tmp_path / "sae", **{name: bad})
+    with pytest.raises(ConfigError, match=rf"the SAE's {name} holds 1 NaN or infinite values.*train or download"):
+        load_sae(d)
+
+
+def test_sae_with_a_nan_data_mean_is_refused(tmp_path):
+    from actcache.sae import load_sae
+
+    d = _sae_dir(tmp_path / "sae")
+    cfg = json.loads((d / "cfg.json").read_text())
+    (d / "cfg.json").write_text(json.dumps({**cfg, "data_mean": [0.0] * 7 + [float("nan")]}))
+    with pytest.raises(ConfigError, match=r"data_mean holds 1 NaN"):
+        load_sae(d)
+
+
+def test_cli_build_with_a_damaged_sae_is_one_clear_line(tmp_path):
+    d = _sae_dir(tmp_path / "sae")
+    (d / "cfg.json").write_text("{oops")
+    bad = write_jsonl(tmp_path / "d.jsonl", [{"review": "ok", "label": 1}])
+    r = _cli("build", "--data", str(bad), "--text-field", "review", "--sae", str(d), "--store", str(tmp_path / "s"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cfg.json is damaged" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- quality matrices
+
+
+def _qcfg(st):
+    from actcache.config import EvalConfig
+
+    return EvalConfig(key=st.key, home=str(st.home), dtype="float32", n_candidates=4, n_probes=2)
+
+
+def _same_matrix(got, want):
+    for name in ("cand_rows", "probe_rows", "cand_half", "probe_half", "correct", "margin", "zs_correct",
+                 "zs_margin"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert got.key == want.key
+
+
+def test_read_only_store_computes_the_quality_matrix_in_memory(built, pristine, monkeypatch):
+    """Nothing is written (no matrix, no partial chunks) and the numbers are those
+    a writable store computes and keeps."""
+    from actcache.quality import quality_matrix
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        for where in ("actcache.store", "actcache.files"):
+            m.setattr(f"{where}.atomic_write", ro)
+        got = quality_matrix(built, _qcfg(built))
+    assert got.path == "" and not (built.dir / "quality").exists()
+    want = quality_matrix(pristine, _qcfg(pristine))
+    assert want.path and (pristine.dir / "quality").exists()
+    assert np.isfinite(want.margin).sum() > 0
+    _same_matrix(got, want)
+
+
+def test_verify_finds_a_quality_matrix_of_another_build(tiny_model_dir, jsonl, built, tmp_path):
+    from actcache.errors import MismatchError
+    from actcache.quality import quality_matrix
+
+    other = build(cfg_for(tiny_model_dir["qwen2"], jsonl, tmp_path / "o", layers="1", masks=("isolated",),
+                          components=("mlp",)))
+    mine = quality_matrix(built, _qcfg(built))
+    theirs = quality_matrix(other, _qcfg(other))
+    assert verify(built.dir).ok
+    shutil.copy(theirs.path, mine.path)  # copied over this build's matrix
+    with pytest.raises(MismatchError, match="computed for build"):
+        quality_matrix(built, _qcfg(built))
+    (fd,) = verify(built.dir).findings
+    assert fd.what == "cache" and fd.path == mine.path and fd.repairable
+    assert re.search(rf"quality/\S+\.npz was computed for build {other.key[:12]}, not {built.key[:12]}.*"
+                     r"verify --repair", fd.message), fd.message
+    r = _cli("verify", built.key[:12], "--store", str(built.home))
+    assert r.returncode == 1 and "cache damaged" in r.stdout and "computed for build" in r.stdout, r.stdout
+    assert verify(built.dir, repair=True).ok and verify(built.dir).ok
+    _same_matrix(quality_matrix(built, _qcfg(built)), mine)  # recomputed: the build's own numbers
+
+
+def test_verify_finds_a_quality_matrix_under_another_name(built):
+    """A matrix of this build moved to a name its parameters do not give."""
+    from actcache.quality import quality_matrix
+
+    q = quality_matrix(built, _qcfg(built))
+    moved = built.dir / "quality" / ("0" * 32 + ".npz")
+    shutil.copy(q.path, moved)
+    (fd,) = verify(built.dir).findings
+    assert fd.path == str(moved) and "not the one its name says" in fd.message
+
+
+def test_the_rebuild_command_verify_prints_makes_the_build_again(built, pristine):
+    """Following a damaged array's finding literally (delete the build, run the
+    printed command) makes the same build: same key, same arrays, verify passes."""
+    import shlex
+
+    a = ArrayId("mlp", 1, "last", "isolated")
+    off = _array_offset(built, a)
+    with open(built.h5_path, "r+b") as f:
+        f.seek(off + 16)
+        f.write(np.full(64, 0.25, dtype=np.float16).tobytes())
+    r = _cli("verify", built.key[:12], "--store", str(built.home))
+    assert r.returncode == 1, r.stdout + r.stderr
+    m = re.search(r"delete (\S+) and run `([^`]+)` again", r.stdout)
+    assert m and m.group(1) == str(built.dir), r.stdout
+    shutil.rmtree(m.group(1))
+    argv = shlex.split(m.group(2))
+    assert argv[:2] == ["actcache", "build"]
+    rb = _cli(*argv[1:])
+    assert rb.returncode == 0, rb.stdout + rb.stderr
+    assert f"key  {built.key}" in rb.stdout
+    r = _cli("verify", built.key[:12], "--store", str(built.home))
+    assert r.returncode == 0 and " ok:" in r.stdout, r.stdout + r.stderr
+    assert_same_arrays(Store(built.dir), pristine)
