@@ -58,11 +58,21 @@ class Client:
     def info(self, key: str) -> dict:
         return self._call("GET", f"/v1/builds/{key}")
 
+    @staticmethod
+    def search_body(search: dict) -> dict:
+        """The request fields of QueryConfig's search options (labels, ids,
+        exclude_ids, min_score, offset, fields); those left at their default are left out."""
+        filt = {n: list(search[n]) for n in ("labels", "ids", "exclude_ids") if search.get(n)}
+        body = {"filter": filt or None, "min_score": search.get("min_score"),
+                "offset": search.get("offset") or None,
+                "fields": list(search["fields"]) if search.get("fields") is not None else None}
+        return {k: v for k, v in body.items() if v is not None}
+
     def neighbors(self, key: str, ids=None, texts=None, inputs=None, jsonl=None, **opts) -> list[dict]:
         """Query records (as `actcache query` writes them) for eval ids, new texts,
         JSON input objects, or the lines of a JSONL file (parsed as `--input` parses
         them); opts: component, layer, pooling, mask, k, balanced, exclude_self,
-        text_field, source."""
+        text_field, source, vectors, filter, min_score, offset, fields."""
         body = {k: v for k, v in dict(ids=ids, texts=texts, inputs=inputs, jsonl=jsonl, **opts).items()
                 if v is not None}
         return self._call("POST", f"/v1/builds/{key}/neighbors", body)

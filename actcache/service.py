@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import BusyError, ConfigError
+from .errors import BusyError, ConfigError, StoreError
 from .query import check_query, encode_texts, eval_inputs, parse_inputs, search_records, search_vectors
 from .select import STRATEGIES, select
 from .store import Store, find_build
@@ -201,8 +201,6 @@ class Service:
     def store(self, key: str) -> Store:
         """The build for a key, unique prefix or "last" (opened once per file version and kept)."""
         if not KEY_RE.match(key or ""):
-            from .errors import StoreError
-
             raise StoreError(f"no build {key!r}: a key is 6 to 64 hex characters or 'last'")
         d = find_build(key, self.home)
         sig = _file_sig(d / "acts.h5")

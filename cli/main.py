@@ -279,7 +279,7 @@ def main() -> None:  # pragma: no cover
 
 
 def _search_options(label, ids, exclude_id, min_score, offset, fields, other: str | None) -> dict:
-    """The QueryConfig search options of `query`'s flags; refused with `other` (--server, --strategy)."""
+    """The QueryConfig search options of `query`'s flags; refused with `other` (--strategy)."""
     given = [n for n, v in (("--label", bool(label)), ("--id", bool(ids)), ("--exclude-id", bool(exclude_id)),
                             ("--min-score", min_score is not None), ("--offset", offset != 0),
                             ("--fields", fields is not None)) if v]
@@ -342,12 +342,12 @@ def query_cmd(
     to_stdout = out == "-"
     say = functools.partial(typer.echo, err=to_stdout)
     search = _search_options(label, ids, exclude_id, min_score, offset, fields,
-                             "--server" if server else "--strategy" if strategy is not None else None)
+                             "--strategy" if strategy is not None else None)
     if server:
         from actcache.client import Client
 
         opts = dict(component=component, layer=layer, pooling=pooling, mask=mask, k=k, balanced=balanced,
-                    exclude_self=exclude_self, text_field=text_field)
+                    exclude_self=exclude_self, text_field=text_field, **Client.search_body(search))
         c = Client(server, token)
         if strategy is not None:
             recs = c.select(key, strategy, budget=budget, k=k, seed=seed, component=component, layer=layer,
