@@ -343,15 +343,36 @@ def _responses(*codes: int) -> dict:
     return {c: {"model": Error, "description": ERROR_STATUSES[c]} for c in codes}
 
 
-def _routes(svc: Service, limits: ServeLimits, home: str | None):
-    """The API's routes, on one router (mounted at /v1 and, hidden from the schema, at /)."""
+class _Versioned:
+    """Registers each API route at /v1/<path>, and at /<path> as an alias hidden from the schema."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def _add(self, method: str, path: str, **kw):
+        def register(fn):
+            self.app.add_api_route("/v1" + path, fn, methods=[method], **kw)
+            self.app.add_api_route(path, fn, methods=[method], include_in_schema=False, **kw)
+            return fn
+
+        return register
+
+    def get(self, path: str, **kw):
+        return self._add("GET", path, **kw)
+
+    def post(self, path: str, **kw):
+        return self._add("POST", path, **kw)
+
+
+def _routes(app, svc: Service, limits: ServeLimits, home: str | None) -> None:
+    """The API's routes, at /v1/<path> and (aliases, hidden from the schema) at /<path>."""
     import json
 
-    from fastapi import APIRouter, Body
+    from fastapi import Body
     from fastapi.responses import Response
 
     Neighbors, Select = request_models(limits)
-    router = APIRouter()
+    router = _Versioned(app)
     common = (400, 401, 404, 409, 413, 422, 429, 503)
 
     def raw_json(obj) -> Response:
@@ -414,8 +435,6 @@ def _routes(svc: Service, limits: ServeLimits, home: str | None):
                                                                    "k": req.k, "seed": req.seed, "opts": opts})
         return await answer(job)
 
-    return router
-
 
 def create_app(home: str | None = None, token: str | None = None, window_s: float = 0.01,
                limits: ServeLimits | None = None, hosts=LOOPBACK):
@@ -442,9 +461,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
         return Response(error_body(msg, rid), status_code=status, media_type="application/json", headers=headers)
 
     _error_handlers(app, err)
-    router = _routes(svc, limits, home)
-    app.include_router(router, prefix="/v1")
-    app.include_router(router, include_in_schema=False)
+    _routes(app, svc, limits, home)
 
     @app.get("/healthz", response_model=Health)
     async def healthz():

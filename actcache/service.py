@@ -116,8 +116,8 @@ class Lane:
         try:
             self.q.put_nowait(job)
         except queue.Full:
-            raise BusyError(f"the {self.name} lane has {self.q.maxsize} requests waiting; retry after a moment",
-                            retry_after=1, queue_full=True) from None
+            raise BusyError(f"the {self.name} lane's queue is full ({self.q.maxsize} requests waiting); "
+                            f"retry after a moment", retry_after=1, queue_full=True) from None
 
     def state(self) -> dict:
         busy = 0.0 if self.busy_since is None else round(time.monotonic() - self.busy_since, 3)
