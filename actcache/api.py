@@ -176,6 +176,8 @@ def request_models(limits: ServeLimits):
         layer: int | None = None
         pooling: str | None = None
         mask: str | None = None
+        balanced: bool | None = None
+        exclude_self: bool | None = None
         stat: str | None = None
         order: str | None = None
         feature: int | None = Field(None, ge=0, description="sae-feature: the feature to rank by.")

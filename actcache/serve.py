@@ -429,15 +429,15 @@ def _routes(app, svc: Service, limits: ServeLimits, home: str | None) -> None:
         st = STRATEGIES.get(req.strategy)
         if st is None:
             raise ConfigError(f"unknown strategy {req.strategy!r}; choose from {sorted(STRATEGIES)}")
-        opts = st.pick({n: getattr(req, n) for n in ("component", "layer", "pooling", "mask", "stat", "order",
-                                                       "feature", "sae")})
+        opts = st.pick({n: getattr(req, n) for n in ("component", "layer", "pooling", "mask", "balanced",
+                                                       "exclude_self", "stat", "order", "feature", "sae")})
         job = await asyncio.to_thread(svc.submit, key, "select", {"strategy": req.strategy, "budget": req.budget,
                                                                    "k": req.k, "seed": req.seed, "opts": opts})
         return await answer(job)
 
 
 def create_app(home: str | None = None, token: str | None = None, window_s: float = 0.01,
-               limits: ServeLimits | None = None, hosts=LOOPBACK):
+               limits: ServeLimits | None = None, hosts=LOOPBACK, threads: int | None = None):
     """The ASGI app over the store at `home`: the API under /v1 (and at the same
     paths without it, kept as aliases), /healthz, /readyz, /metrics, /docs. With
     `token`, every route but OPEN_PATHS needs `Authorization: Bearer <token>`;
@@ -448,7 +448,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
     from starlette.middleware.gzip import GZipMiddleware
 
     limits = (limits or ServeLimits()).check()
-    svc = Service(home, limits, window_s=window_s)
+    svc = Service(home, limits, window_s=window_s, threads=threads)
     app: FastAPI = FastAPIOffline(
         title="actcache", version="1", redoc_url=None, static_url=DOCS_ASSETS,
         description="Nearest demonstrations and selection strategies over cached activation builds. Records are "
@@ -489,11 +489,12 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
 
 def serve(home: str | None = None, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
           read_timeout_s: float = 10.0, limits: ServeLimits | None = None, allow_hosts=(),
-          on_ready=None) -> None:
+          on_ready=None, threads: int | None = None) -> None:
     """Run the service until interrupted. Off loopback a bearer `token` is
     required. A client gets `read_timeout_s` seconds to send each whole request.
     Requests must name this server in their Host header: a loopback name, `host`,
-    or one of `allow_hosts` ("*": any). `on_ready(url)` is called once the port is bound."""
+    or one of `allow_hosts` ("*": any). `on_ready(url)` is called once the port is bound.
+    `threads`: the forward pass's threads (None: $ACTCACHE_THREADS, else every core)."""
     import socket
 
     import uvicorn
@@ -502,7 +503,7 @@ def serve(home: str | None = None, host: str = "127.0.0.1", port: int = 8765, to
     if not read_timeout_s > 0:
         raise ConfigError(f"--read-timeout must be positive, got {read_timeout_s}")
     hosts = (*LOOPBACK, *([host] if host not in ("0.0.0.0", "::") else []), *allow_hosts)
-    app = create_app(home, token, limits=limits, hosts=hosts)
+    app = create_app(home, token, limits=limits, hosts=hosts, threads=threads)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

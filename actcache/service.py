@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import BusyError, ConfigError, StoreError
+from .models import set_threads
 from .query import check_query, encode_texts, eval_inputs, parse_inputs, search_records, search_vectors
 from .select import STRATEGIES, select
 from .store import Store, find_build
@@ -59,7 +60,7 @@ class ServeLimits:
     max_ids: int = 1024
     max_texts: int = 256
     max_text_chars: int = 20_000
-    max_request_chars: int = 200_000
+    max_request_chars: int = 100_000
     max_vectors: int = 1024
     queue: int = 64
     deadline_s: float = 60.0
@@ -182,7 +183,8 @@ class Service:
     thread; the work runs on the lanes' threads."""
 
     def __init__(self, home: str | None = None, limits: ServeLimits | None = None, window_s: float = 0.01,
-                 max_models: int = 2, max_wait_s: float = 0.1):
+                 max_models: int = 2, max_wait_s: float = 0.1, threads: int | None = None):
+        set_threads(threads)  # the forward pass's (and FAISS's) threads: all cores unless told
         self.home = home
         self.limits = (limits or ServeLimits()).check()
         self.max_models = max_models

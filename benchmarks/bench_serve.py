@@ -59,7 +59,8 @@ def make_build(home: Path, model: str, limit: int):
     from actcache.models import ModelSpec
 
     return build(BuildConfig(model=ModelSpec(model), data=DataSpec(task="sst2", pool_limit=limit, eval_limit=limit),
-                             layers="-1", components=("mlp",), masks=("label-masked",), home=str(home)))
+                             layers="-1", components=("mlp",), masks=("label-masked", "isolated"),
+                             home=str(home)))
 
 
 class Conn:
@@ -205,7 +206,7 @@ def faults(port: int, n: int, key: str, stalled: int = 50, read_timeout_s: float
         lambda: ("POST", nb, json.dumps({"k": "4"}).encode()),
         lambda: ("POST", nb, json.dumps({"k": True}).encode()),
         lambda: ("POST", nb, json.dumps({"ids": [str(i) for i in range(5000)]}).encode()),
-        lambda: ("RAW", f"GET /v1/builds HTTP/1.1\r\nHost: evil.example\r\n\r\n".encode(), []),
+        lambda: ("RAW", "GET /v1/builds HTTP/1.1\r\nHost: evil.example\r\n\r\n".encode(), []),
     ]
     held = []
     for _ in range(stalled):  # slow clients: half a request each, then nothing
@@ -250,8 +251,153 @@ def faults(port: int, n: int, key: str, stalled: int = 50, read_timeout_s: float
             "n_5xx": sum(v for k, v in codes.items() if isinstance(k, int) and k >= 500)}
 
 
+def _p(lat: list[float], q: float) -> float:
+    lat = sorted(lat)
+    return round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 2)
+
+
+def lookups_under_load(port: int, path: str, eval_ids: list[str], n: int, max_texts: int, text_chars: int) -> dict:
+    """Id-lookup latency (n sequential one-id requests) idle, then while another
+    client keeps sending maximal new-text requests (`max_texts` fresh texts of
+    `text_chars` characters each, so every one runs forward passes)."""
+    def lookups() -> list[float]:
+        conn, lat = Conn(port), []
+        for i in range(n):
+            body = json.dumps({"ids": [eval_ids[i % len(eval_ids)]], "k": 4}).encode()
+            t = time.perf_counter()
+            code, _ = conn.post(path, body)
+            lat.append(time.perf_counter() - t)
+            assert code == 200, code
+        return lat
+
+    idle = lookups()
+    stop, sent, codes = threading.Event(), [0], []
+
+    def flood():
+        conn = Conn(port)
+        while not stop.is_set():
+            word = f"{random.random():.12f} "
+            texts = [(f"load {sent[0]}-{i} " + word * text_chars)[:text_chars] for i in range(max_texts)]
+            code, _ = conn.post(path, json.dumps({"texts": texts, "k": 4}).encode())
+            codes.append(code)
+            sent[0] += 1
+
+    th = threading.Thread(target=flood, daemon=True)
+    th.start()
+    time.sleep(1.0)  # the model lane is busy
+    busy = lookups()
+    stop.set()
+    th.join(600)
+    return {"lookups": n, "idle_p50_ms": _p(idle, 0.5), "idle_p99_ms": _p(idle, 0.99),
+            "busy_p50_ms": _p(busy, 0.5), "busy_p99_ms": _p(busy, 0.99),
+            "p99_busy_over_idle": round(_p(busy, 0.99) / _p(idle, 0.99), 2), "goal": 2.0,
+            "text_requests": sent[0], "text_request_codes": sorted(set(codes)),
+            "texts_per_request": max_texts, "chars_per_text": text_chars}
+
+
+def index_faults(port: int, home: Path, key: str, alive, n: int = 20) -> dict:
+    """Damage the served index in place (truncated, random bytes) and by rename
+    (another array's index), n id requests after each; then rebuild it as the CLI
+    would and ask again. Counts crashes, 5xx other than 503, empty 200s and 200s
+    that differ from the answer before the damage."""
+    import shutil
+
+    import numpy as np
+
+    from actcache.store import ArrayId, Store, find_build
+
+    st = Store(find_build(key, str(home)))
+    layer = st.layers[-1]
+    path = f"/v1/builds/{key}/neighbors"
+    body = json.dumps({"ids": [str(i) for i in st.ids[st.eval_rows][:50]], "k": 4, "layer": layer}).encode()
+    conn = Conn(port)
+    code, ref = conn.post(path, body)
+    assert code == 200
+    a = ArrayId("mlp", layer, "mean", "label-masked")
+    other = ArrayId("mlp", layer, "mean", "isolated") if "isolated" in st.config["masks"] else None
+    out = {"crashes": 0, "other_5xx": 0, "empty_200": 0, "wrong_200": 0, "503": 0, "correct_200": 0}
+
+    def ask(k: int) -> None:
+        for _ in range(k):
+            try:
+                code, got = Conn(port).post(path, body)
+            except OSError:
+                out["crashes"] += 1
+                return
+            if not alive():
+                out["crashes"] += 1
+                return
+            if code == 503:
+                out["503"] += 1
+            elif code >= 500:
+                out["other_5xx"] += 1
+            elif code == 200 and all(not r["neighbors"] for r in json.loads(got)):
+                out["empty_200"] += 1
+            elif code == 200:
+                out["correct_200" if got == ref else "wrong_200"] += 1
+
+    for how in ("truncate", "random", "swap"):
+        f = st.index_path(a)
+        if how == "truncate":
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+        elif how == "random":
+            size = os.path.getsize(f)
+            with open(f, "r+b") as fh:
+                fh.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+        elif other is not None:
+            st.index(other.component, other.layer, other.pooling, other.mask)
+            for suffix in ("", ".json"):
+                shutil.copy(str(st.index_path(other)) + suffix, str(f) + suffix + ".tmp")
+                os.replace(str(f) + suffix + ".tmp", str(f) + suffix)
+        ask(n)
+        Store(st.dir).index(a.component, a.layer, a.pooling, a.mask)  # rebuilt, as the CLI's next query would
+        ask(n)
+    return out
+
+
 def snapshot(home: Path) -> set:
     return {(str(p), p.stat().st_size) for p in home.rglob("*") if p.is_file() and "queries" not in p.parts}
+
+
+def throughput(args, home: Path, st, port: int, path: str, eval_ids: list[str], tmp: Path) -> None:
+    """Requests/s and latency at 1, 8 and 32 clients for id and new-text queries,
+    against the CLI per request and one in-process query() per request."""
+    base = {}
+    base["cli_ids_s"] = cli_per_request(home, st.key, [["--k", "4"]] * args.baseline_n)
+    src = []
+    for i in range(args.baseline_n):
+        f = tmp / f"in{i}.txt"
+        f.write_text(f"baseline review number {i} with words {random.random()}\n")
+        src.append(str(f))
+    # a new text per call, as a harness asking about each new input would
+    base["cli_text_s"] = cli_per_request(home, st.key, [["--k", "4", "--input", x] for x in src])
+    base["inproc_ids_s"] = inproc_per_request(home, st.key, ["eval"] * args.baseline_n)
+    for i in range(args.baseline_n):
+        Path(src[i]).write_text(f"another baseline review {i} {random.random()}\n")
+    base["inproc_text_s"] = inproc_per_request(home, st.key, src)
+    emit(measure="baselines", **{k: round(v, 4) for k, v in base.items()}, n=args.baseline_n,
+         model=args.model, key=st.key[:16])
+    rates = {}
+    for kind in ("ids", "texts"):
+        for clients in (1, 8, 32):
+            if kind == "ids":
+                bodies = [json.dumps({"ids": [eval_ids[i % len(eval_ids)]], "k": 4}).encode()
+                          for i in range(args.ids)]
+            else:
+                bodies = [json.dumps({"texts": [f"a fresh review {clients}-{i}, {random.random()}"],
+                                      "k": 4}).encode() for i in range(args.texts)]
+            r = load(port, path, bodies, clients, args.max_s)
+            rates[(kind, clients)] = r["rps"]
+            per_req = base["cli_ids_s"] if kind == "ids" else base["cli_text_s"]
+            inproc = base["inproc_ids_s"] if kind == "ids" else base["inproc_text_s"]
+            emit(measure=f"serve_{kind}", clients=clients, **r,
+                 ratio_vs_cli_per_request=round(r["rps"] * per_req, 1),
+                 ratio_vs_inprocess_query=round(r["rps"] * inproc, 1), model=args.model)
+    ratio = rates[("texts", 32)] / rates[("texts", 1)]
+    ceil = forward_ceiling(home, st.key)  # the server is idle now; it shares the cores otherwise
+    emit(measure="coalescing", texts_rps_32_over_1=round(ratio, 2), ids_rps_8=rates[("ids", 8)],
+         **ceil, share_of_ceiling=round(ratio / ceil["ceiling_32_over_1"], 2), model=args.model)
 
 
 def main() -> None:
@@ -264,6 +410,11 @@ def main() -> None:
     ap.add_argument("--baseline-n", type=int, default=3)
     ap.add_argument("--faults", type=int, default=1000)
     ap.add_argument("--home", default=None, help="store to build in and reuse (default: a new temp dir)")
+    ap.add_argument("--parts", default="throughput,lanes,faults",
+                    help="comma-separated: throughput (levels and baselines), lanes (id lookups under "
+                         "new-text load), faults (hostile requests and damaged indexes)")
+    ap.add_argument("--lookups", type=int, default=200, help="id lookups per phase of the lanes part")
+    ap.add_argument("--server-threads", type=int, default=None, help="the server's --threads (default: every core)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     home = Path(args.home) if args.home else tmp / "store"
@@ -272,7 +423,9 @@ def main() -> None:
     st.index("mlp", st.layers[-1], "mean", "label-masked")
     port = free_port()
     log = open(tmp / "serve.log", "w")  # a file, not a pipe nobody reads: a full pipe would stall the server
-    proc = subprocess.Popen([sys.executable, "-m", "actcache", "serve", "--store", str(home), "--port", str(port)],
+    threads = [] if args.server_threads is None else ["--threads", str(args.server_threads)]
+    proc = subprocess.Popen([sys.executable, "-m", "actcache", "serve", "--store", str(home), "--port", str(port),
+                             *threads],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     try:
         for _ in range(600):
@@ -281,49 +434,23 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
-        path = f"/builds/{st.key}/neighbors"
+        path = f"/v1/builds/{st.key}/neighbors"
         eval_ids = [str(i) for i in st.ids[st.eval_rows]]
         Conn(port).post(path, json.dumps({"texts": ["warm up the model"], "k": 4}).encode())
-        base = {}
-        base["cli_ids_s"] = cli_per_request(home, st.key, [["--k", "4"]] * args.baseline_n)
-        src = []
-        for i in range(args.baseline_n):
-            f = tmp / f"in{i}.txt"
-            f.write_text(f"baseline review number {i} with words {random.random()}\n")
-            src.append(str(f))
-        # a new text per call, as a harness asking about each new input would
-        base["cli_text_s"] = cli_per_request(home, st.key, [["--k", "4", "--input", x] for x in src])
-        base["inproc_ids_s"] = inproc_per_request(home, st.key, ["eval"] * args.baseline_n)
-        for i in range(args.baseline_n):
-            Path(src[i]).write_text(f"another baseline review {i} {random.random()}\n")
-        base["inproc_text_s"] = inproc_per_request(home, st.key, src)
-        emit(measure="baselines", **{k: round(v, 4) for k, v in base.items()}, n=args.baseline_n,
-             model=args.model, key=st.key[:16])
-        rates = {}
-        for kind in ("ids", "texts"):
-            for clients in (1, 8, 32):
-                if kind == "ids":
-                    bodies = [json.dumps({"ids": [eval_ids[i % len(eval_ids)]], "k": 4}).encode()
-                              for i in range(args.ids)]
-                else:
-                    bodies = [json.dumps({"texts": [f"a fresh review {clients}-{i}, {random.random()}"],
-                                          "k": 4}).encode() for i in range(args.texts)]
-                r = load(port, path, bodies, clients, args.max_s)
-                rates[(kind, clients)] = r["rps"]
-                per_req = base["cli_ids_s"] if kind == "ids" else base["cli_text_s"]
-                inproc = base["inproc_ids_s"] if kind == "ids" else base["inproc_text_s"]
-                emit(measure=f"serve_{kind}", clients=clients, **r,
-                     ratio_vs_cli_per_request=round(r["rps"] * per_req, 1),
-                     ratio_vs_inprocess_query=round(r["rps"] * inproc, 1), model=args.model)
-        ratio = rates[("texts", 32)] / rates[("texts", 1)]
-        ceil = forward_ceiling(home, st.key)  # the server is idle now; it shares the cores otherwise
-        emit(measure="coalescing", texts_rps_32_over_1=round(ratio, 2), ids_rps_8=rates[("ids", 8)],
-             **ceil, share_of_ceiling=round(ratio / ceil["ceiling_32_over_1"], 2), model=args.model)
-        if args.faults:
+        parts = set(args.parts.split(","))
+        if "throughput" in parts:
+            throughput(args, home, st, port, path, eval_ids, tmp)
+        if "lanes" in parts:
+            r = lookups_under_load(port, path, eval_ids, args.lookups, max_texts=256, text_chars=390)
+            emit(measure="lookups_under_load", **r, model=args.model, server_threads=args.server_threads or
+                 os.cpu_count())
+        if "faults" in parts and args.faults:
             before = snapshot(home)
             f = faults(port, args.faults, st.key)
             after = snapshot(home)
             emit(measure="faults", n=args.faults, **f, store_unchanged_outside_query_cache=before == after)
+            d = index_faults(port, home, st.key, alive=lambda: proc.poll() is None)
+            emit(measure="index_faults", **d, model=args.model)
     finally:
         proc.terminate()
         try:

@@ -520,7 +520,9 @@ def serve(
     queue: int = typer.Option(64, help="Requests that may wait per lane (lookup, model); more get 429."),
     max_ids: int = typer.Option(1024, help="Eval ids per request."),
     max_texts: int = typer.Option(256, help="New texts (or inputs, or JSONL lines) per request."),
-    max_request_chars: int = typer.Option(200_000, help="Characters of new inputs per request."),
+    max_request_chars: int = typer.Option(100_000, help="Characters of new inputs per request."),
+    threads: Optional[int] = typer.Option(None, help="Threads of the forward pass (default: $ACTCACHE_THREADS, "
+                                                      "else every core)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log one line per request to stderr (request id, "
                                                                 "client, method, path, status, milliseconds)."),
     store: Optional[str] = STORE,
@@ -542,6 +544,7 @@ def serve(
     limits = ServeLimits(max_ids=max_ids, max_texts=max_texts, max_request_chars=max_request_chars, queue=queue,
                          deadline_s=deadline)
     run_server(store, host, port, token, read_timeout_s=read_timeout, limits=limits, allow_hosts=tuple(allow_host),
+               threads=threads,
                on_ready=lambda url: typer.echo(f"actcache serve on {url} (OpenAPI docs at {url}/docs); "
                                                f"Ctrl-C stops it", err=True))
 
