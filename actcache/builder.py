@@ -237,25 +237,61 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
     return store
 
 
+def pass_layouts(plan: RowPlan, mask: str, units, poolings, bdir: Path, key: str, batch_size: int) -> list[tuple]:
+    """The layouts of one pass as (directory of its flushed batches, seqs, spans,
+    batches): one per `RowPlan.layouts(mask)` entry. A pure function of the
+    config, so any process that plans the same build flushes the same files."""
+    pid = _pass_id(key, mask, units, poolings)
+    layouts = plan.layouts(mask)
+    out = []
+    for r, (seqs, spans) in enumerate(layouts):
+        pdir = bdir / "partial" / pid / f"r{r}" if len(layouts) > 1 else bdir / "partial" / pid
+        out.append((pdir, seqs, spans, length_batches([len(s) for s in seqs], batch_size)))
+    return out
+
+
+def pass_capture(lm, units, poolings) -> Capture:
+    """The capture of one pass: pooled units and their statistics."""
+    layers = sorted({L for _, L in units})
+    comps = sorted({c for c, _ in units}, key=COMPONENTS.index)
+    return Capture(lm.model, layers, comps, poolings, stats=True, units=units)
+
+
+def run_batch(lm, cap: Capture, seqs, spans, rows, mask: str, units, shard: Path) -> dict:
+    """Forward one batch of rows, flush its pooled arrays and statistics to
+    `shard` (atomic) and return them."""
+    forward_rows(lm.model, lm.tokenizer, cap, seqs, spans, rows, mask)
+    out = {"rows": rows}
+    for (c, L, p), v in cap.pooled.items():
+        if (c, L) in units:
+            out[ArrayId(c, L, p, mask).name()] = v
+    for (c, L), v in cap.stats.items():
+        if (c, L) in units:
+            out[ArrayId(c, L, "mean", mask).stats_name()] = v
+    save_npz(shard, out)
+    return out
+
+
+def flushed(shard: Path, rows) -> dict | None:
+    """The flushed batch at `shard` if it is whole and holds `rows`; else None (run it again)."""
+    out = load_npz(shard)  # None when absent or torn by a crash
+    return out if out is not None and np.array_equal(out.get("rows"), rows) else None
+
+
 def _run_pass(lm, plan: RowPlan, mask, units, poolings, cfg, bdir: Path, key: str, progress):
     """Every row under `mask`: one forward pass per layout (`RowPlan.layouts`:
     one per label rotation for the in-context mask), resuming from flushed
     batches. With several rotations each row's pooled vectors and statistics
     are the mean over rotations, summed in rotation order in float64 (pooled
     arrays then float32, as one pass gives them)."""
-    pid = _pass_id(key, mask, units, poolings)
-    layouts = plan.layouts(mask)
-    layers = sorted({L for _, L in units})
-    comps = sorted({c for c, _ in units}, key=COMPONENTS.index)
-    cap = Capture(lm.model, layers, comps, poolings, stats=True, units=units)
+    cap = pass_capture(lm, units, poolings)
+    layouts = pass_layouts(plan, mask, units, poolings, bdir, key, cfg.batch_size)
     if len(layouts) == 1:
-        seqs, spans = layouts[0]
-        return _run_rows(lm, cap, seqs, spans, mask, units, cfg, bdir / "partial" / pid, f"build {mask}", progress)
+        return _run_rows(lm, cap, layouts[0], mask, units, f"build {mask}", progress)
     ran = 0
     sums: tuple[dict, dict] = ({}, {})
-    for r, (seqs, spans) in enumerate(layouts):
-        got = _run_rows(lm, cap, seqs, spans, mask, units, cfg, bdir / "partial" / pid / f"r{r}",
-                        f"build {mask} (rotation {r + 1}/{len(layouts)})", progress)
+    for r, layout in enumerate(layouts):
+        got = _run_rows(lm, cap, layout, mask, units, f"build {mask} (rotation {r + 1}/{len(layouts)})", progress)
         ran += got[2]
         for part, total in zip(got[:2], sums):
             for k, v in part.items():
@@ -266,10 +302,10 @@ def _run_pass(lm, plan: RowPlan, mask, units, poolings, cfg, bdir: Path, key: st
     return arrays, stats, ran
 
 
-def _run_rows(lm, cap: Capture, seqs, spans, mask, units, cfg, pdir: Path, desc: str, progress):
-    """One forward pass over every row of one layout, each batch flushed to `pdir`."""
+def _run_rows(lm, cap: Capture, layout, mask, units, desc: str, progress):
+    """One forward pass over every row of one layout, each batch flushed (or read back when flushed already)."""
+    pdir, seqs, spans, batches = layout
     pdir.mkdir(parents=True, exist_ok=True)
-    batches = length_batches([len(s) for s in seqs], cfg.batch_size)
     ran = 0
     n = len(seqs)
     arrays: dict = {}
@@ -278,18 +314,10 @@ def _run_rows(lm, cap: Capture, seqs, spans, mask, units, cfg, pdir: Path, desc:
         shard = pdir / f"b{bi:05d}.npz"
         if progress:
             progress(desc, bi, len(batches))
-        out = load_npz(shard)  # a flushed batch; None when absent or torn by a crash: run it again
-        if out is None or not np.array_equal(out.get("rows"), rows):
-            forward_rows(lm.model, lm.tokenizer, cap, seqs, spans, rows, mask)
+        out = flushed(shard, rows)
+        if out is None:
+            out = run_batch(lm, cap, seqs, spans, rows, mask, units, shard)
             ran += 1
-            out = {"rows": rows}
-            for (c, L, p), v in cap.pooled.items():
-                if (c, L) in units:
-                    out[ArrayId(c, L, p, mask).name()] = v
-            for (c, L), v in cap.stats.items():
-                if (c, L) in units:
-                    out[ArrayId(c, L, "mean", mask).stats_name()] = v
-            save_npz(shard, out)
         for name, v in out.items():
             if name == "rows":
                 continue

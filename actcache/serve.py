@@ -116,6 +116,7 @@ class Gate:
 
     def __init__(self, app, metrics, token: str | None = None, hosts=LOOPBACK, max_body: int = MAX_BODY):
         self.app, self.metrics, self.token = app, metrics, token
+        self.expected = bytes(token, "utf-8") if token else b""
         self.state = app.state
         self.hosts = None if "*" in hosts else {h.lower() for h in hosts}
         self.max_body = max_body
@@ -126,8 +127,8 @@ class Gate:
                          "or start it with --allow-host NAME"), []
         path = scope.get("path", "")
         if self.token is not None and path not in OPEN_PATHS and not path.startswith(DOCS_ASSETS):
-            scheme, _, cred = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(cred.strip().encode(), self.token.encode()):
+            scheme, _, cred = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(cred.strip(), self.expected):
                 return 401, "missing or wrong bearer token; send Authorization: Bearer <token>", \
                     [(b"www-authenticate", b'Bearer realm="actcache"')]
         n = headers.get(b"content-length")

@@ -60,7 +60,7 @@ class ServeLimits:
     max_ids: int = 1024
     max_texts: int = 256
     max_text_chars: int = 20_000
-    max_request_chars: int = 100_000
+    max_request_chars: int = 50_000
     max_vectors: int = 1024
     queue: int = 64
     deadline_s: float = 60.0

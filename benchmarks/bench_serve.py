@@ -271,15 +271,17 @@ def lookups_under_load(port: int, path: str, eval_ids: list[str], n: int, max_te
         return lat
 
     idle = lookups()
-    stop, sent, codes = threading.Event(), [0], []
+    stop, sent, codes, took = threading.Event(), [0], [], []
 
     def flood():
         conn = Conn(port)
         while not stop.is_set():
             word = f"{random.random():.12f} "
             texts = [(f"load {sent[0]}-{i} " + word * text_chars)[:text_chars] for i in range(max_texts)]
+            t = time.perf_counter()
             code, _ = conn.post(path, json.dumps({"texts": texts, "k": 4}).encode())
             codes.append(code)
+            took.append(time.perf_counter() - t)
             sent[0] += 1
 
     th = threading.Thread(target=flood, daemon=True)
@@ -292,6 +294,7 @@ def lookups_under_load(port: int, path: str, eval_ids: list[str], n: int, max_te
             "busy_p50_ms": _p(busy, 0.5), "busy_p99_ms": _p(busy, 0.99),
             "p99_busy_over_idle": round(_p(busy, 0.99) / _p(idle, 0.99), 2), "goal": 2.0,
             "text_requests": sent[0], "text_request_codes": sorted(set(codes)),
+            "text_request_s": [round(x, 1) for x in took],
             "texts_per_request": max_texts, "chars_per_text": text_chars}
 
 
@@ -441,7 +444,11 @@ def main() -> None:
         if "throughput" in parts:
             throughput(args, home, st, port, path, eval_ids, tmp)
         if "lanes" in parts:
-            r = lookups_under_load(port, path, eval_ids, args.lookups, max_texts=256, text_chars=390)
+            from actcache.service import ServeLimits
+
+            lim = ServeLimits()  # a maximal request under the default limits
+            r = lookups_under_load(port, path, eval_ids, args.lookups, max_texts=lim.max_texts,
+                                   text_chars=lim.max_request_chars // lim.max_texts)
             emit(measure="lookups_under_load", **r, model=args.model, server_threads=args.server_threads or
                  os.cpu_count())
         if "faults" in parts and args.faults:

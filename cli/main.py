@@ -520,7 +520,7 @@ def serve(
     queue: int = typer.Option(64, help="Requests that may wait per lane (lookup, model); more get 429."),
     max_ids: int = typer.Option(1024, help="Eval ids per request."),
     max_texts: int = typer.Option(256, help="New texts (or inputs, or JSONL lines) per request."),
-    max_request_chars: int = typer.Option(100_000, help="Characters of new inputs per request."),
+    max_request_chars: int = typer.Option(50_000, help="Characters of new inputs per request."),
     threads: Optional[int] = typer.Option(None, help="Threads of the forward pass (default: $ACTCACHE_THREADS, "
                                                       "else every core)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log one line per request to stderr (request id, "
