@@ -153,12 +153,18 @@ def identify(cfg: BuildConfig):
     return ds, lm, canonical_key(payload), payload
 
 
-def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
+def build(cfg: BuildConfig, progress: Progress | None = None, remote=None) -> Store:
     """Build (or reuse) the activation cache for `cfg` and return its Store.
 
     The returned store has `.report`: dict(key, path, cache_hit, computed,
-    reused, forward_batches, seconds). Raises ConfigError, DatasetError,
+    reused, forward_batches, engine, seconds). Raises ConfigError, DatasetError,
     ModelError or StoreError with what to change.
+
+    remote: an engine that flushes the missing batches elsewhere before this
+    process assembles the store (`cluster.RayEngine`); called as
+    `remote.run_build(cfg, key, bdir, passes, progress)` with passes
+    [(mask, units, poolings)], it returns the forward batches it ran, and its
+    `.provenance` is recorded in the build's provenance (never in the key).
     """
     cfg.validate()
     t0 = time.time()
@@ -202,10 +208,13 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
         plan = plan_rows(ds, lm.tokenizer, cfg) if missing or sae_todo else None
         new_arrays: dict[ArrayId, np.ndarray] = {}
         new_stats: dict[tuple[str, str, int], np.ndarray] = {}
-        for mask in [m for m in MASKS if any(a.mask == m for a in missing)]:
+        passes = [(m, sorted({(a.component, a.layer) for a in missing if a.mask == m}),
+                   sorted({a.pooling for a in missing if a.mask == m}))
+                  for m in MASKS if any(a.mask == m for a in missing)]
+        if remote is not None and passes:
+            forward_batches += remote.run_build(cfg, key, bdir, passes, progress)
+        for mask, units, pools in passes:
             todo = [a for a in missing if a.mask == mask]
-            units = sorted({(a.component, a.layer) for a in todo})
-            pools = sorted({a.pooling for a in todo})
             arrays, stats, nb = _run_pass(lm, plan, mask, units, pools, cfg, bdir, key, progress)
             forward_batches += nb
             for (c, L, p), arr in arrays.items():
@@ -218,8 +227,9 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
             new_sae[(sae, mask)], nb = _sae_pass(lm, sae, plan, mask, cfg, progress)
             forward_batches += nb
         if missing or new_sae:
+            engine = getattr(remote, "provenance", None) or {"kind": "local", "workers": 1}
             _write(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task, bool(have),
-                   new_sae)
+                   new_sae, engine)
             shutil.rmtree(bdir / "partial", ignore_errors=True)
         store = Store(bdir)
         made_idx = _ensure_indexes(store, cfg, progress) if cfg.index else 0
@@ -232,6 +242,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> Store:
         "computed": [str(a) for a in missing] + [f"sae/{short_sae_key(sae.key)}/{m}" for sae, m in sae_todo],
         "reused": [str(a) for a in wanted if a not in missing],
         "indexes_built": made_idx, "forward_batches": forward_batches,
+        "engine": getattr(remote, "provenance", None) or {"kind": "local", "workers": 1},
         "seconds": round(time.time() - t0, 2),
     }
     return store
@@ -364,7 +375,7 @@ def _sae_pass(lm, sae, plan: RowPlan, mask, cfg, progress) -> tuple[dict, int]:
 
 
 def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan, arrays, stats, task,
-           extend: bool, saes: dict | None = None) -> None:
+           extend: bool, saes: dict | None = None, engine: dict | None = None) -> None:
     """Hand the new arrays, the examples (new builds) and the provenance to `store.write_build`."""
     examples = None if extend else plan.examples(task)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -384,7 +395,7 @@ def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan
                        "combine": "mean over label rotations" if len(plan.rotations) > 1 else "one prefix"}
         if plan.context_ids or not extend else None,
         "poolings": sorted({a.pooling for a in arrays}),
-        "versions": _versions(), "updated": now,
+        "versions": _versions(), "updated": now, "engine": engine,
     }
     if saes:
         prov["saes"] = {short_sae_key(sae.key): {"key": sae.key, "hook": sae.hook, "layer": sae.layer,

@@ -189,10 +189,76 @@ def study_rows(store: Store, cfg: EvalConfig) -> StudyRows:
                      probes_s, np.array(phalf, dtype=np.int8)[order], np.array(evals, dtype=np.int64), left_out)
 
 
-def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | None = None) -> QualityMatrix:
+@dataclass(frozen=True)
+class Part:
+    """One flushed unit of the matrix: the zero-shot scores of the probes
+    (`cand_rows` empty), or some candidates of one half on that half's probes.
+    cand_pos / probe_pos: their positions in the matrix; path: the flushed file."""
+
+    path: Path
+    cand_rows: np.ndarray
+    probe_rows: np.ndarray
+    cand_pos: np.ndarray
+    probe_pos: np.ndarray
+
+
+def quality_parts(store: Store, rows: "StudyRows", qkey: str, pdir: Path) -> tuple[Part, list[Part]]:
+    """(zero-shot part, candidate parts) of the matrix: a pure function of the
+    study rows, so every process that plans it flushes the same files."""
+    zs = Part(pdir / f"{derive_key(qkey, 'quality-part', part='zero-shot')[:32]}.npz", rows.cands[:0], rows.probes,
+              np.arange(0), np.arange(len(rows.probes)))
+    parts = []
+    for h in (0, 1):
+        ci_rows = np.flatnonzero(rows.cand_half == h)
+        pj = np.flatnonzero(rows.probe_half == h)
+        per_chunk = max(1, QUALITY_CHUNK_PROMPTS // max(1, len(pj)))
+        for i in range(0, len(ci_rows), per_chunk):
+            pos = ci_rows[i:i + per_chunk]
+            ids = [str(store.ids[r]) for r in rows.cands[pos]]
+            parts.append(Part(pdir / f"{derive_key(qkey, 'quality-part', half=h, cands=ids)[:32]}.npz",
+                              rows.cands[pos], rows.probes[pj], pos, pj))
+    return zs, parts
+
+
+def flushed_part(part: Part) -> dict | None:
+    """The part's flushed scores if whole and of the right shape, else None."""
+    got = load_npz(part.path)
+    shape = (len(part.probe_rows),) if len(part.cand_rows) == 0 else (len(part.cand_rows), len(part.probe_rows))
+    return got if got is not None and got.get("margin") is not None and got["margin"].shape == shape else None
+
+
+def compute_part(lm, task, store: Store, part: Part, batch_size: int, tokens: TokenCount) -> dict:
+    """Score one part and flush it (when the store can be written)."""
+    probes = store.examples(part.probe_rows)
+    if len(part.cand_rows) == 0:
+        c_, m_ = score.pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes], probes, batch_size,
+                                   counter=tokens)
+        out = {"correct": c_, "margin": m_}
+    else:
+        cands = store.examples(part.cand_rows)
+        out = {"correct": np.empty((len(cands), len(probes))), "margin": np.empty((len(cands), len(probes)))}
+        # One candidate's prompts share its demonstration as a prefix: a few
+        # candidates per call keep batches full while the prefix KV is reused.
+        step = max(1, 64 // len(probes))
+        for j in range(0, len(cands), step):
+            chunk = cands[j:j + step]
+            prompts = [prompt_segments(task, [c], p) for c in chunk for p in probes]
+            c_, m_ = score.pair_scores(lm, task, prompts, probes * len(chunk), batch_size, counter=tokens)
+            out["correct"][j:j + len(chunk)] = c_.reshape(len(chunk), len(probes))
+            out["margin"][j:j + len(chunk)] = m_.reshape(len(chunk), len(probes))
+    try_save_npz(part.path, out)
+    return out
+
+
+def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | None = None,
+                   remote=None) -> QualityMatrix:
     """The 1-shot score of every candidate on every probe of its own half,
     cached next to the build under its derive_key and reused; see `QualityMatrix`.
-    A store that cannot be written (read-only) gets the matrix computed in memory."""
+    A store that cannot be written (read-only) gets the matrix computed in memory.
+
+    remote: an engine that flushes the missing parts elsewhere first
+    (`cluster.RayEngine.run_quality(store, cfg, parts, progress)`, returning the
+    TokenCount it computed); this process then assembles the matrix."""
     task = store.task()
     rows = study_rows(store, cfg)
 
@@ -207,52 +273,29 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
             return q
         warnings.warn(f"quality matrix {path.name} was damaged; recomputing it", stacklevel=2)
     lm = lm or store.load_model(cfg.dtype)
+    pdir = path.with_suffix(".partial")
 
     t0 = time.time()
     # Streamed: chunks of candidates are flushed (fsync + rename) to a partial
     # directory, so a run killed at any point resumes where it stopped.
     tokens = TokenCount()  # what this run computes (a resumed run skips flushed chunks)
-    pdir = path.with_suffix(".partial")
-    probes_all = store.examples(rows.probes)
-    zs_path = pdir / f"{derive_key(qkey, 'quality-part', part='zero-shot')[:32]}.npz"
-    zs = load_npz(zs_path)
-    if zs is None or zs["margin"].shape != (len(probes_all),):
-        c_, m_ = score.pair_scores(lm, task, [prompt_segments(task, [], p) for p in probes_all], probes_all,
-                             cfg.batch_size, counter=tokens)
-        zs = {"correct": c_, "margin": m_}
-        try_save_npz(zs_path, zs)
+    zs_part, parts = quality_parts(store, rows, qkey, pdir)
+    if remote is not None:
+        tokens.add(remote.run_quality(store, cfg, [zs_part, *parts], progress))
+    zs = flushed_part(zs_part) or compute_part(lm, task, store, zs_part, cfg.batch_size, tokens)
     correct = np.full((len(rows.cands), len(rows.probes)), np.nan)
     margin = np.full_like(correct, np.nan)
-    total, done = len(rows.cands), 0
-    for h in (0, 1):
-        ci_rows = np.flatnonzero(rows.cand_half == h)
-        pj = np.flatnonzero(rows.probe_half == h)
-        cands, probes = store.examples(rows.cands[ci_rows]), [probes_all[j] for j in pj]
-        per_chunk = max(1, QUALITY_CHUNK_PROMPTS // len(probes))
-        # One candidate's prompts share its demonstration as a prefix: a few
-        # candidates per call keep batches full while the prefix KV is reused.
-        step = max(1, 64 // len(probes))
-        for ci, i in enumerate(range(0, len(cands), per_chunk)):
-            if progress:
-                progress("quality matrix", done + i, total)
-            sub = cands[i:i + per_chunk]
-            part_path = pdir / f"{derive_key(qkey, 'quality-part', half=h, cands=[c.id for c in sub])[:32]}.npz"
-            part = load_npz(part_path)
-            if part is None or part["margin"].shape != (len(sub), len(probes)):
-                part = {"correct": np.empty((len(sub), len(probes))), "margin": np.empty((len(sub), len(probes)))}
-                for j in range(0, len(sub), step):
-                    chunk = sub[j:j + step]
-                    prompts = [prompt_segments(task, [c], p) for c in chunk for p in probes]
-                    c_, m_ = score.pair_scores(lm, task, prompts, probes * len(chunk), cfg.batch_size, counter=tokens)
-                    part["correct"][j:j + len(chunk)] = c_.reshape(len(chunk), len(probes))
-                    part["margin"][j:j + len(chunk)] = m_.reshape(len(chunk), len(probes))
-                try_save_npz(part_path, part)
-            correct[np.ix_(ci_rows[i:i + len(sub)], pj)] = part["correct"]
-            margin[np.ix_(ci_rows[i:i + len(sub)], pj)] = part["margin"]
-        done += len(cands)
+    done, total = 0, len(rows.cands)  # progress counts candidates
+    for part in parts:
+        if progress:
+            progress("quality matrix", done, total)
+        done += len(part.cand_rows)
+        got = flushed_part(part) or compute_part(lm, task, store, part, cfg.batch_size, tokens)
+        correct[np.ix_(part.cand_pos, part.probe_pos)] = got["correct"]
+        margin[np.ix_(part.cand_pos, part.probe_pos)] = got["margin"]
     if progress:
         progress("quality matrix", total, total)
-    n_prompts = int(np.isfinite(margin).sum()) + len(probes_all)
+    n_prompts = int(np.isfinite(margin).sum()) + len(rows.probes)
     meta = {"key": qkey, "build_key": store.key, "kind": "quality", "params": params, "task": task.name,
             "dtype": lm.provenance["dtype"], "hardware": lm.provenance["hardware"],
             "seconds": round(time.time() - t0, 2), "n_prompts": n_prompts, "tokens": tokens.as_dict(),
