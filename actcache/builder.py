@@ -162,7 +162,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None, remote=None) -> St
 
     remote: an engine that flushes the missing batches elsewhere before this
     process assembles the store (`cluster.RayEngine`); called as
-    `remote.run_build(cfg, key, bdir, passes, progress)` with passes
+    `remote.run_build(cfg, key, bdir, plan, passes, progress)` with passes
     [(mask, units, poolings)], it returns the forward batches it ran, and its
     `.provenance` is recorded in the build's provenance (never in the key).
     """
@@ -212,7 +212,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None, remote=None) -> St
                    sorted({a.pooling for a in missing if a.mask == m}))
                   for m in MASKS if any(a.mask == m for a in missing)]
         if remote is not None and passes:
-            forward_batches += remote.run_build(cfg, key, bdir, passes, progress)
+            forward_batches += remote.run_build(cfg, key, bdir, plan, passes, progress)
         for mask, units, pools in passes:
             todo = [a for a in missing if a.mask == mask]
             arrays, stats, nb = _run_pass(lm, plan, mask, units, pools, cfg, bdir, key, progress)

@@ -20,10 +20,11 @@ from .config import (  # noqa: F401  (re-exported: the CLI and callers read them
 Progress = Callable[[str, int, int], None]
 
 
-def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
+def evaluate(cfg: EvalConfig, progress: Progress | None = None, remote=None) -> EvalResult:
     """Run the quality matrix, correlation study and selection experiment; write
     the report directory `cfg.out` (report.md, results.json = `to_dict()`, CSVs,
-    plots, samples/). Returns the `EvalResult`."""
+    plots, samples/). Returns the `EvalResult`. `remote` (e.g. a
+    `cluster.RayEngine`) computes the quality matrix's missing parts."""
     import numpy as np
 
     from . import report
@@ -41,7 +42,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
         rows = study_rows(store, cfg)
         sae_training_overlap(store, rows.cands, rows.probes, cfg)
     lm = store.load_model(cfg.dtype)
-    q = quality_matrix(store, cfg, lm, progress)
+    q = quality_matrix(store, cfg, lm, progress, remote=remote)
     study = correlation_study(store, q, cfg, progress)
     selection = selection_experiment(store, cfg, lm, study, progress)
     res = EvalResult(

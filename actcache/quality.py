@@ -300,6 +300,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
             "dtype": lm.provenance["dtype"], "hardware": lm.provenance["hardware"],
             "seconds": round(time.time() - t0, 2), "n_prompts": n_prompts, "tokens": tokens.as_dict(),
             "labels_left_out": list(rows.labels_left_out),
+            "engine": getattr(remote, "provenance", None) or {"kind": "local", "workers": 1},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     arrays = dict(cand_rows=rows.cands, probe_rows=rows.probes, cand_half=rows.cand_half,
                   probe_half=rows.probe_half, correct=correct, margin=margin,

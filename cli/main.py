@@ -137,6 +137,28 @@ def data_options(task, data, data_dir, text_field, label_field, label_values, la
                     eval_limit=eval_limit if eval_limit is not None else limit, seed=seed)
 
 
+ENGINE = typer.Option("local", help="local (this process), or ray: the forward passes on a Ray cluster "
+                                    "(pip install 'actcache[ray]'); the same store, bit for bit.")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="A running Ray cluster ('auto' or ray://host:10001); "
+                                                         "default: start a local one sized to this machine.")
+WORKERS = typer.Option(None, help="--engine ray: actors (default: one per GPU, else one per --cpus-per-worker).")
+CPUS_PER_WORKER = typer.Option(1, help="--engine ray: cores (and threads) per actor.")
+GPUS_PER_WORKER = typer.Option(0.0, help="--engine ray: GPUs per actor (1 gives each actor a GPU).")
+
+
+def _remote(engine: str, address, workers, cpus: int, gpus: float):
+    """The remote engine of --engine (None for local); ConfigError for an unknown one."""
+    if engine == "local":
+        return None
+    if engine != "ray":
+        from actcache.errors import ConfigError
+
+        raise ConfigError(f"--engine must be local or ray, not {engine!r}")
+    from actcache.cluster import RayEngine
+
+    return RayEngine(address=address, workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus)
+
+
 @app.command()
 @handle_errors
 def build(
@@ -177,6 +199,11 @@ def build(
                                                           "sparse; adding one to a finished build runs only it."),
     store: Optional[str] = STORE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    engine: str = ENGINE,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    workers: Optional[int] = WORKERS,
+    cpus_per_worker: int = CPUS_PER_WORKER,
+    gpus_per_worker: float = GPUS_PER_WORKER,
 ):
     """Run the model over the dataset once; cache pooled activations and statistics (FAISS indexes on first use)."""
     import actcache
@@ -189,8 +216,9 @@ def build(
         layers=layers, components=_split(components), poolings=_split(pooling), masks=_split(masks),
         span=span, max_length=max_length, batch_size=batch_size, store_dtype=store_dtype,
         context_k=context_k, context_seed=context_seed, index=index, saes=_split(sae), home=store)
+    remote = _remote(engine, ray_address, workers, cpus_per_worker, gpus_per_worker)
     with progress_bar() as cb:
-        st = actcache.build(cfg, progress=cb)
+        st = actcache.build(cfg, progress=cb, remote=remote)
     r = st.report
     if as_json:
         typer.echo(json.dumps(r))
@@ -430,6 +458,11 @@ def evaluate(
     demos: Optional[str] = typer.Option(None, help="A query JSONL (from `actcache query`) evaluated as one more strategy."),
     out: str = OUT_DIR,
     store: Optional[str] = STORE,
+    engine: str = ENGINE,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    workers: Optional[int] = WORKERS,
+    cpus_per_worker: int = CPUS_PER_WORKER,
+    gpus_per_worker: float = GPUS_PER_WORKER,
 ):
     """Score ICL on a build: quality matrix, correlation study (raw and label-controlled), selection experiment."""
     from actcache.pipeline import evaluate as run_eval, resolve_key
@@ -442,8 +475,9 @@ def evaluate(
                      quality_def=quality_def, confirm_fraction=confirm_fraction, dtype=dtype, n_boot=n_boot, sae_min_active=sae_min_active,
                      allow_overlap=allow_overlap,
                      batch_size=batch_size, max_length=max_length, demos=demos, out=out)
+    remote = _remote(engine, ray_address, workers, cpus_per_worker, gpus_per_worker)
     with progress_bar() as cb:
-        res = run_eval(cfg, progress=cb)
+        res = run_eval(cfg, progress=cb, remote=remote)
     _print_results(res)
 
 
