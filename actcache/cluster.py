@@ -28,8 +28,6 @@ Datasink at the end, and it is at-least-once; the manifest is the truth.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -39,13 +37,13 @@ import numpy as np
 
 from .builder import flushed, identify, pass_capture, pass_layouts, run_batch
 from .errors import ConfigError
+from .files import MANIFEST, Manifest, file_sha256
 from .models import set_threads
 from .prompts import plan_rows
 from .quality import compute_part, flushed_part
 from .score import TokenCount
 from .store import Store
 
-MANIFEST = "manifest.jsonl"
 
 
 @dataclass(frozen=True)
@@ -142,43 +140,8 @@ class RayEngine:
         return got
 
 
-class Manifest:
-    """The units flushed so far, one JSON line each, appended by the driver."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                    self.rows[r["file"]] = r
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line torn by a crash: its unit is recomputed
-
-    def trusts(self, f: Path) -> bool:
-        r = self.rows.get(str(f))
-        return r is not None and f.exists() and sha256(f) == r["sha256"]
-
-    def add(self, row: dict) -> None:
-        self.rows[row["file"]] = row
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _row(f: Path, rows: int, **extra) -> dict:
-    return {"file": np.array([str(f)]), "rows": np.array([rows]), "sha256": np.array([sha256(f)]),
+    return {"file": np.array([str(f)]), "rows": np.array([rows]), "sha256": np.array([file_sha256(f)]),
             "worker": np.array([f"{socket.gethostname()}:{os.getpid()}"]),
             **{k: np.array([v]) for k, v in extra.items()}}
 

@@ -37,7 +37,7 @@ FORMAT_VERSION = 3
 
 __all__ = ["FORMAT_VERSION", "atomic_write", "default_home", "check_home", "canonical_key", "derive_key",
            "save_npz", "load_npz", "try_save_npz", "os_errno", "read_only", "lock_timeout", "file_lock",
-           "build_lock"]
+           "build_lock", "MANIFEST", "Manifest", "file_sha256"]
 
 
 def atomic_write(path: str | os.PathLike, write, nbytes: int | None = None) -> Path:
@@ -201,3 +201,48 @@ def build_lock(build_dir: Path) -> Iterator[None]:
     with file_lock(build_dir / "lock"):
         yield
 
+
+MANIFEST = "manifest.jsonl"  # the file a distributed run keeps beside its flushed units
+
+
+class Manifest:
+    """The units of work flushed so far (one JSON line each: file, rows, sha256,
+    worker), appended and fsynced by the process that collects them. A unit is
+    trusted only while its file's sha256 matches its line; `drop` forgets one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                    self.rows[r["file"]] = r
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a crash: its unit is recomputed
+
+    def trusts(self, f: Path) -> bool:
+        r = self.rows.get(str(f))
+        return r is not None and f.exists() and file_sha256(f) == r["sha256"]
+
+    def drop(self, f: Path) -> None:
+        """Forget `f` (its unit is recomputed), rewriting the manifest atomically."""
+        self.rows.pop(str(f), None)
+        text = "".join(json.dumps(r) + "\n" for r in self.rows.values())
+        atomic_write(self.path, lambda fh: fh.write(text.encode()))
+
+    def add(self, row: dict) -> None:
+        self.rows[row["file"]] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

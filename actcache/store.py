@@ -54,7 +54,7 @@ from .data import Example, Task
 from .errors import ConfigError, CorruptStoreError, MismatchError, StoreError
 from .files import (  # noqa: F401  (re-exported: the store's callers read them here)
     FORMAT_VERSION, atomic_write, build_lock, canonical_key, check_home, default_home, derive_key, file_lock,
-    load_npz, lock_timeout, os_errno, read_only, save_npz, try_save_npz,
+    MANIFEST, Manifest, load_npz, lock_timeout, os_errno, read_only, save_npz, try_save_npz,
 )
 from .models import ModelSpec, load_model
 
@@ -832,9 +832,34 @@ class VerifyReport:
         return all(f.repaired for f in self.findings)
 
 
+def _verify_units(bdir: Path, rep: "VerifyReport", repair: bool) -> None:
+    """The flushed units of unfinished work (a build's `partial/`, a quality
+    matrix's `.partial/`): each must read whole (zip CRCs) and, where a
+    distributed run's manifest lists it, match its sha256. With `repair` a bad
+    unit is deleted (and dropped from the manifest): the rerun recomputes it."""
+    for d in [bdir / "partial", *(bdir / "quality").glob("*.partial")]:
+        if not d.is_dir():
+            continue
+        manifests = {m.parent: Manifest(m) for m in d.rglob(MANIFEST)}
+        for f in sorted(d.rglob("*.npz")):
+            rep.checked += 1
+            man = next((m for parent, m in manifests.items() if str(f) in m.rows), None)
+            if load_npz(f) is not None and (man is None or man.trusts(f)):
+                continue
+            fd = Finding("unit", str(f), f"flushed unit {f.relative_to(bdir)} is damaged"
+                         f"{' or differs from its manifest' if man is not None else ''}; the rerun recomputes "
+                         f"it once it is deleted (verify --repair does)", repairable=True)
+            if repair:
+                f.unlink(missing_ok=True)
+                if man is not None:
+                    man.drop(f)
+                fd.repaired = True
+            rep.findings.append(fd)
+
+
 def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
-    """Check every part of a build: each array and statistics dataset read in
-    full (fletcher32 checksums), the examples digest, every index on disk (and
+    """Check every part of a build: the flushed units of unfinished work, each
+    array and statistics dataset read in full (fletcher32 checksums), the examples digest, every index on disk (and
     those an `--index` build promised) against its array, every derived cache
     file (query activations, quality matrices, embeddings), and leftovers of
     dead writers and finished builds.
@@ -845,6 +870,9 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
     """
     bdir = Path(build_dir)
     rep = VerifyReport(bdir.name)
+    _verify_units(bdir, rep, repair)
+    if not (bdir / "acts.h5").exists() and (bdir / "partial").exists():
+        return rep  # an unfinished build: its flushed units are all there is to check
     try:
         st = Store(bdir)
     except StoreError as e:

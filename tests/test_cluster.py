@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,12 @@ def test_killed_driver_resumes_computing_only_what_the_manifest_lacks(local_ray,
     with open(damaged, "r+b") as f:
         f.seek(40)
         f.write(b"\x00" * 16)
+    cli = [sys.executable, "-m", "actcache", "verify", bdir.name[:12], "--store", str(home)]
+    r = subprocess.run(cli, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "flushed unit" in r.stdout and "1 problems" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([*cli, "--repair"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert "1 repaired" in r.stdout and not Path(damaged).exists(), r.stdout + r.stderr
+    assert len((bdir / "partial" / MANIFEST).read_text().splitlines()) == 2
     resumed = build(cfg_for(tiny_model_dir["llama"], study_jsonl, home, **KW), remote=_engine())
     assert resumed.key == clean.key
     assert resumed.report["forward_batches"] == clean.report["forward_batches"] - 2
