@@ -147,6 +147,8 @@ def identify(cfg: BuildConfig):
         "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
         "store_dtype": cfg.store_dtype, "context_k": cfg.context_k, "context_seed": cfg.context_seed,
     }
+    if p.get("random_init"):  # the config and seed stand in for the weights (also in weights_sha256)
+        payload["model"]["random_init"] = {"config_sha256": p["config_sha256"], "init_seed": p["init_seed"]}
     n_rot = context_rotations(ds, cfg.context_k)
     if n_rot > 1:  # one rotation: the payload (and key) of builds made before rotations existed
         payload["context_rotations"] = n_rot

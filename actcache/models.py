@@ -31,12 +31,19 @@ DEVICES = ("cpu", "cuda", "mps", "auto")
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model to run and how. `model` is a hub id, a local directory, a
-    .gguf file, or "gemma-3-270m" (the packaged default)."""
+    .gguf file, or "gemma-3-270m" (the packaged default).
+
+    model_config: a shape ("llama-3.2-3b", "qwen2.5-3b") or a config.json path;
+        when set, `model` is not loaded: the architecture is built with random
+        weights drawn under `init_seed` (`shapes.load_random`; benchmarks only).
+    """
 
     model: str = DEFAULT_MODEL
     revision: str | None = None
     dtype: str = "auto"
     device: str = "cpu"
+    model_config: str | None = None
+    init_seed: int = 0
 
 
 @dataclass
@@ -299,6 +306,10 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec.model_config:
+        from .shapes import load_random
+
+        return load_random(spec, home)
     quiet_transformers()
 
     device = resolve_device(spec.device)

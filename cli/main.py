@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 from typing import List, Optional
 
@@ -144,6 +145,10 @@ def build(
     revision: Optional[str] = typer.Option(None, help="Model revision (hub branch, tag or commit)."),
     dtype: str = DTYPE,
     device: str = typer.Option(ModelSpec.device, help="cpu, cuda, mps or auto."),
+    model_config: Optional[str] = typer.Option(None, help="Benchmarks only: build llama-3.2-3b, qwen2.5-3b or a "
+                                                          "config.json's architecture with random weights instead "
+                                                          "of loading --model (evaluate refuses such a build)."),
+    init_seed: int = typer.Option(ModelSpec.init_seed, help="Torch seed of the random weights of --model-config."),
     task: str = typer.Option(DataSpec.task, help="Named task: rotten_tomatoes, sst2, agnews, rte, boolq, arc_challenge, openbookqa, gsm8k."),
     data: Optional[str] = typer.Option(None, help="A local .jsonl/.csv instead of --task."),
     data_dir: Optional[str] = DATA_DIR,
@@ -183,7 +188,7 @@ def build(
     from actcache.builder import BuildConfig
 
     cfg = BuildConfig(
-        model=ModelSpec(model, revision, dtype, device),
+        model=ModelSpec(model, revision, dtype, device, _config_path(model_config), init_seed),
         data=data_options(task, data, data_dir, text_field, label_field, label_values, label_words,
                           template, split_field, id_field, limit, eval_limit, seed),
         layers=layers, components=_split(components), poolings=_split(pooling), masks=_split(masks),
@@ -204,6 +209,13 @@ def build(
     if r["built_on"] and r["built_on"] != r["hardware"]["class"]:
         typer.echo(f"note: this build's arrays were computed on {r['built_on']}, not on this machine's "
                    f"{r['hardware']['class']}")
+
+
+def _config_path(name: Optional[str]) -> Optional[str]:
+    """A --model-config path made absolute (a later query may run elsewhere); shape names as given."""
+    if name and Path(name).expanduser().exists():
+        return str(Path(name).expanduser().resolve())
+    return name
 
 
 def hardware_line(dtype: str, requested: str, hw: dict) -> str:

@@ -1,0 +1,103 @@
+"""Paper-shaped models with random weights (`--model-config`): the named shapes,
+a tiny config.json built, reproducible, marked, keyed, and refused by evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_same_arrays, cfg_for
+
+from actcache.builder import build
+from actcache.errors import ConfigError, ModelError
+from actcache.models import ModelSpec
+from actcache.pipeline import EvalConfig, evaluate
+from actcache.shapes import SHAPES, shape_config
+
+TINY = {"model_type": "llama", "vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "tie_word_embeddings": True}
+
+
+def _meta_params(cfg) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in m.parameters())  # tied embeddings counted once
+
+
+def test_llama_3_2_3b_shape():
+    cfg, src, sha = shape_config("llama-3.2-3b")
+    assert type(cfg).__name__ == "LlamaConfig"
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.vocab_size) == (28, 3072, 24, 8, 8192, 128256)
+    assert cfg.rope_parameters["rope_theta"] == 500000 and cfg.tie_word_embeddings
+    assert len(sha) == 64 and src == SHAPES["llama-3.2-3b"]
+    n = _meta_params(cfg)
+    assert 3.15e9 < n < 3.25e9, n  # 3,212,749,824
+
+
+def test_qwen2_5_3b_shape():
+    cfg, _, _ = shape_config("qwen2.5-3b")
+    assert type(cfg).__name__ == "Qwen2Config"
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.vocab_size) == (36, 2048, 16, 2, 11008, 151936)
+    assert cfg.tie_word_embeddings
+    n = _meta_params(cfg)
+    assert 3.05e9 < n < 3.12e9, n  # 3,085,938,688
+
+
+def test_unknown_shape_says_what_to_pass(tmp_path):
+    with pytest.raises(ModelError, match="llama-3.2-3b"):
+        shape_config("llama-9b")
+    (tmp_path / "c.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ModelError, match="model_type"):
+        shape_config(str(tmp_path / "c.json"))
+
+
+def _cfg(tmp_path, jsonl, home, config=TINY, seed=0, name="config.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    spec = ModelSpec(dtype="float32", model_config=str(path), init_seed=seed)
+    return cfg_for(".", jsonl, home, model=spec, components=("mlp",), poolings=("mean",),
+                   masks=("isolated",))
+
+
+def test_random_build_reproducible_marked_keyed_refused(tmp_path, jsonl):
+    st = build(_cfg(tmp_path, jsonl, tmp_path / "a"))
+    m = st.provenance["model"]
+    assert m["random_init"] is True and m["init_seed"] == 0 and m["config"] == TINY
+    assert m["model_config"].endswith("config.json") and len(m["config_sha256"]) == 64
+    assert m["architecture"] == "LlamaForCausalLM"
+    assert st.acts("mlp", 1, "mean", "isolated").shape[1] == 32
+    again = build(_cfg(tmp_path, jsonl, tmp_path / "b"))  # a fresh store
+    assert again.key == st.key and not again.report["cache_hit"]
+    assert_same_arrays(again, st)
+    other_seed = build(_cfg(tmp_path, jsonl, tmp_path / "a", seed=1))
+    assert other_seed.key != st.key
+    assert not np.array_equal(other_seed.acts("mlp", 1, "mean", "isolated"), st.acts("mlp", 1, "mean", "isolated"))
+    other_cfg = build(_cfg(tmp_path, jsonl, tmp_path / "a", config={**TINY, "intermediate_size": 48}, name="c2.json"))
+    assert len({st.key, other_seed.key, other_cfg.key}) == 3
+    with pytest.raises(ConfigError, match="randomly initialised.*real weights"):
+        evaluate(EvalConfig(key=st.key, home=str(tmp_path / "a"), out=str(tmp_path / "out")))
+
+
+def test_random_build_queries(tmp_path, jsonl):
+    from actcache.query import QueryConfig, query
+
+    st = build(_cfg(tmp_path, jsonl, tmp_path / "a"))
+    home = str(tmp_path / "a")
+    kw = dict(key=st.key, home=home, component="mlp", pooling="mean", mask="isolated", k=2)
+    assert len(query(QueryConfig(**kw))) > 0  # the build's eval rows
+    (tmp_path / "new.txt").write_text("a dull movie\n")
+    recs = query(QueryConfig(**kw, source=str(tmp_path / "new.txt")))  # new text: the random model runs again
+    assert len(recs) == 1 and len(recs[0]["neighbors"]) == 2
+
+
+def test_vocab_smaller_than_tokenizer_is_refused(tmp_path, jsonl):
+    with pytest.raises(ModelError, match="vocab_size of at least"):
+        build(_cfg(tmp_path, jsonl, tmp_path / "a", config={**TINY, "vocab_size": 1000}))
