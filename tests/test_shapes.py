@@ -101,3 +101,23 @@ def test_random_build_queries(tmp_path, jsonl):
 def test_vocab_smaller_than_tokenizer_is_refused(tmp_path, jsonl):
     with pytest.raises(ModelError, match="vocab_size of at least"):
         build(_cfg(tmp_path, jsonl, tmp_path / "a", config={**TINY, "vocab_size": 1000}))
+
+
+def test_bench_scale_runs_on_cpu(tmp_path):
+    """benchmarks/bench_scale.py's every part on a tiny shape: one JSON line per part."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "ACTCACHE_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_scale.py"), "--device", "cpu",
+                          "--model-config", "tiny", "--n", "16", "--batch-size", "8", "--dtype", "float32",
+                          "--peak-n", "256", "--peak-reps", "3", "--store", str(tmp_path / "store")],
+                         capture_output=True, text=True, env=env, timeout=300, check=True).stdout
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert [x["part"] for x in lines] == ["peak", "forward", "capture"]
+    cap = lines[-1]
+    assert cap["model_config"] == "tiny" and cap["tokens_per_s"] > 0 and cap["share_of_peak"] > 0
+    assert cap["class"] == lines[0]["class"] and cap["tokens"] == lines[1]["tokens"]
