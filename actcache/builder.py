@@ -36,7 +36,7 @@ from .config import MASKS, VERSION
 from .data import DataSpec, load as load_data
 from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
-from .prompts import RowPlan, context_rotations, length_batches, plan_rows
+from .prompts import RowPlan, context_rotations, length_batches, plan_rows, token_batches
 from .sae import TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass, to_csr
 from indexes import min_vectors
 
@@ -65,6 +65,11 @@ class BuildConfig:
            select, evaluate), flat (exact cosine) unless the build asked for
            another kind. flat, ivf, hnsw or a FAISS factory string builds
            every array's index of that kind now.
+    batch_tokens: None (default) makes forward batches of batch_size rows; a
+          number makes them of as many length-sorted rows as fit that many
+          padded tokens (`prompts.token_batches`), to fill a GPU. It changes
+          the batches' composition, so it is part of the key. SAE passes keep
+          batch_size.
     saes: SAE directories (SAELens / Gemma Scope layout); their features are
           pooled (mean, max) over the same spans and masks and stored sparse.
           Like layers, they are contents, not part of the key: adding one to a
@@ -80,6 +85,7 @@ class BuildConfig:
     span: str = "full"
     max_length: int = 384
     batch_size: int = 16
+    batch_tokens: int | None = None
     store_dtype: str = "float16"
     context_k: int = 4
     context_seed: int = 0
@@ -103,6 +109,9 @@ class BuildConfig:
             raise ConfigError(f"--max-length {self.max_length} is too small; use at least 8")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if self.batch_tokens is not None and self.batch_tokens < self.max_length:
+            raise ConfigError(f"--batch-tokens {self.batch_tokens} is below --max-length {self.max_length}; "
+                              f"use at least {self.max_length} (or leave it out for --batch-size rows)")
         if self.context_k < 0:
             raise ConfigError(f"--context-k {self.context_k} must be at least 0 (0: no demonstrations)")
         if isinstance(self.layers, str):
@@ -147,6 +156,8 @@ def identify(cfg: BuildConfig):
         "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
         "store_dtype": cfg.store_dtype, "context_k": cfg.context_k, "context_seed": cfg.context_seed,
     }
+    if cfg.batch_tokens is not None:  # absent otherwise: the keys of builds made before it existed
+        payload["batch_tokens"] = cfg.batch_tokens
     if p.get("random_init"):  # the config and seed stand in for the weights (also in weights_sha256)
         payload["model"]["random_init"] = {"config_sha256": p["config_sha256"], "init_seed": p["init_seed"]}
     n_rot = context_rotations(ds, cfg.context_k)
@@ -271,7 +282,8 @@ def _run_pass(lm, plan: RowPlan, mask, units, poolings, cfg, bdir: Path, key: st
 def _run_rows(lm, cap: Capture, seqs, spans, mask, units, cfg, pdir: Path, desc: str, progress):
     """One forward pass over every row of one layout, each batch flushed to `pdir`."""
     pdir.mkdir(parents=True, exist_ok=True)
-    batches = length_batches([len(s) for s in seqs], cfg.batch_size)
+    lengths = [len(s) for s in seqs]
+    batches = token_batches(lengths, cfg.batch_tokens) if cfg.batch_tokens else length_batches(lengths, cfg.batch_size)
     ran = 0
     n = len(seqs)
     arrays: dict = {}
@@ -349,6 +361,7 @@ def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan
                  "spec": asdict(cfg.data), "n_pool": plan.splits.count("pool"),
                  "n_eval": plan.splits.count("eval")},
         "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
+        **({"batch_tokens": cfg.batch_tokens} if cfg.batch_tokens else {}),
         "store_dtype": cfg.store_dtype, "masks": sorted({a.mask for a in arrays}),
         "sink": plan.sink,
         "in_context": {"k": cfg.context_k, "seed": cfg.context_seed, "demo_ids": plan.context_ids,
@@ -388,6 +401,8 @@ def _cfg_json(cfg: BuildConfig) -> dict:
     d.pop("home", None)
     if d["index"] is None:
         d.pop("index")  # lazy: keep the kind an earlier build asked for
+    if d["batch_tokens"] is None:
+        d.pop("batch_tokens")
     return d
 
 

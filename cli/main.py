@@ -169,6 +169,9 @@ def build(
     span: str = typer.Option("full", help="Pool over 'full' (input plus label) or 'input' only."),
     max_length: int = typer.Option(384, help="Maximum tokens per sequence; longer inputs lose their start, recorded per example."),
     batch_size: int = typer.Option(16, help="Examples per forward batch."),
+    batch_tokens: Optional[int] = typer.Option(None, help="Instead of --batch-size rows: as many length-sorted "
+                                                          "rows as fit this many padded tokens per forward batch "
+                                                          "(fills a GPU; part of the build key)."),
     store_dtype: str = typer.Option("float16", help="float16 or float32 for stored activations."),
     context_k: int = typer.Option(4, help="Demonstrations in the in-context mask's prefix; with fewer than "
                                           "the task's labels, the mask is the mean over label rotations."),
@@ -192,7 +195,7 @@ def build(
         data=data_options(task, data, data_dir, text_field, label_field, label_values, label_words,
                           template, split_field, id_field, limit, eval_limit, seed),
         layers=layers, components=_split(components), poolings=_split(pooling), masks=_split(masks),
-        span=span, max_length=max_length, batch_size=batch_size, store_dtype=store_dtype,
+        span=span, max_length=max_length, batch_size=batch_size, batch_tokens=batch_tokens, store_dtype=store_dtype,
         context_k=context_k, context_seed=context_seed, index=index, saes=_split(sae), home=store)
     with progress_bar() as cb:
         st = actcache.build(cfg, progress=cb)

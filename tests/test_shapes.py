@@ -121,3 +121,45 @@ def test_bench_scale_runs_on_cpu(tmp_path):
     cap = lines[-1]
     assert cap["model_config"] == "tiny" and cap["tokens_per_s"] > 0 and cap["share_of_peak"] > 0
     assert cap["class"] == lines[0]["class"] and cap["tokens"] == lines[1]["tokens"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int16])
+def test_middle_pair_off_cpu_equals_the_cpu_path(dtype):
+    """The selection CUDA runs (`_middle_pair_select`) gives the CPU path's pair, ties included."""
+    from actcache.capture import _middle_pair, _middle_pair_select
+
+    g = torch.Generator().manual_seed(0)
+    for n, K, hi in ((40, 20, 5), (41, 21, 1000), (7, 7, 3), (64, 1, 2), (9, 5, 1)):
+        a = torch.randint(0, hi, (6, n), generator=g).to(dtype)
+        want = _middle_pair(a.clone(), K)
+        got = _middle_pair_select(a.clone(), K)
+        for w, x in zip(want, got):
+            assert torch.equal(w, x), (n, K, hi)
+
+
+def test_token_batches():
+    from actcache.prompts import length_batches, token_batches
+
+    lengths = [5, 9, 3, 9, 2, 7, 30]
+    got = token_batches(lengths, 20)
+    assert [b.tolist() for b in got] == [[6], [1, 3], [5, 0], [2, 4]]
+    assert np.concatenate(got).tolist() == np.concatenate(length_batches(lengths, 2)).tolist()
+    assert all(len(b) * lengths[b[0]] <= 20 for b in got if len(b) > 1)
+
+
+def test_batch_tokens_enters_the_key(tmp_path, jsonl):
+    from actcache.prompts import plan_rows, token_batches
+
+    from dataclasses import replace
+
+    base = replace(_cfg(tmp_path, jsonl, tmp_path / "a"), max_length=32)
+    plain = build(base)
+    by_tokens = build(replace(base, batch_tokens=64))
+    assert by_tokens.key != plain.key and by_tokens.config["batch_tokens"] == 64
+    seqs = plan_rows(load_data(base.data), shape_tokenizer(), base).seqs["isolated"]
+    assert by_tokens.report["forward_batches"] == len(token_batches([len(s) for s in seqs], 64))
+    assert "batch_tokens" not in plain.config and "--batch-tokens 64" in build_command(by_tokens)
+    np.testing.assert_allclose(by_tokens.acts("mlp", 1, "mean", "isolated"),
+                               plain.acts("mlp", 1, "mean", "isolated"), atol=2e-3)
+    with pytest.raises(ConfigError, match="--batch-tokens 100 is below --max-length"):
+        build(replace(base, max_length=384, batch_tokens=100))
