@@ -148,9 +148,12 @@ def test_token_batches():
 
 
 def test_batch_tokens_enters_the_key(tmp_path, jsonl):
-    from actcache.prompts import plan_rows, token_batches
-
     from dataclasses import replace
+
+    from actcache.data import load as load_data
+    from actcache.prompts import plan_rows, token_batches
+    from actcache.shapes import shape_tokenizer
+    from actcache.store import build_command
 
     base = replace(_cfg(tmp_path, jsonl, tmp_path / "a"), max_length=32)
     plain = build(base)
