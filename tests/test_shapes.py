@@ -166,3 +166,28 @@ def test_batch_tokens_enters_the_key(tmp_path, jsonl):
                                plain.acts("mlp", 1, "mean", "isolated"), atol=2e-3)
     with pytest.raises(ConfigError, match="--batch-tokens 100 is below --max-length"):
         build(replace(base, max_length=384, batch_tokens=100))
+
+
+def test_cli_build_model_config_relative_path(tmp_path, jsonl, monkeypatch):
+    """`actcache build --model-config config.json` (relative) records the absolute path, so a
+    later query from elsewhere finds it; `evaluate` on the CLI says why it refuses."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    monkeypatch.chdir(tmp_path)
+    home = str(tmp_path / "store")
+    r = CliRunner().invoke(app, ["build", "--model-config", "config.json", "--init-seed", "3", "--dtype", "float32",
+                                 "--data", str(jsonl), "--text-field", "review", "--split-field", "split",
+                                 "--id-field", "id", "--label-words", "negative,positive",
+                                 "--template", "Review: {review}\\nSentiment:", "--components", "mlp",
+                                 "--pooling", "mean", "--masks", "isolated", "--store", home, "--json"])
+    assert r.exit_code == 0, r.output
+    key = json.loads(r.output.strip().splitlines()[-1])["key"]
+    from actcache.store import Store
+
+    m = Store.open(key, home).provenance["model"]
+    assert m["model_config"] == str(tmp_path / "config.json") and m["init_seed"] == 3
+    r = CliRunner().invoke(app, ["evaluate", key, "--store", home, "--out", str(tmp_path / "out")])
+    assert r.exit_code != 0 and "real weights" in r.output
