@@ -10,7 +10,9 @@ Parts (--parts, comma-separated, run in this order):
   capture  `actcache build` over --n synthetic rows: every layer, the mlp
            component, mean pooling and the 6 statistics, isolated mask; timed
            from the first forward batch to the last (model set-up and the HDF5
-           write are reported apart)
+           write are reported apart). Run after `forward` it finds every batch
+           shape's kernels warm, as a long build does after its first batches;
+           on CUDA a small build of other rows runs first
 
 The model is `--model-config`'s architecture with random weights (`actcache
 build --model-config`): llama-3.2-3b, qwen2.5-3b, a config.json path, or
@@ -124,7 +126,7 @@ def shares(tps: float, params: tuple[int, int], peak: float | None) -> dict:
 
 
 def run_forward(args, cfg, peak: float | None) -> None:
-    """Plain forward of the base model over the build's batches (warm-up pass first)."""
+    """Plain forward of the base model over the build's batches, timed on a second pass."""
     from actcache.builder import identify
     from actcache.capture import decoder_layers, make_batch
     from actcache.prompts import length_batches, pad_id, plan_rows
@@ -136,7 +138,8 @@ def run_forward(args, cfg, peak: float | None) -> None:
     batches = [make_batch([seqs[i] for i in rows], [spans[i] for i in rows], pad_id(lm.tokenizer), args.device)
                for rows in length_batches([len(s) for s in seqs], args.batch_size)]
     with torch.inference_mode():
-        base(input_ids=batches[0].input_ids, attention_mask=batches[0].attention_mask, use_cache=False)
+        for b in batches:  # warm-up: every batch shape once (kernel selection, allocator)
+            base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
         sync(args.device)
         t = time.perf_counter()
         for b in batches:
