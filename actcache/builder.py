@@ -36,7 +36,7 @@ from .config import MASKS, VERSION
 from .data import DataSpec, load as load_data
 from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
-from .prompts import RowPlan, context_rotations, length_batches, plan_rows
+from .prompts import RowPlan, context_rotations, length_batches, plan_rows, token_batches
 from .sae import TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass, to_csr
 from indexes import min_vectors
 
@@ -65,6 +65,11 @@ class BuildConfig:
            select, evaluate), flat (exact cosine) unless the build asked for
            another kind. flat, ivf, hnsw or a FAISS factory string builds
            every array's index of that kind now.
+    batch_tokens: None (default) makes forward batches of batch_size rows; a
+          number makes them of as many length-sorted rows as fit that many
+          padded tokens (`prompts.token_batches`), to fill a GPU. It changes
+          the batches' composition, so it is part of the key. SAE passes keep
+          batch_size.
     saes: SAE directories (SAELens / Gemma Scope layout); their features are
           pooled (mean, max) over the same spans and masks and stored sparse.
           Like layers, they are contents, not part of the key: adding one to a
@@ -80,6 +85,7 @@ class BuildConfig:
     span: str = "full"
     max_length: int = 384
     batch_size: int = 16
+    batch_tokens: int | None = None
     store_dtype: str = "float16"
     context_k: int = 4
     context_seed: int = 0
@@ -103,6 +109,9 @@ class BuildConfig:
             raise ConfigError(f"--max-length {self.max_length} is too small; use at least 8")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if self.batch_tokens is not None and self.batch_tokens < self.max_length:
+            raise ConfigError(f"--batch-tokens {self.batch_tokens} is below --max-length {self.max_length}; "
+                              f"use at least {self.max_length} (or leave it out for --batch-size rows)")
         if self.context_k < 0:
             raise ConfigError(f"--context-k {self.context_k} must be at least 0 (0: no demonstrations)")
         if isinstance(self.layers, str):
@@ -147,6 +156,10 @@ def identify(cfg: BuildConfig):
         "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
         "store_dtype": cfg.store_dtype, "context_k": cfg.context_k, "context_seed": cfg.context_seed,
     }
+    if cfg.batch_tokens is not None:  # absent otherwise: the keys of builds made before it existed
+        payload["batch_tokens"] = cfg.batch_tokens
+    if p.get("random_init"):  # the config and seed stand in for the weights (also in weights_sha256)
+        payload["model"]["random_init"] = {"config_sha256": p["config_sha256"], "init_seed": p["init_seed"]}
     n_rot = context_rotations(ds, cfg.context_k)
     if n_rot > 1:  # one rotation: the payload (and key) of builds made before rotations existed
         payload["context_rotations"] = n_rot
@@ -248,7 +261,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None, remote=None) -> St
     return store
 
 
-def pass_layouts(plan: RowPlan, mask: str, units, poolings, bdir: Path, key: str, batch_size: int) -> list[tuple]:
+def pass_layouts(plan: RowPlan, mask: str, units, poolings, bdir: Path, key: str, cfg: "BuildConfig") -> list[tuple]:
     """The layouts of one pass as (directory of its flushed batches, seqs, spans,
     batches): one per `RowPlan.layouts(mask)` entry. A pure function of the
     config, so any process that plans the same build flushes the same files."""
@@ -257,7 +270,10 @@ def pass_layouts(plan: RowPlan, mask: str, units, poolings, bdir: Path, key: str
     out = []
     for r, (seqs, spans) in enumerate(layouts):
         pdir = bdir / "partial" / pid / f"r{r}" if len(layouts) > 1 else bdir / "partial" / pid
-        out.append((pdir, seqs, spans, length_batches([len(s) for s in seqs], batch_size)))
+        lengths = [len(s) for s in seqs]
+        batches = token_batches(lengths, cfg.batch_tokens) if cfg.batch_tokens else \
+            length_batches(lengths, cfg.batch_size)
+        out.append((pdir, seqs, spans, batches))
     return out
 
 
@@ -296,7 +312,7 @@ def _run_pass(lm, plan: RowPlan, mask, units, poolings, cfg, bdir: Path, key: st
     are the mean over rotations, summed in rotation order in float64 (pooled
     arrays then float32, as one pass gives them)."""
     cap = pass_capture(lm, units, poolings)
-    layouts = pass_layouts(plan, mask, units, poolings, bdir, key, cfg.batch_size)
+    layouts = pass_layouts(plan, mask, units, poolings, bdir, key, cfg)
     if len(layouts) == 1:
         return _run_rows(lm, cap, layouts[0], mask, units, f"build {mask}", progress)
     ran = 0
@@ -386,6 +402,7 @@ def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan
                  "spec": asdict(cfg.data), "n_pool": plan.splits.count("pool"),
                  "n_eval": plan.splits.count("eval")},
         "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
+        **({"batch_tokens": cfg.batch_tokens} if cfg.batch_tokens else {}),
         "store_dtype": cfg.store_dtype, "masks": sorted({a.mask for a in arrays}),
         "sink": plan.sink,
         "in_context": {"k": cfg.context_k, "seed": cfg.context_seed, "demo_ids": plan.context_ids,
@@ -425,6 +442,8 @@ def _cfg_json(cfg: BuildConfig) -> dict:
     d.pop("home", None)
     if d["index"] is None:
         d.pop("index")  # lazy: keep the kind an earlier build asked for
+    if d["batch_tokens"] is None:
+        d.pop("batch_tokens")
     return d
 
 

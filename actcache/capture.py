@@ -300,8 +300,22 @@ def _middle_pair(a, K: int):
         an.partition(K - 1, axis=1)
         lo = torch.from_numpy(an[:, K - 1].copy())
         return lo, (torch.from_numpy(an[:, K:].min(1)) if K < N else lo)
+    return _middle_pair_select(a, K)
+
+
+def _middle_pair_select(a, K: int):
+    """`_middle_pair` off the CPU, on `a`'s device: one selection for the K-th;
+    the (K+1)-th is the K-th itself when more than K values are at most it,
+    else the smallest value above it (found by masking `a` in place)."""
+    import torch
+
     lo = torch.kthvalue(a, K, dim=1).values
-    return lo, (torch.kthvalue(a, K + 1, dim=1).values if K < N else lo)
+    if K >= a.shape[1]:
+        return lo, lo
+    at_most = a <= lo[:, None]
+    ties = at_most.sum(1) > K
+    top = torch.inf if a.dtype.is_floating_point else torch.iinfo(a.dtype).max
+    return lo, torch.where(ties, lo, a.masked_fill_(at_most, top).amin(1))
 
 
 def _mean(x, sp: "_Spans"):

@@ -94,8 +94,7 @@ class RayEngine:
         manifest = Manifest(bdir / "partial" / MANIFEST)
         todo = []
         for p, (mask, units, pools) in enumerate(passes):
-            for li, (pdir, _, _, batches) in enumerate(pass_layouts(plan, mask, units, pools, bdir, key,
-                                                                    cfg.batch_size)):
+            for li, (pdir, _, _, batches) in enumerate(pass_layouts(plan, mask, units, pools, bdir, key, cfg)):
                 for bi, rows in enumerate(batches):
                     shard = pdir / f"b{bi:05d}.npz"
                     if not (manifest.trusts(shard) and flushed(shard, rows) is not None):
@@ -158,7 +157,7 @@ class BuildWorker:
                               f"data differ between nodes; give every node the same files")
         plan = plan_rows(ds, self.lm.tokenizer, cfg)
         self.passes = [(mask, units, pass_capture(self.lm, units, pools),
-                        pass_layouts(plan, mask, units, pools, Path(bdir), key, cfg.batch_size))
+                        pass_layouts(plan, mask, units, pools, Path(bdir), key, cfg))
                        for mask, units, pools in passes]
 
     def __call__(self, batch: dict) -> dict:

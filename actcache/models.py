@@ -31,12 +31,19 @@ DEVICES = ("cpu", "cuda", "mps", "auto")
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model to run and how. `model` is a hub id, a local directory, a
-    .gguf file, or "gemma-3-270m" (the packaged default)."""
+    .gguf file, or "gemma-3-270m" (the packaged default).
+
+    model_config: a shape ("llama-3.2-3b", "qwen2.5-3b") or a config.json path;
+        when set, `model` is not loaded: the architecture is built with random
+        weights drawn under `init_seed` (`shapes.load_random`; benchmarks only).
+    """
 
     model: str = DEFAULT_MODEL
     revision: str | None = None
     dtype: str = "auto"
     device: str = "cpu"
+    model_config: str | None = None
+    init_seed: int = 0
 
 
 @dataclass
@@ -296,9 +303,10 @@ def quiet_transformers() -> None:
 
 def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
     """Load the model (eval mode, requested dtype/device) and tokenizer with provenance."""
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec.model_config:
+        return _load_random(spec)
     quiet_transformers()
 
     device = resolve_device(spec.device)
@@ -318,24 +326,41 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
         w_hash = weights_hash(local, home / "weights_sha256.json")
     else:
         w_hash = _hub_weights_hash(target, spec.revision, home)
-    tok_hash = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest() \
-        if getattr(tok, "backend_tokenizer", None) is not None else \
-        hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
     prov = {
         "model": spec.model,
         "resolved": target,
         "revision": spec.revision or getattr(model.config, "_commit_hash", None),
-        "architecture": type(model).__name__,
         "weights_sha256": w_hash,
-        "tokenizer_sha256": tok_hash,
-        "tokenizer_class": type(tok).__name__,
-        "dtype": dtype_name,
-        "dtype_requested": spec.dtype,
-        "device": device,
-        "hardware": hardware(device),
-        "transformers": transformers.__version__,
+        **_common_provenance(model, tok, spec, dtype_name, device),
         **extra,
     }
+    return LoadedModel(model, tok, prov)
+
+
+def _tokenizer_hash(tok) -> str:
+    if getattr(tok, "backend_tokenizer", None) is not None:
+        return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+
+
+def _common_provenance(model, tok, spec: ModelSpec, dtype_name: str, device: str) -> dict:
+    import transformers
+
+    return {"architecture": type(model).__name__, "tokenizer_sha256": _tokenizer_hash(tok),
+            "tokenizer_class": type(tok).__name__, "dtype": dtype_name, "dtype_requested": spec.dtype,
+            "device": device, "hardware": hardware(device), "transformers": transformers.__version__}
+
+
+def _load_random(spec: ModelSpec) -> LoadedModel:
+    """`spec.model_config`'s architecture with random weights (`shapes.random_model`)."""
+    from .shapes import random_model  # transformers' configs and the encoder's tokenizer: --model-config only
+
+    quiet_transformers()
+    device = resolve_device(spec.device)
+    dtype_name = resolve_dtype(spec.dtype, device)
+    model, tok, extra = random_model(spec.model_config, spec.init_seed, torch_dtype(dtype_name), device)
+    prov = {"model": f"random-init:{spec.model_config}", **_common_provenance(model, tok, spec, dtype_name, device),
+            **extra}
     return LoadedModel(model, tok, prov)
 
 

@@ -38,6 +38,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None, remote=None) -> 
     t0 = time.time()
     set_threads()
     store = Store.open(cfg.key, cfg.home)
+    refuse_random_weights(store)
     if store.sae_groups:  # the SAE study's overlap check, before minutes of scoring (it runs again there)
         rows = study_rows(store, cfg)
         sae_training_overlap(store, rows.cands, rows.probes, cfg)
@@ -61,6 +62,17 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None, remote=None) -> 
                        "cand_half": q.cand_half.tolist(), "probe_half": q.probe_half.tolist()})
     report.write(res, Path(cfg.out))
     return res
+
+
+def refuse_random_weights(store) -> None:
+    """ConfigError for a build made from randomly initialised weights (`--model-config`)."""
+    from .errors import ConfigError
+
+    m = store.provenance.get("model") or {}
+    if m.get("random_init"):
+        raise ConfigError(f"build {store.key[:12]} was made from randomly initialised weights "
+                          f"(--model-config {m.get('model_config')!r}), which have no in-context learning; "
+                          f"evaluate a build made from real weights (actcache build --model ...)")
 
 
 def resolve_key(key: str, home: str | None) -> str:

@@ -396,6 +396,22 @@ def length_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
     return [np.array(order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
+def token_batches(lengths: list[int], batch_tokens: int) -> list[np.ndarray]:
+    """Row indices per batch in `length_batches`' order (longest first, ties by
+    row), each batch as many rows as fit `batch_tokens` padded tokens (rows x
+    its longest row); a row longer than that is a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    out, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[cur[0]] > batch_tokens:
+            out.append(np.array(cur))
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(np.array(cur))
+    return out
+
+
 def stored_context_segments(store, task) -> list[list[str]]:
     """The in-context prefix of each label rotation as the builder tokenized it:
     one list of segments per rotation (one segment per demo; `[[]]` for a build

@@ -986,6 +986,8 @@ def build_command(store: "Store") -> str:
         parts += [flag, ",".join(str(v) for v in sorted({getattr(a, attr) for a in store.arrays}))]
     parts += ["--dtype", str(store.provenance.get("model", {}).get("dtype") or m.get("dtype", "auto"))]
     parts += _options(m, ("revision", "device"))
+    if m.get("model_config"):
+        parts += _options(m, ("model_config", "init_seed"))
     if d.get("path"):
         words = [str(w).strip() for w in d.get("label_words") or ()]
         template = d.get("template")
@@ -993,7 +995,7 @@ def build_command(store: "Store") -> str:
                           ("text_fields", "label_field", "label_values", "label_words", "template", "split_field",
                            "id_field"), {"text_fields": "--text-field"})
     parts += _options(d, ("data_dir", "pool_limit", "eval_limit", "seed"), {"pool_limit": "--limit"})
-    parts += _options(cfg, ("span", "max_length", "batch_size", "store_dtype", "context_k", "context_seed",
+    parts += _options(cfg, ("span", "max_length", "batch_size", "batch_tokens", "store_dtype", "context_k", "context_seed",
                             "index", "saes"), {"saes": "--sae"})
     parts += ["--store", str(store.home)]
     return " ".join(shlex.quote(x) for x in parts)

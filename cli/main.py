@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 from typing import List, Optional
 
@@ -166,6 +167,10 @@ def build(
     revision: Optional[str] = typer.Option(None, help="Model revision (hub branch, tag or commit)."),
     dtype: str = DTYPE,
     device: str = typer.Option(ModelSpec.device, help="cpu, cuda, mps or auto."),
+    model_config: Optional[str] = typer.Option(None, help="Benchmarks only: build llama-3.2-3b, qwen2.5-3b or a "
+                                                          "config.json's architecture with random weights instead "
+                                                          "of loading --model (evaluate refuses such a build)."),
+    init_seed: int = typer.Option(ModelSpec.init_seed, help="Torch seed of the random weights of --model-config."),
     task: str = typer.Option(DataSpec.task, help="Named task: rotten_tomatoes, sst2, agnews, rte, boolq, arc_challenge, openbookqa, gsm8k."),
     data: Optional[str] = typer.Option(None, help="A local .jsonl/.csv instead of --task."),
     data_dir: Optional[str] = DATA_DIR,
@@ -186,6 +191,9 @@ def build(
     span: str = typer.Option("full", help="Pool over 'full' (input plus label) or 'input' only."),
     max_length: int = typer.Option(384, help="Maximum tokens per sequence; longer inputs lose their start, recorded per example."),
     batch_size: int = typer.Option(16, help="Examples per forward batch."),
+    batch_tokens: Optional[int] = typer.Option(None, help="Instead of --batch-size rows: as many length-sorted "
+                                                          "rows as fit this many padded tokens per forward batch "
+                                                          "(fills a GPU; part of the build key)."),
     store_dtype: str = typer.Option("float16", help="float16 or float32 for stored activations."),
     context_k: int = typer.Option(4, help="Demonstrations in the in-context mask's prefix; with fewer than "
                                           "the task's labels, the mask is the mean over label rotations."),
@@ -210,11 +218,11 @@ def build(
     from actcache.builder import BuildConfig
 
     cfg = BuildConfig(
-        model=ModelSpec(model, revision, dtype, device),
+        model=ModelSpec(model, revision, dtype, device, _config_path(model_config), init_seed),
         data=data_options(task, data, data_dir, text_field, label_field, label_values, label_words,
                           template, split_field, id_field, limit, eval_limit, seed),
         layers=layers, components=_split(components), poolings=_split(pooling), masks=_split(masks),
-        span=span, max_length=max_length, batch_size=batch_size, store_dtype=store_dtype,
+        span=span, max_length=max_length, batch_size=batch_size, batch_tokens=batch_tokens, store_dtype=store_dtype,
         context_k=context_k, context_seed=context_seed, index=index, saes=_split(sae), home=store)
     remote = _remote(engine, ray_address, workers, cpus_per_worker, gpus_per_worker)
     with progress_bar() as cb:
@@ -232,6 +240,13 @@ def build(
     if r["built_on"] and r["built_on"] != r["hardware"]["class"]:
         typer.echo(f"note: this build's arrays were computed on {r['built_on']}, not on this machine's "
                    f"{r['hardware']['class']}")
+
+
+def _config_path(name: Optional[str]) -> Optional[str]:
+    """A --model-config path made absolute (a later query may run elsewhere); shape names as given."""
+    if name and Path(name).expanduser().exists():
+        return str(Path(name).expanduser().resolve())
+    return name
 
 
 def hardware_line(dtype: str, requested: str, hw: dict) -> str:
