@@ -69,8 +69,11 @@ class RayEngine:
             kw = {"address": self.address} if self.address else {"num_cpus": os.cpu_count()}
             ray.init(**kw, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                      ignore_reinit_error=True)
+        import logging
+
         from ray.data import DataContext
 
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the library never prints
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False  # the library never prints; progress goes to the callback
         return ray

@@ -7,6 +7,9 @@ Parts (--parts, comma-separated, run in this order):
            synchronisations
   forward  the base model's plain forward (no hooks, no LM head) over the same
            length-sorted batches the build runs: the floor any capture pays
+  ray      `--engine ray` against a local build with the same resources (one
+           actor with every core; the engine's overhead, goal <= 15 %), and
+           rows/s at 1 and 2 one-core workers (a local Ray instance)
   capture  `actcache build` over --n synthetic rows: every layer, the mlp
            component, mean pooling and the 6 statistics, isolated mask; timed
            from the first forward batch to the last (model set-up and the HDF5
@@ -26,12 +29,15 @@ Prints one JSON line per measurement (`emit`), with `actcache.models.hardware()`
 
     python benchmarks/bench_scale.py --device cuda --model-config llama-3.2-3b --n 4096 --batch-size 64
     python benchmarks/bench_scale.py --device cpu --model-config tiny --n 64 --dtype float32
+    python benchmarks/bench_scale.py --device cpu --parts ray --ray-model gemma-3-270m --dtype float32 --n 128
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -204,9 +210,58 @@ def _tokens_of(cfg) -> int:
     return sum(len(s) for s in plan.seqs["isolated"])
 
 
+def _timed_build(cfg, remote=None) -> tuple[float, object]:
+    from actcache.builder import build
+
+    t = time.perf_counter()
+    st = build(cfg, remote=remote)
+    return time.perf_counter() - t, st
+
+
+def run_ray(args, data: Path, folder: Path) -> None:
+    """The engine's cost: a local single-process build against `--engine ray`
+    with the same resources (one actor with every core), then Ray at 1 and 2
+    one-core workers; each on a fresh store (every forward batch computed),
+    median of --ray-repeats, alternating so outside load hits all alike. Ray
+    runs include starting the actors and loading the model in each; the local
+    Ray instance is started once, before any timing."""
+    import ray
+
+    from actcache.cluster import RayEngine
+    from actcache.models import ModelSpec, set_threads
+
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    runs = {"local": None, "ray_same": RayEngine(workers=1, cpus_per_worker=cores),
+            "ray_1x1": RayEngine(workers=1, cpus_per_worker=1), "ray_2x1": RayEngine(workers=2, cpus_per_worker=1)}
+    times: dict = {k: [] for k in runs}
+    keys = set()
+    for r in range(args.ray_repeats):
+        for name, engine in runs.items():
+            set_threads(cores)
+            cfg = build_config(args, data, folder / f"ray-{name}-{r}")
+            if args.ray_model:
+                cfg = dataclasses.replace(cfg, model=ModelSpec(args.ray_model, dtype=args.dtype, device=args.device))
+            s, st = _timed_build(cfg, engine)
+            times[name].append(s)
+            keys.add(st.key)
+    ray.shutdown()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows, model = args.n, args.ray_model or args.shape
+    emit(bench="scale", part="ray_overhead", model=model, rows=rows, repeats=args.ray_repeats,
+         local_s=round(med["local"], 2),
+         ray_same_resources_s=round(med["ray_same"], 2),
+         overhead=round(med["ray_same"] / med["local"] - 1, 3), goal=0.15, same_key=len(keys) == 1)
+    emit(bench="scale", part="ray_workers", model=model, rows=rows, workers_1_rows_per_s=round(rows / med["ray_1x1"], 2),
+         workers_2_rows_per_s=round(rows / med["ray_2x1"], 2),
+         speedup_2_over_1=round(med["ray_1x1"] / med["ray_2x1"], 2), cores=cores)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="peak,forward,capture", help="any of peak, forward, capture")
+    ap.add_argument("--parts", default="peak,forward,capture", help="any of peak, forward, capture, ray")
+    ap.add_argument("--ray-model", default=None, help="ray part: a model id or path instead of --model-config")
+    ap.add_argument("--ray-repeats", type=int, default=2)
     ap.add_argument("--device", default="cuda", help="cuda or cpu")
     ap.add_argument("--model-config", default="llama-3.2-3b", help="llama-3.2-3b, qwen2.5-3b, a config.json or tiny")
     ap.add_argument("--dtype", default="bfloat16")
@@ -220,9 +275,9 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="store root (default: a temporary directory)")
     args = ap.parse_args()
     parts = [p for p in args.parts.split(",") if p]
-    unknown = set(parts) - {"peak", "forward", "capture"}
+    unknown = set(parts) - {"peak", "forward", "capture", "ray"}
     if unknown:
-        ap.error(f"unknown parts {sorted(unknown)}; choose from peak, forward, capture")
+        ap.error(f"unknown parts {sorted(unknown)}; choose from peak, forward, capture, ray")
     _DEVICE["name"] = args.device
     from actcache.models import set_threads
 
@@ -245,6 +300,8 @@ def main() -> None:
                 warm = write_rows(folder / "warm.jsonl", 2 * args.batch_size, args.words, seed=1)
                 actcache_build(build_config(args, warm, folder / "warm-store"))
             run_capture(args, cfg, peak)
+        if "ray" in parts:
+            run_ray(args, Path(cfg.data.path), folder)
 
 
 if __name__ == "__main__":
