@@ -430,7 +430,8 @@ def _local_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example]]:
 
 
 def rows_task(spec: "DataSpec", rows: list[tuple[str, dict, str | None]], where: str, name: str,
-              sides: list[str] | None = None, classes: tuple[str, ...] = ()) -> tuple[Task, list[Example], list[Example]]:
+              sides: list[str] | None = None,
+              classes: tuple[str, ...] = ()) -> tuple[Task, list[Example], list[Example]]:
     """The task, pool and eval of table rows: (location, row, default id or None for the row number).
 
     `where` names the source in messages; `sides` ("pool"/"eval" per row) overrides

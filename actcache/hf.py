@@ -106,6 +106,8 @@ def open_dataset(src: HFSource, revision: str | None = None) -> dict:
     if local and not p.exists():
         raise DatasetError(f"--task hf:{src.path}: {p} does not exist; give an existing directory written by "
                            f"save_to_disk, a directory of parquet/JSON/CSV files, or one such file")
+    if local and revision:
+        raise ConfigError(f"--data-revision picks a revision of a hub dataset; {src.path} is a local path")
     if local and src.config and (_is_saved(p) or p.is_file()):
         raise DatasetError(f"--task hf:{src.path}:{src.config}: {p} has no configs; drop ':{src.config}'")
     try:

@@ -70,7 +70,8 @@ def test_hf_explicit_splits_default_ids_and_class_names(tmp_path):
     d = datasets.Dataset.from_dict(cols, features=feats)
     datasets.DatasetDict({"a": d.select(range(8)), "b": d.select(range(8, 12))}).save_to_disk(str(tmp_path / "d"))
     ds = load(DataSpec(task=f"hf:{tmp_path / 'd'}", split="a", eval_split="b"))
-    assert [e.id for e in ds.pool] == [f"a-{i}" for i in range(8)] and [e.id for e in ds.eval] == ["b-0", "b-1", "b-2", "b-3"]
+    assert [e.id for e in ds.pool] == [f"a-{i}" for i in range(8)]
+    assert [e.id for e in ds.eval] == ["b-0", "b-1", "b-2", "b-3"]
     assert ds.task.label_words == (" neg", " pos") and [e.label for e in ds.eval] == [lab for _, lab in TEXTS[8:]]
     assert ds.eval[0].fields == (("text", TEXTS[8][0]),)
 
@@ -104,6 +105,8 @@ def test_hf_errors_say_what_to_do(hf_data, monkeypatch):
         load(DataSpec(task=f"hf:{tmp / 'pq'}:nope", **OPTS))
     with pytest.raises(DatasetError, match="has no configs"):
         load(DataSpec(task=f"hf:{tmp / 'saved'}:nope", **OPTS))
+    with pytest.raises(ActcacheError, match="is a local path"):
+        load(DataSpec(task=f"hf:{tmp / 'saved'}", revision="main", **OPTS))
     with pytest.raises(DatasetError, match="does not exist; give an existing directory"):
         load(DataSpec(task=f"hf:{tmp / 'missing'}", **OPTS))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
