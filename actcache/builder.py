@@ -242,7 +242,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None, remote=None) -> St
         if missing or new_sae:
             engine = getattr(remote, "provenance", None) or {"kind": "local", "workers": 1}
             _write(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task, bool(have),
-                   new_sae, engine)
+                   new_sae, engine, ds.source)
             shutil.rmtree(bdir / "partial", ignore_errors=True)
         store = Store(bdir)
         made_idx = _ensure_indexes(store, cfg, progress) if cfg.index else 0
@@ -391,7 +391,7 @@ def _sae_pass(lm, sae, plan: RowPlan, mask, cfg, progress) -> tuple[dict, int]:
 
 
 def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan, arrays, stats, task,
-           extend: bool, saes: dict | None = None, engine: dict | None = None) -> None:
+           extend: bool, saes: dict | None = None, engine: dict | None = None, source: dict | None = None) -> None:
     """Hand the new arrays, the examples (new builds) and the provenance to `store.write_build`."""
     examples = None if extend else plan.examples(task)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -400,7 +400,9 @@ def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan
         "data": {"task": {**payload["task"], "stop": task.stop, "dup_field": task.dup_field},
                  "fingerprint": payload["data"],
                  "spec": asdict(cfg.data), "n_pool": plan.splits.count("pool"),
-                 "n_eval": plan.splits.count("eval")},
+                 "n_eval": plan.splits.count("eval"),
+                 # A Hugging Face source: its path, config, revision, splits and datasets fingerprints.
+                 **({"source": source} if source and "hf" in source else {})},
         "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
         **({"batch_tokens": cfg.batch_tokens} if cfg.batch_tokens else {}),
         "store_dtype": cfg.store_dtype, "masks": sorted({a.mask for a in arrays}),

@@ -425,53 +425,103 @@ def _read_table(path: Path) -> list[tuple[int, dict]]:
 
 def _local_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example]]:
     path = Path(spec.path)
-    rows = _read_table(path)
+    rows = [(f"line {lineno}", r, None) for lineno, r in _read_table(path)]
+    return rows_task(spec, rows, str(path), path.stem)
+
+
+def rows_task(spec: "DataSpec", rows: list[tuple[str, dict, str | None]], where: str, name: str,
+              sides: list[str] | None = None,
+              classes: tuple[str, ...] = ()) -> tuple[Task, list[Example], list[Example]]:
+    """The task, pool and eval of table rows: (location, row, default id or None for the row number).
+
+    `where` names the source in messages; `sides` ("pool"/"eval" per row) overrides
+    --split-field and the hash split; `classes` are class names of integer labels
+    (the default label words)."""
     if not rows:
-        raise DatasetError(f"{path} is empty (no rows); pass a file with at least one example")
-    first_line, first = rows[0]
+        raise DatasetError(f"{where} is empty (no rows); pass a file with at least one example")
+    first_loc, first, _ = rows[0]
     text_fields = spec.text_fields or (("text",) if "text" in first else ())
     if not text_fields:
-        raise DatasetError(f"{path}: line {first_line} has no 'text' field; pass --text-field naming the text "
+        raise DatasetError(f"{where}: {first_loc} has no 'text' field; pass --text-field naming the text "
                            f"field(s) (it has {sorted(first)})")
     wanted = (*text_fields, spec.label_field, *([spec.split_field] if spec.split_field else []))
-    for name in wanted:  # a wrong option name shows on the first row
-        if name not in first:
-            raise DatasetError(f"{path}: field {name!r} not found in line {first_line} (the first row); available "
+    for fname in wanted:  # a wrong option name shows on the first row
+        if fname not in first:
+            raise DatasetError(f"{where}: field {fname!r} not found in {first_loc} (the first row); available "
                                f"fields: {sorted(first)}. Pass the right --text-field/--label-field/--split-field.")
     # Every row is checked before anything is built: a missing or null value
     # halfway down the file must not surface as a KeyError or the text "None".
     checked = []
-    for lineno, r in rows:
-        where = f"{path}: line {lineno}, row {len(checked) + 1}"
-        vals = {name: field_value(r, name, where) for name in wanted}
-        # A row without the id field keeps its row number as id, as before.
-        ex_id = field_value(r, spec.id_field, where) if spec.id_field and spec.id_field in r else str(len(checked))
+    for loc, r, default_id in rows:
+        at = f"{where}: {loc}, row {len(checked) + 1}"
+        vals = {f: field_value(r, f, at) for f in wanted}
+        # A row without the id field keeps its default id (its row number for a file).
+        ex_id = (field_value(r, spec.id_field, at) if spec.id_field and spec.id_field in r
+                 else default_id if default_id is not None else str(len(checked)))
         checked.append((ex_id, vals))
-    raw_labels = [r[spec.label_field] for _, r in checked]
+    values, words = _label_classes(spec, [r[spec.label_field] for _, r in checked], where, classes)
+    template = spec.template or "\n".join(f"{f}: {{{f}}}" for f in text_fields) + "\nLabel:"
+    task = Task(name, "classification", template, tuple(words))
+    pool, ev = [], []
+    for i, (ex_id, r) in enumerate(checked):
+        ex = Example(ex_id, tuple((f, r[f]) for f in text_fields), values.index(r[spec.label_field]))
+        if sides is not None:
+            side = sides[i]
+        else:
+            split = r[spec.split_field] if spec.split_field else _hash_split(task.dup_key(ex))
+            side = "eval" if split in ("eval", "test", "dev", "validation", "val") else "pool"
+        (ev if side == "eval" else pool).append(ex)
+    return task, pool, ev
+
+
+def _label_classes(spec: "DataSpec", raw_labels: list[str], where: str,
+                   classes: tuple[str, ...] = ()) -> tuple[list[str], tuple[str, ...]]:
+    """(label values in class order, label words) of a table's labels."""
     if spec.label_values:
         values = list(spec.label_values)
         unknown = sorted(set(raw_labels) - set(values))
         if unknown:
-            raise DatasetError(f"{path}: labels {unknown[:5]} are not in --label-values {values}")
+            raise DatasetError(f"{where}: labels {unknown[:5]} are not in --label-values {values}")
     elif all(v.lstrip("-").isdigit() for v in raw_labels):
         if any(int(v) < 0 for v in raw_labels):
-            raise DatasetError(f"{path}: negative integer label {min(int(v) for v in raw_labels)}; integer "
-                               f"labels are class indices 0..n-1, or pass --label-values")
-        values = [str(v) for v in range(max(int(v) for v in raw_labels) + 1)]
+            raise DatasetError(f"{where}: negative integer label {min(int(v) for v in raw_labels)}; integer "
+                               f"labels are class indices 0..n-1 (unlabelled rows, e.g. a hidden test split, "
+                               f"cannot be used), or pass --label-values")
+        n = max([int(v) for v in raw_labels] + [len(classes) - 1])
+        values = [str(v) for v in range(n + 1)]
     else:
         values = sorted(set(raw_labels))
-    words = spec.label_words or tuple(" " + v for v in values)
+    default = (tuple(" " + c for c in classes) if classes and not spec.label_values and len(classes) == len(values)
+               else ())
+    words = spec.label_words or default or tuple(" " + v for v in values)
     if len(words) != len(values):
         raise DatasetError(f"{len(words)} label words for {len(values)} label values {values}; "
                            f"pass one --label-words entry per label")
-    template = spec.template or "\n".join(f"{f}: {{{f}}}" for f in text_fields) + "\nLabel:"
-    task = Task(path.stem, "classification", template, tuple(words))
-    pool, ev = [], []
-    for ex_id, r in checked:
-        ex = Example(ex_id, tuple((f, r[f]) for f in text_fields), values.index(r[spec.label_field]))
-        split = r[spec.split_field] if spec.split_field else _hash_split(task.dup_key(ex))
-        (ev if split in ("eval", "test", "dev", "validation", "val") else pool).append(ex)
-    return task, pool, ev
+    return values, words
+
+
+def _hf_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example], dict]:
+    """A Hugging Face dataset (`--task hf:...`) through the rows path of `--data` (see `actcache.hf`)."""
+    from . import hf
+
+    src = hf.HFSource.parse(spec.task)
+    splits = hf.open_dataset(src, spec.revision)
+    where = f"hf:{src.path}" + (f":{src.config}" if src.config else "")
+    pool_split, eval_split = hf.choose_splits(list(splits), spec.split, spec.eval_split, spec.split_field, where)
+    rows = hf.split_rows(splits[pool_split], pool_split)
+    sides = None if spec.split_field or eval_split is None else ["pool"] * len(rows)
+    if sides is not None:
+        ev_rows = hf.split_rows(splits[eval_split], eval_split)
+        rows, sides = rows + ev_rows, sides + ["eval"] * len(ev_rows)
+    task, pool, ev = rows_task(spec, rows, where, src.name, sides,
+                               hf.label_names(splits[pool_split], spec.label_field))
+    used = [pool_split] + ([eval_split] if eval_split else [])
+    source = {"hf": src.path, "config": src.config, "revision": spec.revision, "split": pool_split,
+              "eval_split": eval_split, "split_field": spec.split_field,
+              "fingerprints": {s: splits[s]._fingerprint for s in used}}
+    if Path(src.path).expanduser().exists():
+        source["local_path"] = str(Path(src.path).expanduser().resolve())
+    return task, pool, ev, source
 
 
 # --------------------------------------------------------------------------- entry point
@@ -479,7 +529,9 @@ def _local_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example]]:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What data to load. `task` names a registry entry; `path` a local JSONL/CSV."""
+    """What data to load. `task` names a registry entry or a Hugging Face dataset
+    (`hf:<path>[:<config>]`, see `actcache.hf`); `path` a local JSONL/CSV.
+    `split`, `eval_split` and `revision` choose what of a Hugging Face dataset is read."""
 
     task: str = "rotten_tomatoes"
     path: str | None = None
@@ -494,15 +546,22 @@ class DataSpec:
     pool_limit: int | None = None
     eval_limit: int | None = None
     seed: int = 0
+    split: str | None = None
+    eval_split: str | None = None
+    revision: str | None = None
 
     def validate(self) -> None:
         """Check the options that need no file: raises DatasetError/ConfigError saying what to pass."""
         for opt, v in (("--limit", self.pool_limit), ("--eval-limit", self.eval_limit)):
             if v is not None and v < 1:
                 raise ConfigError(f"{opt} {v} must be at least 1 (or left out for every example)")
-        if not self.path and self.task not in TASKS:
-            raise DatasetError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)} "
-                               f"or pass --data FILE.jsonl|csv")
+        hf = not self.path and self.task.startswith("hf:")
+        if not self.path and not hf and self.task not in TASKS:
+            raise DatasetError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)}, "
+                               f"hf:<dataset>[:<config>], or pass --data FILE.jsonl|csv")
+        if not hf and (self.split or self.eval_split or self.revision):
+            raise ConfigError("--split, --eval-split and --data-revision choose what of a Hugging Face dataset "
+                              "is read; use them with --task hf:<dataset>")
         if self.path and Path(self.path).is_dir():
             raise DatasetError(f"--data {self.path} is a directory; pass a .jsonl or .csv file")
         for opt, v in (("--text-field", self.text_fields), ("--label-values", self.label_values)):
@@ -544,6 +603,8 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
     if spec.path:
         task, pool, ev = _local_task(spec)
         source = {"path": str(Path(spec.path).resolve())}
+    elif spec.task.startswith("hf:"):
+        task, pool, ev, source = _hf_task(spec)
     else:
         task = TASKS[spec.task]
         if spec.template or spec.label_words:
