@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import hf
 from .errors import ConfigError, DatasetError
 from .files import atomic_write, default_home
 
@@ -502,8 +503,6 @@ def _label_classes(spec: "DataSpec", raw_labels: list[str], where: str,
 
 def _hf_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example], dict]:
     """A Hugging Face dataset (`--task hf:...`) through the rows path of `--data` (see `actcache.hf`)."""
-    from . import hf
-
     src = hf.HFSource.parse(spec.task)
     splits = hf.open_dataset(src, spec.revision)
     where = f"hf:{src.path}" + (f":{src.config}" if src.config else "")
