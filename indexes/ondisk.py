@@ -72,7 +72,7 @@ def shard_sizes(shards: Sequence[Shard]) -> list[int]:
     return out
 
 
-def _draw_sample(shards: Sequence[Shard], sizes: list[int], m: int, seed: int, cosine: bool) -> np.ndarray:
+def _draw_sample(shards: Sequence[Shard], sizes: list[int], m: int, seed: int, cosine: bool, d: int) -> np.ndarray:
     """``m`` rows drawn uniformly without replacement across all shards (seeded),
     read one shard at a time; float32, normalised for cosine."""
     rows = np.sort(np.random.default_rng(seed).choice(sum(sizes), size=m, replace=False))
@@ -82,8 +82,15 @@ def _draw_sample(shards: Sequence[Shard], sizes: list[int], m: int, seed: int, c
         start += n
         if local.size:
             raw, x = _load(s, i)
+            _check_shape(x, i, n, d)
             parts.append(_prepared(np.ascontiguousarray(x[local]), raw, cosine))
     return np.concatenate(parts)
+
+
+def _check_shape(x: np.ndarray, i: int, n: int, d: int) -> None:
+    if x.shape != (n, d):
+        raise ValueError(f"shard {i} has shape {x.shape}, expected ({n}, {d}); every shard must have the same "
+                         f"dimension and must not change between reads")
 
 
 def _trained_empty(spec: IndexSpec, n: int, d: int, sample: np.ndarray) -> tuple[Any, IndexSpec]:
@@ -109,9 +116,7 @@ def _add_shards(shards, sizes, trained_file: str, workdir: str, cosine: bool, d:
     files, start = [], 0
     for i, (s, n) in enumerate(zip(shards, sizes)):
         raw, x = _load(s, i)
-        if x.shape != (n, d):
-            raise ValueError(f"shard {i} has shape {x.shape}, expected ({n}, {d}); shards must not change "
-                             f"between passes and must all have the same dimension")
+        _check_shape(x, i, n, d)
         h.update(x.tobytes())
         x = _prepared(x, raw, cosine)
         del raw
@@ -178,7 +183,7 @@ def build_ondisk(shards: Sequence[Shard], spec: IndexSpec, path: str | os.PathLi
     n, cosine = sum(sizes), spec.metric == "cosine"
     nlist = spec.nlist if spec.nlist is not None else (default_nlist(n) if spec.kind == "ivf" else 1)
     m = min(n, int(sample) if sample is not None else max(50 * nlist, 65536, min_vectors(spec, d)))
-    trained, spec = _trained_empty(spec, n, d, _draw_sample(shards, sizes, m, seed, cosine))
+    trained, spec = _trained_empty(spec, n, d, _draw_sample(shards, sizes, m, seed, cosine, d))
     workdir = iox.tmp_name(path)
     os.makedirs(workdir)
     try:
