@@ -114,3 +114,36 @@ def test_bad_input_is_refused(pool, tmp_path):
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         ix.build_ondisk([bad], IndexSpec(kind="ivf", nlist=8), tmp_path / "n.faiss", sample=1000)
+
+
+def test_store_builds_a_pool_above_the_threshold_on_disk(tiny_model_dir, tmp_path, monkeypatch):
+    from conftest import cfg_for, write_jsonl
+
+    from actcache.builder import build
+    from actcache.store import ArrayId, Store, verify
+
+    words = ["fine", "dull", "slow", "great", "cast", "movie", "sofa", "news", "sky", "fox"]
+    rows = [{"id": f"x{i}", "review": f"{words[i % 10]} {words[i // 10 % 10]} {words[i * 7 % 10]}",
+             "label": i % 2, "split": "eval" if i % 5 == 0 else "train"} for i in range(100)]
+    data = write_jsonl(tmp_path / "reviews.jsonl", rows)
+    monkeypatch.setenv("ACTCACHE_INDEX_SHARD_BYTES", "2048")  # a few rows per shard
+    st = build(cfg_for(tiny_model_dir["llama"], data, tmp_path / "store", layers="-1", store_dtype="float32",
+                       components=("resid",), index="ivf"))
+    a = next(x for x in st.arrays if x.pooling == "mean" and x.mask == "isolated")
+    assert isinstance(a, ArrayId)
+    idx = st.index(a.component, a.layer, a.pooling, a.mask)
+    assert idx.ondisk and idx.ntotal == len(st.pool_rows)
+    assert os.path.exists(str(st.index_path(a)) + ix.IVFDATA_SUFFIX)
+    pool = st.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
+    flat = VectorIndex.build(pool)
+    queries = st.acts(a.component, a.layer, a.pooling, a.mask, split="eval")
+    _, got = idx.search(queries, 5)
+    _, want = flat.search(queries, 5)
+    assert np.mean([np.intersect1d(g, w).size / 5 for g, w in zip(got, want)]) >= 0.9
+    assert verify(st.dir).ok
+    data_file = str(st.index_path(a)) + ix.IVFDATA_SUFFIX
+    os.truncate(data_file, os.path.getsize(data_file) // 2)
+    rep = verify(st.dir)
+    assert [f.what for f in rep.findings] == ["index"]
+    assert verify(st.dir, repair=True).findings[0].repaired
+    assert verify(st.dir).ok and Store(st.dir).index(a.component, a.layer, a.pooling, a.mask).ondisk
