@@ -470,7 +470,9 @@ class VectorIndex:
             mmap: map the index data from disk instead of reading it into RAM
                 (``IO_FLAG_MMAP_IFC | IO_FLAG_READ_ONLY``).  Falls back to a
                 plain read if FAISS refuses; ``.mmapped`` / ``.load_mode``
-                say what happened.
+                say what happened.  An on-disk IVF index (``build_ondisk``)
+                always maps its ``.ivfdata`` lists, which are first checked
+                against the size and sha256 its sidecar recorded.
             expect: fields that must match, e.g. ``{"d": 640, "ntotal": 1000,
                 "key": "abc"}``.  ``d``/``ntotal`` are checked against both the
                 sidecar and the index itself, ``source_fingerprint`` against
