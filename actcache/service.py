@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+from indexes import IVFDATA_SUFFIX
+
 from .errors import BusyError, ConfigError, StoreError
 from .models import set_threads
 from .query import check_query, encode_texts, eval_inputs, parse_inputs, search_records, search_vectors
@@ -220,14 +222,16 @@ class Service:
 
     def index(self, st: Store, a):
         """The index of array `a`, in memory; reloaded (validated, or rebuilt by the
-        store when damaged) whenever its file on disk changed since it was read."""
+        store when damaged) whenever its file on disk, or the .ivfdata lists of an
+        on-disk IVF index, changed since it was read."""
         path = st.index_path(a)
+        sig = lambda: (_file_sig(path), _file_sig(f"{path}{IVFDATA_SUFFIX}"))  # noqa: E731
         with self._lock:
             cached = self._indexes.get((st.key, a))
-            if cached is not None and cached[0] == _file_sig(path):
+            if cached is not None and cached[0] == sig():
                 return cached[1]
             idx = st.index(a.component, a.layer, a.pooling, a.mask, mmap=False)
-            self._indexes[(st.key, a)] = (_file_sig(path), idx)
+            self._indexes[(st.key, a)] = (sig(), idx)
             return idx
 
     def model(self, st: Store):

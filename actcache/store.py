@@ -44,7 +44,8 @@ from typing import Iterator
 import numpy as np
 
 from indexes import (
-    IndexFileError, IndexMismatchError, IndexSpec, VectorIndex, check_factory, tmp_owner, vectors_fingerprint,
+    IVFDATA_SUFFIX, IndexFileError, IndexMismatchError, IndexSpec, VectorIndex, build_ondisk, check_factory,
+    ondisk_supported, tmp_owner, vectors_fingerprint,
 )
 from indexes.io import NO_SPACE
 
@@ -66,6 +67,12 @@ _TEXT_COLUMNS = ("id", "split", "text", "demo", "dup", "record")
 # verified and counted like the others. Indexes are checked against their
 # array by `verify` besides.
 DERIVED: dict[str, str] = {"indexes": ".faiss", "queries": ".npz", "quality": ".npz", "embed": ".npz"}
+# An IVF index over a pool array larger than this (bytes as float32) is built
+# shard by shard from the HDF5 file into an on-disk index (indexes.build_ondisk)
+# instead of reading the whole array; ACTCACHE_INDEX_SHARD_BYTES overrides it.
+INDEX_SHARD_BYTES = 2 << 30
+# Most pool rows per shard of such a build (fewer when a shard would pass the threshold).
+INDEX_SHARD_ROWS = 50_000
 
 
 def register_derived(kind: str, suffix: str = ".npz") -> None:
@@ -656,9 +663,11 @@ class Store:
                     return self._load_index(a, mmap, spec)  # another process built it while we waited
                 except StoreError:
                     pass
+            meta = {"key": self.key, "array": str(a), "file": self.index_path(a).name}
+            if writable and ondisk_supported(spec) and self._pool_bytes(a) > index_shard_bytes():
+                return self._build_index_ondisk(a, spec, meta)
             vecs = self.acts(a.component, a.layer, a.pooling, a.mask, split="pool")
-            idx = VectorIndex.build(vecs, spec, meta={"key": self.key, "array": str(a),
-                                                      "file": self.index_path(a).name})
+            idx = VectorIndex.build(vecs, spec, meta=meta)
             if not writable:
                 return idx
             try:
@@ -670,6 +679,35 @@ class Store:
                                  f"{idx.d}): {_first_line(e)}; free space or point --store at a disk "
                                  f"with room") from None
             return self._load_index(a, mmap)
+
+    def _pool_bytes(self, a: ArrayId) -> int:
+        return len(self.pool_rows) * self.dim(a) * 4
+
+    def _pool_shards(self, a: ArrayId) -> tuple[list, list[int]]:
+        """Loaders (and row counts) of the pool rows of `a` in consecutive chunks, each read from the
+        HDF5 file only when called (one contiguous slice, then the pool rows in it)."""
+        row_bytes = self.dim(a) * 4
+        step = max(1, min(INDEX_SHARD_ROWS, index_shard_bytes() // row_bytes))
+        chunks = [self.pool_rows[i: i + step] for i in range(0, len(self.pool_rows), step)]
+
+        def load(rows: np.ndarray) -> np.ndarray:
+            with self._reading(f"array {a}") as f:
+                block = f[a.name()][int(rows[0]): int(rows[-1]) + 1]
+            return np.asarray(block[rows - rows[0]], dtype=np.float32)
+
+        return [lambda rows=rows: load(rows) for rows in chunks], [len(rows) for rows in chunks]
+
+    def _build_index_ondisk(self, a: ArrayId, spec, meta: dict):
+        """An IVF index of a pool too large to read whole, built shard by shard
+        with its lists in an .ivfdata file beside it (the caller holds the lock)."""
+        path = self.index_path(a)
+        shards, sizes = self._pool_shards(a)
+        try:
+            build_ondisk(shards, spec, path, meta=meta, sizes=sizes)
+        except OSError as e:
+            raise StoreError(f"cannot save index of {a} ({len(self.pool_rows)} vectors of {self.dim(a)}): "
+                             f"{_first_line(e)}; free space or point --store at a disk with room") from None
+        return self._load_index(a)
 
     def indexes_to_rebuild(self) -> list[ArrayId]:
         """Arrays whose index the build promised (`--index`) but which are missing or damaged."""
@@ -735,6 +773,21 @@ class Store:
             "provenance": self.provenance,
             "config": self.config,
         }
+
+
+def index_shard_bytes() -> int:
+    """`INDEX_SHARD_BYTES`, or ACTCACHE_INDEX_SHARD_BYTES when set."""
+    text = os.environ.get("ACTCACHE_INDEX_SHARD_BYTES")
+    if text is None:
+        return INDEX_SHARD_BYTES
+    try:
+        value = int(text)
+        if value < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"ACTCACHE_INDEX_SHARD_BYTES={text!r} is not a positive byte count; "
+                          f"set it to e.g. 2147483648 or unset it") from None
+    return value
 
 
 def find_build(key: str, home: str | os.PathLike | None = None) -> Path:
@@ -905,7 +958,7 @@ def verify(build_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
         fd = Finding("index", str(p), f"index {p.name} is {'missing' if not p.exists() else 'damaged or stale'}",
                      repairable=True)
         if repair:
-            for q in (p, Path(f"{p}.json")):
+            for q in (p, Path(f"{p}.json"), Path(f"{p}{IVFDATA_SUFFIX}")):
                 q.unlink(missing_ok=True)
             st.build_index(a, spec)
             fd.repaired = True

@@ -47,6 +47,9 @@ Files
 * ``index.py``: :class:`VectorIndex` (build, search, save, verified load) and
   the float64 reference :func:`exact_search`.
 * ``flat.py``: exact search on numpy's BLAS.
+* ``ondisk.py``: :func:`build_ondisk` (an IVF index built shard by shard,
+  its inverted lists merged into one memory-mapped ``.ivfdata`` file) and
+  :func:`recall_at_k` against exact search streamed over the shards.
 * ``io.py``: the sidecar, content fingerprints, ``atomic_write`` (the one
   temp-fsync-rename helper actcache uses everywhere), ``NoSpaceError``.
 """
@@ -59,6 +62,7 @@ import faiss
 
 from .flat import search_flat
 from .index import VectorIndex, exact_search
+from .ondisk import IVFDATA_SUFFIX, build_ondisk, exact_topk, ondisk_supported, recall_at_k
 from .io import (
     SIDECAR_FORMAT, SIDECAR_SUFFIX, IndexFileError, IndexMismatchError, NoSpaceError, atomic_write, file_fingerprint,
     fsync_dir, tmp_owner, vectors_fingerprint,
@@ -72,6 +76,8 @@ __all__ = [
     "IndexSpec",
     "VectorIndex",
     "atomic_write",
+    "build_ondisk",
+    "exact_topk",
     "check_factory",
     "default_nlist",
     "default_nprobe",
@@ -79,10 +85,13 @@ __all__ = [
     "file_fingerprint",
     "fsync_dir",
     "min_vectors",
+    "ondisk_supported",
+    "recall_at_k",
     "search_flat",
     "set_threads",
     "tmp_owner",
     "vectors_fingerprint",
+    "IVFDATA_SUFFIX",
     "KINDS",
     "METRICS",
     "SIDECAR_FORMAT",

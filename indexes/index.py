@@ -208,6 +208,14 @@ class VectorIndex:
         return self._source_fp
 
     @property
+    def ondisk(self) -> bool:
+        """True when the inverted lists live in an ``.ivfdata`` file (see
+        :func:`indexes.build_ondisk`), which is memory-mapped."""
+        if self._ivf is None:
+            return False
+        return isinstance(faiss.downcast_InvertedLists(self._ivf.invlists), faiss.OnDiskInvertedLists)
+
+    @property
     def index(self) -> Any:
         """The underlying faiss index (do not mutate a memory-mapped one)."""
         return self._index
@@ -397,6 +405,9 @@ class VectorIndex:
         path = os.fspath(path)
         sidecar = path + SIDECAR_SUFFIX
         dirname = os.path.dirname(os.path.abspath(path))
+        if self.ondisk:
+            raise ValueError("an on-disk IVF index (inverted lists in an .ivfdata file) cannot be saved again; "
+                             "build it where it should live with indexes.build_ondisk")
         if not os.path.isdir(dirname):
             raise IndexFileError(f"cannot save index: directory {dirname!r} does not exist; create it first")
 
@@ -427,7 +438,11 @@ class VectorIndex:
                 pass
             raise
         iox.fsync_dir(dirname)
+        self._write_sidecar(path, size, fp)
 
+    def _write_sidecar(self, path: str, size: int, fp: str, ivfdata: dict[str, Any] | None = None) -> None:
+        """Write ``path + ".json"`` (atomically) describing the index file of
+        ``size`` bytes and content hash ``fp`` (and its on-disk lists, if any)."""
         doc = {
             "format": SIDECAR_FORMAT,
             "spec": self._spec.to_dict(),
@@ -440,9 +455,10 @@ class VectorIndex:
             "source_fingerprint": self._source_fp,
             "meta": self._meta,
         }
+        if ivfdata is not None:
+            doc["ivfdata"] = ivfdata
         text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-
-        iox.atomic_write(sidecar, lambda f: f.write(text.encode("utf-8")))
+        iox.atomic_write(path + SIDECAR_SUFFIX, lambda f: f.write(text.encode("utf-8")))
         self.path = path
 
     @classmethod
@@ -454,7 +470,9 @@ class VectorIndex:
             mmap: map the index data from disk instead of reading it into RAM
                 (``IO_FLAG_MMAP_IFC | IO_FLAG_READ_ONLY``).  Falls back to a
                 plain read if FAISS refuses; ``.mmapped`` / ``.load_mode``
-                say what happened.
+                say what happened.  An on-disk IVF index (``build_ondisk``)
+                always maps its ``.ivfdata`` lists, which are first checked
+                against the size and sha256 its sidecar recorded.
             expect: fields that must match, e.g. ``{"d": 640, "ntotal": 1000,
                 "key": "abc"}``.  ``d``/``ntotal`` are checked against both the
                 sidecar and the index itself, ``source_fingerprint`` against
@@ -511,7 +529,11 @@ class VectorIndex:
                 f"index file {path!r} does not match its sidecar's fingerprint (corrupt, or written by a different "
                 f"save); {REBUILD_ADVICE}")
 
-        index, mode, mapped = read_index(path, mmap)
+        if doc.get("ivfdata") is not None:
+            _check_ivfdata(path, doc["ivfdata"])
+            index, mode, mapped = iox.read_ondisk_index(path), "mmap", True
+        else:
+            index, mode, mapped = read_index(path, mmap)
         if int(index.d) != side_d or int(index.ntotal) != side_n:
             raise IndexFileError(
                 f"index file {path!r} holds d={index.d}, ntotal={index.ntotal} but its sidecar says d={side_d}, "
@@ -525,6 +547,23 @@ class VectorIndex:
         out.load_mode = mode
         out.path = path
         return out
+
+
+def _check_ivfdata(path: str, rec: Any) -> None:
+    """The ``.ivfdata`` file beside ``path`` must exist with the size and
+    content hash its sidecar recorded (a short file would crash FAISS on search)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) or os.sep in rec["file"]:
+        raise IndexFileError(f"index sidecar {path + SIDECAR_SUFFIX!r} has a corrupt ivfdata record; {REBUILD_ADVICE}")
+    data = os.path.join(os.path.dirname(os.path.abspath(path)), rec["file"])
+    if not os.path.exists(data):
+        raise IndexFileError(f"the inverted lists {data!r} of index {path!r} are missing; {REBUILD_ADVICE}")
+    size = _read_or_refuse(os.path.getsize, data)
+    if size != rec.get("bytes"):
+        raise IndexFileError(f"inverted lists {data!r} have {size} bytes but the sidecar recorded "
+                             f"{rec.get('bytes')} (truncated or replaced); {REBUILD_ADVICE}")
+    if _read_or_refuse(iox.file_fingerprint, data) != rec.get("fingerprint"):
+        raise IndexFileError(f"inverted lists {data!r} do not match the sidecar's fingerprint (corrupt, or "
+                             f"written by another build); {REBUILD_ADVICE}")
 
 
 def _read_or_refuse(read: Callable[[str], Any], path: str) -> Any:

@@ -4,11 +4,14 @@ rest of actcache uses for every file a later run trusts."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import hashlib
 import json
 import os
 import secrets
+import sys
 import threading
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -260,3 +263,34 @@ def read_index(path: str, mmap: bool) -> tuple[Any, str, bool]:
     except READ_ERRORS as e:
         raise IndexFileError(f"FAISS could not read index file {path!r} ({first_line(e)}); {REBUILD_ADVICE}") from None
     return index, "read", False
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Discard what C code prints to stdout meanwhile (FAISS's on-disk lists
+    announce every resize and every file they reopen there), so a command's
+    stdout stays clean (e.g. JSON output)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def read_ondisk_index(path: str) -> Any:
+    """Read an index whose inverted lists are an ``.ivfdata`` file beside it
+    (FAISS maps that file read-only; the small index file itself is read)."""
+    flags = faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR
+    try:
+        with quiet_stdout():
+            return faiss.read_index(os.path.abspath(path), flags)
+    except READ_ERRORS as e:
+        raise IndexFileError(f"FAISS could not read index file {path!r} ({first_line(e)}); {REBUILD_ADVICE}") from None
