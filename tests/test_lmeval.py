@@ -99,3 +99,27 @@ def test_unknown_strategy_option_fails_at_construction():
         strategy_sampler("whatever", strategy="random", no_such_option=1)
     with pytest.raises(ConfigError):
         strategy_sampler("whatever", strategy="no-such-strategy")
+
+
+def test_lm_eval_task_uses_the_sampler(built):
+    """lm-eval's own ConfigurableTask builds the sampler from fewshot_config and
+    puts the neighbours, best first, into the prompt (no model, offline data)."""
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+
+    st, home, root, pool, evals = built
+    cls = knn_sampler(st.key, home=str(home), layer=-1)
+    cfg = {"task": "actcache_reviews", "custom_dataset": lambda **_: {"validation": datasets.Dataset.from_list(evals)},
+           "validation_split": "validation", "output_type": "multiple_choice",
+           "doc_to_text": "Review: {{review}}\nSentiment:", "doc_to_target": "label",
+           "doc_to_choice": ["negative", "positive"], "num_fewshot": 2,
+           "fewshot_config": {"sampler": cls, "samples": pool}}
+    task = ConfigurableTask(config=cfg)
+    assert isinstance(task.sampler, cls)
+    doc = task.validation_docs()[0]
+    prompt = task.fewshot_context(doc, num_fewshot=2)
+    shown = [d["review"] for d in cls(pool).sample(2, eval_doc=dict(doc))]
+    want = [next(r["review"] for r in pool if r["id"] == i) for i in _reference(st, home, root, doc, 2)]
+    assert shown == want
+    positions = [prompt.index(f"Review: {t}\n") for t in want]
+    assert positions == sorted(positions) and prompt.rstrip().endswith(f"Review: {doc['review']}\nSentiment:")
