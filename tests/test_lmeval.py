@@ -1,0 +1,125 @@
+"""actcache.lmeval: lm-eval samplers equal actcache's own retrieval and selection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from test_build import TEXTS, cfg_for, write_jsonl
+
+from actcache.builder import build
+from actcache.errors import ConfigError
+from actcache.lmeval import knn_sampler, strategy_sampler
+from actcache.query import QueryConfig, query
+from actcache.select import select
+
+
+def _rows():
+    return [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
+            for i, (t, lab) in enumerate(TEXTS)]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmeval")
+    data = write_jsonl(root / "reviews.jsonl", _rows())
+    home = root / "store"
+    st = build(cfg_for(tiny_model_dir["llama"], data, home, layers="-1", store_dtype="float32",
+                       components=("mlp",)))
+    pool = [r for r in _rows() if r["split"] == "train"]
+    evals = [r for r in _rows() if r["split"] == "eval"]
+    return st, home, root, pool, evals
+
+
+def _reference(st, home, root, doc, k):
+    src = write_jsonl(root / "ref.jsonl", [{"id": doc["id"], "review": doc["review"]}])
+    rec = query(QueryConfig(key=st.key, home=str(home), k=k, source=str(src), component="mlp", layer=-1))
+    return [n["id"] for n in rec[0]["neighbors"]]
+
+
+@pytest.mark.parametrize("id_field", ["id", None])
+def test_knn_sampler_returns_actcache_neighbours_in_order(built, id_field):
+    from lm_eval.api.samplers import ContextSampler
+
+    st, home, root, pool, evals = built
+    cls = knn_sampler(st.key, home=str(home), component="mlp", layer=-1, id_field=id_field)
+    assert issubclass(cls, ContextSampler)
+    sampler = cls(pool, rnd=None)  # as lm_eval.api.task constructs it
+    for doc in evals:
+        got = sampler.sample(3, eval_doc=doc)
+        assert [d["id"] for d in got] == _reference(st, home, root, doc, 3)
+        assert all(d in pool for d in got)
+    # A new text (no id in the build) is encoded with the build's model.
+    new = {"id": "new-1", "review": "a slow and dull day", "label": 0}
+    assert [d["id"] for d in sampler.sample(4, eval_doc=new)] == _reference(st, home, root, new, 4)
+    assert sampler.sample(0, eval_doc=new) == []
+
+
+def test_knn_sampler_only_returns_given_docs(built):
+    st, home, root, pool, evals = built
+    part = pool[:4]
+    sampler = knn_sampler(st.key, home=str(home), layer=-1)(part, rnd=None)
+    got = sampler.sample(2, eval_doc=evals[0])
+    assert all(d in part for d in got) and len(got) == 2
+    src = write_jsonl(root / "ref2.jsonl", [{"id": evals[0]["id"], "review": evals[0]["review"]}])
+    ref = query(QueryConfig(key=st.key, home=str(home), k=2, source=str(src), layer=-1,
+                            ids=tuple(d["id"] for d in part)))
+    assert [d["id"] for d in got] == [n["id"] for n in ref[0]["neighbors"]]
+
+
+def test_knn_sampler_without_eval_doc_says_what_to_do(built):
+    st, home, _, pool, _ = built
+    sampler = knn_sampler(st.key, home=str(home))(pool, rnd=None)
+    with pytest.raises(ConfigError, match="validation_split"):
+        sampler.sample(2)
+
+
+def test_random_strategy_equals_select(built):
+    st, home, _, pool, evals = built
+    sampler = strategy_sampler(st.key, home=str(home), strategy="random", seed=7, budget=5)(pool, rnd=None)
+    want = list(select(st, "random", budget=5, seed=7).ids)
+    for doc in evals[:2]:
+        assert [d["id"] for d in sampler.sample(3, eval_doc=doc)] == want[:3]
+    assert [d["id"] for d in sampler.sample(5)] == want
+
+
+def test_per_input_strategy_equals_select(built):
+    st, home, _, pool, evals = built
+    sampler = strategy_sampler(st.key, home=str(home), strategy="knn", layer=-1)(pool, rnd=None)
+    want = select(st, "knn", k=2, layer=-1).per_query
+    for doc in evals:
+        assert [d["id"] for d in sampler.sample(2, eval_doc=doc)] == list(want[doc["id"]])[:2]
+
+
+def test_unknown_strategy_option_fails_at_construction():
+    with pytest.raises(ConfigError):
+        strategy_sampler("whatever", strategy="random", no_such_option=1)
+    with pytest.raises(ConfigError):
+        strategy_sampler("whatever", strategy="no-such-strategy")
+
+
+def test_lm_eval_task_uses_the_sampler(built):
+    """lm-eval's own ConfigurableTask builds the sampler from fewshot_config and
+    puts the neighbours, best first, into the prompt (no model, offline data)."""
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+
+    st, home, root, pool, evals = built
+    cls = knn_sampler(st.key, home=str(home), layer=-1)
+    cfg = {"task": "actcache_reviews", "custom_dataset": lambda **_: {"validation": datasets.Dataset.from_list(evals)},
+           "validation_split": "validation", "output_type": "multiple_choice",
+           "doc_to_text": "Review: {{review}}\nSentiment:", "doc_to_target": "label",
+           "doc_to_choice": ["negative", "positive"], "num_fewshot": 2,
+           "fewshot_config": {"sampler": cls, "samples": pool}}
+    task = ConfigurableTask(config=cfg)
+    assert isinstance(task.sampler, cls)
+    doc = task.validation_docs()[0]
+    prompt = task.fewshot_context(doc, num_fewshot=2)
+    shown = [d["review"] for d in cls(pool).sample(2, eval_doc=dict(doc))]
+    want = [next(r["review"] for r in pool if r["id"] == i) for i in _reference(st, home, root, doc, 2)]
+    assert shown == want
+    positions = [prompt.index(f"Review: {t}\n") for t in want]
+    assert positions == sorted(positions) and prompt.rstrip().endswith(f"Review: {doc['review']}\nSentiment:")
