@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
+from .harness import lm_eval_block
 
 VERSION = "0.1.0"  # the package version, as pyproject.toml gives it
 
@@ -240,7 +241,8 @@ class EvalResult:
     of the matrix; versions: library versions of the build; sizes; zero-shot
     accuracy on the probes; hardware: what evaluate, the build and the matrix ran
     on; study, selection: the two experiments; seconds; out: the report
-    directory. `to_dict()` is exactly results.json.
+    directory. `to_dict()` is exactly results.json; its "lm_eval" object
+    (`lm_eval()`) sets the selection runs out as lm-evaluation-harness does.
     """
 
     config: EvalConfig
@@ -269,7 +271,19 @@ class EvalResult:
                 "quality_probe_rows": self.quality_probe_rows, "quality_cand_rows": self.quality_cand_rows,
                 "versions": self.versions, "sizes": {**asdict(self.sizes), "seeds": list(self.sizes.seeds)},
                 "zero_shot_probe_acc": self.zero_shot_probe_acc, "hardware": self.hardware,
-                "study": self.study.to_dict(), "selection": self.selection.to_dict(), "seconds": self.seconds}
+                "study": self.study.to_dict(), "selection": self.selection.to_dict(), "seconds": self.seconds,
+                "lm_eval": self.lm_eval()}
+
+    def lm_eval(self) -> dict:
+        """results.json's "lm_eval" object: the selection runs in lm-evaluation-harness's
+        results.json shape, one harness task per run named ``<task>|<strategy>|seed<seed>``
+        (see harness.lm_eval_block)."""
+        m = self.model or {}
+        config = {"model": "actcache", "model_args": f"pretrained={m.get('model')},dtype={m.get('dtype')}",
+                  "batch_size": self.config.batch_size, "batch_sizes": [], "limit": len(self.selection.eval_ids),
+                  "bootstrap_iters": 0, "num_fewshot": self.selection.k, "model_dtype": m.get("dtype"),
+                  "model_sha": m.get("weights_sha256"), "build_key": self.build_key}
+        return lm_eval_block(self.task, self.selection.samples, config, VERSION)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from .capture import resolve_layers
 from .config import EvalConfig, SelectionResult, StudyResult
 from .data import Example
 from .errors import ConfigError, DatasetError, MismatchError, ModelError
+from .harness import sample_fields
 from .prompts import fit_demonstrations, prompt_segments
 from .quality import study_rows
 from .score import TokenCount, classify, extract_number, generate, length_normalized, score_prompts
@@ -291,12 +292,12 @@ def _file_demos(store: Store, path: str, evals: list[Example]) -> tuple[dict, li
                            f"make it with `actcache query {store.key[:12]}`")
     return per, evals
 
-def _exact_matches(lm, task, prompts, evals: list[Example], batch_size: int) -> np.ndarray:
-    """(n,) 0/1: the greedy answer's final number equals the gold one (generative tasks)."""
+def _exact_matches(lm, task, prompts, evals: list[Example], batch_size: int) -> tuple[np.ndarray, list[str]]:
+    """((n,) 0/1: the greedy answer's final number equals the gold one, the generated texts) (generative tasks)."""
     outs = generate(lm.model, lm.tokenizer, prompts, stop=(task.stop,), max_new_tokens=256,
                     batch_size=max(1, batch_size // 4))
     return np.array([extract_number(o) is not None and extract_number(o) == extract_number(e.answer)
-                     for o, e in zip(outs, evals)], dtype=np.float64)
+                     for o, e in zip(outs, evals)], dtype=np.float64), list(outs)
 
 def _run_row(label: str, seed: int, m: dict, reused: bool) -> dict:
     """One row of `SelectionResult.runs`: accuracy with its Wilson interval over the eval inputs."""
@@ -306,12 +307,27 @@ def _run_row(label: str, seed: int, m: dict, reused: bool) -> dict:
             "tokens_computed": 0 if reused else m["tokens"].computed, "tokens_in_prompts": m["tokens"].in_prompts,
             "same_prompts_as_earlier_seed": reused}
 
-def _items(evals: list[Example], demos: list[list[Example]], m: dict, gold: np.ndarray) -> list[dict]:
-    """Per-item records of one run, like lm-evaluation-harness's --log_samples."""
-    return [{"id": e.id, "demo_ids": [x.id for x in d],
-             **({"logprobs": m["scores"][i].tolist()} if m.get("scores") is not None else {}),
-             "pred": int(m["pred"][i]) if len(m["pred"]) else None, "gold": int(gold[i])}
-            for i, (e, d) in enumerate(zip(evals, demos))]
+def _items(task, evals: list[Example], demos: list[list[Example]], m: dict, gold: np.ndarray) -> list[dict]:
+    """Per-item records of one run, like lm-evaluation-harness's --log_samples: actcache's
+    fields (id, demo_ids, logprobs, pred, gold) and the harness's (see harness.sample_fields)."""
+    out = []
+    for i, (e, d) in enumerate(zip(evals, demos)):
+        rec = {"id": e.id, "demo_ids": [x.id for x in d],
+               **({"logprobs": m["scores"][i].tolist()} if m.get("scores") is not None else {}),
+               "pred": int(m["pred"][i]) if len(m["pred"]) else None, "gold": int(gold[i])}
+        context = "".join(m["prompts"][i])
+        if task.kind == "generation":
+            rec.update(sample_fields(i, dict(e.fields), e.answer, context, None, None,
+                                     {"exact_match": float(m["correct"][i])}, m["generated"][i], (task.stop,)))
+        else:
+            opts = task.options(e)
+            metrics = {"acc": float(m["correct"][i])}
+            if task.kind == "multiple_choice":
+                metrics["acc_norm"] = float(m["norm_pred"][i] == gold[i])
+            rec.update(sample_fields(i, dict(e.fields), int(gold[i]), context, opts,
+                                     m["scores"][i][:len(opts)], metrics))
+        out.append(rec)
+    return out
 
 def _fp32_flips(store: Store, cfg: EvalConfig, lm, task, evals, gold, zs_pred, tokens) -> dict | None:
     """The zero-shot predictions made again in float32 when scoring ran in another
@@ -359,17 +375,17 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
         prompts = [fit(label, prompt_segments(task, d, q)) for d, q in zip(demos_per_query, evals)]
         count = TokenCount()
         if task.kind == "generation":
-            hit = _exact_matches(lm, task, prompts, evals, cfg.batch_size)
+            hit, outs = _exact_matches(lm, task, prompts, evals, cfg.batch_size)
             return {"accuracy": float(hit.mean()), "macro_f1": float("nan"), "pred": [], "tokens": count,
-                    "correct": hit}
+                    "correct": hit, "prompts": prompts, "generated": outs}
         s = score_prompts(lm, task, prompts, evals, cfg.batch_size, counter=count)
         tokens.add(count)
         m = classify(s, gold)
         # Multiple choice: acc (summed log-probs) and acc_norm (lm-eval's: by the choice's length in characters).
-        norm = classify(length_normalized(task, evals, s), gold)["accuracy"] if task.kind == "multiple_choice" \
-            else float("nan")
-        return {**m, "acc_norm": norm, "tokens": count, "scores": s,
-                "correct": (np.asarray(m["pred"]) == gold).astype(np.float64)}
+        nm = classify(length_normalized(task, evals, s), gold) if task.kind == "multiple_choice" else None
+        return {**m, "acc_norm": nm["accuracy"] if nm else float("nan"), "tokens": count, "scores": s,
+                "correct": (np.asarray(m["pred"]) == gold).astype(np.float64), "prompts": prompts,
+                "norm_pred": nm["pred"] if nm else None}
 
     jobs, skipped, chosen = _jobs(store, cfg, study)
     per = None
@@ -412,7 +428,7 @@ def selection_experiment(store: Store, cfg: EvalConfig, lm, study: StudyResult |
         if label == "zero-shot":
             zs_pred = np.asarray(m["pred"])
         results.append(_run_row(label, seed, m, reused))
-        samples.append({"strategy": label, "seed": seed, "items": _items(evals, demos, m, gold)})
+        samples.append({"strategy": label, "seed": seed, "items": _items(task, evals, demos, m, gold)})
     if progress:
         progress("selection", len(jobs), len(jobs))
     flips = _fp32_flips(store, cfg, lm, task, evals, gold, zs_pred, tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -20,7 +21,7 @@ from cli.main import app
 # results.json's top-level keys in order, and the keys of the objects this project defines.
 RESULTS_KEYS = ["config", "build_key", "quality_key", "quality_tokens", "task", "model", "quality_probe_rows",
                 "quality_cand_rows", "versions", "sizes", "zero_shot_probe_acc", "hardware", "study", "selection",
-                "seconds"]
+                "seconds", "lm_eval"]
 NESTED_KEYS = {
     "config": ["allow_overlap", "batch_size", "compare_fp32", "confirm_fraction", "demos", "dtype", "home", "k", "key",
                "knn_layers", "knn_order", "max_length", "n_boot", "n_candidates", "n_eval", "n_probes", "out", "pair_mask",
@@ -29,6 +30,7 @@ NESTED_KEYS = {
     "sizes": ["k", "n_candidates", "n_eval", "n_probes", "seeds"],
     "hardware": ["build", "dtype", "dtype_requested", "evaluate", "quality_matrix"],
     "study": ["label_rho", "length_rho", "pairs", "push", "quality", "replication", "rows", "sae", "summary"],
+    "lm_eval": ["config", "n-samples", "results", "versions"],
     "selection": ["baseline", "dropped_demonstrations", "eval_ids", "flips", "k", "max_length", "runs", "summary",
                   "tokens"],
 }
@@ -52,6 +54,46 @@ def test_results_json_keys_unchanged(tiny_model_dir, study_jsonl, tmp_path):
     assert data["sizes"]["seeds"] == [0] and data["config"]["seeds"] == [0]
     assert _canon(data) == _canon(json.loads(json.dumps(res.to_dict(), default=str)))
     assert res.selection.samples and "samples" not in data["selection"] and "quality_pairs" not in data
+
+
+def _check_harness_sample(it: dict, n_opt: int) -> None:
+    # lm-evaluation-harness's --log_samples fields, one loglikelihood request and response per option.
+    assert isinstance(it["doc_id"], int) and isinstance(it["doc"], dict) and isinstance(it["target"], int)
+    assert len(it["arguments"]) == len(it["resps"]) == len(it["filtered_resps"]) == n_opt
+    for (ctx, cont), resp, filt in zip(it["arguments"], it["resps"], it["filtered_resps"]):
+        assert isinstance(ctx, str) and isinstance(cont, str) and ctx.endswith("Sentiment:")
+        assert resp == [filt] and len(filt) == 2 and isinstance(filt[0], float) and filt[1] is None
+    assert [f[0] for f in it["filtered_resps"]] == it["logprobs"]  # the scores behind the prediction
+    lls = [f[0] for f in it["filtered_resps"]]
+    assert lls.index(max(lls)) == it["pred"] and it["acc"] == float(it["pred"] == it["gold"] == it["target"])
+    assert it["metrics"] == ["acc"] and it["filter"] == "none" and len(it["prompt_hash"]) == 64
+
+
+def test_samples_and_results_json_in_lm_eval_shape(tiny_model_dir, study_jsonl, tmp_path):
+    from lm_eval.api.metrics import mean_stderr
+
+    st = build(cfg_for(tiny_model_dir["llama"], study_jsonl, tmp_path / "store", layers="0,-1", store_dtype="float32"))
+    out = tmp_path / "r"
+    evaluate(EvalConfig(key=st.key, dtype="float32", home=str(st.home), n_candidates=8, n_probes=4, n_eval=6,
+                        k=2, seeds=(0, 1), strategies=("random",), n_boot=10, out=str(out)))
+    data = json.loads((out / "results.json").read_text())
+    block = data["lm_eval"]
+    runs = [r for r in data["selection"]["runs"] if "skipped" not in r]
+    assert len(block["results"]) == len(runs) == len(block["n-samples"]) == len(block["versions"])
+    for run in runs:
+        key = f"{data['task']}|{run['strategy']}|seed{run['seed']}"
+        name = re.sub(r"[^A-Za-z0-9_.@-]+", "_", f"{run['strategy']}_seed{run['seed']}") + ".jsonl"
+        items = [json.loads(x) for x in (out / "samples" / name).read_text().splitlines()]
+        for it in items:
+            assert it["strategy"] == run["strategy"] and it["seed"] == run["seed"] and "demo_ids" in it
+            _check_harness_sample(it, 2)
+        assert [it["doc_id"] for it in items] == list(range(len(items)))
+        acc = [it["acc"] for it in items]
+        r = block["results"][key]
+        assert r["alias"] == key and r["acc,none"] == pytest.approx(run["accuracy"])
+        assert r["acc_stderr,none"] == pytest.approx(mean_stderr(acc))
+        assert block["n-samples"][key] == {"original": len(items), "effective": len(items)} and len(items) == 6
+    assert block["config"]["num_fewshot"] == 2 and block["config"]["model_dtype"] == "float32"
 
 
 def test_run_from_python_equals_the_cli(tiny_model_dir, tmp_path):
