@@ -40,7 +40,7 @@ def test_import_direction(package):
 def test_indexes_uses_only_numpy_and_faiss():
     std = {"os", "json", "math", "dataclasses", "tempfile", "typing", "pathlib", "__future__", "time",
            "shutil", "contextlib", "warnings", "hashlib", "sys", "functools", "itertools", "abc", "enum",
-           "secrets", "resource", "struct", "zlib", "errno", "threading", "collections", "re", "io", "mmap"}
+           "secrets", "resource", "struct", "zlib", "errno", "threading", "collections", "re", "io", "mmap", "ctypes"}
     for f in (REPO_ROOT / "indexes").rglob("*.py"):
         tree = ast.parse(f.read_text())
         for node in ast.walk(tree):
