@@ -136,7 +136,7 @@ def test_cli_options_left_out_give_the_library_defaults(monkeypatch):
     seen = {}
 
     def capture(name):
-        def fn(cfg, progress=None):
+        def fn(cfg, progress=None, remote=None):
             seen[name] = cfg
             raise ConfigError("captured")
         return fn
@@ -171,7 +171,7 @@ def test_context_seed_reaches_the_build(monkeypatch):
 
     seen = []
 
-    def capture(cfg, progress=None):
+    def capture(cfg, progress=None, remote=None):
         seen.append(cfg)
         raise ConfigError("captured")
 
