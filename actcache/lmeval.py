@@ -24,7 +24,13 @@ from __future__ import annotations
 
 import json
 
+from .client import Client
+from .config import DEFAULT_MASK
+from .data import Example, Task
 from .errors import ConfigError, DatasetError
+from .query import QueryConfig, check_query, encode_texts, parse_inputs, search_records, template_fields
+from .select import STRATEGIES, select
+from .store import Store
 
 KNN_OPTIONS = ("component", "layer", "pooling", "mask", "balanced", "exclude_self")
 NO_EVAL_DOC = ("lm-eval passed no eval doc to the sampler: lm-eval 0.4.13 passes it only when "
@@ -42,8 +48,6 @@ def _context_sampler():
 
 
 def _open(store, home):
-    from .store import Store
-
     if isinstance(store, Store):
         return store
     if not store:
@@ -54,7 +58,6 @@ def _open(store, home):
 
 class _Docs:
     """lm-eval's few-shot docs, keyed by what a pool example is matched on."""
-
     def __init__(self, docs, id_field, template_fields, text_of):
         self.docs = list(docs)
         self.id_field = id_field
@@ -97,12 +100,10 @@ class _Docs:
 
 class _Build:
     """A build opened for retrieval: locally (store, model, indexes) or through a Client."""
-
     def __init__(self, store=None, home=None, url=None, token=None):
         self.client = None
         self.store = None
         if url:
-            from .client import Client
 
             if not store:
                 raise ConfigError("with url= give store= too: the key of the build on the server")
@@ -119,7 +120,6 @@ class _Build:
             if self.store is not None:
                 self._task = self.store.task()
             else:
-                from .data import Task
 
                 t = self.client.info(self.key)["provenance"]["data"]["task"]
                 self._task = Task("served", t["kind"], t["template"], tuple(t["label_words"]),
@@ -127,14 +127,10 @@ class _Build:
         return self._task
 
     def template_fields(self) -> list[str]:
-        from .query import template_fields
-
         return template_fields(self.task().template)
 
     def text_of(self, obj: dict) -> str:
         """The templated text of an input object, as the build templates its rows."""
-        from .data import Example
-
         vals = tuple((f, obj[f]) for f in self.template_fields())
         return self.task().query_text(Example(obj.get("id", "input-0"), vals, -1))
 
@@ -149,7 +145,6 @@ class _Build:
         if self.client is not None:
             body = dict(opts, k=k, filter={"ids": list(allowed)} if allowed is not None else None)
             return self.client.neighbors(self.key, inputs=[obj], **body)[0]["neighbors"]
-        from .query import QueryConfig, check_query, encode_texts, parse_inputs, search_records
 
         cfg = QueryConfig(key=self.key, k=k, ids=None if allowed is None else tuple(allowed), **opts)
         a = check_query(self.store, cfg)
@@ -164,7 +159,6 @@ class _Build:
 
 class _ActcacheSampler:
     """What both samplers share: lm-eval's constructor, the build and the docs, opened on first use."""
-
     actcache_options: dict = {}
 
     def __init__(self, df=None, *, rnd=None, fewshot_indices=None, **kwargs):
@@ -229,8 +223,6 @@ class _KnnSampler(_ActcacheSampler):
 
 class _StrategySampler(_ActcacheSampler):
     def _selection(self, n: int):
-        from .select import select
-
         o = self.actcache_options
         budget = o["budget"] or n
         k = o["k"] or n
@@ -301,7 +293,6 @@ def knn_sampler(store=None, *, home=None, url=None, token=None, component: str =
     Returns a subclass of lm-eval's ContextSampler: give it as fewshot_config.sampler.
     The build is opened (and its model loaded) on the first `sample`.
     """
-    from .config import DEFAULT_MASK
 
     opts = dict(store=store, home=home, url=url, token=token, component=component, layer=int(layer),
                 pooling=pooling, mask=mask or DEFAULT_MASK, balanced=False, exclude_self=bool(exclude_self),
@@ -322,7 +313,6 @@ def strategy_sampler(store=None, *, strategy: str, home=None, budget: int | None
 
     Raises ConfigError for an unknown strategy or option.
     """
-    from .select import STRATEGIES
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
