@@ -140,6 +140,12 @@ TEXTS = [
 ]
 
 
+def review_rows() -> list[dict]:
+    """TEXTS as JSONL rows: ids x0, x1, ..., every fourth an eval row, the rest the pool."""
+    return [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
+            for i, (t, lab) in enumerate(TEXTS)]
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

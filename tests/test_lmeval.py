@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 pytest.importorskip("lm_eval")
 
-from test_build import TEXTS, cfg_for, write_jsonl
+from conftest import cfg_for, review_rows, write_jsonl
 
 from actcache.builder import build
 from actcache.errors import ConfigError
@@ -17,9 +15,7 @@ from actcache.query import QueryConfig, query
 from actcache.select import select
 
 
-def _rows():
-    return [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
-            for i, (t, lab) in enumerate(TEXTS)]
+_rows = review_rows
 
 
 @pytest.fixture(scope="module")

@@ -55,16 +55,19 @@ def _stop(proc):
         proc.wait()
 
 
+def serve_build(tiny_model_dir, tmp):
+    """The served build: layers 1 and 2, mlp, isolated, of the review rows."""
+    from conftest import review_rows, write_jsonl
+
+    data = write_jsonl(tmp / "reviews.jsonl", review_rows())
+    return build(cfg_for(tiny_model_dir["llama"], data, tmp / "s", layers="1,2", masks=("isolated",),
+                         components=("mlp",)))
+
+
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    from conftest import TEXTS, write_jsonl
-
-    rows = [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
-            for i, (t, lab) in enumerate(TEXTS)]
-    data = write_jsonl(tmp / "reviews.jsonl", rows)
-    st = build(cfg_for(tiny_model_dir["llama"], data, tmp / "s", layers="1,2", masks=("isolated",),
-                       components=("mlp",)))
+    st = serve_build(tiny_model_dir, tmp)
     proc, url = _start(st.home)
     yield st, url, tmp
     _stop(proc)

@@ -19,10 +19,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, TEXTS, cfg_for, write_jsonl
-from test_serve import _free_port, _post, _start, _stop
+from conftest import REPO_ROOT
+from test_serve import _free_port, _post, _start, _stop, serve_build
 
-from actcache.builder import build
 
 pytest.importorskip("fastapi")
 jsonschema = pytest.importorskip("jsonschema")
@@ -34,12 +33,7 @@ TOKEN = "a-long-enough-token-0123"
 @pytest.fixture(scope="module")
 def built(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("harden")
-    rows = [{"id": f"x{i}", "review": t, "label": lab, "split": "eval" if i % 4 == 0 else "train"}
-            for i, (t, lab) in enumerate(TEXTS)]
-    data = write_jsonl(tmp / "reviews.jsonl", rows)
-    st = build(cfg_for(tiny_model_dir["llama"], data, tmp / "s", layers="1,2", masks=("isolated",),
-                       components=("mlp",)))
-    return st, tmp
+    return serve_build(tiny_model_dir, tmp), tmp
 
 
 @pytest.fixture(scope="module")
