@@ -3,7 +3,7 @@
 The unit of work is the unit a local run already flushes: one forward batch of
 one pass of a build (`builder.pass_layouts`), or one part of the quality
 matrix (`quality.quality_parts`). A Ray Data pipeline (`from_items` ->
-`map_batches(<actor class>, concurrency=N)`) sends the units still missing to
+`map_batches(<actor class>, compute=ActorPoolStrategy(size=N))`) sends the units still missing to
 a pool of actors. Each actor loads the model once, plans the build exactly as
 the driver does (the plan is a pure function of the config), runs the same
 capture or scoring code, and flushes the same file a local run would (atomic
@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from indexes.io import quiet_fd
+
 from .builder import flushed, identify, pass_capture, pass_layouts, run_batch
 from .errors import ConfigError
 from .files import MANIFEST, Manifest, file_sha256
@@ -65,15 +67,19 @@ class RayEngine:
             import ray
         except ImportError:
             raise ConfigError("--engine ray needs Ray: pip install 'actcache[ray]'") from None
+        # Ray's native core logs to stderr (its start-up line, and errors it raises about its own
+        # actor restarts); the library never prints, so only fatal ones are kept.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         if not ray.is_initialized():
             kw = {"address": self.address} if self.address else {"num_cpus": os.cpu_count()}
-            ray.init(**kw, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                     ignore_reinit_error=True)
+            with quiet_fd(2):
+                ray.init(**kw, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                         ignore_reinit_error=True)
         import logging
 
         from ray.data import DataContext
 
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the library never prints
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # the library never prints
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False  # the library never prints; progress goes to the callback
         return ray
@@ -127,8 +133,8 @@ class RayEngine:
         n = min(self.n_workers(ray), len(items))
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         out = ds.map_batches(worker, fn_constructor_kwargs={**kwargs, "threads": self.cpus_per_worker},
-                             batch_size=1, concurrency=n, num_cpus=self.cpus_per_worker,
-                             num_gpus=self.gpus_per_worker or None)
+                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=n),
+                             num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker or None)
         got = 0
         for row in out.iter_rows():
             manifest.add({"file": row["file"], "rows": int(row["rows"]), "sha256": row["sha256"],

@@ -266,21 +266,22 @@ def read_index(path: str, mmap: bool) -> tuple[Any, str, bool]:
 
 
 @contextlib.contextmanager
-def quiet_stdout():
-    """Discard what C code prints to stdout meanwhile (FAISS's on-disk lists
-    announce every resize and every file they reopen there), so a command's
-    stdout stays clean (e.g. JSON output)."""
+def quiet_fd(fd: int = 1):
+    """Discard what C code writes to file descriptor `fd` meanwhile (1: FAISS's
+    on-disk lists announce every resize and every file they reopen on stdout;
+    2: native libraries' start-up log lines), so a command's output stays clean
+    (e.g. JSON output)."""
     libc = ctypes.CDLL(None)
-    sys.stdout.flush()
+    (sys.stdout if fd == 1 else sys.stderr).flush()
     libc.fflush(None)
-    saved = os.dup(1)
+    saved = os.dup(fd)
     null = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(null, 1)
+        os.dup2(null, fd)
         yield
     finally:
         libc.fflush(None)
-        os.dup2(saved, 1)
+        os.dup2(saved, fd)
         os.close(saved)
         os.close(null)
 
@@ -290,7 +291,7 @@ def read_ondisk_index(path: str) -> Any:
     (FAISS maps that file read-only; the small index file itself is read)."""
     flags = faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR
     try:
-        with quiet_stdout():
+        with quiet_fd(1):
             return faiss.read_index(os.path.abspath(path), flags)
     except READ_ERRORS as e:
         raise IndexFileError(f"FAISS could not read index file {path!r} ({first_line(e)}); {REBUILD_ADVICE}") from None

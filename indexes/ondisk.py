@@ -18,7 +18,7 @@ from faiss.contrib.ondisk import merge_ondisk
 
 from . import io as iox
 from .index import VectorIndex, _as_matrix, _check_json, _normalize_inplace, exact_search
-from .io import quiet_stdout
+from .io import quiet_fd
 from .spec import _CHECK_DIMS, IndexSpec, default_nlist, factory_string, faiss_metric, min_vectors
 
 IVFDATA_SUFFIX = ".ivfdata"
@@ -191,7 +191,7 @@ def build_ondisk(shards: Sequence[Shard], spec: IndexSpec, path: str | os.PathLi
         faiss.write_index(trained, trained_file)
         files, source_fp = _add_shards(shards, sizes, trained_file, workdir, cosine, d)
         data_tmp = os.path.join(workdir, "merged" + IVFDATA_SUFFIX)
-        with quiet_stdout():
+        with quiet_fd(1):
             merge_ondisk(trained, files, data_tmp)
         out = VectorIndex(trained, spec, meta)
         out._source_fp = source_fp

@@ -162,6 +162,7 @@ def test_cli_engine_ray_equals_local(tiny_model_dir, study_jsonl, tmp_path):
         r = subprocess.run([sys.executable, "-m", "actcache", "build", *args, "--store", str(home), "--engine", engine,
                             "--workers", "2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
+        assert "WARNING" not in r.stderr and "core_worker" not in r.stderr, r.stderr[-2000:]  # Ray kept quiet
         rep = json.loads(r.stdout.strip().splitlines()[-1])
         assert rep["engine"]["kind"] == engine
         keys.append(rep["key"])
