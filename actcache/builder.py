@@ -299,6 +299,11 @@ def run_batch(lm, cap: Capture, seqs, spans, rows, mask: str, units, shard: Path
     return out
 
 
+def batch_file(pdir: Path, bi: int) -> Path:
+    """Where batch `bi` of a layout is flushed (the one naming rule)."""
+    return pdir / f"b{bi:05d}.npz"
+
+
 def flushed(shard: Path, rows) -> dict | None:
     """The flushed batch at `shard` if it is whole and holds `rows`; else None (run it again)."""
     out = load_npz(shard)  # None when absent or torn by a crash
@@ -338,7 +343,7 @@ def _run_rows(lm, cap: Capture, layout, mask, units, desc: str, progress):
     arrays: dict = {}
     stats: dict = {}
     for bi, rows in enumerate(batches):
-        shard = pdir / f"b{bi:05d}.npz"
+        shard = batch_file(pdir, bi)
         if progress:
             progress(desc, bi, len(batches))
         out = flushed(shard, rows)

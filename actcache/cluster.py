@@ -37,7 +37,7 @@ import numpy as np
 
 from indexes.io import quiet_fd
 
-from .builder import flushed, identify, pass_capture, pass_layouts, run_batch
+from .builder import batch_file, flushed, identify, pass_capture, pass_layouts, run_batch
 from .errors import ConfigError
 from .files import MANIFEST, Manifest, file_sha256
 from .models import set_threads
@@ -94,7 +94,13 @@ class RayEngine:
 
     @property
     def provenance(self) -> dict:
-        return {"kind": "ray", "workers": self.workers, "cpus_per_worker": self.cpus_per_worker,
+        """What the provenance records of the engine: the workers as resolved on the cluster."""
+        workers = self.workers
+        if workers is None:
+            import ray
+
+            workers = self.n_workers(ray) if ray.is_initialized() else None
+        return {"kind": "ray", "workers": workers, "cpus_per_worker": self.cpus_per_worker,
                 "gpus_per_worker": self.gpus_per_worker}
 
     # ------------------------------------------------------------------ the build
@@ -105,7 +111,7 @@ class RayEngine:
         for p, (mask, units, pools) in enumerate(passes):
             for li, (pdir, _, _, batches) in enumerate(pass_layouts(plan, mask, units, pools, bdir, key, cfg)):
                 for bi, rows in enumerate(batches):
-                    shard = pdir / f"b{bi:05d}.npz"
+                    shard = batch_file(pdir, bi)
                     if not (manifest.trusts(shard) and flushed(shard, rows) is not None):
                         todo.append({"pass": p, "layout": li, "batch": bi})
         if not todo:
@@ -174,7 +180,7 @@ class BuildWorker:
         mask, units, cap, layouts = self.passes[p]
         pdir, seqs, spans, batches = layouts[li]
         pdir.mkdir(parents=True, exist_ok=True)
-        shard = pdir / f"b{bi:05d}.npz"
+        shard = batch_file(pdir, bi)
         run_batch(self.lm, cap, seqs, spans, batches[bi], mask, units, shard)
         return _row(shard, len(batches[bi]))
 
