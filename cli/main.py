@@ -342,6 +342,20 @@ def _search_options(label, ids, exclude_id, min_score, offset, fields, other: st
                 offset=offset, fields=None if fields is None else tuple(f.strip() for f in fields.split(",")))
 
 
+def _ask_server(c, key: str, sel: dict | None, input_: str | None, opts: dict) -> list[dict]:
+    """`query --server`: the records of a strategy (`sel`), or of the eval rows or `input_`'s inputs."""
+    if sel is not None:
+        return c.select(key, sel.pop("strategy"), **sel)
+    if input_ is None:
+        return c.neighbors(key, **opts)
+    from actcache.query import read_source
+
+    raw, is_jsonl, _ = read_source(input_)
+    if is_jsonl:  # raw lines: the server parses them as the local command does
+        return c.neighbors(key, jsonl=raw, source=input_, **opts)
+    return c.neighbors(key, texts=[ln for ln in raw if ln.strip()], source=input_, **opts)
+
+
 @app.command("query")
 @handle_errors
 def query_cmd(
@@ -399,20 +413,10 @@ def query_cmd(
 
         opts = dict(component=component, layer=layer, pooling=pooling, mask=mask, k=k, balanced=balanced,
                     exclude_self=exclude_self, text_field=text_field, **Client.search_body(search))
-        c = Client(server, token)
-        if strategy is not None:
-            recs = c.select(key, strategy, budget=budget, k=k, seed=seed, component=component, layer=layer,
-                            pooling=pooling, mask=mask, stat=stat, order=order, feature=feature, sae=sae)
-        elif input_ is None:
-            recs = c.neighbors(key, **opts)
-        else:
-            from actcache.query import read_source
-
-            raw, is_jsonl, _ = read_source(input_)
-            if is_jsonl:  # raw lines: the server parses them as the local command does
-                recs = c.neighbors(key, jsonl=raw, source=input_, **opts)
-            else:
-                recs = c.neighbors(key, texts=[ln for ln in raw if ln.strip()], source=input_, **opts)
+        sel = None if strategy is None else dict(strategy=strategy, budget=budget, k=k, seed=seed,
+                                                 component=component, layer=layer, pooling=pooling, mask=mask,
+                                                 stat=stat, order=order, feature=feature, sae=sae)
+        recs = _ask_server(Client(server, token), key, sel, input_, opts)
         dest = out or ("selection.jsonl" if strategy else "neighbors.jsonl")
         write_jsonl(recs, sys.stdout if to_stdout else dest)
         say(f"wrote {len(recs)} records to {'stdout' if to_stdout else dest} (from {server})")
