@@ -9,8 +9,10 @@ configured for one build:
     Rnd = strategy_sampler(store="3f2a9c", strategy="random", seed=0)
 
 `knn_sampler` retrieves, for each eval doc, the nearest pool examples on a
-cached array (the doc is filled into the build's template and encoded with the
-build's model, or sent to a running `actcache serve`); `strategy_sampler` runs
+cached array (a doc that is an eval row of the build, same id and text, by its
+stored vector, exactly as `actcache query` ranks eval rows; any other doc is
+filled into the build's template and encoded with the build's model, or sent
+to a running `actcache serve`); `strategy_sampler` runs
 any registered strategy (`actcache.select.STRATEGIES`): a subset strategy gives
 every doc the same demonstrations, a per-input strategy gives each eval row of
 the build its own. Pool ids are mapped back to lm-eval's few-shot docs by an id
@@ -28,7 +30,9 @@ from .client import Client
 from .config import DEFAULT_MASK
 from .data import Example, Task
 from .errors import ConfigError, DatasetError
-from .query import QueryConfig, check_query, encode_texts, parse_inputs, search_records, template_fields
+from .query import (
+    QueryConfig, check_query, encode_texts, eval_inputs, parse_inputs, search_records, template_fields,
+)
 from .select import STRATEGIES, select
 from .store import Store
 
@@ -140,6 +144,18 @@ class _Build:
                               "locally (store= without url=)")
         return [str(i) for i in self.store.ids[self.store.pool_rows]]
 
+    def _eval_position(self, obj: dict) -> int | None:
+        """The position among the build's eval rows of an input object with an eval row's id and text."""
+        st = self.store
+        if "id" not in obj:
+            return None
+        if self.__dict__.get("_eval_pos") is None:
+            self._eval_pos = {str(i): n for n, i in enumerate(st.ids[st.eval_rows])}
+        n = self._eval_pos.get(obj["id"])
+        if n is None or str(st.texts[st.eval_rows[n]]) != self.text_of(obj):
+            return None
+        return n
+
     def neighbors(self, obj: dict, k: int, allowed, opts: dict) -> list[dict]:
         """The k nearest pool examples (records with id and text) of one input object."""
         if self.client is not None:
@@ -148,10 +164,15 @@ class _Build:
 
         cfg = QueryConfig(key=self.key, k=k, ids=None if allowed is None else tuple(allowed), **opts)
         a = check_query(self.store, cfg)
-        inputs = parse_inputs(self.store, [json.dumps(obj)], True, "the lm-eval doc")
-        if self._lm is None:
-            self._lm = self.store.load_model()
-        Q, _ = encode_texts(self.store, inputs.texts, a.component, a.layer, a.pooling, a.mask, lm=self._lm)
+        at = self._eval_position(obj)
+        if at is not None:  # a build eval row: its stored vector, as `actcache query` (no --source) uses
+            inputs = eval_inputs(self.store, [obj["id"]])
+            Q = self.store.acts(a.component, a.layer, a.pooling, a.mask, split="eval")[at:at + 1]
+        else:
+            inputs = parse_inputs(self.store, [json.dumps(obj)], True, "the lm-eval doc")
+            if self._lm is None:
+                self._lm = self.store.load_model()
+            Q, _ = encode_texts(self.store, inputs.texts, a.component, a.layer, a.pooling, a.mask, lm=self._lm)
         index = self.store.index(a.component, a.layer, a.pooling, a.mask)
         return search_records(self.store, inputs, Q, cfg, a, index)[0]["neighbors"]
 

@@ -54,6 +54,23 @@ def test_knn_sampler_returns_actcache_neighbours_in_order(built, id_field):
     assert sampler.sample(0, eval_doc=new) == []
 
 
+def test_knn_sampler_uses_stored_vectors_for_build_eval_rows(built, monkeypatch):
+    """A doc that is an eval row of the build (same id, same text) is ranked by its
+    stored vector, exactly as `actcache query` ranks the build's eval rows; no forward pass."""
+    import actcache.lmeval as lmeval
+
+    st, home, root, pool, evals = built
+    ref = query(QueryConfig(key=st.key, home=str(home), k=3, component="mlp", layer=-1))
+    by_id = {r["test_id"]: [n["id"] for n in r["neighbors"]] for r in ref}
+    sampler = knn_sampler(st.key, home=str(home), component="mlp", layer=-1)(pool, rnd=None)
+    monkeypatch.setattr(lmeval, "encode_texts", lambda *a, **k: pytest.fail("an eval row was re-encoded"))
+    for doc in evals:
+        assert [d["id"] for d in sampler.sample(3, eval_doc=doc)] == by_id[doc["id"]]
+    # Same id, other text: not the stored row, so it is encoded.
+    with pytest.raises(BaseException, match="re-encoded"):
+        sampler.sample(3, eval_doc=dict(evals[0], review=evals[0]["review"] + " indeed"))
+
+
 def test_knn_sampler_only_returns_given_docs(built):
     st, home, root, pool, evals = built
     part = pool[:4]
