@@ -177,7 +177,7 @@ def build(
                                                  "openbookqa, gsm8k; or hf:<dataset>[:<config>], a Hugging Face dataset "
                                                  "(hub id, local parquet/JSON/CSV files, or a save_to_disk directory); "
                                                  "or lm-eval:<task>, a task of lm-evaluation-harness 0.4.13 with "
-                                                 "its prompts and docs (pip install 'actcache[lmeval]')."),
+                                                 "its prompts and docs (pip install 'actcache\\[lmeval]')."),
     include_path: Optional[str] = typer.Option(None, "--include-path", help="--task lm-eval: a folder of your own "
                                                                             "lm-eval task YAMLs, searched besides "
                                                                             "lm-eval's registry."),
