@@ -402,12 +402,13 @@ def _write(bdir: Path, key, cfg: BuildConfig, payload, model_prov, plan: RowPlan
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     prov = {
         "model": model_prov,
-        "data": {"task": {**payload["task"], "stop": task.stop, "dup_field": task.dup_field},
+        "data": {"task": {**payload["task"], "stop": task.stop, "dup_field": task.dup_field, **task.delimiters()},
                  "fingerprint": payload["data"],
                  "spec": asdict(cfg.data), "n_pool": plan.splits.count("pool"),
                  "n_eval": plan.splits.count("eval"),
-                 # A Hugging Face source: its path, config, revision, splits and datasets fingerprints.
-                 **({"source": source} if source and "hf" in source else {})},
+                 # A Hugging Face source: its path, config, revision, splits and datasets fingerprints;
+                 # an lm-eval task: its name, lm-eval's version, its config and its splits.
+                 **({"source": source} if source and ("hf" in source or "lm-eval" in source) else {})},
         "span": cfg.span, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
         **({"batch_tokens": cfg.batch_tokens} if cfg.batch_tokens else {}),
         "store_dtype": cfg.store_dtype, "masks": sorted({a.mask for a in arrays}),

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import hf
+from . import hf, lmtask
 from .errors import ConfigError, DatasetError
 from .files import atomic_write, default_home
 
@@ -88,6 +88,23 @@ class Task:
     stop: str = "\n\n"
     description: str = ""
     dup_field: str | None = None  # the field whose normalised text marks near-duplicates (None: the query text)
+    target_delimiter: str = " "  # between a prompt and a choice / answer (label words carry their own)
+    fewshot_delimiter: str = "\n\n"  # after the instruction and after each demonstration
+
+    def delimiters(self) -> dict:
+        """The delimiters that differ from the defaults (" " and a blank line): what a
+        fingerprint and a build's provenance record, so other tasks' keys stay as they were."""
+        return {k: v for k, v in (("target_delimiter", self.target_delimiter),
+                                  ("fewshot_delimiter", self.fewshot_delimiter))
+                if v != {"target_delimiter": " ", "fewshot_delimiter": "\n\n"}[k]}
+
+    @classmethod
+    def from_provenance(cls, name: str, t: dict) -> "Task":
+        """The task a build's provenance (data.task) records."""
+        return cls(name, t["kind"], t["template"], tuple(t["label_words"]), t.get("instruction", ""),
+                   t.get("stop", "\n\n"), dup_field=t.get("dup_field"),
+                   target_delimiter=t.get("target_delimiter", " "),
+                   fewshot_delimiter=t.get("fewshot_delimiter", "\n\n"))
 
     def query_text(self, ex: Example) -> str:
         """The prompt for `ex` up to where the answer starts, e.g. 'Review: ...\\nSentiment:'."""
@@ -100,17 +117,17 @@ class Task:
             ) from None
 
     def options(self, ex: Example) -> tuple[str, ...]:
-        """The continuations scored for `ex`: label words, or ' ' + each choice."""
+        """The continuations scored for `ex`: label words, or target_delimiter (' ') + each choice."""
         if self.kind == "multiple_choice":
-            return tuple(" " + c for c in ex.choices)
+            return tuple(self.target_delimiter + c for c in ex.choices)
         return self.label_words
 
     def target(self, ex: Example) -> str:
         """The gold continuation that follows `query_text` in a demonstration."""
         if self.kind == "generation":
-            return " " + ex.answer
+            return self.target_delimiter + ex.answer
         if self.kind == "multiple_choice":
-            return " " + ex.choices[ex.label]
+            return self.target_delimiter + ex.choices[ex.label]
         return self.label_words[ex.label]
 
     def demo_text(self, ex: Example) -> str:
@@ -526,11 +543,19 @@ def _hf_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example], dict
 # --------------------------------------------------------------------------- entry point
 
 
+def _lmeval_task(spec: "DataSpec") -> tuple[Task, list[Example], list[Example], dict]:
+    """An lm-evaluation-harness task (`--task lm-eval:NAME`, see `actcache.lmtask`)."""
+    kw, pool, ev, source = lmtask.lmeval_task(spec)
+    return Task(**kw), [Example.from_record(r) for r in pool], [Example.from_record(r) for r in ev], source
+
+
 @dataclass(frozen=True)
 class DataSpec:
-    """What data to load. `task` names a registry entry or a Hugging Face dataset
-    (`hf:<path>[:<config>]`, see `actcache.hf`); `path` a local JSONL/CSV.
-    `split`, `eval_split` and `revision` choose what of a Hugging Face dataset is read."""
+    """What data to load. `task` names a registry entry, a Hugging Face dataset
+    (`hf:<path>[:<config>]`, see `actcache.hf`) or an lm-evaluation-harness task
+    (`lm-eval:<task>`, see `actcache.lmtask`; `include_path` a folder of the user's
+    task YAMLs); `path` a local JSONL/CSV. `split`, `eval_split` and `revision`
+    choose what of a Hugging Face dataset is read (`split`, `eval_split`: of an lm-eval task's)."""
 
     task: str = "rotten_tomatoes"
     path: str | None = None
@@ -548,6 +573,7 @@ class DataSpec:
     split: str | None = None
     eval_split: str | None = None
     revision: str | None = None
+    include_path: str | None = None
 
     def validate(self) -> None:
         """Check the options that need no file: raises DatasetError/ConfigError saying what to pass."""
@@ -555,12 +581,26 @@ class DataSpec:
             if v is not None and v < 1:
                 raise ConfigError(f"{opt} {v} must be at least 1 (or left out for every example)")
         hf = not self.path and self.task.startswith("hf:")
-        if not self.path and not hf and self.task not in TASKS:
+        lm = not self.path and lmtask.is_lmeval(self.task)
+        if not self.path and not hf and not lm and self.task not in TASKS:
             raise DatasetError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)}, "
-                               f"hf:<dataset>[:<config>], or pass --data FILE.jsonl|csv")
-        if not hf and (self.split or self.eval_split or self.revision):
+                               f"hf:<dataset>[:<config>], lm-eval:<task>, or pass --data FILE.jsonl|csv")
+        if lm:
+            lmtask.task_name(self.task)
+            given = [o for o, v in (("--template", self.template), ("--label-words", self.label_words),
+                                    ("--text-field", self.text_fields), ("--label-values", self.label_values),
+                                    ("--split-field", self.split_field), ("--id-field", self.id_field),
+                                    ("--data-revision", self.revision)) if v]
+            if given:
+                raise ConfigError(f"{', '.join(given)} do not apply to --task lm-eval: (the task's YAML "
+                                  f"writes its prompts and names its dataset); drop them, or edit a copy of "
+                                  f"the YAML and pass --include-path")
+        elif self.include_path:
+            raise ConfigError("--include-path is a folder of lm-eval task YAMLs; use it with --task lm-eval:<task>")
+        if not hf and not lm and (self.split or self.eval_split or self.revision):
             raise ConfigError("--split, --eval-split and --data-revision choose what of a Hugging Face dataset "
-                              "is read; use them with --task hf:<dataset>")
+                              "is read; use them with --task hf:<dataset> (--split, --eval-split also with "
+                              "--task lm-eval:<task>)")
         if self.path and Path(self.path).is_dir():
             raise DatasetError(f"--data {self.path} is a directory; pass a .jsonl or .csv file")
         for opt, v in (("--text-field", self.text_fields), ("--label-values", self.label_values)):
@@ -587,8 +627,10 @@ class Dataset:
     def fingerprint(self) -> str:
         """sha256 over the exact examples, splits, template and label words used."""
         h = hashlib.sha256()
-        h.update(json.dumps([self.task.template, self.task.label_words, self.task.instruction,
-                             self.task.kind], ensure_ascii=False).encode())
+        head = [self.task.template, self.task.label_words, self.task.instruction, self.task.kind]
+        if self.task.delimiters():  # only when not the defaults: the fingerprints of other tasks stay
+            head.append(self.task.delimiters())
+        h.update(json.dumps(head, ensure_ascii=False).encode())
         for split, exs in (("pool", self.pool), ("eval", self.eval)):
             for e in exs:
                 h.update(json.dumps([split, e.id, e.fields, e.label, e.choices, e.answer],
@@ -604,6 +646,8 @@ def load(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
         source = {"path": str(Path(spec.path).resolve())}
     elif spec.task.startswith("hf:"):
         task, pool, ev, source = _hf_task(spec)
+    elif lmtask.is_lmeval(spec.task):
+        task, pool, ev, source = _lmeval_task(spec)
     else:
         task = TASKS[spec.task]
         if spec.template or spec.label_words:

@@ -126,8 +126,7 @@ class _Build:
             else:
 
                 t = self.client.info(self.key)["provenance"]["data"]["task"]
-                self._task = Task("served", t["kind"], t["template"], tuple(t["label_words"]),
-                                  t.get("instruction", ""), t.get("stop", "\n\n"), dup_field=t.get("dup_field"))
+                self._task = Task.from_provenance("served", t)
         return self._task
 
     def template_fields(self) -> list[str]:

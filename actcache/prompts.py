@@ -43,20 +43,22 @@ def attention_rule(mask: str) -> str:
     return "sink" if mask == "sink-masked" else "causal"
 
 
-def prefix_segments(instruction: str, demo_texts: Sequence[str]) -> list[str]:
+def prefix_segments(instruction: str, demo_texts: Sequence[str], delimiter: str = "\n\n") -> list[str]:
     """The segments before the query: the instruction (if any), then each
-    demonstration's text, each followed by a blank line. The build and the
-    query side's reconstruction from a store (`stored_context_segments`) both
-    lay the in-context prefix out through this."""
-    segs = [instruction + "\n\n"] if instruction else []
-    segs += [t + "\n\n" for t in demo_texts]
+    demonstration's text, each followed by `delimiter` (the task's
+    fewshot_delimiter: a blank line unless an lm-eval task says otherwise). The
+    build and the query side's reconstruction from a store
+    (`stored_context_segments`) both lay the in-context prefix out through this."""
+    segs = [instruction + delimiter] if instruction else []
+    segs += [t + delimiter for t in demo_texts]
     return segs
 
 
 def prompt_segments(task: Task, demos: Sequence[Example], query: Example) -> list[str]:
     """Text segments of a k-shot prompt; token ids are the concatenation of each
     segment tokenized on its own (see `encode_segments`)."""
-    return prefix_segments(task.instruction, [task.demo_text(d) for d in demos]) + [task.query_text(query)]
+    return (prefix_segments(task.instruction, [task.demo_text(d) for d in demos], task.fewshot_delimiter)
+            + [task.query_text(query)])
 
 
 def bos_ids(tokenizer) -> list[int]:
@@ -437,7 +439,8 @@ def stored_context_segments(store, task) -> list[list[str]]:
         missing = [d for d in demo_ids if d not in row_of]
         if missing:
             raise MismatchError(f"in-context demonstrations {missing} are not in build {store.key[:12]}; rebuild it")
-        segs = prefix_segments(task.instruction, [str(store.demos[row_of[d]]) for d in demo_ids]) if demo_ids else []
+        segs = (prefix_segments(task.instruction, [str(store.demos[row_of[d]]) for d in demo_ids],
+                                task.fewshot_delimiter) if demo_ids else [])
         if "".join(segs) != rot.get("prefix", ""):
             raise MismatchError(f"build {store.key[:12]}: the stored in-context prefix does not match its "
                                 f"demonstrations; rebuild it")

@@ -738,8 +738,7 @@ class Store:
         """The build's `data.Task`, rebuilt from what the build stored (never from
         the original data file, which may have moved)."""
         t = self.provenance["data"]["task"]
-        return Task(self.task_name, t["kind"], t["template"], tuple(t["label_words"]), t.get("instruction", ""),
-                    t.get("stop", "\n\n"), dup_field=t.get("dup_field"))
+        return Task.from_provenance(self.task_name, t)
 
     def examples(self, rows) -> list[Example]:
         """The build's examples at store rows `rows`, rebuilt from the stored records."""

@@ -130,13 +130,14 @@ def progress_bar():
 
 
 def data_options(task, data, data_dir, text_field, label_field, label_values, label_words, template,
-                 split_field, id_field, limit, eval_limit, seed, split=None, eval_split=None, data_revision=None):
+                 split_field, id_field, limit, eval_limit, seed, split=None, eval_split=None, data_revision=None,
+                 include_path=None):
     return DataSpec(task=task, path=data, data_dir=data_dir, text_fields=_split(text_field),
                     label_field=label_field, label_values=_split(label_values),
                     label_words=_words(label_words), template=template.replace("\\n", "\n") if template else None,
                     split_field=split_field, id_field=id_field, pool_limit=limit,
                     eval_limit=eval_limit if eval_limit is not None else limit, seed=seed,
-                    split=split, eval_split=eval_split, revision=data_revision)
+                    split=split, eval_split=eval_split, revision=data_revision, include_path=include_path)
 
 
 ENGINE = typer.Option("local", help="local (this process), or ray: the forward passes on a Ray cluster "
@@ -174,11 +175,20 @@ def build(
     init_seed: int = typer.Option(ModelSpec.init_seed, help="Torch seed of the random weights of --model-config."),
     task: str = typer.Option(DataSpec.task, help="Named task: rotten_tomatoes, sst2, agnews, rte, boolq, arc_challenge, "
                                                  "openbookqa, gsm8k; or hf:<dataset>[:<config>], a Hugging Face dataset "
-                                                 "(hub id, local parquet/JSON/CSV files, or a save_to_disk directory)."),
+                                                 "(hub id, local parquet/JSON/CSV files, or a save_to_disk directory); "
+                                                 "or lm-eval:<task>, a task of lm-evaluation-harness 0.4.13 with "
+                                                 "its prompts and docs (pip install 'actcache\\[lmeval]')."),
+    include_path: Optional[str] = typer.Option(None, "--include-path", help="--task lm-eval: a folder of your own "
+                                                                            "lm-eval task YAMLs, searched besides "
+                                                                            "lm-eval's registry."),
     data: Optional[str] = typer.Option(None, help="A local .jsonl/.csv instead of --task."),
-    split: Optional[str] = typer.Option(None, help="--task hf: the pool split (default: train, or the only split)."),
+    split: Optional[str] = typer.Option(None, help="--task hf: the pool split (default: train, or the only split); "
+                                                   "--task lm-eval: the split demonstrations come from (default: "
+                                                   "the task's few-shot split, else training split)."),
     eval_split: Optional[str] = typer.Option(None, help="--task hf: the eval split (default: validation, else test, "
-                                                        "else a hash split of the pool split)."),
+                                                        "else a hash split of the pool split); --task lm-eval: "
+                                                        "default the split lm-eval evaluates (test, else "
+                                                        "validation)."),
     data_revision: Optional[str] = typer.Option(None, help="--task hf: dataset revision on the hub (branch, tag or commit)."),
     data_dir: Optional[str] = DATA_DIR,
     text_field: Optional[str] = typer.Option(None, help="Text field(s) of --data, comma-separated."),
@@ -228,7 +238,7 @@ def build(
         model=ModelSpec(model, revision, dtype, device, _config_path(model_config), init_seed),
         data=data_options(task, data, data_dir, text_field, label_field, label_values, label_words,
                           template, split_field, id_field, limit, eval_limit, seed, split, eval_split,
-                          data_revision),
+                          data_revision, include_path),
         layers=layers, components=_split(components), poolings=_split(pooling), masks=_split(masks),
         span=span, max_length=max_length, batch_size=batch_size, batch_tokens=batch_tokens, store_dtype=store_dtype,
         context_k=context_k, context_seed=context_seed, index=index, saes=_split(sae), home=store)

@@ -136,3 +136,62 @@ def test_lm_eval_task_uses_the_sampler(built):
     assert shown == want
     positions = [prompt.index(f"Review: {t}\n") for t in want]
     assert positions == sorted(positions) and prompt.rstrip().endswith(f"Review: {doc['review']}\nSentiment:")
+
+
+SAMPLER_PY = """from actcache.lmeval import knn_sampler
+
+Knn = knn_sampler({key!r}, home={home!r}, component="mlp", layer=-1)
+"""
+
+REVIEWS_YAML = """task: actcache_reviews_knn
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {root}/pool.json
+    validation: {root}/eval.json
+output_type: multiple_choice
+training_split: train
+validation_split: validation
+doc_to_text: "Review: {{{{review}}}}\\nSentiment:"
+doc_to_target: label
+doc_to_choice: ["negative", "positive"]
+fewshot_config:
+  sampler: !function samplers.Knn
+metric_list:
+  - metric: acc
+"""
+
+
+def test_simple_evaluate_shows_actcache_neighbours(built, tiny_model_dir, tmp_path, monkeypatch):
+    """lm-eval's own evaluation loop (simple_evaluate, the tiny model on the CPU) puts
+    exactly `actcache query`'s neighbours, best first, before each doc."""
+    import json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    st, home, root, pool, evals = built
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, rows in (("pool", pool), ("eval", evals)):
+        (tmp_path / f"{name}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "samplers.py").write_text(SAMPLER_PY.format(key=st.key, home=str(home)))
+    (tasks / "reviews.yaml").write_text(REVIEWS_YAML.format(root=tmp_path))
+    k = 3
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_model_dir['llama']},dtype=float32",
+                                  tasks=["actcache_reviews_knn"], task_manager=TaskManager(include_path=str(tasks)),
+                                  num_fewshot=k, log_samples=True, limit=len(evals), device="cpu", batch_size=1)
+    samples = out["samples"]["actcache_reviews_knn"]
+    assert len(samples) == len(evals)
+    words = ["negative", "positive"]
+    by_id = {r["id"]: r for r in pool}
+    for s in samples:
+        doc = s["doc"]
+        demos = [by_id[i] for i in _reference(st, home, root, doc, k)]
+        want = "".join(f"Review: {d['review']}\nSentiment: {words[d['label']]}\n\n" for d in demos)
+        want += f"Review: {doc['review']}\nSentiment:"
+        contexts = {a["gen_args_0"]["arg_0"] for a in s["arguments"].values()} if isinstance(s["arguments"], dict) \
+            else {a[0] for a in s["arguments"]}
+        assert contexts == {want}

@@ -78,7 +78,7 @@ def tok(request):
 
 
 def test_prompt_segments_text():
-    task = SimpleNamespace(instruction="Classify.", demo_text=lambda e: f"D{e}", query_text=lambda e: f"Q{e}")
+    task = SimpleNamespace(instruction="Classify.", fewshot_delimiter="\n\n", demo_text=lambda e: f"D{e}", query_text=lambda e: f"Q{e}")
     assert prompt_segments(task, [1, 2], 3) == ["Classify.\n\n", "D1\n\n", "D2\n\n", "Q3"]
     task.instruction = ""
     assert prompt_segments(task, [], 3) == ["Q3"]
@@ -134,7 +134,7 @@ def test_in_context_prefix_is_the_demonstrations_but_never_a_rows_own(tok, jsonl
 
 
 def test_stored_prefix_reconstruction_checks_the_store():
-    task = SimpleNamespace(instruction="Classify.")
+    task = SimpleNamespace(instruction="Classify.", fewshot_delimiter="\n\n")
     store = SimpleNamespace(key="k" * 16, ids=np.array(["a", "b", "c"]), demos=np.array(["A+", "B+", "C+"]),
                             provenance={"in_context": {"k": 2, "demo_ids": ["c", "a"],
                                                        "prefix": "Classify.\n\nC+\n\nA+\n\n"}})
@@ -273,7 +273,7 @@ def test_prefix_that_holds_every_label_is_one_rotation_as_before(tok, jsonl, tmp
 
 
 def test_stored_rotations_are_each_rebuilt_and_checked():
-    task = SimpleNamespace(instruction="")
+    task = SimpleNamespace(instruction="", fewshot_delimiter="\n\n")
     rots = [{"demo_ids": ["c"], "prefix": "C+\n\n"}, {"demo_ids": ["a"], "prefix": "A+\n\n"}]
     store = SimpleNamespace(key="k" * 16, ids=np.array(["a", "b", "c"]), demos=np.array(["A+", "B+", "C+"]),
                             provenance={"in_context": {"k": 1, "demo_ids": ["c"], "prefix": "C+\n\n",
