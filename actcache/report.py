@@ -115,28 +115,71 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def _heatmaps(rows: list[dict], out: Path) -> list[str]:
-    import matplotlib
+# The correlations each plot shows, side by side: (row key, panel title).  The
+# label + length control is the one the discovery half ranks by.
+RHO_PANELS = (("rho_raw", "raw ρ"), ("rho_partial", "controlled on label (partial)"),
+              ("rho_len", "controlled on label + log length (partial)"))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    files = []
-    groups = sorted({(r["component"], r["mask"]) for r in rows})
-    for comp, mask in groups:
+def _panels(rows: list[dict]) -> tuple[tuple[str, str], ...]:
+    """The panels of RHO_PANELS the rows hold (a study without lengths has no
+    label + length column)."""
+    return tuple(p for p in RHO_PANELS if any(p[0] in r for r in rows))
+
+
+def heatmap_matrices(rows: list[dict], keys) -> dict[tuple[str, str], tuple[list[int], dict[str, np.ndarray]]]:
+    """Per (component, mask): its layers and, per key, the (layers × STATS)
+    matrix of that ρ as the study's rows hold it (NaN where a row is absent)."""
+    out = {}
+    for comp, mask in sorted({(r["component"], r["mask"]) for r in rows}):
         sub = [r for r in rows if r["component"] == comp and r["mask"] == mask]
         layers = sorted({r["layer"] for r in sub})
-        fig, axes = plt.subplots(1, 2, figsize=(10, max(2.5, 0.22 * len(layers) + 1.5)), sharey=True)
-        for ax, key, title in ((axes[0], "rho_raw", "raw ρ"), (axes[1], "rho_partial", "controlled ρ (partial on label)")):
+        mats = {}
+        for key in keys:
             M = np.full((len(layers), len(STATS)), np.nan)
             for r in sub:
-                M[layers.index(r["layer"]), STATS.index(r["stat"])] = r[key]
-            im = ax.imshow(M, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
+                M[layers.index(r["layer"]), STATS.index(r["stat"])] = r.get(key, np.nan)
+            mats[key] = M
+        out[(comp, mask)] = (layers, mats)
+    return out
+
+
+def max_abs_by_layer(rows: list[dict], keys) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Per key and `component/mask`: layers and the largest |ρ| over the
+    statistics at each layer, read from the rows."""
+    out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for key in keys:
+        out[key] = {}
+        for comp, mask in sorted({(r["component"], r["mask"]) for r in rows}):
+            sub = [r for r in rows if r["component"] == comp and r["mask"] == mask]
+            layers = sorted({r["layer"] for r in sub})
+            vals = []
+            for L in layers:
+                xs = [abs(r[key]) for r in sub if r["layer"] == L and key in r and math.isfinite(r[key])]
+                vals.append(max(xs) if xs else float("nan"))
+            out[key][f"{comp}/{mask}"] = (layers, vals)
+    return out
+
+
+def _heatmaps(rows: list[dict], out: Path) -> list[str]:
+    import matplotlib  # here: plotting is optional work, kept out of import time
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # here: after the Agg backend is chosen
+
+    files = []
+    panels = _panels(rows)
+    for (comp, mask), (layers, mats) in heatmap_matrices(rows, [k for k, _ in panels]).items():
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), max(2.5, 0.22 * len(layers) + 1.5)),
+                                 sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, (key, title) in zip(axes, panels):
+            im = ax.imshow(mats[key], vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
             ax.set_xticks(range(len(STATS)), STATS, rotation=45, ha="right")
             ax.set_yticks(range(len(layers)), layers)
-            ax.set_title(title)
+            ax.set_title(title, fontsize=9)
         axes[0].set_ylabel("layer")
-        fig.colorbar(im, ax=axes, shrink=0.8, label="Spearman ρ")
+        fig.colorbar(im, ax=list(axes), shrink=0.8, label="Spearman ρ")
         fig.suptitle(f"{comp} / {mask}: statistic vs candidate quality")
         name = f"heatmap_{comp}_{mask}.png"
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
@@ -146,45 +189,80 @@ def _heatmaps(rows: list[dict], out: Path) -> list[str]:
 
 
 def _rho_vs_layer(rows: list[dict], out: Path) -> str:
-    import matplotlib
+    import matplotlib  # here: plotting is optional work, kept out of import time
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: after the Agg backend is chosen
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, key, title in ((axes[0], "rho_raw", "raw"), (axes[1], "rho_partial", "controlled (partial on label)")):
-        for comp, mask in sorted({(r["component"], r["mask"]) for r in rows}):
-            sub = [r for r in rows if r["component"] == comp and r["mask"] == mask]
-            layers = sorted({r["layer"] for r in sub})
-            best = [np.nanmax([abs(r[key]) for r in sub if r["layer"] == L] + [np.nan]) for L in layers]
-            ax.plot(layers, best, marker=".", label=f"{comp}/{mask}")
+    panels = _panels(rows)
+    data = max_abs_by_layer(rows, [k for k, _ in panels])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (key, title) in zip(axes, panels):
+        for label, (layers, best) in data[key].items():
+            ax.plot(layers, best, marker=".", label=label)
         ax.axhline(STUDY_REF, color="k", ls="--", lw=1, label=f"study max {STUDY_REF}")
         ax.set_xlabel("layer")
-        ax.set_title(f"max |ρ| over statistics: {title}")
+        ax.set_title(f"max |ρ| over statistics: {title}", fontsize=9)
     axes[0].set_ylabel("|Spearman ρ|")
-    axes[1].legend(fontsize=7, loc="upper right")
+    axes[-1].legend(fontsize=7, loc="upper right")
     fig.savefig(out / "rho_vs_layer.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return "rho_vs_layer.png"
 
 
+def _bars(ax, labels: list[str], est: list[float], lo: list[float], hi: list[float], colors):
+    """Bars at `est` with error bars reaching exactly `lo` and `hi` (none where
+    an interval is missing); returns matplotlib's bar and errorbar containers."""
+    x = np.arange(len(labels))
+    est_a, lo_a, hi_a = (np.array(v, dtype=np.float64) for v in (est, lo, hi))
+    err = np.nan_to_num(np.array([est_a - lo_a, hi_a - est_a]))
+    bars = ax.bar(x, est_a, color=colors)
+    eb = ax.errorbar(x, est_a, yerr=err, fmt="none", ecolor="k", capsize=4, lw=1)
+    ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=8)
+    return bars, eb
+
+
+def accuracy_bars(summary: list[dict]) -> dict[str, list]:
+    """The accuracy plot's numbers, as the selection summary holds them: per
+    strategy its accuracy and 95 % interval, and (all but the baseline) the
+    paired difference from balanced random with its interval."""
+    diffs = [s for s in summary if "diff_vs_baseline" in s]
+    return {"strategy": [s["strategy"] for s in summary], "mean": [s["mean"] for s in summary],
+            "ci_lo": [s.get("ci_lo", s["mean"]) for s in summary], "ci_hi": [s.get("ci_hi", s["mean"]) for s in summary],
+            "diff_strategy": [s["strategy"] for s in diffs], "diff": [s["diff_vs_baseline"] for s in diffs],
+            "diff_lo": [s.get("diff_lo", s["diff_vs_baseline"]) for s in diffs],
+            "diff_hi": [s.get("diff_hi", s["diff_vs_baseline"]) for s in diffs]}
+
+
+def draw_accuracy(axes, summary: list[dict], k: int, baseline: str) -> dict[str, tuple]:
+    """Draw the accuracy bars (95 % intervals over inputs and seeds) on
+    `axes[0]` and the paired differences from balanced random on `axes[1]`;
+    returns the (bars, errorbar) containers of each panel."""
+    d = accuracy_bars(summary)
+    colors = ["#888" if s == "zero-shot" else "#37a" if s == baseline else "#3a7" for s in d["strategy"]]
+    drawn = {"accuracy": _bars(axes[0], d["strategy"], d["mean"], d["ci_lo"], d["ci_hi"], colors)}
+    axes[0].set_ylabel(f"{k}-shot accuracy (95% CI over inputs and seeds)")
+    axes[0].set_ylim(0, 1)
+    if d["diff_strategy"]:
+        drawn["diff"] = _bars(axes[1], d["diff_strategy"], d["diff"], d["diff_lo"], d["diff_hi"], "#a73")
+        axes[1].axhline(0, color="k", lw=1)
+        axes[1].set_ylabel(f"− {baseline} (paired, 95% CI)")
+    else:
+        axes[1].set_axis_off()
+    return drawn
+
+
 def _accuracy_plot(res: EvalResult, out: Path) -> str:
-    import matplotlib
+    import matplotlib  # here: plotting is optional work, kept out of import time
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: after the Agg backend is chosen
 
     sm = res.selection.summary
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(sm) + 2), 4))
-    x = np.arange(len(sm))
-    err = np.array([[s["mean"] - s.get("ci_lo", s["mean"]) for s in sm], [s.get("ci_hi", s["mean"]) - s["mean"]
-                                                                          for s in sm]])
-    ax.bar(x, [s["mean"] for s in sm], yerr=np.nan_to_num(err), capsize=4,
-           color=["#888" if s["strategy"] == "zero-shot" else "#3a7" for s in sm])
-    ax.set_xticks(x, [s["strategy"] for s in sm], rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel(f"{res.sizes.k}-shot accuracy (95% CI over inputs and seeds)")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{res.task}: accuracy by selection strategy")
+    fig, axes = plt.subplots(1, 2, figsize=(2 * max(6, 0.6 * len(sm) + 2), 4))
+    draw_accuracy(axes, sm, res.sizes.k, res.selection.baseline)
+    fig.suptitle(f"{res.task}: accuracy by selection strategy")
     fig.savefig(out / "accuracy_by_strategy.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return "accuracy_by_strategy.png"
