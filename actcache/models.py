@@ -225,7 +225,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 def default_model_gguf(home: Path) -> Path:
     """Assemble and verify the packaged default GGUF (sha256-checked by the package)."""
-    import importlib
+    import importlib  # only the default model needs it
 
     require("default-model", f"the default model {DEFAULT_MODEL} ({_GGUF_DIST})", MissingModelError,
             hint=", or pass --model with another model (a hub id, a local directory or a .gguf file)")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .display import auto_progress
 from .config import (  # noqa: F401  (re-exported: the CLI and callers read them here)
     DEFAULT_STRATEGIES, KNN_ORDERS, PRESETS, QUALITY_DEFS, TURNS, EvalConfig, EvalResult, Preset, RunConfig,
     RunResult, Sizes,
@@ -26,7 +27,6 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None, remote=None) -> 
     plots, samples/), or nothing when `cfg.out` is None. Returns the `EvalResult`.
     `remote` (e.g. a `cluster.RayEngine`) computes the quality matrix's missing
     parts. Without `progress`, a notebook or terminal shows tqdm bars (`display.auto_progress`)."""
-    from .display import auto_progress
 
     with auto_progress(progress) as cb:
         return _evaluate(cfg, cb, remote)
@@ -98,7 +98,6 @@ def run(cfg: RunConfig | str, progress: Progress | None = None) -> RunResult:
     the eval rows (the preset's first component, k >= 1) written to
     `out/neighbors.jsonl`, then `evaluate` into `out` (out None: nothing is written).
     A str is a preset name. Without `progress`, a notebook or terminal shows tqdm bars."""
-    from .display import auto_progress
 
     with auto_progress(progress) as cb:
         return _run(cfg, cb)
