@@ -198,9 +198,10 @@ class StudyResult:
     def __repr__(self) -> str:
         rep = self.replication or {}
         top = rep.get("top") or []
+        reps = (f"{sum(t['replicates'] for t in top)}/{len(top)} of the discovery top replicate" if top
+                else "no replication")
         return (f"StudyResult({len(self.quality)} candidates, {len(self.rows)} statistics; {self.headline()}; "
-                f"rho(label, quality) {num(self.label_rho)}; "
-                f"{sum(t['replicates'] for t in top)}/{len(top)} of the discovery top replicate)")
+                f"rho(label, quality) {num(self.label_rho)}; {reps})")
 
     def _repr_html_(self) -> str:
         top = sorted(self.rows, key=lambda r: -abs(r["rho_raw"]) if math.isfinite(r["rho_raw"]) else 0)[:10]
