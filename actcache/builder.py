@@ -34,6 +34,7 @@ from .capture import (
 )
 from .config import MASKS, VERSION
 from .data import DataSpec, load as load_data
+from .display import auto_progress
 from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
 from .prompts import RowPlan, context_rotations, length_batches, plan_rows, token_batches
@@ -178,7 +179,13 @@ def build(cfg: BuildConfig, progress: Progress | None = None, remote=None) -> St
     `remote.run_build(cfg, key, bdir, plan, passes, progress)` with passes
     [(mask, units, poolings)], it returns the forward batches it ran, and its
     `.provenance` is recorded in the build's provenance (never in the key).
+    Without `progress`, a notebook or terminal shows tqdm bars (`display.auto_progress`).
     """
+    with auto_progress(progress) as cb:
+        return _build(cfg, cb, remote)
+
+
+def _build(cfg: BuildConfig, progress: Progress | None, remote) -> Store:
     cfg.validate()
     t0 = time.time()
     home = check_home(default_home(cfg.home), writable=True)

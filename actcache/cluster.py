@@ -38,7 +38,7 @@ import numpy as np
 from indexes.io import quiet_fd
 
 from .builder import batch_file, flushed, identify, pass_capture, pass_layouts, run_batch
-from .errors import ConfigError
+from .errors import ConfigError, MissingExtraError
 from .files import MANIFEST, Manifest, file_sha256
 from .models import set_threads
 from .prompts import plan_rows
@@ -66,7 +66,7 @@ class RayEngine:
         try:
             import ray
         except ImportError:
-            raise ConfigError("--engine ray needs Ray: pip install 'actcache[ray]'") from None
+            raise MissingExtraError("--engine ray needs Ray: pip install 'actcache[ray]'", extra="ray") from None
         # Ray's native core logs to stderr (its start-up line, and errors it raises about its own
         # actor restarts); the library never prints, so only fatal ones are kept.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")

@@ -11,7 +11,10 @@ means (its token layout and attention rule) is `prompts.py`'s alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+
+from .display import dataframe, html_table, interval, num, short_key
 from .errors import ConfigError
 from .harness import lm_eval_block
 
@@ -110,7 +113,7 @@ class EvalConfig:
     pair_mask: str = DEFAULT_MASK
     max_length: int = 2048
     demos: str | None = None  # a query JSONL (from `actcache query`) to evaluate as a strategy
-    out: str = "actcache-report"
+    out: str | None = "actcache-report"  # None: write no report, only return the EvalResult
     seed: int = 0
 
     def validate(self) -> None:
@@ -186,6 +189,31 @@ class StudyResult:
                 "length_rho": self.length_rho, "replication": self.replication, "quality": self.quality,
                 "sae": self.sae, "push": self.push}
 
+    def headline(self) -> str:
+        """The largest raw and controlled |rho| and where, on one line."""
+        sm = self.summary or {}
+        return (f"max |rho| raw {num(sm.get('raw_max_abs_rho'))} at {sm.get('raw_max_name')}, "
+                f"controlled {num(sm.get('controlled_max_abs_rho'))} at {sm.get('controlled_max_name')}")
+
+    def __repr__(self) -> str:
+        rep = self.replication or {}
+        top = rep.get("top") or []
+        reps = (f"{sum(t['replicates'] for t in top)}/{len(top)} of the discovery top replicate" if top
+                else "no replication")
+        return (f"StudyResult({len(self.quality)} candidates, {len(self.rows)} statistics; {self.headline()}; "
+                f"rho(label, quality) {num(self.label_rho)}; {reps})")
+
+    def _repr_html_(self) -> str:
+        top = sorted(self.rows, key=lambda r: -abs(r["rho_raw"]) if math.isfinite(r["rho_raw"]) else 0)[:10]
+        return html_table(["statistic", "raw ρ [95% CI]", "q", "partial ρ (label)", "partial ρ (label + length)"],
+                          [[r["name"], interval(r["rho_raw"], r.get("ci_raw_lo"), r.get("ci_raw_hi")),
+                            num(r.get("q_raw")), num(r.get("rho_partial")), num(r.get("rho_len"))] for r in top],
+                          caption=f"StudyResult: {self.headline()} (top {len(top)} of {len(self.rows)} by raw |ρ|)")
+
+    def to_pandas(self):
+        """One row per statistic (`rows`): name, rho_raw with its interval, controlled rhos and q-values."""
+        return dataframe(self.rows, "StudyResult")
+
 
 @dataclass(frozen=True)
 class SelectionResult:
@@ -229,6 +257,32 @@ class SelectionResult:
                 "k": self.k, "dropped_demonstrations": self.dropped_demonstrations,
                 "max_length": self.max_length, "tokens": self.tokens, "baseline": self.baseline}
 
+    def _table(self) -> list[list[str]]:
+        return [[s["strategy"], interval(s.get("mean"), s.get("ci_lo"), s.get("ci_hi")),
+                 "baseline" if s["strategy"] == self.baseline else
+                 interval(s.get("diff_vs_baseline"), s.get("diff_lo"), s.get("diff_hi")) if "diff_vs_baseline" in s
+                 else "—", str(s.get("n_seeds", "—"))] for s in self.summary]
+
+    def best(self) -> str:
+        """The strategy with the highest mean accuracy (zero-shot aside), with its interval."""
+        ok = [s for s in self.summary if s["strategy"] != "zero-shot" and math.isfinite(s.get("mean", math.nan))]
+        b = max(ok, key=lambda s: s["mean"], default=None)
+        return f"best {b['strategy']} {interval(b['mean'], b.get('ci_lo'), b.get('ci_hi'))}" if b else "no run"
+
+    def __repr__(self) -> str:
+        return (f"SelectionResult({len(self.summary)} strategies, {len(self.eval_ids)} eval inputs, k={self.k}; "
+                f"{self.best()}; baseline {self.baseline})")
+
+    def _repr_html_(self) -> str:
+        return html_table(["strategy", f"{self.k}-shot accuracy [95% CI]", f"− {self.baseline} [95% CI]", "seeds"],
+                          self._table(), caption=f"SelectionResult: {len(self.eval_ids)} eval inputs, k={self.k}")
+
+    def to_pandas(self, what: str = "summary"):
+        """One row per strategy (`summary`), or with what="runs" one per strategy x seed (`runs`)."""
+        if what not in ("summary", "runs"):
+            raise ConfigError(f"to_pandas(what={what!r}): choose 'summary' or 'runs'")
+        return dataframe(self.summary if what == "summary" else self.runs, "SelectionResult")
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -260,7 +314,7 @@ class EvalResult:
     study: StudyResult
     selection: SelectionResult
     seconds: float
-    out: str
+    out: str | None
     # Every candidate x probe score by example id, for samples/quality_pairs.jsonl.
     quality_pairs: dict = field(default_factory=dict, repr=False)
 
@@ -284,6 +338,31 @@ class EvalResult:
                   "bootstrap_iters": 0, "num_fewshot": self.selection.k, "model_dtype": m.get("dtype"),
                   "model_sha": m.get("weights_sha256"), "build_key": self.build_key}
         return lm_eval_block(self.task, self.selection.samples, config, VERSION)
+
+    def __repr__(self) -> str:
+        m = (self.model or {}).get("model")
+        z = self.sizes
+        return (f"EvalResult(task={self.task!r}, model={m!r}, build={short_key(self.build_key)!r}, "
+                f"{z.n_candidates} candidates x {z.n_probes} probes, {z.n_eval} eval inputs, k={z.k}, "
+                f"{len(z.seeds)} seeds; zero-shot {num(self.zero_shot_probe_acc)}; "
+                f"{self.selection.best()}; "
+                f"{self.study.headline()}; out={self.out!r})")
+
+    def _repr_html_(self) -> str:
+        m = self.model or {}
+        z = self.sizes
+        about = html_table(["task", "model", "build", "candidates x probes", "eval inputs", "k", "seeds", "report"],
+                           [[self.task, m.get("model"), short_key(self.build_key), f"{z.n_candidates} x {z.n_probes}",
+                             z.n_eval, z.k, len(z.seeds), self.out or "(not written)"]],
+                           caption=f"EvalResult: {self.study.headline()}")
+        return about + self.selection._repr_html_()
+
+    def to_pandas(self, what: str = "summary"):
+        """The selection experiment per strategy (`selection.summary`); what="runs":
+        per strategy x seed; what="study": one row per statistic of the correlation study."""
+        if what == "study":
+            return self.study.to_pandas()
+        return self.selection.to_pandas(what)
 
 
 @dataclass(frozen=True)
@@ -311,7 +390,7 @@ class RunConfig:
     n_eval: int = EvalConfig.n_eval
     strategies: tuple[str, ...] = EvalConfig.strategies
     seeds: tuple[int, ...] = EvalConfig.seeds
-    out: str = EvalConfig.out
+    out: str | None = EvalConfig.out  # None: write nothing (no neighbours file, no report)
     home: str | None = None
 
     def resolve(self) -> Preset:
@@ -329,5 +408,15 @@ class RunResult:
     the neighbours file it wrote, and the evaluation."""
 
     build: dict
-    neighbors: str
+    neighbors: str | None
     results: EvalResult
+
+    def __repr__(self) -> str:
+        return f"RunResult(build={short_key(self.build.get('key'))!r}, neighbors={self.neighbors!r}, results={self.results!r})"
+
+    def _repr_html_(self) -> str:
+        return self.results._repr_html_()
+
+    def to_pandas(self, what: str = "summary"):
+        """As `EvalResult.to_pandas`."""
+        return self.results.to_pandas(what)

@@ -17,6 +17,15 @@ class ConfigError(ActcacheError, ValueError):
     exit_code = 2
 
 
+class MissingExtraError(ConfigError):
+    """A part of actcache is used without the optional packages it needs; the
+    message names the extra to install (`pip install 'actcache[serve]'`)."""
+
+    def __init__(self, message: str, extra: str = ""):
+        super().__init__(message)
+        self.extra = extra
+
+
 class OverlapError(ConfigError):
     """An SAE of the build trained on the text of examples the study evaluates."""
 
@@ -45,6 +54,13 @@ class CorruptStoreError(StoreError):
 
 class MismatchError(StoreError):
     """Two artifacts that must belong together do not (index vs build, matrix vs build)."""
+
+
+class MissingModelError(MissingExtraError, ModelError):
+    """A packaged model (the default model, the sentence encoder) is not installed:
+    a ModelError too, so that an optional strategy that needs it is skipped."""
+
+    exit_code = ModelError.exit_code
 
 
 class LabelWordError(ModelError, ValueError):

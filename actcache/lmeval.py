@@ -29,7 +29,7 @@ import json
 from .client import Client
 from .config import DEFAULT_MASK
 from .data import Example, Task
-from .errors import ConfigError, DatasetError
+from .errors import ConfigError, DatasetError, MissingExtraError
 from .query import (
     QueryConfig, check_query, encode_texts, eval_inputs, parse_inputs, search_records, template_fields,
 )
@@ -46,8 +46,8 @@ def _context_sampler():
     try:
         from lm_eval.api.samplers import ContextSampler
     except ImportError:
-        raise ConfigError("lm_eval is not installed; install it with `pip install actcache[lmeval]` "
-                          "(lm-eval==0.4.13)") from None
+        raise MissingExtraError("lm_eval is not installed; install it with `pip install 'actcache[lmeval]'` "
+                                "(lm-eval==0.4.13)", extra="lmeval") from None
     return ContextSampler
 
 

@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import MissingModelError, ModelError
+from .extras import require
 from .files import file_lock
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -224,13 +225,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 def default_model_gguf(home: Path) -> Path:
     """Assemble and verify the packaged default GGUF (sha256-checked by the package)."""
-    try:
-        import importlib
+    import importlib  # only the default model needs it
 
-        pkg = importlib.import_module(_GGUF_PACKAGE)
-    except ImportError:
-        raise ModelError(f"the default model needs the package {_GGUF_DIST}; "
-                         f"run `pip install {_GGUF_DIST}` or pass --model") from None
+    require("default-model", f"the default model {DEFAULT_MODEL} ({_GGUF_DIST})", MissingModelError,
+            hint=", or pass --model with another model (a hub id, a local directory or a .gguf file)")
+    pkg = importlib.import_module(_GGUF_PACKAGE)
     target = home / "models" / pkg.MODEL_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     # Locked (first-use runs may start together) and assembled beside the target,

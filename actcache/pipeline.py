@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .display import auto_progress
 from .config import (  # noqa: F401  (re-exported: the CLI and callers read them here)
     DEFAULT_STRATEGIES, KNN_ORDERS, PRESETS, QUALITY_DEFS, TURNS, EvalConfig, EvalResult, Preset, RunConfig,
     RunResult, Sizes,
@@ -23,8 +24,15 @@ Progress = Callable[[str, int, int], None]
 def evaluate(cfg: EvalConfig, progress: Progress | None = None, remote=None) -> EvalResult:
     """Run the quality matrix, correlation study and selection experiment; write
     the report directory `cfg.out` (report.md, results.json = `to_dict()`, CSVs,
-    plots, samples/). Returns the `EvalResult`. `remote` (e.g. a
-    `cluster.RayEngine`) computes the quality matrix's missing parts."""
+    plots, samples/), or nothing when `cfg.out` is None. Returns the `EvalResult`.
+    `remote` (e.g. a `cluster.RayEngine`) computes the quality matrix's missing
+    parts. Without `progress`, a notebook or terminal shows tqdm bars (`display.auto_progress`)."""
+
+    with auto_progress(progress) as cb:
+        return _evaluate(cfg, cb, remote)
+
+
+def _evaluate(cfg: EvalConfig, progress: Progress | None, remote) -> EvalResult:
     import numpy as np
 
     from . import report
@@ -56,11 +64,13 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None, remote=None) -> 
         hardware={"dtype": lm.provenance["dtype"], "dtype_requested": lm.provenance["dtype_requested"],
                   "evaluate": lm.provenance["hardware"], "build": store.provenance["model"].get("hardware"),
                   "quality_matrix": q.meta.get("hardware")},
-        study=study, selection=selection, seconds=round(time.time() - t0, 1), out=str(Path(cfg.out)),
+        study=study, selection=selection, seconds=round(time.time() - t0, 1),
+        out=None if cfg.out is None else str(Path(cfg.out)),
         quality_pairs={"cand_ids": store.ids[q.cand_rows].tolist(), "probe_ids": store.ids[q.probe_rows].tolist(),
                        "correct": q.correct.tolist(), "margin": q.margin.tolist(),
                        "cand_half": q.cand_half.tolist(), "probe_half": q.probe_half.tolist()})
-    report.write(res, Path(cfg.out))
+    if cfg.out is not None:
+        report.write(res, Path(cfg.out))
     return res
 
 
@@ -86,7 +96,14 @@ def run(cfg: RunConfig | str, progress: Progress | None = None) -> RunResult:
     """Build, query and evaluate a study preset as `actcache run` does: the build
     (the preset's layers, components, masks, context_k, context_seed, max_length), a query of
     the eval rows (the preset's first component, k >= 1) written to
-    `out/neighbors.jsonl`, then `evaluate` into `out`. A str is a preset name."""
+    `out/neighbors.jsonl`, then `evaluate` into `out` (out None: nothing is written).
+    A str is a preset name. Without `progress`, a notebook or terminal shows tqdm bars."""
+
+    with auto_progress(progress) as cb:
+        return _run(cfg, cb)
+
+
+def _run(cfg: RunConfig | str, progress: Progress | None) -> RunResult:
     from .builder import BuildConfig, build
     from .data import DataSpec
     from .models import ModelSpec
@@ -107,9 +124,11 @@ def run(cfg: RunConfig | str, progress: Progress | None = None) -> RunResult:
     st = build(bcfg, progress=progress)
     recs = query(QueryConfig(key=st.key, home=cfg.home, component=p.components[0], k=max(1, p.k)),
                  progress=progress)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    neighbors = str(Path(cfg.out) / "neighbors.jsonl")
-    write_jsonl(recs, neighbors)
+    neighbors = None
+    if cfg.out is not None:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        neighbors = str(Path(cfg.out) / "neighbors.jsonl")
+        write_jsonl(recs, neighbors)
     res = evaluate(EvalConfig(key=st.key, home=cfg.home, n_candidates=n_cand, n_probes=n_probes,
                               n_eval=cfg.n_eval, k=p.k, seeds=cfg.seeds, strategies=cfg.strategies,
                               out=cfg.out), progress=progress)

@@ -52,6 +52,7 @@ import json
 import string
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Callable
@@ -59,6 +60,7 @@ from typing import Callable
 import numpy as np
 
 from .config import DEFAULT_MASK
+from .display import auto_progress, dataframe
 from .errors import ConfigError, DatasetError, StoreError
 from .store import ArrayId, Store, atomic_write, load_npz, try_save_npz
 from .data import Example, field_value, normalize_text, read_text
@@ -157,6 +159,13 @@ class QueryRecords(list):
     forward_batches, cache_hit, out, seconds)."""
 
     report: dict
+
+    def to_pandas(self):
+        """One row per test input and neighbour: test_id, test_label, rank, id, score, label, text."""
+        return dataframe([{"test_id": r["test_id"], "test_label": r.get("test_label"), "rank": n.get("rank", i),
+                           "id": n["id"], "score": n["score"], "label": n.get("label"), "text": n.get("text")}
+                          for r in self for i, n in enumerate(r["neighbors"])], "QueryRecords",
+                         columns=["test_id", "test_label", "rank", "id", "score", "label", "text"])
 
 
 @dataclass(frozen=True)
@@ -735,3 +744,17 @@ def write_jsonl(records, path) -> None:
             path.write(json.dumps(r, ensure_ascii=False) + "\n")
         return
     atomic_write(path, lambda f: f.writelines((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in records))
+
+
+class _QueryModule(types.ModuleType):
+    """This module, callable: `actcache.query(QueryConfig(key="last"))` runs `query`
+    (with tqdm bars in a notebook or terminal when no `progress` is given), while
+    `import actcache.query` and `from actcache.query import query, QueryConfig`
+    keep working as for any module."""
+
+    def __call__(self, cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
+        with auto_progress(progress) as cb:
+            return query(cfg, cb)
+
+
+sys.modules[__name__].__class__ = _QueryModule

@@ -39,7 +39,7 @@ import numpy as np
 
 from .capture import Activations, TokenActivations, decoder_layers, forward_rows
 from .data import DataSpec, load, read_text, record_text, subsample
-from .errors import ConfigError
+from .errors import ConfigError, MissingExtraError
 from .models import ModelSpec, load_model, set_threads
 from .prompts import length_batches, text_rows
 from .store import Store, default_home, short_sae_key
@@ -723,8 +723,8 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     try:
         import sparsify  # noqa: F401
     except ImportError:
-        raise ConfigError("`actcache sae train` needs eai-sparsify: pip install 'actcache[sae]' "
-                          "(or pip install eai-sparsify==1.3.3)") from None
+        raise MissingExtraError("`actcache sae train` needs eai-sparsify: pip install 'actcache[sae]' "
+                                "(or pip install eai-sparsify==1.3.3)", extra="sae") from None
 
     if cfg.hook not in HOOK_POINTS:
         raise ConfigError(f"--hook must be one of {HOOK_POINTS}, not {cfg.hook!r}")

