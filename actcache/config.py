@@ -57,8 +57,8 @@ class Preset:
     context_seed: int = 0
 
 
-# Presets that reproduce the study's set-up where the weights are available.
-# On this machine run them with --model gemma-3-270m (and smaller sizes).
+# Presets that reproduce the study's set-up: the paper's models need their weights (a hub id or a
+# local path); `--model gemma-3-270m` runs the same set-up at a size a CPU manages.
 PRESETS: dict[str, Preset] = {
     f"paper-{task}-{m}": Preset(model=model, task=task, k=1, n_candidates=1000, n_probes=100,
                                 components=("mlp",), layers="all", context_k=1, max_length=1024,
