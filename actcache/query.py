@@ -105,6 +105,7 @@ class QueryConfig:
         k is the page size, ranks offset..offset+k-1 are returned, and `rank`
         counts from offset.
     fields: the record keys to keep (None: all, see RECORD_FIELDS).
+    device: where the model runs for new texts (cpu, cuda, mps or auto).
     """
 
     key: str
@@ -125,6 +126,7 @@ class QueryConfig:
     min_score: float | None = None
     offset: int = 0
     fields: tuple[str, ...] | None = None
+    device: str = "auto"
 
     def __post_init__(self):
         # Lists (JSON, CLI) become tuples so the config stays hashable; a lone string is one item.
@@ -140,6 +142,7 @@ class QueryConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("home", None)  # machine-specific; the build key identifies the data
+        d.pop("device", None)  # where new texts ran; the build fixes their activations' dtype
         for name in _SEARCH_OPTIONS:  # named only when set, so records without them stay as they were
             if d[name] == _DEFAULTS[name]:
                 d.pop(name)
@@ -372,7 +375,7 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
         return cached["acts"].astype(np.float32, copy=False), {"forward_batches": 0, "cache_hit": True,
                                                                "cache": str(path)}
 
-    lm = lm or store.load_model()
+    lm = lm or store.load_model(device=cfg.device)
     tok, model = lm.tokenizer, lm.model
     task = store.task()
     max_length = int(store.config.get("max_length", store.provenance.get("max_length", 256)))
