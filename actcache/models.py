@@ -327,8 +327,10 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
     dtype_name = resolve_dtype(spec.dtype, device)
     dtype = torch_dtype(dtype_name)
     target, extra = resolve_model(spec.model, home)
+    if extra.get("source") == "hub":
+        download(target, spec.revision)
     t0 = time.monotonic()
-    where = "from the hub (downloaded once, then cached)" if extra.get("source") == "hub" else f"from {target}"
+    where = "from the hub cache" if extra.get("source") == "hub" else f"from {target}"
     log.info("loading model %s %s in %s on %s", spec.model, where, dtype_name, device)
     try:
         tok = AutoTokenizer.from_pretrained(target, revision=spec.revision)
@@ -380,6 +382,58 @@ def _load_random(spec: ModelSpec) -> LoadedModel:
     prov = {"model": f"random-init:{spec.model_config}", **_common_provenance(model, tok, spec, dtype_name, device),
             **extra}
     return LoadedModel(model, tok, prov)
+
+
+# What `from_pretrained` reads from a hub repository (transformers' default file
+# names), fetched first with progress; other files of the repository (original
+# checkpoints, other formats) are not.
+HUB_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "model-*-of-*.safetensors", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
+             "merges.txt", "*.model", "*.tiktoken", "chat_template*")
+DOWNLOAD_LOG_S = 10.0  # seconds between download progress records
+
+
+def download(repo: str, revision: str | None = None, report=None) -> None:
+    """Fetch a hub model's files into the hub cache, reporting bytes as they
+    arrive: `report(desc, done, total)` if given, else an INFO record on this
+    module's logger at most every DOWNLOAD_LOG_S seconds. Does nothing offline
+    (HF_HUB_OFFLINE=1) or when the files are cached; a failure is left to
+    `from_pretrained`, whose error says what is wrong."""
+    from huggingface_hub import constants, snapshot_download
+    from tqdm.std import tqdm  # the bar class huggingface_hub drives; drawn nowhere, reported instead
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return
+    last = [0.0]
+
+    def emit(desc: str, done: float, total: float | None) -> None:
+        if report is not None:
+            report(desc, int(done), int(total or 0))
+            return
+        now, end = time.monotonic(), bool(total) and done >= total
+        if end or now - last[0] >= DOWNLOAD_LOG_S:
+            last[0] = now
+            of = f" of {total / 2**20:,.0f} MiB ({100 * done / total:.0f}%)" if total else ""
+            log.info("downloading %s: %s MiB%s", repo, f"{done / 2**20:,.0f}", of)
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kw):
+            # huggingface_hub names its bars; bytes received from the network
+            # ("...transfer") are counted again as bytes written, reported here
+            self.hub_bar = str(kw.pop("name", "") or "")
+            kw.update(file=io.StringIO(), disable=False)
+            super().__init__(*args, **kw)
+
+        def update(self, n=1):
+            out = super().update(n)
+            if self.unit == "B" and not self.hub_bar.endswith("transfer"):
+                emit(f"download {repo}", self.n, self.total)
+            return out
+
+    try:
+        snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES), tqdm_class=Bar)
+    except Exception as e:  # noqa: BLE001 - from_pretrained reports what is wrong in its own words
+        log.debug("could not prefetch %s (%s); loading it directly", repo, type(e).__name__)
 
 
 def _hub_weights_hash(repo: str, revision: str | None, home: Path) -> str:

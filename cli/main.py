@@ -190,7 +190,7 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from actcache.errors import ActcacheError
+        from actcache.errors import EXIT_INTERRUPTED, ActcacheError
 
         try:
             return fn(*args, **kwargs)
@@ -199,7 +199,7 @@ def handle_errors(fn):
             raise typer.Exit(e.exit_code)
         except KeyboardInterrupt:
             typer.secho("interrupted; rerun the same command to resume", fg="yellow", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(EXIT_INTERRUPTED)
 
     return wrapper
 
@@ -437,7 +437,7 @@ def verify(key: Optional[str] = typer.Argument(None, help="Build key, unique pre
     """Check every array (checksums), index and cached file of a build; optionally repair what can be derived."""
     from dataclasses import asdict
 
-    from actcache.errors import ConfigError
+    from actcache.errors import EXIT_PROBLEMS, ConfigError
     from actcache.store import build_dirs, find_build, verify as check
 
     if key and all_:
@@ -461,7 +461,7 @@ def verify(key: Optional[str] = typer.Argument(None, help="Build key, unique pre
     if as_json:
         typer.echo(json.dumps({"ok": not bad, "builds": reports}))
     if bad:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 @app.command()

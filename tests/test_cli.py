@@ -221,3 +221,52 @@ def test_quiet_verbose_and_default_output(built, tmp_path):
     assert len(out.read_text().splitlines()) == 1  # the records are still written
     verbose = _cli("--verbose", *base, input="another fine day\n")
     assert verbose.exit_code == 0 and "loading model" in verbose.stderr and "loaded model" in verbose.stderr
+
+
+def test_model_download_progress_is_reported_not_printed(monkeypatch, capsys):
+    """The hub's byte bars (driven as snapshot_download drives them) become
+    (desc, done, total) reports or log records; nothing is drawn."""
+    import logging
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from actcache import models
+
+    def fake_snapshot(repo, revision=None, allow_patterns=None, tqdm_class=None):
+        assert "model.safetensors" in allow_patterns and "*.safetensors" not in allow_patterns
+        files = tqdm_class(desc="Fetching 2 files", total=2)
+        transfer = tqdm_class(desc="Downloading bytes", total=0, unit="B", name="huggingface_hub.snapshot_download.transfer")
+        written = tqdm_class(desc="Reconstructing", total=0, unit="B", name="huggingface_hub.snapshot_download")
+        written.total = transfer.total = 3 * 2**20
+        for _ in range(3):
+            transfer.update(2**20)
+            written.update(2**20)
+        files.update(2)
+        for b in (files, transfer, written):
+            b.close()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    seen = []
+    models.download("org/model", report=lambda *a: seen.append(a))
+    assert seen == [("download org/model", i * 2**20, 3 * 2**20) for i in (1, 2, 3)]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    models.log.addHandler(handler)
+    old = models.log.level
+    models.log.setLevel(logging.INFO)
+    try:
+        models.download("org/model")
+    finally:
+        models.log.removeHandler(handler)
+        models.log.setLevel(old)
+    msgs = [r.getMessage() for r in records]
+    assert msgs[0] == "downloading org/model: 1 MiB of 3 MiB (33%)" and msgs[-1].endswith("(100%)")
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    models.download("org/model", report=lambda *a: seen.append("offline"))
+    assert "offline" not in seen
