@@ -22,8 +22,9 @@ from pathlib import Path
 from .errors import ModelError
 from .files import file_lock
 
-# Stages of model loading (download, load, GGUF conversion) are reported as INFO
-# records here, with what, how long and where; the CLI renders them (or not).
+# Stages of model loading are reported as records here, with what, how long and
+# where: the slow one-time ones (hub download, GGUF conversion) at INFO, every
+# load at DEBUG. The CLI renders them (or not).
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -331,7 +332,7 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
         download(target, spec.revision)
     t0 = time.monotonic()
     where = "from the hub cache" if extra.get("source") == "hub" else f"from {target}"
-    log.info("loading model %s %s in %s on %s", spec.model, where, dtype_name, device)
+    log.debug("loading model %s %s in %s on %s", spec.model, where, dtype_name, device)
     try:
         tok = AutoTokenizer.from_pretrained(target, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(target, revision=spec.revision, dtype=dtype)
@@ -340,7 +341,7 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
         raise ModelError(f"could not load model {spec.model!r}: {first}. Check the id or path; "
                          f"without network, only local directories and cached hub ids load.") from None
     model.eval().to(device)
-    log.info("loaded model %s in %.1f s", spec.model, time.monotonic() - t0)
+    log.debug("loaded model %s in %.1f s", spec.model, time.monotonic() - t0)
     local = Path(target)
     if local.is_dir():
         w_hash = weights_hash(local, home / "weights_sha256.json")
