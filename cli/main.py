@@ -40,10 +40,8 @@ Device = Literal[DEVICES]
 Dtype = Literal[DTYPE_CHOICES]
 Component = Literal[COMPONENTS]
 Mask = Literal[MASKS]
-Pooling = Literal[pooling_names()]
 Engine = Literal[ENGINES]
 Stat = Literal[STATS]
-
 
 
 def _each_of(values, what: str):
@@ -120,7 +118,7 @@ class _Lines(logging.Handler):
     """actcache's log records as plain stderr lines ('[12:00:01] loading model ...')."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        import time
+        import time  # stdlib, kept beside its one use like _plain_progress's
 
         try:
             typer.echo(f"[{time.strftime('%H:%M:%S', time.localtime(record.created))}] {record.getMessage()}",
@@ -568,7 +566,8 @@ def query_cmd(
     key: str = KEY,
     component: Component = typer.Option("mlp", help="Component of the array searched."),
     layer: int = typer.Option(-1, help="Model layer; negatives count from the end of the build's layers."),
-    pooling: Pooling = typer.Option("mean", help="Pooling of the array searched."),
+    pooling: str = typer.Option("mean", help=f"Pooling of the array searched: {', '.join(pooling_names())}; "
+                                             f"of SAE features (--strategy sae-*): mean or max."),
     mask: Mask = typer.Option("label-masked", help="Mask of the array searched."),
     k: Optional[int] = typer.Option(None, "--k", help="Neighbours per input (default 4; per class with --balanced). "
                                                       "With --strategy vote-k: graph degree (default min(150, pool - 1)); "

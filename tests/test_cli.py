@@ -73,7 +73,7 @@ def test_completion_is_on_and_completes_commands():
 
 @pytest.mark.parametrize("path,name,values", [
     (("build",), "device", DEVICES), (("build",), "dtype", DTYPE_CHOICES), (("query",), "mask", MASKS),
-    (("query",), "component", COMPONENTS), (("query",), "pooling", pooling_names()),
+    (("query",), "component", COMPONENTS),
     (("evaluate",), "device", DEVICES), (("sae", "train"), "device", DEVICES), (("serve",), "device", DEVICES),
     (("build",), "engine", ("local", "ray")),
 ])
