@@ -105,6 +105,7 @@ class EvalConfig:
     quality_def: str = "balanced"
     confirm_fraction: float = 0.5
     dtype: str = "auto"
+    device: str = "auto"  # where the model runs: cpu, cuda, mps or auto (models.resolve_device)
     compare_fp32: bool = True
     batch_size: int = 16
     n_boot: int = 200

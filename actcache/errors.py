@@ -77,3 +77,9 @@ class BusyError(ActcacheError):
         super().__init__(message)
         self.retry_after = retry_after
         self.queue_full = queue_full
+
+
+# Exit codes of the command line besides each error's `exit_code` (a usage error
+# the parser catches, such as an unknown choice, exits 2 like ConfigError).
+EXIT_PROBLEMS = 1  # `verify` found damage it did not repair
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); rerunning the same command resumes

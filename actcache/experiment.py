@@ -334,7 +334,7 @@ def _fp32_flips(store: Store, cfg: EvalConfig, lm, task, evals, gold, zs_pred, t
     dtype: how many flip (None for float32 runs and generative tasks)."""
     if not cfg.compare_fp32 or lm.provenance["dtype"] == "float32" or task.kind == "generation":
         return None
-    lm32 = store.load_model("float32")
+    lm32 = store.load_model("float32", cfg.device)
     m32 = classify(score_prompts(lm32, task, [prompt_segments(task, [], q) for q in evals], evals, cfg.batch_size,
                                  counter=tokens), gold)
     return {"n": len(evals), "flipped": int((m32["pred"] != zs_pred).sum()), "acc_fp32": m32["accuracy"],

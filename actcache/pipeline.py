@@ -50,7 +50,7 @@ def _evaluate(cfg: EvalConfig, progress: Progress | None, remote) -> EvalResult:
     if store.sae_groups:  # the SAE study's overlap check, before minutes of scoring (it runs again there)
         rows = study_rows(store, cfg)
         sae_training_overlap(store, rows.cands, rows.probes, cfg)
-    lm = store.load_model(cfg.dtype)
+    lm = store.load_model(cfg.dtype, cfg.device)
     q = quality_matrix(store, cfg, lm, progress, remote=remote)
     study = correlation_study(store, q, cfg, progress)
     selection = selection_experiment(store, cfg, lm, study, progress)
@@ -131,5 +131,5 @@ def _run(cfg: RunConfig | str, progress: Progress | None) -> RunResult:
         write_jsonl(recs, neighbors)
     res = evaluate(EvalConfig(key=st.key, home=cfg.home, n_candidates=n_cand, n_probes=n_probes,
                               n_eval=cfg.n_eval, k=p.k, seeds=cfg.seeds, strategies=cfg.strategies,
-                              out=cfg.out), progress=progress)
+                              device=cfg.device, out=cfg.out), progress=progress)
     return RunResult(st.report, neighbors, res)

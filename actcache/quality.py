@@ -262,7 +262,8 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
     task = store.task()
     rows = study_rows(store, cfg)
 
-    dtype = resolve_dtype(cfg.dtype or "auto", resolve_device(store.config["model"].get("device", "cpu")))
+    device = resolve_device(cfg.device or store.config["model"].get("device", "cpu"))
+    dtype = resolve_dtype(cfg.dtype or "auto", device)
     params = {"cands": rows.cands.tolist(), "cand_half": rows.cand_half.tolist(), "probes": rows.probes.tolist(),
               "probe_half": rows.probe_half.tolist(), "dtype": dtype, "shots": 1, "design": "halves"}
     qkey = derive_key(store.key, "quality", **params)
@@ -272,7 +273,7 @@ def quality_matrix(store: Store, cfg: EvalConfig, lm=None, progress: Progress | 
         if q is not None:
             return q
         warnings.warn(f"quality matrix {path.name} was damaged; recomputing it", stacklevel=2)
-    lm = lm or store.load_model(cfg.dtype)
+    lm = lm or store.load_model(cfg.dtype, cfg.device)
     pdir = path.with_suffix(".partial")
 
     t0 = time.time()

@@ -107,6 +107,7 @@ class QueryConfig:
         k is the page size, ranks offset..offset+k-1 are returned, and `rank`
         counts from offset.
     fields: the record keys to keep (None: all, see RECORD_FIELDS).
+    device: where the model runs for new texts (cpu, cuda, mps or auto).
     """
 
     key: str
@@ -127,6 +128,7 @@ class QueryConfig:
     min_score: float | None = None
     offset: int = 0
     fields: tuple[str, ...] | None = None
+    device: str = "auto"
 
     def __post_init__(self):
         # Lists (JSON, CLI) become tuples so the config stays hashable; a lone string is one item.
@@ -142,6 +144,7 @@ class QueryConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("home", None)  # machine-specific; the build key identifies the data
+        d.pop("device", None)  # where new texts ran; the build fixes their activations' dtype
         for name in _SEARCH_OPTIONS:  # named only when set, so records without them stay as they were
             if d[name] == _DEFAULTS[name]:
                 d.pop(name)
@@ -352,7 +355,7 @@ def _cache_path(store: Store, texts, a: ArrayId) -> Path:
 
 def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, mask: str,
                  progress: Progress | None = None, lm=None,
-                 batch_size: int | None = None) -> tuple[np.ndarray, dict]:
+                 batch_size: int | None = None, device: str | None = None) -> tuple[np.ndarray, dict]:
     """Pooled activations of new texts, computed exactly as the build computed eval rows.
 
     Args:
@@ -360,7 +363,8 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
             prefix, dtype and device are used.
         texts: (q,) templated prompts (see `load_inputs`).
         component, layer, pooling, mask: the array (layer non-negative).
-        lm: the build's model, already loaded by `Store.load_model` (None: loaded here).
+        lm: the build's model, already loaded by `Store.load_model` (None: loaded here,
+            on `device`; None: where the build asked).
         batch_size: rows per forward batch (None: the build's). The service uses
             bigger ones: a forward of 64 short rows does 5x the work of one row
             per second on 2 cores, where the build's 16 do 4x.
@@ -381,7 +385,7 @@ def encode_texts(store: Store, texts, component: str, layer: int, pooling: str, 
         return cached["acts"].astype(np.float32, copy=False), {"forward_batches": 0, "cache_hit": True,
                                                                "cache": str(path)}
 
-    lm = lm or store.load_model()
+    lm = lm or store.load_model(device=device)
     tok, model = lm.tokenizer, lm.model
     task = store.task()
     max_length = int(store.config.get("max_length", store.provenance.get("max_length", 256)))
@@ -695,7 +699,8 @@ def query(cfg: QueryConfig, progress: Progress | None = None) -> QueryRecords:
     inputs = load_inputs(store, cfg.source, cfg.text_field)
     enc = {"forward_batches": 0, "cache_hit": None}
     if inputs.new:
-        Q, enc = encode_texts(store, inputs.texts, a.component, a.layer, a.pooling, a.mask, progress)
+        Q, enc = encode_texts(store, inputs.texts, a.component, a.layer, a.pooling, a.mask, progress,
+                              device=cfg.device)
     else:
         Q = store.acts(a.component, a.layer, a.pooling, a.mask, split="eval")
     if progress:

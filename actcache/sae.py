@@ -567,6 +567,7 @@ class SAETrainConfig:
 
     model: str = "gemma-3-270m"
     dtype: str = "auto"
+    device: str = "auto"
     task: str = "sst2"
     data_dir: str | None = None
     text_file: str | None = None
@@ -736,7 +737,7 @@ def train_sae(cfg: SAETrainConfig, progress=None) -> tuple[SAE, dict]:
     home = default_home(cfg.home)
     train, held, training = _training_texts(cfg, home)
     source = training["source"]
-    lm = load_model(ModelSpec(cfg.model, dtype=cfg.dtype), home)
+    lm = load_model(ModelSpec(cfg.model, dtype=cfg.dtype, device=cfg.device), home)
     n_layers = len(decoder_layers(lm.model)[1])
     if not 0 <= cfg.layer < n_layers:
         raise ConfigError(f"--layer {cfg.layer} is out of range: the model has {n_layers} layers")

@@ -442,7 +442,8 @@ def _routes(app, svc: Service, limits: ServeLimits, home: str | None) -> None:
 
 
 def create_app(home: str | None = None, token: str | None = None, window_s: float = 0.01,
-               limits: ServeLimits | None = None, hosts=LOOPBACK, threads: int | None = None):
+               limits: ServeLimits | None = None, hosts=LOOPBACK, threads: int | None = None,
+               device: str | None = None):
     """The ASGI app over the store at `home`: the API under /v1 (and at the same
     paths without it, kept as aliases), /healthz, /readyz, /metrics, /docs. With
     `token`, every route but OPEN_PATHS needs `Authorization: Bearer <token>`;
@@ -453,7 +454,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
     from starlette.middleware.gzip import GZipMiddleware
 
     limits = (limits or ServeLimits()).check()
-    svc = Service(home, limits, window_s=window_s, threads=threads)
+    svc = Service(home, limits, window_s=window_s, threads=threads, device=device)
     app: FastAPI = FastAPIOffline(
         title="actcache", version="1", redoc_url=None, static_url=DOCS_ASSETS,
         description="Nearest demonstrations and selection strategies over cached activation builds. Records are "
@@ -494,7 +495,7 @@ def create_app(home: str | None = None, token: str | None = None, window_s: floa
 
 def serve(home: str | None = None, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
           read_timeout_s: float = 10.0, limits: ServeLimits | None = None, allow_hosts=(),
-          on_ready=None, threads: int | None = None) -> None:
+          on_ready=None, threads: int | None = None, device: str | None = None) -> None:
     """Run the service until interrupted. Off loopback a bearer `token` is
     required. A client gets `read_timeout_s` seconds to send each whole request.
     Requests must name this server in their Host header: a loopback name, `host`,
@@ -508,7 +509,7 @@ def serve(home: str | None = None, host: str = "127.0.0.1", port: int = 8765, to
     if not read_timeout_s > 0:
         raise ConfigError(f"--read-timeout must be positive, got {read_timeout_s}")
     hosts = (*LOOPBACK, *([host] if host not in ("0.0.0.0", "::") else []), *allow_hosts)
-    app = create_app(home, token, limits=limits, hosts=hosts, threads=threads)
+    app = create_app(home, token, limits=limits, hosts=hosts, threads=threads, device=device)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

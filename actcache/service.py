@@ -185,7 +185,9 @@ class Service:
     thread; the work runs on the lanes' threads."""
 
     def __init__(self, home: str | None = None, limits: ServeLimits | None = None, window_s: float = 0.01,
-                 max_models: int = 2, max_wait_s: float = 0.1, threads: int | None = None):
+                 max_models: int = 2, max_wait_s: float = 0.1, threads: int | None = None,
+                 device: str | None = None):
+        self.device = device  # where models run (None: where each build asked)
         set_threads(threads)  # the forward pass's (and FAISS's) threads: all cores unless told
         self.home = home
         self.limits = (limits or ServeLimits()).check()
@@ -239,7 +241,7 @@ class Service:
             if st.key in self._models:
                 self._models.move_to_end(st.key)
             else:
-                self._models[st.key] = st.load_model()
+                self._models[st.key] = st.load_model(device=self.device)
                 while len(self._models) > self.max_models:
                     self._models.popitem(last=False)
             return self._models[st.key]

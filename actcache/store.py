@@ -746,12 +746,14 @@ class Store:
         spec = index_spec(kind)
         return [a for a in self.arrays if not self.has_index(a, spec)]
 
-    def load_model(self, dtype: str | None = None):
-        """The build's model and tokenizer (a `models.LoadedModel`), in `dtype` (None:
-        as the build asked), checked to have the weights and tokenizer the build was made with."""
+    def load_model(self, dtype: str | None = None, device: str | None = None):
+        """The build's model and tokenizer (a `models.LoadedModel`), in `dtype` on
+        `device` (None: as the build asked), checked to have the weights and tokenizer the build was made with."""
         m = dict(self.config["model"])
         if dtype:
             m["dtype"] = dtype
+        if device:
+            m["device"] = device
         lm = load_model(ModelSpec(**m), self.home)
         built = self.provenance.get("model", {})
         for name in ("weights_sha256", "tokenizer_sha256"):
@@ -867,13 +869,13 @@ def build_dirs(home: str | os.PathLike | None = None) -> list[Path]:
 def list_builds(home: str | os.PathLike | None = None) -> list[dict]:
     """Every build under the store root with its status: "done", "done, N indexes
     to rebuild" (an `--index` build whose indexes are missing or damaged),
-    "incomplete" (interrupted; rerun to resume) or "corrupt" (with the error)."""
+    "incomplete" (interrupted; rerun to resume) or "corrupt" (with the error).
+    Reads only: leftovers are `admin.plan_gc`'s to remove."""
     root = check_home(default_home(home)) / "builds"
     out = []
     for d in sorted(root.glob("*")) if root.exists() else []:
         if not d.is_dir():
             continue
-        clean_leftovers(d)  # temp files of dead writers, resume data of finished passes
         try:
             st = Store(d)
             info = st.info()

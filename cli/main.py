@@ -12,32 +12,79 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
-from actcache.capture import pooling_names
+from actcache.capture import COMPONENTS, STATS, pooling_names
+from actcache.config import DEFAULT_STRATEGIES, MASKS, VERSION
 from actcache.data import DataSpec
-from actcache.models import ModelSpec
+from actcache.models import DEVICES, DTYPE_CHOICES, ModelSpec
 from actcache.pipeline import EvalConfig, RunConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(add_completion=True, no_args_is_help=True, context_settings=CONTEXT,
                   help="Cache language-model activations once; query and evaluate them many times.")
+
+# What the global --quiet / --verbose asked for (set once per invocation by `main_options`).
+OUTPUT = {"quiet": False, "verbose": False}
+ENGINES = ("local", "ray")
+# Fixed sets of values, listed in --help and checked while parsing (a usage error,
+# exit 2, before any work), each read from the library's own list.
+Device = Literal[DEVICES]
+Dtype = Literal[DTYPE_CHOICES]
+Component = Literal[COMPONENTS]
+Mask = Literal[MASKS]
+Engine = Literal[ENGINES]
+Stat = Literal[STATS]
+
+
+def _each_of(values, what: str):
+    """A callback checking every entry of a comma-separated option against `values`."""
+    def check(s: Optional[str]) -> Optional[str]:
+        bad = [x for x in _split(s) if x not in values]
+        if bad:
+            raise typer.BadParameter(f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(values)}")
+        return s
+
+    return check
+
+
+def _strategy_names() -> tuple:
+    # The registry imports torch (its strategies score prompts): read only when a
+    # strategy is named, so --help and every other command stay fast.
+    from actcache.select import STRATEGIES as REGISTRY
+
+    return tuple(REGISTRY)
+
+
+def _check_strategies(s: Optional[str]) -> Optional[str]:
+    """--strategies / --strategy: each name a registered strategy (checked before any work)."""
+    if s:
+        names = _strategy_names()
+        bad = [x for x in _split(s) if x not in names]
+        if bad:
+            raise typer.BadParameter(f"unknown strategy {', '.join(map(repr, bad))}; registered: {', '.join(names)}")
+    return s
+
 
 # Options shared by several commands, declared once.
 STORE = typer.Option(None, "--store", envvar="ACTCACHE_HOME", help="Store root (default ~/.cache/actcache).")
-DTYPE = typer.Option(ModelSpec.dtype, help="auto (bfloat16 where the CPU/GPU runs it natively, else float32), "
-                                  "float32, bfloat16 or float16.")
+DTYPE = typer.Option(ModelSpec.dtype, help="auto: bfloat16 where the CPU/GPU runs it natively, else float32.")
+DEVICE_HELP = "Where the model runs; auto: cuda, else mps, else cpu."
+DEVICE = typer.Option(ModelSpec.device, help=DEVICE_HELP)
 DATA_DIR = typer.Option(None, "--data-dir", envvar="ACTCACHE_DATA_DIR",
                         help="Folder holding the benchmark folders (sst2/, boolq/, ...).")
 SEEDS = typer.Option(",".join(map(str, EvalConfig.seeds)), help="Seeds for the selection experiment, comma-separated integers.")
-STRATEGIES = typer.Option(None, help="Selection strategies, comma-separated (default: random, knn, vote-k, "
-                                      "k-center, kmeans, stat, embed-knn, sae-knn, sae-feature; vote-k-lm on "
-                                      "request).")
+STRATEGIES = typer.Option(None, callback=_check_strategies,
+                          help=f"Selection strategies, comma-separated (default: {', '.join(DEFAULT_STRATEGIES)}); "
+                               f"other registered strategies on request (an unknown name lists them).")
+JSON = typer.Option(False, "--json", help="Print one JSON document on stdout (and nothing else there).")
 OUT_DIR = typer.Option(EvalConfig.out, help="Output directory for report.md, CSVs and plots.")
 
 
@@ -61,12 +108,87 @@ def _words(s: Optional[str]) -> tuple:
     return tuple(" " + w.strip() for w in s.split(",") if w.strip()) if s else ()
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"actcache {VERSION}")
+        raise typer.Exit()
+
+
+class _Lines(logging.Handler):
+    """actcache's log records as plain stderr lines ('[12:00:01] loading model ...')."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import time  # stdlib, kept beside its one use like _plain_progress's
+
+        try:
+            typer.echo(f"[{time.strftime('%H:%M:%S', time.localtime(record.created))}] {record.getMessage()}",
+                       err=True)
+        except Exception:  # noqa: BLE001 - a log line must never end a command
+            self.handleError(record)
+
+
+def _setup_output(quiet: bool, verbose: bool):
+    """--quiet: no progress and no info lines; --verbose: library and model-loading
+    log records (transformers', huggingface_hub's too, with their download bars).
+    Returns a function that puts the loggers back as they were."""
+    from actcache.errors import ConfigError
+
+    if quiet and verbose:
+        raise ConfigError("give --quiet or --verbose, not both")
+    OUTPUT.update(quiet=quiet, verbose=verbose)
+    names = ("actcache", *(("transformers", "huggingface_hub") if verbose else ()))
+    saved = [(lg, lg.level, lg.propagate) for lg in map(logging.getLogger, names)]
+    handler = _Lines()
+    for lg, _, _ in saved:
+        lg.addHandler(handler)
+        lg.propagate = False
+    saved[0][0].setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    for lg, _, _ in saved[1:]:
+        lg.setLevel(logging.INFO)
+
+    def restore() -> None:
+        for lg, level, propagate in saved:
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+        OUTPUT.update(quiet=False, verbose=False)
+
+    return restore
+
+
+def info_line(msg: str, err: bool = True) -> None:
+    """A line about what happened (not a result); --quiet drops it."""
+    if not OUTPUT["quiet"]:
+        typer.echo(msg, err=err)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no info lines (results and "
+                                                            "errors only)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log what the library does: model "
+                                                                "download, load and conversion, with "
+                                                                "transformers' own messages."),
+):
+    """Cache language-model activations once; query and evaluate them many times."""
+    from actcache.errors import ConfigError
+
+    try:
+        ctx.call_on_close(_setup_output(quiet, verbose))
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(e.exit_code)
+
+
 def handle_errors(fn):
     """Turn actcache errors into one stderr line and the error's exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from actcache.errors import ActcacheError
+        from actcache.errors import EXIT_INTERRUPTED, ActcacheError
 
         try:
             return fn(*args, **kwargs)
@@ -75,7 +197,7 @@ def handle_errors(fn):
             raise typer.Exit(e.exit_code)
         except KeyboardInterrupt:
             typer.secho("interrupted; rerun the same command to resume", fg="yellow", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(EXIT_INTERRUPTED)
 
     return wrapper
 
@@ -109,7 +231,11 @@ def _plain_progress(interval: float):
 def progress_bar():
     """A rich progress bar fed by the library's (desc, done, total) callback; when
     stderr is no terminal (nohup, batch jobs, CI) plain lines every ~15 s instead
-    ($ACTCACHE_PROGRESS_INTERVAL seconds; ACTCACHE_PROGRESS=1 forces the bar)."""
+    ($ACTCACHE_PROGRESS_INTERVAL seconds; ACTCACHE_PROGRESS=1 forces the bar,
+    ACTCACHE_PROGRESS=0 or --quiet shows none)."""
+    if OUTPUT["quiet"] or os.environ.get("ACTCACHE_PROGRESS") == "0":
+        yield lambda desc, done, total: None
+        return
     if not sys.stderr.isatty() and os.environ.get("ACTCACHE_PROGRESS") != "1":
         yield _plain_progress(float(os.environ.get("ACTCACHE_PROGRESS_INTERVAL", "15")))
         return
@@ -167,8 +293,8 @@ def _remote(engine: str, address, workers, cpus: int, gpus: float):
 def build(
     model: str = typer.Option(ModelSpec.model, help="Hugging Face id, local directory, .gguf file, or the packaged default."),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub branch, tag or commit)."),
-    dtype: str = DTYPE,
-    device: str = typer.Option(ModelSpec.device, help="cpu, cuda, mps or auto."),
+    dtype: Dtype = DTYPE,
+    device: Device = DEVICE,
     model_config: Optional[str] = typer.Option(None, help="Benchmarks only: build llama-3.2-3b, qwen2.5-3b or a "
                                                           "config.json's architecture with random weights instead "
                                                           "of loading --model (evaluate refuses such a build)."),
@@ -202,9 +328,12 @@ def build(
     eval_limit: Optional[int] = typer.Option(None, help="At most this many eval examples (default: --limit)."),
     seed: int = typer.Option(DataSpec.seed, help="Seed for subsampling."),
     layers: str = typer.Option("all", help="'all', '0,6,-1' or a slice '2:10'."),
-    components: str = typer.Option("resid,mlp,attn", help="Any of resid, mlp, attn."),
-    pooling: str = typer.Option("mean,last", help=f"Any of {', '.join(pooling_names())}."),
-    masks: str = typer.Option("isolated,in-context,label-masked,sink-masked", help="Masking strategies (see README)."),
+    components: str = typer.Option(",".join(COMPONENTS), callback=_each_of(COMPONENTS, "component"),
+                                   help=f"Any of {', '.join(COMPONENTS)}, comma-separated."),
+    pooling: str = typer.Option("mean,last", callback=_each_of(pooling_names(), "pooling"),
+                                help=f"Any of {', '.join(pooling_names())}, comma-separated."),
+    masks: str = typer.Option(",".join(MASKS), callback=_each_of(MASKS, "mask"),
+                              help=f"Masking strategies, any of {', '.join(MASKS)} (see README)."),
     span: str = typer.Option("full", help="Pool over 'full' (input plus label) or 'input' only."),
     max_length: int = typer.Option(384, help="Maximum tokens per sequence; longer inputs lose their start, recorded per example."),
     batch_size: int = typer.Option(16, help="Examples per forward batch."),
@@ -223,8 +352,8 @@ def build(
                                                           "comma-separated: their features are pooled and stored "
                                                           "sparse; adding one to a finished build runs only it."),
     store: Optional[str] = STORE,
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    engine: str = ENGINE,
+    as_json: bool = JSON,
+    engine: Engine = ENGINE,
     ray_address: Optional[str] = RAY_ADDRESS,
     workers: Optional[int] = WORKERS,
     cpus_per_worker: int = CPUS_PER_WORKER,
@@ -276,63 +405,138 @@ def hardware_line(dtype: str, requested: str, hw: dict) -> str:
 
 @app.command("ls")
 @handle_errors
-def ls_cmd(store: Optional[str] = STORE,
-           as_json: bool = typer.Option(False, "--json")):
-    """List builds in the store."""
+def ls_cmd(store: Optional[str] = STORE, as_json: bool = JSON):
+    """List builds in the store with their size on disk (reads only; `actcache gc` cleans up)."""
+    from actcache.admin import build_usage, human
     from actcache.store import list_builds
 
     rows = list_builds(store)
+    sizes = {u["key"]: u["bytes"] for u in build_usage(store)}
+    for r in rows:
+        r["bytes"] = sizes.get(r["key"], 0)
     if as_json:
         typer.echo(json.dumps([{k: v for k, v in r.items() if k not in ("provenance", "config")} for r in rows]))
         return
     if not rows:
         typer.echo("no builds yet; run `actcache build`")
     for r in rows:
+        size = f"{human(r['bytes']):>6}"
         if not r["status"].startswith("done"):
-            typer.echo(f"{r['key'][:16]}  {r['status']}" + (f": {r['error']}" if r.get("error") else ""))
+            typer.echo(f"{r['key'][:16]}  {size}  {r['status']}" + (f": {r['error']}" if r.get("error") else ""))
             continue
-        typer.echo(f"{r['key'][:16]}  {r['task']:<16} {r['model']:<24} pool={r['n_pool']:<6} "
-                   f"eval={r['n_eval']:<6} layers={len(r['layers'])} arrays={r['n_arrays']} {r['size_mb']} MB"
+        typer.echo(f"{r['key'][:16]}  {size}  {r['task']:<16} {r['model']:<24} pool={r['n_pool']:<6} "
+                   f"eval={r['n_eval']:<6} layers={len(r['layers'])} arrays={r['n_arrays']}"
                    + ("" if r["status"] == "done" else f"  ({r['status']})"))
+    if rows:
+        typer.echo(f"{len(rows)} build{'s' * (len(rows) != 1)}, {human(sum(r['bytes'] for r in rows))} in total")
+
+
+KEY = typer.Argument("last", help="Build key, unique prefix, or 'last' (the most recently finished build).")
 
 
 @app.command()
 @handle_errors
-def verify(key: Optional[str] = typer.Argument(None, help="Build key, unique prefix or 'last'."),
+def verify(key: Optional[str] = typer.Argument(None, help="Build key, unique prefix or 'last' (default: last)."),
            all_: bool = typer.Option(False, "--all", help="Verify every build in the store."),
            repair: bool = typer.Option(False, "--repair", help="Rebuild damaged or missing indexes; delete damaged "
                                                                "derived files and leftovers (recomputed on use)."),
-           store: Optional[str] = STORE):
+           store: Optional[str] = STORE,
+           as_json: bool = JSON):
     """Check every array (checksums), index and cached file of a build; optionally repair what can be derived."""
-    from actcache.errors import ConfigError
+    from dataclasses import asdict
+
+    from actcache.errors import EXIT_PROBLEMS, ConfigError
     from actcache.store import build_dirs, find_build, verify as check
 
-    if bool(key) == all_:
+    if key and all_:
         raise ConfigError("give a build key or --all (not both)")
     if all_:
         dirs = build_dirs(store)
     else:
-        dirs = [find_build(key, store)]  # without opening: a damaged build is what verify reports
-    bad = 0
+        dirs = [find_build(key or "last", store)]  # without opening: a damaged build is what verify reports
+    bad, reports = 0, []
     for d in dirs:
         rep = check(d, repair=repair)
+        bad += not rep.ok
+        reports.append({"key": rep.key, "ok": rep.ok, "checked": rep.checked,
+                        "findings": [asdict(f) for f in rep.findings]})
+        if as_json:
+            continue
         for f in rep.findings:
             typer.echo(f"{rep.key[:16]}  {'repaired' if f.repaired else f.what + ' damaged'}: {f.message}")
-        bad += not rep.ok
         typer.echo(f"{rep.key[:16]}  {'ok' if rep.ok else 'NOT ok'}: {rep.checked} items checked, "
                    f"{len(rep.findings)} problems, {sum(f.repaired for f in rep.findings)} repaired")
+    if as_json:
+        typer.echo(json.dumps({"ok": not bad, "builds": reports}))
     if bad:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 @app.command()
 @handle_errors
-def info(key: str = typer.Argument(..., help="Build key or unique prefix."),
-         store: Optional[str] = STORE):
+def info(key: str = KEY, store: Optional[str] = STORE,
+         as_json: bool = typer.Option(False, "--json", help="One line of JSON (the default is the same "
+                                                            "document, indented).")):
     """Show one build: sizes, arrays and full provenance (JSON)."""
+    from actcache.admin import disk_usage
     from actcache.store import Store
 
-    typer.echo(json.dumps(Store.open(key, store).info(), indent=2, default=str))
+    st = Store.open(key, store)
+    doc = {**st.info(), "bytes": disk_usage(st.dir)}
+    typer.echo(json.dumps(doc, default=str) if as_json else json.dumps(doc, indent=2, default=str))
+
+
+def _plan_out(plan, act: bool, as_json: bool, what: str) -> None:
+    """Print a removal plan (dry run) or carry it out (--yes), one line per path."""
+    from actcache.admin import human, remove
+
+    total = sum(r.bytes for r in plan)
+    freed = remove(plan) if act else 0
+    if as_json:
+        typer.echo(json.dumps({"removed" if act else "would_remove": [r.to_dict() for r in plan],
+                               "bytes": total, "dry_run": not act}))
+        return
+    verb = "removed" if act else "would remove"
+    for r in plan:
+        typer.echo(f"{verb}  {human(r.bytes):>6}  {r.path}  ({r.reason})")
+    if not plan:
+        typer.echo(f"nothing to remove ({what})")
+    elif act:
+        typer.echo(f"freed {human(freed)} in {len(plan)} path{'s' * (len(plan) != 1)}")
+    else:
+        typer.echo(f"{human(total)} in {len(plan)} path{'s' * (len(plan) != 1)} would be removed; "
+                   f"add --yes to remove {'it' if len(plan) == 1 else 'them'}")
+
+
+YES = typer.Option(False, "--yes", "-y", help="Remove; without it, only print what would be removed (dry run).")
+
+
+@app.command("rm")
+@handle_errors
+def rm_cmd(keys: List[str] = typer.Argument(..., help="Build keys, unique prefixes, or 'last'."),
+           yes: bool = YES, store: Optional[str] = STORE, as_json: bool = JSON):
+    """Remove builds and everything derived from them (indexes, query activations, quality matrices, embeddings)."""
+    from actcache.admin import plan_rm
+
+    _plan_out(plan_rm(keys, store), yes, as_json, "no such builds")
+
+
+@app.command()
+@handle_errors
+def gc(older_than: Optional[str] = typer.Option(None, "--older-than", help="Also remove builds unused for this "
+                                                "long: 30d, 12h, 2w, 90m (a plain number is days)."),
+       max_size: Optional[str] = typer.Option(None, "--max-size", help="Also remove least-recently-used builds "
+                                              "until the builds left take at most this much: 500M, 10G."),
+       yes: bool = YES, store: Optional[str] = STORE, as_json: bool = JSON):
+    """Remove leftovers, and with --older-than / --max-size old or least-recently-used builds.
+
+    Leftovers: temp files of writers no longer running, resume data of finished
+    work, build folders holding neither a build nor resume data."""
+    from actcache.admin import parse_age, parse_size, plan_gc
+
+    plan = plan_gc(store, None if older_than is None else parse_age(older_than),
+                   None if max_size is None else parse_size(max_size))
+    _plan_out(plan, yes, as_json, "the store is clean")
 
 
 def main() -> None:  # pragma: no cover
@@ -369,11 +573,12 @@ def _ask_server(c, key: str, sel: dict | None, input_: str | None, opts: dict) -
 @app.command("query")
 @handle_errors
 def query_cmd(
-    key: str = typer.Argument(..., help="Build key or unique prefix."),
-    component: str = typer.Option("mlp", help="resid, mlp or attn."),
+    key: str = KEY,
+    component: Component = typer.Option("mlp", help="Component of the array searched."),
     layer: int = typer.Option(-1, help="Model layer; negatives count from the end of the build's layers."),
-    pooling: str = typer.Option("mean", help=f"One of {', '.join(pooling_names())}."),
-    mask: str = typer.Option("label-masked", help="isolated, in-context, label-masked or sink-masked."),
+    pooling: str = typer.Option("mean", help=f"Pooling of the array searched: {', '.join(pooling_names())}; "
+                                             f"of SAE features (--strategy sae-*): mean or max."),
+    mask: Mask = typer.Option("label-masked", help="Mask of the array searched."),
     k: Optional[int] = typer.Option(None, "--k", help="Neighbours per input (default 4; per class with --balanced). "
                                                       "With --strategy vote-k: graph degree (default min(150, pool - 1)); "
                                                       "vote-k-lm: graph degree (default 10)."),
@@ -396,12 +601,13 @@ def query_cmd(
                                                    "--balanced); --k is the page size."),
     fields: Optional[str] = typer.Option(None, "--fields", help="Comma-separated record keys to keep, e.g. "
                                                                 "test_id,neighbors."),
-    strategy: Optional[str] = typer.Option(None, help="Run a selection strategy instead: random, knn, vote-k (loads the "
-                                                      "build's model for its confidence stage), vote-k-lm, "
-                                                      "k-center, kmeans, stat, embed-knn, sae-knn, sae-feature."),
+    strategy: Optional[str] = typer.Option(None, callback=_check_strategies,
+                                           help="Run a registered selection strategy instead, e.g. "
+                                                f"{', '.join(DEFAULT_STRATEGIES)} (vote-k loads the build's model "
+                                                "for its confidence stage; an unknown name lists them all)."),
     budget: Optional[int] = typer.Option(None, help="Examples a subset strategy picks."),
     seed: int = typer.Option(0, help="Seed of the strategy."),
-    stat: str = typer.Option("kurt", help="--strategy stat: mean, var, skew, kurt, max_abs, max_over_median."),
+    stat: Stat = typer.Option("kurt", help="--strategy stat: the statistic to rank the pool by."),
     order: str = typer.Option("high", help="--strategy stat / sae-feature: rank 'high' or 'low' values first."),
     feature: Optional[int] = typer.Option(None, help="--strategy sae-feature: the SAE feature to rank the pool by."),
     sae: Optional[str] = typer.Option(None, "--sae", help="--strategy sae-knn / sae-feature: the SAE's key prefix "
@@ -409,13 +615,27 @@ def query_cmd(
     server: Optional[str] = typer.Option(None, help="Ask a running `actcache serve` at this URL instead "
                                                     "(same records; e.g. http://127.0.0.1:8765)."),
     token: Optional[str] = typer.Option(None, envvar="ACTCACHE_TOKEN", help="Bearer token for --server."),
+    device: Device = DEVICE,
     store: Optional[str] = STORE,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary (records, destination, array) on "
+                                                       "stdout; the records go to --out (not '-')."),
 ):
     """Nearest pool examples of each eval row or new text (JSONL), or a demonstration-selection strategy."""
     from actcache.query import QueryConfig, query, write_jsonl
 
     to_stdout = out == "-"
-    say = functools.partial(typer.echo, err=to_stdout)
+    if as_json and to_stdout:
+        from actcache.errors import ConfigError
+
+        raise ConfigError("--json prints a summary on stdout; send the records to a file with --out PATH")
+    summary: dict = {}
+
+    def say(line: str, **fields) -> None:
+        summary.update(fields)
+        if as_json:
+            typer.echo(json.dumps({"summary": line, **summary}))
+        else:
+            info_line(line, err=to_stdout)
     search = _search_options(label, ids, exclude_id, min_score, offset, fields,
                              "--strategy" if strategy is not None else None)
     if server:
@@ -429,19 +649,22 @@ def query_cmd(
         recs = _ask_server(Client(server, token), key, sel, input_, opts)
         dest = out or ("selection.jsonl" if strategy else "neighbors.jsonl")
         write_jsonl(recs, sys.stdout if to_stdout else dest)
-        say(f"wrote {len(recs)} records to {'stdout' if to_stdout else dest} (from {server})")
+        say(f"wrote {len(recs)} records to {'stdout' if to_stdout else dest} (from {server})",
+            records=len(recs), out=dest, key=key, server=server, strategy=strategy)
         return
     if strategy is None:
         cfg = QueryConfig(key=key, home=store, component=component, layer=layer, pooling=pooling, mask=mask,
                           **({} if k is None else {"k": k}), balanced=balanced, exclude_self=exclude_self,
-                          source=input_ or "eval", text_field=text_field, **search)
+                          source=input_ or "eval", text_field=text_field, device=device, **search)
         with progress_bar() as cb:
             recs = query(cfg, progress=cb)
         write_jsonl(recs, sys.stdout if to_stdout else (out or "neighbors.jsonl"))
         r = recs.report
         say(f"wrote {len(recs)} records to {'stdout' if to_stdout else out or 'neighbors.jsonl'} "
             f"({r['array']}, k={cfg.k}{' per class' if balanced else ''}; {r['forward_batches']} forward "
-            f"batches{', cached activations' if r['cache_hit'] else ''})")
+            f"batches{', cached activations' if r['cache_hit'] else ''})",
+            records=len(recs), out=out or "neighbors.jsonl", key=r.get("build_key", key), array=str(r["array"]),
+            k=cfg.k, forward_batches=r["forward_batches"], cache_hit=r["cache_hit"])
         return
     from actcache.select import STRATEGIES, select
     from actcache.store import Store
@@ -459,7 +682,7 @@ def query_cmd(
     what = f"{len(sel.per_query)} test inputs" if sel.per_query is not None else f"{len(sel.ids)} pool ids"
     fb = sel.params.get("forward_batches", 0)
     say(f"wrote {len(recs)} records ({what}, strategy {strategy}) to {'stdout' if to_stdout else dest}; "
-        f"{fb} forward batches")
+        f"{fb} forward batches", records=len(recs), out=dest, key=st.key, strategy=strategy, forward_batches=fb)
 
 
 @app.command()
@@ -483,7 +706,8 @@ def evaluate(
                                     "equally, relative to same-label candidates) or mean."),
     confirm_fraction: float = typer.Option(EvalConfig.confirm_fraction, help="Share of candidates in the "
                                            "confirmation half (probes are split evenly)."),
-    dtype: str = DTYPE,
+    dtype: Dtype = DTYPE,
+    device: Device = typer.Option(EvalConfig.device, help=DEVICE_HELP),
     n_boot: int = typer.Option(EvalConfig.n_boot, help="Bootstrap resamples for CIs."),
     sae_min_active: int = typer.Option(EvalConfig.sae_min_active, help="An SAE feature enters the study when "
                                                                        "active in at least this many candidates."),
@@ -495,11 +719,12 @@ def evaluate(
     demos: Optional[str] = typer.Option(None, help="A query JSONL (from `actcache query`) evaluated as one more strategy."),
     out: str = OUT_DIR,
     store: Optional[str] = STORE,
-    engine: str = ENGINE,
+    engine: Engine = ENGINE,
     ray_address: Optional[str] = RAY_ADDRESS,
     workers: Optional[int] = WORKERS,
     cpus_per_worker: int = CPUS_PER_WORKER,
     gpus_per_worker: float = GPUS_PER_WORKER,
+    as_json: bool = JSON,
 ):
     """Score ICL on a build: quality matrix, correlation study (raw and label-controlled), selection experiment."""
     from actcache.pipeline import evaluate as run_eval, resolve_key
@@ -509,21 +734,31 @@ def evaluate(
                      n_eval=n_eval, k=k, seeds=seed_list,
                      **({"strategies": _split(strategies)} if strategies else {}), knn_layers=knn_layers, knn_order=knn_order,
                      votek_budget=votek_budget, turns=turns, quality=quality,
-                     quality_def=quality_def, confirm_fraction=confirm_fraction, dtype=dtype, n_boot=n_boot, sae_min_active=sae_min_active,
+                     quality_def=quality_def, confirm_fraction=confirm_fraction, dtype=dtype, device=device,
+                     n_boot=n_boot, sae_min_active=sae_min_active,
                      allow_overlap=allow_overlap,
                      batch_size=batch_size, max_length=max_length, demos=demos, out=out)
     remote = _remote(engine, ray_address, workers, cpus_per_worker, gpus_per_worker)
     with progress_bar() as cb:
         res = run_eval(cfg, progress=cb, remote=remote)
-    _print_results(res)
+    _print_results(res, as_json)
 
 
-def _print_results(res) -> None:
-    """The result table and summary of an `EvalResult`."""
+def _print_results(res, as_json: bool = False, extra: dict | None = None) -> None:
+    """The result table and summary of an `EvalResult` (with `as_json`, one JSON summary)."""
     from rich.console import Console
     from rich.table import Table
 
     from actcache.report import hardware_lines, headline, summary_lines
+
+    if as_json:
+        head, *rows = headline(res)
+        typer.echo(json.dumps({**(extra or {}), "task": res.task, "build_key": res.build_key, "report": f"{res.out}/report.md",
+                               "results": f"{res.out}/results.json", "seconds": res.seconds,
+                               "sizes": {k: v for k, v in vars(res.sizes).items() if k != "seeds"},
+                               "table": [dict(zip(head, r)) for r in rows], "summary": summary_lines(res)},
+                              default=str))
+        return
 
     sz = res.sizes
     t = Table(title=f"{res.task}: zero-shot vs {sz.k}-shot accuracy on {sz.n_eval} eval inputs "
@@ -545,8 +780,8 @@ def _print_results(res) -> None:
 def run(
     preset: str = typer.Option(..., help="A study preset, e.g. paper-boolq-llama (see `actcache presets`)."),
     model: Optional[str] = typer.Option(None, help="Override the preset's model (e.g. gemma-3-270m here)."),
-    dtype: str = DTYPE,
-    device: str = typer.Option(RunConfig.device, help="cpu, cuda, mps or auto."),
+    dtype: Dtype = DTYPE,
+    device: Device = typer.Option(RunConfig.device, help=DEVICE_HELP),
     data_dir: Optional[str] = DATA_DIR,
     limit: Optional[int] = typer.Option(None, help="Pool size cap (default: the preset's candidates)."),
     eval_limit: Optional[int] = typer.Option(None, help="Eval size cap."),
@@ -559,6 +794,7 @@ def run(
     seeds: str = SEEDS,
     out: str = OUT_DIR,
     store: Optional[str] = STORE,
+    as_json: bool = JSON,
 ):
     """Build, query and evaluate one study preset end to end."""
     from actcache.pipeline import run as run_preset
@@ -570,6 +806,10 @@ def run(
                     seeds=_ints(seeds, "--seeds"), out=out, home=store)
     with progress_bar() as cb:
         r = run_preset(cfg, progress=cb)
+    if as_json:
+        _print_results(r.results, True, {"build": {k: r.build.get(k) for k in ("key", "forward_batches", "cache_hit")},
+                                         "neighbors": r.neighbors})
+        return
     typer.echo(f"build {r.build['key'][:16]}: {r.build['forward_batches']} forward batches "
                f"({'cache hit' if r.build['cache_hit'] else 'computed'})")
     _print_results(r.results)
@@ -596,6 +836,7 @@ def serve(
                                                       "else every core)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log one line per request to stderr (request id, "
                                                                 "client, method, path, status, milliseconds)."),
+    device: Device = DEVICE,
     store: Optional[str] = STORE,
 ):
     """Serve the store's finished builds over HTTP: neighbours and selection strategies (docs at /docs)."""
@@ -615,12 +856,12 @@ def serve(
     limits = ServeLimits(max_ids=max_ids, max_texts=max_texts, max_request_chars=max_request_chars, queue=queue,
                          deadline_s=deadline)
     run_server(store, host, port, token, read_timeout_s=read_timeout, limits=limits, allow_hosts=tuple(allow_host),
-               threads=threads,
-               on_ready=lambda url: typer.echo(f"actcache serve on {url} (OpenAPI docs at {url}/docs); "
-                                               f"Ctrl-C stops it", err=True))
+               threads=threads, device=device,
+               on_ready=lambda url: info_line(f"actcache serve on {url} (OpenAPI docs at {url}/docs); "
+                                              f"Ctrl-C stops it"))
 
 
-sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders over the model's activations.")
+sae_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT, help="Sparse autoencoders over the model's activations.")
 app.add_typer(sae_app, name="sae")
 
 
@@ -628,7 +869,8 @@ app.add_typer(sae_app, name="sae")
 @handle_errors
 def sae_train(
     model: str = typer.Option("gemma-3-270m", help="Model id or path."),
-    dtype: str = DTYPE,
+    dtype: Dtype = DTYPE,
+    device: Device = DEVICE,
     task: str = typer.Option("sst2", help="Train on this task's pool texts (demonstration form)."),
     text_file: Optional[str] = typer.Option(None, "--text-file", help="Or on the lines of this file."),
     data_dir: Optional[str] = DATA_DIR,
@@ -647,7 +889,7 @@ def sae_train(
     """Train a TopK SAE (eai-sparsify) on per-token activations; report held-out FVU and L0."""
     from actcache.sae import SAETrainConfig, train_sae
 
-    cfg = SAETrainConfig(model=model, dtype=dtype, task=task, text_file=text_file, data_dir=data_dir, limit=limit,
+    cfg = SAETrainConfig(model=model, dtype=dtype, device=device, task=task, text_file=text_file, data_dir=data_dir, limit=limit,
                          hook=hook, layer=layer, width=width, k=k, epochs=epochs, seed=seed, home=store,
                          exclude_build=exclude_build)
     with progress_bar() as cb:

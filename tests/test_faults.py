@@ -300,7 +300,8 @@ def _cli(*args, env_home=None):
     (["ls", "--store", "{file}"], "is a file, not a directory"),
     (["evaluate", "last", "--seeds", "a,b", "--store", "{dir}"], "comma-separated list of integers"),
     (["build", "--data", "{bad}", "--text-field", "review", "--store", "{dir}"], "line 2 is not valid JSON"),
-    (["verify", "--store", "{dir}"], "give a build key or --all"),
+    (["verify", "--store", "{dir}"], "no finished build in"),
+    (["verify", "last", "--all", "--store", "{dir}"], "give a build key or --all"),
     (["verify", "--all", "--store", "{file}"], "is a file, not a directory"),
     (["verify", "--all", "--store", "{dir}"], "does not exist; point --store"),
     (["verify", "--all", "--store", "{empty}"], "holds no builds"),
@@ -398,7 +399,10 @@ def test_file_size_limit_while_writing_the_build(tiny_model_dir, jsonl, tmp_path
 
 def test_finished_resume_data_is_cleaned_but_unfinished_kept(tiny_model_dir, jsonl, tmp_path, monkeypatch):
     """A kill between the rename of acts.h5 and the removal of partial/ leaves resume
-    data of arrays the file holds: `ls` deletes it; a pass for other arrays stays."""
+    data of arrays the file holds: `ls` leaves it, `gc` deletes it; a pass for other
+    arrays stays."""
+    from actcache.admin import plan_gc, remove
+
     import actcache.builder as builder_mod
 
     real = builder_mod.shutil.rmtree
@@ -412,6 +416,10 @@ def test_finished_resume_data_is_cleaned_but_unfinished_kept(tiny_model_dir, jso
     np.savez(other / "b00000.npz", rows=np.arange(3), **{"acts/isolated/attn/L03/mean": np.zeros((3, 64))})
     assert [f.path for f in verify(st.dir).findings] == [str(done)]
     assert [r["status"] for r in list_builds(st.home)] == ["done"]
+    assert done.exists() and other.exists()  # listing only reads
+    plan = plan_gc(st.home)
+    assert [r.path for r in plan] == [done]
+    remove(plan)
     assert not done.exists() and other.exists()
     assert verify(st.dir).ok
 

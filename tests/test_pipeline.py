@@ -23,7 +23,7 @@ RESULTS_KEYS = ["config", "build_key", "quality_key", "quality_tokens", "task", 
                 "quality_cand_rows", "versions", "sizes", "zero_shot_probe_acc", "hardware", "study", "selection",
                 "seconds", "lm_eval"]
 NESTED_KEYS = {
-    "config": ["allow_overlap", "batch_size", "compare_fp32", "confirm_fraction", "demos", "dtype", "home", "k", "key",
+    "config": ["allow_overlap", "batch_size", "compare_fp32", "confirm_fraction", "demos", "device", "dtype", "home", "k", "key",
                "knn_layers", "knn_order", "max_length", "n_boot", "n_candidates", "n_eval", "n_probes", "out", "pair_mask",
                "quality", "quality_def", "sae_min_active", "seed", "seeds", "strategies", "turns", "votek_budget"],
     "quality_tokens": ["computed", "in_prompts", "saved"],
