@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexes import tmp_owner
+from actcache_indexes import tmp_owner
 
 from .errors import ConfigError, StoreError
 from .files import check_home, default_home, file_lock

@@ -39,7 +39,7 @@ from .errors import ConfigError, CorruptStoreError, StoreError
 from .models import ModelSpec, load_model, set_threads
 from .prompts import RowPlan, context_rotations, length_batches, plan_rows, token_batches
 from .sae import TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass, to_csr
-from indexes import min_vectors
+from actcache_indexes import min_vectors
 
 from .store import (
     ArrayId, Store, build_lock, canonical_key, check_home, clean_leftovers, default_home, derive_key,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexes.io import quiet_fd
+from actcache_indexes.io import quiet_fd
 
 from .builder import batch_file, flushed, identify, pass_capture, pass_layouts, run_batch
 from .errors import ConfigError, MissingExtraError

@@ -44,7 +44,7 @@ def atomic_write(path: str | os.PathLike, write, nbytes: int | None = None) -> P
     """`indexes.io.atomic_write`: `write(f)` into a temp file beside `path`, fsync,
     rename, fsync the directory. Imported on first use because `indexes` loads
     FAISS, and this module is imported by `actcache --help`."""
-    from indexes.io import atomic_write as write_atomically  # loads FAISS: kept out of `actcache --help`
+    from actcache_indexes.io import atomic_write as write_atomically  # loads FAISS: kept out of `actcache --help`
 
     return write_atomically(path, write, nbytes=nbytes)
 
@@ -104,7 +104,7 @@ def derive_key(parent_key: str, kind: str, **params) -> str:
 def save_npz(path: str | os.PathLike, arrays: dict) -> Path:
     """np.savez through `atomic_write` (fsynced before its rename: a resume trusts it).
     Out of space: StoreError naming the path and the size."""
-    from indexes.io import NoSpaceError  # loads FAISS: see atomic_write
+    from actcache_indexes.io import NoSpaceError  # loads FAISS: see atomic_write
     try:
         return atomic_write(path, lambda f: np.savez(f, **arrays),
                             nbytes=sum(np.asarray(v).nbytes for v in arrays.values()))
@@ -246,6 +246,6 @@ class Manifest:
 def file_sha256(path: Path) -> str:
     """`indexes.io.file_fingerprint`: the sha256 of a file's content, hashed once
     per (inode, size, mtime) and process."""
-    from indexes.io import file_fingerprint  # loads FAISS: kept out of `actcache --help`
+    from actcache_indexes.io import file_fingerprint  # loads FAISS: kept out of `actcache --help`
 
     return file_fingerprint(path)

@@ -294,7 +294,7 @@ def set_threads(n: int | None = None) -> int:
     """
     import torch
 
-    from indexes import set_threads as faiss_threads  # loads FAISS: kept out of `actcache --help`
+    from actcache_indexes import set_threads as faiss_threads  # loads FAISS: kept out of `actcache --help`
 
     n = int(n or os.environ.get("ACTCACHE_THREADS") or os.cpu_count() or 1)
     torch.set_num_threads(n)

@@ -66,7 +66,7 @@ from .store import ArrayId, Store, atomic_write, load_npz, try_save_npz
 from .data import Example, field_value, normalize_text, read_text
 from .capture import Capture, forward_rows
 from .prompts import length_batches, query_layouts
-from indexes import IndexSpec, VectorIndex
+from actcache_indexes import IndexSpec, VectorIndex
 from .models import set_threads
 
 Progress = Callable[[str, int, int], None]

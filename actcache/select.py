@@ -43,7 +43,7 @@ from . import score
 from .score import TokenCount
 from .store import ArrayId, Store, derive_key, load_npz, try_save_npz
 from .query import QueryConfig, exclusion_matrix, load_inputs, query, resolve_layer, write_jsonl
-from indexes import VectorIndex
+from actcache_indexes import VectorIndex
 from .models import quiet_transformers
 from .prompts import fit_demonstrations, prompt_segments
 from .shapes import encoder_dir

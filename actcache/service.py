@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from indexes import IVFDATA_SUFFIX
+from actcache_indexes import IVFDATA_SUFFIX
 
 from .errors import BusyError, ConfigError, StoreError
 from .models import set_threads

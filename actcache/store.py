@@ -43,11 +43,11 @@ from typing import Iterator
 
 import numpy as np
 
-from indexes import (
+from actcache_indexes import (
     IVFDATA_SUFFIX, IndexFileError, IndexMismatchError, IndexSpec, VectorIndex, build_ondisk, check_factory,
     ondisk_supported, tmp_owner, vectors_fingerprint,
 )
-from indexes.io import NO_SPACE
+from actcache_indexes.io import NO_SPACE
 
 from .capture import STATS
 from .config import DEFAULT_MASK

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import indexes as ix  # noqa: E402
+import actcache_indexes as ix  # noqa: E402
 
 
 def shard(i: int, rows: int, d: int, clusters: int) -> np.ndarray:

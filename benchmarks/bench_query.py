@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actcache.models import hardware  # noqa: E402
-from indexes import IndexSpec, VectorIndex, set_threads  # noqa: E402
+from actcache_indexes import IndexSpec, VectorIndex, set_threads  # noqa: E402
 
 try:  # optional: reports (and sets) numpy's own BLAS thread pool
     import threadpoolctl

@@ -386,7 +386,7 @@ def test_cli_one_line_errors(small_build, tiny_model_dir, tmp_path):
 def test_vector_index_refuses_factories_that_crash_faiss():
     """FAISS aborts or segfaults the process on these once vectors are added;
     the indexes layer must refuse them first (a regression kills pytest)."""
-    from indexes import IndexSpec, VectorIndex
+    from actcache_indexes import IndexSpec, VectorIndex
 
     x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
     for factory, words in (("HNSW0", "degree below 2"), ("HNSW1", "degree below 2"),

@@ -21,7 +21,7 @@ from actcache.admin import parse_age, parse_size, plan_gc
 from actcache.builder import build
 from actcache.errors import ConfigError
 from actcache.store import Store
-from cli.main import app
+from actcache_cli.main import app
 
 DEAD_PID = 999999999  # above any pid_max: no process owns the temp files named with it
 

@@ -21,7 +21,7 @@ from actcache.config import MASKS
 from actcache.errors import ConfigError
 from actcache.models import DEVICES, DTYPE_CHOICES
 from actcache.pipeline import EvalConfig
-from cli.main import app
+from actcache_cli.main import app
 
 COMMAND = typer.main.get_command(app)
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import typer.main
 
-from cli.main import app
+from actcache_cli.main import app
 
 
 def _params(name: str) -> dict:

@@ -200,7 +200,7 @@ def test_disk_full_while_writing_the_build(tiny_model_dir, jsonl, tmp_path, monk
 
 
 def test_disk_full_while_flushing_a_shard(tiny_model_dir, jsonl, tmp_path, monkeypatch):
-    import indexes.io
+    import actcache_indexes.io
 
     def full(path, write, nbytes=None):
         raise indexes.io.no_space_error(OSError(errno.ENOSPC, "full"), path, nbytes)
@@ -212,7 +212,7 @@ def test_disk_full_while_flushing_a_shard(tiny_model_dir, jsonl, tmp_path, monke
 
 
 def test_read_only_store_serves_and_computes_in_memory(built, monkeypatch):
-    from indexes import VectorIndex
+    from actcache_indexes import VectorIndex
 
     from actcache.query import QueryConfig, query
 
@@ -340,7 +340,7 @@ def test_read_only_store_cache_hit_build(tiny_model_dir, jsonl, built, pristine,
     from types import SimpleNamespace
 
     import filelock
-    from indexes import VectorIndex
+    from actcache_indexes import VectorIndex
 
     def ro(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")

@@ -45,7 +45,7 @@ def test_explicit_dtype_is_kept_and_checked():
 def test_plain_progress_lines_at_start_interval_and_end(monkeypatch, capsys):
     import time
 
-    from cli.main import _plain_progress
+    from actcache_cli.main import _plain_progress
 
     clock = iter([0.0, 1.0, 20.0, 21.0, 22.0, 22.5])
     monkeypatch.setattr(time, "monotonic", lambda: next(clock))

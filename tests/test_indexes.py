@@ -14,9 +14,9 @@ import faiss
 import numpy as np
 import pytest
 
-import indexes as ix
-from indexes import IndexFileError, IndexMismatchError, IndexSpec, VectorIndex, exact_search
-from indexes.flat import search_flat
+import actcache_indexes as ix
+from actcache_indexes import IndexFileError, IndexMismatchError, IndexSpec, VectorIndex, exact_search
+from actcache_indexes.flat import search_flat
 
 INDEXES_DIR = Path(ix.__file__).resolve().parent
 

@@ -15,6 +15,15 @@ ALLOWED = {
     "cli": {"cli", "actcache", "indexes"},
 }
 OURS = {"indexes", "actcache", "cli"}
+# The folders `indexes/` and `cli/` install as `actcache_indexes` and `actcache_cli` (pyproject's
+# package-dir), so that no installed top-level name can collide with another package's.
+INSTALLED = {"actcache_indexes": "indexes", "actcache_cli": "cli"}
+
+
+def folder_of(name: str) -> str:
+    """An imported module name with its installed top-level name mapped to the folder it comes from."""
+    head, dot, rest = name.partition(".")
+    return INSTALLED.get(head, head) + dot + rest
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -22,10 +31,21 @@ def imported_roots(path: Path) -> set[str]:
     roots = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
+            roots |= {folder_of(a.name).split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
+            roots.add(folder_of(node.module).split(".")[0])
     return roots & OURS
+
+
+def test_modules_import_the_installed_names():
+    """`indexes` and `cli` are folder names only: code imports `actcache_indexes` / `actcache_cli`."""
+    for pkg in OURS | {"tests", "benchmarks"}:
+        for f in sorted((REPO_ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text(), str(f))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+                bad = [n for n in names if n.split(".")[0] in ("indexes", "cli")]
+                assert not bad, f"{f.relative_to(REPO_ROOT)} imports {bad}; use {sorted(INSTALLED)}"
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -47,14 +67,14 @@ def test_indexes_uses_only_numpy_and_faiss():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
             for n in names:
-                assert n.split(".")[0] in std | {"numpy", "faiss", "indexes"}, f"{f.name} imports {n}"
+                assert folder_of(n).split(".")[0] in std | {"numpy", "faiss", "indexes"}, f"{f.name} imports {n}"
 
 
 def test_help_is_fast_and_light():
     import subprocess
     import sys
 
-    code = "import sys, cli.main; print(sorted(m for m in ('torch','transformers','faiss','h5py') if m in sys.modules))"
+    code = "import sys, actcache_cli.main; print(sorted(m for m in ('torch','transformers','faiss','h5py') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert out.stdout.strip() == "[]", out.stderr
 
@@ -76,13 +96,13 @@ def import_graph(root: Path = REPO_ROOT) -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names: list[str] = []
             if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
+                names = [folder_of(a.name) for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")[: len(package.split(".")) - node.level + 1]
                     head = ".".join(base + ([node.module] if node.module else []))
                 else:
-                    head = node.module or ""
+                    head = folder_of(node.module or "")
                 names = [f"{head}.{a.name}" for a in node.names]
             for n in names:
                 while n and n not in files:

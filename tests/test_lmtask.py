@@ -221,7 +221,7 @@ def test_what_cannot_be_mapped_is_refused(tasks_dir, monkeypatch):
 
 
 def test_build_with_an_lm_eval_task(tasks_dir, tiny_model_dir, tmp_path):
-    from cli.main import app
+    from actcache_cli.main import app
 
     home = tmp_path / "store"
     inc = str(tasks_dir / "tasks")

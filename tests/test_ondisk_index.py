@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-import indexes as ix
-from indexes import IndexFileError, IndexSpec, VectorIndex
+import actcache_indexes as ix
+from actcache_indexes import IndexFileError, IndexSpec, VectorIndex
 
 
 def clustered(n: int, d: int, seed: int, centers: np.ndarray) -> np.ndarray:

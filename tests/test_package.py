@@ -51,6 +51,16 @@ def _metadata(zf: zipfile.ZipFile):
     return email.message_from_bytes(zf.read(name))
 
 
+def test_wheel_installs_only_names_of_its_own(wheel):
+    """The folders cli/ and indexes/ install as actcache_cli and actcache_indexes: no installed
+    top-level name (such as `cli` or `indexes`) can collide with another package's."""
+    tops = {n.split("/")[0] for n in wheel.namelist() if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"actcache", "actcache_cli", "actcache_indexes"}
+    assert "actcache_indexes/flat.py" in wheel.namelist() and "actcache_cli/main.py" in wheel.namelist()
+    ep = next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))
+    assert "actcache = actcache_cli.main:app" in wheel.read(ep).decode()
+
+
 def test_wheel_ships_py_typed_license_and_modern_metadata(wheel):
     names = wheel.namelist()
     assert "actcache/py.typed" in names
@@ -131,7 +141,7 @@ def test_the_source_parses_as_the_oldest_python_requires_python_allows():
 def test_serve_without_the_serve_extra(monkeypatch):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from actcache_cli.main import app
 
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if fastapi were not installed
     monkeypatch.delitem(sys.modules, "actcache.serve", raising=False)

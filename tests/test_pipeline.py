@@ -16,7 +16,7 @@ from actcache import pipeline
 from actcache.builder import build
 from actcache.errors import ConfigError
 from actcache.pipeline import PRESETS, EvalConfig, EvalResult, Preset, RunConfig, evaluate, run
-from cli.main import app
+from actcache_cli.main import app
 
 # results.json's top-level keys in order, and the keys of the objects this project defines.
 RESULTS_KEYS = ["config", "build_key", "quality_key", "quality_tokens", "task", "model", "quality_probe_rows",

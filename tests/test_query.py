@@ -263,7 +263,7 @@ def test_errors(built, tmp_path):
 def test_foreign_or_damaged_index_is_rebuilt_and_model_mismatch(built, tmp_path):
     import h5py
 
-    from indexes import VectorIndex
+    from actcache_indexes import VectorIndex
 
     st, _, _ = built
     home = tmp_path / "copy"
@@ -302,7 +302,7 @@ def test_foreign_or_damaged_index_is_rebuilt_and_model_mismatch(built, tmp_path)
 def test_cli_query_strategy_and_one_line_errors(built, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from actcache_cli.main import app
 
     st, home, root = built
     runner = CliRunner()

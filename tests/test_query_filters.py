@@ -215,7 +215,7 @@ def test_field_selection_and_unchanged_default_records(built):
 def test_cli_search_options(built, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from actcache_cli.main import app
 
     st, home, _ = built
     base = ["query", st.key[:8], "--store", str(home), "--no-exclude-self", "--out", "-"]

@@ -551,7 +551,7 @@ def test_sae_study_refuses_an_sae_trained_on_its_candidates_and_reports_the_over
     assert "trained on the text of" in str(e.value)
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from actcache_cli.main import app
 
     cli = CliRunner().invoke(app, ["evaluate", st.key, "--store", str(home), "--n-candidates", "8", "--n-probes", "4",
                                    "--out", str(tmp_path / "cli")])

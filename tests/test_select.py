@@ -554,7 +554,7 @@ def test_sae_feature_ranks_the_pool_by_one_feature(built, order):
 def test_sae_feature_from_the_cli_equals_the_library(built, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from actcache_cli.main import app
 
     out = tmp_path / "sel.jsonl"
     r = CliRunner().invoke(app, ["query", built.key[:12], "--strategy", "sae-feature", "--feature", "5", "--budget",
@@ -596,7 +596,7 @@ MEMORY = textwrap.dedent("""
     import json, sys, time, tracemalloc
     sys.path.insert(0, {root!r})
     import numpy as np
-    from indexes import IndexSpec, VectorIndex
+    from actcache_indexes import IndexSpec, VectorIndex
     from actcache.select import k_center, knn_graph, vote_k
     n, d = 100_000, 64
     def hwm_kb():  # peak RSS of this process image (ru_maxrss would carry the parent's over exec)

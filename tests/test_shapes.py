@@ -173,7 +173,7 @@ def test_cli_build_model_config_relative_path(tmp_path, jsonl, monkeypatch):
     later query from elsewhere finds it; `evaluate` on the CLI says why it refuses."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from actcache_cli.main import app
 
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     monkeypatch.chdir(tmp_path)

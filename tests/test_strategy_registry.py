@@ -50,7 +50,7 @@ def test_a_strategy_of_ones_own_in_library_cli_and_experiment(first_n, tiny, tmp
     assert list(select(tiny, first_n, budget=4, offset=1).ids) == want
 
     out = tmp_path / "sel.jsonl"
-    from cli.main import app
+    from actcache_cli.main import app
 
     r = CliRunner().invoke(app, ["query", tiny.key, "--strategy", first_n, "--budget", "4", "--store",
                                  str(tiny.home), "--out", str(out)])
