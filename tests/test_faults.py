@@ -203,7 +203,7 @@ def test_disk_full_while_flushing_a_shard(tiny_model_dir, jsonl, tmp_path, monke
     import actcache_indexes.io
 
     def full(path, write, nbytes=None):
-        raise indexes.io.no_space_error(OSError(errno.ENOSPC, "full"), path, nbytes)
+        raise actcache_indexes.io.no_space_error(OSError(errno.ENOSPC, "full"), path, nbytes)
 
     for where in ("actcache.store", "actcache.files"):  # the build file; derived .npz files
         monkeypatch.setattr(f"{where}.atomic_write", full)
