@@ -115,11 +115,11 @@ class BuildConfig:
                               f"use at least {self.max_length} (or leave it out for --batch-size rows)")
         if self.context_k < 0:
             raise ConfigError(f"--context-k {self.context_k} must be at least 0 (0: no demonstrations)")
+        if self.index:
+            index_spec(self.index)  # a bad factory string fails now, not after the forward pass
         if isinstance(self.layers, str):
             resolve_layers(self.layers, 1 << 20)  # the syntax now; the range once the model is known
         self.data.validate()  # limits, template syntax, --data path: before any file or model is read
-        if self.index:
-            index_spec(self.index)  # a bad factory string fails now, not after the forward pass
 
 
 def _pass_id(key: str, mask: str, units: list[tuple[str, int]], poolings) -> str:
