@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .capture import (
-    COMPONENTS, POOLINGS, Capture, decoder_layers, forward_rows, pooling_names, resolve_layers,
+    COMPONENTS, POOLINGS, SPANS, STORE_DTYPES, Capture, decoder_layers, forward_rows, pooling_names, resolve_layers,
 )
 from .config import MASKS, VERSION
 from .data import DataSpec, load as load_data
@@ -102,10 +102,10 @@ class BuildConfig:
             for v in vals:
                 if v not in allowed:
                     raise ConfigError(f"unknown {name} {v!r}; choose from {allowed}")
-        if self.span not in ("full", "input"):
-            raise ConfigError(f"--span must be 'full' or 'input', not {self.span!r}")
-        if self.store_dtype not in ("float16", "float32"):
-            raise ConfigError(f"--store-dtype must be float16 or float32, not {self.store_dtype!r}")
+        if self.span not in SPANS:
+            raise ConfigError(f"--span must be one of {SPANS}, not {self.span!r}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"--store-dtype must be one of {STORE_DTYPES}, not {self.store_dtype!r}")
         if self.max_length < 8:
             raise ConfigError(f"--max-length {self.max_length} is too small; use at least 8")
         if self.batch_size < 1:

@@ -29,6 +29,10 @@ from .errors import ConfigError
 from .prompts import attention_rule, pad_id
 
 COMPONENTS = ("resid", "mlp", "attn")
+# What a row's vector pools over: every token of input and label ("full"), or the input's alone.
+SPANS = ("full", "input")
+# The dtypes pooled arrays are stored in (statistics are always float32).
+STORE_DTYPES = ("float16", "float32")
 POOLINGS = ("mean", "last")  # the poolings a build stores by default (any of `pooling_names()`)
 STATS = ("mean", "var", "skew", "kurt", "max_abs", "max_over_median")
 

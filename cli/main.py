@@ -21,7 +21,7 @@ from typing import List, Literal, Optional
 
 import typer
 
-from actcache.capture import COMPONENTS, STATS, pooling_names
+from actcache.capture import COMPONENTS, SPANS, STATS, STORE_DTYPES, pooling_names
 from actcache.config import DEFAULT_STRATEGIES, MASKS, VERSION
 from actcache.data import DataSpec
 from actcache.models import DEVICES, DTYPE_CHOICES, ModelSpec
@@ -41,6 +41,8 @@ Dtype = Literal[DTYPE_CHOICES]
 Component = Literal[COMPONENTS]
 Mask = Literal[MASKS]
 Engine = Literal[ENGINES]
+Span = Literal[SPANS]
+StoreDtype = Literal[STORE_DTYPES]
 Stat = Literal[STATS]
 
 
@@ -334,13 +336,13 @@ def build(
                                 help=f"Any of {', '.join(pooling_names())}, comma-separated."),
     masks: str = typer.Option(",".join(MASKS), callback=_each_of(MASKS, "mask"),
                               help=f"Masking strategies, any of {', '.join(MASKS)} (see README)."),
-    span: str = typer.Option("full", help="Pool over 'full' (input plus label) or 'input' only."),
+    span: Span = typer.Option("full", help="Pool over 'full' (input plus label) or 'input' only."),
     max_length: int = typer.Option(384, help="Maximum tokens per sequence; longer inputs lose their start, recorded per example."),
     batch_size: int = typer.Option(16, help="Examples per forward batch."),
     batch_tokens: Optional[int] = typer.Option(None, help="Instead of --batch-size rows: as many length-sorted "
                                                           "rows as fit this many padded tokens per forward batch "
                                                           "(fills a GPU; part of the build key)."),
-    store_dtype: str = typer.Option("float16", help="float16 or float32 for stored activations."),
+    store_dtype: StoreDtype = typer.Option("float16", help="The dtype stored activations are kept in."),
     context_k: int = typer.Option(4, help="Demonstrations in the in-context mask's prefix; with fewer than "
                                           "the task's labels, the mask is the mean over label rotations."),
     context_seed: int = typer.Option(0, help="Seed of the in-context prefix (its demonstrations and which "

@@ -16,7 +16,7 @@ from conftest import cfg_for
 
 import actcache
 from actcache.builder import build
-from actcache.capture import COMPONENTS, pooling_names
+from actcache.capture import COMPONENTS, SPANS, STORE_DTYPES, pooling_names
 from actcache.config import MASKS
 from actcache.errors import ConfigError
 from actcache.models import DEVICES, DTYPE_CHOICES
@@ -77,7 +77,7 @@ def test_completion_is_on_and_completes_commands():
     (("build",), "device", DEVICES), (("build",), "dtype", DTYPE_CHOICES), (("query",), "mask", MASKS),
     (("query",), "component", COMPONENTS),
     (("evaluate",), "device", DEVICES), (("sae", "train"), "device", DEVICES), (("serve",), "device", DEVICES),
-    (("build",), "engine", ("local", "ray")),
+    (("build",), "engine", ("local", "ray")), (("build",), "span", SPANS), (("build",), "store_dtype", STORE_DTYPES),
 ])
 def test_choices_come_from_the_library(path, name, values):
     from typing import get_args
