@@ -29,7 +29,8 @@ import json
 from .client import Client
 from .config import DEFAULT_MASK
 from .data import Example, Task
-from .errors import ConfigError, DatasetError, MissingExtraError
+from .errors import ConfigError, DatasetError
+from .extras import require
 from .query import (
     QueryConfig, check_query, encode_texts, eval_inputs, parse_inputs, search_records, template_fields,
 )
@@ -43,11 +44,9 @@ NO_EVAL_DOC = ("lm-eval passed no eval doc to the sampler: lm-eval 0.4.13 passes
 
 
 def _context_sampler():
-    try:
-        from lm_eval.api.samplers import ContextSampler
-    except ImportError:
-        raise MissingExtraError("lm_eval is not installed; install it with `pip install 'actcache[lmeval]'` "
-                                "(lm-eval==0.4.13)", extra="lmeval") from None
+    require("lmeval", "an lm-eval sampler")
+    from lm_eval.api.samplers import ContextSampler  # optional dependency: actcache[lmeval]
+
     return ContextSampler
 
 

@@ -45,11 +45,11 @@ from pathlib import Path
 
 from . import hf
 from .errors import ConfigError, DatasetError
+from .extras import require
 
 PREFIX = "lm-eval:"
 FIELD = "doc_to_text"
 TEMPLATE = "{" + FIELD + "}"
-INSTALL = "pip install actcache[lmeval] (lm-eval==0.4.13)"
 
 
 def is_lmeval(task: str) -> bool:
@@ -83,10 +83,9 @@ def _quiet():
 @functools.lru_cache(maxsize=4)
 def _manager(include_path: str | None):
     """lm-eval's task index (scanning every YAML takes seconds, so once per include path)."""
-    try:
-        from lm_eval.tasks import TaskManager  # optional dependency: actcache[lmeval]
-    except ImportError:
-        raise ConfigError(f"--task lm-eval: needs lm_eval; install it with `{INSTALL}`") from None
+    require("lmeval", "--task lm-eval:")
+    from lm_eval.tasks import TaskManager  # optional dependency: actcache[lmeval]
+
     with _quiet():
         return TaskManager(include_path=include_path)
 
@@ -100,11 +99,9 @@ def load_task(name: str, include_path: str | None = None):
                                f"your lm-eval task YAMLs")
         include_path = str(p.resolve())
     tm = _manager(include_path)
-    try:
-        from lm_eval.api.task import ConfigurableTask  # optional dependency: actcache[lmeval]
-        from lm_eval.tasks import get_task_dict  # optional dependency: actcache[lmeval]
-    except ImportError:
-        raise ConfigError(f"--task lm-eval: needs lm_eval; install it with `{INSTALL}`") from None
+    from lm_eval.api.task import ConfigurableTask  # optional dependency: actcache[lmeval]
+    from lm_eval.tasks import get_task_dict  # optional dependency: actcache[lmeval]
+
     if name not in tm.all_tasks:
         where = f" or in {include_path}" if include_path else ""
         raise DatasetError(f"lm-eval has no task {name!r} in its registry{where}; list them with "

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from actcache import lmtask
 from actcache.builder import BuildConfig, identify
 from actcache.data import DataSpec, load
-from actcache.errors import ConfigError, DatasetError
+from actcache.errors import ConfigError, DatasetError, MissingExtraError
 from actcache.models import ModelSpec
 from actcache.prompts import prompt_segments
 from actcache.store import Store
@@ -214,8 +214,8 @@ def test_what_cannot_be_mapped_is_refused(tasks_dir, monkeypatch):
     with pytest.raises(ConfigError, match="needs a task name"):
         DataSpec(task="lm-eval:").validate()
     lmtask._manager.cache_clear()
-    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # as if lm_eval were not installed
-    with pytest.raises(ConfigError, match=r"pip install actcache\[lmeval\]"):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm_eval were not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'actcache\[lmeval\]'"):
         load(_spec(tasks_dir, "tiny_reviews"))
     lmtask._manager.cache_clear()
 
