@@ -9,18 +9,15 @@ removing a build removes what was derived from it with it.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from actcache_indexes import tmp_owner
-
 from .errors import ConfigError, StoreError
 from .files import check_home, default_home, file_lock
-from .store import DERIVED, _alive, find_build, stale_leftovers
+from .store import DERIVED, dead_writers_tmp, find_build, stale_leftovers
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _AGES = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -79,7 +76,8 @@ def disk_usage(path: Path) -> int:
         if (st.st_dev, st.st_ino) in seen:
             continue
         seen.add((st.st_dev, st.st_ino))
-        total += getattr(st, "st_blocks", 0) * 512 if hasattr(st, "st_blocks") else st.st_size
+        blocks = getattr(st, "st_blocks", None)  # allocated 512-byte blocks (POSIX); else the size
+        total += blocks * 512 if blocks is not None else st.st_size
     return total
 
 
@@ -127,14 +125,6 @@ def plan_rm(keys, home=None) -> list[Removal]:
     return plan
 
 
-def _owner_dead(p: Path) -> bool:
-    pid = tmp_owner(p.name)
-    if pid is None:  # "<name>.<pid>.tmp" (the weights memo) names its writer one place later
-        parts = p.name.split(".")
-        pid = int(parts[-2]) if len(parts) >= 3 and parts[-1] == "tmp" and parts[-2].isdigit() else None
-    return pid is not None and pid != os.getpid() and not _alive(pid)
-
-
 def leftovers(home=None) -> list[Removal]:
     """What nothing will use: each build's `stale_leftovers` (temp files of dead
     writers, resume data of finished passes), quality-matrix resume folders whose
@@ -155,7 +145,7 @@ def leftovers(home=None) -> list[Removal]:
         out += [Removal(p, disk_usage(p), "leftover of an interrupted or finished writer", d.name) for p in stale]
     if home.is_dir():
         for p in sorted(home.rglob("*.tmp")):
-            if root in p.parents or not _owner_dead(p):
+            if root in p.parents or not dead_writers_tmp(p):
                 continue
             if not any(p == q or q in p.parents for q in (r.path for r in out)):
                 out.append(Removal(p, disk_usage(p), "temp file of a writer that is no longer running"))

@@ -224,7 +224,7 @@ def _jobs(store: Store, cfg: EvalConfig, study: StudyResult | None) -> tuple[lis
             jobs += [(name, s, {"strategy": name}) for s in cfg.seeds]
     return jobs, skipped, chosen
 
-def _wilson(hits: float, n: int) -> tuple[float, float]:
+def wilson(hits: float, n: int) -> tuple[float, float]:
     """95 % Wilson interval of a proportion (scipy's binomtest)."""
     from scipy.stats import binomtest
 
@@ -301,7 +301,7 @@ def _exact_matches(lm, task, prompts, evals: list[Example], batch_size: int) -> 
 
 def _run_row(label: str, seed: int, m: dict, reused: bool) -> dict:
     """One row of `SelectionResult.runs`: accuracy with its Wilson interval over the eval inputs."""
-    lo, hi = _wilson(m["correct"].sum(), len(m["correct"]))
+    lo, hi = wilson(m["correct"].sum(), len(m["correct"]))
     return {"strategy": label, "seed": seed, "accuracy": m["accuracy"], "ci_lo": lo, "ci_hi": hi,
             "n_eval": len(m["correct"]), "macro_f1": m["macro_f1"], "acc_norm": m.get("acc_norm", float("nan")),
             "tokens_computed": 0 if reused else m["tokens"].computed, "tokens_in_prompts": m["tokens"].in_prompts,

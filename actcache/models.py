@@ -188,7 +188,9 @@ def weights_hash(model_dir: Path, cache_file: Path | None = None) -> str:
     if cache_file:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            from actcache_indexes.io import tmp_name  # loads FAISS: kept out of `actcache --help`
+
+            tmp = Path(tmp_name(cache_file))
             tmp.write_text(json.dumps(memo))
             os.replace(tmp, cache_file)
         except OSError:
@@ -204,7 +206,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"
+    from actcache_indexes.io import tmp_name  # loads FAISS: kept out of `actcache --help`
+
+    tmp = Path(tmp_name(out_dir))
     t0 = time.monotonic()
     log.info("converting %s to safetensors once (about a minute; later loads take seconds)", gguf_path.name)
     # transformers' GGUF reader and writer draw their own tqdm bars on stderr;
@@ -249,7 +253,9 @@ def default_model_gguf(home: Path) -> Path:
             return Path(pkg.assemble(target))
         except (FileExistsError, ValueError):
             pass  # a damaged file from an older, non-atomic assembly: make it again
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        from actcache_indexes.io import tmp_name  # loads FAISS: kept out of `actcache --help`
+
+        tmp = Path(tmp_name(target))
         try:
             pkg.assemble(tmp, overwrite=True)
             os.replace(tmp, target)

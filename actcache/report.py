@@ -15,16 +15,9 @@ import numpy as np
 
 from .capture import STATS
 from .config import EvalResult
+from .display import num
 from .store import shown_sae_key
 from .study import STUDY_REF, Signal
-
-
-def _fmt(x, nd=3) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan"
-    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
 def headline(res: EvalResult) -> list[list[str]]:
@@ -40,9 +33,9 @@ def headline(res: EvalResult) -> list[list[str]]:
         diff = "baseline" if s["strategy"] == base else (
             f"{s['diff_vs_baseline']:+.3f} [{s['diff_lo']:+.3f}, {s['diff_hi']:+.3f}]"
             if "diff_vs_baseline" in s else "—")
-        std = "—" if s["n_seeds"] == 1 else "deterministic" if s.get("n_distinct") == 1 else _fmt(s["std"])
-        rows.append([s["strategy"], f"{_fmt(s['mean'])} [{_fmt(s.get('ci_lo'))}, {_fmt(s.get('ci_hi'))}]", std, diff]
-                    + ([_fmt(s.get("acc_norm"))] if mc else []) + [f"{s['n_seeds']} ({s.get('n_distinct', '—')})"])
+        std = "—" if s["n_seeds"] == 1 else "deterministic" if s.get("n_distinct") == 1 else num(s["std"])
+        rows.append([s["strategy"], f"{num(s['mean'])} [{num(s.get('ci_lo'))}, {num(s.get('ci_hi'))}]", std, diff]
+                    + ([num(s.get("acc_norm"))] if mc else []) + [f"{s['n_seeds']} ({s.get('n_distinct', '—')})"])
     return rows
 
 
@@ -62,14 +55,14 @@ def summary_lines(res: EvalResult) -> list[str]:
     sm = res.study.summary
     ref = STUDY_REF
     lines = [
-        f"max |rho| raw        = {_fmt(sm.get('raw_max_abs_rho'))}  at {sm.get('raw_max_name')}",
-        f"max |rho| controlled = {_fmt(sm.get('controlled_max_abs_rho'))}  at {sm.get('controlled_max_name')} "
+        f"max |rho| raw        = {num(sm.get('raw_max_abs_rho'))}  at {sm.get('raw_max_name')}",
+        f"max |rho| controlled = {num(sm.get('controlled_max_abs_rho'))}  at {sm.get('controlled_max_name')} "
         f"({sm.get('controlled_max_measure')})",
-        f"   within-label      = {_fmt(sm.get('strat_max_abs_rho'))}  at {sm.get('strat_max_name')}",
-        f"   partial on label  = {_fmt(sm.get('partial_max_abs_rho'))}  at {sm.get('partial_max_name')}",
-        f"   label + log length= {_fmt(sm.get('len_max_abs_rho'))}  at {sm.get('len_max_name')}",
-        f"study reference      = {ref}   rho(demo label, quality) = {_fmt(res.study.label_rho)}"
-        f"   rho(demo length, quality) = {_fmt(res.study.length_rho)}",
+        f"   within-label      = {num(sm.get('strat_max_abs_rho'))}  at {sm.get('strat_max_name')}",
+        f"   partial on label  = {num(sm.get('partial_max_abs_rho'))}  at {sm.get('partial_max_name')}",
+        f"   label + log length= {num(sm.get('len_max_abs_rho'))}  at {sm.get('len_max_name')}",
+        f"study reference      = {ref}   rho(demo label, quality) = {num(res.study.label_rho)}"
+        f"   rho(demo length, quality) = {num(res.study.length_rho)}",
     ]
     rep = res.study.replication
     if rep and rep["top"]:
@@ -77,22 +70,22 @@ def summary_lines(res: EvalResult) -> list[str]:
         b = rep["top"][0]
         lines.append(f"replication: {n_ok}/{len(rep['top'])} of the discovery top {len(rep['top'])} replicate on "
                      f"the confirmation half (own candidates and own probes; n={rep['n_discovery']}/"
-                     f"{rep['n_confirmation']}); best {b['name']} rho {_fmt(b['rho_discovery'])} -> "
-                     f"{_fmt(b['rho_confirmation'])}")
+                     f"{rep['n_confirmation']}); best {b['name']} rho {num(b['rho_discovery'])} -> "
+                     f"{num(b['rho_confirmation'])}")
         if "mde" in rep:
-            lines.append(f"confirmation power: detects |rho| >= {_fmt(rep['mde'])} with {rep['power']:.0%} power at "
+            lines.append(f"confirmation power: detects |rho| >= {num(rep['mde'])} with {rep['power']:.0%} power at "
                          f"alpha {rep['alpha']}/{len(rep['top'])}; the discovery best needs n >= {rep['n_needed']}")
     push = getattr(res.study, "push", None)
     if push:
-        lines.append(f"label push: within-label rho(push, quality) = {_fmt(push['rho_within_label'])} under "
+        lines.append(f"label push: within-label rho(push, quality) = {num(push['rho_within_label'])} under "
                      f"quality '{push['quality_def']}'; probe labels {push['probe_labels']}")
     why = {r["strategy"]: r["skipped"] for r in res.selection.runs if "skipped" in r}
     lines += [f"skipped {name}: {reason}" for name, reason in why.items()]
     sae = res.study.sae
     if sae:
         ss, rep = sae["summary"], sae["replication"]
-        lines.append(f"SAE features ({len(sae['rows'])} signals): max |rho| raw = {_fmt(ss.get('raw_max_abs_rho'))}, "
-                     f"label + log length = {_fmt(ss.get('len_max_abs_rho'))} at {ss.get('len_max_name')}; "
+        lines.append(f"SAE features ({len(sae['rows'])} signals): max |rho| raw = {num(ss.get('raw_max_abs_rho'))}, "
+                     f"label + log length = {num(ss.get('len_max_abs_rho'))} at {ss.get('len_max_name')}; "
                      f"{sum(t['replicates'] for t in rep['top'])}/{len(rep['top'])} of the discovery top replicate")
         lines += overlap_lines(sae.get("training_overlap") or [], clean=False)
     dr = res.selection.dropped_demonstrations
@@ -272,13 +265,13 @@ def _family_row(label: str, rows: list[dict], rep: dict | None) -> list[str]:
     """One line of the family comparison: tests, max |rho| raw and controlled, BH hits, replication."""
     def top(k):
         v = [abs(r[f"rho_{k}"]) for r in rows if math.isfinite(r.get(f"rho_{k}", float("nan")))]
-        return _fmt(max(v)) if v else "nan"
+        return num(max(v)) if v else "nan"
 
     hits = sum(1 for r in rows if r.get("q_len", 1.0) < 0.05)
     t = (rep or {}).get("top") or []
     best = max((x["rho_confirmation"] for x in t if x["replicates"]), key=abs, default=None)
     return [label, str(len(rows)), top("raw"), top("strat"), top("partial"), top("len"), str(hits),
-            f"{sum(x['replicates'] for x in t)}/{len(t)}", _fmt(best)]
+            f"{sum(x['replicates'] for x in t)}/{len(t)}", num(best)]
 
 
 def _sae_md(res: EvalResult) -> list[str]:
@@ -302,8 +295,8 @@ def _sae_md(res: EvalResult) -> list[str]:
     for f in sae["features"]:
         ex = "<br>".join(f"{e['label']}, {e['activation']:.2f}: {_md_cell(e['text'][:120])}" for e in f["examples"])
         feats.append([f"{shown_sae_key(f['sae'])}/{f['mask']}/{f['pooling']}/**{f['feature']}**",
-                      str(f["n_active"]), _fmt(f["rho_raw"]), _fmt(f["rho_len"]), _fmt(f["q_len"]),
-                      _fmt(f["rho_confirmation"]),
+                      str(f["n_active"]), num(f["rho_raw"]), num(f["rho_len"]), num(f["q_len"]),
+                      num(f["rho_confirmation"]),
                       {True: "yes", False: "no", None: "—"}[f["replicates"]], ex])
     return ["## SAE features beside the moment statistics", "",
             "Each family has its own Benjamini–Hochberg correction and its own discovery/confirmation split "
@@ -348,7 +341,7 @@ def _md_cell(text: str) -> str:
 def _replication_md(rep: dict | None, title: str = "Discovery and confirmation") -> list[str]:
     if not rep or not rep["top"]:
         return []
-    power = (f" At n = {rep['n_confirmation']} the confirmation detects |ρ| ≥ {_fmt(rep['mde'])} with "
+    power = (f" At n = {rep['n_confirmation']} the confirmation detects |ρ| ≥ {num(rep['mde'])} with "
              f"{rep['power']:.0%} power (two-sided, α = {rep['alpha']}/{len(rep['top'])}, the strictest BH step; label "
              f"and log length partialled out); the discovery best would need n ≥ {rep['n_needed']} (discovery "
              "maxima are inflated, so that is a lower bound). *powered*: |ρ discovery| ≥ that bound."
@@ -361,8 +354,8 @@ def _replication_md(rep: dict | None, title: str = "Discovery and confirmation")
             "re-tested on confirmation: they *replicate* with the same sign, a 95 % bootstrap CI excluding 0, "
             "and BH q < 0.05 within the confirmation family." + power, "",
             *_md_table([["statistic", "ρ discovery", "ρ confirmation", "95% CI", "q", "replicates", "powered"]] + [
-                [Signal.parse(t["name"]).format("/"), _fmt(t["rho_discovery"]), _fmt(t["rho_confirmation"]),
-                 f"[{_fmt(t['ci_lo'])}, {_fmt(t['ci_hi'])}]", _fmt(t["q"]), "yes" if t["replicates"] else "no",
+                [Signal.parse(t["name"]).format("/"), num(t["rho_discovery"]), num(t["rho_confirmation"]),
+                 f"[{num(t['ci_lo'])}, {num(t['ci_hi'])}]", num(t["q"]), "yes" if t["replicates"] else "no",
                  {True: "yes", False: "no", None: "—"}[t.get("powered")]]
                 for t in rep["top"]]), ""]
 
@@ -447,15 +440,15 @@ def write(res: EvalResult, out: Path) -> dict:
           "## Top 10 statistics by raw |ρ|: raw, label-controlled, label + length-controlled", "",
           *_md_table([["statistic", "raw ρ", "95% CI", "q", "within-label ρ", "partial ρ (label)", "q",
                        "partial ρ (label + log length)", "q"]] + [
-              [Signal.parse(r["name"]).format("/"), _fmt(r["rho_raw"]),
-               f"[{_fmt(r['ci_raw_lo'])}, {_fmt(r['ci_raw_hi'])}]",
-               _fmt(r["q_raw"]), _fmt(r["rho_strat"]), _fmt(r["rho_partial"]), _fmt(r["q_partial"]),
-               _fmt(r.get("rho_len")), _fmt(r.get("q_len"))] for r in top]),
+              [Signal.parse(r["name"]).format("/"), num(r["rho_raw"]),
+               f"[{num(r['ci_raw_lo'])}, {num(r['ci_raw_hi'])}]",
+               num(r["q_raw"]), num(r["rho_strat"]), num(r["rho_partial"]), num(r["q_partial"]),
+               num(r.get("rho_len")), num(r.get("q_len"))] for r in top]),
           "", *_replication_md(res.study.replication), *_sae_md(res),
           "", "## Pair level (candidate–probe cosine similarity vs 1-shot score)", "",
           *_md_table([["array", "half", "mean ρ per probe", "partial (label, match)", "pooled partial ρ"]] + [
-              [f"{p['component']}/L{p['layer']}/{p['mask']}", p.get("half", "—"), _fmt(p.get("probe_raw_mean")),
-               _fmt(p.get("probe_partial_mean")), _fmt(p.get("pooled_partial_rho"))] for p in res.study.pairs]),
+              [f"{p['component']}/L{p['layer']}/{p['mask']}", p.get("half", "—"), num(p.get("probe_raw_mean")),
+               num(p.get("probe_partial_mean")), num(p.get("pooled_partial_rho"))] for p in res.study.pairs]),
           "", "## Plots", "", *[f"![{p}]({p})" for p in files["plots"]], ""]
     (out / "report.md").write_text("\n".join(md))
     return files

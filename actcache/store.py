@@ -344,12 +344,18 @@ def _merged_provenance(old_prov: dict, provenance: dict) -> dict:
     return prov
 
 
+def dead_writers_tmp(p: Path) -> bool:
+    """Whether `p` is a temp file (named by `indexes.io.tmp_name`) whose writer is
+    no longer alive; a live writer's, this process's or another name's: False."""
+    pid = tmp_owner(p.name)
+    return pid is not None and pid != os.getpid() and not _alive(pid)
+
+
 def stale_leftovers(build_dir: Path) -> list[Path]:
     """Leftovers nothing will use: temp files of writers that are no longer alive
     (`.<name>.<pid>.<hex>.tmp` anywhere under the build) and `partial/<pass>`
     folders whose arrays the finished acts.h5 already holds."""
-    out = [p for p in build_dir.rglob(".*.tmp")
-           if (pid := tmp_owner(p.name)) is not None and pid != os.getpid() and not _alive(pid)]
+    out = [p for p in build_dir.rglob(".*.tmp") if dead_writers_tmp(p)]
     partial = build_dir / "partial"
     if not partial.is_dir() or not (build_dir / "acts.h5").exists():
         return out

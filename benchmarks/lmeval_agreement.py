@@ -22,21 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return c - h, c + h
 
 
 def contexts(arguments) -> list[str]:
@@ -47,16 +35,6 @@ def contexts(arguments) -> list[str]:
     return [a[0] for a in arguments]
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--key", default="last")
@@ -65,14 +43,15 @@ def main(argv=None) -> int:
     ap.add_argument("--n-candidates", type=int, default=120)
     ap.add_argument("--n-probes", type=int, default=40)
     ap.add_argument("--n-eval", type=int, default=100)
-    ap.add_argument("--out", default=None, help="folder for both runs' per-doc records (default: a temp dir)")
+    ap.add_argument("--out", default=None, help="folder for both runs' per-doc records (default: none written)")
     a = ap.parse_args(argv)
 
     import lm_eval
     from lm_eval.api.task import ConfigurableTask
 
     from actcache.config import EvalConfig
-    from actcache.experiment import selection_experiment
+    from actcache.experiment import selection_experiment, wilson
+    from actcache.models import hardware
     from actcache.lmeval import knn_sampler
     from actcache.quality import study_rows
     from actcache.store import Store
@@ -146,7 +125,8 @@ def main(argv=None) -> int:
     n = len(eval_ids)
     acc_ours = sum(int(ours[i]["pred"] == ours[i]["gold"]) for i in eval_ids)
     acc_theirs = sum(int(theirs[i]["acc"]) for i in eval_ids)
-    where = {"cpu": cpu_name(), "threads": os.cpu_count(), "model": model_dir, "build": st.key[:12],
+    hw = hardware("cpu")
+    where = {"cpu": hw["device_name"], "cpu_class": hw["class"], "threads": hw["threads"], "model": model_dir, "build": st.key[:12],
              "task": st.task_name, "k": a.k, "n_eval": n}
     for side, k_right, secs in (("actcache_evaluate", acc_ours, t_ours), ("lm_eval_simple_evaluate", acc_theirs,
                                                                           t_lmeval)):
