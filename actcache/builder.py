@@ -278,8 +278,8 @@ def pass_layouts(plan: RowPlan, mask: str, units, poolings, bdir: Path, key: str
     for r, (seqs, spans) in enumerate(layouts):
         pdir = bdir / "partial" / pid / f"r{r}" if len(layouts) > 1 else bdir / "partial" / pid
         lengths = [len(s) for s in seqs]
-        batches = token_batches(lengths, cfg.batch_tokens) if cfg.batch_tokens else \
-            length_batches(lengths, cfg.batch_size)
+        batches = (token_batches(lengths, cfg.batch_tokens) if cfg.batch_tokens
+                   else length_batches(lengths, cfg.batch_size))
         out.append((pdir, seqs, spans, batches))
     return out
 

@@ -277,8 +277,8 @@ def context_for(ds: Dataset, ctx: list[Example], row: Example, seed: int) -> lis
     if row not in ctx:
         return ctx
     rng = random.Random(f"{seed}:{row.id}")
-    same = [e for e in ds.pool if e.label == row.label and e not in ctx] or \
-        [e for e in ds.pool if e not in ctx]
+    same = ([e for e in ds.pool if e.label == row.label and e not in ctx]
+            or [e for e in ds.pool if e not in ctx])
     if not same:
         return [e for e in ctx if e is not row]
     return [rng.choice(same) if e is row else e for e in ctx]

@@ -328,8 +328,8 @@ def load_quality(store: Store, path: Path) -> QualityMatrix | None:
         raise MismatchError(f"quality matrix {path.name} was computed for build "
                             f"{str(meta.get('build_key'))[:12]}, not {store.key[:12]}; recompute it")
     n = len(store.ids)
-    if q["cand_rows"].max(initial=0) >= n or q["probe_rows"].max(initial=0) >= n or \
-            q["margin"].shape != (len(q["cand_rows"]), len(q["probe_rows"])):
+    if (q["cand_rows"].max(initial=0) >= n or q["probe_rows"].max(initial=0) >= n
+            or q["margin"].shape != (len(q["cand_rows"]), len(q["probe_rows"]))):
         raise MismatchError(f"quality matrix {path.name} does not fit build {store.key[:12]}; recompute it")
     return _matrix(q, meta, str(path))
 

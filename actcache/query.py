@@ -494,8 +494,8 @@ def knn_search(index, queries: np.ndarray, k: int, exclude: np.ndarray | None = 
         return _page(S, I, offset, k)
     n = index.ntotal if pool_vectors is None else len(pool_vectors)
     ok = np.ones(n, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
-    groups = [np.flatnonzero(ok)] if labels is None else \
-        [np.flatnonzero(ok & (labels == c)) for c in np.unique(labels[ok])]
+    groups = ([np.flatnonzero(ok)] if labels is None
+              else [np.flatnonzero(ok & (labels == c)) for c in np.unique(labels[ok])])
     all_s, all_i = [], []
     for sub in groups:
         s, i = _subset_search(queries, sub, pool_vectors, index.spec.metric, k + offset, exclude, n)

@@ -281,8 +281,9 @@ def load_sae(path: str | Path, hook: str | None = None, layer: int | None = None
                               f"SAELens (e.g. sae.fold_activation_norm_scaling_factor) and save again")
     if cfg.get("hf_hook_point_out") or cfg.get("hook_name_out") or cfg.get("affine_connection") is not None:
         raise ConfigError(f"{d} is a transcoder (it reads one hook point and writes another), not an SAE")
-    arch = "topk" if sparsify else \
-        str(cfg.get("architecture") or cfg.get("activation_fn") or ("jumprelu" if threshold is not None else "relu"))
+    arch = ("topk" if sparsify
+            else str(cfg.get("architecture") or cfg.get("activation_fn")
+                     or ("jumprelu" if threshold is not None else "relu")))
     kind = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "jump_relu": "jumprelu",
             "topk": "topk"}.get(arch.lower())
     if kind is None:

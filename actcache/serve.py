@@ -134,8 +134,8 @@ class Gate:
         if self.token is not None and path not in OPEN_PATHS and not path.startswith(DOCS_ASSETS):
             scheme, _, cred = headers.get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(cred.strip(), self.expected):
-                return 401, "missing or wrong bearer token; send Authorization: Bearer <token>", \
-                    [(b"www-authenticate", b'Bearer realm="actcache"')]
+                return (401, "missing or wrong bearer token; send Authorization: Bearer <token>",
+                        [(b"www-authenticate", b'Bearer realm="actcache"')])
         n = headers.get(b"content-length")
         if n is not None and (not n.isdigit() or int(n) > self.max_body):
             return 413, self.too_big, []
@@ -212,8 +212,8 @@ class Metrics:
         depth = Gauge("actcache_queue_depth", "Jobs waiting per lane", ["lane"], registry=self.registry)
         for name, lane in svc.lanes.items():
             depth.labels(name).set_function(lane.q.qsize)
-        Gauge("actcache_forward_batches", "Forward batches run since start", registry=self.registry) \
-            .set_function(lambda: svc.forward_batches)
+        batches = Gauge("actcache_forward_batches", "Forward batches run since start", registry=self.registry)
+        batches.set_function(lambda: svc.forward_batches)
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -160,8 +160,8 @@ def candidate_quality(q: QualityMatrix, store: Store, cfg: EvalConfig) -> np.nda
     for h in (0, 1):
         ci, pj, s = q.block(h, cfg.quality)
         if len(ci) and len(pj):
-            out[ci] = label_balanced_quality(s, store.labels[q.probe_rows[pj]], store.labels[q.cand_rows[ci]]) \
-                if cfg.quality_def == "balanced" else mean_quality(s)
+            out[ci] = (label_balanced_quality(s, store.labels[q.probe_rows[pj]], store.labels[q.cand_rows[ci]])
+                       if cfg.quality_def == "balanced" else mean_quality(s))
     return out
 
 

@@ -242,8 +242,8 @@ def progress_bar():
         yield _plain_progress(float(os.environ.get("ACTCACHE_PROGRESS_INTERVAL", "15")))
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     tasks = {}
     with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),

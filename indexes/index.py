@@ -79,8 +79,8 @@ def _find_ivf(index: Any):
 def _find_flat(index: Any):
     """The index itself if it is a plain float32 IndexFlat (IP or L2), else None."""
     sub = faiss.downcast_index(index)
-    if type(sub) in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2) and \
-            sub.metric_type in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2):
+    if (type(sub) in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2)
+            and sub.metric_type in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2)):
         return sub
     return None
 
