@@ -174,9 +174,10 @@ def plan_gc(home=None, older_than: float | None = None, max_size: int | None = N
             left.append(b)
     if max_size is not None:
         # the leftovers inside kept builds are gone too; count what stays
+        build_dirs = {Path(b["path"]) for b in builds}
         inner = {r.key: 0 for r in plan}
         for r in plan:
-            if r.key is not None and Path(r.path) not in {Path(b["path"]) for b in builds}:
+            if r.key is not None and Path(r.path) not in build_dirs:
                 inner[r.key] += r.bytes
         total = sum(b["bytes"] - inner.get(b["key"], 0) for b in left)
         for b in left:  # least recently used first
