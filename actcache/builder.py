@@ -33,13 +33,13 @@ from .capture import (
     COMPONENTS, POOLINGS, SPANS, STORE_DTYPES, Capture, decoder_layers, forward_rows, pooling_names, resolve_layers,
 )
 from .config import MASKS, VERSION
-from .data import DataSpec, load as load_data
+from .data import Dataset, DataSpec, load as load_data
 from .display import auto_progress
 from .errors import ConfigError, CorruptStoreError, StoreError
-from .models import ModelSpec, load_model, set_threads
+from .models import LoadedModel, ModelSpec, load_model, set_threads
 from .prompts import RowPlan, context_rotations, length_batches, plan_rows, token_batches
-from .sae import TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass, to_csr
-from actcache_indexes import min_vectors
+from .sae import SAE, TEXT_DIGEST_RULE, fvu_reference, load_sae, sae_pass, to_csr
+from actcache_indexes import IndexSpec, min_vectors
 
 from .store import (
     ArrayId, Store, build_lock, canonical_key, check_home, clean_leftovers, default_home, derive_key,
@@ -185,15 +185,36 @@ def build(cfg: BuildConfig, progress: Progress | None = None, remote=None) -> St
         return _build(cfg, cb, remote)
 
 
-def _build(cfg: BuildConfig, progress: Progress | None, remote) -> Store:
+@dataclass(frozen=True)
+class _Job:
+    """A build resolved against its data and model: what `_build` checked before any forward pass."""
+
+    cfg: BuildConfig
+    home: Path
+    ds: Dataset
+    lm: LoadedModel
+    key: str
+    payload: dict
+    saes: list[SAE]
+    spec: IndexSpec | None  # the parsed --index (None: indexes are built on first use)
+    wanted: list[ArrayId]
+
+    @property
+    def dir(self) -> Path:
+        return self.home / "builds" / self.key
+
+
+def _prepare(cfg: BuildConfig) -> _Job:
+    """Validate `cfg`, load SAEs, data and model, and check what only they can
+    tell (layer range, SAE layers, index training size) before any forward pass."""
     cfg.validate()
-    t0 = time.time()
     home = check_home(default_home(cfg.home), writable=True)
     saes = [load_sae(d) for d in cfg.saes]  # once, and before the model: a bad SAE directory fails now
     set_threads()
     ds, lm, key, payload = identify(cfg)
-    if cfg.index:
-        need = min_vectors(index_spec(cfg.index), lm.model.config.get_text_config().hidden_size)
+    spec = index_spec(cfg.index) if cfg.index else None
+    if spec is not None:
+        need = min_vectors(spec, lm.model.config.get_text_config().hidden_size)
         if len(ds.pool) < need:  # FAISS would fail to train only after the forward passes
             raise ConfigError(f"--index {cfg.index!r} needs at least {need} pool examples to train, but the pool "
                               f"has {len(ds.pool)}; use fewer lists (e.g. IVF{max(1, len(ds.pool) // 39)},Flat), "
@@ -205,64 +226,88 @@ def _build(cfg: BuildConfig, progress: Progress | None, remote) -> Store:
             raise ConfigError(f"SAE {d} reads layer {sae.layer}, but the model has {n_layers} layers")
     wanted = [ArrayId(c, L, p, m) for m in cfg.masks for c in cfg.components for L in layers
               for p in cfg.poolings]
-    bdir = home / "builds" / key
+    return _Job(cfg, home, ds, lm, key, payload, saes, spec, wanted)
+
+
+def _existing(bdir: Path) -> tuple[list[ArrayId], set]:
+    """The arrays and SAE groups a finished build at `bdir` already holds; a
+    damaged one is removed (with a warning) and built again from scratch."""
+    if not (bdir / "acts.h5").exists():
+        return [], set()
+    try:
+        old = Store(bdir)
+        return old.arrays, set(old.sae_groups)
+    except CorruptStoreError as e:
+        warnings.warn(f"{e}; building it again from scratch", stacklevel=3)
+        (bdir / "acts.h5").unlink()
+        return [], set()
+
+
+def _compute(job: _Job, missing: list[ArrayId], sae_todo: list, extend: bool, remote, progress) -> int:
+    """Run every pass the missing arrays and SAE groups need (resuming from
+    flushed batches), write them into the store and return the forward batches run."""
+    cfg, lm, bdir = job.cfg, job.lm, job.dir
+    plan = plan_rows(job.ds, lm.tokenizer, cfg)
+    forward_batches = 0
+    new_arrays: dict[ArrayId, np.ndarray] = {}
+    new_stats: dict[tuple[str, str, int], np.ndarray] = {}
+    passes = [(m, sorted({(a.component, a.layer) for a in missing if a.mask == m}),
+               sorted({a.pooling for a in missing if a.mask == m}))
+              for m in MASKS if any(a.mask == m for a in missing)]
+    if remote is not None and passes:
+        forward_batches += remote.run_build(cfg, job.key, bdir, plan, passes, progress)
+    for mask, units, pools in passes:
+        todo = [a for a in missing if a.mask == mask]
+        arrays, stats, nb = _run_pass(lm, plan, mask, units, pools, cfg, bdir, job.key, progress)
+        forward_batches += nb
+        for (c, L, p), arr in arrays.items():
+            if ArrayId(c, L, p, mask) in todo:
+                new_arrays[ArrayId(c, L, p, mask)] = arr
+        for (c, L), st in stats.items():
+            new_stats[(mask, c, L)] = st
+    new_sae = {}
+    for sae, mask in sae_todo:
+        new_sae[(sae, mask)], nb = _sae_pass(lm, sae, plan, mask, cfg, progress)
+        forward_batches += nb
+    if missing or new_sae:
+        _write(bdir, job.key, cfg, job.payload, lm.provenance, plan, new_arrays, new_stats, job.ds.task, extend,
+               new_sae, _engine(remote), job.ds.source)
+        shutil.rmtree(bdir / "partial", ignore_errors=True)
+    return forward_batches
+
+
+def _engine(remote) -> dict:
+    """What ran the forward batches, for the provenance and the report."""
+    return getattr(remote, "provenance", None) or {"kind": "local", "workers": 1}
+
+
+def _build(cfg: BuildConfig, progress: Progress | None, remote) -> Store:
+    t0 = time.time()
+    job = _prepare(cfg)
+    key, bdir = job.key, job.dir
     forward_batches = 0
     with build_lock(bdir):
         clean_leftovers(bdir)
-        have: list[ArrayId] = []
-        have_sae: set = set()
-        if (bdir / "acts.h5").exists():
-            try:
-                old = Store(bdir)
-                have, have_sae = old.arrays, set(old.sae_groups)
-            except CorruptStoreError as e:
-                warnings.warn(f"{e}; building it again from scratch", stacklevel=2)
-                (bdir / "acts.h5").unlink()
-        missing = [a for a in wanted if a not in have]
-        sae_todo = [(sae, m) for sae in saes for m in cfg.masks
+        have, have_sae = _existing(bdir)
+        missing = [a for a in job.wanted if a not in have]
+        sae_todo = [(sae, m) for sae in job.saes for m in cfg.masks
                     if (short_sae_key(sae.key), m) not in have_sae]
         if (missing or sae_todo) and not os.access(bdir, os.W_OK):
             raise StoreError(f"build {key[:12]} lacks {len(missing) + len(sae_todo)} of the arrays asked for, "
-                             f"but the store {home} is read-only; point --store at a writable directory "
+                             f"but the store {job.home} is read-only; point --store at a writable directory "
                              f"(or ask only for what `actcache info {key[:12]}` lists)")
-        plan = plan_rows(ds, lm.tokenizer, cfg) if missing or sae_todo else None
-        new_arrays: dict[ArrayId, np.ndarray] = {}
-        new_stats: dict[tuple[str, str, int], np.ndarray] = {}
-        passes = [(m, sorted({(a.component, a.layer) for a in missing if a.mask == m}),
-                   sorted({a.pooling for a in missing if a.mask == m}))
-                  for m in MASKS if any(a.mask == m for a in missing)]
-        if remote is not None and passes:
-            forward_batches += remote.run_build(cfg, key, bdir, plan, passes, progress)
-        for mask, units, pools in passes:
-            todo = [a for a in missing if a.mask == mask]
-            arrays, stats, nb = _run_pass(lm, plan, mask, units, pools, cfg, bdir, key, progress)
-            forward_batches += nb
-            for (c, L, p), arr in arrays.items():
-                if ArrayId(c, L, p, mask) in todo:
-                    new_arrays[ArrayId(c, L, p, mask)] = arr
-            for (c, L), st in stats.items():
-                new_stats[(mask, c, L)] = st
-        new_sae = {}
-        for sae, mask in sae_todo:
-            new_sae[(sae, mask)], nb = _sae_pass(lm, sae, plan, mask, cfg, progress)
-            forward_batches += nb
-        if missing or new_sae:
-            engine = getattr(remote, "provenance", None) or {"kind": "local", "workers": 1}
-            _write(bdir, key, cfg, payload, lm.provenance, plan, new_arrays, new_stats, ds.task, bool(have),
-                   new_sae, engine, ds.source)
-            shutil.rmtree(bdir / "partial", ignore_errors=True)
+        if missing or sae_todo:
+            forward_batches = _compute(job, missing, sae_todo, bool(have), remote, progress)
         store = Store(bdir)
-        made_idx = _ensure_indexes(store, cfg, progress) if cfg.index else 0
-    built_on = store.provenance.get("model", {}).get("hardware") or {}
-    here = lm.provenance["hardware"]
+        made_idx = _ensure_indexes(store, job.spec, progress) if job.spec is not None else 0
+    prov = job.lm.provenance
     store.report = {
         "key": key, "path": str(bdir), "cache_hit": not missing and not made_idx and not sae_todo,
-        "dtype": lm.provenance["dtype"], "dtype_requested": lm.provenance["dtype_requested"], "hardware": here,
-        "built_on": built_on.get("class"),
+        "dtype": prov["dtype"], "dtype_requested": prov["dtype_requested"], "hardware": prov["hardware"],
+        "built_on": (store.provenance.get("model", {}).get("hardware") or {}).get("class"),
         "computed": [str(a) for a in missing] + [f"sae/{short_sae_key(sae.key)}/{m}" for sae, m in sae_todo],
-        "reused": [str(a) for a in wanted if a not in missing],
-        "indexes_built": made_idx, "forward_batches": forward_batches,
-        "engine": getattr(remote, "provenance", None) or {"kind": "local", "workers": 1},
+        "reused": [str(a) for a in job.wanted if a not in missing],
+        "indexes_built": made_idx, "forward_batches": forward_batches, "engine": _engine(remote),
         "seconds": round(time.time() - t0, 2),
     }
     return store
@@ -462,10 +507,9 @@ def _cfg_json(cfg: BuildConfig) -> dict:
     return d
 
 
-def _ensure_indexes(store: Store, cfg: BuildConfig, progress) -> int:
-    """With --index: build every array's index now (atomic per file), replacing
-    any of another kind. Without it, indexes are built lazily on first use."""
-    spec = index_spec(cfg.index)
+def _ensure_indexes(store: Store, spec: IndexSpec, progress) -> int:
+    """With --index: build every array's index of kind `spec` now (atomic per
+    file), replacing any of another kind. Without it, indexes are built lazily on first use."""
     todo = [a for a in store.arrays if not store.has_index(a, spec)]
     for i, a in enumerate(todo):
         if progress:

@@ -623,68 +623,77 @@ def query_cmd(
                                                        "stdout; the records go to --out (not '-')."),
 ):
     """Nearest pool examples of each eval row or new text (JSONL), or a demonstration-selection strategy."""
-    from actcache.query import QueryConfig, query, write_jsonl
+    from actcache.query import write_jsonl
 
     to_stdout = out == "-"
     if as_json and to_stdout:
         from actcache.errors import ConfigError
 
         raise ConfigError("--json prints a summary on stdout; send the records to a file with --out PATH")
-    summary: dict = {}
-
-    def say(line: str, **fields) -> None:
-        summary.update(fields)
-        if as_json:
-            typer.echo(json.dumps({"summary": line, **summary}))
-        else:
-            info_line(line, err=to_stdout)
     search = _search_options(label, ids, exclude_id, min_score, offset, fields,
                              "--strategy" if strategy is not None else None)
+    array = dict(component=component, layer=layer, pooling=pooling, mask=mask)
+    rows = dict(balanced=balanced, exclude_self=exclude_self, text_field=text_field)
+    ranking = dict(stat=stat, order=order, feature=feature, sae=sae)
+    sizes = dict(budget=budget, k=k, seed=seed)
+    dest = out or ("selection.jsonl" if strategy else "neighbors.jsonl")
+    where = "stdout" if to_stdout else dest
     if server:
-        from actcache.client import Client
+        recs, line, summary = _query_server(server, token, key, input_, strategy, sizes, array, rows, ranking,
+                                            search, where)
+    elif strategy is None:
+        recs, line, summary = _query_knn(key, store, input_, k, device, array, rows, search, where)
+    else:
+        recs, line, summary = _query_strategy(key, store, input_, strategy, sizes, array, rows, ranking, where)
+    write_jsonl(recs, sys.stdout if to_stdout else dest)
+    if as_json:
+        typer.echo(json.dumps({"summary": line, "records": len(recs), "out": dest, **summary}))
+    else:
+        info_line(line, err=to_stdout)
 
-        opts = dict(component=component, layer=layer, pooling=pooling, mask=mask, k=k, balanced=balanced,
-                    exclude_self=exclude_self, text_field=text_field, **Client.search_body(search))
-        sel = None if strategy is None else dict(strategy=strategy, budget=budget, k=k, seed=seed,
-                                                 component=component, layer=layer, pooling=pooling, mask=mask,
-                                                 stat=stat, order=order, feature=feature, sae=sae)
-        recs = _ask_server(Client(server, token), key, sel, input_, opts)
-        dest = out or ("selection.jsonl" if strategy else "neighbors.jsonl")
-        write_jsonl(recs, sys.stdout if to_stdout else dest)
-        say(f"wrote {len(recs)} records to {'stdout' if to_stdout else dest} (from {server})",
-            records=len(recs), out=dest, key=key, server=server, strategy=strategy)
-        return
-    if strategy is None:
-        cfg = QueryConfig(key=key, home=store, component=component, layer=layer, pooling=pooling, mask=mask,
-                          **({} if k is None else {"k": k}), balanced=balanced, exclude_self=exclude_self,
-                          source=input_ or "eval", text_field=text_field, device=device, **search)
-        with progress_bar() as cb:
-            recs = query(cfg, progress=cb)
-        write_jsonl(recs, sys.stdout if to_stdout else (out or "neighbors.jsonl"))
-        r = recs.report
-        say(f"wrote {len(recs)} records to {'stdout' if to_stdout else out or 'neighbors.jsonl'} "
-            f"({r['array']}, k={cfg.k}{' per class' if balanced else ''}; {r['forward_batches']} forward "
-            f"batches{', cached activations' if r['cache_hit'] else ''})",
-            records=len(recs), out=out or "neighbors.jsonl", key=r.get("build_key", key), array=str(r["array"]),
-            k=cfg.k, forward_batches=r["forward_batches"], cache_hit=r["cache_hit"])
-        return
+
+def _query_server(server, token, key, input_, strategy, sizes, array, rows, ranking, search, where):
+    """`query --server`: the same records from a running `actcache serve`."""
+    from actcache.client import Client
+
+    opts = dict(**array, k=sizes["k"], **rows, **Client.search_body(search))
+    sel = None if strategy is None else dict(strategy=strategy, **sizes, **array, **ranking)
+    recs = _ask_server(Client(server, token), key, sel, input_, opts)
+    return (recs, f"wrote {len(recs)} records to {where} (from {server})",
+            dict(key=key, server=server, strategy=strategy))
+
+
+def _query_knn(key, store, input_, k, device, array, rows, search, where):
+    """`query` without --strategy: nearest pool examples by the build's stored vectors."""
+    from actcache.query import QueryConfig, query
+
+    cfg = QueryConfig(key=key, home=store, **array, **({} if k is None else {"k": k}), **rows,
+                      source=input_ or "eval", device=device, **search)
+    with progress_bar() as cb:
+        recs = query(cfg, progress=cb)
+    r = recs.report
+    line = (f"wrote {len(recs)} records to {where} ({r['array']}, k={cfg.k}"
+            f"{' per class' if rows['balanced'] else ''}; {r['forward_batches']} forward "
+            f"batches{', cached activations' if r['cache_hit'] else ''})")
+    return recs, line, dict(key=r.get("build_key", key), array=str(r["array"]), k=cfg.k,
+                            forward_batches=r["forward_batches"], cache_hit=r["cache_hit"])
+
+
+def _query_strategy(key, store, input_, strategy, sizes, array, rows, ranking, where):
+    """`query --strategy`: a registered selection strategy, its options read from the registry."""
     from actcache.select import STRATEGIES, select
     from actcache.store import Store
 
     st = Store.open(key, store)
-    wanted = {"component": component, "layer": layer, "pooling": pooling, "mask": mask, "balanced": balanced,
-              "exclude_self": exclude_self, "source": input_ or "eval", "text_field": text_field,
-              "stat": stat, "order": order, "feature": feature, "sae": sae}
+    wanted = {**array, **rows, "source": input_ or "eval", **ranking}
     opts = STRATEGIES[strategy].pick(wanted) if strategy in STRATEGIES else {}
     with progress_bar() as cb:
-        sel = select(st, strategy, budget=budget, k=k, seed=seed, progress=cb, **opts)
+        sel = select(st, strategy, **sizes, progress=cb, **opts)
     recs = sel.to_records()
-    dest = out or "selection.jsonl"
-    write_jsonl(recs, sys.stdout if to_stdout else dest)
     what = f"{len(sel.per_query)} test inputs" if sel.per_query is not None else f"{len(sel.ids)} pool ids"
     fb = sel.params.get("forward_batches", 0)
-    say(f"wrote {len(recs)} records ({what}, strategy {strategy}) to {'stdout' if to_stdout else dest}; "
-        f"{fb} forward batches", records=len(recs), out=dest, key=st.key, strategy=strategy, forward_batches=fb)
+    line = f"wrote {len(recs)} records ({what}, strategy {strategy}) to {where}; {fb} forward batches"
+    return recs, line, dict(key=st.key, strategy=strategy, forward_batches=fb)
 
 
 @app.command()
