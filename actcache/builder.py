@@ -269,10 +269,9 @@ def _compute(job: _Job, missing: list[ArrayId], sae_todo: list, extend: bool, re
     for sae, mask in sae_todo:
         new_sae[(sae, mask)], nb = _sae_pass(lm, sae, plan, mask, cfg, progress)
         forward_batches += nb
-    if missing or new_sae:
-        _write(bdir, job.key, cfg, job.payload, lm.provenance, plan, new_arrays, new_stats, job.ds.task, extend,
-               new_sae, _engine(remote), job.ds.source)
-        shutil.rmtree(bdir / "partial", ignore_errors=True)
+    _write(bdir, job.key, cfg, job.payload, lm.provenance, plan, new_arrays, new_stats, job.ds.task, extend,
+           new_sae, _engine(remote), job.ds.source)
+    shutil.rmtree(bdir / "partial", ignore_errors=True)
     return forward_batches
 
 
@@ -285,7 +284,6 @@ def _build(cfg: BuildConfig, progress: Progress | None, remote) -> Store:
     t0 = time.time()
     job = _prepare(cfg)
     key, bdir = job.key, job.dir
-    forward_batches = 0
     with build_lock(bdir):
         clean_leftovers(bdir)
         have, have_sae = _existing(bdir)
@@ -296,8 +294,7 @@ def _build(cfg: BuildConfig, progress: Progress | None, remote) -> Store:
             raise StoreError(f"build {key[:12]} lacks {len(missing) + len(sae_todo)} of the arrays asked for, "
                              f"but the store {job.home} is read-only; point --store at a writable directory "
                              f"(or ask only for what `actcache info {key[:12]}` lists)")
-        if missing or sae_todo:
-            forward_batches = _compute(job, missing, sae_todo, bool(have), remote, progress)
+        forward_batches = _compute(job, missing, sae_todo, bool(have), remote, progress) if missing or sae_todo else 0
         store = Store(bdir)
         made_idx = _ensure_indexes(store, job.spec, progress) if job.spec is not None else 0
     prov = job.lm.provenance
